@@ -1,0 +1,160 @@
+"""The ``knhk-memory`` command.
+
+``main(argv) -> int`` does the work, so tests call it directly.
+``console_main`` is the installed script: it first makes sure the process can
+load jemalloc (see :data:`knhk_memory.allocator.STATIC_TLS_TUNABLE`), by
+re-executing itself once with the glibc tunable set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+REEXEC_GUARD = "KNHK_MEMORY_REEXECED"
+
+
+def console_main() -> None:
+    _ensure_static_tls()
+    sys.exit(main())
+
+
+def _ensure_static_tls() -> None:
+    """Restart once with room in static TLS for jemalloc, unless there already is."""
+    from .allocator import STATIC_TLS_TUNABLE
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.rtld.optional_static_tls" in tunables or os.environ.get(REEXEC_GUARD):
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = f"{tunables}:{STATIC_TLS_TUNABLE}" if tunables else STATIC_TLS_TUNABLE
+    env[REEXEC_GUARD] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "knhk_memory", *sys.argv[1:]], env)
+    except OSError as exc:  # pragma: no cover - exec of our own interpreter failing
+        print(f"knhk-memory: could not restart with GLIBC_TUNABLES set ({exc}); "
+              "jemalloc may not load", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- info
+
+def collect_info(config_path: str | None) -> dict[str, Any]:
+    """Everything ``knhk-memory info`` reports, as a JSON-ready dict."""
+    import numpy
+
+    from . import __version__
+    from ._core import ffi, lib
+    from .allocator import available_backends
+    from .config import load_config
+    from .host import get_plugin_manager
+
+    config = load_config(config_path)
+    pm = get_plugin_manager()
+    backends = {}
+    for name, b in available_backends().items():
+        if isinstance(b, Exception):
+            backends[name] = {"available": False, "error": str(b)}
+        else:
+            backends[name] = {"available": True, "path": b.path, "version": b.version}
+    pm.hook.knhk_configure(config=config)
+    try:
+        backend = pm.hook.knhk_allocator(config=config)
+        probe = numpy.empty(16)
+        numpy_info = {
+            "routed": bool(config.allocator.numpy),
+            "current_handler": numpy._core.multiarray.get_handler_name(),
+            "new_array_handler": numpy._core.multiarray.get_handler_name(probe),
+            "numpy_version": numpy.__version__,
+        }
+        del probe
+        stats = {}
+        for part in pm.hook.knhk_memory_stats(config=config):
+            stats.update(part or {})
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+    bits = lib.knhk_cpu_features()
+    features = [name for name, bit in (("sse4.2", lib.KNHK_CPU_SSE42), ("popcnt", lib.KNHK_CPU_POPCNT),
+                                       ("avx2", lib.KNHK_CPU_AVX2), ("bmi2", lib.KNHK_CPU_BMI2),
+                                       ("avx512f", lib.KNHK_CPU_AVX512F), ("avx512bw", lib.KNHK_CPU_AVX512BW),
+                                       ("avx512vl", lib.KNHK_CPU_AVX512VL), ("neon", lib.KNHK_CPU_NEON))
+                if bits & bit]
+    return {
+        "version": __version__,
+        "native_version": ffi.string(lib.knhk_version()).decode(),
+        "config": {"source": config.source, "origin": config.origin, "values": config.as_dict()},
+        "backends": backends,
+        "selected_backend": {"name": backend.name, "configured": config.allocator.backend,
+                             "path": backend.path, "version": backend.version},
+        "numpy": numpy_info,
+        "cpu": {"features": features, "cache_line": lib.KNHK_CACHE_LINE},
+        "plugins": sorted(name for name, _ in pm.list_name_plugin() if name),
+        "stats": stats,
+    }
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    out = []
+    out.append(f"knhk-memory {info['version']} (C core {info['native_version']})")
+    cfg = info["config"]
+    out.append(f"config:   {cfg['source']} (found by: {cfg['origin']})")
+    out.append("backends:")
+    for name, b in info["backends"].items():
+        if b["available"]:
+            out.append(f"  {name:<9} {b['version']:<24} {b['path']}")
+        else:
+            out.append(f"  {name:<9} unavailable: {b['error']}")
+    sel = info["selected_backend"]
+    out.append(f"selected: {sel['name']} (configured: {sel['configured']})")
+    np_ = info["numpy"]
+    out.append(f"numpy:    {'routed through ' + sel['name'] if np_['routed'] else 'not routed'}; "
+               f"new arrays use handler {np_['new_array_handler']} (numpy {np_['numpy_version']})")
+    cpu = info["cpu"]
+    out.append(f"cpu:      {' '.join(cpu['features']) or 'no SIMD features'}; cache line {cpu['cache_line']} B")
+    out.append(f"plugins:  {', '.join(info['plugins'])}")
+    print("\n".join(out))
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info(args.config)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        _print_info(info)
+    return 0
+
+
+# ---------------------------------------------------------------- entry
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knhk-memory", description="knhk-memory: the memory subsystem "
+                                     "of a knhk-style workflow engine.")
+    config_help = ("configuration file (TOML); default: $KNHK_MEMORY_CONFIG, ./knhk.toml, "
+                   "[tool.knhk-memory] in ./pyproject.toml, built-in defaults")
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    # --config is accepted after the command too; there it overrides.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    info = sub.add_parser("info", parents=[common],
+                          help="versions, backends, numpy handler, CPU features, config source")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import KnhkMemoryError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KnhkMemoryError as exc:
+        print(f"knhk-memory: error: {exc}", file=sys.stderr)
+        return 2

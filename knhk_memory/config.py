@@ -1,0 +1,265 @@
+"""Configuration: where it is found, what it may say, and how it is checked.
+
+The file is TOML, read with :mod:`tomllib`. Lookup order (first found wins):
+
+1. an explicit path (``load_config(path)``, the CLI's ``--config``);
+2. the file named by the environment variable ``KNHK_MEMORY_CONFIG``;
+3. ``./knhk.toml``;
+4. the ``[tool.knhk-memory]`` table of ``./pyproject.toml``;
+5. the built-in defaults.
+
+Every section and key is declared once, in :data:`SCHEMA`. A file is checked
+whole before anything uses it: an unknown section or key, a wrong type or a
+value out of range is a :class:`ConfigError` that names the file, the key,
+the value given and what is accepted. This module only reads and checks;
+applying a configuration (loading a backend, installing a numpy handler) is
+the plugin's job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_VAR = "KNHK_MEMORY_CONFIG"
+PYPROJECT_TABLE = "knhk-memory"
+
+__all__ = ["Config", "Field", "SCHEMA", "ENV_VAR", "load_config", "find_config_file"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a section: its type, default, and an optional check.
+
+    ``check(value)`` returns None when the value is fine, else a sentence
+    saying what is accepted.
+    """
+
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def validate(self, value: Any) -> str | None:
+        if not _is_type(value, self.type):
+            return f"expected {_type_name(self.type)}, got {_describe(value)}"
+        if self.choices is not None and value not in self.choices:
+            hint = _nearest(str(value), [str(c) for c in self.choices])
+            accepted = ", ".join(repr(c) for c in self.choices)
+            return f"{value!r} is not one of {accepted}{hint}"
+        if self.check is not None:
+            return self.check(value)
+        return None
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(t: type) -> str:
+    return {bool: "a boolean (true or false)", int: "an integer", float: "a number",
+            str: "a string", dict: "a table", list: "an array"}.get(t, t.__name__)
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "table",
+            list: "array"}.get(type(value), type(value).__name__)
+    return f"the {kind} {value!r}"
+
+
+def _nearest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def positive_int(limit: int | None = None) -> Callable[[Any], str | None]:
+    def check(v: int) -> str | None:
+        if v <= 0:
+            return f"must be a positive integer, got {v}"
+        if limit is not None and v > limit:
+            return f"must be at most {limit}, got {v}"
+        return None
+    return check
+
+
+# The schema: one entry per section. Later capabilities add their sections here.
+SCHEMA: dict[str, dict[str, Field]] = {
+    "allocator": {
+        "backend": Field(str, "auto", "Allocator backend: system, jemalloc, mimalloc, or auto "
+                         "(first available of mimalloc, jemalloc, system).",
+                         choices=("auto", "system", "jemalloc", "mimalloc")),
+        "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
+    },
+}
+
+
+class Section(Mapping[str, Any]):
+    """A read-only section: ``config.allocator.backend`` or ``config.allocator["backend"]``."""
+
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: dict[str, Any]) -> None:
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config section [{self._name}] has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("configuration sections are read-only")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._name!r}, {self._values!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked configuration.
+
+    ``source`` says where it came from (a path, ``"<defaults>"`` or
+    ``"<argument>"``); ``origin`` how it was found (``"explicit path"``,
+    ``"$KNHK_MEMORY_CONFIG"``, ``"./knhk.toml"``, ``"./pyproject.toml [tool.knhk-memory]"``,
+    ``"defaults"``, ``"mapping"``). ``stash`` holds plugin state keyed by
+    plugin, as pytest's ``config.stash`` does.
+    """
+
+    values: Mapping[str, Mapping[str, Any]]
+    source: str = "<defaults>"
+    origin: str = "defaults"
+    stash: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Section:
+        values = self.__dict__.get("values")
+        if values is not None and name in values:
+            return Section(name, dict(values[name]))
+        raise AttributeError(f"config has no section [{name}]; sections: {', '.join(SCHEMA)}")
+
+    def get(self, dotted: str) -> Any:
+        section, _, key = dotted.partition(".")
+        return self.values[section][key]
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dict(v) for s, v in self.values.items()}
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError about ``key`` (dotted) of this configuration."""
+        return ConfigError(message, source=self.source, key=key, value=self.get(key))
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    return {s: {k: f.default for k, f in fields.items()} for s, fields in SCHEMA.items()}
+
+
+def validate(data: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Check ``data`` against :data:`SCHEMA`; return it merged over the defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table of sections, got {_describe(data)}", source=source)
+    merged = defaults()
+    for section, table in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"unknown section [{section}]; accepted sections: {', '.join(SCHEMA)}"
+                f"{_nearest(section, list(SCHEMA))}", source=source, key=section)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{section}] must be a table, got {_describe(table)}",
+                              source=source, key=section, value=table)
+        fields = SCHEMA[section]
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown key {key!r} in [{section}]; accepted keys: {', '.join(fields)}"
+                    f"{_nearest(key, list(fields))}", source=source, key=dotted, value=value)
+            problem = fields[key].validate(value)
+            if problem is not None:
+                raise ConfigError(problem, source=source, key=dotted, value=value)
+            merged[section][key] = value
+    return merged
+
+
+def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
+    """Where the configuration would come from, without an explicit path."""
+    cwd = Path.cwd() if cwd is None else cwd
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env), f"${ENV_VAR}"
+    if (cwd / "knhk.toml").is_file():
+        return cwd / "knhk.toml", "./knhk.toml"
+    pyproject = cwd / "pyproject.toml"
+    if pyproject.is_file():
+        try:
+            doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None, "defaults"  # someone else's broken pyproject is not our config
+        if PYPROJECT_TABLE in doc.get("tool", {}):
+            return pyproject, f"./pyproject.toml [tool.{PYPROJECT_TABLE}]"
+    return None, "defaults"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    source = str(path)
+    if path.is_dir():
+        raise ConfigError("is a directory, not a TOML file", source=source)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", source=source) from None
+    except PermissionError:
+        raise ConfigError("config file is not readable (permission denied)", source=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          source=source) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, mapping: Mapping[str, Any] | None = None,
+                cwd: Path | None = None) -> Config:
+    """Find, read and check the configuration. See the module docstring for the order.
+
+    ``mapping`` gives the sections directly (for hosts that hold their own
+    configuration); it cannot be combined with ``path``.
+    """
+    if mapping is not None:
+        if path is not None:
+            raise TypeError("give either a path or a mapping, not both")
+        return Config(validate(mapping, "<argument>"), source="<argument>", origin="mapping")
+    if path is not None:
+        found, origin = Path(path), "explicit path"
+    else:
+        found, origin = find_config_file(cwd)
+    if found is None:
+        return Config(defaults(), source="<defaults>", origin="defaults")
+    doc = _read_toml(found)
+    if origin.startswith("./pyproject.toml") or (found.name == "pyproject.toml" and origin == "explicit path"):
+        doc = doc.get("tool", {}).get(PYPROJECT_TABLE, {})
+        source = f"{found} [tool.{PYPROJECT_TABLE}]"
+    else:
+        source = str(found)
+    return Config(validate(doc, source), source=source, origin=origin)

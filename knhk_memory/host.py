@@ -1,0 +1,41 @@
+"""The host side of the plugin contract: the plugin manager factory.
+
+A workflow engine calls :func:`get_plugin_manager` once; nothing here runs at
+import time, and there is no global plugin manager.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+ENTRY_POINT_GROUP = "knhk.plugins"
+DISABLE_AUTOLOAD_ENV = "KNHK_DISABLE_PLUGIN_AUTOLOAD"
+
+__all__ = ["ENTRY_POINT_GROUP", "DISABLE_AUTOLOAD_ENV", "get_plugin_manager"]
+
+
+def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the ``knhk_`` hooks, ready for an engine.
+
+    :param plugins: The host's built-in plugins (modules or objects), registered
+        first, under their own names.
+    :param autoload: Load the ``knhk.plugins`` entry points (the memory plugin is
+        one, named ``memory``). Default: yes, unless the environment variable
+        ``KNHK_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for plugin in plugins:
+        pm.register(plugin)
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD_ENV)
+    if autoload:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.check_pending()
+    return pm

@@ -1,0 +1,79 @@
+"""Build script for the C core: joins native/knhk.h (the cdef) and native/*.c.
+
+cffi out-of-line API mode. The module is ``knhk_memory._native``.
+
+Switches are environment variables, read here and nowhere else:
+
+- ``KNHK_SANITIZE=address`` (or ``address,undefined``): build with the
+  sanitizers. Run the tests with the runtime preloaded, see docs/development.md.
+- ``KNHK_DEBUG=1``: ``-O0 -g`` and internal asserts on.
+- ``KNHK_CFLAGS``: extra flags appended verbatim.
+
+Never ``-march=native``: the wheel must run on any x86_64. SIMD kernels are
+enabled per function with target attributes and chosen at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy
+from cffi import FFI
+
+NATIVE = Path(__file__).resolve().parent
+HEADER = NATIVE / "knhk.h"
+
+
+def cdef_text(header: str) -> str:
+    """The cdef: the marked region of the header plus every KNHK_ macro.
+
+    Macros are exported as ``#define NAME ...`` so the C compiler, not this
+    script, supplies each value (some depend on the target architecture).
+    """
+    match = re.search(r"/\* KNHK_CDEF_BEGIN \*/(.*?)/\* KNHK_CDEF_END \*/", header, re.S)
+    if match is None:
+        raise SystemExit(f"{HEADER}: KNHK_CDEF_BEGIN/END markers not found")
+    macros = sorted(set(re.findall(r"^#define (KNHK_[A-Z0-9_]+)[ \t]+\S", header, re.M)))
+    return match.group(1) + "".join(f"#define {name} ...\n" for name in macros)
+
+
+def compile_args() -> list[str]:
+    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+    if os.environ.get("KNHK_DEBUG") == "1":
+        args += ["-O0", "-g3", "-DKNHK_DEBUG=1"]
+    else:
+        args += ["-O3", "-g", "-DNDEBUG"]
+    sanitize = os.environ.get("KNHK_SANITIZE", "").strip()
+    if sanitize:
+        args += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+    args += os.environ.get("KNHK_CFLAGS", "").split()
+    return args
+
+
+def link_args() -> list[str]:
+    sanitize = os.environ.get("KNHK_SANITIZE", "").strip()
+    return [f"-fsanitize={sanitize}"] if sanitize else []
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text(HEADER.read_text()))
+ffibuilder.set_source(
+    "knhk_memory._native",
+    '#include "knhk.h"\n',
+    sources=[str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+             for p in sorted(NATIVE.glob("*.c"))],
+    include_dirs=[str(NATIVE), numpy.get_include()],
+    # numpy's C headers need the full C API, which cffi's default
+    # Py_LIMITED_API would hide.
+    define_macros=[("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                   ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")],
+    py_limited_api=False,
+    libraries=["dl", "pthread", "m"],
+    extra_compile_args=compile_args(),
+    extra_link_args=link_args(),
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(NATIVE.parent / "build" / "cffi"), verbose=True)

@@ -1,0 +1,98 @@
+/* core.c -- status names, version, thread stripes, the native once-cell, CPU features. */
+#include <pthread.h>
+
+#include "knhk_internal.h"
+
+#ifndef KNHK_VERSION_STRING
+#define KNHK_VERSION_STRING "0.1.0"
+#endif
+
+const char *knhk_version(void) { return KNHK_VERSION_STRING; }
+
+const char *knhk_status_name(int status) {
+    switch (status) {
+    case KNHK_OK: return "ok";
+    case KNHK_ERR_NOMEM: return "out of memory";
+    case KNHK_ERR_INVALID: return "invalid argument";
+    case KNHK_ERR_UNAVAILABLE: return "unavailable";
+    case KNHK_ERR_UNSUPPORTED: return "unsupported";
+    case KNHK_ERR_PYTHON: return "python error";
+    case KNHK_ERR_STATE: return "wrong state";
+    default: return "unknown status";
+    }
+}
+
+/* ---- last error */
+
+#include <stdarg.h>
+#include <stdio.h>
+
+static __thread char last_error[512];
+
+const char *knhk_last_error(void) { return last_error; }
+
+void _knhk_set_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- stripes */
+
+__thread int _knhk_tls_stripe = -1;
+static _Atomic unsigned next_stripe;
+
+unsigned _knhk_thread_stripe_slow(void) {
+    unsigned s = atomic_fetch_add_explicit(&next_stripe, 1, memory_order_relaxed) & (KNHK_STRIPES - 1);
+    _knhk_tls_stripe = (int)s;
+    return s;
+}
+
+/* ---- once */
+
+static pthread_mutex_t once_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg) {
+    if (_knhk_once_ready(o)) return KNHK_OK;
+    /* One process-wide mutex: initialisers are rare and short (dlopen, cpuid). */
+    pthread_mutex_lock(&once_mutex);
+    int rc = KNHK_OK;
+    if (atomic_load_explicit(&o->ready, memory_order_relaxed) != 1) {
+        rc = init(arg);
+        if (rc == KNHK_OK) atomic_store_explicit(&o->ready, 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&once_mutex);
+    return rc;
+}
+
+/* ---- cpu */
+
+static _knhk_once cpu_once;
+static uint64_t cpu_bits;
+
+static int cpu_detect(void *unused) {
+    (void)unused;
+    uint64_t bits = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    /* libgcc's checks include the OS's XSAVE state (XGETBV), so AVX and
+       AVX-512 are reported only when the kernel saves their registers. */
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2")) bits |= KNHK_CPU_SSE42;
+    if (__builtin_cpu_supports("popcnt")) bits |= KNHK_CPU_POPCNT;
+    if (__builtin_cpu_supports("avx2")) bits |= KNHK_CPU_AVX2;
+    if (__builtin_cpu_supports("bmi2")) bits |= KNHK_CPU_BMI2;
+    if (__builtin_cpu_supports("avx512f")) bits |= KNHK_CPU_AVX512F;
+    if (__builtin_cpu_supports("avx512bw")) bits |= KNHK_CPU_AVX512BW;
+    if (__builtin_cpu_supports("avx512vl")) bits |= KNHK_CPU_AVX512VL;
+#elif defined(__aarch64__)
+    bits |= KNHK_CPU_NEON; /* Advanced SIMD is mandatory on AArch64. */
+#endif
+    cpu_bits = bits;
+    return KNHK_OK;
+}
+
+uint64_t knhk_cpu_features(void) {
+    _knhk_once_run(&cpu_once, cpu_detect, NULL);
+    return cpu_bits;
+}

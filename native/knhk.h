@@ -1,0 +1,161 @@
+/*
+ * knhk.h -- the public C API of knhk-memory.
+ *
+ * One header, one prefix (knhk_). The text between the KNHK_CDEF markers is
+ * read verbatim by native/build_native.py as the cffi cdef, so it must stay
+ * plain declarations: no preprocessor conditionals, no inline functions.
+ * Internal helpers live in knhk_internal.h with the _knhk_ prefix.
+ */
+#ifndef KNHK_H
+#define KNHK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Constants. Every KNHK_ macro here is exported to Python by the build
+   (as `#define NAME ...`, so the compiler supplies the value). */
+
+/* Destructive-interference size: striped cells are padded to it. 128 on
+   x86_64 (adjacent-line prefetch pairs lines) and aarch64, as folly and
+   crossbeam's CachePadded use; 64 elsewhere. */
+#if defined(__x86_64__) || defined(__aarch64__)
+#define KNHK_CACHE_LINE 128
+#else
+#define KNHK_CACHE_LINE 64
+#endif
+/* Number of striped cells per statistic block (a power of two). */
+#define KNHK_STRIPES 16
+
+/* Alignment accepted by the aligned calls: powers of two in [8, 4096]. */
+#define KNHK_MIN_ALIGN 8
+#define KNHK_MAX_ALIGN 4096
+/* Alignment every plain malloc/calloc/realloc result has. */
+#define KNHK_DEFAULT_ALIGN 16
+
+/* KNHK_CDEF_BEGIN */
+
+/* ---------------------------------------------------------------- status */
+
+typedef enum {
+    KNHK_OK = 0,
+    KNHK_ERR_NOMEM = 1,        /* the backend returned NULL */
+    KNHK_ERR_INVALID = 2,      /* an argument is out of its documented range */
+    KNHK_ERR_UNAVAILABLE = 3,  /* a library or CPU feature is not present */
+    KNHK_ERR_UNSUPPORTED = 4,  /* the backend has no such operation */
+    KNHK_ERR_PYTHON = 5,       /* a Python C-API call failed (numpy glue) */
+    KNHK_ERR_STATE = 6         /* the object is in the wrong state for the call */
+} knhk_status;
+
+const char *knhk_status_name(int status);
+const char *knhk_version(void);
+/* The message of the calling thread's last failed call, or "". */
+const char *knhk_last_error(void);
+
+/* ---------------------------------------------------------------- cpu */
+
+typedef enum {
+    KNHK_CPU_SSE42 = 1,
+    KNHK_CPU_POPCNT = 2,
+    KNHK_CPU_AVX2 = 4,
+    KNHK_CPU_BMI2 = 8,
+    KNHK_CPU_AVX512F = 16,
+    KNHK_CPU_AVX512BW = 32,
+    KNHK_CPU_AVX512VL = 64,
+    KNHK_CPU_NEON = 128
+} knhk_cpu_feature;
+
+/* Bit set of knhk_cpu_feature the CPU and the OS both support. */
+uint64_t knhk_cpu_features(void);
+
+/* ---------------------------------------------------------------- allocator backends */
+
+typedef enum {
+    KNHK_BACKEND_SYSTEM = 0,
+    KNHK_BACKEND_JEMALLOC = 1,
+    KNHK_BACKEND_MIMALLOC = 2,
+    KNHK_BACKEND_COUNT = 3
+} knhk_backend_id;
+
+typedef struct knhk_backend knhk_backend;
+
+/* Statistics count usable bytes (what the allocator really set aside, as
+   knhk_usable_size reports), so they stay exact whatever size a caller
+   remembers: numpy's realloc, for one, does not pass the old size. */
+typedef struct {
+    uint64_t allocations;     /* malloc, calloc, aligned alloc, and realloc(NULL, n) */
+    uint64_t frees;           /* free of a non-NULL block */
+    uint64_t reallocations;   /* successful realloc of a live block */
+    int64_t live_bytes;       /* usable bytes of live blocks */
+    int64_t peak_live_bytes;  /* exact for one thread; a lower bound across threads */
+    uint64_t bytes_allocated; /* usable bytes handed out over the backend's life */
+} knhk_alloc_stats;
+
+typedef struct {
+    int64_t allocated;     /* bytes the allocator reports handed out, or -1 */
+    int64_t active;        /* bytes in active pages, or -1 */
+    int64_t resident;      /* bytes resident for the allocator (or process RSS), or -1 */
+    int64_t mapped;        /* bytes mapped or committed, or -1 */
+    int64_t peak_resident; /* peak RSS / peak commit, or -1 */
+} knhk_native_stats;
+
+/* Load a backend once and for all (libraries are never unloaded, so a block
+   outlives any later switch of the selected backend). `library` names the
+   shared object to dlopen (NULL: libjemalloc.so.2 / libmimalloc.so.2; unused
+   for system); once a backend has loaded, later calls return it whatever
+   they name. On failure *out is NULL and errbuf holds the loader's message.
+   Thread-safe. */
+int knhk_backend_load(int id, const char *library, const knhk_backend **out, char *errbuf, size_t errlen);
+/* The loaded backend, or NULL when it has not been loaded successfully. */
+const knhk_backend *knhk_backend_get(int id);
+int knhk_backend_id_of(const knhk_backend *b);
+const char *knhk_backend_name(const knhk_backend *b);
+const char *knhk_backend_path(const knhk_backend *b);
+const char *knhk_backend_version(const knhk_backend *b);
+
+/* A size of 0 is served as 1 byte, so a non-NULL result is always unique.
+   Every block must go back to the backend that allocated it. */
+void *knhk_malloc(const knhk_backend *b, size_t size);
+/* NULL on overflow of count * size. */
+void *knhk_calloc(const knhk_backend *b, size_t count, size_t size);
+/* NULL with *status = KNHK_ERR_INVALID on a bad alignment, KNHK_ERR_NOMEM
+   when the backend fails (status may be NULL). */
+void *knhk_aligned_alloc(const knhk_backend *b, size_t align, size_t size, int *status);
+/* align <= KNHK_DEFAULT_ALIGN is a plain realloc; a larger power of two up to
+   KNHK_MAX_ALIGN keeps that alignment. On failure (or a bad align) the old
+   block is untouched and NULL is returned. ptr NULL allocates. */
+void *knhk_realloc(const knhk_backend *b, void *ptr, size_t new_size, size_t align);
+void knhk_free(const knhk_backend *b, void *ptr);
+size_t knhk_usable_size(const knhk_backend *b, const void *ptr);
+
+void knhk_backend_stats(const knhk_backend *b, knhk_alloc_stats *out);
+/* The allocator's own figures (jemalloc mallctl, mimalloc mi_process_info,
+   glibc mallinfo2). Fields the allocator does not have are -1. */
+int knhk_backend_native_stats(const knhk_backend *b, knhk_native_stats *out);
+/* Return unused memory to the OS: malloc_trim, jemalloc purge, mi_collect. */
+int knhk_backend_release_unused(const knhk_backend *b);
+
+/* ---------------------------------------------------------------- numpy (NEP 49) */
+
+/* Make `b` numpy's data-memory handler in the calling thread's context
+   (numpy keeps it in a contextvar). Returns a token holding the previous
+   handler, to give to knhk_numpy_handler_restore, or NULL with *status set.
+   Takes the GIL itself. */
+void *knhk_numpy_handler_push(const knhk_backend *b, int *status);
+/* Put back the handler a token holds, and release the token. */
+int knhk_numpy_handler_restore(void *token);
+/* Release a token without restoring it. */
+void knhk_numpy_handler_discard(void *token);
+/* The handler name numpy reports for arrays allocated through `b`. */
+const char *knhk_numpy_handler_name(const knhk_backend *b);
+
+/* KNHK_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KNHK_H */

@@ -1,0 +1,106 @@
+/* numpy_handler.c -- NumPy data-memory handlers (NEP 49) backed by knhk backends.
+ *
+ * Each backend has one static PyDataMem_Handler whose ctx is the backend, so
+ * an array's data is freed by the backend that allocated it, whatever handler
+ * is current when the array dies (numpy keeps the capsule on the array).
+ *
+ * cffi calls into C with the GIL released; the functions here that touch
+ * Python objects take it back with PyGILState_Ensure. Every reference stays
+ * inside this file: Python holds a token only as an opaque pointer.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define PY_ARRAY_UNIQUE_SYMBOL _knhk_numpy_array_api
+#include <numpy/arrayobject.h>
+
+#include "knhk_internal.h"
+
+static PyDataMem_Handler handlers[KNHK_BACKEND_COUNT];
+
+static void *h_malloc(void *ctx, size_t size) { return knhk_malloc(ctx, size); }
+static void *h_calloc(void *ctx, size_t n, size_t size) { return knhk_calloc(ctx, n, size); }
+static void *h_realloc(void *ctx, void *p, size_t size) { return knhk_realloc(ctx, p, size, 0); }
+static void h_free(void *ctx, void *p, size_t size) { knhk_free(ctx, p); }
+
+/* Called with the GIL held. */
+static int numpy_ready(void) {
+    if (PyArray_API != NULL) return 0;
+    return _import_array();
+}
+
+static void take_python_error(const char *what) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *s = value ? PyObject_Str(value) : NULL;
+    const char *msg = s ? PyUnicode_AsUTF8(s) : NULL;
+    _knhk_set_error("%s: %s", what, msg ? msg : "unknown Python error");
+    Py_XDECREF(s);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+}
+
+static const char *const handler_names[KNHK_BACKEND_COUNT] = {
+    [KNHK_BACKEND_SYSTEM] = "knhk_memory.system",
+    [KNHK_BACKEND_JEMALLOC] = "knhk_memory.jemalloc",
+    [KNHK_BACKEND_MIMALLOC] = "knhk_memory.mimalloc",
+};
+
+const char *knhk_numpy_handler_name(const knhk_backend *b) { return handler_names[knhk_backend_id_of(b)]; }
+
+void *knhk_numpy_handler_push(const knhk_backend *b, int *status) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *previous = NULL;
+    int rc = KNHK_OK;
+    if (numpy_ready() < 0) {
+        take_python_error("numpy's C API could not be imported");
+        rc = KNHK_ERR_PYTHON;
+        goto done;
+    }
+    /* The GIL serialises this first-time fill of the static handler. */
+    PyDataMem_Handler *h = &handlers[knhk_backend_id_of(b)];
+    if (h->allocator.ctx == NULL) {
+        _knhk_copy_message(h->name, sizeof h->name, knhk_numpy_handler_name(b));
+        h->version = 1;
+        h->allocator = (PyDataMemAllocator){(void *)b, h_malloc, h_calloc, h_realloc, h_free};
+    }
+    PyObject *capsule = PyCapsule_New(h, "mem_handler", NULL);
+    if (capsule == NULL) {
+        take_python_error("creating the handler capsule failed");
+        rc = KNHK_ERR_PYTHON;
+        goto done;
+    }
+    previous = PyDataMem_SetHandler(capsule);
+    Py_DECREF(capsule);
+    if (previous == NULL) {
+        take_python_error("PyDataMem_SetHandler failed");
+        rc = KNHK_ERR_PYTHON;
+    }
+done:
+    PyGILState_Release(gil);
+    if (status) *status = rc;
+    return previous;
+}
+
+int knhk_numpy_handler_restore(void *token) {
+    if (token == NULL) return KNHK_ERR_INVALID;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rc = KNHK_OK;
+    PyObject *replaced = PyDataMem_SetHandler((PyObject *)token);
+    if (replaced == NULL) {
+        take_python_error("PyDataMem_SetHandler failed");
+        rc = KNHK_ERR_PYTHON;
+    }
+    Py_XDECREF(replaced);
+    Py_DECREF((PyObject *)token);
+    PyGILState_Release(gil);
+    return rc;
+}
+
+void knhk_numpy_handler_discard(void *token) {
+    if (token == NULL) return;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_DECREF((PyObject *)token);
+    PyGILState_Release(gil);
+}

@@ -1,0 +1,1 @@
+"""knhk_memory's pluggy plugins (installed as ``knhk_memory.plugins``)."""

@@ -1,0 +1,54 @@
+"""Every exported C function is called at least once here: a broken build
+fails this file before anything subtler."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from knhk_memory._core import ffi, lib
+
+HEADER = Path(__file__).resolve().parent.parent / "native" / "knhk.h"
+
+
+def exported_functions() -> set[str]:
+    text = HEADER.read_text()
+    region = text.split("/* KNHK_CDEF_BEGIN */")[1].split("/* KNHK_CDEF_END */")[0]
+    return set(re.findall(r"\b(knhk_[a-z0-9_]+)\s*\(", region))
+
+
+def test_every_exported_function_is_in_the_module():
+    missing = [name for name in exported_functions() if not hasattr(lib, name)]
+    assert missing == []
+
+
+def test_every_exported_function_is_called_by_some_test():
+    tests = Path(__file__).resolve().parent
+    source = "\n".join(p.read_text() for p in tests.rglob("*.py"))
+    package = Path(__file__).resolve().parent.parent / "knhk_memory"
+    source += "\n".join(p.read_text() for p in package.rglob("*.py"))
+    source += "\n".join(p.read_text() for p in (package.parent / "plugins").rglob("*.py"))
+    uncalled = sorted(name for name in exported_functions() if f"lib.{name}(" not in source)
+    assert uncalled == [], "exported C functions no Python code calls"
+
+
+def test_core_functions():
+    assert ffi.string(lib.knhk_version()).decode().count(".") == 2
+    assert ffi.string(lib.knhk_status_name(lib.KNHK_ERR_INVALID)).decode() == "invalid argument"
+    assert ffi.string(lib.knhk_status_name(999)).decode() == "unknown status"
+    assert isinstance(ffi.string(lib.knhk_last_error()), bytes)
+    assert lib.knhk_cpu_features() == lib.knhk_cpu_features()
+    assert lib.KNHK_CACHE_LINE in (64, 128)
+
+
+def test_backend_get_before_and_after_load():
+    assert lib.knhk_backend_get(-1) == ffi.NULL
+    assert lib.knhk_backend_get(lib.KNHK_BACKEND_COUNT) == ffi.NULL
+    out = ffi.new("knhk_backend **")
+    err = ffi.new("char[256]")
+    assert lib.knhk_backend_load(lib.KNHK_BACKEND_SYSTEM, ffi.NULL, out, err, 256) == lib.KNHK_OK
+    assert lib.knhk_backend_get(lib.KNHK_BACKEND_SYSTEM) == out[0]
+    assert lib.knhk_backend_id_of(out[0]) == lib.KNHK_BACKEND_SYSTEM
+    assert ffi.string(lib.knhk_backend_name(out[0])) == b"system"
+    assert lib.knhk_backend_load(7, ffi.NULL, out, err, 256) == lib.KNHK_ERR_INVALID
+    assert b"backend id 7" in ffi.string(err)

@@ -429,3 +429,24 @@ def apply_numpy_handler() -> str:
         # restore) the handler it replaced.
         install_numpy_handler(selected_backend())
     return numpy._core.multiarray.get_handler_name()
+
+
+# ---------------------------------------------------------------- hot paths
+
+def hot_ops() -> list[Any]:
+    """The allocator's hot paths for the tick harness (see knhk_memory.hotpath)."""
+    from .hotpath import HotOp
+
+    def setup() -> tuple[Any, Any]:
+        backend = selected_backend()
+        return ffi.cast("void *", backend.cdata), lambda: None
+
+    return [HotOp(
+        name="backend_malloc_free",
+        description="one 64-byte malloc + free pair through the selected backend, with statistics",
+        fn=ffi.addressof(lib, "knhk_backend_hotop_malloc_free"),
+        setup=setup,
+        default_budget=120,
+        budget_reason="mimalloc's pair is ~20-40 ticks and glibc's ~40-60; 120 leaves room for "
+                      "jemalloc and a noisy neighbour while still catching a lock or syscall on the path",
+    )]

@@ -454,6 +454,16 @@ size_t knhk_usable_size(const knhk_backend *b, const void *ptr) {
     return ptr ? b->fn_usable((void *)ptr) : 0;
 }
 
+void knhk_backend_hotop_malloc_free(void *ctx, uint64_t iterations) {
+    const knhk_backend *b = ctx;
+    for (uint64_t i = 0; i < iterations; i++) {
+        void *p = knhk_malloc(b, 64);
+        /* Keep the pair from being folded away. */
+        __asm__ volatile("" : : "r"(p) : "memory");
+        knhk_free(b, p);
+    }
+}
+
 /* ------------------------------------------------------------------ the allocators' own figures */
 
 static int64_t je_size(knhk_backend *b, const char *name) {

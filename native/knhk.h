@@ -55,6 +55,13 @@ const char *knhk_version(void);
 /* The message of the calling thread's last failed call, or "". */
 const char *knhk_last_error(void);
 
+/* ---------------------------------------------------------------- hot-path operations */
+
+/* A hot-path operation runs its real code path `iterations` times on the state
+   behind ctx. The tick harness times batches of calls; every capability
+   exports its operations with this signature, named knhk_<concern>_hotop_<op>. */
+typedef void (*knhk_hotop_fn)(void *ctx, uint64_t iterations);
+
 /* ---------------------------------------------------------------- cpu */
 
 typedef enum {
@@ -137,6 +144,10 @@ void knhk_backend_stats(const knhk_backend *b, knhk_alloc_stats *out);
 int knhk_backend_native_stats(const knhk_backend *b, knhk_native_stats *out);
 /* Return unused memory to the OS: malloc_trim, jemalloc purge, mi_collect. */
 int knhk_backend_release_unused(const knhk_backend *b);
+
+/* Hot-path operation: one 64-byte knhk_malloc + knhk_free pair.
+   ctx: the const knhk_backend *. */
+void knhk_backend_hotop_malloc_free(void *ctx, uint64_t iterations);
 
 /* ---------------------------------------------------------------- numpy (NEP 49) */
 

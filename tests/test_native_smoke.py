@@ -28,7 +28,9 @@ def test_every_exported_function_is_called_by_some_test():
     package = Path(__file__).resolve().parent.parent / "knhk_memory"
     source += "\n".join(p.read_text() for p in package.rglob("*.py"))
     source += "\n".join(p.read_text() for p in (package.parent / "plugins").rglob("*.py"))
-    uncalled = sorted(name for name in exported_functions() if f"lib.{name}(" not in source)
+    # Called directly, or handed to the tick harness as a function pointer.
+    uncalled = sorted(name for name in exported_functions()
+                      if f"lib.{name}(" not in source and f'addressof(lib, "{name}")' not in source)
     assert uncalled == [], "exported C functions no Python code calls"
 
 

@@ -79,7 +79,8 @@ case "$cmd" in
   test)
     setup
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache
-    exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" ;;
+    # --knhk-budgets: the hot-path budgets are part of the run (see docs/budgets.md).
+    exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;
   bench)
     setup
     exec "$VENV/bin/python" -m pytest benches -p no:cacheprovider --benchmark-only "$@" ;;

@@ -24,8 +24,17 @@ from .allocator import (
     select_backend,
     selected_backend,
 )
+from .budgets import BudgetReport, run_budgets
 from .config import Config, load_config
-from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    HotOpError,
+    KnhkMemoryError,
+    NativeError,
+    UnknownOperationError,
+)
+from .hotpath import HotOp, PyHotOp
 from .host import get_plugin_manager
 
 __all__ = [
@@ -35,4 +44,5 @@ __all__ = [
     "Config", "load_config",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
+    "BudgetReport", "HotOp", "PyHotOp", "HotOpError", "UnknownOperationError", "run_budgets",
 ]

@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="versions, backends, numpy handler, CPU features, config source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+    from .budgets import add_budget_commands
+    add_budget_commands(sub, common)
     return parser
 
 

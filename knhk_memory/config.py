@@ -94,14 +94,43 @@ def positive_int(limit: int | None = None) -> Callable[[Any], str | None]:
     return check
 
 
+class OpenKeys(Mapping[str, Field]):
+    """The fields of a section whose keys are named at run time (``[budgets]``
+    takes one key per hot-path operation, and plugins add operations): every
+    key is checked by one :class:`Field`, and the section has no defaults.
+    Whether a key names something real is checked by the section's user."""
+
+    def __init__(self, field: Field) -> None:
+        self.field = field
+
+    def __getitem__(self, key: str) -> Field:
+        if not isinstance(key, str):
+            raise KeyError(key)
+        return self.field
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 # The schema: one entry per section. Later capabilities add their sections here.
-SCHEMA: dict[str, dict[str, Field]] = {
+SCHEMA: dict[str, Mapping[str, Field]] = {
     "allocator": {
         "backend": Field(str, "auto", "Allocator backend: system, jemalloc, mimalloc, or auto "
                          "(first available of mimalloc, jemalloc, system).",
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
     },
+    # One key per hot-path operation: ticks for C operations, nanoseconds for
+    # Python calls (py_*). Unknown names are refused by knhk_memory.budgets.
+    "budgets": OpenKeys(Field(int, None, "Budget of one hot-path operation: ticks per operation for "
+                              "C operations, nanoseconds per call for Python ones (py_*).",
+                              check=positive_int())),
 }
 
 

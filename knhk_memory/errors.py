@@ -33,3 +33,11 @@ class BackendUnavailableError(KnhkMemoryError, RuntimeError):
 
 class NativeError(KnhkMemoryError, RuntimeError):
     """A call into the C core failed; the message carries the C status."""
+
+
+class HotOpError(KnhkMemoryError, ValueError):
+    """A hot-path operation is malformed, or two providers give the same name."""
+
+
+class UnknownOperationError(KnhkMemoryError, LookupError):
+    """A budget or ``--only`` names a hot-path operation nobody provides."""

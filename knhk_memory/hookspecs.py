@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from .allocator import Backend
     from .config import Config
+    from .hotpath import HotOp, PyHotOp
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -73,4 +74,23 @@ def knhk_memory_stats(config: Config) -> dict[str, Any] | None:
     :param config: The engine's configuration.
 
     The engine merges the dicts of all plugins; each value is JSON-serialisable.
+    """
+
+
+# -------------------------------------------------------------------------
+# Hot-path budgets
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def knhk_hot_ops(config: Config) -> list[HotOp | PyHotOp] | None:
+    """Return a plugin's own hot paths, to be held to budgets with the built-in ones.
+
+    :param config: The engine's configuration (operations may read their state's
+        size from it; the engine is configured before ``setup()`` is called).
+
+    Each item is a :class:`~knhk_memory.hotpath.HotOp` (a C ``knhk_hotop_fn``,
+    budget in ticks) or a :class:`~knhk_memory.hotpath.PyHotOp` (a Python call,
+    budget in nanoseconds). Names must be unique across all plugins; users
+    override the default budgets in the ``[budgets]`` config section.
     """

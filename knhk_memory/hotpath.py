@@ -29,3 +29,22 @@ class HotOp:
     setup: Callable[[], tuple[Any, Callable[[], None]]]
     default_budget: int
     budget_reason: str = ""
+
+
+@dataclass(frozen=True)
+class PyHotOp:
+    """One public Python call held to a budget in nanoseconds.
+
+    ``setup()`` returns ``(call, cleanup)``: a callable taking no arguments
+    that makes the real call once (``lambda: counters.add(3)``), and a
+    callable that releases whatever it ran on. The harness times
+    ``call()`` with :func:`time.perf_counter_ns` in batches and takes off the
+    cost of calling an empty callable the same way, so ``default_budget``
+    (nanoseconds per call) covers the call itself.
+    """
+
+    name: str
+    description: str
+    setup: Callable[[], tuple[Callable[[], Any], Callable[[], None]]]
+    default_budget: int
+    budget_reason: str = ""

@@ -36,6 +36,26 @@ extern "C" {
 /* Alignment every plain malloc/calloc/realloc result has. */
 #define KNHK_DEFAULT_ALIGN 16
 
+/* ---- ticks (native/ticks.c) */
+/* Tick sources; KNHK_TICKS_AUTO picks the best one this machine has. */
+#define KNHK_TICKS_AUTO 0
+#define KNHK_TICKS_RDTSCP 1
+#define KNHK_TICKS_RDTSC_LFENCE 2
+#define KNHK_TICKS_CNTVCT 3
+#define KNHK_TICKS_CLOCK_GETTIME 4
+/* How a counter's rate (ticks per second) was found. */
+#define KNHK_TICKS_HZ_UNKNOWN 0
+#define KNHK_TICKS_HZ_CPUID_15 1
+#define KNHK_TICKS_HZ_CPUID_16 2
+#define KNHK_TICKS_HZ_HYPERVISOR 3
+#define KNHK_TICKS_HZ_CALIBRATED 4
+#define KNHK_TICKS_HZ_CNTFRQ 5
+#define KNHK_TICKS_HZ_NANOSECONDS 6
+/* Harness limits and defaults. */
+#define KNHK_TICKS_MAX_BATCHES 100000
+#define KNHK_TICKS_MAX_ITERATIONS 1048576
+#define KNHK_TICKS_DEFAULT_BATCH_NS 8000
+
 /* KNHK_CDEF_BEGIN */
 
 /* ---------------------------------------------------------------- status */
@@ -162,6 +182,57 @@ int knhk_numpy_handler_restore(void *token);
 void knhk_numpy_handler_discard(void *token);
 /* The handler name numpy reports for arrays allocated through `b`. */
 const char *knhk_numpy_handler_name(const knhk_backend *b);
+
+/* ---------------------------------------------------------------- ticks */
+
+/* The tick counter the harness uses, and what is known about the machine's. */
+typedef struct {
+    int source;            /* KNHK_TICKS_RDTSCP ... KNHK_TICKS_CLOCK_GETTIME, the counter in use */
+    int invariant;         /* 1: the counter in use keeps one rate whatever the power state */
+    double hz;             /* its ticks per second */
+    int hz_method;         /* how hz was found: KNHK_TICKS_HZ_* */
+    int has_tsc;           /* x86: CPUID 1 EDX bit 4 */
+    int has_rdtscp;        /* x86: CPUID 0x80000001 EDX bit 27 */
+    int invariant_tsc;     /* x86: CPUID 0x80000007 EDX bit 8 */
+    int hypervisor;        /* x86: CPUID 1 ECX bit 31 (running in a VM) */
+    double tsc_hz;         /* the TSC's rate (0: no TSC) */
+    int tsc_hz_method;     /* KNHK_TICKS_HZ_CPUID_15/16, _HYPERVISOR or _CALIBRATED */
+    double tsc_calibrated_hz; /* the TSC measured against CLOCK_MONOTONIC_RAW, as a cross-check */
+    int has_cntvct;        /* aarch64: the generic timer's virtual counter */
+    double cntvct_hz;      /* cntfrq_el0 */
+} knhk_tick_counter;
+
+typedef struct {
+    uint64_t iterations;   /* operations per batch; 0: grow until a batch takes batch_ns */
+    uint64_t batch_ns;     /* target batch length when iterations is 0; 0: KNHK_TICKS_DEFAULT_BATCH_NS */
+    uint32_t batches;      /* timed batches, 3..KNHK_TICKS_MAX_BATCHES */
+    uint32_t warmup;       /* untimed batches first */
+} knhk_ticks_params;
+
+typedef struct {
+    double median;         /* ticks per operation, median over batches, harness overhead taken off */
+    double min;            /* ticks per operation in the fastest batch, less the fastest empty batch */
+    double raw_median;     /* median before the overhead is taken off */
+    double raw_min;
+    double overhead;       /* the empty operation: median ticks per iteration */
+    uint64_t iterations;   /* operations per batch */
+    uint32_t batches;      /* batches kept */
+    uint32_t discarded;    /* batches dropped: moved to another CPU mid-batch, or the counter went back */
+    int source;            /* the counter used */
+} knhk_ticks_result;
+
+/* Fill *out with the counter in use and the machine's counters (detected once). */
+int knhk_ticks_counter(knhk_tick_counter *out);
+/* Use `source` from now on (process-wide). KNHK_ERR_UNAVAILABLE when this
+   machine lacks it, KNHK_ERR_INVALID for an unknown number. */
+int knhk_ticks_select(int source);
+const char *knhk_ticks_source_name(int source);
+/* One read of the counter in use. */
+uint64_t knhk_ticks_now(void);
+/* Time fn(ctx, iterations) in params->batches batches; see knhk_ticks_result. */
+int knhk_ticks_measure(knhk_hotop_fn fn, void *ctx, const knhk_ticks_params *params, knhk_ticks_result *out);
+/* Hot-path operation: nothing, in the loop every hot op has (the harness's baseline). */
+void knhk_ticks_hotop_empty(void *ctx, uint64_t iterations);
 
 /* KNHK_CDEF_END */
 

@@ -79,10 +79,21 @@ case "$cmd" in
   test)
     setup
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache
-    exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" ;;
+    # --knhk-budgets: the hot-path budgets are part of the run (see docs/budgets.md).
+    exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;
   bench)
     setup
-    exec "$VENV/bin/python" -m pytest benches -p no:cacheprovider --benchmark-only "$@" ;;
+    if ! "$VENV/bin/python" -c 'import matplotlib, pytest_benchmark' 2>/dev/null; then
+      say "installing the bench extra (pytest-benchmark, matplotlib)"
+      "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,bench]"
+    fi
+    # Every benches/bench_*.py, short rounds (the machine is shared), one
+    # results file, then docs/performance.md and its charts from it.
+    mkdir -p benches/results
+    "$VENV/bin/python" -m pytest benches -p no:cacheprovider --benchmark-only \
+      -o python_files='bench_*.py' -o python_functions='test_* bench_*' \
+      --benchmark-max-time="${KNHK_BENCH_MAX_TIME:-0.3}" --benchmark-json=benches/results/latest.json "$@"
+    exec "$VENV/bin/python" scripts/perf_report.py benches/results/latest.json ;;
   *)
     echo "usage: bash scripts/dev.sh {run|test|bench|setup} [args...]" >&2
     exit 2 ;;

@@ -107,3 +107,18 @@ def test_knhk_unconfigure_restores_numpy():
     assert np._core.multiarray.get_handler_name() == "default_allocator"
     with pytest.raises(RuntimeError, match="memory plugin is not configured"):
         pm.hook.knhk_allocator(config=config)
+
+
+def test_knhk_hot_ops_collects_plugin_hot_paths():
+    from knhk_memory.hotpath import PyHotOp
+
+    class EnginePlugin:
+        @hookspecs.hookimpl
+        def knhk_hot_ops(self, config):
+            return [PyHotOp("engine_noop", "a no-op call", setup=lambda: ((lambda: None), (lambda: None)),
+                            default_budget=10_000)]
+
+    pm = get_plugin_manager([EnginePlugin()])
+    config = load_config(mapping={})
+    ops = [op for group in pm.hook.knhk_hot_ops(config=config) if group for op in group]
+    assert [op.name for op in ops] == ["engine_noop"]

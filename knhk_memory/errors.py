@@ -33,3 +33,49 @@ class BackendUnavailableError(KnhkMemoryError, RuntimeError):
 
 class NativeError(KnhkMemoryError, RuntimeError):
     """A call into the C core failed; the message carries the C status."""
+
+
+# ---------------------------------------------------------------- once-cells and registries
+
+
+class _KeyMessage:
+    """For errors that are also KeyError: str() is the message, not its repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ReentrantInitError(KnhkMemoryError, RuntimeError):
+    """A once-cell's initialiser asked for the same cell (it would deadlock)."""
+
+
+class AlreadySetError(KnhkMemoryError, RuntimeError):
+    """``OnceLock.set`` on a cell that already holds a value."""
+
+
+class UnknownPatternError(_KeyMessage, KnhkMemoryError, KeyError):
+    """No workflow pattern has the number or name given."""
+
+
+class RegistryFrozenError(KnhkMemoryError, RuntimeError):
+    """A registry was changed after the engine started (it is frozen)."""
+
+
+class DuplicateNameError(KnhkMemoryError, ValueError):
+    """A name (resource, executor) is registered twice."""
+
+
+class UnknownResourceError(_KeyMessage, KnhkMemoryError, KeyError):
+    """``GlobalResourceRegistry.get`` of a name nobody registered."""
+
+
+class ResourceFactoryError(KnhkMemoryError, RuntimeError):
+    """A resource's factory raised; ``__cause__`` is its exception. The next get retries."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class RegistryClosedError(KnhkMemoryError, RuntimeError):
+    """A resource registry was used after it was closed."""

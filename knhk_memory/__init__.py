@@ -25,8 +25,23 @@ from .allocator import (
     selected_backend,
 )
 from .config import Config, load_config
-from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
+from .errors import (
+    AlreadySetError,
+    BackendUnavailableError,
+    ConfigError,
+    DuplicateNameError,
+    KnhkMemoryError,
+    NativeError,
+    ReentrantInitError,
+    RegistryClosedError,
+    RegistryFrozenError,
+    ResourceFactoryError,
+    UnknownPatternError,
+    UnknownResourceError,
+)
 from .host import get_plugin_manager
+from .once import Lazy, OnceLock
+from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
 
 __all__ = [
     "__version__",
@@ -35,4 +50,7 @@ __all__ = [
     "Config", "load_config",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
+    "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
+    "AlreadySetError", "DuplicateNameError", "ReentrantInitError", "RegistryClosedError",
+    "RegistryFrozenError", "ResourceFactoryError", "UnknownPatternError", "UnknownResourceError",
 ]

@@ -102,6 +102,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
     },
+    "registry": {
+        "freeze_on_start": Field(bool, True, "Freeze the pattern registry once plugins have registered "
+                                 "their executors (start_registries); later changes raise."),
+        "close_at_exit": Field(bool, True, "Close the global resources at interpreter exit if the engine "
+                               "did not (knhk_unconfigure does it otherwise)."),
+    },
 }
 
 

@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from .allocator import Backend
     from .config import Config
+    from .registry import GlobalResourceRegistry, PatternRegistry
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -73,4 +74,39 @@ def knhk_memory_stats(config: Config) -> dict[str, Any] | None:
     :param config: The engine's configuration.
 
     The engine merges the dicts of all plugins; each value is JSON-serialisable.
+    """
+
+
+# -------------------------------------------------------------------------
+# Registries (build-once tables and resources)
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_pattern_registry(config: Config) -> PatternRegistry | None:
+    """Return the engine's workflow pattern registry (the 43 control-flow patterns).
+
+    :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec(firstresult=True)
+def knhk_resource_registry(config: Config) -> GlobalResourceRegistry | None:
+    """Return the engine's registry of named, created-once global resources.
+
+    :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec
+def knhk_register_executors(config: Config, registry: PatternRegistry) -> None:
+    """Register the plugin's pattern executors with ``registry.register_executor``.
+
+    :param config: The engine's configuration.
+    :param registry: The pattern registry, not yet frozen; the engine freezes it
+        when every plugin has been called (:func:`knhk_memory.registry.start_registries`).
     """

@@ -117,6 +117,7 @@ class PatternRegistry:
     def __init__(self, table_text: str | None = None) -> None:
         self._text = table_text
         self._table: OnceLock[_Table] = OnceLock("pattern table")
+        self._by_number: dict[int, Pattern] = {}  # the loaded index, once loaded
         self._executors: dict[int, Any] = {}
         self._write_lock = threading.Lock()
         self._frozen = False
@@ -142,20 +143,27 @@ class PatternRegistry:
 
     def by_number(self, number: int) -> Pattern:
         """The pattern numbered ``number`` (WCP-``number``)."""
-        t = self._table.get() or self._t
-        try:
-            # Exact ints skip the check; True and 2.0 hash like 1 and 2 and would match.
-            if number.__class__ is not int and (isinstance(number, bool) or not isinstance(number, int)):
-                raise TypeError
+        # Fast path: an exact int found in the loaded index (empty until the
+        # first lookup loads it). True and 2.0 hash like 1 and 2, hence the
+        # class check before the lookup, not after.
+        if number.__class__ is int:
+            p = self._by_number.get(number)
+            if p is not None:
+                return p
+        return self._by_number_slow(number)
+
+    def _by_number_slow(self, number: object) -> Pattern:
+        t = self._t
+        self._by_number = t.by_number
+        if isinstance(number, int) and not isinstance(number, bool) and number in t.by_number:
             return t.by_number[number]
-        except (KeyError, TypeError):
-            raise self._unknown_number(number) from None
+        raise self._unknown_number(number)
 
     def by_name(self, name: str) -> Pattern:
         """The pattern called ``name`` (case, spaces, ``-`` and ``_`` ignored)."""
         if not isinstance(name, str):
             raise TypeError(f"a pattern name is a str, got {name!r}")
-        t = self._table.get() or self._t
+        t = self._t
         try:
             return t.by_name[_normalise(name)]
         except KeyError:
@@ -169,9 +177,14 @@ class PatternRegistry:
                                   f"(numbers {self._range(t)} also work)")
 
     def __getitem__(self, key: int | str) -> Pattern:
+        if key.__class__ is int:
+            p = self._by_number.get(key)  # type: ignore[arg-type]
+            if p is not None:
+                return p
+            return self._by_number_slow(key)
         if isinstance(key, str):
             return self.by_name(key)
-        return self.by_number(key)
+        return self._by_number_slow(key)
 
     def _range(self, t: _Table) -> str:
         return f"{t.patterns[0].number}..{t.patterns[-1].number}"

@@ -151,7 +151,8 @@ def test_hot_ops_run():
         op.fn(ctx, 10_000)
         cleanup()
         assert op.default_budget == 8
-    lib.knhk_registry_hotop_lookup(ffi.cast("void *", PatternRegistry().native), 100)
+    reg = PatternRegistry()  # keep it alive: it owns the C table
+    lib.knhk_registry_hotop_lookup(ffi.cast("void *", reg.native), 100)
 
 
 # ---------------------------------------------------------------- resources

@@ -154,19 +154,18 @@ class OnceLock(Generic[T]):
 class Lazy(Generic[T]):
     """A value computed by ``f()`` on first access of ``.value``, with OnceLock's guarantees.
 
-    ``.value`` is a slot: until it is set, reading it falls through to
-    ``__getattr__``, which initialises through a :class:`OnceLock` and stores
-    the result in the slot. From then on ``lazy.value`` is a plain slot read,
-    the same mechanism as any attribute.
+    Before the first access ``value`` is a property that initialises through a
+    :class:`OnceLock`; the first access stores the result in a slot and
+    switches the object to a subclass whose ``value`` *is* that slot. From then
+    on ``lazy.value`` is a plain slot read that CPython specialises, with no
+    ``__getattr__`` hook in the way (a hook would slow every attribute read).
 
     >>> TABLE = Lazy(lambda: {"a": 1})
     >>> TABLE.value["a"]
     1
     """
 
-    __slots__ = ("value", "_cell", "_f")
-
-    value: T
+    __slots__ = ("_value", "_cell", "_f")
 
     def __init__(self, f: Callable[[], T], name: str | None = None) -> None:
         if not callable(f):
@@ -174,11 +173,12 @@ class Lazy(Generic[T]):
         object.__setattr__(self, "_f", f)
         object.__setattr__(self, "_cell", OnceLock(name or getattr(f, "__qualname__", None)))
 
-    def __getattr__(self, attr: str) -> Any:
-        if attr != "value":
-            raise AttributeError(f"'Lazy' object has no attribute {attr!r}")
+    @property
+    def value(self) -> T:
         value = self._cell.get_or_init(self._f)
-        _VALUE_SLOT.__set__(self, value)
+        # Slot first, class second: a reader that sees the new class finds the slot set.
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "__class__", _ReadyLazy)
         return value
 
     def __setattr__(self, attr: str, value: Any) -> None:
@@ -195,4 +195,8 @@ class Lazy(Generic[T]):
         return f"<Lazy {self._cell._value!r}>" if self._cell.is_set() else f"<Lazy {self._f!r} (not computed)>"
 
 
-_VALUE_SLOT = Lazy.__dict__["value"]
+class _ReadyLazy(Lazy[Any]):
+    """A Lazy whose value is computed: ``value`` is the ``_value`` slot itself."""
+
+    __slots__ = ()
+    value = Lazy.__dict__["_value"]  # type: ignore[assignment]

@@ -178,7 +178,8 @@ def test_lazy_computes_once_and_reads_as_an_attribute():
     with pytest.raises(AttributeError, match="read-only"):
         lazy.value = [3]  # type: ignore[misc]
     with pytest.raises(AttributeError, match="has no attribute 'other'"):
-        lazy.other  # noqa: B018
+        lazy.other  # type: ignore[attr-defined]  # noqa: B018
+    assert isinstance(lazy, Lazy) and repr(lazy) == "<Lazy [1, 2]>"
 
 
 def test_lazy_exactly_once_under_racing_threads():

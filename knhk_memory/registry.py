@@ -147,9 +147,10 @@ class PatternRegistry:
         # first lookup loads it). True and 2.0 hash like 1 and 2, hence the
         # class check before the lookup, not after.
         if number.__class__ is int:
-            p = self._by_number.get(number)
-            if p is not None:
-                return p
+            try:  # zero-cost on 3.11+ when nothing is raised
+                return self._by_number[number]
+            except KeyError:
+                pass
         return self._by_number_slow(number)
 
     def _by_number_slow(self, number: object) -> Pattern:
@@ -178,10 +179,10 @@ class PatternRegistry:
 
     def __getitem__(self, key: int | str) -> Pattern:
         if key.__class__ is int:
-            p = self._by_number.get(key)  # type: ignore[arg-type]
-            if p is not None:
-                return p
-            return self._by_number_slow(key)
+            try:
+                return self._by_number[key]  # type: ignore[index]
+            except KeyError:
+                return self._by_number_slow(key)
         if isinstance(key, str):
             return self.by_name(key)
         return self._by_number_slow(key)

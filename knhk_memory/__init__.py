@@ -26,23 +26,20 @@ from .allocator import (
 )
 from .budgets import BudgetReport, run_budgets
 from .config import Config, load_config
-from .errors import (
-    BackendUnavailableError,
-    ConfigError,
-    HotOpError,
-    KnhkMemoryError,
-    NativeError,
-    UnknownOperationError,
-)
+from . import errors
+from .errors import *  # noqa: F403 - every exception class, see errors.__all__
 from .hotpath import HotOp, PyHotOp
 from .host import get_plugin_manager
+from .once import Lazy, OnceLock
+from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
 
 __all__ = [
     "__version__",
     "Backend", "Block", "apply_numpy_handler", "available_backends", "get_backend",
     "install_numpy_handler", "numpy_handler", "select_backend", "selected_backend",
     "Config", "load_config",
-    "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
-    "BudgetReport", "HotOp", "PyHotOp", "HotOpError", "UnknownOperationError", "run_budgets",
+    "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
+    "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
 ]
+__all__ += errors.__all__

@@ -55,6 +55,7 @@ __all__ = [
 # import is an error, never skipped: a budget nobody checks is no budget.
 PROVIDERS: tuple[str, ...] = (
     "knhk_memory.allocator",
+    "knhk_memory.registry",
 )
 
 COUNTERS = {

@@ -131,6 +131,12 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
     "budgets": OpenKeys(Field(int, None, "Budget of one hot-path operation: ticks per operation for "
                               "C operations, nanoseconds per call for Python ones (py_*).",
                               check=positive_int())),
+    "registry": {
+        "freeze_on_start": Field(bool, True, "Freeze the pattern registry once plugins have registered "
+                                 "their executors (start_registries); later changes raise."),
+        "close_at_exit": Field(bool, True, "Close the global resources at interpreter exit if the engine "
+                               "did not (knhk_unconfigure does it otherwise)."),
+    },
 }
 
 

@@ -41,3 +41,52 @@ class HotOpError(KnhkMemoryError, ValueError):
 
 class UnknownOperationError(KnhkMemoryError, LookupError):
     """A budget or ``--only`` names a hot-path operation nobody provides."""
+# ---------------------------------------------------------------- once-cells and registries
+
+
+class _KeyMessage:
+    """For errors that are also KeyError: str() is the message, not its repr."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ReentrantInitError(KnhkMemoryError, RuntimeError):
+    """A once-cell's initialiser asked for the same cell (it would deadlock)."""
+
+
+class AlreadySetError(KnhkMemoryError, RuntimeError):
+    """``OnceLock.set`` on a cell that already holds a value."""
+
+
+class UnknownPatternError(_KeyMessage, KnhkMemoryError, KeyError):
+    """No workflow pattern has the number or name given."""
+
+
+class RegistryFrozenError(KnhkMemoryError, RuntimeError):
+    """A registry was changed after the engine started (it is frozen)."""
+
+
+class DuplicateNameError(KnhkMemoryError, ValueError):
+    """A name (resource, executor) is registered twice."""
+
+
+class UnknownResourceError(_KeyMessage, KnhkMemoryError, KeyError):
+    """``GlobalResourceRegistry.get`` of a name nobody registered."""
+
+
+class ResourceFactoryError(KnhkMemoryError, RuntimeError):
+    """A resource's factory raised; ``__cause__`` is its exception. The next get retries."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        self.name = name
+        super().__init__(message)
+
+
+class RegistryClosedError(KnhkMemoryError, RuntimeError):
+    """A resource registry was used after it was closed."""
+
+
+# Every exception class defined above; knhk_memory re-exports them all.
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == __name__)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .allocator import Backend
     from .config import Config
     from .hotpath import HotOp, PyHotOp
+    from .registry import GlobalResourceRegistry, PatternRegistry
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -93,4 +94,39 @@ def knhk_hot_ops(config: Config) -> list[HotOp | PyHotOp] | None:
     budget in ticks) or a :class:`~knhk_memory.hotpath.PyHotOp` (a Python call,
     budget in nanoseconds). Names must be unique across all plugins; users
     override the default budgets in the ``[budgets]`` config section.
+    """
+
+
+# -------------------------------------------------------------------------
+# Registries (build-once tables and resources)
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_pattern_registry(config: Config) -> PatternRegistry | None:
+    """Return the engine's workflow pattern registry (the 43 control-flow patterns).
+
+    :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec(firstresult=True)
+def knhk_resource_registry(config: Config) -> GlobalResourceRegistry | None:
+    """Return the engine's registry of named, created-once global resources.
+
+    :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec
+def knhk_register_executors(config: Config, registry: PatternRegistry) -> None:
+    """Register the plugin's pattern executors with ``registry.register_executor``.
+
+    :param config: The engine's configuration.
+    :param registry: The pattern registry, not yet frozen; the engine freezes it
+        when every plugin has been called (:func:`knhk_memory.registry.start_registries`).
     """

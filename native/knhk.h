@@ -55,6 +55,12 @@ extern "C" {
 #define KNHK_TICKS_MAX_BATCHES 100000
 #define KNHK_TICKS_MAX_ITERATIONS 1048576
 #define KNHK_TICKS_DEFAULT_BATCH_NS 8000
+/* Once-cell states (knhk_once.state). Any other value is the id of the
+   thread running the initialiser. */
+#define KNHK_ONCE_EMPTY 0
+#define KNHK_ONCE_READY 1
+/* Largest pattern number a knhk_registry table accepts (ids are direct indexes). */
+#define KNHK_REGISTRY_MAX_ID 4095
 
 /* KNHK_CDEF_BEGIN */
 
@@ -233,6 +239,72 @@ uint64_t knhk_ticks_now(void);
 int knhk_ticks_measure(knhk_hotop_fn fn, void *ctx, const knhk_ticks_params *params, knhk_ticks_result *out);
 /* Hot-path operation: nothing, in the loop every hot op has (the harness's baseline). */
 void knhk_ticks_hotop_empty(void *ctx, uint64_t iterations);
+/* ---------------------------------------------------------------- once */
+
+/* A once-cell: a value set exactly once, read with one acquire load.
+   Zero-initialise it (static storage, or knhk_once_init). `state` is read and
+   written only with atomic operations; it is KNHK_ONCE_EMPTY, KNHK_ONCE_READY,
+   or the id of the thread running the initialiser. */
+typedef struct {
+    uint64_t state;
+    void *value;
+} knhk_once;
+
+/* An initialiser: store the cell's value in *value and return KNHK_OK, or
+   return an error status to leave the cell empty (a later run retries). */
+typedef int (*knhk_once_init_fn)(void *arg, void **value);
+
+void knhk_once_init(knhk_once *o);
+/* The value, or NULL while the cell is empty or being initialised. Never blocks. */
+void *knhk_once_get(const knhk_once *o);
+/* 1 when full, else 0. */
+int knhk_once_is_set(const knhk_once *o);
+/* Fill an empty cell with value: KNHK_OK, or KNHK_ERR_STATE when it is full or
+   being initialised (the cell is unchanged). */
+int knhk_once_set(knhk_once *o, void *value);
+/* Run init(arg, &value) once among racing threads; the others wait. On
+   KNHK_OK *value_out (may be NULL) is the cell's value. An initialiser's error
+   status is returned to its caller and the cell stays empty. A call from
+   inside the same cell's initialiser returns KNHK_ERR_STATE instead of
+   deadlocking. A cell whose initialiser ran in a thread that fork() left
+   behind is reset in the child, so the child does not hang. */
+int knhk_once_run(knhk_once *o, knhk_once_init_fn init, void *arg, void **value_out);
+/* Hot-path operation: one knhk_once_get of a full cell. ctx: the knhk_once *. */
+void knhk_once_hotop_read(void *ctx, uint64_t iterations);
+
+/* ---------------------------------------------------------------- registry */
+
+/* One workflow pattern: canonical number, name, group, and an opaque executor
+   handle the engine attached (0: none). */
+typedef struct {
+    uint32_t id;
+    uint32_t group;
+    const char *name;
+    uint64_t executor;
+} knhk_pattern;
+
+/* A table of patterns indexed directly by number, in [1, max_id]. */
+typedef struct knhk_registry knhk_registry;
+
+/* NULL with *status KNHK_ERR_INVALID (max_id outside [1, KNHK_REGISTRY_MAX_ID])
+   or KNHK_ERR_NOMEM. */
+knhk_registry *knhk_registry_new(uint32_t max_id, int *status);
+void knhk_registry_free(knhk_registry *r);
+/* Add a pattern (name copied): KNHK_ERR_INVALID for an id outside [1, max_id]
+   or a NULL name, KNHK_ERR_STATE when the id is taken or the table is frozen. */
+int knhk_registry_put(knhk_registry *r, uint32_t id, uint32_t group, const char *name);
+/* Attach an executor handle: KNHK_ERR_INVALID for an unknown id,
+   KNHK_ERR_STATE once frozen. */
+int knhk_registry_set_executor(knhk_registry *r, uint32_t id, uint64_t executor);
+/* After this, put and set_executor fail with KNHK_ERR_STATE; lookups need no lock. */
+void knhk_registry_freeze(knhk_registry *r);
+int knhk_registry_is_frozen(const knhk_registry *r);
+uint32_t knhk_registry_count(const knhk_registry *r);
+/* The pattern numbered id, or NULL (unknown or out of range). */
+const knhk_pattern *knhk_registry_lookup(const knhk_registry *r, uint32_t id);
+/* Hot-path operation: knhk_registry_lookup of ids cycling over [1, max_id].
+   ctx: a frozen knhk_registry *. */
+void knhk_registry_hotop_lookup(void *ctx, uint64_t iterations);
 
 /* KNHK_CDEF_END */
 

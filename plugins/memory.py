@@ -19,6 +19,7 @@ from knhk_memory.allocator import (
 from knhk_memory.config import Config
 from knhk_memory.errors import BackendUnavailableError
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 
 STASH_KEY = "knhk_memory.memory"
 
@@ -35,6 +36,10 @@ class MemoryServices:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
+        # Both registries cost nothing until used: the pattern table loads on
+        # first lookup, resources are created on first get.
+        self.patterns = PatternRegistry()
+        self.resources = GlobalResourceRegistry(close_at_exit=bool(config.registry.close_at_exit))
 
     def apply(self) -> None:
         select_backend(self.backend)
@@ -43,10 +48,14 @@ class MemoryServices:
         set_numpy_routing(self.numpy)
 
     def close(self) -> None:
-        token, self._numpy_token = self._numpy_token, None
-        if token is not None:
-            token.restore()
-        set_numpy_routing(False)
+        try:
+            # Resources first, newest first: they may still use the allocator.
+            self.resources.close()
+        finally:
+            token, self._numpy_token = self._numpy_token, None
+            if token is not None:
+                token.restore()
+            set_numpy_routing(False)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -87,3 +96,13 @@ def knhk_allocator(config: Config) -> Backend:
 @hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
     return {"allocator": services(config).stats()}
+
+
+@hookimpl
+def knhk_pattern_registry(config: Config) -> PatternRegistry:
+    return services(config).patterns
+
+
+@hookimpl
+def knhk_resource_registry(config: Config) -> GlobalResourceRegistry:
+    return services(config).resources

@@ -25,6 +25,7 @@ from .allocator import (
     selected_backend,
 )
 from .config import Config, load_config
+from .counters import Counters, PatternStats
 from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
 from .host import get_plugin_manager
 
@@ -33,6 +34,7 @@ __all__ = [
     "Backend", "Block", "apply_numpy_handler", "available_backends", "get_backend",
     "install_numpy_handler", "numpy_handler", "select_backend", "selected_backend",
     "Config", "load_config",
+    "Counters", "PatternStats",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
 ]

@@ -160,6 +160,7 @@ class _Block:
     """A formatted counter block and its native handle."""
 
     _flavor: int
+    _h: Any = None
 
     def __init__(self, names: Sequence[str], shared: bool | str | os.PathLike[str]) -> None:
         blob = b"".join(n.encode("utf-8") + b"\0" for n in names)
@@ -213,7 +214,7 @@ class _Block:
 
     @property
     def _handle(self) -> Any:
-        h = self.__dict__.get("_h")
+        h = self._h
         if h is None:
             raise KnhkMemoryError(f"this {type(self).__name__} block is closed")
         return h
@@ -229,7 +230,7 @@ class _Block:
 
     @property
     def closed(self) -> bool:
-        return self.__dict__.get("_h") is None
+        return self._h is None
 
     def slots_owned(self) -> int:
         """Writer slots owned now, by threads of every attached process."""
@@ -249,7 +250,7 @@ class _Block:
         """Drop this handle: its threads' slots go back to the block, and the mapping is
         unmapped once no call is using it. The creator of a named block also unlinks
         the name (processes already attached keep counting)."""
-        self.__dict__.pop("_h", None)
+        self._h = None
 
     def unlink(self) -> None:
         """Remove the block's name now (attached processes keep their mapping)."""
@@ -325,6 +326,7 @@ class Counters(_Block):
     def _open(self, mapping: _Mapping) -> None:
         super()._open(mapping)
         self._index = {n: i for i, n in enumerate(self._names)}
+        self._count = len(self._names)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -351,8 +353,23 @@ class Counters(_Block):
 
     def add(self, key: str | int, n: int = 1) -> None:
         """Add ``n`` (an integer; negative subtracts) to one counter."""
-        i = self.index(key)
-        check(lib.knhk_counters_add(self._handle, i, _as_int(n, "increment")), "adding to a counter")
+        # The common cases (a known name or a valid int index, a plain int n)
+        # take no function call before the C one: this is the hot path.
+        if key.__class__ is str:
+            i = self._index.get(key)
+            if i is None:
+                i = self.index(key)
+        elif key.__class__ is int and 0 <= key < self._count:
+            i = key
+        else:
+            i = self.index(key)
+        if n.__class__ is not int or not _I64_MIN <= n <= _I64_MAX:
+            n = _as_int(n, "increment")
+        h = self._h
+        if h is None:
+            raise KnhkMemoryError("this Counters block is closed")
+        if lib.knhk_counters_add(h, i, n):
+            check(lib.knhk_counters_add(h, i, n), "adding to a counter")
 
     def add_many(self, keys: Any, n: int = 1) -> None:
         """Add ``n`` to the counter of every index in ``keys`` (an integer array, or a

@@ -59,6 +59,7 @@ struct knhk_counters {
     block_header *hdr;
     uint32_t count;
     uint32_t flavor;
+    uint32_t add_limit; /* count for sum blocks, 0 otherwise: one compare checks both */
     uint64_t stride_cells;
     _Atomic uint64_t *base;   /* [count] reset baselines of sum cells */
     _Atomic uint64_t *owners; /* [SLOTS] owner tokens, 0 = free */
@@ -339,6 +340,7 @@ int knhk_counters_open(void *mem, size_t size, knhk_counters **out) {
     c->hdr = h;
     c->count = h->count;
     c->flavor = h->flavor;
+    c->add_limit = h->flavor == KNHK_COUNTERS_FLAVOR_SUM ? h->count : 0;
     c->stride_cells = h->slot_stride / 8;
     c->base = (_Atomic uint64_t *)(base + h->base_off);
     c->owners = (_Atomic uint64_t *)(base + h->owners_off);
@@ -398,7 +400,7 @@ static int wrong_flavor(const knhk_counters *c, uint32_t want) {
 }
 
 int knhk_counters_add(knhk_counters *c, uint32_t index, int64_t n) {
-    if (_knhk_unlikely(index >= c->count || c->flavor != KNHK_COUNTERS_FLAVOR_SUM))
+    if (_knhk_unlikely(index >= c->add_limit))
         return index >= c->count ? bad_index(c, index) : wrong_flavor(c, KNHK_COUNTERS_FLAVOR_SUM);
     cell_add(my_slot(c), index, (uint64_t)n);
     return KNHK_OK;

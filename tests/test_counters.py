@@ -403,3 +403,62 @@ def test_false_sharing_bench_is_exact():
         for rmw in (0, 1):
             assert lib.knhk_counters_bench_false_sharing(10_000, padded, rmw, elapsed) == lib.KNHK_OK
             assert elapsed[0] > 0
+
+
+# ---------------------------------------------------------------- config, hooks, plugin
+
+
+def _engine(mapping):
+    from knhk_memory import get_plugin_manager, load_config
+
+    pm = get_plugin_manager(autoload=True)
+    config = load_config(mapping=mapping)
+    pm.hook.knhk_configure(config=config)
+    return pm, config
+
+
+def test_hooks_hand_out_configured_counters():
+    pm, config = _engine({"counters": {"names": ["started", "done"]}})
+    try:
+        counters = pm.hook.knhk_counters(config=config)
+        stats = pm.hook.knhk_pattern_stats(config=config)
+        assert isinstance(counters, Counters) and counters.names == ("started", "done")
+        assert not counters.shared
+        counters.add("started", 2)
+        stats.record(1, 10)
+        merged = {}
+        for part in pm.hook.knhk_memory_stats(config=config):
+            merged.update(part)
+        assert merged["counters"]["values"] == {"started": 2, "done": 0}
+        assert merged["counters"]["patterns"][1]["executions"] == 1
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+    assert counters.closed and stats.closed
+
+
+def test_hooks_shared_counters_and_no_pattern_stats(tmp_path):
+    path = str(tmp_path / "engine.ctr")
+    pm, config = _engine({"counters": {"shared": True, "shared_name": path, "pattern_stats": False}})
+    try:
+        counters = pm.hook.knhk_counters(config=config)
+        assert counters.name == path
+        Counters.attach(path).add("errors", 5)
+        assert counters.get("errors") == 5
+        assert pm.hook.knhk_pattern_stats(config=config) is None
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+
+
+def test_config_rejects_bad_counter_settings(tmp_path):
+    from knhk_memory import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"counters.names: names must be unique; repeated: 'a'"):
+        load_config(mapping={"counters": {"names": ["a", "a"]}})
+    with pytest.raises(ConfigError, match=r"counters.names: every name must be a non-empty string, got 3"):
+        load_config(mapping={"counters": {"names": ["a", 3]}})
+    with pytest.raises(ConfigError, match=r"counters.shared: expected a boolean"):
+        load_config(mapping={"counters": {"shared": "yes"}})
+    path = tmp_path / "taken.ctr"
+    path.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=r"counters.shared_name: a shared block named .* already exists"):
+        _engine({"counters": {"shared": True, "shared_name": str(path)}})

@@ -56,6 +56,7 @@ __all__ = [
 PROVIDERS: tuple[str, ...] = (
     "knhk_memory.allocator",
     "knhk_memory.registry",
+    "knhk_memory.counters",
 )
 
 COUNTERS = {

@@ -116,6 +116,16 @@ class OpenKeys(Mapping[str, Field]):
 
     def __len__(self) -> int:
         return 0
+def _counter_names(v: list[Any]) -> str | None:
+    bad = [n for n in v if not isinstance(n, str) or not n or "\0" in n]
+    if bad:
+        return f"every name must be a non-empty string, got {bad[0]!r}"
+    if not v:
+        return "must name at least one counter"
+    dupes = sorted({n for n in v if v.count(n) > 1})
+    if dupes:
+        return f"names must be unique; repeated: {', '.join(map(repr, dupes))}"
+    return None
 
 
 # The schema: one entry per section. Later capabilities add their sections here.
@@ -136,6 +146,15 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
                                  "their executors (start_registries); later changes raise."),
         "close_at_exit": Field(bool, True, "Close the global resources at interpreter exit if the engine "
                                "did not (knhk_unconfigure does it otherwise)."),
+    },
+    "counters": {
+        "names": Field(list, ["cases_started", "cases_completed", "tasks_fired", "retries", "errors"],
+                       "Names of the engine's counters (unique, non-empty strings).", check=_counter_names),
+        "shared": Field(bool, False, "Put the counters and pattern statistics in shared memory, so "
+                        "worker processes attach to them by name."),
+        "shared_name": Field(str, "", "Shared-memory name (or a file path, if it contains '/') for the "
+                             "counter block; empty: a fresh name. The pattern block adds '.patterns'."),
+        "pattern_stats": Field(bool, True, "Keep per-pattern executor statistics (knhk_pattern_stats)."),
     },
 }
 

@@ -86,6 +86,31 @@ class ResourceFactoryError(KnhkMemoryError, RuntimeError):
 class RegistryClosedError(KnhkMemoryError, RuntimeError):
     """A resource registry was used after it was closed."""
 
+# ---------------------------------------------------------------- counters
+
+
+class CounterNameError(KnhkMemoryError, KeyError):
+    """A counter name the block does not have; the message lists the nearest names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CounterIndexError(KnhkMemoryError, IndexError):
+    """A counter index (or pattern id) outside the block's range."""
+
+
+class CounterIncrementError(KnhkMemoryError, TypeError):
+    """An increment, index array or tick value that is not an integer of the accepted range."""
+
+
+class SharedBlockError(KnhkMemoryError, ValueError):
+    """A shared counter block that is not ours: wrong magic, version, layout or names."""
+
+
+class SharedBlockNotFoundError(SharedBlockError, FileNotFoundError):
+    """No shared counter block exists under the name or path given."""
+
 
 # Every exception class defined above; knhk_memory re-exports them all.
 __all__ = sorted(name for name, obj in list(globals().items())

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
+    from .counters import Counters, PatternStats
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -58,6 +59,32 @@ def knhk_allocator(config: Config) -> Backend | None:
     """Return the allocator backend the engine should use.
 
     :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Counters
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_counters(config: Config) -> Counters | None:
+    """Return the engine's counters (cases started, tasks fired, retries, ...).
+
+    :param config: The engine's configuration; ``[counters]`` names them and
+        says whether they live in shared memory (``config.counters.shared``).
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec(firstresult=True)
+def knhk_pattern_stats(config: Config) -> PatternStats | None:
+    """Return the per-pattern executor statistics (executions and ticks per pattern id).
+
+    :param config: The engine's configuration (``config.counters.pattern_stats``).
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

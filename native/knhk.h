@@ -61,6 +61,20 @@ extern "C" {
 #define KNHK_ONCE_READY 1
 /* Largest pattern number a knhk_registry table accepts (ids are direct indexes). */
 #define KNHK_REGISTRY_MAX_ID 4095
+/* Counter blocks (native/counters.c). A block holds KNHK_COUNTERS_SLOTS writer
+   slots of cache-line-padded cells; the last slot is shared (atomic adds),
+   the others are each owned by one writer thread at a time. */
+#define KNHK_COUNTERS_MAGIC 0x3152544E43484E4BULL /* "KNHCNTR1" little-endian */
+#define KNHK_COUNTERS_VERSION 1
+#define KNHK_COUNTERS_SLOTS 64
+#define KNHK_COUNTERS_MAX 65536
+#define KNHK_COUNTERS_NAMES_MAX 1048576
+/* Block flavours: plain sum counters, or per-pattern executor statistics
+   (four cells per pattern: executions, total ticks, min ticks, max ticks). */
+#define KNHK_COUNTERS_FLAVOR_SUM 1
+#define KNHK_COUNTERS_FLAVOR_PATTERNS 2
+/* Workflow control-flow patterns are numbered 1..KNHK_PATTERN_COUNT. */
+#define KNHK_PATTERN_COUNT 43
 
 /* KNHK_CDEF_BEGIN */
 
@@ -305,6 +319,75 @@ const knhk_pattern *knhk_registry_lookup(const knhk_registry *r, uint32_t id);
 /* Hot-path operation: knhk_registry_lookup of ids cycling over [1, max_id].
    ctx: a frozen knhk_registry *. */
 void knhk_registry_hotop_lookup(void *ctx, uint64_t iterations);
+/* ---------------------------------------------------------------- counters */
+
+/* A counter block lives in memory the caller provides (private, a file or
+   POSIX shared memory): a header (magic, version, cache line, flavour, the
+   counter names), per-counter reset baselines, the slot owner table and the
+   slots. Any process that maps the memory can open it. */
+typedef struct knhk_counters knhk_counters;
+
+/* Bytes a block of `count` counters with `names_len` bytes of names needs;
+   0 when count or names_len is out of range. */
+size_t knhk_counters_layout_size(uint32_t flavor, uint32_t count, size_t names_len);
+/* Write an empty block into mem (which must be zeroed and at least
+   knhk_counters_layout_size bytes, aligned to KNHK_CACHE_LINE). names holds
+   `count` names, each ended by a NUL, names_len bytes in all. */
+int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count, const char *names,
+                         size_t names_len);
+/* Check the header of the block at mem and return a process-local handle.
+   KNHK_ERR_INVALID names what does not match (magic, version, cache line,
+   size, names checksum) in knhk_last_error(). */
+int knhk_counters_open(void *mem, size_t size, knhk_counters **out);
+/* Hand back the slots this handle's threads own, and free the handle. The
+   counts stay in the block. No call may use the handle concurrently. */
+void knhk_counters_close(knhk_counters *c);
+uint32_t knhk_counters_flavor(const knhk_counters *c);
+uint32_t knhk_counters_count(const knhk_counters *c);
+/* The names region: `count` NUL-ended names; *len receives its size. */
+const char *knhk_counters_names(const knhk_counters *c, size_t *len);
+
+/* Add n (two's complement, so negative n subtracts) to counter `index`. */
+int knhk_counters_add(knhk_counters *c, uint32_t index, int64_t n);
+/* Add n to the counter of every index in indices[0..len): all indices are
+   checked before anything is added, so a bad one changes nothing. */
+int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t len, int64_t n);
+/* The counter's value since its last reset: the sum over all slots minus
+   its baseline. */
+int64_t knhk_counters_get(const knhk_counters *c, uint32_t index);
+/* Every counter's value into out[0..count). */
+int knhk_counters_snapshot(const knhk_counters *c, int64_t *out, size_t count);
+/* Start every counter again from zero (sum cells: a new baseline; pattern
+   min/max cells: cleared). */
+void knhk_counters_reset(knhk_counters *c);
+/* Slots owned now (by any process), and the number of slots taken back
+   from processes that no longer exist. */
+uint32_t knhk_counters_slots_owned(const knhk_counters *c);
+uint32_t knhk_counters_reclaim_dead(knhk_counters *c);
+
+/* Per-pattern executor statistics, on a KNHK_COUNTERS_FLAVOR_PATTERNS block. */
+/* Timestamp counter: rdtsc on x86_64, cntvct_el0 on aarch64, else clock_gettime ns. */
+uint64_t knhk_counters_ticks(void);
+/* Ticks per second of knhk_counters_ticks (measured once, about 20 ms). */
+double knhk_counters_ticks_per_second(void);
+/* Record one execution of `pattern` (1..KNHK_PATTERN_COUNT) that took `ticks`. */
+int knhk_counters_pattern_record(knhk_counters *c, int64_t pattern, uint64_t ticks);
+/* Record the execution that started at `start_ticks` and ends now. */
+int knhk_counters_pattern_stop(knhk_counters *c, int64_t pattern, uint64_t start_ticks);
+/* Record len executions: patterns[i] took ticks[i]. All checked first. */
+int knhk_counters_pattern_record_many(knhk_counters *c, const int64_t *patterns, const uint64_t *ticks,
+                                      size_t len);
+/* out[4*(p-1) + 0..3] = executions, total, min, max ticks of pattern p; min
+   is 0 for a pattern never recorded. out must hold 4*KNHK_PATTERN_COUNT. */
+int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t len);
+
+/* Hot-path operation: knhk_counters_add(ctx, 0, 1). ctx: a knhk_counters *. */
+void knhk_counters_hotop_add(void *ctx, uint64_t iterations);
+/* False-sharing benchmark: two threads each add 1 `iterations` times to
+   their own counter, the two counters KNHK_CACHE_LINE apart (padded != 0)
+   or adjacent. atomic_rmw != 0 uses lock-prefixed adds instead of the
+   owner's load+store. Wall time in ns into *elapsed_ns. */
+int knhk_counters_bench_false_sharing(uint64_t iterations, int padded, int atomic_rmw, uint64_t *elapsed_ns);
 
 /* KNHK_CDEF_END */
 

@@ -17,7 +17,8 @@ from knhk_memory.allocator import (
     set_numpy_routing,
 )
 from knhk_memory.config import Config
-from knhk_memory.errors import BackendUnavailableError
+from knhk_memory.counters import Counters, PatternStats
+from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 
@@ -40,6 +41,25 @@ class MemoryServices:
         # first lookup, resources are created on first get.
         self.patterns = PatternRegistry()
         self.resources = GlobalResourceRegistry(close_at_exit=bool(config.registry.close_at_exit))
+        self.counters, self.pattern_stats = self._make_counters(config)
+
+    @staticmethod
+    def _make_counters(config: Config) -> tuple[Counters, PatternStats | None]:
+        cfg = config.counters
+        shared: bool | str = (cfg.shared_name or True) if cfg.shared else False
+        try:
+            counters = Counters(cfg.names, shared=shared)
+        except (KnhkMemoryError, ValueError, TypeError, OSError) as exc:
+            raise config.error("counters.shared_name" if cfg.shared else "counters.names", str(exc)) from None
+        if not cfg.pattern_stats:
+            return counters, None
+        try:
+            patterns = PatternStats(shared=(cfg.shared_name + ".patterns" if cfg.shared_name else True)
+                                    if cfg.shared else False)
+        except (KnhkMemoryError, OSError) as exc:
+            counters.close()
+            raise config.error("counters.shared_name", str(exc)) from None
+        return counters, patterns
 
     def apply(self) -> None:
         select_backend(self.backend)
@@ -56,6 +76,9 @@ class MemoryServices:
             if token is not None:
                 token.restore()
             set_numpy_routing(False)
+            self.counters.close()
+            if self.pattern_stats is not None:
+                self.pattern_stats.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -64,6 +87,12 @@ class MemoryServices:
             "counts": self.backend.stats().as_dict(),
             "native": self.backend.native_stats().as_dict(),
         }
+
+    def counter_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shared_name": self.counters.name, "values": self.counters.snapshot()}
+        if self.pattern_stats is not None:
+            out["patterns"] = self.pattern_stats.as_dict()
+        return out
 
 
 def services(config: Config) -> MemoryServices:
@@ -95,7 +124,8 @@ def knhk_allocator(config: Config) -> Backend:
 
 @hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
-    return {"allocator": services(config).stats()}
+    svc = services(config)
+    return {"allocator": svc.stats(), "counters": svc.counter_stats()}
 
 
 @hookimpl
@@ -106,3 +136,15 @@ def knhk_pattern_registry(config: Config) -> PatternRegistry:
 @hookimpl
 def knhk_resource_registry(config: Config) -> GlobalResourceRegistry:
     return services(config).resources
+    svc = services(config)
+    return {"allocator": svc.stats(), "counters": svc.counter_stats()}
+
+
+@hookimpl
+def knhk_counters(config: Config) -> Counters:
+    return services(config).counters
+
+
+@hookimpl
+def knhk_pattern_stats(config: Config) -> PatternStats | None:
+    return services(config).pattern_stats

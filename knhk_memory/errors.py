@@ -33,3 +33,17 @@ class BackendUnavailableError(KnhkMemoryError, RuntimeError):
 
 class NativeError(KnhkMemoryError, RuntimeError):
     """A call into the C core failed; the message carries the C status."""
+
+
+# ---------------------------------------------------------------- arena
+
+class ArenaClosedError(KnhkMemoryError, ValueError):
+    """An arena (or a ThreadLocalArena) was used after close(), as with a closed file."""
+
+
+class ArenaBusyError(KnhkMemoryError, RuntimeError):
+    """reset() was called while blocks or arrays made from the arena are still alive."""
+
+
+class ArenaThreadError(KnhkMemoryError, RuntimeError):
+    """An arena was used from a thread other than the one that created it."""

@@ -68,4 +68,29 @@ static inline bool _knhk_once_ready(const _knhk_once *o) {
 /* Run init(arg) once; returns its status, KNHK_OK once the cell is full. */
 int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg);
 
+/* ---- arena fast path
+ * The head of every knhk_arena (arena.c): what one bump touches. Kept here so
+ * any file can inline the fast path. */
+typedef struct {
+    uintptr_t cur; /* next free byte of the current chunk */
+    uintptr_t end; /* one past its last byte */
+    uint64_t allocations;
+    uint64_t bytes_requested;
+} _knhk_arena_head;
+
+/* Fast allocation: align the cursor and bump it, or NULL when the current
+   chunk has no room. align must be a power of two; size anything. */
+static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t align) {
+    uintptr_t p = (h->cur + (align - 1)) & ~(uintptr_t)(align - 1);
+    if (_knhk_unlikely(p < h->cur || p > h->end || size > h->end - p)) return NULL;
+    h->cur = p + size;
+    h->allocations++;
+    h->bytes_requested += size;
+    return (void *)p;
+}
+
+/* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */
+int _knhk_arena_ref(knhk_arena *a);
+void _knhk_arena_unref(knhk_arena *a);
+
 #endif /* KNHK_INTERNAL_H */

@@ -354,6 +354,9 @@ def test_c_create_rejects_bad_sizes():
     assert lib.knhk_arena_create(b, 100, 4096, 0, out) == lib.KNHK_ERR_INVALID and out[0] == ffi.NULL
     assert lib.knhk_arena_create(b, 8192, 4096, 0, out) == lib.KNHK_ERR_INVALID
     assert lib.knhk_arena_create(ffi.NULL, 8192, 8192, 0, out) == lib.KNHK_ERR_INVALID
+    assert lib.knhk_arena_create(b, 4096, 4096, 1, out) == lib.KNHK_OK
+    assert lib.knhk_arena_alloc(out[0], 4000, 8, ffi.NULL) != ffi.NULL
+    lib.knhk_arena_close(out[0])  # no counted block: the chunk goes back now
 
 
 def test_c_block_realloc():
@@ -624,3 +627,12 @@ def test_hot_op_runs_the_real_allocation():
     assert lib.knhk_arena_stats_get(arena, out) == lib.KNHK_OK
     assert out.allocations == 100_000 and out.chunks == 1 and out.backend_calls == 1
     cleanup()
+
+
+def test_hot_op_peer_runs_too():
+    # The peer the arena's hot path is compared with in benches/bench_arena.py.
+    backend = get_backend("system")
+    before = backend.stats()
+    lib.knhk_backend_hotop_malloc_free(ffi.cast("void *", backend.cdata), 1000)
+    after = backend.stats()
+    assert (after.allocations - before.allocations, after.frees - before.frees) == (1000, 1000)

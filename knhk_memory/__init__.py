@@ -24,8 +24,17 @@ from .allocator import (
     select_backend,
     selected_backend,
 )
+from .arena import Arena, ArenaStats, ThreadLocalArena
 from .config import Config, load_config
-from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
+from .errors import (
+    ArenaBusyError,
+    ArenaClosedError,
+    ArenaThreadError,
+    BackendUnavailableError,
+    ConfigError,
+    KnhkMemoryError,
+    NativeError,
+)
 from .host import get_plugin_manager
 
 __all__ = [
@@ -35,4 +44,5 @@ __all__ = [
     "Config", "load_config",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
+    "Arena", "ArenaStats", "ThreadLocalArena", "ArenaBusyError", "ArenaClosedError", "ArenaThreadError",
 ]

@@ -94,6 +94,12 @@ def positive_int(limit: int | None = None) -> Callable[[Any], str | None]:
     return check
 
 
+def _chunk_bytes(v: int) -> str | None:
+    if not 4096 <= v <= 1 << 40:
+        return f"must be from 4096 to {1 << 40} bytes, got {v}"
+    return None
+
+
 # The schema: one entry per section. Later capabilities add their sections here.
 SCHEMA: dict[str, dict[str, Field]] = {
     "allocator": {
@@ -101,6 +107,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          "(first available of mimalloc, jemalloc, system).",
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
+    },
+    "arena": {
+        "chunk_size": Field(int, 65536, "First chunk of each arena, in bytes (4096 to 2**40); later chunks "
+                            "double up to max_chunk_size.", check=lambda v: _chunk_bytes(v)),
+        "max_chunk_size": Field(int, 16 * 1024 * 1024, "Growth cap for arena chunks, in bytes (at least "
+                                "chunk_size, at most 2**40).", check=lambda v: _chunk_bytes(v)),
+        "huge_pages": Field(bool, True, "Hint madvise(MADV_HUGEPAGE) on arena chunks of 2 MiB or more."),
     },
 }
 

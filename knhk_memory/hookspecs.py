@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .allocator import Backend
+    from .arena import Arena
     from .config import Config
 
 PROJECT = "knhk"
@@ -56,6 +57,26 @@ def knhk_allocator(config: Config) -> Backend | None:
     """Return the allocator backend the engine should use.
 
     :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Arena
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_arena(config: Config, name: str) -> Arena | None:
+    """Return a new arena for one case or batch, made in and owned by the calling thread.
+
+    :param config: The engine's configuration (its ``[arena]`` section sets the
+        chunk size, growth cap and huge-page hint).
+    :param name: The case or batch the arena is for, reported in the plugin's statistics.
+
+    The engine ``reset()`` the arena between batches of the same kind, or
+    ``close()`` it when the case is done.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

@@ -57,12 +57,16 @@ struct knhk_arena {
     pthread_t owner;
     size_t chunk_size, max_chunk_size, next_chunk_size;
     uint64_t used_before; /* bytes bumped this batch in chunks that are not current */
+    uint64_t batch_high;  /* the most bytes in use at once this batch (blocks given back included) */
     uint64_t reserved, chunks, backend_calls, high_water, reallocations, resets, huge_page_chunks;
     int huge_pages;
     _Atomic int closed;
     _Atomic int64_t refs; /* owner + numpy handlers + live counted blocks */
     _Atomic int64_t live; /* live counted blocks */
 };
+
+/* The cursor stays a multiple of 16 (see _knhk_arena_bump). */
+static inline uintptr_t round16(uintptr_t x) { return (x + 15) & ~(uintptr_t)15; }
 
 static inline bool is_owner(const knhk_arena *a) { return pthread_equal(pthread_self(), a->owner); }
 
@@ -176,7 +180,10 @@ static inline uint64_t bytes_used(const knhk_arena *a) {
 
 static inline void note_high_water(knhk_arena *a) {
     uint64_t u = bytes_used(a);
-    if (u > a->high_water) a->high_water = u;
+    if (u > a->batch_high) {
+        a->batch_high = u;
+        if (u > a->high_water) a->high_water = u;
+    }
 }
 
 /* ------------------------------------------------------------------ creation */
@@ -204,6 +211,9 @@ int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk
     a->taken_tail = &a->taken;
     a->backend = b;
     a->owner = pthread_self();
+    /* Multiples of the chunk alignment, so every chunk end is 16-aligned as the cursor is. */
+    chunk_size = (chunk_size + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
+    max_chunk_size = (max_chunk_size + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
     a->chunk_size = a->next_chunk_size = chunk_size;
     a->max_chunk_size = max_chunk_size;
     a->huge_pages = huge_pages != 0;
@@ -268,7 +278,7 @@ static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, si
         }
         if (a->current != NULL) a->used_before += a->head.cur - data_start(a->current);
         a->current = c;
-        a->head.cur = p + size;
+        a->head.cur = round16(p + size);
         a->head.end = (uintptr_t)c + c->size;
     }
     a->head.allocations++;
@@ -308,7 +318,7 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
     uintptr_t cur = a->head.cur, end = a->head.end;
     uintptr_t p = (cur + sizeof(block_header) + (align - 1)) & ~(uintptr_t)(align - 1);
     if (_knhk_likely(cur != 0 && p <= end && size <= end - p)) {
-        a->head.cur = p + size;
+        a->head.cur = round16(p + size);
         a->head.allocations++;
         a->head.bytes_requested += size;
     } else {
@@ -330,7 +340,7 @@ void knhk_arena_block_free(knhk_arena *a, void *ptr) {
     block_header *h = header_of(ptr);
     if (_knhk_unlikely(h->magic != BLOCK_MAGIC)) return; /* not live: never count a block twice */
     h->magic = 0;
-    if (is_owner(a) && a->current != NULL && (uintptr_t)ptr + h->size == a->head.cur &&
+    if (is_owner(a) && a->current != NULL && round16((uintptr_t)ptr + h->size) == a->head.cur &&
         (uintptr_t)h >= data_start(a->current)) {
         /* The last block bumped: give its bytes back, so temporaries made and
            dropped in a loop reuse the same memory. */
@@ -363,12 +373,13 @@ void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *statu
     if (size == 0) size = 1;
     if (!request_ok(size, KNHK_DEFAULT_ALIGN, status)) return NULL;
     uintptr_t p = (uintptr_t)ptr;
-    bool last = a->current != NULL && p + h->size == a->head.cur && (uintptr_t)h >= data_start(a->current);
-    if (size <= h->size || (last && size - h->size <= a->head.end - a->head.cur)) {
+    bool last = a->current != NULL && round16(p + h->size) == a->head.cur &&
+                (uintptr_t)h >= data_start(a->current);
+    if (size <= h->size || (last && size <= a->head.end - p)) {
         /* In place: a shrink, or growth of the last block into the room after it. */
         if (last) {
             note_high_water(a);
-            a->head.cur = p + size;
+            a->head.cur = round16(p + size);
         }
         if (size > h->size) a->head.bytes_requested += size - h->size;
         h->size = size;
@@ -398,7 +409,8 @@ int knhk_arena_reset(knhk_arena *a) {
         return KNHK_ERR_STATE;
     }
     note_high_water(a);
-    uint64_t used = bytes_used(a);
+    /* The batch's peak, not what is in use now: freed last blocks gave bytes back. */
+    uint64_t used = a->batch_high;
     size_t ntaken = 0;
     for (chunk *c = a->taken; c != NULL; c = c->next) ntaken++;
     /* Room for the batch plus an eighth: the same batch may pad differently
@@ -424,6 +436,7 @@ int knhk_arena_reset(knhk_arena *a) {
     a->current = NULL;
     a->head.cur = a->head.end = 0;
     a->used_before = 0;
+    a->batch_high = 0;
     a->resets++;
     return KNHK_OK;
 }
@@ -454,11 +467,15 @@ int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out) {
 void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations) {
     knhk_arena *a = ctx;
     for (uint64_t i = 0; i < iterations; i++) {
-        void *p = knhk_arena_alloc(a, 64, 16, NULL);
-        if (_knhk_unlikely(p == NULL)) return;
+        /* The inline fast path, as a caller in this library would use it. */
+        void *p = _knhk_arena_bump(&a->head, 64, 16);
+        if (_knhk_unlikely(p == NULL)) {
+            /* The chunk is full: start the next batch in it (amortised over
+               a chunk's worth of allocations). */
+            if (knhk_arena_reset(a) != KNHK_OK || (p = knhk_arena_alloc(a, 64, 16, NULL)) == NULL) return;
+        }
         /* Keep the allocation from being folded away. */
         __asm__ volatile("" : : "r"(p) : "memory");
-        if (_knhk_unlikely(a->head.end - a->head.cur < 64)) knhk_arena_reset(a);
     }
 }
 

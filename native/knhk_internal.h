@@ -78,15 +78,20 @@ typedef struct {
     uint64_t bytes_requested;
 } _knhk_arena_head;
 
-/* Fast allocation: align the cursor and bump it, or NULL when the current
-   chunk has no room. align must be a power of two; size anything. */
+/* Fast allocation: bump the cursor, or NULL when the current chunk has no
+   room. The cursor and the chunk end are always multiples of
+   KNHK_DEFAULT_ALIGN, so a request aligned to 16 or less needs no padding and
+   the cursor's dependency chain is one add. align must be a power of two up
+   to KNHK_MAX_ALIGN and size at most KNHK_ARENA_MAX_REQUEST (no sum wraps). */
 static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t align) {
-    uintptr_t p = (h->cur + (align - 1)) & ~(uintptr_t)(align - 1);
-    if (_knhk_unlikely(p < h->cur || p > h->end || size > h->end - p)) return NULL;
-    h->cur = p + size;
+    uintptr_t cur = h->cur;
+    uintptr_t pad = align <= KNHK_DEFAULT_ALIGN ? 0 : (0 - cur) & (uintptr_t)(align - 1);
+    uintptr_t need = pad + ((size + (KNHK_DEFAULT_ALIGN - 1)) & ~(uintptr_t)(KNHK_DEFAULT_ALIGN - 1));
+    if (_knhk_unlikely(need > h->end - cur)) return NULL;
+    h->cur = cur + need;
     h->allocations++;
     h->bytes_requested += size;
-    return (void *)p;
+    return (void *)(cur + pad);
 }
 
 /* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */

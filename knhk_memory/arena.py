@@ -49,6 +49,7 @@ MIN_CHUNK = int(lib.KNHK_ARENA_MIN_CHUNK)
 MAX_CHUNK = int(lib.KNHK_ARENA_MAX_CHUNK)
 MAX_REQUEST = int(lib.KNHK_ARENA_MAX_REQUEST)
 MAX_ALIGN = int(lib.KNHK_MAX_ALIGN)
+_get_ident = threading.get_ident
 
 
 @dataclass(frozen=True)
@@ -189,8 +190,12 @@ class Arena:
         """A writable, zero-copy buffer of ``nbytes`` (uninitialised) aligned to ``align``.
 
         The block is live while the memoryview (or anything made from it) is."""
-        raw = self._usable("allocate")
-        n, a = _size_arg(nbytes), _align_arg(align)
+        raw = self._raw
+        if raw is None or _get_ident() != self._owner:
+            raw = self._usable("allocate")
+        # Checked inline for the common case: this is the per-buffer path.
+        n = nbytes if type(nbytes) is int and 0 < nbytes <= MAX_REQUEST else _size_arg(nbytes)
+        a = 16 if type(align) is int and align == 16 else _align_arg(align)
         ptr = lib.knhk_arena_block_alloc(raw, n, a, self._status)
         if ptr == ffi.NULL:
             self._failed(f"arena allocation of {n} bytes aligned to {a}")

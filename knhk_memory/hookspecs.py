@@ -75,8 +75,8 @@ def knhk_arena(config: Config, name: str) -> Arena | None:
         chunk size, growth cap and huge-page hint).
     :param name: The case or batch the arena is for, reported in the plugin's statistics.
 
-    The engine ``reset()`` the arena between batches of the same kind, or
-    ``close()`` it when the case is done.
+    The engine calls ``reset()`` on the arena between batches of the same
+    kind, and ``close()`` when the case is done.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

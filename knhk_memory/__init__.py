@@ -30,6 +30,7 @@ from . import errors
 from .errors import *  # noqa: F403 - every exception class, see errors.__all__
 from .hotpath import HotOp, PyHotOp
 from .counters import Counters, PatternStats
+from .arena import Arena, ArenaStats, ThreadLocalArena
 from .host import get_plugin_manager
 from .once import Lazy, OnceLock
 from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
@@ -43,5 +44,6 @@ __all__ = [
     "get_plugin_manager",
     "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
+    "Arena", "ArenaStats", "ThreadLocalArena",
 ]
 __all__ += errors.__all__

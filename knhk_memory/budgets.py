@@ -57,6 +57,7 @@ PROVIDERS: tuple[str, ...] = (
     "knhk_memory.allocator",
     "knhk_memory.registry",
     "knhk_memory.counters",
+    "knhk_memory.arena",
 )
 
 COUNTERS = {

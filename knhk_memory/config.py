@@ -128,6 +128,12 @@ def _counter_names(v: list[Any]) -> str | None:
     return None
 
 
+def _chunk_bytes(v: int) -> str | None:
+    if not 4096 <= v <= 1 << 40:
+        return f"must be from 4096 to {1 << 40} bytes, got {v}"
+    return None
+
+
 # The schema: one entry per section. Later capabilities add their sections here.
 SCHEMA: dict[str, Mapping[str, Field]] = {
     "allocator": {
@@ -155,6 +161,13 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "shared_name": Field(str, "", "Shared-memory name (or a file path, if it contains '/') for the "
                              "counter block; empty: a fresh name. The pattern block adds '.patterns'."),
         "pattern_stats": Field(bool, True, "Keep per-pattern executor statistics (knhk_pattern_stats)."),
+    },
+    "arena": {
+        "chunk_size": Field(int, 65536, "First chunk of each arena, in bytes (4096 to 2**40); later chunks "
+                            "double up to max_chunk_size.", check=lambda v: _chunk_bytes(v)),
+        "max_chunk_size": Field(int, 16 * 1024 * 1024, "Growth cap for arena chunks, in bytes (at least "
+                                "chunk_size, at most 2**40).", check=lambda v: _chunk_bytes(v)),
+        "huge_pages": Field(bool, True, "Hint madvise(MADV_HUGEPAGE) on arena chunks of 2 MiB or more."),
     },
 }
 

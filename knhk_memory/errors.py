@@ -111,6 +111,19 @@ class SharedBlockError(KnhkMemoryError, ValueError):
 class SharedBlockNotFoundError(SharedBlockError, FileNotFoundError):
     """No shared counter block exists under the name or path given."""
 
+# ---------------------------------------------------------------- arena
+
+class ArenaClosedError(KnhkMemoryError, ValueError):
+    """An arena (or a ThreadLocalArena) was used after close(), as with a closed file."""
+
+
+class ArenaBusyError(KnhkMemoryError, RuntimeError):
+    """reset() was called while blocks or arrays made from the arena are still alive."""
+
+
+class ArenaThreadError(KnhkMemoryError, RuntimeError):
+    """An arena was used from a thread other than the one that created it."""
+
 
 # Every exception class defined above; knhk_memory re-exports them all.
 __all__ = sorted(name for name, obj in list(globals().items())

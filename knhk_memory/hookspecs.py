@@ -15,6 +15,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .allocator import Backend
+    from .arena import Arena
     from .config import Config
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
@@ -85,6 +86,26 @@ def knhk_pattern_stats(config: Config) -> PatternStats | None:
     """Return the per-pattern executor statistics (executions and ticks per pattern id).
 
     :param config: The engine's configuration (``config.counters.pattern_stats``).
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Arena
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_arena(config: Config, name: str) -> Arena | None:
+    """Return a new arena for one case or batch, made in and owned by the calling thread.
+
+    :param config: The engine's configuration (its ``[arena]`` section sets the
+        chunk size, growth cap and huge-page hint).
+    :param name: The case or batch the arena is for, reported in the plugin's statistics.
+
+    The engine calls ``reset()`` on the arena between batches of the same
+    kind, and ``close()`` when the case is done.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

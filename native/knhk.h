@@ -75,6 +75,15 @@ extern "C" {
 #define KNHK_COUNTERS_FLAVOR_PATTERNS 2
 /* Workflow control-flow patterns are numbered 1..KNHK_PATTERN_COUNT. */
 #define KNHK_PATTERN_COUNT 43
+/* Arenas: chunk sizes accepted by knhk_arena_create, the largest single
+   request (anything above is a caller's error, not a memory shortage), and
+   the chunk size from which a chunk gets the transparent-huge-page hint. */
+#define KNHK_ARENA_MIN_CHUNK 4096
+#define KNHK_ARENA_MAX_CHUNK ((size_t)1 << 40)
+#define KNHK_ARENA_MAX_REQUEST ((size_t)1 << 44)
+#define KNHK_ARENA_HUGE_MIN ((size_t)2 << 20)
+/* Bytes in front of every counted block (its size, for realloc). */
+#define KNHK_ARENA_BLOCK_HEADER 16
 
 /* KNHK_CDEF_BEGIN */
 
@@ -388,6 +397,68 @@ void knhk_counters_hotop_add(void *ctx, uint64_t iterations);
    or adjacent. atomic_rmw != 0 uses lock-prefixed adds instead of the
    owner's load+store. Wall time in ns into *elapsed_ns. */
 int knhk_counters_bench_false_sharing(uint64_t iterations, int padded, int atomic_rmw, uint64_t *elapsed_ns);
+/* ------------------------------------------------ arena */
+
+/* A bump allocator over chunks taken from a backend. Allocation, reset and
+   statistics belong to the thread that created the arena (its owner); blocks
+   may be freed from any thread. The arena is reference counted: its owner,
+   each numpy handler made for it, and each live counted block hold one, so
+   memory goes back to the backend only when the last of them is gone. */
+typedef struct knhk_arena knhk_arena;
+
+typedef struct {
+    uint64_t allocations;      /* blocks served, counted or not, since creation */
+    uint64_t reallocations;    /* counted blocks resized (in place or by copy) */
+    uint64_t bytes_requested;  /* sum of the sizes asked for, since creation */
+    uint64_t bytes_reserved;   /* chunk bytes held now (in use or kept for reuse) */
+    uint64_t bytes_used;       /* bytes bumped since the last reset, padding and headers included */
+    uint64_t high_water;       /* the most bytes_used has ever been */
+    uint64_t chunks;           /* chunks held now */
+    uint64_t backend_calls;    /* knhk_aligned_alloc and knhk_free calls made on the backend */
+    uint64_t live_blocks;      /* counted blocks not yet freed */
+    uint64_t resets;
+    uint64_t huge_page_chunks; /* chunks madvise(MADV_HUGEPAGE) accepted */
+    uint64_t next_chunk_size;  /* size of the next chunk taken from the backend */
+} knhk_arena_stats;
+
+/* chunk_size: first chunk, in [KNHK_ARENA_MIN_CHUNK, KNHK_ARENA_MAX_CHUNK];
+   each new chunk doubles it up to max_chunk_size (>= chunk_size, same range).
+   huge_pages: madvise(MADV_HUGEPAGE) chunks of KNHK_ARENA_HUGE_MIN or more.
+   The calling thread becomes the owner. No backend call is made yet. */
+int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk_size, int huge_pages,
+                      knhk_arena **out);
+/* Drop the owner's reference: no allocation succeeds afterwards; the memory
+   is returned when the last numpy handler and counted block are gone too. */
+void knhk_arena_close(knhk_arena *a);
+/* A block of size bytes (0 is served as 1) aligned to align (a power of two
+   up to KNHK_MAX_ALIGN), or NULL with *status set (status may be NULL).
+   Not counted as live: for C callers that reset or close when done. Owner only. */
+void *knhk_arena_alloc(knhk_arena *a, size_t size, size_t align, int *status);
+/* A counted block: live until knhk_arena_block_free. Checks the owner. */
+void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *status);
+/* Resize a counted block (ptr NULL allocates): in place when it is the last
+   block bumped and the chunk has room, else a new block with the contents
+   copied. On failure the old block is untouched and NULL is returned. */
+void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *status);
+/* Release a counted block; any thread. May return the arena's memory. */
+void knhk_arena_block_free(knhk_arena *a, void *ptr);
+/* Make every byte available again, keeping the chunks (KNHK_ERR_STATE while
+   counted blocks are live or from another thread than the owner). */
+int knhk_arena_reset(knhk_arena *a);
+int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out);
+/* Whether the kernel offers madvise(MADV_HUGEPAGE) (THP not "never"). */
+int knhk_arena_huge_pages_available(void);
+
+/* Hot-path operation: one 64-byte, 16-aligned allocation from an arena with
+   room (a reset, amortised, whenever the current chunk is full).
+   ctx: a knhk_arena * owned by the calling thread. */
+void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations);
+
+/* Make numpy allocate array data from the arena in the calling thread's
+   context (a NEP 49 handler holding a reference on the arena). Returns the
+   previous handler as a token for knhk_numpy_handler_restore, or NULL with
+   *status set. Takes the GIL itself. */
+void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status);
 
 /* KNHK_CDEF_END */
 

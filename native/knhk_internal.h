@@ -68,4 +68,34 @@ static inline bool _knhk_once_ready(const _knhk_once *o) {
 /* Run init(arg) once; returns its status, KNHK_OK once the cell is full. */
 int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg);
 
+/* ---- arena fast path
+ * The head of every knhk_arena (arena.c): what one bump touches. Kept here so
+ * any file can inline the fast path. */
+typedef struct {
+    uintptr_t cur; /* next free byte of the current chunk */
+    uintptr_t end; /* one past its last byte */
+    uint64_t allocations;
+    uint64_t bytes_requested;
+} _knhk_arena_head;
+
+/* Fast allocation: bump the cursor, or NULL when the current chunk has no
+   room. The cursor and the chunk end are always multiples of
+   KNHK_DEFAULT_ALIGN, so a request aligned to 16 or less needs no padding and
+   the cursor's dependency chain is one add. align must be a power of two up
+   to KNHK_MAX_ALIGN and size at most KNHK_ARENA_MAX_REQUEST (no sum wraps). */
+static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t align) {
+    uintptr_t cur = h->cur;
+    uintptr_t pad = align <= KNHK_DEFAULT_ALIGN ? 0 : (0 - cur) & (uintptr_t)(align - 1);
+    uintptr_t need = pad + ((size + (KNHK_DEFAULT_ALIGN - 1)) & ~(uintptr_t)(KNHK_DEFAULT_ALIGN - 1));
+    if (_knhk_unlikely(need > h->end - cur)) return NULL;
+    h->cur = cur + need;
+    h->allocations++;
+    h->bytes_requested += size;
+    return (void *)(cur + pad);
+}
+
+/* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */
+int _knhk_arena_ref(knhk_arena *a);
+void _knhk_arena_unref(knhk_arena *a);
+
 #endif /* KNHK_INTERNAL_H */

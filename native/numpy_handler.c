@@ -104,3 +104,85 @@ void knhk_numpy_handler_discard(void *token) {
     Py_DECREF((PyObject *)token);
     PyGILState_Release(gil);
 }
+
+/* ---------------------------------------------------------------- arena handlers
+ *
+ * An arena handler is made per scope: a heap PyDataMem_Handler whose ctx is
+ * the arena, owned by its capsule. numpy keeps the capsule on every array it
+ * allocates through it, so the handler lives exactly as long as the scope's
+ * token or the last such array; its destructor drops the handler's reference
+ * on the arena. The arena itself stays until every counted block is freed.
+ */
+
+static void *ah_malloc(void *ctx, size_t size) { return knhk_arena_block_alloc(ctx, size, 16, NULL); }
+
+static void *ah_calloc(void *ctx, size_t n, size_t size) {
+    size_t total;
+    if (__builtin_mul_overflow(n, size, &total)) return NULL;
+    void *p = knhk_arena_block_alloc(ctx, total, 16, NULL);
+    /* Bumped memory may hold an earlier batch's bytes: zero it. */
+    if (p != NULL) memset(p, 0, total);
+    return p;
+}
+
+static void *ah_realloc(void *ctx, void *p, size_t size) { return knhk_arena_block_realloc(ctx, p, size, NULL); }
+static void ah_free(void *ctx, void *p, size_t size) { knhk_arena_block_free(ctx, p); }
+
+static void arena_capsule_destructor(PyObject *capsule) {
+    PyDataMem_Handler *h = PyCapsule_GetPointer(capsule, "mem_handler");
+    if (h == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    _knhk_arena_unref(h->allocator.ctx);
+    PyMem_RawFree(h);
+}
+
+void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status) {
+    int rc = _knhk_arena_ref(a);
+    if (rc != KNHK_OK) {
+        if (status) *status = rc;
+        return NULL;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *previous = NULL;
+    PyObject *capsule = NULL;
+    PyDataMem_Handler *h = NULL;
+    if (numpy_ready() < 0) {
+        take_python_error("numpy's C API could not be imported");
+        rc = KNHK_ERR_PYTHON;
+        goto fail;
+    }
+    h = PyMem_RawCalloc(1, sizeof *h);
+    if (h == NULL) {
+        _knhk_set_error("no memory for a numpy arena handler");
+        rc = KNHK_ERR_NOMEM;
+        goto fail;
+    }
+    _knhk_copy_message(h->name, sizeof h->name, "knhk_memory.arena");
+    h->version = 1;
+    h->allocator = (PyDataMemAllocator){(void *)a, ah_malloc, ah_calloc, ah_realloc, ah_free};
+    capsule = PyCapsule_New(h, "mem_handler", arena_capsule_destructor);
+    if (capsule == NULL) {
+        take_python_error("creating the arena handler capsule failed");
+        rc = KNHK_ERR_PYTHON;
+        goto fail;
+    }
+    /* From here the capsule owns h and the arena reference. */
+    h = NULL;
+    previous = PyDataMem_SetHandler(capsule);
+    Py_DECREF(capsule);
+    if (previous == NULL) {
+        take_python_error("PyDataMem_SetHandler failed");
+        rc = KNHK_ERR_PYTHON;
+    }
+    PyGILState_Release(gil);
+    if (status) *status = rc;
+    return previous;
+fail:
+    PyMem_RawFree(h);
+    PyGILState_Release(gil);
+    _knhk_arena_unref(a);
+    if (status) *status = rc;
+    return NULL;
+}

@@ -7,6 +7,8 @@ Registered in the ``knhk.plugins`` entry-point group under the name
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 from knhk_memory.allocator import (
@@ -16,6 +18,7 @@ from knhk_memory.allocator import (
     select_backend,
     set_numpy_routing,
 )
+from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
 from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError
@@ -37,6 +40,16 @@ class MemoryServices:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
+        self.arena_settings = {"chunk_size": config.arena.chunk_size,
+                               "max_chunk_size": config.arena.max_chunk_size,
+                               "huge_pages": config.arena.huge_pages}
+        if self.arena_settings["max_chunk_size"] < self.arena_settings["chunk_size"]:
+            raise config.error("arena.max_chunk_size", f"must be at least arena.chunk_size "
+                               f"({config.arena.chunk_size}), got {config.arena.max_chunk_size}")
+        self._arenas: weakref.WeakValueDictionary[int, Arena] = weakref.WeakValueDictionary()
+        self._arena_names: dict[int, str] = {}
+        self._arena_lock = threading.Lock()
+        self.arenas_made = 0
         # Both registries cost nothing until used: the pattern table loads on
         # first lookup, resources are created on first get.
         self.patterns = PatternRegistry()
@@ -60,6 +73,27 @@ class MemoryServices:
             counters.close()
             raise config.error("counters.shared_name", str(exc)) from None
         return counters, patterns
+
+    def new_arena(self, name: str) -> Arena:
+        """An arena for one case or batch, with the configured settings and backend."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"arena name must be a non-empty string, got {name!r}")
+        arena = Arena(backend=self.backend, **self.arena_settings)
+        with self._arena_lock:
+            self.arenas_made += 1
+            key = self.arenas_made
+            self._arenas[key] = arena
+            self._arena_names[key] = name
+            # forget names of arenas that are gone
+            for k in [k for k in self._arena_names if k not in self._arenas]:
+                del self._arena_names[k]
+        return arena
+
+    def arena_stats(self) -> dict[str, Any]:
+        with self._arena_lock:
+            alive = [(self._arena_names.get(k, "?"), a) for k, a in self._arenas.items()]
+        open_names = sorted(name for name, a in alive if not a.closed)
+        return {"settings": dict(self.arena_settings), "made": self.arenas_made, "open": open_names}
 
     def apply(self) -> None:
         select_backend(self.backend)
@@ -123,9 +157,14 @@ def knhk_allocator(config: Config) -> Backend:
 
 
 @hookimpl
+def knhk_arena(config: Config, name: str) -> Arena:
+    return services(config).new_arena(name)
+
+
+@hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
     svc = services(config)
-    return {"allocator": svc.stats(), "counters": svc.counter_stats()}
+    return {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
 
 
 @hookimpl
@@ -137,7 +176,7 @@ def knhk_pattern_registry(config: Config) -> PatternRegistry:
 def knhk_resource_registry(config: Config) -> GlobalResourceRegistry:
     return services(config).resources
     svc = services(config)
-    return {"allocator": svc.stats(), "counters": svc.counter_stats()}
+    return {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
 
 
 @hookimpl

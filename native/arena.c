@@ -1,0 +1,495 @@
+/* arena.c -- bump allocation from chunks taken from a knhk backend.
+ *
+ * An allocation aligns a cursor and moves it (see _knhk_arena_bump in
+ * knhk_internal.h); only when the current chunk is full does the slow path
+ * take the next chunk: a spare one kept from before the last reset when one
+ * is large enough, else a new one from the backend, each new chunk twice the
+ * size of the previous up to a cap. A request larger than a quarter of the
+ * next chunk size gets a chunk of its own, so it neither wastes the room left
+ * in the current chunk nor inflates the growth sequence.
+ *
+ * reset() keeps the memory for the next batch. When the batch took several
+ * chunks and its bytes fit under the growth cap, they are consolidated into
+ * one chunk sized for the whole batch (as Zig's ArenaAllocator does with
+ * retain_capacity), so the arena settles on a single chunk and the next batch
+ * of the same size makes no backend call. Otherwise the chunks are kept in
+ * the order they were taken and the next batch takes them first-fit, which
+ * replays the same choices for a batch of the same shape. close() drops the owner's reference; the memory goes back to
+ * the backend when the last reference (numpy handlers, counted blocks) goes.
+ *
+ * Counted blocks carry a 16-byte header (their size) so numpy's realloc,
+ * which passes no old size, can copy exactly the block's bytes.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#include "knhk_internal.h"
+
+/* Bytes at the start of a chunk for its header; keeps the data 64-aligned. */
+#define CHUNK_HEADER 64
+#define CHUNK_ALIGN 64
+#define BLOCK_MAGIC 0x6b6e6862u /* "knhb" */
+
+typedef struct chunk {
+    struct chunk *next;
+    size_t size; /* whole chunk, header included */
+} chunk;
+
+typedef struct {
+    uint64_t size;  /* the size asked for */
+    uint32_t magic; /* BLOCK_MAGIC while live: a stray or repeated free is ignored */
+    uint32_t align;
+} block_header;
+
+_Static_assert(sizeof(block_header) == KNHK_ARENA_BLOCK_HEADER, "block header size");
+_Static_assert(sizeof(chunk) <= CHUNK_HEADER, "chunk header size");
+
+struct knhk_arena {
+    _knhk_arena_head head; /* first: the fast path touches one cache line */
+    chunk *current;        /* the chunk head.cur points into, or NULL */
+    chunk *taken;          /* every chunk taken this batch (current included), in order */
+    chunk **taken_tail;
+    chunk *spare; /* chunks kept by reset for the next batch */
+    const knhk_backend *backend;
+    pthread_t owner;
+    size_t chunk_size, max_chunk_size, next_chunk_size;
+    uint64_t used_before; /* bytes bumped this batch in chunks that are not current */
+    uint64_t batch_high;  /* the most bytes in use at once this batch (blocks given back included) */
+    uint64_t reserved, chunks, backend_calls, high_water, reallocations, resets, huge_page_chunks;
+    int huge_pages;
+    _Atomic int closed;
+    _Atomic int64_t refs; /* owner + numpy handlers + live counted blocks */
+    _Atomic int64_t live; /* live counted blocks */
+};
+
+/* The cursor stays a multiple of 16 (see _knhk_arena_bump). */
+static inline uintptr_t round16(uintptr_t x) { return (x + 15) & ~(uintptr_t)15; }
+
+static inline bool is_owner(const knhk_arena *a) { return pthread_equal(pthread_self(), a->owner); }
+
+static int not_owner(const char *what) {
+    _knhk_set_error("%s: the arena belongs to the thread that created it; use one arena per thread "
+                    "(ThreadLocalArena)", what);
+    return KNHK_ERR_STATE;
+}
+
+/* ------------------------------------------------------------------ chunks */
+
+static int thp_available(void) {
+#ifdef MADV_HUGEPAGE
+    static _Atomic int cached = -1;
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v >= 0) return v;
+    v = 0;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f != NULL) {
+        char buf[128] = {0};
+        if (fgets(buf, sizeof buf, f) != NULL) v = strstr(buf, "[never]") == NULL;
+        fclose(f);
+    }
+    atomic_store_explicit(&cached, v, memory_order_relaxed);
+    return v;
+#else
+    return 0;
+#endif
+}
+
+int knhk_arena_huge_pages_available(void) { return thp_available(); }
+
+/* Hint the kernel to back a large chunk with huge pages. Advisory: a refusal
+   costs only the hint, and shows as a chunk not counted in huge_page_chunks. */
+static void advise_huge(knhk_arena *a, chunk *c) {
+#ifdef MADV_HUGEPAGE
+    if (!a->huge_pages || c->size < KNHK_ARENA_HUGE_MIN || !thp_available()) return;
+    uintptr_t start = ((uintptr_t)c + 4095) & ~(uintptr_t)4095;
+    uintptr_t stop = ((uintptr_t)c + c->size) & ~(uintptr_t)4095;
+    if (stop > start && madvise((void *)start, stop - start, MADV_HUGEPAGE) == 0) a->huge_page_chunks++;
+#else
+    (void)a;
+    (void)c;
+#endif
+}
+
+static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
+    /* Large chunks are page-aligned so the huge-page hint covers all of them. */
+    size_t align = size >= KNHK_ARENA_HUGE_MIN ? 4096 : CHUNK_ALIGN;
+    int st = KNHK_OK;
+    chunk *c = knhk_aligned_alloc(a->backend, align, size, &st);
+    a->backend_calls++;
+    if (c == NULL) {
+        _knhk_set_error("the %s backend could not provide an arena chunk of %zu bytes",
+                        knhk_backend_name(a->backend), size);
+        *status = st == KNHK_OK ? KNHK_ERR_NOMEM : st;
+        return NULL;
+    }
+    c->next = NULL;
+    c->size = size;
+    a->reserved += size;
+    a->chunks++;
+    advise_huge(a, c);
+    return c;
+}
+
+/* A chunk of at least min_size bytes for this batch: the first spare one
+   that fits, else a new one of new_size bytes from the backend. */
+static chunk *take_chunk(knhk_arena *a, size_t min_size, size_t new_size, int *status) {
+    chunk *c = NULL;
+    for (chunk **pp = &a->spare; *pp != NULL; pp = &(*pp)->next) {
+        if ((*pp)->size >= min_size) {
+            c = *pp;
+            *pp = c->next;
+            break;
+        }
+    }
+    if (c == NULL && (c = new_chunk(a, new_size, status)) == NULL) return NULL;
+    c->next = NULL;
+    *a->taken_tail = c;
+    a->taken_tail = &c->next;
+    return c;
+}
+
+static void release_list(knhk_arena *a, chunk *c) {
+    while (c != NULL) {
+        chunk *next = c->next;
+        a->reserved -= c->size;
+        a->chunks--;
+        knhk_free(a->backend, c);
+        a->backend_calls++;
+        c = next;
+    }
+}
+
+static void destroy(knhk_arena *a) {
+    release_list(a, a->taken);
+    release_list(a, a->spare);
+    free(a);
+}
+
+static void unref(knhk_arena *a) {
+    if (atomic_fetch_sub_explicit(&a->refs, 1, memory_order_acq_rel) == 1) destroy(a);
+}
+
+static inline uintptr_t data_start(const chunk *c) { return (uintptr_t)c + CHUNK_HEADER; }
+
+static inline uint64_t bytes_used(const knhk_arena *a) {
+    return a->used_before + (a->current ? a->head.cur - data_start(a->current) : 0);
+}
+
+static inline void note_high_water(knhk_arena *a) {
+    uint64_t u = bytes_used(a);
+    if (u > a->batch_high) {
+        a->batch_high = u;
+        if (u > a->high_water) a->high_water = u;
+    }
+}
+
+/* ------------------------------------------------------------------ creation */
+
+static bool chunk_size_ok(size_t n) { return n >= KNHK_ARENA_MIN_CHUNK && n <= KNHK_ARENA_MAX_CHUNK; }
+
+int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk_size, int huge_pages,
+                      knhk_arena **out) {
+    if (out != NULL) *out = NULL;
+    if (b == NULL || out == NULL) {
+        _knhk_set_error("knhk_arena_create needs a backend and an out pointer");
+        return KNHK_ERR_INVALID;
+    }
+    if (!chunk_size_ok(chunk_size) || !chunk_size_ok(max_chunk_size) || max_chunk_size < chunk_size) {
+        _knhk_set_error("arena chunk_size %zu and max_chunk_size %zu must lie in [%d, %zu] with "
+                        "chunk_size <= max_chunk_size", chunk_size, max_chunk_size, KNHK_ARENA_MIN_CHUNK,
+                        KNHK_ARENA_MAX_CHUNK);
+        return KNHK_ERR_INVALID;
+    }
+    knhk_arena *a = calloc(1, sizeof *a);
+    if (a == NULL) {
+        _knhk_set_error("no memory for an arena");
+        return KNHK_ERR_NOMEM;
+    }
+    a->taken_tail = &a->taken;
+    a->backend = b;
+    a->owner = pthread_self();
+    /* Multiples of the chunk alignment, so every chunk end is 16-aligned as the cursor is. */
+    chunk_size = (chunk_size + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
+    max_chunk_size = (max_chunk_size + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
+    a->chunk_size = a->next_chunk_size = chunk_size;
+    a->max_chunk_size = max_chunk_size;
+    a->huge_pages = huge_pages != 0;
+    atomic_init(&a->closed, 0);
+    atomic_init(&a->refs, 1);
+    atomic_init(&a->live, 0);
+    *out = a;
+    return KNHK_OK;
+}
+
+void knhk_arena_close(knhk_arena *a) {
+    if (a == NULL) return;
+    /* Only the owner may touch the cursor; any later allocation then takes
+       the slow path, which sees the flag. Another thread sets the flag only. */
+    if (is_owner(a)) a->head.end = a->head.cur;
+    atomic_store_explicit(&a->closed, 1, memory_order_relaxed);
+    unref(a);
+}
+
+/* ------------------------------------------------------------------ allocation */
+
+static bool request_ok(size_t size, size_t align, int *status) {
+    if (_knhk_unlikely(!_knhk_is_pow2(align) || align > KNHK_MAX_ALIGN)) {
+        _knhk_set_error("arena alignment must be a power of two up to %d, got %zu", KNHK_MAX_ALIGN, align);
+        *status = KNHK_ERR_INVALID;
+        return false;
+    }
+    if (_knhk_unlikely(size > KNHK_ARENA_MAX_REQUEST)) {
+        _knhk_set_error("arena request of %zu bytes exceeds the limit of %zu bytes", size,
+                        KNHK_ARENA_MAX_REQUEST);
+        *status = KNHK_ERR_INVALID;
+        return false;
+    }
+    return true;
+}
+
+/* The current chunk has no room (or there is none): take another chunk and
+   bump from it. `pre` bytes must precede the aligned block inside the chunk
+   (a counted block's header). request_ok bounds the sizes: no sum overflows. */
+static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, size_t align, size_t pre,
+                                                 int *status) {
+    if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
+        _knhk_set_error("allocation from a closed arena");
+        *status = KNHK_ERR_STATE;
+        return NULL;
+    }
+    size_t need = CHUNK_HEADER + pre + size + (align > CHUNK_ALIGN ? align - CHUNK_ALIGN : 0);
+    need = (need + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
+    bool own = need > a->next_chunk_size / 4;
+    uint64_t calls = a->backend_calls;
+    chunk *c = take_chunk(a, need, own ? need : a->next_chunk_size, status);
+    if (c == NULL) return NULL;
+    uintptr_t p = (data_start(c) + pre + (align - 1)) & ~(uintptr_t)(align - 1);
+    _knhk_assert(p + size <= (uintptr_t)c + c->size);
+    if (own) {
+        /* A chunk of its own: the current chunk keeps its room. */
+        a->used_before += p + size - data_start(c);
+    } else {
+        if (a->backend_calls != calls) { /* a new chunk: the next one is twice as large, up to the cap */
+            size_t grown = a->next_chunk_size * 2;
+            a->next_chunk_size = grown < a->max_chunk_size ? grown : a->max_chunk_size;
+        }
+        if (a->current != NULL) a->used_before += a->head.cur - data_start(a->current);
+        a->current = c;
+        a->head.cur = round16(p + size);
+        a->head.end = (uintptr_t)c + c->size;
+    }
+    a->head.allocations++;
+    a->head.bytes_requested += size;
+    note_high_water(a);
+    return (void *)p;
+}
+
+void *knhk_arena_alloc(knhk_arena *a, size_t size, size_t align, int *status) {
+    int st_local;
+    if (status == NULL) status = &st_local;
+    if (size == 0) size = 1;
+    if (!request_ok(size, align, status)) return NULL;
+    void *p = _knhk_arena_bump(&a->head, size, align);
+    if (_knhk_likely(p != NULL)) {
+        *status = KNHK_OK;
+        return p;
+    }
+    p = alloc_slow(a, size, align, 0, status);
+    if (p != NULL) *status = KNHK_OK;
+    return p;
+}
+
+static inline block_header *header_of(void *p) { return (block_header *)((char *)p - sizeof(block_header)); }
+
+void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *status) {
+    int st_local;
+    if (status == NULL) status = &st_local;
+    if (_knhk_unlikely(!is_owner(a))) {
+        *status = not_owner("arena allocation");
+        return NULL;
+    }
+    if (size == 0) size = 1;
+    if (!request_ok(size, align, status)) return NULL;
+    if (align < KNHK_DEFAULT_ALIGN) align = KNHK_DEFAULT_ALIGN;
+    /* The fast path with room for the header in front of the block. */
+    uintptr_t cur = a->head.cur, end = a->head.end;
+    uintptr_t p = (cur + sizeof(block_header) + (align - 1)) & ~(uintptr_t)(align - 1);
+    if (_knhk_likely(cur != 0 && p <= end && size <= end - p)) {
+        a->head.cur = round16(p + size);
+        a->head.allocations++;
+        a->head.bytes_requested += size;
+    } else {
+        p = (uintptr_t)alloc_slow(a, size, align, sizeof(block_header), status);
+        if (p == 0) return NULL;
+    }
+    block_header *h = header_of((void *)p);
+    h->size = size;
+    h->magic = BLOCK_MAGIC;
+    h->align = (uint32_t)align;
+    atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&a->live, 1, memory_order_relaxed);
+    *status = KNHK_OK;
+    return (void *)p;
+}
+
+void knhk_arena_block_free(knhk_arena *a, void *ptr) {
+    if (ptr == NULL) return;
+    block_header *h = header_of(ptr);
+    if (_knhk_unlikely(h->magic != BLOCK_MAGIC)) return; /* not live: never count a block twice */
+    h->magic = 0;
+    if (is_owner(a) && a->current != NULL && round16((uintptr_t)ptr + h->size) == a->head.cur &&
+        (uintptr_t)h >= data_start(a->current)) {
+        /* The last block bumped: give its bytes back, so temporaries made and
+           dropped in a loop reuse the same memory. */
+        note_high_water(a);
+        a->head.cur = (uintptr_t)h;
+    }
+    atomic_fetch_sub_explicit(&a->live, 1, memory_order_relaxed);
+    unref(a);
+}
+
+void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *status) {
+    int st_local;
+    if (status == NULL) status = &st_local;
+    if (ptr == NULL) return knhk_arena_block_alloc(a, size, KNHK_DEFAULT_ALIGN, status);
+    if (_knhk_unlikely(!is_owner(a))) {
+        *status = not_owner("arena reallocation");
+        return NULL;
+    }
+    if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
+        _knhk_set_error("reallocation in a closed arena");
+        *status = KNHK_ERR_STATE;
+        return NULL;
+    }
+    block_header *h = header_of(ptr);
+    if (h->magic != BLOCK_MAGIC) {
+        _knhk_set_error("realloc of a pointer that is not a live block of this arena");
+        *status = KNHK_ERR_INVALID;
+        return NULL;
+    }
+    if (size == 0) size = 1;
+    if (!request_ok(size, KNHK_DEFAULT_ALIGN, status)) return NULL;
+    uintptr_t p = (uintptr_t)ptr;
+    bool last = a->current != NULL && round16(p + h->size) == a->head.cur &&
+                (uintptr_t)h >= data_start(a->current);
+    if (size <= h->size || (last && size <= a->head.end - p)) {
+        /* In place: a shrink, or growth of the last block into the room after it. */
+        if (last) {
+            note_high_water(a);
+            a->head.cur = round16(p + size);
+        }
+        if (size > h->size) a->head.bytes_requested += size - h->size;
+        h->size = size;
+        a->reallocations++;
+        *status = KNHK_OK;
+        return ptr;
+    }
+    void *q = knhk_arena_block_alloc(a, size, h->align, status);
+    if (q == NULL) return NULL;
+    memcpy(q, ptr, h->size);
+    a->reallocations++;
+    knhk_arena_block_free(a, ptr); /* q holds a reference: the arena stays */
+    return q;
+}
+
+/* ------------------------------------------------------------------ reset and statistics */
+
+int knhk_arena_reset(knhk_arena *a) {
+    if (!is_owner(a)) return not_owner("arena reset");
+    if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
+        _knhk_set_error("reset of a closed arena");
+        return KNHK_ERR_STATE;
+    }
+    int64_t live = atomic_load_explicit(&a->live, memory_order_acquire);
+    if (live != 0) {
+        _knhk_set_error("cannot reset an arena while %lld of its blocks are alive", (long long)live);
+        return KNHK_ERR_STATE;
+    }
+    note_high_water(a);
+    /* The batch's peak, not what is in use now: freed last blocks gave bytes back. */
+    uint64_t used = a->batch_high;
+    size_t ntaken = 0;
+    for (chunk *c = a->taken; c != NULL; c = c->next) ntaken++;
+    /* Room for the batch plus an eighth: the same batch may pad differently
+       in one chunk than it did across several. */
+    uint64_t target = (used + used / 8 + CHUNK_HEADER + 4095) & ~(uint64_t)4095;
+    if (target < a->chunk_size) target = a->chunk_size;
+    chunk *taken = a->taken;
+    a->taken = NULL;
+    a->taken_tail = &a->taken;
+    if (ntaken > 1 && target <= a->max_chunk_size) {
+        release_list(a, taken);
+        release_list(a, a->spare);
+        a->spare = NULL;
+        int st;
+        /* On failure the arena simply starts the next batch with no chunk. */
+        a->spare = new_chunk(a, (size_t)target, &st);
+    } else if (taken != NULL) {
+        chunk *last = taken;
+        while (last->next != NULL) last = last->next;
+        last->next = a->spare;
+        a->spare = taken;
+    }
+    a->current = NULL;
+    a->head.cur = a->head.end = 0;
+    a->used_before = 0;
+    a->batch_high = 0;
+    a->resets++;
+    return KNHK_OK;
+}
+
+int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out) {
+    if (!is_owner(a)) return not_owner("arena statistics");
+    note_high_water(a);
+    knhk_arena_stats st = {
+        .allocations = a->head.allocations,
+        .reallocations = a->reallocations,
+        .bytes_requested = a->head.bytes_requested,
+        .bytes_reserved = a->reserved,
+        .bytes_used = bytes_used(a),
+        .high_water = a->high_water,
+        .chunks = a->chunks,
+        .backend_calls = a->backend_calls,
+        .live_blocks = (uint64_t)atomic_load_explicit(&a->live, memory_order_relaxed),
+        .resets = a->resets,
+        .huge_page_chunks = a->huge_page_chunks,
+        .next_chunk_size = a->next_chunk_size,
+    };
+    *out = st;
+    return KNHK_OK;
+}
+
+/* ------------------------------------------------------------------ hot path */
+
+void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations) {
+    knhk_arena *a = ctx;
+    for (uint64_t i = 0; i < iterations; i++) {
+        /* The inline fast path, as a caller in this library would use it. */
+        void *p = _knhk_arena_bump(&a->head, 64, 16);
+        if (_knhk_unlikely(p == NULL)) {
+            /* The chunk is full: start the next batch in it (amortised over
+               a chunk's worth of allocations). */
+            if (knhk_arena_reset(a) != KNHK_OK || (p = knhk_arena_alloc(a, 64, 16, NULL)) == NULL) return;
+        }
+        /* Keep the allocation from being folded away. */
+        __asm__ volatile("" : : "r"(p) : "memory");
+    }
+}
+
+/* ------------------------------------------------------------------ numpy glue helpers */
+
+/* Take a reference for a numpy handler (owner thread, open arena only). */
+int _knhk_arena_ref(knhk_arena *a) {
+    if (!is_owner(a)) return not_owner("arena numpy scope");
+    if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
+        _knhk_set_error("numpy scope on a closed arena");
+        return KNHK_ERR_STATE;
+    }
+    atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
+    return KNHK_OK;
+}
+
+void _knhk_arena_unref(knhk_arena *a) { unref(a); }

@@ -25,8 +25,27 @@ from .allocator import (
     selected_backend,
 )
 from .config import Config, load_config
-from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DuplicateKeyError,
+    KnhkMemoryError,
+    NativeError,
+    StoreClosedError,
+    StoreCorruptError,
+    StoreEmptyError,
+    StoreError,
+    StoreFormatError,
+    StoreIsADirectoryError,
+    StoreKeyError,
+    StoreMagicError,
+    StoreNotFoundError,
+    StorePermissionError,
+    StoreTruncatedError,
+    StoreVersionError,
+)
 from .host import get_plugin_manager
+from .store import WorkflowStore, WorkflowStoreWriter, open_store
 
 __all__ = [
     "__version__",
@@ -35,4 +54,8 @@ __all__ = [
     "Config", "load_config",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
     "get_plugin_manager",
+    "WorkflowStore", "WorkflowStoreWriter", "open_store",
+    "StoreError", "StoreNotFoundError", "StorePermissionError", "StoreIsADirectoryError", "StoreFormatError",
+    "StoreEmptyError", "StoreTruncatedError", "StoreMagicError", "StoreVersionError", "StoreCorruptError",
+    "StoreKeyError", "DuplicateKeyError", "StoreClosedError",
 ]

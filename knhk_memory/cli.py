@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="versions, backends, numpy handler, CPU features, config source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
+    from .store import add_store_commands
+    add_store_commands(sub, common)
     return parser
 
 

@@ -102,6 +102,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
     },
+    "store": {
+        "path": Field(str, "", "Workflow store file the plugin opens and hands to the engine through "
+                      "knhk_workflow_store (relative paths are relative to the working directory); "
+                      "empty: no store."),
+        "cache_size": Field(int, 1024, "Entries of get_decoded's LRU cache of decoded definitions (0: off).",
+                            check=lambda v: None if 0 <= v <= 10_000_000 else
+                            f"must be in 0..10000000, got {v}"),
+        "mmap_threshold": Field(int, 65536, "Files smaller than this many bytes are read into memory "
+                                "instead of mapped.", check=lambda v: None if v >= 0 else
+                                f"must be >= 0, got {v}"),
+        "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
+                          "(MADV_WILLNEED)."),
+    },
 }
 
 

@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from .allocator import Backend
     from .config import Config
+    from .store import WorkflowStore
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -56,6 +57,24 @@ def knhk_allocator(config: Config) -> Backend | None:
     """Return the allocator backend the engine should use.
 
     :param config: The engine's configuration.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Workflow store
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_workflow_store(config: Config) -> WorkflowStore | None:
+    """Return the opened workflow store named by ``[store] path``, or None when none is configured.
+
+    :param config: The engine's configuration.
+
+    The store stays open until :func:`knhk_unconfigure`; the engine looks
+    definitions up with ``store.get(id)`` or ``store.get_decoded(id)``.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

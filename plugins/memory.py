@@ -17,8 +17,9 @@ from knhk_memory.allocator import (
     set_numpy_routing,
 )
 from knhk_memory.config import Config
-from knhk_memory.errors import BackendUnavailableError
+from knhk_memory.errors import BackendUnavailableError, StoreError
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.store import WorkflowStore
 
 STASH_KEY = "knhk_memory.memory"
 
@@ -35,6 +36,15 @@ class MemoryServices:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
+        # Opened here, last, so a bad store path fails before anything is applied.
+        self.store: WorkflowStore | None = None
+        if config.store.path:
+            try:
+                self.store = WorkflowStore(config.store.path, cache_size=config.store.cache_size,
+                                           mmap_threshold=config.store.mmap_threshold,
+                                           prefetch=config.store.prefetch)
+            except StoreError as exc:
+                raise config.error("store.path", str(exc)) from None
 
     def apply(self) -> None:
         select_backend(self.backend)
@@ -47,6 +57,9 @@ class MemoryServices:
         if token is not None:
             token.restore()
         set_numpy_routing(False)
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -85,5 +98,14 @@ def knhk_allocator(config: Config) -> Backend:
 
 
 @hookimpl
+def knhk_workflow_store(config: Config) -> WorkflowStore | None:
+    return services(config).store
+
+
+@hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
-    return {"allocator": services(config).stats()}
+    svc = services(config)
+    out: dict[str, Any] = {"allocator": svc.stats()}
+    if svc.store is not None:
+        out["store"] = svc.store.stats()
+    return out

@@ -24,6 +24,7 @@ import struct
 import sys
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,8 +214,13 @@ class WorkflowStore:
             else:
                 self._dctx = zstandard.ZstdDecompressor()
             self.get = self._get_decompressed  # type: ignore[method-assign]
+        else:
+            # The fast path: get is a C builtin bound to this handle (store_py.c).
+            self.get = _make_getter(int(ffi.cast("uintptr_t", self._handle)), self._view,  # type: ignore[method-assign]
+                                    _slow_path(self), self)
 
     def _release(self) -> None:
+        _detach_getter(self.__dict__.get("get"))
         handle, self._handle = self._handle, ffi.NULL
         self._find = _closed_find
         if handle != ffi.NULL:
@@ -231,7 +237,8 @@ class WorkflowStore:
                 pass  # views handed out still use it; it is unmapped when the last one goes
 
     def close(self) -> None:
-        """Release the store. Views already handed out stay valid."""
+        """Release the store. Views already handed out stay valid; saved ``get``
+        callables raise :class:`~knhk_memory.errors.StoreClosedError`."""
         self._release()
         self._clear_cache()
 
@@ -253,6 +260,7 @@ class WorkflowStore:
                 self.get = get  # type: ignore[method-assign]
             raise
         handle, cbuf, mapped = old[0], old[1], old[2]
+        _detach_getter(old[9])
         if handle != ffi.NULL:
             lib.knhk_store_close(handle)
         if cbuf is not None:
@@ -273,6 +281,7 @@ class WorkflowStore:
     def __del__(self) -> None:
         if getattr(self, "_handle", ffi.NULL) != ffi.NULL:
             self._release()
+            self.__dict__.pop("get", None)  # break the getter cycle
 
     @property
     def closed(self) -> bool:
@@ -281,7 +290,11 @@ class WorkflowStore:
     # -- lookups
 
     def get(self, key: str | bytes, default: Any = None) -> memoryview | Any:
-        """The value of ``key`` as a read-only memoryview into the file, or ``default``."""
+        """The value of ``key`` as a read-only memoryview into the file, or ``default``.
+
+        (An open uncompressed store replaces this method on the instance by the
+        C builtin from store_py.c, which does the same in one call.)
+        """
         if key.__class__ is not bytes:
             key = _key_bytes(key)
         r = self._find(self._handle, key, len(key))
@@ -325,9 +338,7 @@ class WorkflowStore:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
             return False
-        kb = _key_bytes(key)
-        r = self._find(self._handle, kb, len(kb))
-        return r >= 0 or (r != _ABSENT and self._slow(kb, r, _MISSING) is not _MISSING)
+        return WorkflowStore.get(self, key, _MISSING) is not _MISSING
 
     def get_decoded(self, key: str | bytes, decoder: Callable[[bytes], Any] = json.loads) -> Any:
         """``decoder(value)``, cached in a bounded LRU keyed by (key, decoder).
@@ -460,8 +471,34 @@ class WorkflowStore:
         return f"WorkflowStore({str(self.path)!r}, {state})"
 
 
+def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
+    """The getter's way back into Python; holds the store weakly (capsules are not
+    followed by the cycle collector)."""
+    ref = weakref.ref(store)
+    closed = lib.KNHK_STORE_BROKEN - 1
+
+    def slow(key: Any, code: int, default: Any) -> Any:
+        s = ref()
+        if s is None or code == closed:
+            raise StoreClosedError("the store is closed", path=None if s is None else s.path, problem="closed")
+        if code == 0:  # not str/bytes: convert (or raise TypeError) and go the cffi way
+            return WorkflowStore.get(s, _key_bytes(key), default)
+        return s._slow(_key_bytes(key), code, default)
+
+    return slow
+
+
+def _detach_getter(getter: Any) -> None:
+    if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
+        _detach(getter)
+
+
 def _closed_find(handle: Any, key: bytes, n: int) -> int:
     raise StoreClosedError("the store is closed")
+
+
+if lib.knhk_store_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
+    raise ImportError(_last_error())
 
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:

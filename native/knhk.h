@@ -258,6 +258,14 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
 int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
                            uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
 
+/* Install the CPython fast path into the module knhk_memory.store (which must
+   be importable): the builtins _make_getter(handle_address, view, slow, owner) and
+   _detach(getter). A getter (which keeps owner alive) is a METH_FASTCALL builtin get(key, default=None)
+   that runs the probe with the GIL held (it is shorter than a GIL round trip)
+   and returns view[off:off + len]; misses on anything but an absent key go to
+   slow(key, code, default). Takes the GIL itself. */
+int knhk_store_py_install(void);
+
 /* Hot-path operation: one lookup of a present key (hash, probe, bounds
    check, key compare). ctx: a knhk_store_probe_ctx *. */
 void knhk_store_hotop_probe(void *ctx, uint64_t iterations);

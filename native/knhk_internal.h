@@ -68,4 +68,9 @@ static inline bool _knhk_once_ready(const _knhk_once *o) {
 /* Run init(arg) once; returns its status, KNHK_OK once the cell is full. */
 int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg);
 
+/* ---- workflow store
+ * The probe behind knhk_store_find, for store_py.c's getter: 0 with the value
+ * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
+int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen);
+
 #endif /* KNHK_INTERNAL_H */

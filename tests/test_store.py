@@ -546,7 +546,7 @@ def test_cli_build_get_list_verify_stats(source_dir, tmp_path, capfd):
     assert "ok, 2 records checked" in capfd.readouterr().out
     assert main(["store", "stats", str(out), "--json"]) == 0
     st_ = json.loads(capfd.readouterr().out)
-    assert st_["keys"] == 2 and st_["value_bytes"] == len(json.dumps({"id": "inv-1", "steps": 3})) + 21
+    assert st_["keys"] == 2 and st_["value_bytes"] == len(json.dumps({"id": "inv-1", "steps": 3})) + 20
 
 
 def test_cli_build_with_keys_from_files(source_dir, tmp_path, capsys):
@@ -656,3 +656,42 @@ def test_build_index_rejects_bad_arguments():
     assert lib.knhk_store_build_index(hashes, offsets, 2, 2, table, sums, md) == lib.KNHK_ERR_INVALID
     assert "does not fit the 48-bit index field" in ffi.string(lib.knhk_last_error()).decode()
     assert lib.knhk_store_close(ffi.NULL) is None
+
+
+# ---------------------------------------------------------------- the C getter
+
+
+def test_c_getter_lifetime_and_arguments(store_path):
+    import gc
+    import weakref
+
+    build(store_path, 20)
+    g = WorkflowStore(store_path).get  # the getter keeps its store alive
+    assert g("flows/00001") == definition(1) and g(b"nope", 7) == 7
+    assert g(bytearray(b"flows/00002")) == definition(2)  # through the slow path
+    with pytest.raises(TypeError, match="key must be str or bytes, got float"):
+        g(1.5)
+    with pytest.raises(TypeError, match=r"get\(\) takes a key and an optional default \(3 arguments"):
+        g("a", 1, 2)
+    s = WorkflowStore(store_path)
+    saved = s.get
+    s.close()
+    with pytest.raises(StoreClosedError, match="flows.kst: the store is closed"):
+        saved("flows/00001")
+    ref = weakref.ref(WorkflowStore(store_path))
+    gc.collect()
+    assert ref() is None  # store -> getter -> store is a collectable cycle
+    del g
+    gc.collect()
+
+
+def test_allocator_hot_op_runs():
+    """The allocator's hot op, called directly (the smoke test wants every export called)."""
+    from knhk_memory.allocator import hot_ops as allocator_hot_ops
+
+    (op,) = allocator_hot_ops()
+    ctx, cleanup = op.setup()
+    try:
+        lib.knhk_backend_hotop_malloc_free(ctx, 100)
+    finally:
+        cleanup()

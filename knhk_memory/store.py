@@ -75,6 +75,14 @@ _WIDE = lib.KNHK_STORE_WIDE
 _PACK_MASK = (1 << 24) - 1
 _MISSING = object()
 
+# cffi parses a type string the first time it sees it; do that at import,
+# not in the first open of a worker process.
+_T_HANDLE_OUT = ffi.typeof("knhk_store **")
+_T_INT_OUT = ffi.typeof("int *")
+_T_INFO = ffi.typeof("knhk_store_info *")
+_T_UINTPTR = ffi.typeof("uintptr_t")
+_INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
+
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
 
@@ -181,8 +189,8 @@ class WorkflowStore:
         finally:
             os.close(fd)
         cbuf = ffi.from_buffer(buf)
-        out = ffi.new("knhk_store **")
-        problem = ffi.new("int *")
+        out = ffi.new(_T_HANDLE_OUT)
+        problem = ffi.new(_T_INT_OUT)
         status = lib.knhk_store_open(cbuf, size, out, problem)
         if status != lib.KNHK_OK:
             message = _last_error()
@@ -193,13 +201,13 @@ class WorkflowStore:
                 raise MemoryError(f"{path}: {message}")
             exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
             raise exc_type(message, path=path, problem=tag)
-        info = ffi.new("knhk_store_info *")
+        info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
         self._cbuf = cbuf
         self._map = mapped
         self._view = memoryview(buf)
-        self._info = {name: int(getattr(info, name)) for name in dir(info)}
+        self._info = {name: getattr(info, name) for name in _INFO_FIELDS}
         self._size = size
         self._find = lib.knhk_store_find
         self._compressed = bool(self._info["flags"] & lib.KNHK_STORE_FLAG_ZSTD)
@@ -216,7 +224,7 @@ class WorkflowStore:
             self.get = self._get_decompressed  # type: ignore[method-assign]
         else:
             # The fast path: get is a C builtin bound to this handle (store_py.c).
-            self.get = _make_getter(int(ffi.cast("uintptr_t", self._handle)), self._view,  # type: ignore[method-assign]
+            self.get = _make_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
                                     _slow_path(self), self)
 
     def _release(self) -> None:
@@ -573,14 +581,17 @@ class WorkflowStoreWriter:
         self._file: Any = os.fdopen(fd, "wb", buffering=1 << 20)
         self._file.write(bytes(HEADER_SIZE))
         self._pos = HEADER_SIZE
-        self._index: dict[bytes, int] = {}
-        self._hashes: list[int] = []
-        self._offsets: list[int] = []
+        self._index: dict[bytes, int] = {}   # key -> slot in _hashes/_offsets
+        self._hashes = np.zeros(1024, dtype=np.uint64)
+        self._offsets = np.zeros(1024, dtype=np.uint64)
         self._records = 0
-        self._buf = bytearray(4096)
-        self._cbuf = ffi.from_buffer(self._buf)
-        self._hash_out = ffi.new("uint64_t *")
-        self._encode = lib.knhk_store_encode_record
+        # Records wait in batches and are encoded by one C call per batch.
+        self._pk: list[bytes] = []
+        self._pv: list[bytes] = []
+        self._pslot: list[int] = []
+        self._pbytes = 0
+        self._buf = bytearray(1 << 16)
+        self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -597,25 +608,57 @@ class WorkflowStoreWriter:
             value = bytes(value)
         if self._cctx is not None:
             value = self._cctx.compress(value)
-        slot = self._index.get(key)
-        if slot is not None and not self.last_wins:
+        index = self._index
+        n = len(index)
+        slot = index.setdefault(key, n)
+        if self.last_wins:
+            self._pslot.append(slot)
+        elif slot != n:
             raise DuplicateKeyError(f"duplicate key {key!r} (pass last_wins=True to keep the last value)",
                                     path=self.path, problem="duplicate-key")
-        need = len(key) + len(value) + 28
-        if need > len(self._buf):
-            self._buf = bytearray(max(need, 2 * len(self._buf)))
-            self._cbuf = ffi.from_buffer(self._buf)
-        n = self._encode(key, len(key), value, len(value), self.seed, self._cbuf, len(self._buf),
-                         self._hash_out)
-        self._file.write(memoryview(self._buf)[:n])
-        if slot is None:
-            self._index[key] = len(self._offsets)
-            self._hashes.append(self._hash_out[0])
-            self._offsets.append(self._pos)
-        else:
-            self._offsets[slot] = self._pos
-        self._pos += n
-        self._records += 1
+        self._pk.append(key)
+        self._pv.append(value)
+        self._pbytes += len(value)
+        if len(self._pk) >= 4096 or self._pbytes >= (8 << 20):
+            self._flush()
+
+    def _flush(self) -> None:
+        keys, vals, slots = self._pk, self._pv, self._pslot
+        n = len(keys)
+        if not n:
+            return
+        kb, vb = b"".join(keys), b"".join(vals)
+        kl = np.fromiter(map(len, keys), dtype=np.uint64, count=n)
+        vl = np.fromiter(map(len, vals), dtype=np.uint64, count=n)
+        cap = len(kb) + len(vb) + 28 * n
+        if cap > len(self._buf):
+            self._buf = bytearray(cap)
+            self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+        hashes = np.empty(n, dtype=np.uint64)
+        offsets = np.empty(n, dtype=np.uint64)
+        u64 = "uint64_t[]"
+        written = lib.knhk_store_encode_batch(
+            ffi.from_buffer("uint8_t[]", kb), len(kb), ffi.from_buffer(u64, kl),
+            ffi.from_buffer("uint8_t[]", vb), len(vb), ffi.from_buffer(u64, vl), n, self.seed, self._pos,
+            self._cbuf, len(self._buf), ffi.from_buffer(u64, hashes), ffi.from_buffer(u64, offsets))
+        if written == 0:
+            raise StoreError(f"encoding records: {_last_error()}", path=self.path, problem="build")
+        self._file.write(memoryview(self._buf)[:written])
+        self._pos += written
+        self._records += n
+        top = len(self._index)
+        if top > len(self._offsets):
+            size = max(top, 2 * len(self._offsets))
+            self._hashes = np.resize(self._hashes, size)
+            self._offsets = np.resize(self._offsets, size)
+        if self.last_wins:  # repeated slots: the later record must win, in order
+            for i, slot in enumerate(slots):
+                self._hashes[slot] = hashes[i]
+                self._offsets[slot] = offsets[i]
+        else:  # without repeats, the batch holds slots top - n .. top - 1 in order
+            self._hashes[top - n:top] = hashes
+            self._offsets[top - n:top] = offsets
+        self._pk, self._pv, self._pslot, self._pbytes = [], [], [], 0
 
     def update(self, pairs: Any) -> None:
         """Add every (key, value) of a mapping or an iterable of pairs."""
@@ -630,6 +673,7 @@ class WorkflowStoreWriter:
                                    problem="closed")
         f = self._file
         try:
+            self._flush()
             records_end = self._pos
             dict_offset = records_end
             f.write(self._zstd_dict)
@@ -637,11 +681,11 @@ class WorkflowStoreWriter:
             pad = -pos % 8
             f.write(bytes(pad))
             index_offset = pos + pad
-            n = len(self._offsets)
+            n = len(self._index)
             slots = max(1, -(-n * 1000 // int(self.load_factor * 1000)))
             slots = max(slots, n)
-            hashes = np.array(self._hashes, dtype=np.uint64)
-            offsets = np.array(self._offsets, dtype=np.uint64)
+            hashes = np.ascontiguousarray(self._hashes[:n])
+            offsets = np.ascontiguousarray(self._offsets[:n])
             table = np.zeros(slots, dtype=np.uint64)
             nblocks = -(-slots // BLOCK_ENTRIES)
             blocksums = np.zeros(nblocks, dtype=np.uint64)

@@ -252,6 +252,15 @@ int knhk_store_verify(knhk_store *s, uint64_t *checked);
    needed is at most key_len + value_len + 28); *key_hash gets the key's hash. */
 size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len,
                                 uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash);
+/* Encode n records back to back into out[0, cap): record i has the key
+   keys[sum of key_lens before i, + key_lens[i]) and likewise its value.
+   hashes[i] gets its key hash, offsets[i] = base_offset + its position in out.
+   Returns the bytes written, or 0 (with knhk_last_error()) when the lengths
+   overrun keys_size / values_size or the records do not fit in cap. */
+size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
+                               const uint8_t *values, uint64_t values_size, const uint64_t *value_lens,
+                               uint64_t n, uint64_t seed, uint64_t base_offset, uint8_t *out, size_t cap,
+                               uint64_t *hashes, uint64_t *offsets);
 /* Build the Robin Hood index of n records: table[0, slots) (zeroed by the
    caller) and blocksums[ceil(slots / 512)]. Returns KNHK_OK, or
    KNHK_ERR_INVALID when slots < n or an offset does not fit in 48 bits. */

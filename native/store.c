@@ -112,7 +112,7 @@ struct knhk_store {
     uint64_t nblocks;
     uint64_t record_seed;
     _Atomic uint8_t *block_ok; /* [nblocks]: block sum checked */
-    _Atomic uint8_t *record_ok;/* [slots]: record behind the slot checked */
+    _Atomic uint8_t *record_ok;/* bit per slot: record behind the slot checked */
 };
 
 static inline uint64_t home_slot(uint64_t h, uint64_t slots) {
@@ -297,7 +297,7 @@ int knhk_store_open(const void *base_, uint64_t size, knhk_store **out, int *pro
     if (s) {
         /* calloc of large arrays maps zero pages: O(1) until touched. */
         s->block_ok = calloc((size_t)nblocks, 1);
-        s->record_ok = calloc((size_t)in.slots, 1);
+        s->record_ok = calloc((size_t)(in.slots / 8 + 1), 1);
     }
     if (!s || !s->block_ok || !s->record_ok) {
         if (s) {
@@ -346,9 +346,10 @@ static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_
             if (_knhk_unlikely(!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend)))
                 return KNHK_STORE_BROKEN;
             if (kl == len && memcmp(s->base + k, key, len) == 0) {
-                if (_knhk_unlikely(!atomic_load_explicit(&s->record_ok[j], memory_order_relaxed))) {
+                const uint8_t bit = (uint8_t)(1u << (j & 7));
+                if (_knhk_unlikely(!(atomic_load_explicit(&s->record_ok[j >> 3], memory_order_relaxed) & bit))) {
                     if (!check_record(s, e & OFFSET_MASK, v + vl)) return KNHK_STORE_BROKEN;
-                    atomic_store_explicit(&s->record_ok[j], 1, memory_order_relaxed);
+                    atomic_fetch_or_explicit(&s->record_ok[j >> 3], bit, memory_order_relaxed);
                 }
                 *voff = v;
                 *vlen = vl;
@@ -467,6 +468,32 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
     n += value_len;
     st64(out + n, knhk_store_hash(out, n, seed + 1));
     return n + 8;
+}
+
+size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
+                               const uint8_t *values, uint64_t values_size, const uint64_t *value_lens,
+                               uint64_t n, uint64_t seed, uint64_t base_offset, uint8_t *out, size_t cap,
+                               uint64_t *hashes, uint64_t *offsets) {
+    uint64_t ko = 0, vo = 0;
+    size_t pos = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t kl = key_lens[i], vl = value_lens[i];
+        if (kl > keys_size - ko || vl > values_size - vo) {
+            _knhk_set_error("record %llu: lengths run past the key or value bytes given", (unsigned long long)i);
+            return 0;
+        }
+        size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo,
+                                            (size_t)vl, seed, out + pos, cap - pos, &hashes[i]);
+        if (w == 0) {
+            _knhk_set_error("record %llu does not fit in the %zu-byte buffer", (unsigned long long)i, cap);
+            return 0;
+        }
+        offsets[i] = base_offset + pos;
+        pos += w;
+        ko += kl;
+        vo += vl;
+    }
+    return pos;
 }
 
 int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,

@@ -695,3 +695,28 @@ def test_allocator_hot_op_runs():
         lib.knhk_backend_hotop_malloc_free(ctx, 100)
     finally:
         cleanup()
+
+
+def test_batches_and_last_wins_across_batches(store_path):
+    with WorkflowStoreWriter(store_path, last_wins=True) as w:
+        for i in range(9000):  # three encode batches
+            w.add(b"k%d" % (i % 6000), b"v%d" % i)
+    with WorkflowStore(store_path) as s:
+        assert len(s) == 6000 and s.stats()["records"] == 9000
+        assert s["k0"] == b"v6000" and s["k2999"] == b"v8999" and s["k3000"] == b"v3000"
+        assert s.verify() == 9000
+
+
+def test_encode_batch_rejects_overrunning_lengths():
+    lens = ffi.new("uint64_t[1]", [10])
+    vlens = ffi.new("uint64_t[1]", [1])
+    out = ffi.new("uint8_t[64]")
+    h = ffi.new("uint64_t[1]")
+    o = ffi.new("uint64_t[1]")
+    assert lib.knhk_store_encode_batch(b"abc", 3, lens, b"v", 1, vlens, 1, 0, 128, out, 64, h, o) == 0
+    assert "lengths run past" in ffi.string(lib.knhk_last_error()).decode()
+    lens[0] = 3
+    assert lib.knhk_store_encode_batch(b"abc", 3, lens, b"v", 1, vlens, 1, 0, 128, out, 8, h, o) == 0
+    assert "does not fit" in ffi.string(lib.knhk_last_error()).decode()
+    assert lib.knhk_store_encode_batch(b"abc", 3, lens, b"v", 1, vlens, 1, 0, 128, out, 64, h, o) == 3 + 1 + 2 + 8
+    assert o[0] == 128 and h[0] == lib.knhk_store_hash(b"abc", 3, 0)

@@ -58,6 +58,7 @@ PROVIDERS: tuple[str, ...] = (
     "knhk_memory.registry",
     "knhk_memory.counters",
     "knhk_memory.arena",
+    "knhk_memory.store",
 )
 
 COUNTERS = {

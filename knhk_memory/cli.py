@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     from .budgets import add_budget_commands
     add_budget_commands(sub, common)
+    from .store import add_store_commands
+    add_store_commands(sub, common)
     return parser
 
 

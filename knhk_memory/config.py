@@ -169,6 +169,19 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
                                 "chunk_size, at most 2**40).", check=lambda v: _chunk_bytes(v)),
         "huge_pages": Field(bool, True, "Hint madvise(MADV_HUGEPAGE) on arena chunks of 2 MiB or more."),
     },
+    "store": {
+        "path": Field(str, "", "Workflow store file the plugin opens and hands to the engine through "
+                      "knhk_workflow_store (relative paths are relative to the working directory); "
+                      "empty: no store."),
+        "cache_size": Field(int, 1024, "Entries of get_decoded's LRU cache of decoded definitions (0: off).",
+                            check=lambda v: None if 0 <= v <= 10_000_000 else
+                            f"must be in 0..10000000, got {v}"),
+        "mmap_threshold": Field(int, 65536, "Files smaller than this many bytes are read into memory "
+                                "instead of mapped.", check=lambda v: None if v >= 0 else
+                                f"must be >= 0, got {v}"),
+        "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
+                          "(MADV_WILLNEED)."),
+    },
 }
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
     from .counters import Counters, PatternStats
+    from .store import WorkflowStore
 
 PROJECT = "knhk"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -86,6 +87,24 @@ def knhk_pattern_stats(config: Config) -> PatternStats | None:
     """Return the per-pattern executor statistics (executions and ticks per pattern id).
 
     :param config: The engine's configuration (``config.counters.pattern_stats``).
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Workflow store
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_workflow_store(config: Config) -> WorkflowStore | None:
+    """Return the opened workflow store named by ``[store] path``, or None when none is configured.
+
+    :param config: The engine's configuration.
+
+    The store stays open until :func:`knhk_unconfigure`; the engine looks
+    definitions up with ``store.get(id)`` or ``store.get_decoded(id)``.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

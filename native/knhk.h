@@ -84,6 +84,24 @@ extern "C" {
 #define KNHK_ARENA_HUGE_MIN ((size_t)2 << 20)
 /* Bytes in front of every counted block (its size, for realloc). */
 #define KNHK_ARENA_BLOCK_HEADER 16
+/* Workflow store (native/store.c, docs/store.md). */
+#define KNHK_STORE_HEADER_SIZE 128
+#define KNHK_STORE_VERSION 1
+/* Header flag: values are zstd frames (optionally with the file's dictionary). */
+#define KNHK_STORE_FLAG_ZSTD 1
+/* Index entries covered by one block checksum (4 KiB of index). */
+#define KNHK_STORE_BLOCK_ENTRIES 512
+/* What is wrong with a store file (the *problem out-parameter). */
+#define KNHK_STORE_OK 0
+#define KNHK_STORE_EMPTY 1
+#define KNHK_STORE_TRUNCATED 2
+#define KNHK_STORE_BAD_MAGIC 3
+#define KNHK_STORE_NEWER_VERSION 4
+#define KNHK_STORE_CORRUPT 5
+/* knhk_store_find results other than a packed span. */
+#define KNHK_STORE_ABSENT (-1)
+#define KNHK_STORE_WIDE (-2)
+#define KNHK_STORE_BROKEN (-3)
 
 /* KNHK_CDEF_BEGIN */
 
@@ -459,6 +477,102 @@ void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations);
    previous handler as a token for knhk_numpy_handler_restore, or NULL with
    *status set. Takes the GIL itself. */
 void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status);
+/* ---------------------------------------------------------------- workflow store */
+
+/* A read-only view of a store file the caller has mapped (or read) at
+   base[0, size). The caller keeps the bytes alive and unchanged until
+   knhk_store_close. Every offset and length read from the file is checked
+   against size before use: no input makes these functions read outside it. */
+typedef struct knhk_store knhk_store;
+
+typedef struct {
+    uint32_t version;
+    uint32_t flags;
+    uint64_t count;          /* live records (keys) */
+    uint64_t records_total;  /* records written, including superseded ones */
+    uint64_t slots;          /* index slots */
+    uint64_t max_disp;       /* longest probe distance of any key */
+    uint64_t records_offset;
+    uint64_t records_end;
+    uint64_t dict_offset;
+    uint64_t dict_length;
+    uint64_t index_offset;
+    uint64_t blocksum_offset;
+    uint64_t file_size;
+    uint64_t seed;
+} knhk_store_info;
+
+/* For knhk_store_hotop_probe: one present key of an open store. */
+typedef struct {
+    knhk_store *store;
+    const char *key;
+    size_t key_len;
+} knhk_store_probe_ctx;
+
+/* XXH64 of data[0, len). The store's key hash and every checksum. */
+uint64_t knhk_store_hash(const void *data, size_t len, uint64_t seed);
+
+/* Check the header, the bounds of every region and the index block
+   checksums (8 bytes per 512 slots), then return a handle. On failure *out
+   is NULL, *problem is a KNHK_STORE_* code and knhk_last_error() says what. */
+int knhk_store_open(const void *base, uint64_t size, knhk_store **out, int *problem);
+void knhk_store_close(knhk_store *s);
+void knhk_store_get_info(const knhk_store *s, knhk_store_info *out);
+
+/* Look key up. Found: (value_offset << 24) | value_length, >= 0, when the
+   offset is below 2^39 and the length below 2^24; KNHK_STORE_WIDE when it
+   does not fit (call knhk_store_find_span); KNHK_STORE_ABSENT; or
+   KNHK_STORE_BROKEN when the record or index block it touched fails its
+   bounds or checksum (knhk_last_error() says where). A record's checksum is
+   checked the first time it is read. Thread-safe. */
+int64_t knhk_store_find(knhk_store *s, const char *key, size_t len);
+/* The same, with the span in span[0] (offset) and span[1] (length). */
+int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span);
+
+/* Write the offsets of the live records (index order) into out[0, cap);
+   returns how many there are, or KNHK_STORE_BROKEN. */
+int64_t knhk_store_live_offsets(knhk_store *s, uint64_t *out, uint64_t cap);
+/* The record at offset: spans[0..3] = key offset, key length, value offset,
+   value length. Checks bounds and the record checksum. */
+int knhk_store_record_at(knhk_store *s, uint64_t offset, uint64_t *spans);
+
+/* Check everything: the index checksum chain, every index entry (bounds,
+   checksum, key hash, displacement), and every record of the records
+   region. KNHK_OK, or KNHK_ERR_INVALID with knhk_last_error() naming the
+   first fault. *checked counts the records checked. */
+int knhk_store_verify(knhk_store *s, uint64_t *checked);
+
+/* Writer side. Encode one record into out[0, cap): header, key, value,
+   checksum. Returns the encoded length (0 if cap is too small: the length
+   needed is at most key_len + value_len + 28); *key_hash gets the key's hash. */
+size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len,
+                                uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash);
+/* Encode n records back to back into out[0, cap): record i has the key
+   keys[sum of key_lens before i, + key_lens[i]) and likewise its value.
+   hashes[i] gets its key hash, offsets[i] = base_offset + its position in out.
+   Returns the bytes written, or 0 (with knhk_last_error()) when the lengths
+   overrun keys_size / values_size or the records do not fit in cap. */
+size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
+                               const uint8_t *values, uint64_t values_size, const uint64_t *value_lens,
+                               uint64_t n, uint64_t seed, uint64_t base_offset, uint8_t *out, size_t cap,
+                               uint64_t *hashes, uint64_t *offsets);
+/* Build the Robin Hood index of n records: table[0, slots) (zeroed by the
+   caller) and blocksums[ceil(slots / 512)]. Returns KNHK_OK, or
+   KNHK_ERR_INVALID when slots < n or an offset does not fit in 48 bits. */
+int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
+                           uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
+
+/* Install the CPython fast path into the module knhk_memory.store (which must
+   be importable): the builtins _make_getter(handle_address, view, slow, owner) and
+   _detach(getter). A getter (which keeps owner alive) is a METH_FASTCALL builtin get(key, default=None)
+   that runs the probe with the GIL held (it is shorter than a GIL round trip)
+   and returns view[off:off + len]; misses on anything but an absent key go to
+   slow(key, code, default). Takes the GIL itself. */
+int knhk_store_py_install(void);
+
+/* Hot-path operation: one lookup of a present key (hash, probe, bounds
+   check, key compare). ctx: a knhk_store_probe_ctx *. */
+void knhk_store_hotop_probe(void *ctx, uint64_t iterations);
 
 /* KNHK_CDEF_END */
 

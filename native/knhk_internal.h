@@ -97,5 +97,9 @@ static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t al
 /* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */
 int _knhk_arena_ref(knhk_arena *a);
 void _knhk_arena_unref(knhk_arena *a);
+/* ---- workflow store
+ * The probe behind knhk_store_find, for store_py.c's getter: 0 with the value
+ * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
+int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen);
 
 #endif /* KNHK_INTERNAL_H */

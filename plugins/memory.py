@@ -21,9 +21,10 @@ from knhk_memory.allocator import (
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
-from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError
+from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError, StoreError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
+from knhk_memory.store import WorkflowStore
 
 STASH_KEY = "knhk_memory.memory"
 
@@ -55,6 +56,19 @@ class MemoryServices:
         self.patterns = PatternRegistry()
         self.resources = GlobalResourceRegistry(close_at_exit=bool(config.registry.close_at_exit))
         self.counters, self.pattern_stats = self._make_counters(config)
+        # Opened last, so a bad store path fails before anything is applied;
+        # what was made before it is released.
+        self.store: WorkflowStore | None = None
+        if config.store.path:
+            try:
+                self.store = WorkflowStore(config.store.path, cache_size=config.store.cache_size,
+                                           mmap_threshold=config.store.mmap_threshold,
+                                           prefetch=config.store.prefetch)
+            except StoreError as exc:
+                self.counters.close()
+                if self.pattern_stats is not None:
+                    self.pattern_stats.close()
+                raise config.error("store.path", str(exc)) from None
 
     @staticmethod
     def _make_counters(config: Config) -> tuple[Counters, PatternStats | None]:
@@ -113,6 +127,9 @@ class MemoryServices:
             self.counters.close()
             if self.pattern_stats is not None:
                 self.pattern_stats.close()
+            store, self.store = self.store, None
+            if store is not None:
+                store.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -164,7 +181,10 @@ def knhk_arena(config: Config, name: str) -> Arena:
 @hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
     svc = services(config)
-    return {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
+    out: dict[str, Any] = {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
+    if svc.store is not None:
+        out["store"] = svc.store.stats()
+    return out
 
 
 @hookimpl
@@ -175,8 +195,6 @@ def knhk_pattern_registry(config: Config) -> PatternRegistry:
 @hookimpl
 def knhk_resource_registry(config: Config) -> GlobalResourceRegistry:
     return services(config).resources
-    svc = services(config)
-    return {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
 
 
 @hookimpl
@@ -187,3 +205,8 @@ def knhk_counters(config: Config) -> Counters:
 @hookimpl
 def knhk_pattern_stats(config: Config) -> PatternStats | None:
     return services(config).pattern_stats
+
+
+@hookimpl
+def knhk_workflow_store(config: Config) -> WorkflowStore | None:
+    return services(config).store

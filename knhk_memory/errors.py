@@ -33,3 +33,18 @@ class BackendUnavailableError(KnhkMemoryError, RuntimeError):
 
 class NativeError(KnhkMemoryError, RuntimeError):
     """A call into the C core failed; the message carries the C status."""
+
+
+# ---------------------------------------------------------------- simd
+
+class SimdLevelError(KnhkMemoryError, RuntimeError):
+    """A SIMD level was asked for (``KNHK_SIMD``, :func:`knhk_memory.simd.set_level`,
+    ``[simd] level``) that is unknown or that this CPU lacks."""
+
+
+class SimdTypeError(KnhkMemoryError, TypeError):
+    """An input to a SIMD scan has the wrong type or dtype."""
+
+
+class SimdValueError(KnhkMemoryError, ValueError):
+    """An input to a SIMD scan has an acceptable type but a bad value or layout."""

@@ -13,12 +13,14 @@
  */
 #include <stdlib.h>
 #include <strings.h>
+#include <time.h>
 
 #include "knhk_internal.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define KNHK_SIMD_X86 1
 #include <immintrin.h>
+#include <x86intrin.h>
 #define ATTR_AVX2 __attribute__((target("avx2,popcnt")))
 #define ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,popcnt,bmi,bmi2")))
 #else
@@ -51,6 +53,29 @@ static inline int width_index(int width) {
     case 8: return 3;
     default: return -1;
     }
+}
+
+/* Verify a candidate without a library call: overlapping 8-byte words (the
+   compiler turns the memcpys into plain loads), never past a + m. */
+static inline bool same_bytes(const uint8_t *a, const uint8_t *b, size_t m) {
+    if (m >= 8) {
+        uint64_t x, y;
+        size_t i = 0;
+        for (; i + 8 < m; i += 8) {
+            memcpy(&x, a + i, 8), memcpy(&y, b + i, 8);
+            if (x != y) return false;
+        }
+        memcpy(&x, a + m - 8, 8), memcpy(&y, b + m - 8, 8);
+        return x == y;
+    }
+    if (m >= 4) {
+        uint32_t x0, y0, x1, y1;
+        memcpy(&x0, a, 4), memcpy(&y0, b, 4), memcpy(&x1, a + m - 4, 4), memcpy(&y1, b + m - 4, 4);
+        return x0 == y0 && x1 == y1;
+    }
+    for (size_t i = 0; i < m; i++)
+        if (a[i] != b[i]) return false;
+    return true;
 }
 
 /* ==================================================================== serial kernels */
@@ -315,12 +340,27 @@ ATTR_AVX2 static int64_t find_avx2(const uint8_t *h, size_t n, const uint8_t *s,
         uint32_t mask = (uint32_t)_mm256_movemask_epi8(x);
         while (mask) {
             size_t p = i + (size_t)__builtin_ctz(mask);
-            if (memcmp(h + p, s, m) == 0) return (int64_t)p;
+            if (same_bytes(h + p, s, m)) return (int64_t)p;
             mask &= mask - 1;
         }
     }
+    if (i < cands && cands >= 32) {
+        /* The last partial block: re-load the final 32 candidates and drop
+           the ones already looked at. */
+        size_t j = cands - 32;
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + j))),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + j + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + j + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x) & (uint32_t)(~0ULL << (i - j));
+        while (mask) {
+            size_t p = j + (size_t)__builtin_ctz(mask);
+            if (same_bytes(h + p, s, m)) return (int64_t)p;
+            mask &= mask - 1;
+        }
+        return -1;
+    }
     for (; i < cands; i++)
-        if (h[i] == s[0] && h[i + m - 1] == s[m - 1] && memcmp(h + i, s, m) == 0) return (int64_t)i;
+        if (h[i] == s[0] && h[i + m - 1] == s[m - 1] && same_bytes(h + i, s, m)) return (int64_t)i;
     return -1;
 }
 
@@ -339,20 +379,47 @@ ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s
         uint32_t mask = (uint32_t)_mm256_movemask_epi8(x);
         while (mask) {
             unsigned b = 31u - (unsigned)__builtin_clz(mask);
-            if (memcmp(h + i + b, s, m) == 0) return (int64_t)(i + b);
+            if (same_bytes(h + i + b, s, m)) return (int64_t)(i + b);
             mask ^= 1u << b;
         }
     }
+    if (end > 0 && n - m + 1 >= 32) {
+        /* The first partial block: re-load the first 32 candidates, keep [0, end). */
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)h)),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x) & (uint32_t)((1ULL << end) - 1);
+        while (mask) {
+            unsigned b = 31u - (unsigned)__builtin_clz(mask);
+            if (same_bytes(h + b, s, m)) return (int64_t)b;
+            mask ^= 1u << b;
+        }
+        return -1;
+    }
     while (end-- > 0)
-        if (h[end] == s[0] && h[end + m - 1] == s[m - 1] && memcmp(h + end, s, m) == 0) return (int64_t)end;
+        if (h[end] == s[0] && h[end + m - 1] == s[m - 1] && same_bytes(h + end, s, m)) return (int64_t)end;
     return -1;
 }
 
 ATTR_AVX512 static inline uint64_t probe_avx512(const uint8_t *h, size_t i, size_t mid, size_t m, __mmask64 k,
                                                  __m512i f, __m512i c, __m512i l) {
-    __mmask64 x = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h + i), f);
-    x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + i + m - 1), l);
-    return _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + i + mid), c);
+    /* Three independent compares, then one AND: no chain through the masks. */
+    __mmask64 x = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i), f);
+    __mmask64 y = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + m - 1), l);
+    __mmask64 z = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + mid), c);
+    return x & y & z & k;
+}
+
+/* Candidates of one block, lowest first. Out of line so the scanning loop
+   keeps few registers live (no spills, no frame) while masks come back empty. */
+__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask,
+                                                        const uint8_t *s, size_t m) {
+    do {
+        size_t p = i + (size_t)__builtin_ctzll(mask);
+        if (same_bytes(h + p, s, m)) return (int64_t)p;
+        mask &= mask - 1;
+    } while (mask);
+    return -1;
 }
 
 ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
@@ -366,10 +433,9 @@ ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t
         /* The last block loads only the lanes of real candidates. */
         __mmask64 k = r >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)r);
         uint64_t mask = probe_avx512(h, i, mid, m, k, f, c, l);
-        while (mask) {
-            size_t p = i + (size_t)__builtin_ctzll(mask);
-            if (memcmp(h + p, s, m) == 0) return (int64_t)p;
-            mask &= mask - 1;
+        if (mask) {
+            int64_t p = verify_forward(h, i, mask, s, m);
+            if (p >= 0) return p;
         }
     }
     return -1;
@@ -388,7 +454,7 @@ ATTR_AVX512 static int64_t rfind_avx512(const uint8_t *h, size_t n, const uint8_
         uint64_t mask = probe_avx512(h, i, mid, m, k, f, c, l);
         while (mask) {
             unsigned b = 63u - (unsigned)__builtin_clzll(mask);
-            if (memcmp(h + i + b, s, m) == 0) return (int64_t)(i + b);
+            if (same_bytes(h + i + b, s, m)) return (int64_t)(i + b);
             mask ^= 1ULL << b;
         }
         end = i;
@@ -701,4 +767,39 @@ void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations) {
         knhk_simd_count_eq(c->ids, 1024, 4, c->value, &r);
     }
     c->result = r;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static inline uint64_t ticks_now(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    /* lfence keeps rdtsc from running ahead of the work it times. */
+    _mm_lfence();
+    uint64_t t = __rdtsc();
+    _mm_lfence();
+    return t;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+#endif
+}
+
+double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps) {
+    double samples[1001];
+    if (reps < 1) reps = 1;
+    if (reps > 1001) reps = 1001;
+    if (batch == 0) batch = 1;
+    fn(ctx, batch); /* warm caches and branch predictors */
+    for (uint32_t r = 0; r < reps; r++) {
+        uint64_t t0 = ticks_now();
+        fn(ctx, batch);
+        uint64_t t1 = ticks_now();
+        samples[r] = (double)(t1 - t0) / (double)batch;
+    }
+    qsort(samples, reps, sizeof samples[0], cmp_double);
+    return samples[reps / 2];
 }

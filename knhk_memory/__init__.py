@@ -25,8 +25,17 @@ from .allocator import (
     selected_backend,
 )
 from .config import Config, load_config
-from .errors import BackendUnavailableError, ConfigError, KnhkMemoryError, NativeError
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    KnhkMemoryError,
+    NativeError,
+    SimdLevelError,
+    SimdTypeError,
+    SimdValueError,
+)
 from .host import get_plugin_manager
+from . import simd
 
 __all__ = [
     "__version__",
@@ -34,5 +43,6 @@ __all__ = [
     "install_numpy_handler", "numpy_handler", "select_backend", "selected_backend",
     "Config", "load_config",
     "BackendUnavailableError", "ConfigError", "KnhkMemoryError", "NativeError",
+    "SimdLevelError", "SimdTypeError", "SimdValueError", "simd",
     "get_plugin_manager",
 ]

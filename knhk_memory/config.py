@@ -102,6 +102,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
     },
+    "simd": {
+        "level": Field(str, "auto", "SIMD level of knhk_memory.simd's kernels: auto (the best this CPU "
+                       "supports, or what the KNHK_SIMD environment variable forces), scalar, avx2, avx512. "
+                       "A level the CPU lacks is an error.",
+                       choices=("auto", "scalar", "avx2", "avx512")),
+    },
 }
 
 

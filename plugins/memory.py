@@ -16,8 +16,9 @@ from knhk_memory.allocator import (
     select_backend,
     set_numpy_routing,
 )
+from knhk_memory import simd
 from knhk_memory.config import Config
-from knhk_memory.errors import BackendUnavailableError
+from knhk_memory.errors import BackendUnavailableError, SimdLevelError
 from knhk_memory.hookspecs import hookimpl
 
 STASH_KEY = "knhk_memory.memory"
@@ -35,14 +36,27 @@ class MemoryServices:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
+        self.simd_level = config.simd.level
+        if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
+            raise config.error("simd.level", f"this CPU does not support the {self.simd_level} level; "
+                               f"supported: {', '.join(simd.supported_levels())}, or auto")
+        self._simd_previous: str | None = None
 
     def apply(self) -> None:
         select_backend(self.backend)
         if self.numpy:
             self._numpy_token = install_numpy_handler(self.backend)
         set_numpy_routing(self.numpy)
+        if self.simd_level != "auto":
+            self._simd_previous = simd.set_level(self.simd_level)
 
     def close(self) -> None:
+        previous, self._simd_previous = self._simd_previous, None
+        if previous is not None:
+            try:
+                simd.set_level(previous)
+            except SimdLevelError:  # the process started with a bad KNHK_SIMD; leave ours
+                pass
         token, self._numpy_token = self._numpy_token, None
         if token is not None:
             token.restore()
@@ -82,6 +96,12 @@ def knhk_unconfigure(config: Config) -> None:
 @hookimpl
 def knhk_allocator(config: Config) -> Backend:
     return services(config).backend
+
+
+@hookimpl
+def knhk_simd_level(config: Config) -> str:
+    services(config)
+    return simd.level()
 
 
 @hookimpl

@@ -439,3 +439,53 @@ def test_median_ticks_measures_in_c():
     cleanup()
     with pytest.raises(SimdValueError, match=r"unknown hot op 'nope'; accepted: search_64, count_eq_4k"):
         simd.median_ticks("nope")
+
+
+# ---------------------------------------------------------------- config, hook, plugin
+
+def test_hook_reports_and_applies_the_configured_level():
+    from knhk_memory import get_plugin_manager, load_config
+
+    before = simd.level()
+    pm = get_plugin_manager()
+    config = load_config(mapping={"simd": {"level": "scalar"}})
+    pm.hook.knhk_configure(config=config)
+    try:
+        assert pm.hook.knhk_simd_level(config=config) == "scalar"
+        assert simd.level() == "scalar"
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+    assert simd.level() == before
+    auto = load_config(mapping={"simd": {"level": "auto"}})
+    pm.hook.knhk_configure(config=auto)
+    try:
+        assert pm.hook.knhk_simd_level(config=auto) == before
+    finally:
+        pm.hook.knhk_unconfigure(config=auto)
+
+
+def test_config_rejects_unknown_level():
+    from knhk_memory import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"simd.level: 'avx' is not one of 'auto', 'scalar', 'avx2', 'avx512'"):
+        load_config(mapping={"simd": {"level": "avx"}})
+
+
+def test_hooks_are_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "hooks.md").read_text()
+    assert "## knhk_simd_level" in doc
+
+
+def test_plugin_refuses_a_level_the_cpu_lacks(monkeypatch):
+    from knhk_memory import ConfigError, get_plugin_manager, load_config
+
+    monkeypatch.setattr(simd, "supported_levels", lambda: ["scalar"])  # an old CPU
+    before = simd.level()
+    pm = get_plugin_manager()
+    config = load_config(mapping={"simd": {"level": "avx512"}})
+    with pytest.raises(ConfigError, match=r"simd.level: this CPU does not support the avx512 level; "
+                                          r"supported: scalar, or auto"):
+        pm.hook.knhk_configure(config=config)
+    assert simd.level() == before

@@ -114,6 +114,8 @@ def _haystack(obj: Any) -> Any:
 
 
 def _needle(obj: Any) -> bytes:
+    if type(obj) is bytes:
+        return obj
     if isinstance(obj, int) and not isinstance(obj, bool):
         if not 0 <= obj < 256:
             raise SimdValueError(f"a needle given as an int is one byte: it must be in range(0, 256), got {obj}")
@@ -142,6 +144,8 @@ def _index(value: Any, what: str) -> int | None:
 def _bounds(n: int, start: Any, end: Any) -> tuple[int, int]:
     """bytes.find's ADJUST_INDICES: negatives count from the end, end is clamped
     to n, start is not clamped upwards (so start > n finds nothing)."""
+    if start is None and end is None:
+        return 0, n
     s, e = _index(start, "start"), _index(end, "end")
     s = 0 if s is None else s
     e = n if e is None else e
@@ -166,6 +170,9 @@ def _prepare(haystack: Any, needle: Any, start: Any, end: Any) -> tuple[Any, int
 
 def find(haystack: Any, needle: Any, start: Any = None, end: Any = None) -> int:
     """Lowest index of ``needle`` in ``haystack[start:end]``, or -1 (as ``bytes.find``)."""
+    if type(haystack) is bytes and type(needle) is bytes and start is None and end is None and _init_error is None:
+        # The common call, without building a buffer view: cffi passes bytes as a pointer.
+        return lib.knhk_simd_find(haystack, len(haystack), needle, len(needle)) if len(needle) <= len(haystack) else -1
     p = _prepare(haystack, needle, start, end)
     if p is None:
         return -1
@@ -260,11 +267,16 @@ def find_many(haystack: Any, needles: Sequence[Any]) -> FindMany:
 # ---------------------------------------------------------------- id scans
 
 _ID_DTYPES = "uint8, uint16, uint32, uint64"
+_WIDTHS = {np.dtype(t): np.dtype(t).itemsize for t in (np.uint8, np.uint16, np.uint32, np.uint64)}
 
 
 def _ids(a: Any, what: str) -> tuple[Any, int, int]:
     """(buffer, element count, width) of a C-contiguous unsigned id array."""
     _ready()
+    if type(a) is np.ndarray:
+        w = _WIDTHS.get(a.dtype)  # native byte order only: '>u4' is a different dtype
+        if w is not None and a.flags.c_contiguous:
+            return ffi.from_buffer(a), a.size, w
     if not isinstance(a, np.ndarray):
         raise SimdTypeError(f"{what}: expected a numpy array of {_ID_DTYPES}, got {type(a).__name__}; "
                             "wrap it with numpy.asarray(x, dtype=numpy.uint32) (that copies)")
@@ -278,6 +290,9 @@ def _ids(a: Any, what: str) -> tuple[Any, int, int]:
         raise SimdValueError(f"{what}: the array is not C-contiguous (shape {a.shape}, strides {a.strides}); "
                              "pass numpy.ascontiguousarray(a), which copies")
     return ffi.from_buffer(a), a.size, dt.itemsize
+
+
+_LIMITS = {1: 1 << 8, 2: 1 << 16, 4: 1 << 32, 8: 1 << 64}
 
 
 def _value(v: Any, width: int, what: str) -> int | None:
@@ -295,7 +310,7 @@ def count_eq(a: np.ndarray, v: int) -> int:
     """``numpy.count_nonzero(a == v)`` in one pass. An id outside the dtype's
     range matches nothing (as numpy compares it)."""
     buf, n, w = _ids(a, "count_eq")
-    x = _value(v, w, "count_eq")
+    x = v if type(v) is int and 0 <= v < _LIMITS[w] else _value(v, w, "count_eq")
     if x is None:
         return 0
     out = ffi.new("uint64_t *")
@@ -471,16 +486,18 @@ def hot_ops() -> list[Any]:
             fn=ffi.addressof(lib, "knhk_simd_hotop_search_64"),
             setup=_search64_setup,
             default_budget=16,
-            budget_reason="one masked AVX-512 block (three loads, three compares) plus one 16-byte "
-                          "memcmp; the issue's bound",
+            budget_reason="the issue's bound: one masked AVX-512 block (three loads, three compares) "
+                          "plus a 16-byte verify. Measured 25-33 ticks on the 2-core VM: not yet met, "
+                          "see docs/simd.md",
         ),
         HotOp(
             name="count_eq_4k",
             description="knhk_simd_count_eq over 1024 uint32 ids (4 KiB, L1-resident)",
             fn=ffi.addressof(lib, "knhk_simd_hotop_count_eq_4k"),
             setup=_count4k_setup,
-            default_budget=400,
-            budget_reason="measured ~120 ticks at avx512 and ~200 at avx2 on the 2-core VM (64 blocks "
-                          "of compare+popcount); 400 leaves room for the scalar level's ~700? no: see docs/simd.md",
+            default_budget=300,
+            budget_reason="measured medians 131 ticks at avx512 and 167 at avx2 (64 blocks of "
+                          "compare + popcount from L1, ~2 ticks a block); 300 absorbs a noisy neighbour "
+                          "but not a fall to the scalar kernels (~1800 ticks). See docs/simd.md",
         ),
     ]

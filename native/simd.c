@@ -284,6 +284,24 @@ ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u64(const uint64_t *p, siz
         const T v = (T)v64;                                                                             \
         enum { E = 64 / sizeof(T) };                                                                    \
         size_t k = 0, i = from;                                                                         \
+        /* While a whole block's results fit, write four positions per block \
+           unconditionally and advance by the popcount: at the id densities of \
+           workflow logs a "while (mask)" loop mispredicts on most blocks. */ \
+        while (i + E <= n && k + E <= cap) {                                                            \
+            uint64_t m = eqmask_##ISA##_u##W(a + i, v);                                                  \
+            size_t cnt = (size_t)__builtin_popcountll(m);                                               \
+            int64_t *o = out + k;                                                                       \
+            for (int j = 0; j < 4; j++) {                                                               \
+                o[j] = (int64_t)(i + (size_t)(m ? __builtin_ctzll(m) : 0));                             \
+                m &= m - 1;                                                                             \
+            }                                                                                           \
+            for (int j = 4; _knhk_unlikely(m != 0); j++) {                                              \
+                o[j] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                       \
+                m &= m - 1;                                                                             \
+            }                                                                                           \
+            k += cnt;                                                                                   \
+            i += E;                                                                                     \
+        }                                                                                               \
         while (i < n) {                                                                                 \
             size_t r = n - i;                                                                           \
             uint64_t m = r >= E ? eqmask_##ISA##_u##W(a + i, v) : eqmask_tail_##ISA##_u##W(a + i, r, v); \

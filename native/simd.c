@@ -446,7 +446,19 @@ ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t
     const size_t mid = m / 2, cands = n - m + 1;
     const __m512i f = _mm512_set1_epi8((char)s[0]), c = _mm512_set1_epi8((char)s[mid]),
                   l = _mm512_set1_epi8((char)s[m - 1]);
-    for (size_t i = 0; i < cands; i += 64) {
+    size_t i = 0;
+    /* Whole blocks: plain loads, two blocks per iteration so two cache lines
+       are in flight and the loop branch is taken half as often. */
+    for (; i + 128 <= cands; i += 128) {
+        uint64_t m0 = probe_avx512(h, i, mid, m, ~0ULL, f, c, l);
+        uint64_t m1 = probe_avx512(h, i + 64, mid, m, ~0ULL, f, c, l);
+        if (_knhk_unlikely((m0 | m1) != 0)) {
+            int64_t p = m0 ? verify_forward(h, i, m0, s, m) : -1;
+            if (p < 0 && m1) p = verify_forward(h, i + 64, m1, s, m);
+            if (p >= 0) return p;
+        }
+    }
+    for (; i < cands; i += 64) {
         size_t r = cands - i;
         /* The last block loads only the lanes of real candidates. */
         __mmask64 k = r >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)r);

@@ -119,19 +119,22 @@ def _all_cases() -> list[Any]:
     return _CASES
 
 
+GROUPS = ["find64M", "count64M", "find256", "count_eq_u32", "count_eq_u8", "find_eq_u32", "hist_u8",
+          "hist_u32", "count_eq_4k"]
+
+
 def _ids() -> list[tuple[int, str]]:
     # Names only; the data is built lazily, once, when the first benchmark runs.
-    groups = ["find64M", "count64M", "find256", "count_eq_u32", "count_eq_u8", "find_eq_u32", "hist_u8",
-              "hist_u32", "count_eq_4k"]
-    impls = [f"knhk[{lv}]" for lv in simd.supported_levels()] + ["peer", "peer2"]
-    return [(g, i) for g in range(len(groups)) for i in impls]
+    impls = [f"knhk-{lv}" for lv in simd.supported_levels()] + ["peer", "peer2"]
+    return [(g, i) for g in range(len(GROUPS)) for i in impls]
 
 
-@pytest.mark.parametrize("case,impl", [(g, i) for g, i in _ids()])
+@pytest.mark.parametrize("case,impl", _ids(), ids=[f"{GROUPS[g]}-{i}" for g, i in _ids()])
 def test_simd(benchmark, case, impl):
     group, _, impls = _all_cases()[case]
     peers = [k for k in impls if not k.startswith("knhk")]
-    name = peers[0] if impl == "peer" and peers else peers[1] if impl == "peer2" and len(peers) > 1 else impl
+    name = (peers[0] if impl == "peer" and peers else peers[1] if impl == "peer2" and len(peers) > 1
+            else f"knhk[{impl[5:]}]" if impl.startswith("knhk-") else impl)
     if name not in impls:
         pytest.skip(f"no {impl} for {group}")
     benchmark.group = group

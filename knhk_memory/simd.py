@@ -487,7 +487,7 @@ def hot_ops() -> list[Any]:
             setup=_search64_setup,
             default_budget=16,
             budget_reason="the issue's bound: one masked AVX-512 block (three loads, three compares) "
-                          "plus a 16-byte verify. Measured 25-33 ticks on the 2-core VM: not yet met, "
+                          "plus a 16-byte verify. Measured 21 ticks (avx512) on the 2-core VM: not yet met, "
                           "see docs/simd.md",
         ),
         HotOp(

@@ -440,9 +440,8 @@ __attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t
     return -1;
 }
 
-ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
-    if (m == 0) return 0;
-    if (m > n) return -1;
+ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint8_t *h, size_t n, const uint8_t *s,
+                                                                       size_t m) {
     const size_t mid = m / 2, cands = n - m + 1;
     const __m512i f = _mm512_set1_epi8((char)s[0]), c = _mm512_set1_epi8((char)s[mid]),
                   l = _mm512_set1_epi8((char)s[m - 1]);
@@ -467,6 +466,26 @@ ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t
             int64_t p = verify_forward(h, i, mask, s, m);
             if (p >= 0) return p;
         }
+    }
+    return -1;
+}
+
+/* Windows of up to 64 candidates (a 64-byte window and a 16-byte needle,
+   say) take one masked block: no loop, and a frame small enough that the
+   call costs little more than the compares. */
+ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return 0;
+    if (m > n) return -1;
+    const size_t cands = n - m + 1;
+    if (cands > 64) return find_avx512_long(h, n, s, m);
+    const size_t mid = m / 2;
+    const __mmask64 k = _bzhi_u64(~0ULL, (unsigned)cands);
+    uint64_t mask = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h), _mm512_set1_epi8((char)s[0])) &
+                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + m - 1), _mm512_set1_epi8((char)s[m - 1])) &
+                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + mid), _mm512_set1_epi8((char)s[mid])) & k;
+    for (; mask; mask &= mask - 1) {
+        size_t p = (size_t)__builtin_ctzll(mask);
+        if (same_bytes(h + p, s, m)) return (int64_t)p;
     }
     return -1;
 }

@@ -34,6 +34,7 @@ from .arena import Arena, ArenaStats, ThreadLocalArena
 from .host import get_plugin_manager
 from .once import Lazy, OnceLock
 from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
+from . import simd
 from .store import WorkflowStore, WorkflowStoreWriter, open_store
 
 __all__ = [
@@ -47,5 +48,6 @@ __all__ = [
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
     "Arena", "ArenaStats", "ThreadLocalArena",
     "WorkflowStore", "WorkflowStoreWriter", "open_store",
+    "simd",
 ]
 __all__ += errors.__all__

@@ -59,6 +59,7 @@ PROVIDERS: tuple[str, ...] = (
     "knhk_memory.counters",
     "knhk_memory.arena",
     "knhk_memory.store",
+    "knhk_memory.simd",
 )
 
 COUNTERS = {

@@ -93,9 +93,23 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
                              "path": backend.path, "version": backend.version},
         "numpy": numpy_info,
         "cpu": {"features": features, "cache_line": lib.KNHK_CACHE_LINE},
+        "simd": _simd_info(),
         "plugins": sorted(name for name, _ in pm.list_name_plugin() if name),
         "stats": stats,
     }
+
+
+def _simd_info() -> dict[str, Any]:
+    from . import simd
+    from .errors import SimdLevelError
+
+    try:
+        active: str | None = simd.level()
+        error = None
+    except SimdLevelError as exc:
+        active, error = None, str(exc)
+    return {"level": active, "supported": simd.supported_levels(), "error": error,
+            "forced_by": os.environ.get("KNHK_SIMD") or None}
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -116,6 +130,10 @@ def _print_info(info: dict[str, Any]) -> None:
                f"new arrays use handler {np_['new_array_handler']} (numpy {np_['numpy_version']})")
     cpu = info["cpu"]
     out.append(f"cpu:      {' '.join(cpu['features']) or 'no SIMD features'}; cache line {cpu['cache_line']} B")
+    sd = info["simd"]
+    how = f"forced by KNHK_SIMD={sd['forced_by']}" if sd["forced_by"] else "auto"
+    out.append(f"simd:     {sd['level'] or 'ERROR: ' + str(sd['error'])} ({how}; "
+               f"supported: {', '.join(sd['supported'])})")
     out.append(f"plugins:  {', '.join(info['plugins'])}")
     print("\n".join(out))
 

@@ -182,6 +182,12 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
                           "(MADV_WILLNEED)."),
     },
+    "simd": {
+        "level": Field(str, "auto", "SIMD level of knhk_memory.simd's kernels: auto (the best this CPU "
+                       "supports, or what the KNHK_SIMD environment variable forces), scalar, avx2, avx512. "
+                       "A level the CPU lacks is an error.",
+                       choices=("auto", "scalar", "avx2", "avx512")),
+    },
 }
 
 

@@ -190,6 +190,20 @@ class DuplicateKeyError(StoreError, ValueError):
 class StoreClosedError(StoreError, ValueError):
     """The store (or writer) was used after close()."""
 
+# ---------------------------------------------------------------- simd
+
+class SimdLevelError(KnhkMemoryError, RuntimeError):
+    """A SIMD level was asked for (``KNHK_SIMD``, :func:`knhk_memory.simd.set_level`,
+    ``[simd] level``) that is unknown or that this CPU lacks."""
+
+
+class SimdTypeError(KnhkMemoryError, TypeError):
+    """An input to a SIMD scan has the wrong type or dtype."""
+
+
+class SimdValueError(KnhkMemoryError, ValueError):
+    """An input to a SIMD scan has an acceptable type but a bad value or layout."""
+
 
 # Every exception class defined above; knhk_memory re-exports them all.
 __all__ = sorted(name for name, obj in list(globals().items())

@@ -131,6 +131,21 @@ def knhk_arena(config: Config, name: str) -> Arena | None:
 
 
 # -------------------------------------------------------------------------
+# SIMD scans
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_simd_level(config: Config) -> str | None:
+    """Return the SIMD level the engine's scans run at (``"scalar"``, ``"avx2"``, ``"avx512"``).
+
+    :param config: The engine's configuration (``[simd] level`` chooses it).
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
 # Reporting
 # -------------------------------------------------------------------------
 

@@ -102,6 +102,10 @@ extern "C" {
 #define KNHK_STORE_ABSENT (-1)
 #define KNHK_STORE_WIDE (-2)
 #define KNHK_STORE_BROKEN (-3)
+/* SIMD scans (simd.c). Largest id set knhk_simd_isin takes, and the number of
+   histogram bins kept in on-stack sub-tables (more bins use one table). */
+#define KNHK_SIMD_ISIN_MAX 256
+#define KNHK_SIMD_HIST_FAST_BINS 1024
 
 /* KNHK_CDEF_BEGIN */
 
@@ -573,6 +577,99 @@ int knhk_store_py_install(void);
 /* Hot-path operation: one lookup of a present key (hash, probe, bounds
    check, key compare). ctx: a knhk_store_probe_ctx *. */
 void knhk_store_hotop_probe(void *ctx, uint64_t iterations);
+/* ---------------------------------------------------------------- simd */
+
+/* Levels of the SIMD dispatch table. Every operation has a kernel per level;
+   the scalar one is the reference the others are tested against. */
+typedef enum {
+    KNHK_SIMD_SCALAR = 0,
+    KNHK_SIMD_AVX2 = 1,   /* AVX2 + POPCNT */
+    KNHK_SIMD_AVX512 = 2, /* AVX-512 F + BW + VL (and the AVX2 level) */
+    KNHK_SIMD_LEVELS = 3
+} knhk_simd_level_id;
+
+/* Fill the dispatch table once: the best level the CPU and OS support, or the
+   one the environment variable KNHK_SIMD names (scalar, avx2, avx512, auto).
+   KNHK_ERR_INVALID for an unknown name, KNHK_ERR_UNAVAILABLE for a level this
+   machine lacks: a forced level never falls back silently. A failed init is
+   retried by the next call. */
+int knhk_simd_init(void);
+/* The active level, or -1 when knhk_simd_init has failed. (Operations called
+   in that state run the scalar kernels; the Python layer refuses them.) */
+int knhk_simd_level(void);
+/* Force a level at run time (tests, benchmarks). KNHK_ERR_INVALID for an id
+   out of range, KNHK_ERR_UNAVAILABLE when the machine lacks it. */
+int knhk_simd_set_level(int level);
+/* 1 when the CPU and OS support the level, else 0. */
+int knhk_simd_level_supported(int level);
+/* "scalar", "avx2", "avx512", or "unknown". */
+const char *knhk_simd_level_name(int level);
+
+/* Byte patterns. Positions are offsets into hay; -1 is "not found". An empty
+   needle matches at every position 0..n (as bytes.find/count do). */
+int64_t knhk_simd_find(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m);
+int64_t knhk_simd_rfind(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m);
+/* Non-overlapping (bytes.count) unless overlapping is non-zero. */
+uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping);
+/* Match positions >= from, in order, up to cap of them into out. Returns the
+   number written; fewer than cap means the scan is complete, otherwise resume
+   with from = *next. */
+size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
+                          size_t from, int64_t *out, size_t cap, size_t *next);
+/* k needles at once: *first is the smallest match position of any needle
+   (-1 if none) and *which the needle found there (the lowest index on a tie,
+   -1 if none); counts (may be NULL) receives each needle's non-overlapping
+   count. */
+int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *needles, const size_t *lens, size_t k,
+                        int64_t *first, int64_t *which, uint64_t *counts);
+
+/* Id scans over arrays of unsigned integers of `width` bytes (1, 2, 4 or 8);
+   any other width is KNHK_ERR_INVALID. v is compared as the element type
+   (callers pass a value that fits). */
+int knhk_simd_count_eq(const void *a, size_t n, int width, uint64_t v, uint64_t *count);
+/* Indices i >= from with a[i] == v, up to cap of them; *written receives how
+   many (fewer than cap: complete, else resume with from = *next). */
+int knhk_simd_find_eq(const void *a, size_t n, int width, uint64_t v, size_t from, int64_t *out, size_t cap,
+                      size_t *written, size_t *next);
+/* out[i] = (a[i] == v), one byte (0 or 1) per element. */
+int knhk_simd_mask_eq(const void *a, size_t n, int width, uint64_t v, uint8_t *out);
+/* out[i] = (a[i] is one of set[0..k)); k <= KNHK_SIMD_ISIN_MAX. */
+int knhk_simd_isin(const void *a, size_t n, int width, const uint64_t *set, size_t k, uint8_t *out);
+/* counts[id] += occurrences for id < nbins (counts is zeroed first); ids >=
+   nbins are not stored, their number goes to *out_of_range. nbins >= 1. */
+int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins,
+                        uint64_t *out_of_range);
+
+/* One pass: min, max and the sum modulo 2**64. For n == 0, min and max are 0
+   and the call returns KNHK_ERR_INVALID. */
+typedef struct {
+    uint64_t min;
+    uint64_t max;
+    uint64_t sum;
+} knhk_simd_reduction;
+int knhk_simd_reduce(const void *a, size_t n, int width, knhk_simd_reduction *out);
+
+/* Hot-path operations (knhk_hotop_fn). search_64: knhk_simd_find of a
+   16-byte needle in a 64-byte window, through the dispatch table. */
+typedef struct {
+    uint8_t window[64];
+    uint8_t needle[16];
+    int64_t result;
+} knhk_simd_search64_ctx;
+void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations);
+
+/* count_eq_4k: knhk_simd_count_eq over 1024 uint32 ids (4 KiB). */
+typedef struct {
+    uint32_t ids[1024];
+    uint32_t value;
+    uint64_t result;
+} knhk_simd_count4k_ctx;
+void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
+
+/* The median over `reps` batches of the time-stamp-counter ticks one call of
+   fn(ctx, 1) costs, each batch timing fn(ctx, batch) (rdtsc on x86_64,
+   nanoseconds elsewhere). reps is clamped to [1, 1001]; batch 0 counts as 1. */
+double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
 /* KNHK_CDEF_END */
 

@@ -18,10 +18,11 @@ from knhk_memory.allocator import (
     select_backend,
     set_numpy_routing,
 )
+from knhk_memory import simd
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
-from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError, StoreError
+from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError, SimdLevelError, StoreError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 from knhk_memory.store import WorkflowStore
@@ -41,6 +42,11 @@ class MemoryServices:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
+        self.simd_level = config.simd.level
+        if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
+            raise config.error("simd.level", f"this CPU does not support the {self.simd_level} level; "
+                               f"supported: {', '.join(simd.supported_levels())}, or auto")
+        self._simd_previous: str | None = None
         self.arena_settings = {"chunk_size": config.arena.chunk_size,
                                "max_chunk_size": config.arena.max_chunk_size,
                                "huge_pages": config.arena.huge_pages}
@@ -114,8 +120,16 @@ class MemoryServices:
         if self.numpy:
             self._numpy_token = install_numpy_handler(self.backend)
         set_numpy_routing(self.numpy)
+        if self.simd_level != "auto":
+            self._simd_previous = simd.set_level(self.simd_level)
 
     def close(self) -> None:
+        previous, self._simd_previous = self._simd_previous, None
+        if previous is not None:
+            try:
+                simd.set_level(previous)
+            except SimdLevelError:  # the process started with a bad KNHK_SIMD; leave ours
+                pass
         try:
             # Resources first, newest first: they may still use the allocator.
             self.resources.close()
@@ -210,3 +224,9 @@ def knhk_pattern_stats(config: Config) -> PatternStats | None:
 @hookimpl
 def knhk_workflow_store(config: Config) -> WorkflowStore | None:
     return services(config).store
+
+
+@hookimpl
+def knhk_simd_level(config: Config) -> str:
+    services(config)
+    return simd.level()

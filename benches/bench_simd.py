@@ -1,0 +1,189 @@
+"""Benchmarks of knhk_memory.simd against the obvious peers, in the same run.
+
+Peers: ``bytes.find`` / ``bytes.count`` and StringZilla (``pip install
+'knhk-memory[bench]'``) for byte patterns; numpy (``count_nonzero(a == v)``,
+``flatnonzero(a == v)``, ``bincount``) for id scans. Inputs: 64 MiB (memory
+bound) and small (call-overhead bound).
+
+Two ways to run:
+
+- ``bash scripts/dev.sh bench`` (pytest-benchmark; one benchmark per case and
+  implementation, grouped so the peers sit side by side);
+- ``python benches/bench_simd.py`` prints the table written in docs/simd.md:
+  median of repeated runs, GB/s, and the ratio to each peer (> 1: we are faster).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from knhk_memory import simd
+
+try:
+    import stringzilla as sz
+except ImportError:  # pragma: no cover - the bench extra is not installed
+    sz = None
+
+MIB = 1 << 20
+BIG = 64 * MIB
+NEEDLE = b"workflow:pattern"  # 16 bytes
+assert len(NEEDLE) == 16
+
+
+def text_haystack(n: int, plant_every: int | None) -> bytes:
+    """Lowercase-and-space text (the byte mix of an event log), the needle planted
+    every ``plant_every`` bytes or not at all."""
+    rng = np.random.default_rng(16)
+    alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz      ", np.uint8)
+    buf = alphabet[rng.integers(0, len(alphabet), n)].copy()
+    if plant_every:
+        for p in range(plant_every - 16, n - 16, plant_every):
+            buf[p:p + 16] = np.frombuffer(NEEDLE, np.uint8)
+    return buf.tobytes()
+
+
+def id_column(n: int, dtype: Any) -> np.ndarray:
+    return np.random.default_rng(43).integers(0, 43, n, dtype=dtype)
+
+
+# ---------------------------------------------------------------- cases: (group, nbytes, {impl: fn})
+
+def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
+    miss = text_haystack(BIG, None)
+    hits = text_haystack(BIG, MIB)
+    small = text_haystack(256, None)[:-16] + NEEDLE
+    out: list[tuple[str, int, dict[str, Callable[[], Any]]]] = []
+
+    def ours(fn: Callable[[], Any]) -> dict[str, Callable[[], Any]]:
+        # The level is set by the caller before timing (see _level_of).
+        return {f"knhk[{lv}]": fn for lv in simd.supported_levels()}
+
+    def peers_find(h: bytes) -> dict[str, Callable[[], Any]]:
+        d: dict[str, Callable[[], Any]] = {"bytes.find": lambda: h.find(NEEDLE)}
+        if sz is not None:
+            s = sz.Str(h)
+            d["stringzilla"] = lambda: s.find(NEEDLE)
+        return d
+
+    def peers_count(h: bytes) -> dict[str, Callable[[], Any]]:
+        d: dict[str, Callable[[], Any]] = {"bytes.count": lambda: h.count(NEEDLE)}
+        if sz is not None:
+            s = sz.Str(h)
+            d["stringzilla"] = lambda: s.count(NEEDLE)
+        return d
+
+    out.append(("find 16 B needle, 64 MiB, absent", BIG, {**ours(lambda: simd.find(miss, NEEDLE)), **peers_find(miss)}))
+    out.append(("count 16 B needle, 64 MiB, 64 hits", BIG,
+                {**ours(lambda: simd.count(hits, NEEDLE)), **peers_count(hits)}))
+    out.append(("find 16 B needle, 256 B, at the end", 256,
+                {**ours(lambda: simd.find(small, NEEDLE)), **peers_find(small)}))
+
+    u32 = id_column(BIG // 4, np.uint32)
+    u8 = id_column(BIG, np.uint8)
+    out.append(("count_eq uint32, 64 MiB", BIG,
+                {**ours(lambda: simd.count_eq(u32, 7)), "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u32 == 7)}))
+    out.append(("count_eq uint8, 64 MiB", BIG,
+                {**ours(lambda: simd.count_eq(u8, 7)), "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u8 == 7)}))
+    out.append(("find_eq uint32, 64 MiB (1/43 match)", BIG,
+                {**ours(lambda: simd.find_eq(u32, 7)), "numpy flatnonzero(a == v)": lambda: np.flatnonzero(u32 == 7)}))
+    out.append(("histogram 43 ids, uint8, 64 MiB", BIG,
+                {**ours(lambda: simd.histogram(u8, 43)), "numpy bincount": lambda: np.bincount(u8, minlength=43)}))
+    out.append(("histogram 43 ids, uint32, 64 MiB", BIG,
+                {**ours(lambda: simd.histogram(u32, 43)), "numpy bincount": lambda: np.bincount(u32, minlength=43)}))
+    small32 = id_column(1024, np.uint32)
+    out.append(("count_eq uint32, 4 KiB", 4096,
+                {**ours(lambda: simd.count_eq(small32, 7)),
+                 "numpy count_nonzero(a == v)": lambda: np.count_nonzero(small32 == 7)}))
+    return out
+
+
+def _level_of(name: str) -> str:
+    return name[5:-1] if name.startswith("knhk[") else simd.supported_levels()[-1]
+
+
+# ---------------------------------------------------------------- pytest-benchmark
+
+_CASES: list[Any] | None = None
+
+
+def _all_cases() -> list[Any]:
+    global _CASES
+    if _CASES is None:
+        _CASES = cases()
+    return _CASES
+
+
+GROUPS = ["find64M", "count64M", "find256", "count_eq_u32", "count_eq_u8", "find_eq_u32", "hist_u8",
+          "hist_u32", "count_eq_4k"]
+
+
+def _ids() -> list[tuple[int, str]]:
+    # Names only; the data is built lazily, once, when the first benchmark runs.
+    impls = [f"knhk-{lv}" for lv in simd.supported_levels()] + ["peer", "peer2"]
+    return [(g, i) for g in range(len(GROUPS)) for i in impls]
+
+
+@pytest.mark.parametrize("case,impl", _ids(), ids=[f"{GROUPS[g]}-{i}" for g, i in _ids()])
+def test_simd(benchmark, case, impl):
+    group, _, impls = _all_cases()[case]
+    peers = [k for k in impls if not k.startswith("knhk")]
+    name = (peers[0] if impl == "peer" and peers else peers[1] if impl == "peer2" and len(peers) > 1
+            else f"knhk[{impl[5:]}]" if impl.startswith("knhk-") else impl)
+    if name not in impls:
+        pytest.skip(f"no {impl} for {group}")
+    benchmark.group = group
+    benchmark.name = name
+    with simd.forced_level(_level_of(name)):
+        benchmark.pedantic(impls[name], rounds=5, iterations=1 if "64 MiB" in group else 1000, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------- table for docs/simd.md
+
+def median_seconds(fn: Callable[[], Any], nbytes: int) -> float:
+    """Median wall time of one call; small inputs are timed in batches."""
+    fn()
+    inner = 1 if nbytes >= MIB else 2000
+    reps = 9 if nbytes >= MIB else 15
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return sorted(samples)[len(samples) // 2]
+
+
+def main() -> int:
+    best = simd.supported_levels()[-1]
+    print(f"simd levels: {', '.join(simd.supported_levels())}; stringzilla "
+          f"{getattr(sz, '__version__', 'not installed')}; numpy {np.__version__}")
+    print("| case | implementation | median | GB/s | knhk[" + best + "] speed-up |")
+    print("|---|---|---:|---:|---:|")
+    for group, nbytes, impls in cases():
+        results = {}
+        for name, fn in impls.items():
+            with simd.forced_level(_level_of(name)):
+                results[name] = median_seconds(fn, nbytes)
+        ours = results[f"knhk[{best}]"]
+        for name, t in results.items():
+            unit = f"{t * 1e3:.2f} ms" if t >= 1e-3 else f"{t * 1e9:.0f} ns"
+            ratio = "" if name == f"knhk[{best}]" else f"{t / ours:.2f}x"
+            print(f"| {group} | {name} | {unit} | {nbytes / t / 1e9:.2f} | {ratio} |")
+        sys.stdout.flush()
+    for op in ("search_64", "count_eq_4k"):
+        for lv in simd.supported_levels():
+            with simd.forced_level(lv):
+                ticks = sorted(simd.median_ticks(op, batch=10000, reps=101) for _ in range(5))
+            print(f"hot op {op} at {lv}: median {ticks[2]:.1f} ticks (medians of 5 runs: "
+                  f"{', '.join(f'{x:.1f}' for x in ticks)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

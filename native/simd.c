@@ -1,0 +1,854 @@
+/* simd.c -- byte-pattern search and id scans, one kernel per SIMD level.
+ *
+ * Every operation has a serial kernel (<op>_serial: the fallback on any CPU
+ * and the reference the tests hold the others to) and AVX2 / AVX-512BW
+ * kernels (<op>_avx2, <op>_avx512). The instruction set is enabled per
+ * function with target attributes, never with -march, so the module runs on
+ * any x86_64 and the scalar path builds on any architecture. One dispatch
+ * table per level; the active one is chosen once (CPU features, KNHK_SIMD)
+ * and can be forced at run time for tests.
+ *
+ * No kernel reads outside its buffer: AVX2 kernels finish with scalar tails,
+ * AVX-512 kernels with masked loads (masked-off lanes never fault).
+ */
+#include <stdlib.h>
+#include <strings.h>
+#include <time.h>
+
+#include "knhk_internal.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KNHK_SIMD_X86 1
+#include <immintrin.h>
+#include <x86intrin.h>
+#define ATTR_AVX2 __attribute__((target("avx2,popcnt")))
+#define ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,popcnt,bmi,bmi2")))
+#else
+#define KNHK_SIMD_X86 0
+#endif
+
+typedef int64_t (*find_fn)(const uint8_t *, size_t, const uint8_t *, size_t);
+typedef uint64_t (*count_eq_fn)(const void *, size_t, uint64_t);
+typedef size_t (*find_eq_fn)(const void *, size_t, uint64_t, size_t, int64_t *, size_t, size_t *);
+typedef void (*mask_eq_fn)(const void *, size_t, uint64_t, uint8_t *);
+typedef void (*isin_fn)(const void *, size_t, const uint64_t *, size_t, uint8_t *);
+typedef void (*reduce_fn)(const void *, size_t, knhk_simd_reduction *);
+
+/* Width index: 0..3 for 1, 2, 4, 8-byte elements. */
+typedef struct {
+    int level;
+    find_fn find, rfind;
+    count_eq_fn count_eq[4];
+    find_eq_fn find_eq[4];
+    mask_eq_fn mask_eq[4];
+    isin_fn isin[4];
+    reduce_fn reduce[4];
+} simd_table;
+
+static inline int width_index(int width) {
+    switch (width) {
+    case 1: return 0;
+    case 2: return 1;
+    case 4: return 2;
+    case 8: return 3;
+    default: return -1;
+    }
+}
+
+/* Verify a candidate without a library call: overlapping 8-byte words (the
+   compiler turns the memcpys into plain loads), never past a + m. */
+static inline bool same_bytes(const uint8_t *a, const uint8_t *b, size_t m) {
+    if (m >= 8) {
+        uint64_t x, y;
+        size_t i = 0;
+        for (; i + 8 < m; i += 8) {
+            memcpy(&x, a + i, 8), memcpy(&y, b + i, 8);
+            if (x != y) return false;
+        }
+        memcpy(&x, a + m - 8, 8), memcpy(&y, b + m - 8, 8);
+        return x == y;
+    }
+    if (m >= 4) {
+        uint32_t x0, y0, x1, y1;
+        memcpy(&x0, a, 4), memcpy(&y0, b, 4), memcpy(&x1, a + m - 4, 4), memcpy(&y1, b + m - 4, 4);
+        return x0 == y0 && x1 == y1;
+    }
+    for (size_t i = 0; i < m; i++)
+        if (a[i] != b[i]) return false;
+    return true;
+}
+
+/* ==================================================================== serial kernels */
+
+/* The reference: a plain scan, first and last byte before the memcmp. */
+static int64_t find_serial(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return 0;
+    if (m > n) return -1;
+    const uint8_t first = s[0], last = s[m - 1];
+    for (size_t i = 0; i + m <= n; i++)
+        if (h[i] == first && h[i + m - 1] == last && memcmp(h + i, s, m) == 0) return (int64_t)i;
+    return -1;
+}
+
+static int64_t rfind_serial(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return (int64_t)n;
+    if (m > n) return -1;
+    const uint8_t first = s[0], last = s[m - 1];
+    for (size_t i = n - m + 1; i-- > 0;)
+        if (h[i] == first && h[i + m - 1] == last && memcmp(h + i, s, m) == 0) return (int64_t)i;
+    return -1;
+}
+
+#define SERIAL_ID_KERNELS(T, W)                                                                         \
+    static uint64_t count_eq_serial_u##W(const void *base, size_t n, uint64_t v64) {                  \
+        const T *a = base;                                                                              \
+        const T v = (T)v64;                                                                             \
+        uint64_t c = 0;                                                                                 \
+        for (size_t i = 0; i < n; i++) c += a[i] == v;                                                  \
+        return c;                                                                                       \
+    }                                                                                                   \
+    static size_t find_eq_serial_u##W(const void *base, size_t n, uint64_t v64, size_t from, int64_t *out, \
+                                      size_t cap, size_t *next) {                                       \
+        const T *a = base;                                                                              \
+        const T v = (T)v64;                                                                             \
+        size_t k = 0, i = from;                                                                         \
+        for (; i < n && k < cap; i++)                                                                   \
+            if (a[i] == v) out[k++] = (int64_t)i;                                                       \
+        *next = i;                                                                                      \
+        return k;                                                                                       \
+    }                                                                                                   \
+    static void mask_eq_serial_u##W(const void *base, size_t n, uint64_t v64, uint8_t *out) {          \
+        const T *a = base;                                                                              \
+        const T v = (T)v64;                                                                             \
+        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                              \
+    }                                                                                                   \
+    static void isin_serial_u##W(const void *base, size_t n, const uint64_t *set, size_t k, uint8_t *out) { \
+        const T *a = base;                                                                              \
+        for (size_t i = 0; i < n; i++) {                                                                \
+            uint8_t r = 0;                                                                              \
+            for (size_t j = 0; j < k; j++) r |= a[i] == (T)set[j];                                      \
+            out[i] = r;                                                                                 \
+        }                                                                                               \
+    }                                                                                                   \
+    static void reduce_serial_u##W(const void *base, size_t n, knhk_simd_reduction *r) {               \
+        const T *a = base;                                                                              \
+        T mn = (T)~(T)0, mx = 0;                                                                        \
+        uint64_t sum = 0;                                                                               \
+        for (size_t i = 0; i < n; i++) {                                                                \
+            mn = a[i] < mn ? a[i] : mn;                                                                 \
+            mx = a[i] > mx ? a[i] : mx;                                                                 \
+            sum += a[i];                                                                                \
+        }                                                                                               \
+        r->min = mn, r->max = mx, r->sum = sum;                                                         \
+    }
+
+SERIAL_ID_KERNELS(uint8_t, 8)
+SERIAL_ID_KERNELS(uint16_t, 16)
+SERIAL_ID_KERNELS(uint32_t, 32)
+SERIAL_ID_KERNELS(uint64_t, 64)
+
+/* ==================================================================== loops the compiler vectorises
+ * mask_eq, isin and reduce are element-wise or plain reductions: GCC and
+ * clang vectorise them well once the ISA is enabled, so the AVX2 and AVX-512
+ * kernels are these bodies compiled under each target attribute. */
+
+#define VECTORISED_ID_KERNELS(ISA, ATTR, T, W)                                                          \
+    ATTR static void mask_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64, uint8_t *restrict out) { \
+        const T *restrict a = base;                                                                     \
+        const T v = (T)v64;                                                                             \
+        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                              \
+    }                                                                                                   \
+    /* Chunked so each set value sweeps a block that stays in L1. */                                    \
+    ATTR static void isin_##ISA##_u##W(const void *base, size_t n, const uint64_t *set, size_t k,       \
+                                       uint8_t *restrict out) {                                         \
+        const T *restrict a = base;                                                                     \
+        for (size_t c = 0; c < n; c += 2048) {                                                          \
+            size_t len = n - c < 2048 ? n - c : 2048;                                                   \
+            const T *restrict ac = a + c;                                                               \
+            uint8_t *restrict oc = out + c;                                                             \
+            for (size_t i = 0; i < len; i++) oc[i] = 0;                                                 \
+            for (size_t j = 0; j < k; j++) {                                                            \
+                const T v = (T)set[j];                                                                  \
+                for (size_t i = 0; i < len; i++) oc[i] |= ac[i] == v;                                   \
+            }                                                                                           \
+        }                                                                                               \
+    }                                                                                                   \
+    ATTR static void reduce_##ISA##_u##W(const void *base, size_t n, knhk_simd_reduction *r) {         \
+        const T *restrict a = base;                                                                     \
+        T mn = (T)~(T)0, mx = 0;                                                                        \
+        uint64_t sum = 0;                                                                               \
+        for (size_t i = 0; i < n; i++) {                                                                \
+            mn = a[i] < mn ? a[i] : mn;                                                                 \
+            mx = a[i] > mx ? a[i] : mx;                                                                 \
+            sum += a[i];                                                                                \
+        }                                                                                               \
+        r->min = mn, r->max = mx, r->sum = sum;                                                         \
+    }
+
+/* ==================================================================== explicit SIMD kernels */
+
+#if KNHK_SIMD_X86
+
+/* ---- equality masks: one bit per element of a 64-byte block. */
+
+ATTR_AVX2 static inline uint64_t eqmask_avx2_u8(const uint8_t *p, uint8_t v) {
+    __m256i vv = _mm256_set1_epi8((char)v);
+    uint32_t lo = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_loadu_si256((const void *)p), vv));
+    uint32_t hi = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(_mm256_loadu_si256((const void *)(p + 32)), vv));
+    return (uint64_t)lo | ((uint64_t)hi << 32);
+}
+ATTR_AVX2 static inline uint64_t eqmask_avx2_u16(const uint16_t *p, uint16_t v) {
+    __m256i vv = _mm256_set1_epi16((short)v);
+    __m256i a = _mm256_cmpeq_epi16(_mm256_loadu_si256((const void *)p), vv);
+    __m256i b = _mm256_cmpeq_epi16(_mm256_loadu_si256((const void *)(p + 16)), vv);
+    /* packs interleaves 128-bit lanes; the permute puts elements back in order. */
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi16(a, b), 0xD8);
+    return (uint32_t)_mm256_movemask_epi8(packed);
+}
+ATTR_AVX2 static inline uint64_t eqmask_avx2_u32(const uint32_t *p, uint32_t v) {
+    __m256i vv = _mm256_set1_epi32((int)v);
+    unsigned lo = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)p), vv)));
+    unsigned hi = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)(p + 8)), vv)));
+    return lo | (hi << 8);
+}
+ATTR_AVX2 static inline uint64_t eqmask_avx2_u64(const uint64_t *p, uint64_t v) {
+    __m256i vv = _mm256_set1_epi64x((long long)v);
+    unsigned lo = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)p), vv)));
+    unsigned hi = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)(p + 4)), vv)));
+    return lo | (hi << 4);
+}
+/* AVX2 tails: the last partial block, element by element. */
+#define AVX2_TAIL(T, W)                                                                                 \
+    ATTR_AVX2 static inline uint64_t eqmask_tail_avx2_u##W(const T *p, size_t r, T v) {                \
+        uint64_t m = 0;                                                                                 \
+        for (size_t j = 0; j < r; j++) m |= (uint64_t)(p[j] == v) << j;                                 \
+        return m;                                                                                       \
+    }
+AVX2_TAIL(uint8_t, 8)
+AVX2_TAIL(uint16_t, 16)
+AVX2_TAIL(uint32_t, 32)
+AVX2_TAIL(uint64_t, 64)
+
+/* AVX-512: one compare into a mask register; the tail is a masked load. */
+ATTR_AVX512 static inline uint64_t eqmask_avx512_u8(const uint8_t *p, uint8_t v) {
+    return _mm512_cmpeq_epi8_mask(_mm512_loadu_si512((const void *)p), _mm512_set1_epi8((char)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u8(const uint8_t *p, size_t r, uint8_t v) {
+    __mmask64 k = _bzhi_u64(~0ULL, (unsigned)r);
+    return _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, p), _mm512_set1_epi8((char)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_avx512_u16(const uint16_t *p, uint16_t v) {
+    return _mm512_cmpeq_epi16_mask(_mm512_loadu_si512((const void *)p), _mm512_set1_epi16((short)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u16(const uint16_t *p, size_t r, uint16_t v) {
+    __mmask32 k = (__mmask32)_bzhi_u32(~0U, (unsigned)r);
+    return _mm512_mask_cmpeq_epi16_mask(k, _mm512_maskz_loadu_epi16(k, p), _mm512_set1_epi16((short)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_avx512_u32(const uint32_t *p, uint32_t v) {
+    return _mm512_cmpeq_epi32_mask(_mm512_loadu_si512((const void *)p), _mm512_set1_epi32((int)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u32(const uint32_t *p, size_t r, uint32_t v) {
+    __mmask16 k = (__mmask16)_bzhi_u32(~0U, (unsigned)r);
+    return _mm512_mask_cmpeq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, p), _mm512_set1_epi32((int)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_avx512_u64(const uint64_t *p, uint64_t v) {
+    return _mm512_cmpeq_epi64_mask(_mm512_loadu_si512((const void *)p), _mm512_set1_epi64((long long)v));
+}
+ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u64(const uint64_t *p, size_t r, uint64_t v) {
+    __mmask8 k = (__mmask8)_bzhi_u32(~0U, (unsigned)r);
+    return _mm512_mask_cmpeq_epi64_mask(k, _mm512_maskz_loadu_epi64(k, p), _mm512_set1_epi64((long long)v));
+}
+
+/* count_eq and find_eq over 64-byte blocks of equality masks. count_eq keeps
+   four independent counters so the popcount chain is not the bottleneck. */
+#define MASK_ID_KERNELS(ISA, ATTR, T, W)                                                                \
+    ATTR static uint64_t count_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64) {            \
+        const T *a = base;                                                                              \
+        const T v = (T)v64;                                                                             \
+        enum { E = 64 / sizeof(T) };                                                                    \
+        uint64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                                        \
+        size_t i = 0;                                                                                   \
+        for (; i + 4 * E <= n; i += 4 * E) {                                                            \
+            c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v));                        \
+            c1 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + E, v));                    \
+            c2 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 2 * E, v));                \
+            c3 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 3 * E, v));                \
+        }                                                                                               \
+        for (; i + E <= n; i += E) c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v)); \
+        if (i < n) c0 += (uint64_t)__builtin_popcountll(eqmask_tail_##ISA##_u##W(a + i, n - i, v));    \
+        return c0 + c1 + c2 + c3;                                                                       \
+    }                                                                                                   \
+    ATTR static size_t find_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64, size_t from,     \
+                                            int64_t *out, size_t cap, size_t *next) {                   \
+        const T *a = base;                                                                              \
+        const T v = (T)v64;                                                                             \
+        enum { E = 64 / sizeof(T) };                                                                    \
+        size_t k = 0, i = from;                                                                         \
+        /* While a whole block's results fit, write four positions per block \
+           unconditionally and advance by the popcount: at the id densities of \
+           workflow logs a "while (mask)" loop mispredicts on most blocks. */ \
+        while (i + E <= n && k + E <= cap) {                                                            \
+            uint64_t m = eqmask_##ISA##_u##W(a + i, v);                                                  \
+            size_t cnt = (size_t)__builtin_popcountll(m);                                               \
+            int64_t *o = out + k;                                                                       \
+            for (int j = 0; j < 4; j++) {                                                               \
+                o[j] = (int64_t)(i + (size_t)(m ? __builtin_ctzll(m) : 0));                             \
+                m &= m - 1;                                                                             \
+            }                                                                                           \
+            for (int j = 4; _knhk_unlikely(m != 0); j++) {                                              \
+                o[j] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                       \
+                m &= m - 1;                                                                             \
+            }                                                                                           \
+            k += cnt;                                                                                   \
+            i += E;                                                                                     \
+        }                                                                                               \
+        while (i < n) {                                                                                 \
+            size_t r = n - i;                                                                           \
+            uint64_t m = r >= E ? eqmask_##ISA##_u##W(a + i, v) : eqmask_tail_##ISA##_u##W(a + i, r, v); \
+            while (m) {                                                                                 \
+                if (k == cap) {                                                                         \
+                    *next = i + (size_t)__builtin_ctzll(m);                                             \
+                    return k;                                                                           \
+                }                                                                                       \
+                out[k++] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                   \
+                m &= m - 1;                                                                             \
+            }                                                                                           \
+            i += r >= E ? (size_t)E : r;                                                                \
+        }                                                                                               \
+        *next = n;                                                                                      \
+        return k;                                                                                       \
+    }
+
+MASK_ID_KERNELS(avx2, ATTR_AVX2, uint8_t, 8)
+MASK_ID_KERNELS(avx2, ATTR_AVX2, uint16_t, 16)
+MASK_ID_KERNELS(avx2, ATTR_AVX2, uint32_t, 32)
+MASK_ID_KERNELS(avx2, ATTR_AVX2, uint64_t, 64)
+MASK_ID_KERNELS(avx512, ATTR_AVX512, uint8_t, 8)
+MASK_ID_KERNELS(avx512, ATTR_AVX512, uint16_t, 16)
+MASK_ID_KERNELS(avx512, ATTR_AVX512, uint32_t, 32)
+MASK_ID_KERNELS(avx512, ATTR_AVX512, uint64_t, 64)
+
+VECTORISED_ID_KERNELS(avx2, ATTR_AVX2, uint8_t, 8)
+VECTORISED_ID_KERNELS(avx2, ATTR_AVX2, uint16_t, 16)
+VECTORISED_ID_KERNELS(avx2, ATTR_AVX2, uint32_t, 32)
+VECTORISED_ID_KERNELS(avx2, ATTR_AVX2, uint64_t, 64)
+VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint8_t, 8)
+VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint16_t, 16)
+VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint32_t, 32)
+VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint64_t, 64)
+
+/* ---- substring search (the filter of Wojciech Mula's "SIMD-friendly
+ * algorithms for substring searching", as StringZilla uses it): compare the
+ * needle's first, middle and last bytes at 32 / 64 candidate positions at
+ * once, and memcmp only where all three agree. Three probes rather than two
+ * keep the false-positive rate low on text with skewed byte frequencies. */
+
+ATTR_AVX2 static int64_t find_avx2(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return 0;
+    if (m > n) return -1;
+    const size_t mid = m / 2, cands = n - m + 1;
+    const __m256i f = _mm256_set1_epi8((char)s[0]), c = _mm256_set1_epi8((char)s[mid]),
+                  l = _mm256_set1_epi8((char)s[m - 1]);
+    size_t i = 0;
+    /* Candidate i + 31's last byte is h[i + 31 + m - 1] <= h[n - 1]. */
+    for (; i + 32 <= cands; i += 32) {
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + i + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x);
+        while (mask) {
+            size_t p = i + (size_t)__builtin_ctz(mask);
+            if (same_bytes(h + p, s, m)) return (int64_t)p;
+            mask &= mask - 1;
+        }
+    }
+    if (i < cands && cands >= 32) {
+        /* The last partial block: re-load the final 32 candidates and drop
+           the ones already looked at. */
+        size_t j = cands - 32;
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + j))),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + j + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + j + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x) & (uint32_t)(~0ULL << (i - j));
+        while (mask) {
+            size_t p = j + (size_t)__builtin_ctz(mask);
+            if (same_bytes(h + p, s, m)) return (int64_t)p;
+            mask &= mask - 1;
+        }
+        return -1;
+    }
+    for (; i < cands; i++)
+        if (h[i] == s[0] && h[i + m - 1] == s[m - 1] && same_bytes(h + i, s, m)) return (int64_t)i;
+    return -1;
+}
+
+ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return (int64_t)n;
+    if (m > n) return -1;
+    const size_t mid = m / 2;
+    const __m256i f = _mm256_set1_epi8((char)s[0]), c = _mm256_set1_epi8((char)s[mid]),
+                  l = _mm256_set1_epi8((char)s[m - 1]);
+    size_t end = n - m + 1; /* candidates [0, end) still to look at */
+    for (; end >= 32; end -= 32) {
+        size_t i = end - 32;
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + i + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x);
+        while (mask) {
+            unsigned b = 31u - (unsigned)__builtin_clz(mask);
+            if (same_bytes(h + i + b, s, m)) return (int64_t)(i + b);
+            mask ^= 1u << b;
+        }
+    }
+    if (end > 0 && n - m + 1 >= 32) {
+        /* The first partial block: re-load the first 32 candidates, keep [0, end). */
+        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)h)),
+                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + m - 1))));
+        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + mid))));
+        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x) & (uint32_t)((1ULL << end) - 1);
+        while (mask) {
+            unsigned b = 31u - (unsigned)__builtin_clz(mask);
+            if (same_bytes(h + b, s, m)) return (int64_t)b;
+            mask ^= 1u << b;
+        }
+        return -1;
+    }
+    while (end-- > 0)
+        if (h[end] == s[0] && h[end + m - 1] == s[m - 1] && same_bytes(h + end, s, m)) return (int64_t)end;
+    return -1;
+}
+
+ATTR_AVX512 static inline uint64_t probe_avx512(const uint8_t *h, size_t i, size_t mid, size_t m, __mmask64 k,
+                                                 __m512i f, __m512i c, __m512i l) {
+    /* Three independent compares, then one AND: no chain through the masks. */
+    __mmask64 x = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i), f);
+    __mmask64 y = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + m - 1), l);
+    __mmask64 z = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + mid), c);
+    return x & y & z & k;
+}
+
+/* Candidates of one block, lowest first. Out of line so the scanning loop
+   keeps few registers live (no spills, no frame) while masks come back empty. */
+__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask,
+                                                        const uint8_t *s, size_t m) {
+    do {
+        size_t p = i + (size_t)__builtin_ctzll(mask);
+        if (same_bytes(h + p, s, m)) return (int64_t)p;
+        mask &= mask - 1;
+    } while (mask);
+    return -1;
+}
+
+ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint8_t *h, size_t n, const uint8_t *s,
+                                                                       size_t m) {
+    const size_t mid = m / 2, cands = n - m + 1;
+    const __m512i f = _mm512_set1_epi8((char)s[0]), c = _mm512_set1_epi8((char)s[mid]),
+                  l = _mm512_set1_epi8((char)s[m - 1]);
+    size_t i = 0;
+    /* Whole blocks: plain loads, two blocks per iteration so two cache lines
+       are in flight and the loop branch is taken half as often. */
+    for (; i + 128 <= cands; i += 128) {
+        uint64_t m0 = probe_avx512(h, i, mid, m, ~0ULL, f, c, l);
+        uint64_t m1 = probe_avx512(h, i + 64, mid, m, ~0ULL, f, c, l);
+        if (_knhk_unlikely((m0 | m1) != 0)) {
+            int64_t p = m0 ? verify_forward(h, i, m0, s, m) : -1;
+            if (p < 0 && m1) p = verify_forward(h, i + 64, m1, s, m);
+            if (p >= 0) return p;
+        }
+    }
+    for (; i < cands; i += 64) {
+        size_t r = cands - i;
+        /* The last block loads only the lanes of real candidates. */
+        __mmask64 k = r >= 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)r);
+        uint64_t mask = probe_avx512(h, i, mid, m, k, f, c, l);
+        if (mask) {
+            int64_t p = verify_forward(h, i, mask, s, m);
+            if (p >= 0) return p;
+        }
+    }
+    return -1;
+}
+
+/* Windows of up to 64 candidates (a 64-byte window and a 16-byte needle,
+   say) take one masked block: no loop, and a frame small enough that the
+   call costs little more than the compares. */
+ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return 0;
+    if (m > n) return -1;
+    const size_t cands = n - m + 1;
+    if (cands > 64) return find_avx512_long(h, n, s, m);
+    const size_t mid = m / 2;
+    const __mmask64 k = _bzhi_u64(~0ULL, (unsigned)cands);
+    uint64_t mask = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h), _mm512_set1_epi8((char)s[0])) &
+                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + m - 1), _mm512_set1_epi8((char)s[m - 1])) &
+                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + mid), _mm512_set1_epi8((char)s[mid])) & k;
+    for (; mask; mask &= mask - 1) {
+        size_t p = (size_t)__builtin_ctzll(mask);
+        if (same_bytes(h + p, s, m)) return (int64_t)p;
+    }
+    return -1;
+}
+
+ATTR_AVX512 static int64_t rfind_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    if (m == 0) return (int64_t)n;
+    if (m > n) return -1;
+    const size_t mid = m / 2;
+    const __m512i f = _mm512_set1_epi8((char)s[0]), c = _mm512_set1_epi8((char)s[mid]),
+                  l = _mm512_set1_epi8((char)s[m - 1]);
+    size_t end = n - m + 1;
+    while (end > 0) {
+        size_t r = end >= 64 ? 64 : end, i = end - r;
+        __mmask64 k = r == 64 ? ~0ULL : _bzhi_u64(~0ULL, (unsigned)r);
+        uint64_t mask = probe_avx512(h, i, mid, m, k, f, c, l);
+        while (mask) {
+            unsigned b = 63u - (unsigned)__builtin_clzll(mask);
+            if (same_bytes(h + i + b, s, m)) return (int64_t)(i + b);
+            mask ^= 1ULL << b;
+        }
+        end = i;
+    }
+    return -1;
+}
+
+#endif /* KNHK_SIMD_X86 */
+
+/* ==================================================================== dispatch tables */
+
+#define ID_TABLE(FIELD, ISA) {FIELD##_##ISA##_u8, FIELD##_##ISA##_u16, FIELD##_##ISA##_u32, FIELD##_##ISA##_u64}
+
+static const simd_table table_serial = {
+    KNHK_SIMD_SCALAR, find_serial, rfind_serial, ID_TABLE(count_eq, serial), ID_TABLE(find_eq, serial),
+    ID_TABLE(mask_eq, serial), ID_TABLE(isin, serial), ID_TABLE(reduce, serial),
+};
+#if KNHK_SIMD_X86
+static const simd_table table_avx2 = {
+    KNHK_SIMD_AVX2, find_avx2, rfind_avx2, ID_TABLE(count_eq, avx2), ID_TABLE(find_eq, avx2),
+    ID_TABLE(mask_eq, avx2), ID_TABLE(isin, avx2), ID_TABLE(reduce, avx2),
+};
+static const simd_table table_avx512 = {
+    KNHK_SIMD_AVX512, find_avx512, rfind_avx512, ID_TABLE(count_eq, avx512), ID_TABLE(find_eq, avx512),
+    ID_TABLE(mask_eq, avx512), ID_TABLE(isin, avx512), ID_TABLE(reduce, avx512),
+};
+static const simd_table *const tables[KNHK_SIMD_LEVELS] = {&table_serial, &table_avx2, &table_avx512};
+#else
+static const simd_table *const tables[KNHK_SIMD_LEVELS] = {&table_serial, NULL, NULL};
+#endif
+
+static const char *const level_names[KNHK_SIMD_LEVELS] = {"scalar", "avx2", "avx512"};
+
+static _knhk_once simd_once;
+static _Atomic(const simd_table *) active;
+
+int knhk_simd_level_supported(int level) {
+    if (level < 0 || level >= KNHK_SIMD_LEVELS || tables[level] == NULL) return 0;
+    uint64_t f = knhk_cpu_features();
+    const uint64_t avx2 = KNHK_CPU_AVX2 | KNHK_CPU_POPCNT;
+    const uint64_t avx512 = avx2 | KNHK_CPU_AVX512F | KNHK_CPU_AVX512BW | KNHK_CPU_AVX512VL | KNHK_CPU_BMI2;
+    switch (level) {
+    case KNHK_SIMD_SCALAR: return 1;
+    case KNHK_SIMD_AVX2: return (f & avx2) == avx2;
+    case KNHK_SIMD_AVX512: return (f & avx512) == avx512;
+    default: return 0;
+    }
+}
+
+const char *knhk_simd_level_name(int level) {
+    return level >= 0 && level < KNHK_SIMD_LEVELS ? level_names[level] : "unknown";
+}
+
+static int simd_choose(void *unused) {
+    (void)unused;
+    const char *env = getenv("KNHK_SIMD");
+    int level = -1;
+    if (env == NULL || *env == '\0' || strcasecmp(env, "auto") == 0) {
+        for (level = KNHK_SIMD_LEVELS - 1; level > 0 && !knhk_simd_level_supported(level); level--) {}
+    } else {
+        for (int i = 0; i < KNHK_SIMD_LEVELS; i++)
+            if (strcasecmp(env, level_names[i]) == 0) level = i;
+        if (level < 0) {
+            _knhk_set_error("KNHK_SIMD=%.64s is not a SIMD level; accepted: auto, scalar, avx2, avx512", env);
+            return KNHK_ERR_INVALID;
+        }
+        if (!knhk_simd_level_supported(level)) {
+            _knhk_set_error("KNHK_SIMD=%s: this CPU (or OS) does not support the %s level", env, level_names[level]);
+            return KNHK_ERR_UNAVAILABLE;
+        }
+    }
+    /* A level forced by knhk_simd_set_level before init wins. */
+    const simd_table *expected = NULL;
+    atomic_compare_exchange_strong_explicit(&active, &expected, tables[level], memory_order_acq_rel,
+                                            memory_order_acquire);
+    return KNHK_OK;
+}
+
+int knhk_simd_init(void) {
+    if (_knhk_once_ready(&simd_once)) return KNHK_OK;
+    /* Detect features first: the once-cells share one non-recursive mutex. */
+    (void)knhk_cpu_features();
+    return _knhk_once_run(&simd_once, simd_choose, NULL);
+}
+
+int knhk_simd_level(void) {
+    if (knhk_simd_init() != KNHK_OK && atomic_load_explicit(&active, memory_order_acquire) == NULL) return -1;
+    return atomic_load_explicit(&active, memory_order_acquire)->level;
+}
+
+int knhk_simd_set_level(int level) {
+    if (level < 0 || level >= KNHK_SIMD_LEVELS) {
+        _knhk_set_error("SIMD level %d is out of range; accepted: 0 (scalar), 1 (avx2), 2 (avx512)", level);
+        return KNHK_ERR_INVALID;
+    }
+    if (!knhk_simd_level_supported(level)) {
+        _knhk_set_error("SIMD level %s is not supported by this CPU (or OS)", level_names[level]);
+        return KNHK_ERR_UNAVAILABLE;
+    }
+    atomic_store_explicit(&active, tables[level], memory_order_release);
+    return KNHK_OK;
+}
+
+/* The fast path is one acquire load of the table pointer. */
+static inline const simd_table *table(void) {
+    const simd_table *t = atomic_load_explicit(&active, memory_order_acquire);
+    if (_knhk_likely(t != NULL)) return t;
+    knhk_simd_init();
+    t = atomic_load_explicit(&active, memory_order_acquire);
+    return t != NULL ? t : &table_serial;
+}
+
+/* ==================================================================== byte patterns */
+
+int64_t knhk_simd_find(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m) {
+    return table()->find(hay, n, needle, m);
+}
+
+int64_t knhk_simd_rfind(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m) {
+    return table()->rfind(hay, n, needle, m);
+}
+
+uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping) {
+    if (m == 0) return (uint64_t)n + 1;
+    find_fn find = table()->find;
+    const size_t step = overlapping ? 1 : m;
+    uint64_t c = 0;
+    size_t pos = 0;
+    while (pos + m <= n) {
+        int64_t p = find(hay + pos, n - pos, needle, m);
+        if (p < 0) break;
+        c++;
+        pos += (size_t)p + step;
+    }
+    return c;
+}
+
+size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
+                          size_t from, int64_t *out, size_t cap, size_t *next) {
+    size_t k = 0, pos = from;
+    if (m == 0) {
+        for (; pos <= n && k < cap; pos++) out[k++] = (int64_t)pos;
+    } else {
+        find_fn find = table()->find;
+        const size_t step = overlapping ? 1 : m;
+        while (k < cap && pos <= n && n - pos >= m) {
+            int64_t p = find(hay + pos, n - pos, needle, m);
+            if (p < 0) {
+                pos = n + 1;
+                break;
+            }
+            out[k++] = (int64_t)(pos + (size_t)p);
+            pos += (size_t)p + step;
+        }
+    }
+    if (next) *next = pos;
+    return k;
+}
+
+int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *needles, const size_t *lens, size_t k,
+                        int64_t *first, int64_t *which, uint64_t *counts) {
+    if (k > 0 && (needles == NULL || lens == NULL)) {
+        _knhk_set_error("find_many: needles and lens must not be NULL when k = %zu", k);
+        return KNHK_ERR_INVALID;
+    }
+    find_fn find = table()->find;
+    int64_t best = -1, best_j = -1;
+    for (size_t j = 0; j < k; j++) {
+        const size_t m = lens[j];
+        /* Only a match strictly before the best so far can win (ties go to the
+           lower index), so search just the prefix that holds such matches. */
+        size_t limit = n;
+        if (best >= 0) limit = (size_t)best + m - 1 < n ? (size_t)best + m - 1 : n;
+        int64_t p = find(hay, limit, needles[j], m);
+        if (p >= 0 && (best < 0 || p < best)) best = p, best_j = (int64_t)j;
+        if (counts) counts[j] = knhk_simd_count(hay, n, needles[j], m, 0);
+    }
+    if (first) *first = best;
+    if (which) *which = best_j;
+    return KNHK_OK;
+}
+
+/* ==================================================================== id scans */
+
+#define WIDTH_OR_FAIL(wi, width, what)                                                                  \
+    int wi = width_index(width);                                                                        \
+    if (wi < 0) {                                                                                       \
+        _knhk_set_error("%s: element width %d bytes is not supported; accepted: 1, 2, 4, 8", what, width); \
+        return KNHK_ERR_INVALID;                                                                        \
+    }
+
+int knhk_simd_count_eq(const void *a, size_t n, int width, uint64_t v, uint64_t *count) {
+    WIDTH_OR_FAIL(wi, width, "count_eq")
+    *count = table()->count_eq[wi](a, n, v);
+    return KNHK_OK;
+}
+
+int knhk_simd_find_eq(const void *a, size_t n, int width, uint64_t v, size_t from, int64_t *out, size_t cap,
+                      size_t *written, size_t *next) {
+    WIDTH_OR_FAIL(wi, width, "find_eq")
+    size_t nx = from < n ? from : n;
+    *written = from < n ? table()->find_eq[wi](a, n, v, from, out, cap, &nx) : 0;
+    if (next) *next = nx;
+    return KNHK_OK;
+}
+
+int knhk_simd_mask_eq(const void *a, size_t n, int width, uint64_t v, uint8_t *out) {
+    WIDTH_OR_FAIL(wi, width, "mask_eq")
+    table()->mask_eq[wi](a, n, v, out);
+    return KNHK_OK;
+}
+
+int knhk_simd_isin(const void *a, size_t n, int width, const uint64_t *set, size_t k, uint8_t *out) {
+    WIDTH_OR_FAIL(wi, width, "isin")
+    if (k > KNHK_SIMD_ISIN_MAX) {
+        _knhk_set_error("isin: %zu ids in the set; at most %d are accepted", k, KNHK_SIMD_ISIN_MAX);
+        return KNHK_ERR_INVALID;
+    }
+    table()->isin[wi](a, n, set, k, out);
+    return KNHK_OK;
+}
+
+int knhk_simd_reduce(const void *a, size_t n, int width, knhk_simd_reduction *out) {
+    WIDTH_OR_FAIL(wi, width, "reduce")
+    if (n == 0) {
+        out->min = out->max = out->sum = 0;
+        _knhk_set_error("reduce: the array is empty, it has no minimum or maximum");
+        return KNHK_ERR_INVALID;
+    }
+    table()->reduce[wi](a, n, out);
+    return KNHK_OK;
+}
+
+/* Histogram: the same kernel at every level. A SIMD histogram needs
+   gather/scatter with conflict detection (vpconflict), which is slower than
+   this on the CPUs we measured; what makes a histogram fast is breaking the
+   store-to-load chain on repeated ids, so four sub-tables take turns. */
+#define HIST_KERNEL(T, W)                                                                               \
+    static void histogram_u##W(const T *a, size_t n, uint64_t *counts, size_t nbins, uint64_t *oor) {  \
+        uint64_t bad = 0;                                                                               \
+        if (nbins <= KNHK_SIMD_HIST_FAST_BINS) {                                                        \
+            uint32_t sub[4][KNHK_SIMD_HIST_FAST_BINS];                                                  \
+            size_t i = 0;                                                                               \
+            while (i < n) {                                                                             \
+                /* uint32 sub-counts: flush before any can overflow. */                                 \
+                size_t stop = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;                    \
+                for (int s = 0; s < 4; s++) memset(sub[s], 0, nbins * sizeof(uint32_t));                \
+                for (; i + 4 <= stop; i += 4) {                                                         \
+                    T x0 = a[i], x1 = a[i + 1], x2 = a[i + 2], x3 = a[i + 3];                           \
+                    if (_knhk_likely(x0 < nbins)) sub[0][x0]++; else bad++;                             \
+                    if (_knhk_likely(x1 < nbins)) sub[1][x1]++; else bad++;                             \
+                    if (_knhk_likely(x2 < nbins)) sub[2][x2]++; else bad++;                             \
+                    if (_knhk_likely(x3 < nbins)) sub[3][x3]++; else bad++;                             \
+                }                                                                                       \
+                for (; i < stop; i++) {                                                                 \
+                    if (a[i] < nbins) sub[0][a[i]]++; else bad++;                                       \
+                }                                                                                       \
+                for (size_t b = 0; b < nbins; b++)                                                      \
+                    counts[b] += (uint64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];              \
+            }                                                                                           \
+        } else {                                                                                        \
+            for (size_t i = 0; i < n; i++) {                                                            \
+                if (a[i] < nbins) counts[a[i]]++; else bad++;                                           \
+            }                                                                                           \
+        }                                                                                               \
+        *oor = bad;                                                                                     \
+    }
+HIST_KERNEL(uint8_t, 8)
+HIST_KERNEL(uint16_t, 16)
+HIST_KERNEL(uint32_t, 32)
+HIST_KERNEL(uint64_t, 64)
+
+int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins,
+                        uint64_t *out_of_range) {
+    WIDTH_OR_FAIL(wi, width, "histogram")
+    if (nbins == 0) {
+        _knhk_set_error("histogram: nbins is 0; it must be at least 1");
+        return KNHK_ERR_INVALID;
+    }
+    memset(counts, 0, nbins * sizeof *counts);
+    uint64_t oor = 0;
+    switch (wi) {
+    case 0: histogram_u8(a, n, counts, nbins, &oor); break;
+    case 1: histogram_u16(a, n, counts, nbins, &oor); break;
+    case 2: histogram_u32(a, n, counts, nbins, &oor); break;
+    default: histogram_u64(a, n, counts, nbins, &oor); break;
+    }
+    if (out_of_range) *out_of_range = oor;
+    return KNHK_OK;
+}
+
+/* ==================================================================== hot-path operations */
+
+void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations) {
+    knhk_simd_search64_ctx *c = ctx;
+    int64_t r = 0;
+    for (uint64_t i = 0; i < iterations; i++) {
+        /* The barrier makes every iteration search again. */
+        __asm__ volatile("" : : : "memory");
+        r = knhk_simd_find(c->window, sizeof c->window, c->needle, sizeof c->needle);
+    }
+    c->result = r;
+}
+
+void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations) {
+    knhk_simd_count4k_ctx *c = ctx;
+    uint64_t r = 0;
+    for (uint64_t i = 0; i < iterations; i++) {
+        __asm__ volatile("" : : : "memory");
+        knhk_simd_count_eq(c->ids, 1024, 4, c->value, &r);
+    }
+    c->result = r;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static inline uint64_t ticks_now(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    /* lfence keeps rdtsc from running ahead of the work it times. */
+    _mm_lfence();
+    uint64_t t = __rdtsc();
+    _mm_lfence();
+    return t;
+#else
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+#endif
+}
+
+double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps) {
+    double samples[1001];
+    if (reps < 1) reps = 1;
+    if (reps > 1001) reps = 1001;
+    if (batch == 0) batch = 1;
+    fn(ctx, batch); /* warm caches and branch predictors */
+    for (uint32_t r = 0; r < reps; r++) {
+        uint64_t t0 = ticks_now();
+        fn(ctx, batch);
+        uint64_t t1 = ticks_now();
+        samples[r] = (double)(t1 - t0) / (double)batch;
+    }
+    qsort(samples, reps, sizeof samples[0], cmp_double);
+    return samples[reps / 2];
+}

@@ -83,8 +83,8 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;
   bench)
     setup
-    if ! "$VENV/bin/python" -c 'import matplotlib, pytest_benchmark' 2>/dev/null; then
-      say "installing the bench extra (pytest-benchmark, matplotlib)"
+    if ! "$VENV/bin/python" -c 'import matplotlib, pytest_benchmark, lmdb, cdblib, stringzilla, atomics' 2>/dev/null; then
+      say "installing the bench extra (pytest-benchmark, matplotlib and the peers: lmdb, pure-cdb, stringzilla, atomics)"
       "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,bench]"
     fi
     # Every benches/bench_*.py, short rounds (the machine is shared), one

@@ -462,14 +462,3 @@ def test_config_rejects_bad_counter_settings(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"counters.shared_name: a shared block named .* already exists"):
         _engine({"counters": {"shared": True, "shared_name": str(path)}})
-
-
-def test_backend_hot_op_runs():
-    # The base commit exported knhk_backend_hotop_malloc_free without a direct
-    # call, which tests/test_native_smoke.py requires of every export.
-    from knhk_memory.allocator import hot_ops as allocator_hot_ops
-
-    (op,) = allocator_hot_ops()
-    ctx, cleanup = op.setup()
-    lib.knhk_backend_hotop_malloc_free(ctx, 100)
-    cleanup()

@@ -346,14 +346,6 @@ def test_start_registries_without_the_memory_plugin():
         start_registries(pm, load_config(mapping={}))
 
 
-def test_backend_hot_op_runs():
-    # The foundation's allocator hot op is referenced only via ffi.addressof, so
-    # test_native_smoke's "every export is called" check needs one direct call.
-    from knhk_memory.allocator import selected_backend
-
-    lib.knhk_backend_hotop_malloc_free(ffi.cast("void *", selected_backend().cdata), 100)
-
-
 def test_knhk_register_executors_called_directly_registers_on_an_unfrozen_registry():
     plugin = ExecutorPlugin()
     pm = get_plugin_manager([plugin], autoload=False)

@@ -489,14 +489,3 @@ def test_plugin_refuses_a_level_the_cpu_lacks(monkeypatch):
                                           r"supported: scalar, or auto"):
         pm.hook.knhk_configure(config=config)
     assert simd.level() == before
-
-
-def test_hotop_contract_shared_with_the_allocator():
-    # The foundation's allocator hot op has the same contract; the smoke test
-    # wants every export called from some test, and none did.
-    from knhk_memory.allocator import get_backend
-
-    b = get_backend("system")
-    before = b.stats().allocations
-    lib.knhk_backend_hotop_malloc_free(b.cdata, 5)
-    assert b.stats().allocations - before >= 5

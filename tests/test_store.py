@@ -685,18 +685,6 @@ def test_c_getter_lifetime_and_arguments(store_path):
     gc.collect()
 
 
-def test_allocator_hot_op_runs():
-    """The allocator's hot op, called directly (the smoke test wants every export called)."""
-    from knhk_memory.allocator import hot_ops as allocator_hot_ops
-
-    (op,) = allocator_hot_ops()
-    ctx, cleanup = op.setup()
-    try:
-        lib.knhk_backend_hotop_malloc_free(ctx, 100)
-    finally:
-        cleanup()
-
-
 def test_batches_and_last_wins_across_batches(store_path):
     with WorkflowStoreWriter(store_path, last_wins=True) as w:
         for i in range(9000):  # three encode batches

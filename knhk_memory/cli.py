@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_budget_commands(sub, common)
     from .store import add_store_commands
     add_store_commands(sub, common)
+    from .refhost.demo import add_demo_command
+    add_demo_command(sub, common)
     return parser
 
 

@@ -251,6 +251,18 @@ class Config:
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dict(v) for s, v in self.values.items()}
 
+    def replace(self, **sections: Mapping[str, Any]) -> Config:
+        """A copy with some keys changed, checked as a file would be:
+        ``config.replace(store={"path": "wf.knhk"})``. The source and origin
+        stay; a host that overrides keys (a command-line option, say) says so."""
+        data = self.as_dict()
+        for name, changes in sections.items():
+            if not isinstance(changes, Mapping):
+                raise ConfigError(f"[{name}] changes must be a table, got {_describe(changes)}",
+                                  source=self.source, key=name, value=changes)
+            data.setdefault(name, {}).update(changes)
+        return Config(validate(data, self.source), source=self.source, origin=self.origin)
+
     def error(self, key: str, message: str) -> ConfigError:
         """A ConfigError about ``key`` (dotted) of this configuration."""
         return ConfigError(message, source=self.source, key=key, value=self.get(key))

@@ -205,6 +205,29 @@ class SimdValueError(KnhkMemoryError, ValueError):
     """An input to a SIMD scan has an acceptable type but a bad value or layout."""
 
 
+# ---------------------------------------------------------------- reference host
+
+class WorkflowDefinitionError(KnhkMemoryError, ValueError):
+    """A workflow definition is malformed; ``workflow`` is its id (or store key)."""
+
+    def __init__(self, message: str, *, workflow: str | None = None) -> None:
+        self.workflow = workflow
+        super().__init__(message)
+
+
+class HostError(KnhkMemoryError, RuntimeError):
+    """The reference host cannot run as asked: a missing service, a counter it
+    needs, an empty store, a bad run parameter."""
+
+
+class CheckFailedError(KnhkMemoryError, RuntimeError):
+    """A run's results did not check out; ``failures`` lists every failed check."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = list(failures)
+        super().__init__(f"{len(self.failures)} check(s) failed: " + "; ".join(self.failures))
+
+
 # Every exception class defined above; knhk_memory re-exports them all.
 __all__ = sorted(name for name, obj in list(globals().items())
                  if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == __name__)

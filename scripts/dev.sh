@@ -75,7 +75,7 @@ case "$cmd" in
   setup) setup ;;
   run)
     setup
-    exec "$VENV/bin/knhk-memory" info "$@" ;;
+    exec "$VENV/bin/knhk-memory" demo "$@" ;;
   test)
     setup
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache

@@ -1,0 +1,415 @@
+"""``knhk-memory demo``: the reference host runs a batch of cases and checks the results.
+
+With no arguments it builds (once, in the cache directory) a store of
+generated workflow definitions, runs :data:`DEFAULT_CASES` cases on the
+memory plugin as the config file sets it up, checks the results and prints a
+summary with the hot-path budget table. ``--workers N`` runs the cases in N
+spawned processes that share the store file and count into one shared
+counter block. The exit status is 0 when every check passes, 1 when one
+fails, 2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config, validate
+from ..errors import CheckFailedError, HostError
+from .engine import Engine, RunTally
+from .executors import CASE_END, CASE_START, TASK
+from .reference import run_case
+from .workflows import SUPPORTED_PATTERNS, case_seed_one, generate_definitions, workflow_choice_one
+
+__all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path",
+           "ensure_store", "measure_store", "run_demo", "format_summary", "main_check", "add_demo_command"]
+
+DEFAULT_CASES = 100_000
+DEFAULT_WORKFLOWS = 3000
+DEFAULT_SEED = 1
+GENERATOR_SEED = 2026
+STORE_FORMAT = "v1"
+SAMPLE_CASES = 256
+CACHE_ENV = "KNHK_MEMORY_CACHE"
+
+
+# ---------------------------------------------------------------- the store
+
+def cache_dir() -> Path:
+    """``$KNHK_MEMORY_CACHE``, else ``$XDG_CACHE_HOME/knhk-memory``, else ``~/.cache/knhk-memory``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "knhk-memory"
+
+
+def default_store_path() -> Path:
+    return cache_dir() / f"demo-workflows-{STORE_FORMAT}-{DEFAULT_WORKFLOWS}-{GENERATOR_SEED}.knhk"
+
+
+def ensure_store(path: Path, count: int = DEFAULT_WORKFLOWS) -> dict[str, Any]:
+    """Build the generated definitions at ``path`` unless a store is there.
+    The file appears whole or not at all (the writer renames it into place)."""
+    from ..store import WorkflowStoreWriter
+
+    if path.exists():
+        return {"path": str(path), "built": False, "build_seconds": 0.0}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HostError(f"cannot create the directory {path.parent} for the demo store ({exc.strerror}); "
+                        f"pass --store PATH or set {CACHE_ENV}") from None
+    t0 = time.perf_counter()
+    with WorkflowStoreWriter(path) as w:
+        for wf in generate_definitions(count, GENERATOR_SEED):
+            w.add(wf.id, wf.encode())
+    return {"path": str(path), "built": True, "build_seconds": time.perf_counter() - t0}
+
+
+def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[str, Any]:
+    """Median open time and median per-lookup time of the store, and a full verify."""
+    from ..store import WorkflowStore
+
+    opens = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        s = WorkflowStore(path)
+        opens.append(time.perf_counter_ns() - t0)
+        s.close()
+    with WorkflowStore(path) as s:
+        keys = [k for _, k in zip(range(lookups), s.keys())]
+        rng = np.random.default_rng(7)
+        probe = [keys[i] for i in rng.integers(0, len(keys), size=lookups)] if keys else []
+        per = []
+        get = s.get
+        for _ in range(repeats):
+            t0 = time.perf_counter_ns()
+            for k in probe:
+                get(k)
+            per.append((time.perf_counter_ns() - t0) / max(1, len(probe)))
+        t0 = time.perf_counter()
+        records = s.verify()
+        verify_s = time.perf_counter() - t0
+        info = s.stats()
+    return {"open_ns": statistics.median(opens), "lookup_ns": statistics.median(per), "verified_records": records,
+            "verify_seconds": verify_s, "keys": info["keys"], "file_size": info["file_size"],
+            "access": info["access"]}
+
+
+# ---------------------------------------------------------------- workers
+
+def _worker(job: dict[str, Any]) -> RunTally:
+    """One worker process: its own engine over the shared store, counting into the parent's blocks."""
+    config = Config(validate(job["config"], job["source"]), source=job["source"], origin=job["origin"])
+    with Engine(config, counters_from=job["counters_from"]) as engine:
+        return engine.run(np.arange(job["cases"], dtype=np.int64), seed=job["seed"],
+                          sample=frozenset(job["sample"]), partition=(job["worker"], job["workers"]))
+
+
+def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed: int, sample: frozenset[int],
+                 progress: Any) -> RunTally:
+    ctx = multiprocessing.get_context("spawn")
+    # Each worker takes the cases of every workers-th workflow, so no batch is split.
+    base = {"config": config.as_dict(), "source": config.source, "origin": config.origin, "seed": seed,
+            "counters_from": (engine.counters.name, engine.pattern_stats.name), "cases": cases,
+            "workers": workers, "sample": sorted(sample)}
+    jobs = [dict(base, worker=w) for w in range(workers)]
+    done_idx = engine.counters.index("cases_completed")
+    start = engine.counters.get(done_idx)
+    tally = RunTally(arenas=0)
+    t0 = time.perf_counter()
+    with ctx.Pool(workers) as pool:
+        pending = pool.map_async(_worker, jobs)
+        seen = 0
+        while not pending.ready():
+            pending.wait(0.1)
+            now = engine.counters.get(done_idx) - start  # the workers' shared counter
+            if progress is not None and now > seen:
+                progress(now - seen)
+                seen = now
+        results = pending.get()
+    for r in results:
+        tally.merge(r)
+    if progress is not None and tally.cases > seen:
+        progress(tally.cases - seen)
+    tally.seconds = time.perf_counter() - t0
+    return tally
+
+
+# ---------------------------------------------------------------- the run
+
+def _sample(cases: int) -> frozenset[int]:
+    step = max(1, cases // SAMPLE_CASES)
+    return frozenset(range(0, cases, step))
+
+
+def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> None:
+    checks.append({"check": name, "ok": bool(ok), "detail": detail})
+
+
+def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
+             seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True) -> dict[str, Any]:
+    """Run the demo and return its results (what ``--json`` prints). Raises
+    :class:`HostError` for bad parameters; failed checks are in the result."""
+    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+        raise HostError(f"--cases must be a positive integer, got {cases!r}")
+    cpus = os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 8 * cpus:
+        raise HostError(f"--workers must be an integer from 1 to {8 * cpus} (8 per CPU), got {workers!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise HostError(f"--seed must be an integer in 0..2**64-1, got {seed!r}")
+    if store is not None:
+        store_path, store_from = Path(store), "--store"
+    elif config.store.path:
+        store_path, store_from = Path(config.store.path), f"[store] path in {config.source}"
+    else:
+        store_path, store_from = default_store_path(), "the cache directory"
+    if store_path.is_dir():
+        raise HostError(f"{store_path} (from {store_from}) is a directory; give a store file path")
+    built = ensure_store(store_path)
+    store_figures = measure_store(store_path)
+    config = config.replace(store={"path": str(store_path)})
+    if workers > 1:
+        config = config.replace(counters={"shared": True, "shared_name": ""})
+    sample = _sample(cases)
+    with Engine(config) as engine:
+        before_counters = engine.counters.snapshot()
+        before_patterns = engine.pattern_stats.as_dict()
+        bar = _progress_bar(cases, progress)
+        step = bar.update if bar is not None else None
+        try:
+            if workers == 1:
+                tally = engine.run(np.arange(cases, dtype=np.int64), seed=seed, progress=step, sample=sample)
+            else:
+                tally = _run_workers(engine, config, cases, workers, seed, sample, step)
+        finally:
+            if bar is not None:
+                bar.close()
+        counters = {k: v - before_counters.get(k, 0) for k, v in engine.counters.snapshot().items()}
+        patterns = {p: d["executions"] - before_patterns.get(p, {}).get("executions", 0)
+                    for p, d in engine.pattern_stats.as_dict(all_patterns=True).items()}
+        pattern_rows = engine.pattern_stats.as_dict()
+        names = {p.number: p.name for p in (engine.patterns.by_number(n) for n in SUPPORTED_PATTERNS)}
+        checks = _checks(engine, tally, counters, patterns, cases, seed)
+        stats = {}
+        for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
+            stats.update(part or {})
+        backend = engine.pm.hook.knhk_allocator(config=engine.config)
+        simd_level = engine.pm.hook.knhk_simd_level(config=engine.config)
+        report = _budgets(engine) if budgets else None
+    per_pattern = []
+    for p in SUPPORTED_PATTERNS:
+        row = pattern_rows.get(p, {})
+        per_pattern.append({"id": p, "name": names[p], "executions": int(tally.executions[p]),
+                            "mean_ticks": row.get("mean_ticks", 0.0)})
+    return {
+        "ok": all(c["ok"] for c in checks),
+        "checks": checks,
+        "cases": cases, "workers": workers, "seed": seed,
+        "seconds": tally.seconds, "cases_per_second": cases / tally.seconds if tally.seconds else 0.0,
+        "events": int(tally.events.sum()), "tasks": int(tally.events[TASK]), "batches": tally.batches,
+        "workflows_run": tally.workflows,
+        "patterns": per_pattern,
+        "counters": counters,
+        "arena": _arena_figures(tally),
+        "store": {**built, "from": store_from, **store_figures},
+        "allocator": {"backend": backend.name, "configured": config.allocator.backend,
+                      "numpy_routed": bool(config.allocator.numpy), "counts": stats.get("allocator", {}).get("counts")},
+        "simd_level": simd_level,
+        "config": {"source": config.source, "origin": config.origin},
+        "budgets": report.as_dict() if report is not None else None,
+        "_budget_table": _table(report) if report is not None else None,
+    }
+
+
+def _arena_figures(t: RunTally) -> dict[str, Any]:
+    # Without the arena each array of a batch would be one malloc and one free.
+    without = 2 * t.arena_allocations
+    return {"allocations": t.arena_allocations, "backend_calls": t.arena_backend_calls,
+            "backend_calls_without_arena": without, "saved": without - t.arena_backend_calls,
+            "bytes": t.arena_bytes, "arenas": t.arenas}
+
+
+def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns: dict[int, int], cases: int,
+            seed: int) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    ev = tally.events
+    _check(checks, "every case reached its end state",
+           tally.cases == cases and tally.completed == cases and int(ev[CASE_START]) == cases
+           and int(ev[CASE_END]) == cases,
+           f"{cases} cases run; {tally.completed} completed every block; log: {int(ev[CASE_START])} starts, "
+           f"{int(ev[CASE_END])} ends")
+    _check(checks, "case counters equal the cases run",
+           counters.get("cases_started") == cases and counters.get("cases_completed") == cases,
+           f"cases_started {counters.get('cases_started')}, cases_completed {counters.get('cases_completed')}, "
+           f"cases {cases}")
+    _check(checks, "tasks_fired equals the task events in the log",
+           counters.get("tasks_fired") == int(ev[TASK]),
+           f"tasks_fired {counters.get('tasks_fired')}, task events {int(ev[TASK])}")
+    bad = []
+    for p in range(1, 44):
+        a, b, c = patterns.get(p, 0), int(ev[p]), int(tally.executions[p])
+        if not a == b == c:
+            bad.append(f"WCP-{p}: statistics {a}, log {b}, executors {c}")
+    executed = sum(int(ev[p]) for p in range(1, 44))
+    _check(checks, "pattern statistics equal the pattern events in the log",
+           not bad, "; ".join(bad) if bad else f"{executed} executions of {sum(1 for p in range(1, 44) if ev[p])} "
+           "patterns agree three ways (statistics, SIMD tally of the log, executors)")
+    _check(checks, "no case errors", counters.get("errors", 0) == 0, f"errors {counters.get('errors', 0)}")
+    mismatched = []
+    keys = engine.workflows.keys
+    for case, events in sorted(tally.samples.items()):
+        wi = workflow_choice_one(case_seed_one(seed, case), len(keys))
+        want = run_case(engine.workflows.get(keys[wi]), seed, case, wi)
+        if events != want:
+            mismatched.append(case)
+    _check(checks, "sampled cases match the one-case reference interpreter, event for event",
+           not mismatched and len(tally.samples) == len(_sample(cases)),
+           f"{len(tally.samples)} cases compared" + (f"; differ: {mismatched[:10]}" if mismatched else ""))
+    arena = engine.arena.stats()
+    _check(checks, "batch memory all returned to the arena",
+           arena.live_blocks == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
+           f"live blocks {arena.live_blocks}; {tally.arena_allocations} arena allocations took "
+           f"{tally.arena_backend_calls} backend calls")
+    return checks
+
+
+def _budgets(engine: Engine) -> Any:
+    from ..budgets import Settings, run_budgets
+
+    return run_budgets(engine.config, pm=engine.pm, settings=Settings(batches=101, py_batches=31))
+
+
+def _table(report: Any) -> str:
+    from ..budgets import format_table
+
+    return format_table(report)
+
+
+def _progress_bar(total: int, enabled: bool | None) -> Any:
+    if enabled is False:
+        return None
+    from tqdm import tqdm
+
+    # enabled=None: only on a terminal (tqdm's disable=None)
+    return tqdm(total=total, desc="cases", unit="case", unit_scale=True, file=sys.stderr,
+                disable=None if enabled is None else False, leave=False)
+
+
+# ---------------------------------------------------------------- output
+
+def _ns(v: float) -> str:
+    return f"{v / 1000:.1f} us" if v >= 1000 else f"{v:.0f} ns"
+
+
+def format_summary(r: dict[str, Any]) -> str:
+    out = []
+    st, al = r["store"], r["allocator"]
+    out.append(f"knhk-memory demo: {r['cases']:,} cases, {r['workers']} worker(s), seed {r['seed']}")
+    out.append(f"config:     {r['config']['source']}")
+    out.append(f"allocator:  {al['backend']} (configured: {al['configured']}; numpy "
+               f"{'routed through it' if al['numpy_routed'] else 'not routed'}); simd level {r['simd_level']}")
+    built = f"built in {st['build_seconds']:.2f} s" if st["built"] else "reused"
+    out.append(f"store:      {st['path']} ({st['keys']:,} definitions, {st['file_size']:,} bytes, {st['access']}, "
+               f"{built}; from {st['from']})")
+    out.append(f"            open {_ns(st['open_ns'])} (median of 15), lookup {_ns(st['lookup_ns'])} (median), "
+               f"{st['verified_records']:,} records verified in {st['verify_seconds'] * 1000:.1f} ms")
+    out.append(f"throughput: {r['cases']:,} cases in {r['seconds']:.2f} s = {r['cases_per_second']:,.0f} cases/s; "
+               f"{r['events']:,} events, {r['tasks']:,} tasks, {r['batches']:,} batches over "
+               f"{r['workflows_run']:,} workflows")
+    a = r["arena"]
+    out.append(f"arena:      {a['allocations']:,} batch arrays served with {a['backend_calls']:,} backend calls "
+               f"(without the arena: {a['backend_calls_without_arena']:,}; saved {a['saved']:,})")
+    out.append("pattern executions:")
+    for p in r["patterns"]:
+        out.append(f"  WCP-{p['id']:<3} {p['name']:<40} {p['executions']:>12,}   mean {p['mean_ticks']:>8.1f} ticks")
+    c = r["counters"]
+    out.append("counters:   " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
+    out.append("checks:")
+    for ch in r["checks"]:
+        out.append(f"  [{'ok' if ch['ok'] else 'FAILED'}] {ch['check']}: {ch['detail']}")
+    if r.get("_budget_table"):
+        out.append("hot-path budgets (reported, not part of the checks; `knhk-memory budget` enforces them):")
+        out.append(r["_budget_table"])
+    npass = sum(ch["ok"] for ch in r["checks"])
+    out.append(f"{npass} of {len(r['checks'])} checks passed" + ("" if r["ok"] else " -- DEMO FAILED"))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the command
+
+def _positive(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        return v
+    return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
+    if not 0 <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"--seed must be in 0..2**64-1, got {v}")
+    return v
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ..config import load_config
+
+    config = load_config(args.config)
+    result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
+                      progress=args.progress, budgets=args.budgets)
+    if args.json:
+        result.pop("_budget_table", None)
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(format_summary(result))
+    return 0 if result["ok"] else 1
+
+
+def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("demo", parents=[common], help="run cases on the reference host and check the results",
+                       description="Build (once) a store of generated workflow definitions, run cases of them "
+                                   "on the reference host over the memory plugin, check every result and print "
+                                   "a summary. Exit status: 0 all checks passed, 1 a check failed, 2 a usage or "
+                                   "configuration error.")
+    p.add_argument("--cases", type=_positive("--cases"), default=DEFAULT_CASES, metavar="N",
+                   help=f"cases to run (default {DEFAULT_CASES:,})")
+    p.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
+                   help="worker processes sharing the store and the counters (default 1: this process)")
+    p.add_argument("--store", metavar="PATH", help="workflow store to run (built there with the generated "
+                   "definitions if missing; default: [store] path, else a file in the cache directory)")
+    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",
+                   help=f"seed of the cases' workflows and paths (default {DEFAULT_SEED})")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-budgets", dest="budgets", action="store_false",
+                   help="skip measuring the hot-path budget table")
+    pg = p.add_mutually_exclusive_group()
+    pg.add_argument("--progress", dest="progress", action="store_true", default=None,
+                    help="always show the progress bar (default: on a terminal)")
+    pg.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_demo)
+
+
+def main_check(result: dict[str, Any]) -> None:
+    """Raise :class:`CheckFailedError` if any check of a demo result failed."""
+    failed = [f"{c['check']}: {c['detail']}" for c in result["checks"] if not c["ok"]]
+    if failed:
+        raise CheckFailedError(failed)
+

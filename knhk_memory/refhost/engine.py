@@ -1,0 +1,395 @@
+"""The reference host: a small workflow engine that runs cases on the memory plugin.
+
+It is the example an engine author reads, not the product. What it does with
+each memory service:
+
+- the plugin manager comes from :func:`knhk_memory.get_plugin_manager`, which
+  loads the ``knhk.plugins`` entry points (the memory plugin among them); the
+  host's own plugin registers its pattern executors in
+  ``knhk_register_executors``, and :func:`knhk_memory.start_registries` freezes
+  the pattern registry;
+- workflow definitions come from the memory-mapped workflow store
+  (``knhk_workflow_store``), read zero-copy and compiled once into the
+  ``compiled_workflows`` resource of the global resource registry;
+- each batch of cases (the cases of one workflow, up to ``batch_size``) runs
+  inside an arena scope (``knhk_arena``): every numpy array of the batch, its
+  event log included, comes from the arena, which is reset after the batch;
+- cases started and completed, and tasks fired, go to the cache-aligned
+  counters (``knhk_counters``), pattern executions and their ticks to the
+  per-pattern statistics (``knhk_pattern_stats``);
+- the batch's event log is tallied by the SIMD kernels
+  (:func:`knhk_memory.simd.histogram`, :func:`~knhk_memory.simd.count_eq`);
+- the allocator backend is whatever ``[allocator]`` in the config file says.
+
+In several processes (see :mod:`.demo`), each worker runs an Engine that
+attaches to the parent's shared counter blocks (``counters_from``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import simd
+from ..config import Config, load_config
+from ..counters import Counters, PatternStats
+from ..errors import ArenaBusyError, HostError, StoreKeyError
+from ..hookspecs import hookimpl
+from ..host import get_plugin_manager
+from ..registry import start_registries
+from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
+from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
+
+__all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE"]
+
+REQUIRED_COUNTERS = ("cases_started", "cases_completed", "tasks_fired", "errors")
+DEFAULT_BATCH_SIZE = 4096
+PATTERN_SLOTS = 44  # index = pattern id, 0 unused
+
+
+class HostPlugin:
+    """The host's built-in plugin: registers one executor per supported pattern."""
+
+    @hookimpl
+    def knhk_register_executors(self, config: Config, registry: Any) -> None:
+        for number, cls in EXECUTORS.items():
+            registry.register_executor(number, cls())
+
+
+@dataclass
+class RunTally:
+    """What a run did, summed over batches (and over workers, with :meth:`merge`).
+
+    ``events`` counts the event log's kinds (index = kind, see
+    :mod:`.executors`); ``executions`` the pattern executions the executors
+    reported (index = pattern id). Both are kept apart from the counters so
+    the three can be checked against each other.
+    """
+
+    cases: int = 0
+    completed: int = 0
+    batches: int = 0
+    workflows: int = 0
+    events: np.ndarray = field(default_factory=lambda: np.zeros(EVENT_KINDS, dtype=np.int64))
+    executions: np.ndarray = field(default_factory=lambda: np.zeros(PATTERN_SLOTS, dtype=np.int64))
+    seconds: float = 0.0
+    arena_allocations: int = 0
+    arena_backend_calls: int = 0
+    arena_bytes: int = 0
+    arenas: int = 1
+    samples: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def merge(self, other: RunTally) -> None:
+        self.cases += other.cases
+        self.completed += other.completed
+        self.batches += other.batches
+        self.workflows += other.workflows
+        self.events += other.events
+        self.executions += other.executions
+        self.seconds = max(self.seconds, other.seconds)
+        self.arena_allocations += other.arena_allocations
+        self.arena_backend_calls += other.arena_backend_calls
+        self.arena_bytes += other.arena_bytes
+        self.arenas += other.arenas
+        self.samples.update(other.samples)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cases": self.cases, "completed": self.completed, "batches": self.batches,
+                "workflows": self.workflows, "seconds": self.seconds,
+                "events": {int(k): int(v) for k, v in enumerate(self.events) if v},
+                "executions": {int(p): int(v) for p, v in enumerate(self.executions) if v},
+                "arena": {"allocations": self.arena_allocations, "backend_calls": self.arena_backend_calls,
+                          "bytes": self.arena_bytes, "arenas": self.arenas}}
+
+
+class _CompiledWorkflows:
+    """The ``compiled_workflows`` resource: definitions read from the store, checked once."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.keys = sorted(k.decode() for k in store.keys())
+        self._cache: dict[str, Workflow] = {}
+
+    def get(self, key: str) -> Workflow:
+        wf = self._cache.get(key)
+        if wf is None:
+            try:
+                view = self.store[key]
+            except StoreKeyError:
+                raise HostError(f"workflow {key!r} is not in the store {self.store.path}") from None
+            wf = self._cache[key] = parse_workflow(view, key)
+        return wf
+
+    def close(self) -> None:
+        self._cache.clear()
+
+
+class Engine:
+    """A workflow engine over the memory plugin.
+
+    :param config: A :class:`~knhk_memory.Config`, a config file path, or None
+        for the usual lookup (:func:`knhk_memory.load_config`).
+    :param store: A workflow store path that overrides ``[store] path``.
+    :param plugins: Extra plugins to register beside the entry points.
+    :param counters_from: ``(counters name, pattern stats name)`` of shared
+        blocks another process made: this engine counts into those.
+    :param batch_size: Most cases run as one batch.
+    """
+
+    def __init__(self, config: Config | str | os.PathLike[str] | None = None, *,
+                 store: str | os.PathLike[str] | None = None, plugins: Sequence[Any] = (),
+                 counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise HostError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        if not isinstance(config, Config):
+            config = load_config(config)
+        if store is not None:
+            config = config.replace(store={"path": os.fspath(store)})
+        if counters_from is not None:  # count into another process's blocks, make none here
+            config = config.replace(counters={"shared": False})
+        if not config.store.path:
+            raise HostError(f"no workflow store: set [store] path in {config.source} or pass store=PATH")
+        missing = [n for n in REQUIRED_COUNTERS if n not in config.counters.names]
+        if missing:
+            raise HostError(f"the reference host counts into the counters {', '.join(REQUIRED_COUNTERS)}; "
+                            f"[counters] names in {config.source} is {config.counters.names!r}, which lacks "
+                            f"{', '.join(missing)}")
+        if not config.counters.pattern_stats:
+            raise HostError(f"the reference host records per-pattern statistics; [counters] pattern_stats "
+                            f"is false in {config.source}; set it to true")
+        self.config = config
+        self.host_plugin = HostPlugin()
+        self.pm = get_plugin_manager([self.host_plugin, *plugins])
+        self.pm.hook.knhk_configure(config=config)
+        self._configured = True
+        self._attached: list[Any] = []
+        try:
+            self.patterns, self.resources = start_registries(self.pm, config)
+            self.store = self.pm.hook.knhk_workflow_store(config=config)
+            if counters_from is None:
+                self.counters: Counters = self.pm.hook.knhk_counters(config=config)
+                self.pattern_stats: PatternStats = self.pm.hook.knhk_pattern_stats(config=config)
+            else:
+                self.counters = Counters.attach(counters_from[0])
+                self._attached.append(self.counters)
+                self.pattern_stats = PatternStats.attach(counters_from[1])
+                self._attached.append(self.pattern_stats)
+            self._idx = {n: self.counters.index(n) for n in REQUIRED_COUNTERS}
+            self.resources.register("compiled_workflows", lambda: _CompiledWorkflows(self.store))
+            self.workflows: _CompiledWorkflows = self.resources.get("compiled_workflows")
+            if not self.workflows.keys:
+                raise HostError(f"the workflow store {self.store.path} holds no definitions")
+            self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
+            self._retired_arenas: list[dict[str, int]] = []
+            self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- running
+
+    def run(self, case_numbers: np.ndarray | Sequence[int] | range, *, seed: int = 1,
+            progress: Callable[[int], None] | None = None, sample: set[int] | frozenset[int] = frozenset(),
+            partition: tuple[int, int] = (0, 1)) -> RunTally:
+        """Run the given cases (numbered; each number picks its workflow and
+        path from ``seed``) in batches, one workflow per batch. ``progress(n)``
+        is called after each batch with its size. The events of the cases in
+        ``sample`` are kept in the tally, for checking against
+        :func:`.reference.run_case`. ``partition=(w, n)`` runs only the cases
+        whose workflow's index is w modulo n: n workers, each with its own
+        share of the workflows, run every case once and split no batch."""
+        cases = np.asarray(case_numbers, dtype=np.int64)
+        if cases.ndim != 1:
+            raise HostError(f"case numbers must be a 1-D sequence, got shape {cases.shape}")
+        if cases.size and int(cases.min()) < 0:
+            raise HostError(f"case numbers must be >= 0, got {int(cases.min())}")
+        w, n = partition
+        if not (isinstance(w, int) and isinstance(n, int) and 0 <= w < n):
+            raise HostError(f"partition must be (w, n) with 0 <= w < n, got {partition!r}")
+        tally = RunTally()
+        t0 = time.perf_counter()
+        start_stats = self.arena.stats()
+        keys = self.workflows.keys
+        choice = workflow_choice(case_seeds(seed, cases), len(keys))
+        if n > 1:
+            mine = choice % n == w
+            cases, choice = cases[mine], choice[mine]
+        order = np.argsort(choice, kind="stable")
+        by_wf, cases = choice[order], cases[order]
+        bounds = np.flatnonzero(np.diff(by_wf)) + 1
+        starts = np.concatenate([[0], bounds]).tolist()
+        ends = np.concatenate([bounds, [cases.size]]).tolist() if cases.size else []
+        for lo, hi in zip(starts, ends):
+            wf_index = int(by_wf[lo])
+            wf = self.workflows.get(keys[wf_index])
+            tally.workflows += 1
+            for b in range(lo, hi, self.batch_size):
+                chunk = cases[b:min(hi, b + self.batch_size)]
+                self._run_batch(wf, wf_index, chunk, seed, tally, sample)
+                if progress is not None:
+                    progress(int(chunk.size))
+        tally.seconds = time.perf_counter() - t0
+        end_stats = self.arena.stats()
+        retired = self._retired_arenas
+        tally.arena_allocations = end_stats.allocations - start_stats.allocations + sum(
+            r["allocations"] for r in retired)
+        tally.arena_backend_calls = end_stats.backend_calls - start_stats.backend_calls + sum(
+            r["backend_calls"] for r in retired)
+        tally.arena_bytes = end_stats.bytes_requested - start_stats.bytes_requested + sum(
+            r["bytes_requested"] for r in retired)
+        tally.arenas = 1 + len(retired)
+        self._retired_arenas = []
+        return tally
+
+    def _run_batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
+                   sample: set[int] | frozenset[int]) -> None:
+        try:
+            with self.arena.scope():
+                self._batch(wf, wf_index, case_numbers, seed, tally, sample)
+        except BaseException:
+            self.counters.add(self._idx["errors"])
+            raise
+        finally:
+            self._reset_arena()
+
+    def _reset_arena(self) -> None:
+        try:
+            self.arena.reset()
+        except ArenaBusyError:
+            # Something (a traceback, a caller's reference) still holds a batch
+            # array: retire this arena, which frees itself once they are gone.
+            st = self.arena.stats()
+            self._retired_arenas.append({"allocations": st.allocations, "backend_calls": st.backend_calls,
+                                         "bytes_requested": st.bytes_requested})
+            self.arena.close()
+            self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
+
+    def _batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
+               sample: set[int] | frozenset[int]) -> None:
+        rows = int(case_numbers.size)
+        seeds = case_seeds(seed, case_numbers)
+        capacity = rows * _events_per_case(wf)
+        kinds = np.empty(capacity, dtype=np.uint8)
+        tasks = np.empty(capacity, dtype=np.uint32)
+        where = np.empty(capacity, dtype=np.uint32)
+        kinds[:rows] = CASE_START
+        tasks[:rows] = wf_index
+        where[:rows] = np.arange(rows, dtype=np.uint32)
+        pos = rows
+        self.counters.add(self._idx["cases_started"], rows)
+        position = np.zeros(rows, dtype=np.uint32)
+        executions = tally.executions
+        ticks = self.pattern_stats.ticks
+        recorded: list[tuple[int, int, int]] = []  # (pattern, executions, ticks each)
+        tasks_fired = 0
+        for i, block in enumerate(wf.blocks):
+            h = decision(seeds, i)
+            t0 = ticks()
+            if i:  # the hand-over from the previous block: WCP-1
+                kinds[pos:pos + rows] = 1
+                tasks[pos:pos + rows] = block.first_task
+                where[pos:pos + rows] = np.arange(rows, dtype=np.uint32)
+                pos += rows
+            if block.kind == "split":
+                active, detail = self.executors[block.split].activate(block, h)
+                ev: BlockEvents = self.executors[block.join].complete(block, h, active, detail)
+            else:
+                ev = self.executors[block.patterns[0]].run(block, h)
+            n = ev.kind.size
+            kinds[pos:pos + n] = ev.kind
+            tasks[pos:pos + n] = ev.task
+            where[pos:pos + n] = ev.case
+            pos += n
+            elapsed = ticks() - t0
+            execs = dict(ev.executions)
+            if i:
+                execs[1] = execs.get(1, 0) + rows
+            # the block's ticks, shared evenly among its executions
+            share = elapsed // max(1, sum(execs.values()))
+            for p, c in execs.items():
+                executions[p] += c
+                if c:
+                    recorded.append((p, c, share))
+            tasks_fired += ev.tasks
+            position += 1
+        self._record(recorded)
+        self.counters.add(self._idx["tasks_fired"], tasks_fired)
+        done = simd.count_eq(position, len(wf.blocks))
+        kinds[pos:pos + rows] = CASE_END
+        tasks[pos:pos + rows] = position
+        where[pos:pos + rows] = np.arange(rows, dtype=np.uint32)
+        pos += rows
+        log = kinds[:pos]
+        tally.events += simd.histogram(log, EVENT_KINDS)
+        tally.completed += done
+        self.counters.add(self._idx["cases_completed"], done)
+        tally.cases += rows
+        tally.batches += 1
+        if sample:
+            self._keep_samples(case_numbers, kinds[:pos], tasks[:pos], where[:pos], sample, tally)
+
+    def _record(self, recorded: list[tuple[int, int, int]]) -> None:
+        """The batch's pattern executions, in one C call."""
+        if not recorded:
+            return
+        p, c, t = (np.array(col, dtype=np.int64) for col in zip(*recorded))
+        self.pattern_stats.record_many(np.repeat(p, c), np.repeat(t, c).astype(np.uint64))
+
+    @staticmethod
+    def _keep_samples(case_numbers: np.ndarray, kinds: np.ndarray, tasks: np.ndarray, where: np.ndarray,
+                      sample: set[int] | frozenset[int], tally: RunTally) -> None:
+        rows = [r for r, c in enumerate(case_numbers.tolist()) if c in sample]
+        if not rows:
+            return
+        # the log is block-major; a stable sort by row gives each case's events in order
+        keep = np.isin(where, np.asarray(rows, dtype=np.uint32))
+        w, k, t = where[keep], kinds[keep], tasks[keep]
+        order = np.argsort(w, kind="stable")
+        w, k, t = w[order].tolist(), k[order].tolist(), t[order].tolist()
+        numbers = case_numbers.tolist()
+        for row, kind, task in zip(w, k, t):
+            tally.samples.setdefault(numbers[row], []).append((kind, task))
+
+    # ---------------------------------------------------------------- shutting down
+
+    def close(self) -> None:
+        """Close attached blocks, then unconfigure the plugins (which closes the
+        store, the counters it made and the resources). Idempotent."""
+        for block in self._attached:
+            block.close()
+        self._attached = []
+        if self._configured:
+            self._configured = False
+            arena = getattr(self, "arena", None)
+            if arena is not None and not arena.closed:
+                arena.close()
+            self.pm.hook.knhk_unconfigure(config=self.config)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _events_per_case(wf: Workflow) -> int:
+    """The most events one case of ``wf`` can log (start, end, hand-overs, blocks)."""
+    n = 2 + len(wf.blocks) - 1
+    for b in wf.blocks:
+        if b.kind == "sequence":
+            n += 2 * b.tasks - 1
+        elif b.kind == "cycle":
+            n += b.max_iterations * (2 * b.body - 1) + b.max_iterations - 1
+        elif b.kind == "instances":
+            n += b.instances + 1
+        elif b.join == 8:
+            n += 1 + 3 * b.branches
+        else:
+            n += b.branches + 3
+    return n

@@ -139,14 +139,18 @@ class Engine:
     :param counters_from: ``(counters name, pattern stats name)`` of shared
         blocks another process made: this engine counts into those.
     :param batch_size: Most cases run as one batch.
+    :param arena_scopes: Run each batch in an arena scope (the point of the
+        host); False runs batches on the ordinary allocator, for comparisons.
     """
 
     def __init__(self, config: Config | str | os.PathLike[str] | None = None, *,
                  store: str | os.PathLike[str] | None = None, plugins: Sequence[Any] = (),
-                 counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+                 counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 arena_scopes: bool = True) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise HostError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
+        self.arena_scopes = bool(arena_scopes)
         if not isinstance(config, Config):
             config = load_config(config)
         if store is not None:
@@ -249,6 +253,9 @@ class Engine:
 
     def _run_batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
                    sample: set[int] | frozenset[int]) -> None:
+        if not self.arena_scopes:
+            self._batch(wf, wf_index, case_numbers, seed, tally, sample)
+            return
         try:
             with self.arena.scope():
                 self._batch(wf, wf_index, case_numbers, seed, tally, sample)

@@ -9,10 +9,14 @@
  * slot is taken, late writers share the last slot with atomic adds: sharing
  * costs speed, never exactness.
  *
+ * A thread's claim on a block is a writer (knhk_counters_writer): found on
+ * each knhk_counters_add through a thread-local cache, or fetched once with
+ * knhk_counters_writer_get so that knhk_counters_writer_add needs no lookup.
+ *
  * Slots go back (owner token CAS-ed to 0 with release, so the next owner's
- * acquire sees the last values) when the thread exits, when the handle is
- * closed, or when the thread's slot cache evicts it. The counts stay in the
- * slot: the next owner continues from them. A process that dies holding slots
+ * acquire sees the last values) when the thread exits or when the handle is
+ * closed; the writer then dies (calls through it are refused). The counts
+ * stay in the slot: the next owner continues from them. A process that dies holding slots
  * loses nothing either: its slots keep their counts, and a writer that finds
  * no free slot takes back those whose owner pid no longer exists.
  *

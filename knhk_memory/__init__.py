@@ -29,7 +29,7 @@ from .config import Config, load_config
 from . import errors
 from .errors import *  # noqa: F403 - every exception class, see errors.__all__
 from .hotpath import HotOp, PyHotOp
-from .counters import Counters, PatternStats
+from .counters import CounterWriter, Counters, PatternStats
 from .arena import Arena, ArenaStats, ThreadLocalArena
 from .host import get_plugin_manager
 from .once import Lazy, OnceLock
@@ -42,7 +42,7 @@ __all__ = [
     "Backend", "Block", "apply_numpy_handler", "available_backends", "get_backend",
     "install_numpy_handler", "numpy_handler", "select_backend", "selected_backend",
     "Config", "load_config",
-    "Counters", "PatternStats",
+    "Counters", "CounterWriter", "PatternStats",
     "get_plugin_manager",
     "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",

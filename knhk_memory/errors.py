@@ -104,6 +104,11 @@ class CounterIncrementError(KnhkMemoryError, TypeError):
     """An increment, index array or tick value that is not an integer of the accepted range."""
 
 
+class CounterWriterError(KnhkMemoryError, RuntimeError):
+    """A counter writer handle used by a thread that does not own it, or after it died
+    (its thread exited, its block was closed, or the process forked since it was made)."""
+
+
 class SharedBlockError(KnhkMemoryError, ValueError):
     """A shared counter block that is not ours: wrong magic, version, layout or names."""
 

@@ -9,10 +9,14 @@
  * slot is taken, late writers share the last slot with atomic adds: sharing
  * costs speed, never exactness.
  *
+ * A thread's claim on a block is a writer (knhk_counters_writer): found on
+ * each knhk_counters_add through a thread-local cache, or fetched once with
+ * knhk_counters_writer_get so that knhk_counters_writer_add needs no lookup.
+ *
  * Slots go back (owner token CAS-ed to 0 with release, so the next owner's
- * acquire sees the last values) when the thread exits, when the handle is
- * closed, or when the thread's slot cache evicts it. The counts stay in the
- * slot: the next owner continues from them. A process that dies holding slots
+ * acquire sees the last values) when the thread exits or when the handle is
+ * closed; the writer then dies (calls through it are refused). The counts
+ * stay in the slot: the next owner continues from them. A process that dies holding slots
  * loses nothing either: its slots keep their counts, and a writer that finds
  * no free slot takes back those whose owner pid no longer exists.
  *
@@ -54,6 +58,33 @@ typedef struct {
     _Atomic uint32_t ready;
 } block_header;
 
+/* A writer is one thread's claim on one block: the slot it owns (or the
+   shared slot) and the thread it belongs to. Writers are made on a thread's
+   first write to a block and live until the thread exits or the block
+   handle closes; then they are *dead* (thread == 0). Dead writers are
+   reused, never freed, so a stale pointer always points at a writer and a
+   call through it is refused, not undefined: a writer whose thread exited
+   stays in its block's list and is reused only for that block (so a stale
+   handle that comes back to life counts into the right block); the writers
+   of a closed block go to a process-wide pool. Neither is handed to a
+   thread with the thread pointer of its last owner.
+
+   Every field but `thread` is written under registry_mutex by the thread
+   that becomes the owner, and read by the owner (or under the mutex); a
+   call from any other thread reads `thread` alone (atomically) and stops. */
+struct knhk_counters_writer {
+    _Atomic uintptr_t thread; /* the owner's thread pointer; 0: dead */
+    uint32_t limit;           /* count for sum blocks on an owned slot, else 0: one compare sends
+                                 every other case (bad index, pattern block, shared slot) to the slow path */
+    uint32_t shared;          /* 1: the shared slot, atomic adds */
+    _Atomic uint64_t *cells;  /* the slot's cells */
+    knhk_counters *c;         /* the block handle (cold paths) */
+    uint64_t token;           /* owner token in c->owners[slot]; 0 for the shared slot */
+    uint32_t slot;
+    uintptr_t last_thread;    /* owner before it died: not handed to that thread again */
+    knhk_counters_writer *next; /* in c->writers (live or dead) or in the pool (dead) */
+};
+
 struct knhk_counters {
     uint64_t id; /* process-unique, never reused: thread caches key on it */
     block_header *hdr;
@@ -64,7 +95,7 @@ struct knhk_counters {
     _Atomic uint64_t *base;   /* [count] reset baselines of sum cells */
     _Atomic uint64_t *owners; /* [SLOTS] owner tokens, 0 = free */
     _Atomic uint64_t *cells;  /* [SLOTS][stride_cells] */
-    _Atomic uint64_t claimed[KNHK_COUNTERS_SLOTS]; /* tokens this handle put in owners */
+    knhk_counters_writer *writers; /* writers of every thread, live and dead, under registry_mutex */
     struct knhk_counters *next; /* live-handle registry */
 };
 
@@ -156,61 +187,73 @@ int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count
     return KNHK_OK;
 }
 
-/* ------------------------------------------------------------------ handles and the thread slot cache */
+/* ------------------------------------------------------------------ writers and the thread cache */
 
 typedef struct {
-    uint64_t id; /* 0: empty */
-    knhk_counters *c;
-    _Atomic uint64_t *cells;
-    uint32_t slot;
-    bool shared;
+    uint64_t id;             /* 0: empty */
+    _Atomic uint64_t *cells; /* w's cells (copied: one load less per add) */
+    uint32_t shared;         /* w's shared flag */
+    knhk_counters_writer *w; /* NULL: none could be made, adds go to the shared slot */
 } tls_entry;
 
+/* Only a cache: a miss finds the thread's writer in the block's list. An
+   entry for a closed block never matches again (handle ids are never reused). */
 static __thread tls_entry tls_cache[TLS_WAYS];
 static pthread_mutex_t registry_mutex = PTHREAD_MUTEX_INITIALIZER;
-static knhk_counters *registry;
-static uint64_t next_handle_id = 1; /* under registry_mutex */
+static knhk_counters *registry;            /* live handles, under registry_mutex */
+static knhk_counters_writer *writer_pool;  /* dead writers of closed blocks, under registry_mutex */
+static uint64_t next_handle_id = 1;        /* under registry_mutex */
 static _Atomic uint32_t next_claim = 1;
 static pthread_key_t exit_key;
 static _knhk_once exit_key_once;
 
-static knhk_counters *find_live(uint64_t id) {
-    for (knhk_counters *c = registry; c != NULL; c = c->next)
-        if (c->id == id) return c;
-    return NULL;
+/* The calling thread's identity: its thread pointer (pthread_self() on
+   glibc), read without a call where the compiler can. */
+static inline uintptr_t self_thread(void) {
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__aarch64__) || (defined(__x86_64__) && __GNUC__ >= 11))
+    return (uintptr_t)__builtin_thread_pointer();
+#else
+    return (uintptr_t)pthread_self();
+#endif
 }
 
-/* Give a slot back; the caller holds registry_mutex and c is live. */
-static void release_entry(tls_entry *e) {
-    if (!e->shared) {
-        knhk_counters *c = e->c;
-        uint64_t tok = atomic_load_explicit(&c->claimed[e->slot], memory_order_relaxed);
-        if (tok != 0 && atomic_compare_exchange_strong_explicit(&c->owners[e->slot], &tok, 0, memory_order_release,
-                                                                memory_order_relaxed))
-            atomic_store_explicit(&c->claimed[e->slot], 0, memory_order_relaxed);
+/* Kill a live writer (the caller holds registry_mutex): give its slot back
+   if `release`, and mark it dead. The owner token is CAS-ed to 0 with
+   release, so the slot's next owner (acquire) sees the last values; the
+   counts stay in the slot. */
+static void kill_writer(knhk_counters_writer *w, bool release) {
+    if (atomic_load_explicit(&w->thread, memory_order_relaxed) == 0) return; /* already dead */
+    if (release && !w->shared) {
+        uint64_t tok = w->token;
+        atomic_compare_exchange_strong_explicit(&w->c->owners[w->slot], &tok, 0, memory_order_release,
+                                                memory_order_relaxed);
     }
-    e->id = 0;
+    w->last_thread = atomic_load_explicit(&w->thread, memory_order_relaxed);
+    atomic_store_explicit(&w->thread, 0, memory_order_relaxed);
+    w->limit = 0;
 }
 
 static void thread_exit(void *unused) {
     (void)unused;
+    uintptr_t self = self_thread();
     pthread_mutex_lock(&registry_mutex);
-    for (int i = 0; i < TLS_WAYS; i++) {
-        tls_entry *e = &tls_cache[i];
-        if (e->id != 0 && find_live(e->id) == e->c) release_entry(e);
-        e->id = 0;
-    }
+    for (knhk_counters *c = registry; c != NULL; c = c->next)
+        for (knhk_counters_writer *w = c->writers; w != NULL; w = w->next)
+            if (atomic_load_explicit(&w->thread, memory_order_relaxed) == self) kill_writer(w, true);
+    memset(tls_cache, 0, sizeof tls_cache);
     pthread_mutex_unlock(&registry_mutex);
 }
 
-/* A forked child is a new process with one thread: the slots its thread
-   cache names belong to the parent, so forget them (without releasing). */
+/* A forked child is a new process with one thread: every writer it
+   inherited belongs to a parent thread (the forking thread's included, whose
+   thread pointer the child's thread shares), so all die, without giving
+   their slots back: the parent still owns them. The child claims its own. */
 static void atfork_prepare(void) { pthread_mutex_lock(&registry_mutex); }
 static void atfork_parent(void) { pthread_mutex_unlock(&registry_mutex); }
 static void atfork_child(void) {
     memset(tls_cache, 0, sizeof tls_cache);
     for (knhk_counters *c = registry; c != NULL; c = c->next)
-        for (int s = 0; s < KNHK_COUNTERS_SLOTS; s++) atomic_store_explicit(&c->claimed[s], 0, memory_order_relaxed);
+        for (knhk_counters_writer *w = c->writers; w != NULL; w = w->next) kill_writer(w, false);
     pthread_mutex_unlock(&registry_mutex);
 }
 
@@ -224,42 +267,76 @@ static int make_exit_key(void *unused) {
 static bool pid_dead(uint32_t pid) { return pid != 0 && kill((pid_t)pid, 0) == -1 && errno == ESRCH; }
 
 static bool try_claim(knhk_counters *c, int s, uint64_t expected, uint64_t tok) {
-    if (!atomic_compare_exchange_strong_explicit(&c->owners[s], &expected, tok, memory_order_acquire,
-                                                 memory_order_relaxed))
-        return false;
-    atomic_store_explicit(&c->claimed[s], tok, memory_order_relaxed);
-    return true;
+    return atomic_compare_exchange_strong_explicit(&c->owners[s], &expected, tok, memory_order_acquire,
+                                                   memory_order_relaxed);
 }
 
-static __attribute__((noinline)) tls_entry *claim(knhk_counters *c) {
-    tls_entry *e = &tls_cache[c->id & (TLS_WAYS - 1)];
-    bool have_key = _knhk_once_run(&exit_key_once, make_exit_key, NULL) == KNHK_OK;
-    pthread_mutex_lock(&registry_mutex);
-    if (e->id != 0 && find_live(e->id) == e->c) release_entry(e);
-    int slot = SHARED_SLOT;
-    if (have_key) {
-        uint64_t tok = ((uint64_t)(uint32_t)getpid() << 32) |
-                       atomic_fetch_add_explicit(&next_claim, 1, memory_order_relaxed);
-        for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++)
-            if (try_claim(c, s, 0, tok)) slot = s;
-        for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++) {
-            uint64_t owner = atomic_load_explicit(&c->owners[s], memory_order_relaxed);
-            if (pid_dead((uint32_t)(owner >> 32)) && try_claim(c, s, owner, tok)) slot = s;
+/* A new writer for the calling thread (registry_mutex held): a dead one of
+   this block, else one from the pool, else malloc'ed (never a dead one whose
+   last owner had this thread pointer). */
+static knhk_counters_writer *new_writer(knhk_counters *c, uintptr_t self) {
+    knhk_counters_writer *w = c->writers;
+    while (w != NULL && (atomic_load_explicit(&w->thread, memory_order_relaxed) != 0 || w->last_thread == self))
+        w = w->next;
+    bool linked = w != NULL;
+    for (knhk_counters_writer **p = &writer_pool; w == NULL && *p != NULL; p = &(*p)->next) {
+        if ((*p)->last_thread != self) {
+            w = *p;
+            *p = w->next;
+            break;
         }
-        if (slot != SHARED_SLOT) pthread_setspecific(exit_key, (void *)1); /* non-NULL: the destructor runs */
     }
-    e->c = c;
-    e->slot = (uint32_t)slot;
-    e->shared = slot == SHARED_SLOT;
-    e->cells = c->cells + (uint64_t)slot * c->stride_cells;
+    if (w == NULL && (w = malloc(sizeof *w)) == NULL) return NULL;
+    int slot = SHARED_SLOT;
+    uint64_t tok = ((uint64_t)(uint32_t)getpid() << 32) | atomic_fetch_add_explicit(&next_claim, 1, memory_order_relaxed);
+    for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++)
+        if (try_claim(c, s, 0, tok)) slot = s;
+    for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++) {
+        uint64_t owner = atomic_load_explicit(&c->owners[s], memory_order_relaxed);
+        if (pid_dead((uint32_t)(owner >> 32)) && try_claim(c, s, owner, tok)) slot = s;
+    }
+    w->c = c;
+    w->slot = (uint32_t)slot;
+    w->shared = slot == SHARED_SLOT;
+    w->token = w->shared ? 0 : tok;
+    w->cells = c->cells + (uint64_t)slot * c->stride_cells;
+    w->limit = w->shared ? 0 : c->add_limit;
+    w->last_thread = 0;
+    atomic_store_explicit(&w->thread, self, memory_order_relaxed);
+    if (!linked) {
+        w->next = c->writers;
+        c->writers = w;
+    }
+    return w;
+}
+
+/* The slow path of the thread cache: find the thread's writer for c, or
+   make one. Never fails: without memory (or without a thread-exit handler,
+   which would leak the slot) the entry sends the thread's adds to the
+   shared slot (atomic adds) with no writer; knhk_counters_writer_get tries
+   again. */
+static __attribute__((noinline)) tls_entry *find_writer(knhk_counters *c) {
+    tls_entry *e = &tls_cache[c->id & (TLS_WAYS - 1)];
+    knhk_counters_writer *w = NULL;
+    if (_knhk_once_run(&exit_key_once, make_exit_key, NULL) == KNHK_OK) {
+        uintptr_t self = self_thread();
+        pthread_mutex_lock(&registry_mutex);
+        w = c->writers;
+        while (w != NULL && atomic_load_explicit(&w->thread, memory_order_relaxed) != self) w = w->next;
+        if (w == NULL && (w = new_writer(c, self)) != NULL)
+            pthread_setspecific(exit_key, (void *)1); /* non-NULL: the destructor runs at thread exit */
+        pthread_mutex_unlock(&registry_mutex);
+    }
+    e->w = w;
+    e->cells = w != NULL ? w->cells : c->cells + (uint64_t)SHARED_SLOT * c->stride_cells;
+    e->shared = w != NULL ? w->shared : 1;
     e->id = c->id;
-    pthread_mutex_unlock(&registry_mutex);
     return e;
 }
 
 static inline tls_entry *my_slot(knhk_counters *c) {
     tls_entry *e = &tls_cache[c->id & (TLS_WAYS - 1)];
-    return _knhk_likely(e->id == c->id) ? e : claim(c);
+    return _knhk_likely(e->id == c->id) ? e : find_writer(c);
 }
 
 /* The owner is the only writer of its cells: a relaxed load and store, no
@@ -363,13 +440,16 @@ void knhk_counters_close(knhk_counters *c) {
             break;
         }
     }
-    /* Every slot a thread claimed through this handle goes back, whichever
-       thread claimed it; those threads' cache entries are dead (ids are
-       never reused). */
-    for (int s = 0; s < SHARED_SLOT; s++) {
-        uint64_t tok = atomic_load_explicit(&c->claimed[s], memory_order_relaxed);
-        if (tok != 0) atomic_compare_exchange_strong_explicit(&c->owners[s], &tok, 0, memory_order_release,
-                                                              memory_order_relaxed);
+    /* Every writer of this handle dies and its slot goes back, whichever
+       thread owns it; those threads' cache entries are dead (ids are never
+       reused), and a call through one of the writers is refused. */
+    while (c->writers != NULL) {
+        knhk_counters_writer *w = c->writers;
+        c->writers = w->next;
+        kill_writer(w, true);
+        w->c = NULL;
+        w->next = writer_pool;
+        writer_pool = w;
     }
     tls_entry *e = &tls_cache[c->id & (TLS_WAYS - 1)];
     if (e->id == c->id) e->id = 0;
@@ -405,6 +485,60 @@ int knhk_counters_add(knhk_counters *c, uint32_t index, int64_t n) {
     cell_add(my_slot(c), index, (uint64_t)n);
     return KNHK_OK;
 }
+
+int knhk_counters_writer_get(knhk_counters *c, knhk_counters_writer **out) {
+    if (out != NULL) *out = NULL;
+    if (c == NULL || out == NULL) {
+        _knhk_set_error("knhk_counters_writer_get: the block handle and out must not be NULL");
+        return KNHK_ERR_INVALID;
+    }
+    tls_entry *e = my_slot(c);
+    if (e->w == NULL && (e = find_writer(c))->w == NULL) {
+        _knhk_set_error("no memory for a counter writer (or no thread-exit handler could be registered)");
+        return KNHK_ERR_NOMEM;
+    }
+    *out = e->w;
+    return KNHK_OK;
+}
+
+/* Everything but an owner's add to its own slot: the shared slot's atomic
+   add, and refusals. Reads only `thread` unless the caller owns the writer,
+   so a call from the wrong thread touches nothing else. */
+static __attribute__((noinline)) int writer_slow(knhk_counters_writer *w, uint32_t index, int64_t n) {
+    uintptr_t owner = atomic_load_explicit(&w->thread, memory_order_relaxed), self = self_thread();
+    if (owner == 0) {
+        _knhk_set_error("this counter writer is dead: its thread exited, its block was closed, or the process "
+                        "forked since it was made; each thread gets its own with knhk_counters_writer_get");
+        return KNHK_ERR_STATE;
+    }
+    if (owner != self) {
+        _knhk_set_error("this counter writer belongs to thread 0x%llx, not to the calling thread 0x%llx; each "
+                        "thread gets its own with knhk_counters_writer_get", (unsigned long long)owner,
+                        (unsigned long long)self);
+        return KNHK_ERR_STATE;
+    }
+    if (_knhk_likely(index < w->c->add_limit)) { /* the shared slot */
+        atomic_fetch_add_explicit(&w->cells[index], (uint64_t)n, memory_order_relaxed);
+        return KNHK_OK;
+    }
+    return index >= w->c->count ? bad_index(w->c, index) : wrong_flavor(w->c, KNHK_COUNTERS_FLAVOR_SUM);
+}
+
+/* The writer add, inline for callers in this library (the hot op); the
+   exported knhk_counters_writer_add is this plus a call. */
+static inline int writer_add(knhk_counters_writer *w, uint32_t index, int64_t n) {
+    /* One load and compare proves the caller is the live owner, one more
+       that it owns a slot and the index is in range (both off the add's
+       dependency chain); then the plain load+add+store. */
+    if (_knhk_unlikely(atomic_load_explicit(&w->thread, memory_order_relaxed) != self_thread() ||
+                       index >= w->limit))
+        return writer_slow(w, index, n);
+    _Atomic uint64_t *p = &w->cells[index];
+    atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + (uint64_t)n, memory_order_relaxed);
+    return KNHK_OK;
+}
+
+int knhk_counters_writer_add(knhk_counters_writer *w, uint32_t index, int64_t n) { return writer_add(w, index, n); }
 
 int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t len, int64_t n) {
     if (c->flavor != KNHK_COUNTERS_FLAVOR_SUM) return wrong_flavor(c, KNHK_COUNTERS_FLAVOR_SUM);
@@ -608,6 +742,30 @@ int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t
 void knhk_counters_hotop_add(void *ctx, uint64_t iterations) {
     knhk_counters *c = ctx;
     for (uint64_t i = 0; i < iterations; i++) knhk_counters_add(c, 0, 1);
+}
+
+/* The engine's hot path: the writer is fetched once (as a worker thread
+   does when it starts) and every add goes through it. The add is called
+   through a volatile pointer, so it is the exported function, not a copy
+   inlined into this loop and optimised against it. */
+/* The engine's hot path: a worker fetches its writer once and adds through
+   it. The add is the inline core of knhk_counters_writer_add, as a caller
+   in this library uses it (the exported function adds a call and return:
+   knhk_counters_hotop_writer_add_call). */
+void knhk_counters_hotop_writer_add(void *ctx, uint64_t iterations) {
+    knhk_counters_writer *w;
+    if (knhk_counters_writer_get(ctx, &w) != KNHK_OK) return;
+    for (uint64_t i = 0; i < iterations; i++) writer_add(w, 0, 1);
+}
+
+/* The same through the exported function, called through a pointer as a
+   caller in another shared object calls it (through its PLT). */
+void knhk_counters_hotop_writer_add_call(void *ctx, uint64_t iterations) {
+    knhk_counters_writer *w;
+    if (knhk_counters_writer_get(ctx, &w) != KNHK_OK) return;
+    int (*volatile add)(knhk_counters_writer *, uint32_t, int64_t) = knhk_counters_writer_add;
+    int (*fn)(knhk_counters_writer *, uint32_t, int64_t) = add;
+    for (uint64_t i = 0; i < iterations; i++) fn(w, 0, 1);
 }
 
 typedef struct {

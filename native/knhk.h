@@ -378,8 +378,32 @@ uint32_t knhk_counters_count(const knhk_counters *c);
 /* The names region: `count` NUL-ended names; *len receives its size. */
 const char *knhk_counters_names(const knhk_counters *c, size_t *len);
 
-/* Add n (two's complement, so negative n subtracts) to counter `index`. */
+/* Add n (two's complement, so negative n subtracts) to counter `index`.
+   Finds the calling thread's writer through a thread-local cache on every
+   call; a hot loop does better with a writer handle (below). */
 int knhk_counters_add(knhk_counters *c, uint32_t index, int64_t n);
+
+/* Writer handles: the calling thread's claim on a block, fetched once, so
+   that an add is one ownership compare and a plain load+add+store on the
+   thread's own cell (no thread-local lookup, no lock prefix; a thread that
+   found every slot taken adds atomically to the shared slot instead).
+   - Made on the thread's first write to the block (by either add); the
+     same thread asking again gets the same handle.
+   - Valid for its owner thread until the thread exits or the block handle
+     is closed. Then it is dead: its slot goes back, the counts stay, and a
+     call through it returns KNHK_ERR_STATE (dead writers are pooled, never
+     freed, so the pointer stays safe to call with). A forked child's
+     writers are all dead; the child gets its own.
+   - Used from any thread but its owner: KNHK_ERR_STATE, nothing added.
+   - knhk_counters_close must not run while a thread adds (as for c). */
+typedef struct knhk_counters_writer knhk_counters_writer;
+/* The calling thread's writer for block c into *out. KNHK_ERR_NOMEM when
+   none can be made (the thread's adds through c still count, atomically). */
+int knhk_counters_writer_get(knhk_counters *c, knhk_counters_writer **out);
+/* Add n to counter `index` through the calling thread's writer:
+   KNHK_ERR_STATE when w is dead or another thread's, KNHK_ERR_INVALID for an
+   index out of range (nothing added either way). */
+int knhk_counters_writer_add(knhk_counters_writer *w, uint32_t index, int64_t n);
 /* Add n to the counter of every index in indices[0..len): all indices are
    checked before anything is added, so a bad one changes nothing. */
 int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t len, int64_t n);
@@ -414,6 +438,12 @@ int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t
 
 /* Hot-path operation: knhk_counters_add(ctx, 0, 1). ctx: a knhk_counters *. */
 void knhk_counters_hotop_add(void *ctx, uint64_t iterations);
+/* Hot-path operations: knhk_counters_writer_add(w, 0, 1) with w the calling
+   thread's writer for ctx (a knhk_counters *), fetched once per call; the
+   add inlined as in a caller inside the library, and (_call) through a
+   function pointer, as a caller in another shared object pays for it. */
+void knhk_counters_hotop_writer_add(void *ctx, uint64_t iterations);
+void knhk_counters_hotop_writer_add_call(void *ctx, uint64_t iterations);
 /* False-sharing benchmark: two threads each add 1 `iterations` times to
    their own counter, the two counters KNHK_CACHE_LINE apart (padded != 0)
    or adjacent. atomic_rmw != 0 uses lock-prefixed adds instead of the

@@ -25,7 +25,7 @@ from .errors import SimdLevelError, SimdTypeError, SimdValueError
 
 __all__ = [
     "LEVELS", "level", "set_level", "forced_level", "supported_levels",
-    "find", "rfind", "count", "find_all", "find_many", "FindMany",
+    "find", "rfind", "count", "find_all", "find_many", "FindMany", "Needle",
     "count_eq", "find_eq", "mask_eq", "isin", "histogram",
     "Reduction", "reduce", "column_min", "column_max", "column_sum",
     "median_ticks", "hot_ops",
@@ -232,6 +232,74 @@ def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
     if offset:
         out += offset
     return out.copy() if out.base is not None and out.size * 2 < out.base.size else out
+
+
+class Needle:
+    """A needle prepared once for searching many haystacks.
+
+    ``Needle(b"case:42|")`` broadcasts the needle's probe bytes and picks the
+    kernel of the active level (or of ``level=``) once; ``find``, ``count`` and
+    ``find_all`` then take the same arguments as the module functions, minus
+    the needle, and return the same results. The level is fixed at
+    construction: a later :func:`set_level` does not change it (``.level``
+    says which it is). In C: ``knhk_simd_needle_new`` and ``nd->find``.
+    """
+
+    __slots__ = ("needle", "level", "_nd", "_find")
+
+    def __init__(self, needle: Any, level: str | None = None) -> None:
+        _ready()
+        self.needle: bytes = _needle(needle)
+        lid = -1 if level is None else _level_id(level)
+        out = ffi.new("knhk_simd_needle **")
+        status = lib.knhk_simd_needle_new(self.needle, len(self.needle), lid, out)
+        if status != lib.KNHK_OK:
+            err = SimdLevelError if status in (lib.KNHK_ERR_UNAVAILABLE, lib.KNHK_ERR_INVALID) else SimdValueError
+            raise err(f"cannot prepare the needle at level {level!r}: {last_error()}; "
+                      f"this machine supports: {', '.join(supported_levels())}")
+        self._nd = ffi.gc(out[0], lib.knhk_simd_needle_free)
+        self.level: str = LEVELS[self._nd.level]
+        self._find = self._nd.find
+
+    def __repr__(self) -> str:
+        return f"Needle({self.needle!r}, level={self.level!r})"
+
+    def __len__(self) -> int:
+        return len(self.needle)
+
+    def _span(self, haystack: Any, start: Any, end: Any) -> tuple[Any, int, int] | None:
+        h = _haystack(haystack)
+        lo, hi = _bounds(len(h), start, end)
+        return None if hi - lo < len(self.needle) else (h, lo, hi)
+
+    def find(self, haystack: Any, start: Any = None, end: Any = None) -> int:
+        """Lowest index of the needle in ``haystack[start:end]``, or -1 (as ``bytes.find``)."""
+        p = self._span(haystack, start, end)
+        if p is None:
+            return -1
+        h, lo, hi = p
+        r = self._find(self._nd, h + lo, hi - lo)
+        return r + lo if r >= 0 else -1
+
+    def count(self, haystack: Any, start: Any = None, end: Any = None, *, overlapping: bool = False) -> int:
+        """Non-overlapping occurrences (as ``bytes.count``), or every match
+        position with ``overlapping=True``."""
+        p = self._span(haystack, start, end)
+        if p is None:
+            return 0
+        h, lo, hi = p
+        return int(lib.knhk_simd_needle_count(self._nd, h + lo, hi - lo, bool(overlapping)))
+
+    def find_all(self, haystack: Any, start: Any = None, end: Any = None, *,
+                 overlapping: bool = False) -> np.ndarray:
+        """Match positions as an int64 array, as :func:`find_all`."""
+        p = self._span(haystack, start, end)
+        if p is None:
+            return np.empty(0, np.int64)
+        h, lo, hi = p
+        nd = self._nd
+        return _collect(lambda frm, out, cap, nxt: lib.knhk_simd_needle_find_all(
+            nd, h + lo, hi - lo, bool(overlapping), frm, out, cap, nxt), lo)
 
 
 class FindMany(NamedTuple):
@@ -444,7 +512,19 @@ def _search64_setup() -> tuple[Any, Any]:
     needle = bytes(window[48:64])  # a match in the last candidate: the whole window is scanned
     ffi.memmove(ctx.window, window.tobytes(), 64)
     ffi.memmove(ctx.needle, needle, 16)
-    return _owned(ctx)
+    out = ffi.new("knhk_simd_needle **")
+    if lib.knhk_simd_needle_new(ctx.needle, 16, -1, out) != lib.KNHK_OK:  # pragma: no cover - NOMEM
+        raise SimdValueError(f"search_64: cannot prepare the needle: {last_error()}")
+    ctx.prepared = out[0]
+    holder = [ctx]
+
+    def cleanup() -> None:
+        if holder:
+            lib.knhk_simd_needle_free(holder[0].prepared)
+            holder[0].prepared = ffi.NULL
+            holder.clear()
+
+    return ffi.cast("void *", ctx), cleanup
 
 
 def _count4k_setup() -> tuple[Any, Any]:

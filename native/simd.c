@@ -38,6 +38,7 @@ typedef void (*reduce_fn)(const void *, size_t, knhk_simd_reduction *);
 typedef struct {
     int level;
     find_fn find, rfind;
+    knhk_simd_needle_fn needle_find;
     count_eq_fn count_eq[4];
     find_eq_fn find_eq[4];
     mask_eq_fn mask_eq[4];
@@ -97,6 +98,16 @@ static int64_t rfind_serial(const uint8_t *h, size_t n, const uint8_t *s, size_t
     for (size_t i = n - m + 1; i-- > 0;)
         if (h[i] == first && h[i + m - 1] == last && memcmp(h + i, s, m) == 0) return (int64_t)i;
     return -1;
+}
+
+static int64_t needle_find_serial(const knhk_simd_needle *nd, const uint8_t *h, size_t n) {
+    return find_serial(h, n, nd->bytes, nd->len);
+}
+
+/* The empty needle matches at 0, whatever the level. */
+static int64_t needle_find_empty(const knhk_simd_needle *nd, const uint8_t *h, size_t n) {
+    (void)nd, (void)h, (void)n;
+    return 0;
 }
 
 #define SERIAL_ID_KERNELS(T, W)                                                                         \
@@ -343,43 +354,100 @@ VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint64_t, 64)
  * once, and memcmp only where all three agree. Three probes rather than two
  * keep the false-positive rate low on text with skewed byte frequencies. */
 
+/* Candidates of one block, lowest first. Out of line so the scanning loops
+   keep few registers live (no spills, no frame) while masks come back empty. */
+__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask,
+                                                        const uint8_t *s, size_t m) {
+    do {
+        size_t p = i + (size_t)__builtin_ctzll(mask);
+        if (same_bytes(h + p, s, m)) return (int64_t)p;
+        mask &= mask - 1;
+    } while (mask);
+    return -1;
+}
+
+/* The 32 candidates from i: bit j is set when candidate i + j agrees with the
+   needle at its first, middle and last byte. */
+ATTR_AVX2 static inline uint32_t probe_avx2(const uint8_t *h, size_t i, size_t mid, size_t m, __m256i f, __m256i c,
+                                            __m256i l) {
+    __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
+                                 _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1))));
+    x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + i + mid))));
+    return (uint32_t)_mm256_movemask_epi8(x);
+}
+
+/* find for 0 < m <= n and at least 32 candidates, with the probe bytes
+   already broadcast (by the caller per call, or once in a prepared needle).
+   Two 32-candidate blocks per iteration, so two loads per probe are in
+   flight and the loop branch is taken half as often; the remaining 1..63
+   candidates take at most two more blocks, the last one re-loaded over the
+   final 32 candidates (candidate cands - 1 ends at h[n - 1]: no read past the
+   end). */
+ATTR_AVX2 static inline __attribute__((always_inline)) int64_t
+find_avx2_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __m256i f, __m256i c, __m256i l) {
+    const size_t mid = m / 2, cands = n - m + 1;
+    size_t i = 0;
+    for (; i + 64 <= cands; i += 64) {
+        uint64_t mask = probe_avx2(h, i, mid, m, f, c, l) | (uint64_t)probe_avx2(h, i + 32, mid, m, f, c, l) << 32;
+        if (_knhk_unlikely(mask != 0)) {
+            int64_t p = verify_forward(h, i, mask, s, m);
+            if (p >= 0) return p;
+        }
+    }
+    if (i < cands) {
+        const size_t r = cands - i; /* 1..63 candidates left */
+        const uint32_t tail = probe_avx2(h, cands - 32, mid, m, f, c, l); /* candidates i + r - 32 + t */
+        uint64_t mask = r > 32 ? probe_avx2(h, i, mid, m, f, c, l) | (uint64_t)tail << (r - 32)
+                               : (uint64_t)(tail >> (32 - r));
+        if (mask) return verify_forward(h, i, mask, s, m);
+    }
+    return -1;
+}
+
+/* Fewer than 32 candidates: too few for a block without reading past the end. */
+__attribute__((noinline)) static int64_t find_few(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
+    return find_serial(h, n, s, m);
+}
+
+/* 32..64 candidates (a 64-byte window): two blocks, no loop, no frame. */
+ATTR_AVX2 static inline __attribute__((always_inline)) int64_t
+find_avx2_window(const uint8_t *h, size_t cands, const uint8_t *s, size_t m, __m256i f, __m256i c, __m256i l) {
+    const size_t mid = m / 2;
+    const uint32_t tail = probe_avx2(h, cands - 32, mid, m, f, c, l); /* candidates cands - 32 + t */
+    const uint64_t mask = cands > 32 ? probe_avx2(h, 0, mid, m, f, c, l) | (uint64_t)tail << (cands - 32) : tail;
+    return mask ? verify_forward(h, 0, mask, s, m) : -1;
+}
+
+ATTR_AVX2 __attribute__((noinline)) static int64_t find_avx2_long(const uint8_t *h, size_t n, const uint8_t *s,
+                                                                   size_t m) {
+    return find_avx2_core(h, n, s, m, _mm256_set1_epi8((char)s[0]), _mm256_set1_epi8((char)s[m / 2]),
+                          _mm256_set1_epi8((char)s[m - 1]));
+}
+
+ATTR_AVX2 __attribute__((noinline)) static int64_t needle_find_avx2_long(const knhk_simd_needle *nd, const uint8_t *h,
+                                                                          size_t n) {
+    return find_avx2_core(h, n, nd->bytes, nd->len, _mm256_loadu_si256((const void *)nd->first),
+                          _mm256_loadu_si256((const void *)nd->middle), _mm256_loadu_si256((const void *)nd->last));
+}
+
 ATTR_AVX2 static int64_t find_avx2(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
     if (m == 0) return 0;
     if (m > n) return -1;
-    const size_t mid = m / 2, cands = n - m + 1;
-    const __m256i f = _mm256_set1_epi8((char)s[0]), c = _mm256_set1_epi8((char)s[mid]),
-                  l = _mm256_set1_epi8((char)s[m - 1]);
-    size_t i = 0;
-    /* Candidate i + 31's last byte is h[i + 31 + m - 1] <= h[n - 1]. */
-    for (; i + 32 <= cands; i += 32) {
-        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
-                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1))));
-        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + i + mid))));
-        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x);
-        while (mask) {
-            size_t p = i + (size_t)__builtin_ctz(mask);
-            if (same_bytes(h + p, s, m)) return (int64_t)p;
-            mask &= mask - 1;
-        }
-    }
-    if (i < cands && cands >= 32) {
-        /* The last partial block: re-load the final 32 candidates and drop
-           the ones already looked at. */
-        size_t j = cands - 32;
-        __m256i x = _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + j))),
-                                     _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + j + m - 1))));
-        x = _mm256_and_si256(x, _mm256_cmpeq_epi8(c, _mm256_loadu_si256((const void *)(h + j + mid))));
-        uint32_t mask = (uint32_t)_mm256_movemask_epi8(x) & (uint32_t)(~0ULL << (i - j));
-        while (mask) {
-            size_t p = j + (size_t)__builtin_ctz(mask);
-            if (same_bytes(h + p, s, m)) return (int64_t)p;
-            mask &= mask - 1;
-        }
-        return -1;
-    }
-    for (; i < cands; i++)
-        if (h[i] == s[0] && h[i + m - 1] == s[m - 1] && same_bytes(h + i, s, m)) return (int64_t)i;
-    return -1;
+    const size_t cands = n - m + 1;
+    if (cands < 32) return find_few(h, n, s, m);
+    if (cands > 64) return find_avx2_long(h, n, s, m);
+    return find_avx2_window(h, cands, s, m, _mm256_set1_epi8((char)s[0]), _mm256_set1_epi8((char)s[m / 2]),
+                            _mm256_set1_epi8((char)s[m - 1]));
+}
+
+ATTR_AVX2 static int64_t needle_find_avx2(const knhk_simd_needle *nd, const uint8_t *h, size_t n) {
+    const size_t m = nd->len;
+    if (m > n) return -1;
+    const size_t cands = n - m + 1;
+    if (cands < 32) return find_few(h, n, nd->bytes, m);
+    if (cands > 64) return needle_find_avx2_long(nd, h, n);
+    return find_avx2_window(h, cands, nd->bytes, m, _mm256_loadu_si256((const void *)nd->first),
+                            _mm256_loadu_si256((const void *)nd->middle), _mm256_loadu_si256((const void *)nd->last));
 }
 
 ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
@@ -421,30 +489,20 @@ ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s
 
 ATTR_AVX512 static inline uint64_t probe_avx512(const uint8_t *h, size_t i, size_t mid, size_t m, __mmask64 k,
                                                  __m512i f, __m512i c, __m512i l) {
-    /* Three independent compares, then one AND: no chain through the masks. */
-    __mmask64 x = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i), f);
-    __mmask64 y = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + m - 1), l);
-    __mmask64 z = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + i + mid), c);
-    return x & y & z & k;
+    /* Three independent compares, then one AND: no chain through the masks.
+       The compares are masked too: a masked-off lane loads 0, which may
+       equal a needle byte. */
+    __mmask64 x = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h + i), f);
+    __mmask64 y = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h + i + m - 1), l);
+    __mmask64 z = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h + i + mid), c);
+    return x & y & z;
 }
 
-/* Candidates of one block, lowest first. Out of line so the scanning loop
-   keeps few registers live (no spills, no frame) while masks come back empty. */
-__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask,
-                                                        const uint8_t *s, size_t m) {
-    do {
-        size_t p = i + (size_t)__builtin_ctzll(mask);
-        if (same_bytes(h + p, s, m)) return (int64_t)p;
-        mask &= mask - 1;
-    } while (mask);
-    return -1;
-}
-
-ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint8_t *h, size_t n, const uint8_t *s,
-                                                                       size_t m) {
+/* More than 64 candidates, or a needle longer than 64 bytes (0 < m <= n).
+   Out of line (the two callers below), so the one-block paths keep no frame. */
+ATTR_AVX512 static inline __attribute__((always_inline)) int64_t
+find_avx512_long_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __m512i f, __m512i c, __m512i l) {
     const size_t mid = m / 2, cands = n - m + 1;
-    const __m512i f = _mm512_set1_epi8((char)s[0]), c = _mm512_set1_epi8((char)s[mid]),
-                  l = _mm512_set1_epi8((char)s[m - 1]);
     size_t i = 0;
     /* Whole blocks: plain loads, two blocks per iteration so two cache lines
        are in flight and the loop branch is taken half as often. */
@@ -470,22 +528,66 @@ ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint
     return -1;
 }
 
+ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint8_t *h, size_t n, const uint8_t *s,
+                                                                       size_t m) {
+    return find_avx512_long_core(h, n, s, m, _mm512_set1_epi8((char)s[0]), _mm512_set1_epi8((char)s[m / 2]),
+                                 _mm512_set1_epi8((char)s[m - 1]));
+}
+
+ATTR_AVX512 __attribute__((noinline)) static int64_t needle_find_avx512_long(const knhk_simd_needle *nd,
+                                                                              const uint8_t *h, size_t n) {
+    return find_avx512_long_core(h, n, nd->bytes, nd->len, _mm512_loadu_si512((const void *)nd->first),
+                                 _mm512_loadu_si512((const void *)nd->middle),
+                                 _mm512_loadu_si512((const void *)nd->last));
+}
+
 /* Windows of up to 64 candidates (a 64-byte window and a 16-byte needle,
    say) take one masked block: no loop, and a frame small enough that the
    call costs little more than the compares. */
 ATTR_AVX512 static int64_t find_avx512(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
     if (m == 0) return 0;
     if (m > n) return -1;
-    const size_t cands = n - m + 1;
-    if (cands > 64) return find_avx512_long(h, n, s, m);
-    const size_t mid = m / 2;
+    const size_t cands = n - m + 1, mid = m / 2;
+    if (cands > 64 || m > 64) return find_avx512_long(h, n, s, m);
+    /* At most 64 candidates and a needle of at most 64 bytes: one masked
+       block, and each candidate verified with one masked compare. */
     const __mmask64 k = _bzhi_u64(~0ULL, (unsigned)cands);
-    uint64_t mask = _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h), _mm512_set1_epi8((char)s[0])) &
-                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + m - 1), _mm512_set1_epi8((char)s[m - 1])) &
-                    _mm512_cmpeq_epi8_mask(_mm512_maskz_loadu_epi8(k, h + mid), _mm512_set1_epi8((char)s[mid])) & k;
+    __mmask64 x = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h), _mm512_set1_epi8((char)s[0]));
+    x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + m - 1), _mm512_set1_epi8((char)s[m - 1]));
+    x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + mid), _mm512_set1_epi8((char)s[mid]));
+    uint64_t mask = _cvtmask64_u64(x);
+    if (mask == 0) return -1;
+    const __mmask64 km = _bzhi_u64(~0ULL, (unsigned)m);
+    const __m512i needle = _mm512_maskz_loadu_epi8(km, s);
     for (; mask; mask &= mask - 1) {
         size_t p = (size_t)__builtin_ctzll(mask);
-        if (same_bytes(h + p, s, m)) return (int64_t)p;
+        if (_mm512_mask_cmpneq_epi8_mask(km, _mm512_maskz_loadu_epi8(km, h + p), needle) == 0) return (int64_t)p;
+    }
+    return -1;
+}
+
+/* The prepared needle, the 64-byte-window hot path: the broadcasts are
+   memory operands of the compares, the three compares are chained through
+   their masks (one mask move instead of three and two ANDs: fewer uops, which
+   is what bounds a caller searching window after window), and a needle of up
+   to 64 bytes is verified with one masked compare against nd->head. */
+ATTR_AVX512 static int64_t needle_find_avx512(const knhk_simd_needle *nd, const uint8_t *h, size_t n) {
+    const size_t m = nd->len;
+    if (m > n) return -1;
+    const size_t cands = n - m + 1;
+    if (cands > 64 || m > 64) return needle_find_avx512_long(nd, h, n);
+    const __mmask64 k = _bzhi_u64(~0ULL, (unsigned)cands);
+    __mmask64 x = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h),
+                                              _mm512_loadu_si512((const void *)nd->first));
+    x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + m - 1),
+                                    _mm512_loadu_si512((const void *)nd->last));
+    x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + nd->mid),
+                                    _mm512_loadu_si512((const void *)nd->middle));
+    const __mmask64 km = nd->head_mask;
+    for (uint64_t mask = _cvtmask64_u64(x); mask; mask &= mask - 1) {
+        size_t p = (size_t)__builtin_ctzll(mask);
+        if (_mm512_cmpneq_epi8_mask(_mm512_maskz_loadu_epi8(km, h + p), _mm512_loadu_si512((const void *)nd->head)) == 0)
+            return (int64_t)p;
     }
     return -1;
 }
@@ -518,16 +620,16 @@ ATTR_AVX512 static int64_t rfind_avx512(const uint8_t *h, size_t n, const uint8_
 #define ID_TABLE(FIELD, ISA) {FIELD##_##ISA##_u8, FIELD##_##ISA##_u16, FIELD##_##ISA##_u32, FIELD##_##ISA##_u64}
 
 static const simd_table table_serial = {
-    KNHK_SIMD_SCALAR, find_serial, rfind_serial, ID_TABLE(count_eq, serial), ID_TABLE(find_eq, serial),
+    KNHK_SIMD_SCALAR, find_serial, rfind_serial, needle_find_serial, ID_TABLE(count_eq, serial), ID_TABLE(find_eq, serial),
     ID_TABLE(mask_eq, serial), ID_TABLE(isin, serial), ID_TABLE(reduce, serial),
 };
 #if KNHK_SIMD_X86
 static const simd_table table_avx2 = {
-    KNHK_SIMD_AVX2, find_avx2, rfind_avx2, ID_TABLE(count_eq, avx2), ID_TABLE(find_eq, avx2),
+    KNHK_SIMD_AVX2, find_avx2, rfind_avx2, needle_find_avx2, ID_TABLE(count_eq, avx2), ID_TABLE(find_eq, avx2),
     ID_TABLE(mask_eq, avx2), ID_TABLE(isin, avx2), ID_TABLE(reduce, avx2),
 };
 static const simd_table table_avx512 = {
-    KNHK_SIMD_AVX512, find_avx512, rfind_avx512, ID_TABLE(count_eq, avx512), ID_TABLE(find_eq, avx512),
+    KNHK_SIMD_AVX512, find_avx512, rfind_avx512, needle_find_avx512, ID_TABLE(count_eq, avx512), ID_TABLE(find_eq, avx512),
     ID_TABLE(mask_eq, avx512), ID_TABLE(isin, avx512), ID_TABLE(reduce, avx512),
 };
 static const simd_table *const tables[KNHK_SIMD_LEVELS] = {&table_serial, &table_avx2, &table_avx512};
@@ -607,13 +709,17 @@ int knhk_simd_set_level(int level) {
     return KNHK_OK;
 }
 
-/* The fast path is one acquire load of the table pointer. */
+__attribute__((noinline, cold)) static const simd_table *table_slow(void) {
+    knhk_simd_init();
+    const simd_table *t = atomic_load_explicit(&active, memory_order_acquire);
+    return t != NULL ? t : &table_serial;
+}
+
+/* The fast path is one acquire load of the table pointer; the first call's
+   initialisation is out of line, so callers keep no frame for it. */
 static inline const simd_table *table(void) {
     const simd_table *t = atomic_load_explicit(&active, memory_order_acquire);
-    if (_knhk_likely(t != NULL)) return t;
-    knhk_simd_init();
-    t = atomic_load_explicit(&active, memory_order_acquire);
-    return t != NULL ? t : &table_serial;
+    return _knhk_likely(t != NULL) ? t : table_slow();
 }
 
 /* ==================================================================== byte patterns */
@@ -684,6 +790,110 @@ int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *need
     if (first) *first = best;
     if (which) *which = best_j;
     return KNHK_OK;
+}
+
+/* ==================================================================== prepared needles */
+
+int knhk_simd_needle_new(const uint8_t *needle, size_t m, int level, knhk_simd_needle **out) {
+    if (out == NULL) {
+        _knhk_set_error("knhk_simd_needle_new: out must not be NULL");
+        return KNHK_ERR_INVALID;
+    }
+    *out = NULL;
+    if (m > 0 && needle == NULL) {
+        _knhk_set_error("knhk_simd_needle_new: needle is NULL but m = %zu", m);
+        return KNHK_ERR_INVALID;
+    }
+    const simd_table *t;
+    if (level == -1) {
+        t = table();
+    } else {
+        if (level < 0 || level >= KNHK_SIMD_LEVELS) {
+            _knhk_set_error("knhk_simd_needle_new: SIMD level %d is out of range; accepted: -1 (the active "
+                            "level), 0 (scalar), 1 (avx2), 2 (avx512)", level);
+            return KNHK_ERR_INVALID;
+        }
+        if (!knhk_simd_level_supported(level)) {
+            _knhk_set_error("knhk_simd_needle_new: SIMD level %s is not supported by this CPU (or OS)",
+                            level_names[level]);
+            return KNHK_ERR_UNAVAILABLE;
+        }
+        t = tables[level];
+    }
+    if (m > SIZE_MAX / 2) {
+        _knhk_set_error("knhk_simd_needle_new: a needle of %zu bytes is too large", m);
+        return KNHK_ERR_NOMEM;
+    }
+    /* The copy of the needle follows the struct; aligned_alloc wants a
+       multiple of the alignment. */
+    const size_t size = (sizeof(knhk_simd_needle) + m + 63) & ~(size_t)63;
+    knhk_simd_needle *nd = aligned_alloc(64, size);
+    if (nd == NULL) {
+        _knhk_set_error("knhk_simd_needle_new: no memory for a %zu-byte needle", m);
+        return KNHK_ERR_NOMEM;
+    }
+    memset(nd, 0, sizeof *nd);
+    uint8_t *copy = (uint8_t *)(nd + 1);
+    if (m) memcpy(copy, needle, m);
+    nd->bytes = copy;
+    nd->len = m;
+    nd->mid = m / 2;
+    nd->level = t->level;
+    if (m > 0) {
+        memset(nd->first, copy[0], 64);
+        memset(nd->middle, copy[m / 2], 64);
+        memset(nd->last, copy[m - 1], 64);
+        memcpy(nd->head, copy, m < 64 ? m : 64);
+    }
+    nd->head_mask = m >= 64 ? ~0ULL : (1ULL << m) - 1;
+    nd->find = m == 0 ? needle_find_empty : t->needle_find;
+    *out = nd;
+    return KNHK_OK;
+}
+
+void knhk_simd_needle_free(knhk_simd_needle *nd) { free(nd); }
+
+int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, size_t n) {
+    return nd->find(nd, hay, n);
+}
+
+uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping) {
+    const size_t m = nd->len;
+    if (m == 0) return (uint64_t)n + 1;
+    const knhk_simd_needle_fn find = nd->find;
+    const size_t step = overlapping ? 1 : m;
+    uint64_t c = 0;
+    size_t pos = 0;
+    while (pos + m <= n) {
+        int64_t p = find(nd, hay + pos, n - pos);
+        if (p < 0) break;
+        c++;
+        pos += (size_t)p + step;
+    }
+    return c;
+}
+
+size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
+                                 size_t from, int64_t *out, size_t cap, size_t *next) {
+    const size_t m = nd->len;
+    size_t k = 0, pos = from;
+    if (m == 0) {
+        for (; pos <= n && k < cap; pos++) out[k++] = (int64_t)pos;
+    } else {
+        const knhk_simd_needle_fn find = nd->find;
+        const size_t step = overlapping ? 1 : m;
+        while (k < cap && pos <= n && n - pos >= m) {
+            int64_t p = find(nd, hay + pos, n - pos);
+            if (p < 0) {
+                pos = n + 1;
+                break;
+            }
+            out[k++] = (int64_t)(pos + (size_t)p);
+            pos += (size_t)p + step;
+        }
+    }
+    if (next) *next = pos;
+    return k;
 }
 
 /* ==================================================================== id scans */
@@ -797,11 +1007,30 @@ int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, si
 
 /* ==================================================================== hot-path operations */
 
+/* The kernel pointer is read once per batch, as a caller searching many
+   windows would; each iteration is a complete search of the window. Without
+   a prepared needle it falls back to the dispatched call. */
 void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations) {
     knhk_simd_search64_ctx *c = ctx;
+    const knhk_simd_needle *nd = c->prepared;
+    if (_knhk_unlikely(nd == NULL)) {
+        knhk_simd_hotop_search_64_dispatch(ctx, iterations);
+        return;
+    }
+    const knhk_simd_needle_fn find = nd->find;
     int64_t r = 0;
     for (uint64_t i = 0; i < iterations; i++) {
         /* The barrier makes every iteration search again. */
+        __asm__ volatile("" : : : "memory");
+        r = find(nd, c->window, sizeof c->window);
+    }
+    c->result = r;
+}
+
+void knhk_simd_hotop_search_64_dispatch(void *ctx, uint64_t iterations) {
+    knhk_simd_search64_ctx *c = ctx;
+    int64_t r = 0;
+    for (uint64_t i = 0; i < iterations; i++) {
         __asm__ volatile("" : : : "memory");
         r = knhk_simd_find(c->window, sizeof c->window, c->needle, sizeof c->needle);
     }

@@ -216,22 +216,26 @@ def find_all(haystack: Any, needle: Any, start: Any = None, end: Any = None, *,
 
 def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
     """Drive a resumable C scan, growing the output geometrically: one pass over
-    the input whatever the number of results."""
+    the input whatever the number of results. The result owns exactly its
+    memory: a buffer that was too large is shrunk in place (realloc; for a big
+    buffer, mremap: no copy), never sliced."""
     parts: list[np.ndarray] = []
     nxt = ffi.new("size_t *")
     frm = 0
     while True:
         buf = np.empty(cap, np.int64)
         k = call(frm, ffi.cast("int64_t *", ffi.from_buffer(buf)), cap, nxt)
-        parts.append(buf[:k])
         if k < cap:
+            buf.resize(k, refcheck=False)  # no view of buf exists
+            parts.append(buf)
             break
+        parts.append(buf)
         frm = nxt[0]
         cap = min(cap * 4, 1 << 24)
     out = parts[0] if len(parts) == 1 else np.concatenate(parts)
     if offset:
         out += offset
-    return out.copy() if out.base is not None and out.size * 2 < out.base.size else out
+    return out
 
 
 class Needle:
@@ -398,7 +402,9 @@ def find_eq(a: np.ndarray, v: int) -> np.ndarray:
         lib.knhk_simd_find_eq(buf, n, w, x, frm, out, cap, written, nxt)
         return int(written[0])
 
-    return _collect(call, 0, cap=max(1024, min(n // 64, 1 << 20)))
+    # Room for every element up to 2**21 (16 MiB of int64, only the pages
+    # written are ever touched): most scans finish in one call, one buffer.
+    return _collect(call, 0, cap=max(1024, min(n, 1 << 21)))
 
 
 def mask_eq(a: np.ndarray, v: int) -> np.ndarray:

@@ -14,6 +14,7 @@ memory (pass ``numpy.ascontiguousarray(a)``; the error says so).
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -214,6 +215,17 @@ def find_all(haystack: Any, needle: Any, start: Any = None, end: Any = None, *,
         h + lo, hi - lo, s, len(s), bool(overlapping), frm, out, cap, nxt), lo)
 
 
+# find and count as METH_FASTCALL builtins (native/simd_py.c): bytes or any
+# C-contiguous buffer, a bytes needle and int/None bounds are one vectorcall
+# (~60 ns instead of ~350 through cffi); every other call goes to the Python
+# functions above, which convert or raise.
+_find_py, _count_py = find, count
+if lib.knhk_simd_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
+    raise ImportError(last_error())
+find = _make_fast(0, _find_py)  # type: ignore[name-defined]  # noqa: F821
+count = _make_fast(1, _count_py)  # type: ignore[name-defined]  # noqa: F821
+
+
 def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
     """Drive a resumable C scan, growing the output geometrically: one pass over
     the input whatever the number of results. The result owns exactly its
@@ -238,18 +250,41 @@ def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
     return out
 
 
+def _needle_span(nd: Any, haystack: Any, start: Any, end: Any) -> tuple[Any, int, int] | None:
+    h = _haystack(haystack)
+    lo, hi = _bounds(len(h), start, end)
+    return None if hi - lo < nd.len else (h, lo, hi)
+
+
+def _needle_find(nd: Any, haystack: Any, start: Any = None, end: Any = None) -> int:
+    p = _needle_span(nd, haystack, start, end)
+    if p is None:
+        return -1
+    h, lo, hi = p
+    r = nd.find(nd, h + lo, hi - lo)
+    return r + lo if r >= 0 else -1
+
+
+def _needle_count(nd: Any, haystack: Any, start: Any = None, end: Any = None, *, overlapping: bool = False) -> int:
+    p = _needle_span(nd, haystack, start, end)
+    if p is None:
+        return 0
+    h, lo, hi = p
+    return int(lib.knhk_simd_needle_count(nd, h + lo, hi - lo, bool(overlapping)))
+
+
 class Needle:
     """A needle prepared once for searching many haystacks.
 
     ``Needle(b"case:42|")`` broadcasts the needle's probe bytes and picks the
     kernel of the active level (or of ``level=``) once; ``find``, ``count`` and
     ``find_all`` then take the same arguments as the module functions, minus
-    the needle, and return the same results. The level is fixed at
-    construction: a later :func:`set_level` does not change it (``.level``
-    says which it is). In C: ``knhk_simd_needle_new`` and ``nd->find``.
+    the needle, and return the same results. ``find`` and ``count`` are
+    METH_FASTCALL builtins (one vectorcall, the GIL kept for scans under
+    64 KiB). The level is fixed at construction: a later :func:`set_level`
+    does not change it (``.level`` says which it is). In C:
+    ``knhk_simd_needle_new`` and ``nd->find``.
     """
-
-    __slots__ = ("needle", "level", "_nd", "_find")
 
     def __init__(self, needle: Any, level: str | None = None) -> None:
         _ready()
@@ -261,9 +296,12 @@ class Needle:
             err = SimdLevelError if status in (lib.KNHK_ERR_UNAVAILABLE, lib.KNHK_ERR_INVALID) else SimdValueError
             raise err(f"cannot prepare the needle at level {level!r}: {last_error()}; "
                       f"this machine supports: {', '.join(supported_levels())}")
-        self._nd = ffi.gc(out[0], lib.knhk_simd_needle_free)
-        self.level: str = LEVELS[self._nd.level]
-        self._find = self._nd.find
+        nd = self._nd = ffi.gc(out[0], lib.knhk_simd_needle_free)
+        self.level: str = LEVELS[nd.level]
+        # The builtins hold the needle's memory (nd), not this object: no cycle.
+        addr = int(ffi.cast("uintptr_t", nd))
+        self.find = _make_needle_method(0, addr, nd, functools.partial(_needle_find, nd))  # type: ignore[method-assign]
+        self.count = _make_needle_method(1, addr, nd, functools.partial(_needle_count, nd))  # type: ignore[method-assign]
 
     def __repr__(self) -> str:
         return f"Needle({self.needle!r}, level={self.level!r})"
@@ -271,37 +309,25 @@ class Needle:
     def __len__(self) -> int:
         return len(self.needle)
 
-    def _span(self, haystack: Any, start: Any, end: Any) -> tuple[Any, int, int] | None:
-        h = _haystack(haystack)
-        lo, hi = _bounds(len(h), start, end)
-        return None if hi - lo < len(self.needle) else (h, lo, hi)
-
+    # The instance's builtins (set in __init__) shadow these two; they are the
+    # documented signatures and the reference behaviour.
     def find(self, haystack: Any, start: Any = None, end: Any = None) -> int:
         """Lowest index of the needle in ``haystack[start:end]``, or -1 (as ``bytes.find``)."""
-        p = self._span(haystack, start, end)
-        if p is None:
-            return -1
-        h, lo, hi = p
-        r = self._find(self._nd, h + lo, hi - lo)
-        return r + lo if r >= 0 else -1
+        return _needle_find(self._nd, haystack, start, end)
 
     def count(self, haystack: Any, start: Any = None, end: Any = None, *, overlapping: bool = False) -> int:
         """Non-overlapping occurrences (as ``bytes.count``), or every match
         position with ``overlapping=True``."""
-        p = self._span(haystack, start, end)
-        if p is None:
-            return 0
-        h, lo, hi = p
-        return int(lib.knhk_simd_needle_count(self._nd, h + lo, hi - lo, bool(overlapping)))
+        return _needle_count(self._nd, haystack, start, end, overlapping=overlapping)
 
     def find_all(self, haystack: Any, start: Any = None, end: Any = None, *,
                  overlapping: bool = False) -> np.ndarray:
         """Match positions as an int64 array, as :func:`find_all`."""
-        p = self._span(haystack, start, end)
+        nd = self._nd
+        p = _needle_span(nd, haystack, start, end)
         if p is None:
             return np.empty(0, np.int64)
         h, lo, hi = p
-        nd = self._nd
         return _collect(lambda frm, out, cap, nxt: lib.knhk_simd_needle_find_all(
             nd, h + lo, hi - lo, bool(overlapping), frm, out, cap, nxt), lo)
 

@@ -705,6 +705,16 @@ typedef struct {
 } knhk_simd_count4k_ctx;
 void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
 
+/* Install the CPython fast paths of knhk_memory.simd (simd_py.c) into that
+   module (which must be importable): the builtins _make_fast(kind, slow) and
+   _make_needle_method(kind, needle_address, owner, slow), kind 0 = find and
+   1 = count. They are METH_FASTCALL builtins that take bytes, bytearray or any
+   C-contiguous buffer and int/None bounds, scan with the GIL held below
+   64 KiB (a GIL round trip costs more) and without it above; any other
+   argument goes to slow(*args, **kwargs) (conversions, errors). Takes the
+   GIL itself. */
+int knhk_simd_py_install(void);
+
 /* The median over `reps` batches of the time-stamp-counter ticks one call of
    fn(ctx, 1) costs, each batch timing fn(ctx, batch) (rdtsc on x86_64,
    nanoseconds elsewhere). reps is clamped to [1, 1001]; batch 0 counts as 1. */

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -284,7 +284,16 @@ class Needle:
     64 KiB). The level is fixed at construction: a later :func:`set_level`
     does not change it (``.level`` says which it is). In C:
     ``knhk_simd_needle_new`` and ``nd->find``.
+
+    ``find(haystack, start=None, end=None)``: lowest index of the needle in
+    ``haystack[start:end]``, or -1 (as ``bytes.find``).
+    ``count(haystack, start=None, end=None, *, overlapping=False)``:
+    non-overlapping occurrences (as ``bytes.count``), or every match position.
+    Both are per-instance builtins held in slots (a slot read is the fastest
+    attribute lookup; a method shadowed by an instance attribute is not).
     """
+
+    __slots__ = ("needle", "level", "_nd", "find", "count")
 
     def __init__(self, needle: Any, level: str | None = None) -> None:
         _ready()
@@ -300,25 +309,16 @@ class Needle:
         self.level: str = LEVELS[nd.level]
         # The builtins hold the needle's memory (nd), not this object: no cycle.
         addr = int(ffi.cast("uintptr_t", nd))
-        self.find = _make_needle_method(0, addr, nd, functools.partial(_needle_find, nd))  # type: ignore[method-assign]
-        self.count = _make_needle_method(1, addr, nd, functools.partial(_needle_count, nd))  # type: ignore[method-assign]
+        self.find: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+            0, addr, nd, functools.partial(_needle_find, nd))
+        self.count: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+            1, addr, nd, functools.partial(_needle_count, nd))
 
     def __repr__(self) -> str:
         return f"Needle({self.needle!r}, level={self.level!r})"
 
     def __len__(self) -> int:
         return len(self.needle)
-
-    # The instance's builtins (set in __init__) shadow these two; they are the
-    # documented signatures and the reference behaviour.
-    def find(self, haystack: Any, start: Any = None, end: Any = None) -> int:
-        """Lowest index of the needle in ``haystack[start:end]``, or -1 (as ``bytes.find``)."""
-        return _needle_find(self._nd, haystack, start, end)
-
-    def count(self, haystack: Any, start: Any = None, end: Any = None, *, overlapping: bool = False) -> int:
-        """Non-overlapping occurrences (as ``bytes.count``), or every match
-        position with ``overlapping=True``."""
-        return _needle_count(self._nd, haystack, start, end, overlapping=overlapping)
 
     def find_all(self, haystack: Any, start: Any = None, end: Any = None, *,
                  overlapping: bool = False) -> np.ndarray:

@@ -78,11 +78,20 @@ def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
             d["stringzilla"] = lambda: s.count(NEEDLE)
         return d
 
+    def prepared(h: bytes) -> dict[str, Callable[[], Any]]:
+        nd = simd.Needle(NEEDLE)  # at the best level (cases() runs at auto)
+        return {f"knhk Needle[{nd.level}]": lambda: nd.find(h)}
+
     out.append(("find 16 B needle, 64 MiB, absent", BIG, {**ours(lambda: simd.find(miss, NEEDLE)), **peers_find(miss)}))
     out.append(("count 16 B needle, 64 MiB, 64 hits", BIG,
                 {**ours(lambda: simd.count(hits, NEEDLE)), **peers_count(hits)}))
     out.append(("find 16 B needle, 256 B, at the end", 256,
-                {**ours(lambda: simd.find(small, NEEDLE)), **peers_find(small)}))
+                {**ours(lambda: simd.find(small, NEEDLE)), **prepared(small), **peers_find(small)}))
+    window = small[-64:]
+    out.append(("find 16 B needle, 64 B window, at the end", 64,
+                {**ours(lambda: simd.find(window, NEEDLE)), **prepared(window), **peers_find(window)}))
+    out.append(("count 16 B needle, 256 B, 1 hit", 256,
+                {**ours(lambda: simd.count(small, NEEDLE)), **peers_count(small)}))
 
     u32 = id_column(BIG // 4, np.uint32)
     u8 = id_column(BIG, np.uint8)
@@ -119,13 +128,13 @@ def _all_cases() -> list[Any]:
     return _CASES
 
 
-GROUPS = ["find64M", "count64M", "find256", "count_eq_u32", "count_eq_u8", "find_eq_u32", "hist_u8",
-          "hist_u32", "count_eq_4k"]
+GROUPS = ["find64M", "count64M", "find256", "find64", "count256", "count_eq_u32", "count_eq_u8", "find_eq_u32",
+          "hist_u8", "hist_u32", "count_eq_4k"]
 
 
 def _ids() -> list[tuple[int, str]]:
     # Names only; the data is built lazily, once, when the first benchmark runs.
-    impls = [f"knhk-{lv}" for lv in simd.supported_levels()] + ["peer", "peer2"]
+    impls = [f"knhk-{lv}" for lv in simd.supported_levels()] + ["needle", "peer", "peer2"]
     return [(g, i) for g in range(len(GROUPS)) for i in impls]
 
 
@@ -133,7 +142,9 @@ def _ids() -> list[tuple[int, str]]:
 def test_simd(benchmark, case, impl):
     group, _, impls = _all_cases()[case]
     peers = [k for k in impls if not k.startswith("knhk")]
+    needles = [k for k in impls if k.startswith("knhk Needle")]
     name = (peers[0] if impl == "peer" and peers else peers[1] if impl == "peer2" and len(peers) > 1
+            else needles[0] if impl == "needle" and needles
             else f"knhk[{impl[5:]}]" if impl.startswith("knhk-") else impl)
     if name not in impls:
         pytest.skip(f"no {impl} for {group}")
@@ -176,10 +187,23 @@ def main() -> int:
             ratio = "" if name == f"knhk[{best}]" else f"{t / ours:.2f}x"
             print(f"| {group} | {name} | {unit} | {nbytes / t / 1e9:.2f} | {ratio} |")
         sys.stdout.flush()
-    for op in ("search_64", "count_eq_4k"):
+    from knhk_memory._core import ffi, lib
+
+    def dispatched(batch: int, reps: int) -> float:
+        # search_64's window and needle, through knhk_simd_find (not prepared)
+        op = {o.name: o for o in simd.hot_ops()}["search_64"]
+        ctx, cleanup = op.setup()
+        try:
+            return float(lib.knhk_simd_median_ticks(ffi.addressof(lib, "knhk_simd_hotop_search_64_dispatch"),
+                                                    ctx, batch, reps))
+        finally:
+            cleanup()
+
+    for op in ("search_64", "search_64 dispatched", "count_eq_4k"):
         for lv in simd.supported_levels():
             with simd.forced_level(lv):
-                ticks = sorted(simd.median_ticks(op, batch=10000, reps=101) for _ in range(5))
+                ticks = sorted((dispatched(10000, 101) if op.endswith("dispatched")
+                                else simd.median_ticks(op, batch=10000, reps=101)) for _ in range(5))
             print(f"hot op {op} at {lv}: median {ticks[2]:.1f} ticks (medians of 5 runs: "
                   f"{', '.join(f'{x:.1f}' for x in ticks)})")
     return 0

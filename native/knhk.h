@@ -679,14 +679,53 @@ typedef struct {
 } knhk_simd_reduction;
 int knhk_simd_reduce(const void *a, size_t n, int width, knhk_simd_reduction *out);
 
-/* Hot-path operations (knhk_hotop_fn). search_64: knhk_simd_find of a
-   16-byte needle in a 64-byte window, through the dispatch table. */
+/* A prepared needle, for searching one needle in many haystacks (a marker
+   in 64-byte windows, say): the three probe bytes (first, middle, last) are
+   broadcast once, the needle's first 64 bytes are kept as a vector for a
+   one-compare verify, and the kernel of one level is chosen once. Calling
+   nd->find(nd, hay, n) is then a direct call: no dispatch-table load, no
+   broadcast. Semantics are knhk_simd_find's. The needle bytes are copied into
+   the allocation (64-byte aligned); free it with knhk_simd_needle_free. */
+typedef struct knhk_simd_needle knhk_simd_needle;
+typedef int64_t (*knhk_simd_needle_fn)(const knhk_simd_needle *nd, const uint8_t *hay, size_t n);
+struct knhk_simd_needle {
+    uint8_t first[64];      /* needle[0] in every byte */
+    uint8_t middle[64];     /* needle[len / 2] in every byte */
+    uint8_t last[64];       /* needle[len - 1] in every byte */
+    uint8_t head[64];       /* needle[0 .. min(len, 64)), zero padded */
+    knhk_simd_needle_fn find; /* the kernel of `level` */
+    const uint8_t *bytes;   /* the needle (a copy inside this allocation) */
+    size_t len;
+    size_t mid;             /* len / 2 */
+    uint64_t head_mask;     /* low min(len, 64) bits set */
+    int level;              /* the level whose kernel `find` is */
+};
+/* Prepare needle[0..m) (m may be 0) for `level`, or for the active level when
+   level is -1. KNHK_ERR_INVALID for a level out of range, KNHK_ERR_UNAVAILABLE
+   for a level this machine lacks, KNHK_ERR_NOMEM. */
+int knhk_simd_needle_new(const uint8_t *needle, size_t m, int level, knhk_simd_needle **out);
+void knhk_simd_needle_free(knhk_simd_needle *nd);
+/* nd->find(nd, hay, n), for callers that cannot call through a pointer. */
+int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, size_t n);
+/* As knhk_simd_count and knhk_simd_find_all, with a prepared needle. */
+uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping);
+size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
+                                 size_t from, int64_t *out, size_t cap, size_t *next);
+
+/* Hot-path operations (knhk_hotop_fn). search_64: a 16-byte needle in a
+   64-byte window (match in the last candidate) through a needle prepared at
+   setup (`prepared`, from knhk_simd_needle_new on `needle`): the kernel
+   pointer is fetched once per batch, every iteration is a full search. */
 typedef struct {
     uint8_t window[64];
     uint8_t needle[16];
     int64_t result;
+    knhk_simd_needle *prepared;
 } knhk_simd_search64_ctx;
 void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations);
+/* The same search through the dispatched knhk_simd_find (needle not
+   prepared), for comparison; same ctx (`prepared` unused). */
+void knhk_simd_hotop_search_64_dispatch(void *ctx, uint64_t iterations);
 
 /* count_eq_4k: knhk_simd_count_eq over 1024 uint32 ids (4 KiB). */
 typedef struct {
@@ -695,6 +734,16 @@ typedef struct {
     uint64_t result;
 } knhk_simd_count4k_ctx;
 void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
+
+/* Install the CPython fast paths of knhk_memory.simd (simd_py.c) into that
+   module (which must be importable): the builtins _make_fast(kind, slow) and
+   _make_needle_method(kind, needle_address, owner, slow), kind 0 = find and
+   1 = count. They are METH_FASTCALL builtins that take bytes, bytearray or any
+   C-contiguous buffer and int/None bounds, scan with the GIL held below
+   64 KiB (a GIL round trip costs more) and without it above; any other
+   argument goes to slow(*args, **kwargs) (conversions, errors). Takes the
+   GIL itself. */
+int knhk_simd_py_install(void);
 
 /* The median over `reps` batches of the time-stamp-counter ticks one call of
    fn(ctx, 1) costs, each batch timing fn(ctx, batch) (rdtsc on x86_64,

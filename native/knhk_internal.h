@@ -102,4 +102,9 @@ void _knhk_arena_unref(knhk_arena *a);
  * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
 int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen);
 
+/* ---- simd
+ * Whether the SIMD dispatch table is set (initialised, or a level forced), for
+ * simd_py.c: when it is not, the Python layer must raise, not scan. */
+bool _knhk_simd_ready(void);
+
 #endif /* KNHK_INTERNAL_H */

@@ -1,0 +1,88 @@
+"""The vector-store id kernels (find_eq with vpcompressq / nibble tables, count_eq
+with lane counters) at every level, against numpy, through the resumable C call.
+
+Output buffers are numpy arrays of exactly ``cap`` elements: the kernels store
+whole vectors ahead of the last written position, so an AddressSanitizer run
+checks that those stores stay inside ``out[0, cap)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from knhk_memory import simd
+from knhk_memory._core import ffi, lib
+
+LEVELS = simd.supported_levels()
+DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    with simd.forced_level(request.param) as name:
+        yield name
+
+
+def find_eq_in_pieces(a: np.ndarray, v: int, cap: int) -> list[int]:
+    """Drive knhk_simd_find_eq with a fresh exact-size buffer of `cap` per call."""
+    src = ffi.from_buffer(a)
+    written, nxt = ffi.new("size_t *"), ffi.new("size_t *")
+    got: list[int] = []
+    frm = 0
+    while True:
+        out = np.full(cap, -7, np.int64)
+        assert lib.knhk_simd_find_eq(src, a.size, a.itemsize, v, frm, ffi.cast("int64_t *", ffi.from_buffer(out)),
+                                     cap, written, nxt) == lib.KNHK_OK
+        k = written[0]
+        assert k <= cap
+        got += out[:k].tolist()
+        if k < cap:
+            return got
+        assert nxt[0] > frm or frm >= a.size
+        frm = nxt[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_find_eq_with_every_small_capacity(level, dtype):
+    rng = np.random.default_rng(np.dtype(dtype).itemsize + 20)
+    for n in (0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 257, 1000):
+        for a in (rng.integers(0, 3, n, dtype=dtype), np.full(n, 2, dtype), rng.integers(0, 43, n, dtype=dtype)):
+            ref = np.flatnonzero(a == 2).tolist()
+            for cap in (1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 64, 1024):
+                assert find_eq_in_pieces(a, 2, cap) == ref, (n, cap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_find_eq_resuming_mid_array(level, dtype):
+    a = np.random.default_rng(9).integers(0, 5, 5000, dtype=dtype)
+    ref = np.flatnonzero(a == 4)
+    src = ffi.from_buffer(a)
+    written, nxt = ffi.new("size_t *"), ffi.new("size_t *")
+    for frm in (0, 1, 7, 8, 15, 16, 17, 2500, 4999, 5000, 5001):
+        out = np.empty(a.size, np.int64)
+        lib.knhk_simd_find_eq(src, a.size, a.itemsize, 4, frm, ffi.cast("int64_t *", ffi.from_buffer(out)), a.size,
+                              written, nxt)
+        assert out[:written[0]].tolist() == ref[ref >= frm].tolist()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_count_eq_lane_counters(level, dtype):
+    # Every lane counting on every block, lengths around the 4-block unrolling,
+    # and arrays large enough for the prefetching loop (>= 64 KiB).
+    for n in (0, 1, 63, 64, 65, 255, 256, 257, 1023, 1024, 1025, 4095, 70_001, 300_000):
+        a = np.full(n, 9, dtype)
+        assert simd.count_eq(a, 9) == n
+        assert simd.count_eq(a, 8) == 0
+        a[::7] = 8
+        assert simd.count_eq(a, 9) == np.count_nonzero(a == 9)
+        assert simd.count_eq(a, 8) == np.count_nonzero(a == 8)
+
+
+def test_find_eq_large_input_prefetch_path(level):
+    a = np.random.default_rng(1).integers(0, 43, 1 << 20, dtype=np.uint32)
+    assert np.array_equal(simd.find_eq(a, 7), np.flatnonzero(a == 7))
+    b = a.astype(np.uint64)
+    assert np.array_equal(simd.find_eq(b, 42), np.flatnonzero(b == 42))
+    c = np.full(200_000, 3, np.uint32)  # every position: output grows many times
+    assert np.array_equal(simd.find_eq(c, 3), np.arange(200_000))

@@ -427,7 +427,7 @@ def test_hot_ops_run_the_real_operation():
     ids = np.random.default_rng(4096).integers(0, 43, 1024, dtype=np.uint32)
     assert ffi.cast("knhk_simd_count4k_ctx *", ctx).result == np.count_nonzero(ids == 7)
     cleanup()
-    assert ops["search_64"].default_budget == 28 and ops["count_eq_4k"].default_budget == 250
+    assert ops["search_64"].default_budget == 32 and ops["count_eq_4k"].default_budget == 300
 
 
 def test_median_ticks_measures_in_c():

@@ -146,16 +146,19 @@ def median_time(fn, repeat: int = 31, number: int = 5) -> float:
 
 @pytest.mark.benchmark(group="numpy batch of 1000 x 256 B")
 def test_batch_numpy_default(benchmark):
+    benchmark.extra_info.update(label="numpy default allocator", peer=True, ops=1000)
     benchmark(batch_default)
 
 
 @pytest.mark.benchmark(group="numpy batch of 1000 x 256 B")
 def test_batch_backend_handler(benchmark):
+    benchmark.extra_info.update(label="backend NEP 49 handler", ops=1000)
     benchmark(batch_backend_handler)
 
 
 @pytest.mark.benchmark(group="numpy batch of 1000 x 256 B")
 def test_batch_arena_scope(benchmark):
+    benchmark.extra_info.update(label="arena scope", ops=1000)
     arena = Arena()
     benchmark(batch_arena, arena)
     arena.close()
@@ -163,6 +166,7 @@ def test_batch_arena_scope(benchmark):
 
 @pytest.mark.benchmark(group="one 64-byte buffer from Python")
 def test_alloc_arena(benchmark):
+    benchmark.extra_info.update(label="Arena.alloc(64)")
     arena = Arena()
     benchmark(arena.alloc, 64)
     arena.close()
@@ -170,11 +174,13 @@ def test_alloc_arena(benchmark):
 
 @pytest.mark.benchmark(group="one 64-byte buffer from Python")
 def test_alloc_bytearray(benchmark):
+    benchmark.extra_info.update(label="bytearray(64)", peer=True)
     benchmark(bytearray, 64)
 
 
 @pytest.mark.benchmark(group="one 64-byte buffer from Python")
 def test_alloc_numpy_empty(benchmark):
+    benchmark.extra_info.update(label="numpy.empty(64)")
     benchmark(np.empty, 64, np.uint8)
 
 

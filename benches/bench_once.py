@@ -119,8 +119,24 @@ CASES = [loop_only, read_global, read_cached_property, read_lru_cache, read_once
          lookup_registry_by_number, lookup_registry_getitem]
 
 
+# Two comparisons for docs/performance.md: reading a once-initialised value
+# (peer: functools.cached_property) and looking a pattern up (peer: a dict).
+_GROUPS = {
+    "read_global": "once: read an initialised value", "read_cached_property": "once: read an initialised value",
+    "read_lru_cache": "once: read an initialised value", "read_oncelock_get": "once: read an initialised value",
+    "read_oncelock_get_or_init": "once: read an initialised value", "read_lazy_value": "once: read an initialised value",
+    "lookup_dict": "registry: look a pattern up by number",
+    "lookup_registry_by_number": "registry: look a pattern up by number",
+    "lookup_registry_getitem": "registry: look a pattern up by number",
+}
+_PEERS = {"read_cached_property", "lookup_dict"}
+
+
 def _make(fn):
     def bench(benchmark):
+        if fn.__name__ in _GROUPS:
+            benchmark.group = _GROUPS[fn.__name__]
+            benchmark.extra_info.update(label=fn.__name__, peer=fn.__name__ in _PEERS, ops=len(R))
         benchmark.pedantic(fn, rounds=200, iterations=1, warmup_rounds=10)
     bench.__name__ = f"test_{fn.__name__}"
     return bench

@@ -262,7 +262,8 @@ def measure_python(call: Callable[[], Any], settings: Settings = Settings()) -> 
         if was_enabled:
             gc.enable()
     overhead = statistics.median(empties)
-    return Measurement(max(0.0, statistics.median(ops) - overhead), max(0.0, min(ops) - min(empties)),
+    # both less the same overhead, so min <= median
+    return Measurement(max(0.0, statistics.median(ops) - overhead), max(0.0, min(ops) - overhead),
                        overhead, n, len(ops))
 
 

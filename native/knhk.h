@@ -262,7 +262,7 @@ typedef struct {
 
 typedef struct {
     double median;         /* ticks per operation, median over batches, harness overhead taken off */
-    double min;            /* ticks per operation in the fastest batch, less the fastest empty batch */
+    double min;            /* ticks per operation in the fastest batch, less `overhead` (so min <= median) */
     double raw_median;     /* median before the overhead is taken off */
     double raw_min;
     double overhead;       /* the empty operation: median ticks per iteration */

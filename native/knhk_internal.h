@@ -40,6 +40,12 @@ static inline void _knhk_copy_message(char *buf, size_t len, const char *msg) {
 /* Record a message for knhk_last_error() in the calling thread. */
 void _knhk_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* py_install.c: set `count` METH_FASTCALL builtins from `defs` on the Python
+   module `module` (store_py.c, simd_py.c); `what` names the fast path in the
+   error. The struct is CPython's PyMethodDef; this header does not include Python.h. */
+struct PyMethodDef;
+int _knhk_py_install(const char *module, struct PyMethodDef *defs, size_t count, const char *what);
+
 /* ---- striping
  * A thread gets a stripe index on first use, round-robin, and keeps it. Cells
  * indexed by it sit on their own cache line, so two threads with different

@@ -947,14 +947,27 @@ int64_t knhk_simd_rfind(const uint8_t *hay, size_t n, const uint8_t *needle, siz
     return table()->rfind(hay, n, needle, m);
 }
 
-uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping) {
+/* count and find_all repeat one find per match, through the dispatch table
+   or through a prepared needle: one loop serves all four entry points. */
+typedef struct {
+    find_fn find;                  /* dispatched kernel, when nd is NULL */
+    const uint8_t *needle;
+    const knhk_simd_needle *nd;    /* the prepared needle, or NULL */
+    size_t m;
+} finder;
+
+static inline int64_t finder_find(const finder *f, const uint8_t *h, size_t n) {
+    return f->nd ? f->nd->find(f->nd, h, n) : f->find(h, n, f->needle, f->m);
+}
+
+static uint64_t count_matches(const finder *f, const uint8_t *hay, size_t n, int overlapping) {
+    const size_t m = f->m;
     if (m == 0) return (uint64_t)n + 1;
-    find_fn find = table()->find;
     const size_t step = overlapping ? 1 : m;
     uint64_t c = 0;
     size_t pos = 0;
     while (pos + m <= n) {
-        int64_t p = find(hay + pos, n - pos, needle, m);
+        int64_t p = finder_find(f, hay + pos, n - pos);
         if (p < 0) break;
         c++;
         pos += (size_t)p + step;
@@ -962,16 +975,16 @@ uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, si
     return c;
 }
 
-size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
-                          size_t from, int64_t *out, size_t cap, size_t *next) {
+static size_t list_matches(const finder *f, const uint8_t *hay, size_t n, int overlapping, size_t from,
+                           int64_t *out, size_t cap, size_t *next) {
+    const size_t m = f->m;
     size_t k = 0, pos = from;
     if (m == 0) {
         for (; pos <= n && k < cap; pos++) out[k++] = (int64_t)pos;
     } else {
-        find_fn find = table()->find;
         const size_t step = overlapping ? 1 : m;
         while (k < cap && pos <= n && n - pos >= m) {
-            int64_t p = find(hay + pos, n - pos, needle, m);
+            int64_t p = finder_find(f, hay + pos, n - pos);
             if (p < 0) {
                 pos = n + 1;
                 break;
@@ -982,6 +995,17 @@ size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, s
     }
     if (next) *next = pos;
     return k;
+}
+
+uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping) {
+    const finder f = {table()->find, needle, NULL, m};
+    return count_matches(&f, hay, n, overlapping);
+}
+
+size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
+                          size_t from, int64_t *out, size_t cap, size_t *next) {
+    const finder f = {table()->find, needle, NULL, m};
+    return list_matches(&f, hay, n, overlapping, from, out, cap, next);
 }
 
 int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *needles, const size_t *lens, size_t k,
@@ -1073,42 +1097,14 @@ int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, si
 }
 
 uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping) {
-    const size_t m = nd->len;
-    if (m == 0) return (uint64_t)n + 1;
-    const knhk_simd_needle_fn find = nd->find;
-    const size_t step = overlapping ? 1 : m;
-    uint64_t c = 0;
-    size_t pos = 0;
-    while (pos + m <= n) {
-        int64_t p = find(nd, hay + pos, n - pos);
-        if (p < 0) break;
-        c++;
-        pos += (size_t)p + step;
-    }
-    return c;
+    const finder f = {NULL, nd->bytes, nd, nd->len};
+    return count_matches(&f, hay, n, overlapping);
 }
 
 size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
                                  size_t from, int64_t *out, size_t cap, size_t *next) {
-    const size_t m = nd->len;
-    size_t k = 0, pos = from;
-    if (m == 0) {
-        for (; pos <= n && k < cap; pos++) out[k++] = (int64_t)pos;
-    } else {
-        const knhk_simd_needle_fn find = nd->find;
-        const size_t step = overlapping ? 1 : m;
-        while (k < cap && pos <= n && n - pos >= m) {
-            int64_t p = find(nd, hay + pos, n - pos);
-            if (p < 0) {
-                pos = n + 1;
-                break;
-            }
-            out[k++] = (int64_t)(pos + (size_t)p);
-            pos += (size_t)p + step;
-        }
-    }
-    if (next) *next = pos;
-    return k;
+    const finder f = {NULL, nd->bytes, nd, nd->len};
+    return list_matches(&f, hay, n, overlapping, from, out, cap, next);
 }
 
 /* ==================================================================== id scans */

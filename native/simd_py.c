@@ -236,34 +236,5 @@ static PyMethodDef module_defs[] = {
 };
 
 int knhk_simd_py_install(void) {
-    PyGILState_STATE g = PyGILState_Ensure();
-    int status = KNHK_OK;
-    PyObject *mod = PyImport_ImportModule("knhk_memory.simd");
-    if (mod == NULL) {
-        status = KNHK_ERR_PYTHON;
-    } else {
-        for (size_t i = 0; i < sizeof module_defs / sizeof module_defs[0]; i++) {
-            PyObject *fn = PyCFunction_NewEx(&module_defs[i], NULL, NULL);
-            if (fn == NULL || PyObject_SetAttrString(mod, module_defs[i].ml_name, fn) < 0) {
-                Py_XDECREF(fn);
-                status = KNHK_ERR_PYTHON;
-                break;
-            }
-            Py_DECREF(fn);
-        }
-        Py_DECREF(mod);
-    }
-    if (status != KNHK_OK) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *s = value ? PyObject_Str(value) : NULL;
-        _knhk_set_error("installing the simd fast path: %s", s ? PyUnicode_AsUTF8(s) : "unknown error");
-        PyErr_Clear();
-        Py_XDECREF(s);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-    }
-    PyGILState_Release(g);
-    return status;
+    return _knhk_py_install("knhk_memory.simd", module_defs, sizeof module_defs / sizeof module_defs[0], "simd");
 }

@@ -188,16 +188,18 @@ def test_threads_exact():
     assert c.slots_owned() == 0
 
 
-def test_more_threads_than_slots_share_the_last_slot_exactly():
-    c = Counters(["x"])
+def run_more_threads_than_slots(c, add) -> int:
+    """Run ``add()`` in more threads than a block has writer slots, all alive at
+    once; checks every owned slot is taken before any thread leaves (an exiting
+    thread hands its slot back). Returns the number of threads."""
     n = lib.KNHK_COUNTERS_SLOTS + 8
     start, stop, leave = (threading.Barrier(n + 1) for _ in range(3))
 
     def work():
         start.wait()  # all alive at once, so the slots run out
-        c.add_many(np.zeros(1000, dtype=np.int64))
+        add()
         stop.wait()
-        leave.wait()  # an exiting thread hands its slot back: stay until it is counted
+        leave.wait()  # stay until the slot count is checked
 
     ts = [threading.Thread(target=work) for _ in range(n)]
     for t in ts:
@@ -208,6 +210,12 @@ def test_more_threads_than_slots_share_the_last_slot_exactly():
     leave.wait()
     for t in ts:
         t.join()
+    return n
+
+
+def test_more_threads_than_slots_share_the_last_slot_exactly():
+    c = Counters(["x"])
+    n = run_more_threads_than_slots(c, lambda: c.add_many(np.zeros(1000, dtype=np.int64)))
     assert c.get("x") == n * 1000
 
 

@@ -20,6 +20,8 @@ from knhk_memory.errors import (
     KnhkMemoryError,
 )
 
+from .test_counters import run_more_threads_than_slots
+
 M = 20_000
 
 
@@ -214,26 +216,13 @@ def test_writer_in_forked_child_is_dead_and_child_makes_its_own():
 
 def test_writers_beyond_the_slots_share_the_last_slot_exactly():
     c = Counters(["x"])
-    n = lib.KNHK_COUNTERS_SLOTS + 8
-    start, stop, leave = (threading.Barrier(n + 1) for _ in range(3))
 
-    def work():
-        start.wait()  # all alive at once, so the slots run out
+    def add():
         w = c.writer()
         for _ in range(500):
             w.add(0)
-        stop.wait()
-        leave.wait()
 
-    ts = [threading.Thread(target=work) for _ in range(n)]
-    for t in ts:
-        t.start()
-    start.wait()
-    stop.wait()
-    assert c.slots_owned() == lib.KNHK_COUNTERS_SLOTS - 1
-    leave.wait()
-    for t in ts:
-        t.join()
+    n = run_more_threads_than_slots(c, add)
     assert c.get("x") == n * 500
     _wait_slots(c, 0)
 

@@ -17,6 +17,8 @@ from knhk_memory import simd
 from knhk_memory._core import ffi, lib
 from knhk_memory.errors import SimdLevelError, SimdTypeError, SimdValueError
 
+from .test_simd import exact, ref_find_all
+
 LEVELS = simd.supported_levels()
 
 
@@ -26,25 +28,6 @@ def level(request):
     # so the reference calls below run at the same level.
     with simd.forced_level(request.param) as name:
         yield name
-
-
-def exact(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, np.uint8).copy()
-
-
-def ref_find_all(h: bytes, s: bytes, start=None, end=None, overlapping=False) -> list[int]:
-    lo, hi, _ = slice(start, end).indices(len(h))
-    if start is not None and start > len(h):
-        return []
-    out, pos = [], lo
-    while True:
-        p = h.find(s, pos, hi)
-        if p < 0:
-            return out
-        out.append(p)
-        pos = p + (1 if overlapping or not s else len(s))
-        if pos > hi:
-            return out
 
 
 # Lengths around the kernels' branches: 1..3 (probes cover the needle), 16,

@@ -285,9 +285,10 @@ class Engine:
         kinds = np.empty(capacity, dtype=np.uint8)
         tasks = np.empty(capacity, dtype=np.uint32)
         where = np.empty(capacity, dtype=np.uint32)
+        row = np.arange(rows, dtype=np.uint32)
         kinds[:rows] = CASE_START
         tasks[:rows] = wf_index
-        where[:rows] = np.arange(rows, dtype=np.uint32)
+        where[:rows] = row
         pos = rows
         self.counters.add(self._idx["cases_started"], rows)
         position = np.zeros(rows, dtype=np.uint32)
@@ -301,7 +302,7 @@ class Engine:
             if i:  # the hand-over from the previous block: WCP-1
                 kinds[pos:pos + rows] = 1
                 tasks[pos:pos + rows] = block.first_task
-                where[pos:pos + rows] = np.arange(rows, dtype=np.uint32)
+                where[pos:pos + rows] = row
                 pos += rows
             if block.kind == "split":
                 active, detail = self.executors[block.split].activate(block, h)
@@ -330,7 +331,7 @@ class Engine:
         done = simd.count_eq(position, len(wf.blocks))
         kinds[pos:pos + rows] = CASE_END
         tasks[pos:pos + rows] = position
-        where[pos:pos + rows] = np.arange(rows, dtype=np.uint32)
+        where[pos:pos + rows] = row
         pos += rows
         log = kinds[:pos]
         tally.events += simd.histogram(log, EVENT_KINDS)

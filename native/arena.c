@@ -260,7 +260,12 @@ static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, si
         *status = KNHK_ERR_STATE;
         return NULL;
     }
-    size_t need = CHUNK_HEADER + pre + size + (align > CHUNK_ALIGN ? align - CHUNK_ALIGN : 0);
+    /* data_start(c) is CHUNK_ALIGN-aligned, but data_start(c) + pre (a block
+       header of 16) only 16-aligned: reaching the next `align` boundary can
+       take align - 16 bytes, not align - CHUNK_ALIGN. The smaller slack let a
+       4096-aligned block run 48 bytes past its chunk when the chunk sat at
+       4032 mod 4096 (glibc then aborted: "free(): invalid next size"). */
+    size_t need = CHUNK_HEADER + pre + size + (align > KNHK_DEFAULT_ALIGN ? align - KNHK_DEFAULT_ALIGN : 0);
     need = (need + CHUNK_ALIGN - 1) & ~(size_t)(CHUNK_ALIGN - 1);
     bool own = need > a->next_chunk_size / 4;
     uint64_t calls = a->backend_calls;

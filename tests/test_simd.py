@@ -352,6 +352,23 @@ def test_histogram_bins_and_out_of_range(level):
         simd.histogram(a, 43, out_of_range="clip")
 
 
+@pytest.mark.parametrize("nbins", [1, 43, 255, 256, 300])
+def test_uint8_histogram_every_length_and_bin_count(nbins):
+    # The 8-bit kernel has a slot per byte value and no range check: ids past
+    # nbins are counted apart, whatever the length (8-id steps plus a tail).
+    rng = np.random.default_rng(nbins)
+    for n in [*range(0, 40), 255, 256, 257, 4095, 100_003]:
+        a = rng.integers(0, 256, n, dtype=np.uint8)
+        want = np.bincount(a, minlength=max(nbins, 256))
+        assert np.array_equal(simd.histogram(a, nbins, out_of_range="ignore"), want[:nbins]), n
+        bad = int(want[nbins:].sum())
+        if bad:
+            with pytest.raises(SimdValueError, match=rf"histogram: {bad} ids are >= nbins={nbins} "):
+                simd.histogram(a, nbins)
+        else:
+            assert np.array_equal(simd.histogram(a, nbins), want[:nbins])
+
+
 def test_bad_id_arrays():
     with pytest.raises(SimdTypeError, match=r"count_eq: expected a numpy array of uint8, uint16, uint32, uint64, got list"):
         simd.count_eq([1, 2, 3], 1)

@@ -86,3 +86,25 @@ def test_find_eq_large_input_prefetch_path(level):
     assert np.array_equal(simd.find_eq(b, 42), np.flatnonzero(b == 42))
     c = np.full(200_000, 3, np.uint32)  # every position: output grows many times
     assert np.array_equal(simd.find_eq(c, 3), np.arange(200_000))
+
+
+def test_find_and_count_large_haystack_prefetch_path(level):
+    # Haystacks of >= 64 KiB take the prefetching loop of find/count; matches
+    # around where it hands over to the plain loop (the last 2 KiB + 128) and
+    # at the very end must be found exactly as bytes.find/count find them.
+    rng = np.random.default_rng(2048)
+    n = 70_000
+    base = bytes(rng.integers(97, 123, n, dtype=np.uint8))
+    needle = b"workflow:pattern"
+    m = len(needle)
+    assert simd.find(base, needle) == -1
+    for pos in (0, 1, n // 2, n - 2048 - 129, n - 2048 - 128, n - 2048 - 64, n - 2048, n - 2047, n - 200, n - m - 1,
+                n - m):
+        hay = base[:pos] + needle + base[pos + m:]
+        assert simd.find(hay, needle) == hay.find(needle) == pos, pos
+        assert simd.count(hay, needle) == hay.count(needle) == 1, pos
+        assert simd.rfind(hay, needle) == hay.rfind(needle) == pos, pos
+        assert simd.find(hay, needle, pos + 1) == -1
+    every = needle * (n // m)
+    assert simd.count(every, needle) == every.count(needle) == n // m
+    assert simd.find(bytearray(every), needle, 5000) == bytes(every).find(needle, 5000)

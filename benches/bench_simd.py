@@ -91,6 +91,12 @@ def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
                 {**ours(lambda: simd.find(cached, NEEDLE)), **peers_find(cached)}))
     out.append(("count 16 B needle, 1 MiB in cache, 1 hit", MIB,
                 {**ours(lambda: simd.count(cached_hits, NEEDLE)), **peers_count(cached_hits)}))
+    many = [NEEDLE, b"case:done", b"zzzq", b"task:fired|"]
+    out.append(("find_many 4 needles (first + counts), 64 MiB", BIG,
+                {**ours(lambda: simd.find_many(hits, many)),
+                 "bytes.find + bytes.count per needle": lambda: (
+                     min((p, j) for j, p in enumerate(hits.find(s) for s in many) if p >= 0),
+                     [hits.count(s) for s in many])}))
     out.append(("find 16 B needle, 256 B, at the end", 256,
                 {**ours(lambda: simd.find(small, NEEDLE)), **prepared(small), **peers_find(small)}))
     window = small[-64:]
@@ -134,7 +140,7 @@ def _all_cases() -> list[Any]:
     return _CASES
 
 
-GROUPS = ["find64M", "count64M", "find1M", "count1M", "find256", "find64", "count256", "count_eq_u32", "count_eq_u8", "find_eq_u32",
+GROUPS = ["find64M", "count64M", "find1M", "count1M", "find_many64M", "find256", "find64", "count256", "count_eq_u32", "count_eq_u8", "find_eq_u32",
           "hist_u8", "hist_u32", "count_eq_4k"]
 
 

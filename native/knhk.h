@@ -102,10 +102,13 @@ extern "C" {
 #define KNHK_STORE_ABSENT (-1)
 #define KNHK_STORE_WIDE (-2)
 #define KNHK_STORE_BROKEN (-3)
-/* SIMD scans (simd.c). Largest id set knhk_simd_isin takes, and the number of
-   histogram bins kept in on-stack sub-tables (more bins use one table). */
+/* SIMD scans (simd.c). Largest id set knhk_simd_isin takes, the number of
+   histogram bins kept in on-stack sub-tables (more bins use one table), and
+   the bytes of haystack knhk_simd_find_many has every needle search while
+   they are in L1. */
 #define KNHK_SIMD_ISIN_MAX 256
 #define KNHK_SIMD_HIST_FAST_BINS 1024
+#define KNHK_SIMD_FIND_MANY_CHUNK 16384
 
 /* KNHK_CDEF_BEGIN */
 
@@ -649,7 +652,8 @@ size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, s
 /* k needles at once: *first is the smallest match position of any needle
    (-1 if none) and *which the needle found there (the lowest index on a tie,
    -1 if none); counts (may be NULL) receives each needle's non-overlapping
-   count. */
+   count. The haystack is read once, KNHK_SIMD_FIND_MANY_CHUNK bytes at a
+   time, every needle searching each chunk while it is in cache. */
 int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *needles, const size_t *lens, size_t k,
                         int64_t *first, int64_t *which, uint64_t *counts);
 

@@ -1027,24 +1027,70 @@ size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, s
     return list_matches(&f, hay, n, overlapping, from, out, cap, next);
 }
 
+/* find_many reads the haystack once, in chunks of KNHK_SIMD_FIND_MANY_CHUNK
+   bytes that stay in L1: every needle searches a chunk before the next one is
+   read, so k needles cost one pass over memory and k over cache, where a
+   find and a count per needle would be 2k passes over memory. A needle
+   searching chunk [c0, c1) looks for the matches that start there (its window
+   runs on to c1 + m - 1); its next allowed start carries the non-overlapping
+   count from chunk to chunk. Needles go sixteen at a time (their state is on
+   the stack). With counts == NULL a needle stops at its first match, and the
+   scan stops at the first chunk past the best match. */
+#define FIND_MANY_GROUP 16
+
 int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *needles, const size_t *lens, size_t k,
                         int64_t *first, int64_t *which, uint64_t *counts) {
     if (k > 0 && (needles == NULL || lens == NULL)) {
         _knhk_set_error("find_many: needles and lens must not be NULL when k = %zu", k);
         return KNHK_ERR_INVALID;
     }
-    find_fn find = table()->find;
+    const find_fn find = table()->find;
     int64_t best = -1, best_j = -1;
-    for (size_t j = 0; j < k; j++) {
-        const size_t m = lens[j];
-        /* Only a match strictly before the best so far can win (ties go to the
-           lower index), so search just the prefix that holds such matches. */
-        size_t limit = n;
-        if (best >= 0) limit = (size_t)best + m - 1 < n ? (size_t)best + m - 1 : n;
-        int64_t p = find(hay, limit, needles[j], m);
-        if (p >= 0 && (best < 0 || p < best)) best = p, best_j = (int64_t)j;
-        if (counts) counts[j] = knhk_simd_count(hay, n, needles[j], m, 0);
+#define FIND_MANY_TAKE(pos, j)                                                                          \
+    do {                                                                                                \
+        if (best < 0 || (int64_t)(pos) < best || ((int64_t)(pos) == best && (int64_t)(j) < best_j))     \
+            best = (int64_t)(pos), best_j = (int64_t)(j);                                               \
+    } while (0)
+    for (size_t g = 0; g < k; g += FIND_MANY_GROUP) {
+        const size_t gk = k - g < FIND_MANY_GROUP ? k - g : FIND_MANY_GROUP;
+        size_t next[FIND_MANY_GROUP]; /* where the needle's next match may start; SIZE_MAX: done */
+        uint64_t found[FIND_MANY_GROUP];
+        for (size_t j = 0; j < gk; j++) {
+            const size_t m = lens[g + j];
+            found[j] = 0;
+            next[j] = m > n ? SIZE_MAX : 0;
+            if (m == 0) { /* as bytes: an empty needle matches at 0, n + 1 times */
+                found[j] = (uint64_t)n + 1;
+                next[j] = SIZE_MAX;
+                FIND_MANY_TAKE(0, g + j);
+            }
+        }
+        for (size_t c0 = 0; c0 < n; c0 += KNHK_SIMD_FIND_MANY_CHUNK) {
+            if (counts == NULL && best >= 0 && (size_t)best <= c0) break; /* nothing here can come first */
+            const size_t c1 = n - c0 > KNHK_SIMD_FIND_MANY_CHUNK ? c0 + KNHK_SIMD_FIND_MANY_CHUNK : n;
+            for (size_t j = 0; j < gk; j++) {
+                if (next[j] >= c1) continue; /* done, or its next start is in a later chunk */
+                const size_t m = lens[g + j];
+                const size_t end = n - c1 >= m - 1 ? c1 + m - 1 : n; /* 1 <= m <= n */
+                size_t pos = next[j] > c0 ? next[j] : c0;
+                while (pos < c1 && end - pos >= m) {
+                    const int64_t p = find(hay + pos, end - pos, needles[g + j], m);
+                    if (p < 0) break;
+                    const size_t at = pos + (size_t)p;
+                    if (found[j]++ == 0) FIND_MANY_TAKE(at, g + j);
+                    if (counts == NULL) {
+                        pos = SIZE_MAX;
+                        break;
+                    }
+                    pos = at + m;
+                }
+                next[j] = pos > c1 ? pos : c1;
+            }
+        }
+        if (counts)
+            for (size_t j = 0; j < gk; j++) counts[g + j] = found[j];
     }
+#undef FIND_MANY_TAKE
     if (first) *first = best;
     if (which) *which = best_j;
     return KNHK_OK;

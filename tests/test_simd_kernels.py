@@ -108,3 +108,55 @@ def test_find_and_count_large_haystack_prefetch_path(level):
     every = needle * (n // m)
     assert simd.count(every, needle) == every.count(needle) == n // m
     assert simd.find(bytearray(every), needle, 5000) == bytes(every).find(needle, 5000)
+
+
+def find_many_reference(h: bytes, needles: list[bytes]) -> tuple[int, int, list[int]]:
+    positions = [(h.find(s), j) for j, s in enumerate(needles) if h.find(s) >= 0]
+    first, which = min(positions) if positions else (-1, -1)
+    return first, which, [h.count(s) for s in needles]
+
+
+def find_many_first_only(h: bytes, needles: list[bytes]) -> tuple[int, int]:
+    """knhk_simd_find_many with counts = NULL: the path that stops early."""
+    keep = [ffi.from_buffer("uint8_t[]", s) for s in needles]
+    ptrs = ffi.new("const uint8_t *[]", max(len(keep), 1))
+    for i, c in enumerate(keep):
+        ptrs[i] = c
+    lens = ffi.new("size_t[]", [len(s) for s in needles] or [0])
+    first, which = ffi.new("int64_t *"), ffi.new("int64_t *")
+    assert lib.knhk_simd_find_many(h, len(h), ptrs, lens, len(needles), first, which, ffi.NULL) == lib.KNHK_OK
+    return first[0], which[0]
+
+
+def test_find_many_across_chunk_boundaries(level):
+    # The haystack is read in chunks; every needle searches each chunk for the
+    # matches that start there. Matches straddling a boundary, runs of an
+    # overlapping needle across it, needles longer than a chunk, more needles
+    # than one group of 16, ties and empty needles must all come out as bytes
+    # gives them, with and without counts.
+    chunk = lib.KNHK_SIMD_FIND_MANY_CHUNK
+    rng = np.random.default_rng(16384)
+    base = bytearray(rng.integers(97, 123, 3 * chunk + 100, dtype=np.uint8).tobytes())
+    long_needle = bytes(rng.integers(48, 58, chunk + 5, dtype=np.uint8))
+    plants = {b"<ABCDEFGHIJKLMN>": [chunk - 8, 2 * chunk - 15, 3 * chunk - 1],
+              b"#": [chunk - 1, chunk, 3 * chunk + 99],
+              b"%%": [2 * chunk - 1],  # the run below makes it overlap
+              long_needle: [chunk - 3]}
+    for needle, starts in plants.items():
+        for p in starts:
+            base[p:p + len(needle)] = needle
+    base[2 * chunk - 3:2 * chunk + 4] = b"%" * 7  # "%%" x3 non-overlapping, straddling
+    h = bytes(base)
+    needles = [b"<ABCDEFGHIJKLMN>", b"#", b"%%", long_needle, b"zz", b"not here!", b"#"]
+    needles += [bytes([97 + i, 98 + i]) for i in range(12)]  # 19 needles: two groups
+    got = simd.find_many(h, needles)
+    first, which, counts = find_many_reference(h, needles)
+    assert (got.first, got.which, got.counts.tolist()) == (first, which, counts)
+    assert find_many_first_only(h, needles) == (first, which)
+    for sub in (needles[:1], needles[1:3], [long_needle], [b"%%", b"#"], [b"", b"#"], [b"#", b""], needles[16:],
+                [b"not here!"], []):
+        for hay in (h, h[:chunk], h[:chunk + 1], h[chunk - 20:2 * chunk + 30], b""):
+            f, w, c = find_many_reference(hay, sub)
+            got = simd.find_many(hay, sub)
+            assert (got.first, got.which, got.counts.tolist()) == (f, w, c), (sub, len(hay))
+            assert find_many_first_only(hay, sub) == (f, w), (sub, len(hay))

@@ -121,6 +121,24 @@ def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
     out.append(("count_eq uint32, 4 KiB", 4096,
                 {**ours(lambda: simd.count_eq(small32, 7)),
                  "numpy count_nonzero(a == v)": lambda: np.count_nonzero(small32 == 7)}))
+    # Small calls: one engine batch of 4096 ids, where the Python call is most
+    # of the time (the METH_FASTCALL id scans of native/simd_py.c).
+    batch32 = id_column(4096, np.uint32)
+    batch8 = id_column(4096, np.uint8)
+    out.append(("count_eq uint32, 4096 ids", batch32.nbytes,
+                {**ours(lambda: simd.count_eq(batch32, 7)),
+                 "numpy count_nonzero(a == v)": lambda: np.count_nonzero(batch32 == 7)}))
+    out.append(("find_eq uint32, 4096 ids (1/43 match)", batch32.nbytes,
+                {**ours(lambda: simd.find_eq(batch32, 7)),
+                 "numpy flatnonzero(a == v)": lambda: np.flatnonzero(batch32 == 7)}))
+    out.append(("histogram 43 ids, uint8, 4096 ids", batch8.nbytes,
+                {**ours(lambda: simd.histogram(batch8, 43)),
+                 "numpy bincount": lambda: np.bincount(batch8, minlength=43)}))
+    out.append(("mask_eq uint32, 4096 ids", batch32.nbytes,
+                {**ours(lambda: simd.mask_eq(batch32, 7)), "numpy a == v": lambda: batch32 == 7}))
+    out.append(("reduce uint32, 4096 ids", batch32.nbytes,
+                {**ours(lambda: simd.reduce(batch32)), "numpy a.max()": lambda: batch32.max(),
+                 "numpy (a.min(), a.max(), a.sum())": lambda: (batch32.min(), batch32.max(), batch32.sum())}))
     return out
 
 
@@ -140,8 +158,9 @@ def _all_cases() -> list[Any]:
     return _CASES
 
 
-GROUPS = ["find64M", "count64M", "find1M", "count1M", "find_many64M", "find256", "find64", "count256", "count_eq_u32", "count_eq_u8", "find_eq_u32",
-          "hist_u8", "hist_u32", "count_eq_4k"]
+GROUPS = ["find64M", "count64M", "find1M", "count1M", "find_many64M", "find256", "find64", "count256", "count_eq_u32",
+          "count_eq_u8", "find_eq_u32", "hist_u8", "hist_u32", "count_eq_4k", "count_eq_u32_4096", "find_eq_u32_4096",
+          "hist_u8_4096", "mask_eq_u32_4096", "reduce_u32_4096"]
 
 
 def _ids() -> list[tuple[int, str]]:

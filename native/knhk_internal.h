@@ -113,4 +113,10 @@ int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t 
  * simd_py.c: when it is not, the Python layer must raise, not scan. */
 bool _knhk_simd_ready(void);
 
+/* ---- numpy
+ * Import numpy's C API table (_knhk_numpy_array_api, filled in by
+ * numpy_handler.c, the one file that includes numpy without NO_IMPORT_ARRAY);
+ * 0 or -1 with a Python exception set. Call with the GIL held. */
+int _knhk_numpy_ready(void);
+
 #endif /* KNHK_INTERNAL_H */

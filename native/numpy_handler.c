@@ -22,8 +22,9 @@ static void *h_calloc(void *ctx, size_t n, size_t size) { return knhk_calloc(ctx
 static void *h_realloc(void *ctx, void *p, size_t size) { return knhk_realloc(ctx, p, size, 0); }
 static void h_free(void *ctx, void *p, size_t size) { knhk_free(ctx, p); }
 
-/* Called with the GIL held. */
-static int numpy_ready(void) {
+/* Called with the GIL held. Also used by simd_py.c (which includes numpy's
+   headers with NO_IMPORT_ARRAY: the API table is this file's). */
+int _knhk_numpy_ready(void) {
     if (PyArray_API != NULL) return 0;
     return _import_array();
 }
@@ -53,7 +54,7 @@ void *knhk_numpy_handler_push(const knhk_backend *b, int *status) {
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *previous = NULL;
     int rc = KNHK_OK;
-    if (numpy_ready() < 0) {
+    if (_knhk_numpy_ready() < 0) {
         take_python_error("numpy's C API could not be imported");
         rc = KNHK_ERR_PYTHON;
         goto done;
@@ -148,7 +149,7 @@ void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status) {
     PyObject *previous = NULL;
     PyObject *capsule = NULL;
     PyDataMem_Handler *h = NULL;
-    if (numpy_ready() < 0) {
+    if (_knhk_numpy_ready() < 0) {
         take_python_error("numpy's C API could not be imported");
         rc = KNHK_ERR_PYTHON;
         goto fail;

@@ -99,6 +99,13 @@ def link_args() -> list[str]:
     return [f"-fsanitize={sanitize}"] if sanitize else []
 
 
+# numpy's C headers need the full C API, which cffi's default Py_LIMITED_API
+# would hide. (Module-level, like compile_args(), so scripts/cross_check.sh
+# compiles with exactly these.)
+DEFINE_MACROS = [("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                 ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")]
+INCLUDE_DIRS = [str(NATIVE), numpy.get_include()]
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text(HEADER.read_text()))
 ffibuilder.set_source(
@@ -106,11 +113,8 @@ ffibuilder.set_source(
     '#include "knhk.h"\n',
     sources=[str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
              for p in sorted(NATIVE.glob("*.c"))],
-    include_dirs=[str(NATIVE), numpy.get_include()],
-    # numpy's C headers need the full C API, which cffi's default
-    # Py_LIMITED_API would hide.
-    define_macros=[("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
-                   ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")],
+    include_dirs=INCLUDE_DIRS,
+    define_macros=DEFINE_MACROS,
     py_limited_api=False,
     libraries=["dl", "pthread", "m"],
     extra_compile_args=compile_args(),

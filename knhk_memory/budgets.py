@@ -112,7 +112,8 @@ class CounterInfo:
 
     def describe(self) -> str:
         rate = f"{self.hz / 1e9:.3f} GHz" if self.hz >= 1e8 else f"{self.hz / 1e6:.3f} MHz"
-        tsc = {True: "invariant TSC", False: "TSC NOT invariant", None: "no TSC"}[self.invariant_tsc]
+        tsc = {True: "invariant TSC", False: "TSC NOT invariant",
+               None: "TSC not read: portable build" if lib.KNHK_PORTABLE_BUILD else "no TSC"}[self.invariant_tsc]
         text = f"{self.name} at {rate} ({self.hz_method}; {tsc}{', in a VM' if self.hypervisor else ''})"
         return text + (f"; {self.note}" if self.note else "")
 
@@ -140,8 +141,10 @@ def choose_counter(facts: dict[str, Any], requested: str = "auto") -> tuple[int,
                 "the TSC is not invariant (CPUID 0x80000007 EDX bit 8 clear): it may stop or change rate "
                 "with power states, so the harness falls back to clock_gettime and converts nanoseconds at "
                 "the TSC's nominal rate; verdicts are advisory")
+        where = ("in this build (KNHK_PORTABLE=1: portable C only)" if lib.KNHK_PORTABLE_BUILD
+                 else "on this machine")
         return lib.KNHK_TICKS_CLOCK_GETTIME, False, (
-            "no cycle counter on this machine: clock_gettime only, and no rate to convert nanoseconds "
+            f"no cycle counter {where}: clock_gettime only, and no rate to convert nanoseconds "
             "to ticks; verdicts are advisory")
     source = COUNTERS[requested]
     if source in (lib.KNHK_TICKS_RDTSCP, lib.KNHK_TICKS_RDTSC_LFENCE):
@@ -505,8 +508,10 @@ def format_table(report: BudgetReport) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     broken = report.failed
-    lines.append(f"{len(broken)} of {len(report.results)} budgets broken: {', '.join(r.name for r in broken)}"
-                 if broken else f"all {len(report.results)} budgets kept")
+    unchecked = sum(r.value is None for r in report.results)
+    lines.append((f"{len(broken)} of {len(report.results)} budgets broken: {', '.join(r.name for r in broken)}"
+                  if broken else f"all {len(report.results)} budgets kept")
+                 + (f" ({unchecked} unchecked: no tick rate on this counter)" if unchecked else ""))
     return "\n".join(lines)
 
 

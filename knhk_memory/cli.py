@@ -92,7 +92,8 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
         "selected_backend": {"name": backend.name, "configured": config.allocator.backend,
                              "path": backend.path, "version": backend.version},
         "numpy": numpy_info,
-        "cpu": {"features": features, "cache_line": lib.KNHK_CACHE_LINE},
+        "build": {"portable": bool(lib.KNHK_PORTABLE_BUILD)},
+        "cpu": {"features": features, "detected": not lib.KNHK_PORTABLE_BUILD, "cache_line": lib.KNHK_CACHE_LINE},
         "simd": _simd_info(),
         "plugins": sorted(name for name, _ in pm.list_name_plugin() if name),
         "stats": stats,
@@ -128,8 +129,12 @@ def _print_info(info: dict[str, Any]) -> None:
     np_ = info["numpy"]
     out.append(f"numpy:    {'routed through ' + sel['name'] if np_['routed'] else 'not routed'}; "
                f"new arrays use handler {np_['new_array_handler']} (numpy {np_['numpy_version']})")
+    if info["build"]["portable"]:
+        out.append("build:    portable C only (KNHK_PORTABLE=1): scalar SIMD, clock_gettime ticks, "
+                   "no CPU feature detection")
     cpu = info["cpu"]
-    out.append(f"cpu:      {' '.join(cpu['features']) or 'no SIMD features'}; cache line {cpu['cache_line']} B")
+    features = (' '.join(cpu['features']) or 'no SIMD features') if cpu['detected'] else 'features not detected'
+    out.append(f"cpu:      {features}; cache line {cpu['cache_line']} B")
     sd = info["simd"]
     how = f"forced by KNHK_SIMD={sd['forced_by']}" if sd["forced_by"] else "auto"
     out.append(f"simd:     {sd['level'] or 'ERROR: ' + str(sd['error'])} ({how}; "

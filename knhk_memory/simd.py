@@ -28,7 +28,7 @@ from ._core import ffi, last_error, lib
 from .errors import SimdLevelError, SimdTypeError, SimdValueError
 
 __all__ = [
-    "LEVELS", "level", "set_level", "forced_level", "supported_levels",
+    "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
     "find", "rfind", "count", "find_all", "find_many", "FindMany", "Needle",
     "count_eq", "find_eq", "mask_eq", "isin", "histogram",
     "Reduction", "reduce", "column_min", "column_max", "column_sum",
@@ -37,6 +37,9 @@ __all__ = [
 
 LEVELS: tuple[str, ...] = tuple(ffi.string(lib.knhk_simd_level_name(i)).decode()
                                 for i in range(lib.KNHK_SIMD_LEVELS))
+# True in a KNHK_PORTABLE=1 build (native/build_native.py): portable C only,
+# so ``scalar`` is the one level whatever the CPU.
+PORTABLE_BUILD: bool = bool(lib.KNHK_PORTABLE_BUILD)
 
 # KNHK_SIMD is read once, here (and by the C core at its first call). A bad
 # value makes every scan raise until set_level() picks a valid level: a forced
@@ -54,7 +57,8 @@ def _ready() -> None:
 # ---------------------------------------------------------------- levels
 
 def supported_levels() -> list[str]:
-    """The levels this CPU and OS can run, lowest first (``scalar`` always)."""
+    """The levels this CPU and OS can run, lowest first (``scalar`` always;
+    only ``scalar`` in a portable build, see :data:`PORTABLE_BUILD`)."""
     return [name for i, name in enumerate(LEVELS) if lib.knhk_simd_level_supported(i)]
 
 

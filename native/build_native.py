@@ -8,6 +8,11 @@ Switches are environment variables, read here and nowhere else:
   sanitizers. Run the tests with the runtime preloaded, see docs/development.md.
 - ``KNHK_DEBUG=1``: ``-O0 -g`` and internal asserts on.
 - ``KNHK_CFLAGS``: extra flags appended verbatim.
+- ``KNHK_PORTABLE=1``: defines ``KNHK_PORTABLE``, which every x86_64/aarch64
+  branch in native/ honours: the core is built as for an architecture it has
+  no special case for (scalar SIMD only, clock_gettime ticks, no CPU feature
+  detection), the build a non-x86 machine gets. tests/test_portable.py builds
+  it on every test run.
 
 Never ``-march=native``: the wheel must run on any x86_64. SIMD kernels are
 enabled per function with target attributes and chosen at run time.
@@ -64,8 +69,18 @@ def _accepted(flag: str) -> bool:
 JCC_FLAG = "-Wa,-mbranches-within-32B-boundaries"
 
 
+def portable() -> bool:
+    """Whether ``KNHK_PORTABLE`` asks for the portable-C-only build."""
+    value = os.environ.get("KNHK_PORTABLE", "").strip()
+    if value not in ("", "0", "1"):
+        raise SystemExit(f"KNHK_PORTABLE={value!r}: expected 1 (portable C only) or 0/unset (the normal build)")
+    return value == "1"
+
+
 def compile_args() -> list[str]:
     args = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+    if portable():
+        args.append("-DKNHK_PORTABLE=1")
     if _accepted(JCC_FLAG):
         args.append(JCC_FLAG)
     if os.environ.get("KNHK_DEBUG") == "1":
@@ -84,6 +99,13 @@ def link_args() -> list[str]:
     return [f"-fsanitize={sanitize}"] if sanitize else []
 
 
+# numpy's C headers need the full C API, which cffi's default Py_LIMITED_API
+# would hide. (Module-level, like compile_args(), so scripts/cross_check.sh
+# compiles with exactly these.)
+DEFINE_MACROS = [("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                 ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")]
+INCLUDE_DIRS = [str(NATIVE), numpy.get_include()]
+
 ffibuilder = FFI()
 ffibuilder.cdef(cdef_text(HEADER.read_text()))
 ffibuilder.set_source(
@@ -91,11 +113,8 @@ ffibuilder.set_source(
     '#include "knhk.h"\n',
     sources=[str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
              for p in sorted(NATIVE.glob("*.c"))],
-    include_dirs=[str(NATIVE), numpy.get_include()],
-    # numpy's C headers need the full C API, which cffi's default
-    # Py_LIMITED_API would hide.
-    define_macros=[("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
-                   ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")],
+    include_dirs=INCLUDE_DIRS,
+    define_macros=DEFINE_MACROS,
     py_limited_api=False,
     libraries=["dl", "pthread", "m"],
     extra_compile_args=compile_args(),

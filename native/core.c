@@ -74,7 +74,8 @@ static uint64_t cpu_bits;
 static int cpu_detect(void *unused) {
     (void)unused;
     uint64_t bits = 0;
-#if defined(__x86_64__) || defined(__i386__)
+    /* A KNHK_PORTABLE build detects nothing: it has no kernels to choose between. */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(KNHK_PORTABLE)
     /* libgcc's checks include the OS's XSAVE state (XGETBV), so AVX and
        AVX-512 are reported only when the kernel saves their registers. */
     __builtin_cpu_init();
@@ -85,7 +86,7 @@ static int cpu_detect(void *unused) {
     if (__builtin_cpu_supports("avx512f")) bits |= KNHK_CPU_AVX512F;
     if (__builtin_cpu_supports("avx512bw")) bits |= KNHK_CPU_AVX512BW;
     if (__builtin_cpu_supports("avx512vl")) bits |= KNHK_CPU_AVX512VL;
-#elif defined(__aarch64__)
+#elif defined(__aarch64__) && !defined(KNHK_PORTABLE)
     bits |= KNHK_CPU_NEON; /* Advanced SIMD is mandatory on AArch64. */
 #endif
     cpu_bits = bits;

@@ -34,7 +34,7 @@
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(KNHK_PORTABLE)
 #include <x86intrin.h>
 #endif
 
@@ -210,7 +210,8 @@ static _knhk_once exit_key_once;
 /* The calling thread's identity: its thread pointer (pthread_self() on
    glibc), read without a call where the compiler can. */
 static inline uintptr_t self_thread(void) {
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__aarch64__) || (defined(__x86_64__) && __GNUC__ >= 11))
+#if defined(__GNUC__) && !defined(__clang__) && !defined(KNHK_PORTABLE) && \
+    (defined(__aarch64__) || (defined(__x86_64__) && __GNUC__ >= 11))
     return (uintptr_t)__builtin_thread_pointer();
 #else
     return (uintptr_t)pthread_self();
@@ -641,9 +642,9 @@ uint32_t knhk_counters_reclaim_dead(knhk_counters *c) {
 /* ------------------------------------------------------------------ pattern statistics */
 
 uint64_t knhk_counters_ticks(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(KNHK_PORTABLE)
     return __rdtsc();
-#elif defined(__aarch64__)
+#elif defined(__aarch64__) && !defined(KNHK_PORTABLE)
     uint64_t v;
     __asm__ volatile("mrs %0, cntvct_el0" : "=r"(v));
     return v;

@@ -19,10 +19,22 @@ extern "C" {
 /* Constants. Every KNHK_ macro here is exported to Python by the build
    (as `#define NAME ...`, so the compiler supplies the value). */
 
+/* KNHK_PORTABLE (defined by the build with KNHK_PORTABLE=1, see
+   native/build_native.py) compiles the core as for an architecture it has no
+   special case for: every x86_64/i386/aarch64 branch in native/ takes its
+   portable fallback (no intrinsics, no instruction-emitting asm, no cpuid or
+   counter reads: scalar SIMD only, clock_gettime ticks, no CPU features).
+   Every such architecture test honours it; tests/test_portable.py checks. */
+#ifdef KNHK_PORTABLE
+#define KNHK_PORTABLE_BUILD 1
+#else
+#define KNHK_PORTABLE_BUILD 0
+#endif
+
 /* Destructive-interference size: striped cells are padded to it. 128 on
    x86_64 (adjacent-line prefetch pairs lines) and aarch64, as folly and
-   crossbeam's CachePadded use; 64 elsewhere. */
-#if defined(__x86_64__) || defined(__aarch64__)
+   crossbeam's CachePadded use; 64 elsewhere (and in a portable build). */
+#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(KNHK_PORTABLE)
 #define KNHK_CACHE_LINE 128
 #else
 #define KNHK_CACHE_LINE 64
@@ -424,7 +436,8 @@ uint32_t knhk_counters_slots_owned(const knhk_counters *c);
 uint32_t knhk_counters_reclaim_dead(knhk_counters *c);
 
 /* Per-pattern executor statistics, on a KNHK_COUNTERS_FLAVOR_PATTERNS block. */
-/* Timestamp counter: rdtsc on x86_64, cntvct_el0 on aarch64, else clock_gettime ns. */
+/* Timestamp counter: rdtsc on x86_64, cntvct_el0 on aarch64, else (and in a
+   KNHK_PORTABLE build) clock_gettime ns. */
 uint64_t knhk_counters_ticks(void);
 /* Ticks per second of knhk_counters_ticks (measured once, about 20 ms). */
 double knhk_counters_ticks_per_second(void);
@@ -751,7 +764,8 @@ int knhk_simd_py_install(void);
 
 /* The median over `reps` batches of the time-stamp-counter ticks one call of
    fn(ctx, 1) costs, each batch timing fn(ctx, batch) (rdtsc on x86_64,
-   nanoseconds elsewhere). reps is clamped to [1, 1001]; batch 0 counts as 1. */
+   nanoseconds elsewhere and in a KNHK_PORTABLE build). reps is clamped to
+   [1, 1001]; batch 0 counts as 1. */
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
 /* KNHK_CDEF_END */

@@ -11,13 +11,14 @@
  * No kernel reads outside its buffer: AVX2 kernels finish with scalar tails,
  * AVX-512 kernels with masked loads (masked-off lanes never fault).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <strings.h>
 #include <time.h>
 
 #include "knhk_internal.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(KNHK_PORTABLE)
 #define KNHK_SIMD_X86 1
 #include <immintrin.h>
 #include <x86intrin.h>
@@ -871,6 +872,22 @@ static const simd_table *const tables[KNHK_SIMD_LEVELS] = {&table_serial, NULL, 
 
 static const char *const level_names[KNHK_SIMD_LEVELS] = {"scalar", "avx2", "avx512"};
 
+/* Why a level in range cannot run, after `prefix` ("what: " or ""): the CPU (or OS) lacks its
+   instructions, or this build has no kernels for it at all. */
+static void set_unsupported_error(const char *prefix, int level) {
+    if (tables[level] != NULL) {
+        _knhk_set_error("%sthis CPU (or OS) does not support the %s level", prefix, level_names[level]);
+        return;
+    }
+#ifdef KNHK_PORTABLE
+    _knhk_set_error("%sthis build has no %s kernels (built with KNHK_PORTABLE=1: portable C only)", prefix,
+                    level_names[level]);
+#else
+    _knhk_set_error("%sthis build has no %s kernels (they are built on x86_64 only)", prefix,
+                    level_names[level]);
+#endif
+}
+
 static _knhk_once simd_once;
 static _Atomic(const simd_table *) active;
 
@@ -905,7 +922,9 @@ static int simd_choose(void *unused) {
             return KNHK_ERR_INVALID;
         }
         if (!knhk_simd_level_supported(level)) {
-            _knhk_set_error("KNHK_SIMD=%s: this CPU (or OS) does not support the %s level", env, level_names[level]);
+            char prefix[96];
+            snprintf(prefix, sizeof prefix, "KNHK_SIMD=%.64s: ", env);
+            set_unsupported_error(prefix, level);
             return KNHK_ERR_UNAVAILABLE;
         }
     }
@@ -934,7 +953,7 @@ int knhk_simd_set_level(int level) {
         return KNHK_ERR_INVALID;
     }
     if (!knhk_simd_level_supported(level)) {
-        _knhk_set_error("SIMD level %s is not supported by this CPU (or OS)", level_names[level]);
+        set_unsupported_error("", level);
         return KNHK_ERR_UNAVAILABLE;
     }
     atomic_store_explicit(&active, tables[level], memory_order_release);
@@ -1118,8 +1137,7 @@ int knhk_simd_needle_new(const uint8_t *needle, size_t m, int level, knhk_simd_n
             return KNHK_ERR_INVALID;
         }
         if (!knhk_simd_level_supported(level)) {
-            _knhk_set_error("knhk_simd_needle_new: SIMD level %s is not supported by this CPU (or OS)",
-                            level_names[level]);
+            set_unsupported_error("knhk_simd_needle_new: ", level);
             return KNHK_ERR_UNAVAILABLE;
         }
         t = tables[level];
@@ -1366,7 +1384,7 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 static inline uint64_t ticks_now(void) {
-#if defined(__x86_64__) || defined(__i386__)
+#if KNHK_SIMD_X86 /* x86intrin.h is included only then (i386 builds take the clock) */
     /* lfence keeps rdtsc from running ahead of the work it times. */
     _mm_lfence();
     uint64_t t = __rdtsc();

@@ -7,7 +7,8 @@
  *            a TSC that stops or changes rate with power states measures nothing.
  *   aarch64  cntvct_el0 after an isb, at cntfrq_el0 (the generic timer is
  *            constant-rate by architecture, but usually slower than the core).
- *   anywhere clock_gettime(CLOCK_MONOTONIC_RAW), in nanoseconds.
+ *   anywhere clock_gettime(CLOCK_MONOTONIC_RAW), in nanoseconds. The only
+ *            counter of a KNHK_PORTABLE build (see knhk.h), on any machine.
  *
  * The harness runs fn(ctx, n) in many short batches, each timed on its own;
  * before each one it times the empty operation (the same loop and barrier as
@@ -21,10 +22,12 @@
 
 #include "knhk_internal.h"
 
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(KNHK_PORTABLE)
 #include <cpuid.h>
 #include <x86intrin.h>
 #define KNHK_X86 1
+#elif defined(__aarch64__) && !defined(KNHK_PORTABLE)
+#define KNHK_AARCH64 1
 #endif
 
 /* ------------------------------------------------------------------ counters */
@@ -51,7 +54,7 @@ static inline uint64_t read_rdtsc_fenced(void) {
 }
 #endif
 
-#ifdef __aarch64__
+#ifdef KNHK_AARCH64
 static inline uint64_t read_cntvct(void) {
     uint64_t t;
     __asm__ volatile("isb\n\tmrs %0, cntvct_el0" : "=r"(t) : : "memory");
@@ -72,7 +75,7 @@ static inline uint64_t read_counter(int source, unsigned *cpu) {
     case KNHK_TICKS_RDTSCP: return read_rdtscp(cpu);
     case KNHK_TICKS_RDTSC_LFENCE: return read_rdtsc_fenced();
 #endif
-#ifdef __aarch64__
+#ifdef KNHK_AARCH64
     case KNHK_TICKS_CNTVCT: return read_cntvct();
 #endif
     default: return clock_ns();
@@ -85,6 +88,7 @@ static _knhk_once detect_once;
 static knhk_tick_counter facts; /* filled once; .source/.hz/.invariant follow the selection */
 static _Atomic int current_source;
 
+#if defined(KNHK_X86) || defined(KNHK_AARCH64)
 /* Ticks per second of the TSC (or the virtual counter) against CLOCK_MONOTONIC_RAW:
    the median of five 2 ms windows, so one preempted window does not skew it. */
 static double calibrate(int source) {
@@ -103,6 +107,7 @@ static double calibrate(int source) {
         }
     return rates[2];
 }
+#endif
 
 static int detect(void *unused) {
     (void)unused;
@@ -161,7 +166,7 @@ static int detect(void *unused) {
         }
     }
 #endif
-#ifdef __aarch64__
+#ifdef KNHK_AARCH64
     f.has_cntvct = 1;
     f.cntvct_hz = (double)read_cntfrq();
     if (f.cntvct_hz == 0) f.cntvct_hz = calibrate(KNHK_TICKS_CNTVCT);

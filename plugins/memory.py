@@ -44,8 +44,9 @@ class MemoryServices:
         self._numpy_token: Any = None
         self.simd_level = config.simd.level
         if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
-            raise config.error("simd.level", f"this CPU does not support the {self.simd_level} level; "
-                               f"supported: {', '.join(simd.supported_levels())}, or auto")
+            missing = (f"this build has no {self.simd_level} kernels (built with KNHK_PORTABLE=1: portable C only)"
+                       if simd.PORTABLE_BUILD else f"this CPU does not support the {self.simd_level} level")
+            raise config.error("simd.level", f"{missing}; supported: {', '.join(simd.supported_levels())}, or auto")
         self._simd_previous: str | None = None
         self.arena_settings = {"chunk_size": config.arena.chunk_size,
                                "max_chunk_size": config.arena.max_chunk_size,

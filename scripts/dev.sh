@@ -8,7 +8,8 @@
 #   bash scripts/dev.sh setup   # set up only
 #
 # Environment: PYTHON (interpreter for the venv, default python3),
-# VENV (default .venv), KNHK_SANITIZE / KNHK_DEBUG (see native/build_native.py).
+# VENV (default .venv), KNHK_SANITIZE / KNHK_DEBUG / KNHK_CFLAGS / KNHK_PORTABLE
+# (build switches, see native/build_native.py; a change rebuilds).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,7 +55,7 @@ setup_venv() {
   # Reinstall only when the build inputs changed since the last install.
   local stamp="$VENV/.knhk-setup-stamp" digest
   digest=$(cat pyproject.toml setup.py native/*.h native/*.c native/build_native.py \
-           <(printf '%s' "${KNHK_SANITIZE:-}${KNHK_DEBUG:-}${KNHK_CFLAGS:-}") | sha256sum | cut -d' ' -f1)
+           <(printf '%s|' "${KNHK_SANITIZE:-}" "${KNHK_DEBUG:-}" "${KNHK_CFLAGS:-}" "${KNHK_PORTABLE:-}") | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import knhk_memory._native' 2>/dev/null; then
     return
   fi

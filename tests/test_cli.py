@@ -28,6 +28,11 @@ def test_info_text(capsys):
     for line in ("config:   <defaults>", "backends:", "  system    glibc", "selected: mimalloc (configured: auto)",
                  "numpy:    not routed", "cpu:      ", "plugins:  memory"):
         assert line in out
+    from knhk_memory import simd
+
+    # A KNHK_PORTABLE=1 build says so (tests/test_portable.py checks the line); the normal one does not.
+    assert ("build:    portable C only (KNHK_PORTABLE=1)" in out) == simd.PORTABLE_BUILD
+    assert ("cpu:      features not detected" in out) == simd.PORTABLE_BUILD
 
 
 @pytest.mark.parametrize("backend", ["system", "mimalloc", pytest.param("jemalloc", marks=pytest.mark.jemalloc)])

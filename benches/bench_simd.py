@@ -139,6 +139,21 @@ def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
     out.append(("reduce uint32, 4096 ids", batch32.nbytes,
                 {**ours(lambda: simd.reduce(batch32)), "numpy a.max()": lambda: batch32.max(),
                  "numpy (a.min(), a.max(), a.sum())": lambda: (batch32.min(), batch32.max(), batch32.sum())}))
+
+    # The whole program: a call, then interpreted work. On a core that lowers
+    # its clock after 512-bit instructions (Skylake-SP, Cascade Lake) the
+    # interpreter runs slower after an avx512 call than after an avx2 one;
+    # this is why auto picks avx2 there (docs/simd.md). The peer does the
+    # interpreted work alone.
+    def interpreted_work() -> int:
+        total = 0
+        for i in range(300):
+            total += i
+        return total
+
+    out.append(("count_eq on 4096 ids + 300 interpreted additions", batch32.nbytes,
+                {**ours(lambda: (simd.count_eq(batch32, 7), interpreted_work())),
+                 "the additions alone": interpreted_work}))
     return out
 
 
@@ -160,7 +175,7 @@ def _all_cases() -> list[Any]:
 
 GROUPS = ["find64M", "count64M", "find1M", "count1M", "find_many64M", "find256", "find64", "count256", "count_eq_u32",
           "count_eq_u8", "find_eq_u32", "hist_u8", "hist_u32", "count_eq_4k", "count_eq_u32_4096", "find_eq_u32_4096",
-          "hist_u8_4096", "mask_eq_u32_4096", "reduce_u32_4096"]
+          "hist_u8_4096", "mask_eq_u32_4096", "reduce_u32_4096", "call_then_python"]
 
 
 def _ids() -> list[tuple[int, str]]:
@@ -235,20 +250,21 @@ def main() -> int:
         sys.stdout.flush()
     from knhk_memory._core import ffi, lib
 
-    def dispatched(batch: int, reps: int) -> float:
-        # search_64's window and needle, through knhk_simd_find (not prepared)
-        op = {o.name: o for o in simd.hot_ops()}["search_64"]
-        ctx, cleanup = op.setup()
+    def search_64(lv: str, fn: str, batch: int, reps: int) -> float:
+        # search_64's window, through its needle prepared at lv, or through
+        # knhk_simd_find (not prepared) at the active level
+        ctx, cleanup = simd._search64_setup(lv)
         try:
-            return float(lib.knhk_simd_median_ticks(ffi.addressof(lib, "knhk_simd_hotop_search_64_dispatch"),
-                                                    ctx, batch, reps))
+            return float(lib.knhk_simd_median_ticks(ffi.addressof(lib, fn), ctx, batch, reps))
         finally:
             cleanup()
 
     for op in ("search_64", "search_64 dispatched", "count_eq_4k"):
         for lv in simd.supported_levels():
             with simd.forced_level(lv):
-                ticks = sorted((dispatched(10000, 101) if op.endswith("dispatched")
+                ticks = sorted((search_64(lv, "knhk_simd_hotop_search_64_dispatch", 10000, 101)
+                                if op.endswith("dispatched")
+                                else search_64(lv, "knhk_simd_hotop_search_64", 10000, 101) if op == "search_64"
                                 else simd.median_ticks(op, batch=10000, reps=101)) for _ in range(5))
             print(f"hot op {op} at {lv}: median {ticks[2]:.1f} ticks (medians of 5 runs: "
                   f"{', '.join(f'{x:.1f}' for x in ticks)})")

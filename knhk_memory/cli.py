@@ -82,7 +82,8 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
     features = [name for name, bit in (("sse4.2", lib.KNHK_CPU_SSE42), ("popcnt", lib.KNHK_CPU_POPCNT),
                                        ("avx2", lib.KNHK_CPU_AVX2), ("bmi2", lib.KNHK_CPU_BMI2),
                                        ("avx512f", lib.KNHK_CPU_AVX512F), ("avx512bw", lib.KNHK_CPU_AVX512BW),
-                                       ("avx512vl", lib.KNHK_CPU_AVX512VL), ("neon", lib.KNHK_CPU_NEON))
+                                       ("avx512vl", lib.KNHK_CPU_AVX512VL), ("neon", lib.KNHK_CPU_NEON),
+                                       ("avx512-downclock", lib.KNHK_CPU_AVX512_DOWNCLOCK))
                 if bits & bit]
     return {
         "version": __version__,
@@ -109,8 +110,9 @@ def _simd_info() -> dict[str, Any]:
         error = None
     except SimdLevelError as exc:
         active, error = None, str(exc)
+    auto, why = simd.auto_level()
     return {"level": active, "supported": simd.supported_levels(), "error": error,
-            "forced_by": os.environ.get("KNHK_SIMD") or None}
+            "forced_by": os.environ.get("KNHK_SIMD") or None, "auto": auto, "auto_note": why}
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -139,6 +141,8 @@ def _print_info(info: dict[str, Any]) -> None:
     how = f"forced by KNHK_SIMD={sd['forced_by']}" if sd["forced_by"] else "auto"
     out.append(f"simd:     {sd['level'] or 'ERROR: ' + str(sd['error'])} ({how}; "
                f"supported: {', '.join(sd['supported'])})")
+    if sd["auto_note"]:
+        out.append(f"          auto is {sd['auto']}: {sd['auto_note']}")
     out.append(f"plugins:  {', '.join(info['plugins'])}")
     print("\n".join(out))
 

@@ -184,7 +184,8 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
     },
     "simd": {
         "level": Field(str, "auto", "SIMD level of knhk_memory.simd's kernels: auto (the best this CPU "
-                       "supports, or what the KNHK_SIMD environment variable forces), scalar, avx2, avx512. "
+                       "supports, avx2 rather than avx512 on cores that lower their clock for 512-bit "
+                       "code, or what the KNHK_SIMD environment variable forces), scalar, avx2, avx512. "
                        "A level the CPU lacks is an error.",
                        choices=("auto", "scalar", "avx2", "avx512")),
     },

@@ -158,7 +158,11 @@ typedef enum {
     KNHK_CPU_AVX512F = 16,
     KNHK_CPU_AVX512BW = 32,
     KNHK_CPU_AVX512VL = 64,
-    KNHK_CPU_NEON = 128
+    KNHK_CPU_NEON = 128,
+    /* Not an instruction set: an Intel Skylake-SP, Cascade Lake or Cooper
+       Lake core, which lowers its clock for a while after any 512-bit
+       instruction, slowing every instruction the program runs next. */
+    KNHK_CPU_AVX512_DOWNCLOCK = 256
 } knhk_cpu_feature;
 
 /* Bit set of knhk_cpu_feature the CPU and the OS both support. */
@@ -643,6 +647,11 @@ int knhk_simd_init(void);
 /* The active level, or -1 when knhk_simd_init has failed. (Operations called
    in that state run the scalar kernels; the Python layer refuses them.) */
 int knhk_simd_level(void);
+/* The level "auto" means here: the highest this machine supports, except
+   that avx512 is passed over on a core with KNHK_CPU_AVX512_DOWNCLOCK (there
+   a 512-bit kernel costs the rest of the program more than it saves; force
+   it with KNHK_SIMD=avx512 or knhk_simd_set_level). */
+int knhk_simd_auto_level(void);
 /* Force a level at run time (tests, benchmarks). KNHK_ERR_INVALID for an id
    out of range, KNHK_ERR_UNAVAILABLE when the machine lacks it. */
 int knhk_simd_set_level(int level);

@@ -631,12 +631,19 @@ __attribute__((noinline)) static int64_t find_few(const uint8_t *h, size_t n, co
     return find_serial(h, n, s, m);
 }
 
-/* 32..64 candidates (a 64-byte window): two blocks, no loop, no frame. */
+/* 32..64 candidates (a 64-byte window): two blocks, no loop, no frame. Two
+   probes (first and last byte), not three: over at most 64 candidates the
+   third compare costs more uops (2 loads, 2 compares, 2 ANDs) than the
+   verifications it saves, each two 8-byte compares. */
+ATTR_AVX2 static inline uint32_t probe2_avx2(const uint8_t *h, size_t i, size_t m, __m256i f, __m256i l) {
+    return (uint32_t)_mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
+                                                           _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1)))));
+}
+
 ATTR_AVX2 static inline __attribute__((always_inline)) int64_t
-find_avx2_window(const uint8_t *h, size_t cands, const uint8_t *s, size_t m, __m256i f, __m256i c, __m256i l) {
-    const size_t mid = m / 2;
-    const uint32_t tail = probe_avx2(h, cands - 32, mid, m, f, c, l); /* candidates cands - 32 + t */
-    const uint64_t mask = cands > 32 ? probe_avx2(h, 0, mid, m, f, c, l) | (uint64_t)tail << (cands - 32) : tail;
+find_avx2_window(const uint8_t *h, size_t cands, const uint8_t *s, size_t m, __m256i f, __m256i l) {
+    const uint32_t tail = probe2_avx2(h, cands - 32, m, f, l); /* candidates cands - 32 + t */
+    const uint64_t mask = cands > 32 ? probe2_avx2(h, 0, m, f, l) | (uint64_t)tail << (cands - 32) : tail;
     return mask ? verify_forward(h, 0, mask, s, m) : -1;
 }
 
@@ -658,8 +665,7 @@ ATTR_AVX2 static int64_t find_avx2(const uint8_t *h, size_t n, const uint8_t *s,
     const size_t cands = n - m + 1;
     if (cands < 32) return find_few(h, n, s, m);
     if (cands > 64) return find_avx2_long(h, n, s, m);
-    return find_avx2_window(h, cands, s, m, _mm256_set1_epi8((char)s[0]), _mm256_set1_epi8((char)s[m / 2]),
-                            _mm256_set1_epi8((char)s[m - 1]));
+    return find_avx2_window(h, cands, s, m, _mm256_set1_epi8((char)s[0]), _mm256_set1_epi8((char)s[m - 1]));
 }
 
 ATTR_AVX2 static int64_t needle_find_avx2(const knhk_simd_needle *nd, const uint8_t *h, size_t n) {
@@ -669,7 +675,7 @@ ATTR_AVX2 static int64_t needle_find_avx2(const knhk_simd_needle *nd, const uint
     if (cands < 32) return find_few(h, n, nd->bytes, m);
     if (cands > 64) return needle_find_avx2_long(nd, h, n);
     return find_avx2_window(h, cands, nd->bytes, m, _mm256_loadu_si256((const void *)nd->first),
-                            _mm256_loadu_si256((const void *)nd->middle), _mm256_loadu_si256((const void *)nd->last));
+                            _mm256_loadu_si256((const void *)nd->last));
 }
 
 ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s, size_t m) {
@@ -908,12 +914,21 @@ const char *knhk_simd_level_name(int level) {
     return level >= 0 && level < KNHK_SIMD_LEVELS ? level_names[level] : "unknown";
 }
 
+int knhk_simd_auto_level(void) {
+    int level = KNHK_SIMD_LEVELS - 1;
+    /* On these cores the interpreter code around a call ran ~16% slower at
+       avx512 than at avx2 (docs/simd.md): the licence outlasts the scan. */
+    if (level == KNHK_SIMD_AVX512 && (knhk_cpu_features() & KNHK_CPU_AVX512_DOWNCLOCK)) level--;
+    while (level > 0 && !knhk_simd_level_supported(level)) level--;
+    return level;
+}
+
 static int simd_choose(void *unused) {
     (void)unused;
     const char *env = getenv("KNHK_SIMD");
     int level = -1;
     if (env == NULL || *env == '\0' || strcasecmp(env, "auto") == 0) {
-        for (level = KNHK_SIMD_LEVELS - 1; level > 0 && !knhk_simd_level_supported(level); level--) {}
+        level = knhk_simd_auto_level();
     } else {
         for (int i = 0; i < KNHK_SIMD_LEVELS; i++)
             if (strcasecmp(env, level_names[i]) == 0) level = i;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -62,9 +63,46 @@ def test_all_levels_run_here():
         assert LEVELS == ["scalar", "avx2", "avx512"]
 
 
+DOWNCLOCK = bool(lib.knhk_cpu_features() & lib.KNHK_CPU_AVX512_DOWNCLOCK)
+
+
 def test_auto_picks_the_best_level():
+    # The highest level, except avx512 on a core that lowers its clock for
+    # 512-bit instructions (Skylake-SP, Cascade Lake, Cooper Lake).
+    want = "avx2" if DOWNCLOCK and LEVELS[-1] == "avx512" else LEVELS[-1]
+    assert LEVELS[lib.knhk_simd_auto_level()] == want
     with simd.forced_level("auto") as name:
-        assert name == LEVELS[-1]
+        assert name == want
+    name, why = simd.auto_level()
+    assert name == want
+    if want == LEVELS[-1]:
+        assert why is None
+    else:
+        assert why == ("avx512 passed over: 512-bit instructions lower this CPU's clock, which slows the code "
+                       "around every call; KNHK_SIMD=avx512 uses it")
+
+
+def test_downclock_flag_names_only_those_cores():
+    bits = lib.knhk_cpu_features()
+    if bits & lib.KNHK_CPU_AVX512_DOWNCLOCK:
+        assert bits & lib.KNHK_CPU_AVX512F  # only AVX-512 cores can have it
+    model = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("model\t")), "") if sys.platform == "linux" \
+        else ""
+    vendor = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("vendor_id")), "") if sys.platform == "linux" \
+        else ""
+    if "GenuineIntel" in vendor and model.split(":")[-1].strip() == "85" and bits & lib.KNHK_CPU_AVX512F:
+        assert bits & lib.KNHK_CPU_AVX512_DOWNCLOCK  # family 6 model 0x55 is Skylake-SP/Cascade/Cooper Lake
+
+
+@pytest.mark.parametrize("env", ["", "auto", "AUTO"])
+def test_env_auto_is_the_auto_level_and_avx512_can_still_be_forced(run_python, env):
+    r = run_python("from knhk_memory import simd; print(simd.level(), simd.auto_level()[0])", env={"KNHK_SIMD": env})
+    assert r.returncode == 0, r.stderr
+    level, auto = r.stdout.split()
+    assert level == auto == LEVELS[lib.knhk_simd_auto_level()]
+    if "avx512" in LEVELS:
+        r = run_python("from knhk_memory import simd; print(simd.level())", env={"KNHK_SIMD": "avx512"})
+        assert r.stdout.split() == ["avx512"], r.stderr
 
 
 def test_set_level_returns_previous_and_forced_level_restores():
@@ -130,6 +168,8 @@ def test_info_shows_the_level(capsys):
         assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "simd:     scalar" in out
+    auto, why = simd.auto_level()
+    assert (f"          auto is {auto}: {why}" in out) == (why is not None)
 
 
 # ---------------------------------------------------------------- byte patterns: adversarial sweeps
@@ -447,7 +487,7 @@ def test_hot_ops_run_the_real_operation():
     ids = np.random.default_rng(4096).integers(0, 43, 1024, dtype=np.uint32)
     assert ffi.cast("knhk_simd_count4k_ctx *", ctx).result == np.count_nonzero(ids == 7)
     cleanup()
-    assert ops["search_64"].default_budget == 32 and ops["count_eq_4k"].default_budget == 300
+    assert ops["search_64"].default_budget == 32 and ops["count_eq_4k"].default_budget == 400
 
 
 def test_median_ticks_measures_in_c():

@@ -173,9 +173,18 @@ def test_c_api_errors_and_level_choice():
     lib.knhk_simd_needle_free(ffi.NULL)
 
 
-def test_search_64_hot_op_uses_the_prepared_needle(level):
+def test_search_64_hot_op_prepares_its_needle_at_the_best_level():
+    # Whatever auto picks (avx2 on a core that downclocks for 512-bit code).
     op = {o.name: o for o in simd.hot_ops()}["search_64"]
     ctx, cleanup = op.setup()
+    try:
+        assert ffi.cast("knhk_simd_search64_ctx *", ctx).prepared.level == simd.LEVELS.index(simd.supported_levels()[-1])
+    finally:
+        cleanup()
+
+
+def test_search_64_hot_op_uses_the_prepared_needle(level):
+    ctx, cleanup = simd._search64_setup(level)
     c = ffi.cast("knhk_simd_search64_ctx *", ctx)
     try:
         assert c.prepared != ffi.NULL and c.prepared.level == simd.LEVELS.index(level)

@@ -391,7 +391,7 @@ def _ids(a: Any, what: str) -> tuple[Any, int, int]:
     _ready()
     if type(a) is np.ndarray:
         w = _WIDTHS.get(a.dtype)  # native byte order only: '>u4' is a different dtype
-        if w is not None and a.flags.c_contiguous:
+        if w is not None and a.flags.c_contiguous and a.flags.aligned:
             return ffi.from_buffer(a), a.size, w
     if not isinstance(a, np.ndarray):
         raise SimdTypeError(f"{what}: expected a numpy array of {_ID_DTYPES}, got {type(a).__name__}; "
@@ -405,6 +405,13 @@ def _ids(a: Any, what: str) -> tuple[Any, int, int]:
     if not a.flags.c_contiguous:
         raise SimdValueError(f"{what}: the array is not C-contiguous (shape {a.shape}, strides {a.strides}); "
                              "pass numpy.ascontiguousarray(a), which copies")
+    if not a.flags.aligned:
+        # The C kernels read elements as their C type: a misaligned one is
+        # undefined behaviour there, so it is refused rather than read.
+        address = a.__array_interface__["data"][0]
+        raise SimdValueError(f"{what}: the array's data is not aligned to its {dt.itemsize}-byte elements "
+                             f"(address % {dt.itemsize} = {address % dt.itemsize}); "
+                             "pass numpy.require(a, requirements='A'), which copies")
     return ffi.from_buffer(a), a.size, dt.itemsize
 
 

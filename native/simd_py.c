@@ -221,7 +221,8 @@ static inline int idcol_get(PyObject *obj, idcol *c) {
     if (!PyArray_CheckExact(obj)) return 0;
     PyArrayObject *arr = (PyArrayObject *)obj;
     const PyArray_Descr *d = PyArray_DESCR(arr);
-    if (!PyTypeNum_ISUNSIGNED(d->type_num) || !PyArray_ISNBO(d->byteorder) || !PyArray_IS_C_CONTIGUOUS(arr))
+    if (!PyTypeNum_ISUNSIGNED(d->type_num) || !PyArray_ISNBO(d->byteorder) || !PyArray_IS_C_CONTIGUOUS(arr) ||
+        !PyArray_ISALIGNED(arr)) /* misaligned: the Python path refuses it */
         return 0;
     const npy_intp w = PyArray_ITEMSIZE(arr);
     if (w != 1 && w != 2 && w != 4 && w != 8) return 0;

@@ -225,11 +225,18 @@ def test_read_only_and_offset_views(level):
     for code in ("B", "H", "I", "L", "Q", "=u4", "<u8"):
         a = ids_array(rng, 300, np.dtype(code))
         check_all(a, [7])
-    # Misaligned (offset by one byte): accepted by both paths, as before.
+    # Misaligned (offset by one byte): refused by both paths (reading it as
+    # uint32_t in C would be undefined behaviour), with the same error.
     raw = np.zeros(4 * 301, np.uint8)
     mis = np.frombuffer(raw.data, np.uint32, count=300, offset=1)
     assert not mis.flags.aligned
-    check_all(mis, [0, 7])
+    for name in ("count_eq", "find_eq", "mask_eq"):
+        for fn in (getattr(simd, name), getattr(simd, f"_{name}_py")):
+            with pytest.raises(SimdValueError, match=rf"{name}: the array's data is not aligned to its 4-byte "
+                                                     r"elements \(address % 4 = \d\); pass numpy.require\(a, "
+                                                     r"requirements='A'\), which copies"):
+                fn(mis, 7)
+    assert simd.count_eq(np.require(mis, requirements="A"), 0) == 300
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -590,7 +590,7 @@ def _search64_setup(level: str | None = None) -> tuple[Any, Any]:
     highest level this CPU supports, even where auto passes avx512 over (a C
     loop that does nothing but search is where avx512 pays: the ticks include
     its lower clock, and no interpreter runs in between)."""
-    lid = max(LEVELS.index(x) for x in supported_levels()) if level is None else _level_id(level)
+    lid = _level_id(supported_levels()[-1] if level is None else level)
     ctx = ffi.new("knhk_simd_search64_ctx *")
     rng = np.random.default_rng(64)
     window = rng.integers(0, 256, 64, dtype=np.uint8)

@@ -771,10 +771,10 @@ void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
    GIL itself. */
 int knhk_simd_py_install(void);
 
-/* The median over `reps` batches of the time-stamp-counter ticks one call of
-   fn(ctx, 1) costs, each batch timing fn(ctx, batch) (rdtsc on x86_64,
-   nanoseconds elsewhere and in a KNHK_PORTABLE build). reps is clamped to
-   [1, 1001]; batch 0 counts as 1. */
+/* The median over `reps` batches of the ticks one call of fn(ctx, 1) costs,
+   each batch timing fn(ctx, batch) with knhk_ticks_now (the TSC on x86_64,
+   nanoseconds in a KNHK_PORTABLE build). reps is clamped to [1, 1001];
+   batch 0 counts as 1. */
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
 /* KNHK_CDEF_END */

@@ -113,6 +113,10 @@ int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t 
  * simd_py.c: when it is not, the Python layer must raise, not scan. */
 bool _knhk_simd_ready(void);
 
+/* ticks.c: the median of v[0..n) (sorts v in place; the mean of the middle
+   two when n is even). */
+double _knhk_median_of(double *v, size_t n);
+
 /* ---- numpy
  * Import numpy's C API table (_knhk_numpy_array_api, filled in by
  * numpy_handler.c, the one file that includes numpy without NO_IMPORT_ARRAY);

@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <strings.h>
-#include <time.h>
 
 #include "knhk_internal.h"
 
@@ -915,10 +914,9 @@ const char *knhk_simd_level_name(int level) {
 }
 
 int knhk_simd_auto_level(void) {
-    int level = KNHK_SIMD_LEVELS - 1;
     /* On these cores the interpreter code around a call ran ~16% slower at
        avx512 than at avx2 (docs/simd.md): the licence outlasts the scan. */
-    if (level == KNHK_SIMD_AVX512 && (knhk_cpu_features() & KNHK_CPU_AVX512_DOWNCLOCK)) level--;
+    int level = knhk_cpu_features() & KNHK_CPU_AVX512_DOWNCLOCK ? KNHK_SIMD_AVX2 : KNHK_SIMD_AVX512;
     while (level > 0 && !knhk_simd_level_supported(level)) level--;
     return level;
 }
@@ -1393,25 +1391,6 @@ void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations) {
     c->result = r;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static inline uint64_t ticks_now(void) {
-#if KNHK_SIMD_X86 /* x86intrin.h is included only then (i386 builds take the clock) */
-    /* lfence keeps rdtsc from running ahead of the work it times. */
-    _mm_lfence();
-    uint64_t t = __rdtsc();
-    _mm_lfence();
-    return t;
-#else
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-#endif
-}
-
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps) {
     double samples[1001];
     if (reps < 1) reps = 1;
@@ -1419,11 +1398,10 @@ double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint3
     if (batch == 0) batch = 1;
     fn(ctx, batch); /* warm caches and branch predictors */
     for (uint32_t r = 0; r < reps; r++) {
-        uint64_t t0 = ticks_now();
+        uint64_t t0 = knhk_ticks_now();
         fn(ctx, batch);
-        uint64_t t1 = ticks_now();
+        uint64_t t1 = knhk_ticks_now();
         samples[r] = (double)(t1 - t0) / (double)batch;
     }
-    qsort(samples, reps, sizeof samples[0], cmp_double);
-    return samples[reps / 2];
+    return _knhk_median_of(samples, reps);
 }

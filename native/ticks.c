@@ -271,7 +271,7 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static double median_of(double *v, size_t n) {
+double _knhk_median_of(double *v, size_t n) {
     qsort(v, n, sizeof *v, cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
@@ -361,8 +361,8 @@ int knhk_ticks_measure(knhk_hotop_fn fn, void *ctx, const knhk_ticks_params *par
         return KNHK_ERR_STATE;
     }
     out->batches = kept;
-    out->overhead = median_of(empty, kept);
-    out->raw_median = median_of(op, kept);
+    out->overhead = _knhk_median_of(empty, kept);
+    out->raw_median = _knhk_median_of(op, kept);
     out->raw_min = op[0];
     /* Both figures less the same overhead estimate, so min <= median always
        holds (the fastest empty batch would let min pass the median when the

@@ -14,6 +14,8 @@ import pytest
 from knhk_memory import simd
 from knhk_memory._core import ffi, lib
 
+from .test_simd import find_many_reference
+
 LEVELS = simd.supported_levels()
 DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
 
@@ -108,12 +110,6 @@ def test_find_and_count_large_haystack_prefetch_path(level):
     every = needle * (n // m)
     assert simd.count(every, needle) == every.count(needle) == n // m
     assert simd.find(bytearray(every), needle, 5000) == bytes(every).find(needle, 5000)
-
-
-def find_many_reference(h: bytes, needles: list[bytes]) -> tuple[int, int, list[int]]:
-    positions = [(h.find(s), j) for j, s in enumerate(needles) if h.find(s) >= 0]
-    first, which = min(positions) if positions else (-1, -1)
-    return first, which, [h.count(s) for s in needles]
 
 
 def find_many_first_only(h: bytes, needles: list[bytes]) -> tuple[int, int]:

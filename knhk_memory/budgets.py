@@ -25,15 +25,12 @@ verdicts are *advisory*: reported, never failing.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import gc
 import importlib
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,7 +44,7 @@ from .hotpath import HotOp, PyHotOp
 __all__ = [
     "PROVIDERS", "COUNTERS", "CounterInfo", "Settings", "Measurement", "OpResult", "BudgetReport",
     "counter_info", "choose_counter", "use_counter", "builtin_ops", "gather_ops", "resolve_budgets",
-    "measure_native", "measure_python", "check_op", "run_budgets", "format_table", "add_budget_commands",
+    "measure_native", "measure_python", "check_op", "run_budgets", "format_table",
 ]
 
 # Modules whose hot paths are held to budgets. Each defines hot_ops() -> list[HotOp]
@@ -513,72 +510,3 @@ def format_table(report: BudgetReport) -> str:
                   if broken else f"all {len(report.results)} budgets kept")
                  + (f" ({unchecked} unchecked: no tick rate on this counter)" if unchecked else ""))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the CLI command
-
-def _cmd_budget(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .host import get_plugin_manager
-
-    config = load_config(args.config)
-    only = [n for item in (args.only or []) for n in item.split(",") if n]
-    settings = Settings(batches=args.batches) if args.batches else Settings()
-    pm = get_plugin_manager()
-    with configured(pm, config):
-        report = run_budgets(config, pm=pm, only=only, counter=args.counter, settings=settings)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        print(format_table(report))
-    return 1 if report.failed else 0
-
-
-class configured:
-    """Configure the engine's plugins for a measurement and undo it after,
-    including the process's selected backend (which knhk_unconfigure keeps)."""
-
-    def __init__(self, pm: Any, config: Config) -> None:
-        self.pm, self.config = pm, config
-
-    def __enter__(self) -> configured:
-        from . import allocator
-
-        self._selected = allocator._selected
-        self.pm.hook.knhk_configure(config=self.config)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from . import allocator
-
-        try:
-            self.pm.hook.knhk_unconfigure(config=self.config)
-        finally:
-            allocator._selected = self._selected
-
-
-def _batches_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer number of batches, got {text!r}") from None
-    if not 3 <= n <= lib.KNHK_TICKS_MAX_BATCHES:
-        raise argparse.ArgumentTypeError(f"must be from 3 to {lib.KNHK_TICKS_MAX_BATCHES}, got {n}")
-    return n
-
-
-def add_budget_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("budget", parents=[common],
-                       help="measure every hot path and hold it to its budget (exit 1 when one is broken)",
-                       description="Measure every hot-path operation (C ones in ticks, Python calls in "
-                                   "nanoseconds) and compare with its budget from [budgets] or the default. "
-                                   "Exit status: 0 all kept, 1 a budget broken, 2 a usage or config error.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--only", action="append", metavar="NAME",
-                   help="measure only this operation (repeat, or separate with commas)")
-    p.add_argument("--counter", choices=list(COUNTERS), default="auto",
-                   help="tick counter for C operations (default: the best this machine has)")
-    p.add_argument("--batches", type=_batches_arg, metavar="N",
-                   help=f"batches per C operation (default {Settings.batches})")
-    p.set_defaults(func=_cmd_budget)
-

@@ -17,7 +17,7 @@ from . import hookspecs
 ENTRY_POINT_GROUP = "knhk.plugins"
 DISABLE_AUTOLOAD_ENV = "KNHK_DISABLE_PLUGIN_AUTOLOAD"
 
-__all__ = ["ENTRY_POINT_GROUP", "DISABLE_AUTOLOAD_ENV", "get_plugin_manager"]
+__all__ = ["ENTRY_POINT_GROUP", "DISABLE_AUTOLOAD_ENV", "get_plugin_manager", "configured"]
 
 
 def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = None) -> pluggy.PluginManager:
@@ -39,3 +39,26 @@ def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = N
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     pm.check_pending()
     return pm
+
+
+class configured:
+    """Configure the engine's plugins for a measurement and undo it after,
+    including the process's selected backend (which knhk_unconfigure keeps)."""
+
+    def __init__(self, pm: Any, config: Any) -> None:
+        self.pm, self.config = pm, config
+
+    def __enter__(self) -> configured:
+        from . import allocator
+
+        self._selected = allocator._selected
+        self.pm.hook.knhk_configure(config=self.config)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from . import allocator
+
+        try:
+            self.pm.hook.knhk_unconfigure(config=self.config)
+        finally:
+            allocator._selected = self._selected

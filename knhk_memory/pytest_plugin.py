@@ -84,7 +84,8 @@ class BudgetItem(pytest.Item):
         self.state = state
 
     def runtest(self) -> None:
-        from .budgets import check_op, configured
+        from .budgets import check_op
+        from .host import configured
 
         st = self.state
         budget, source = st.budgets[self.op.name]

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _fast
 from ._core import ffi, lib
 from .errors import (
     DuplicateKeyError,
@@ -223,8 +224,8 @@ class WorkflowStore:
                 self._dctx = zstandard.ZstdDecompressor()
             self.get = self._get_decompressed  # type: ignore[method-assign]
         else:
-            # The fast path: get is a C builtin bound to this handle (store_py.c).
-            self.get = _make_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
+            # The fast path: get is a C builtin bound to this handle (native/cpython/store_py.c).
+            self.get = _fast.make_store_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
                                     _slow_path(self), self)
 
     def _release(self) -> None:
@@ -301,7 +302,7 @@ class WorkflowStore:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
-        C builtin from store_py.c, which does the same in one call.)
+        C builtin from native/cpython/store_py.c, which does the same in one call.)
         """
         if key.__class__ is not bytes:
             key = _key_bytes(key)
@@ -498,15 +499,11 @@ def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
 
 def _detach_getter(getter: Any) -> None:
     if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
-        _detach(getter)
+        _fast.detach_store_getter(getter)
 
 
 def _closed_find(handle: Any, key: bytes, n: int) -> int:
     raise StoreClosedError("the store is closed")
-
-
-if lib.knhk_store_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(_last_error())
 
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:

@@ -28,9 +28,11 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
 
 from . import _fast
 from ._core import ffi, lib
@@ -386,6 +388,8 @@ class WorkflowStore:
         return self._info["count"]
 
     def _record_offsets(self) -> np.ndarray:
+        import numpy as np
+
         self._check_open()
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
@@ -547,6 +551,8 @@ class WorkflowStoreWriter:
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
                  seed: int = DEFAULT_SEED) -> None:
+        import numpy as np
+
         if not 0 < load_factor <= 0.95:
             raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
         if zstd_dict is not None and compress is None:
@@ -620,6 +626,8 @@ class WorkflowStoreWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import numpy as np
+
         keys, vals, slots = self._pk, self._pv, self._pslot
         n = len(keys)
         if not n:
@@ -665,6 +673,8 @@ class WorkflowStoreWriter:
 
     def commit(self) -> Path:
         """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        import numpy as np
+
         if self._file is None:
             raise StoreClosedError("the writer is already committed or discarded", path=self.path,
                                    problem="closed")

@@ -6,6 +6,7 @@
  * wrap, as METH_FASTCALL builtins, plus numpy's NEP 49 handler glue:
  *
  *   store_py.c       the workflow store's get (a getter bound to one store)
+ *   counters_py.c    Counters.add/get and CounterWriter.add
  *   simd_py.c        find/count and the id scans (builtins bound to a slow path)
  *   numpy_handler.c  backend and arena data-memory handlers for numpy
  *
@@ -39,6 +40,13 @@ static PyMethodDef methods[] = {
              "make_needle_method(kind, needle_address, owner, slow) -> Needle.find / Needle.count."),
     FASTCALL("make_id_scan", fast_simd_make_ids_fast,
              "make_id_scan(kind, slow) -> an id scan (count_eq, find_eq, ...) over numpy arrays of unsigned ids."),
+    FASTCALL("counters_state", fast_counters_state,
+             "counters_state(handle_address, index, count) -> the state the counter builtins of one block share."),
+    FASTCALL("detach_counters", fast_counters_detach,
+             "detach_counters(state): the block is closing; its builtins take their slow paths from now on."),
+    FASTCALL("counters_method", fast_counters_method,
+             "counters_method(kind, state, slow[, writer_address]) -> Counters.add (0), Counters.get (1) or "
+             "CounterWriter.add (2) as a builtin falling back to slow."),
     FASTCALL("numpy_handler_push", fast_numpy_handler_push,
              "numpy_handler_push(backend_address) -> the previous handler: the backend is numpy's data-memory "
              "handler in the calling context from now on."),

@@ -26,6 +26,9 @@ PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 PyObject *fast_simd_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_simd_make_needle_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_simd_make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_state(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);

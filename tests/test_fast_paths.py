@@ -140,3 +140,102 @@ def test_factory_refuses_bad_arguments():
         _fast.counters_state(1, [], 1)
     with pytest.raises(TypeError, match=r"detach_counters\(state\)"):
         _fast.detach_counters(object())
+
+
+# ---------------------------------------------------------------- arenas
+
+BAD_ALLOCS = [
+    ((0,), {}), ((-1,), {}), ((2**44 + 1,), {}), ((2**80,), {}), ((1.0,), {}), (("64",), {}), ((True,), {}),
+    ((None,), {}), ((64, 3), {}), ((64, 0), {}), ((64, 8192), {}), ((64, 16.0), {}), ((64,), {"align": 3}),
+    ((), {}), ((64, 16, 1), {}), ((64,), {"nope": 1}),
+]
+
+
+@pytest.fixture
+def arena():
+    from knhk_memory.arena import Arena
+
+    a = Arena(4096)
+    yield a
+    a.close()
+
+
+def test_arena_alloc_and_array_are_c_methods(arena):
+    from knhk_memory import _fast
+
+    assert isinstance(arena, _fast.ArenaBase)
+    assert type(arena.alloc).__name__ == "builtin_function_or_method"
+    view = arena.alloc(64)
+    assert isinstance(view, memoryview) and view.nbytes == 64 and not view.readonly
+    assert type(view.obj).__name__ == "ArenaBlock"
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ALLOCS)
+def test_arena_alloc_errors_match_the_python_path(arena, args, kwargs):
+    fast, slow = outcome(arena.alloc, args, kwargs), outcome(arena._alloc_slow, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+    assert arena.stats().live_blocks == 0
+
+
+BAD_ARRAYS = [
+    ((-1,), {}), (((2, -1),), {}), ((1.5,), {}), ((True,), {}), (((2, "3"),), {}), (("4",), {}),
+    ((4, object), {}), ((4, "nope"), {}), ((4, "V0"), {}), (((2**40, 2**40),), {}), ((4, "u1"), {"align": 3}),
+    ((tuple(range(1, 70)),), {}),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ARRAYS)
+def test_arena_array_errors_match_the_python_path(arena, args, kwargs):
+    slow = outcome(arena._array_slow, args, kwargs)
+    fast = outcome(arena.array, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+
+
+def test_arena_array_fast_and_slow_agree(arena):
+    for args, kwargs in [((64, np.uint8), {}), ((64, "uint8"), {}), (((3, 4), np.dtype("<u4")), {}), ((5,), {}),
+                         ((0, "f8"), {}), (((2, 0, 3), np.int16), {}), ((np.int64(3), "u2"), {}),
+                         ((7, "f8"), {"align": 64}), ((4, [("a", "u1"), ("b", "<f8")]), {})]:
+        for _ in range(2):  # the second call takes the C method once the dtype is cached
+            a, b = arena.array(*args, **kwargs), arena._array_slow(*args, **kwargs)
+            assert a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous and a.flags.writeable
+            assert a.ctypes.data % max(16, a.dtype.alignment, kwargs.get("align", 1)) == 0
+            a.view(np.uint8)[...] = 1
+            assert (a.view(np.uint8) == 1).all()
+
+
+def test_arena_blocks_live_as_long_as_their_views_and_arrays(arena):
+    import gc
+
+    view = arena.alloc(32)
+    arr = arena.array(8, np.uint32)
+    sub = arr[2:4]
+    assert arena.stats().live_blocks == 2
+    del arr
+    gc.collect()
+    assert arena.stats().live_blocks == 2  # sub keeps the array's block
+    del sub, view
+    gc.collect()
+    assert arena.stats().live_blocks == 0
+    arena.reset()
+
+
+def test_arena_closed_and_foreign_thread_refused_by_both_paths(arena):
+    seen = []
+
+    def other():
+        seen.append(outcome(arena.alloc, (64,), {}))
+        seen.append(outcome(arena._alloc_slow, (64,), {}))
+        seen.append(outcome(arena.array, (4, "u1"), {}))
+
+    arena.array(4, "u1")  # cached dtype: the foreign thread reaches the C method
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0] == seen[1] and seen[0][0].__name__ == "ArenaThreadError"
+    assert seen[2][0].__name__ == "ArenaThreadError"
+    keep = arena.alloc(16)
+    arena.close()
+    for fn, args in ((arena.alloc, (64,)), (arena._alloc_slow, (64,)), (arena.array, (4, "u1"))):
+        assert outcome(fn, args, {})[0].__name__ == "ArenaClosedError"
+    keep[0] = 7  # a block made before the close stays usable until it goes
+    assert keep[0] == 7

@@ -35,3 +35,18 @@ class ArenaBase:
     def array(self, shape: int | tuple[int, ...], dtype: Any = "float64", *, align: int | None = None) -> Any: ...
     def _fast_bind(self, address: int | None, /) -> None: ...
     def _fast_cache_dtype(self, key: object, descr: Any, /) -> None: ...
+
+class OnceBase:
+    """The C base of OnceLock and Lazy (native/cpython/cells_py.c)."""
+
+    _value: Any
+    _full: bool
+
+    def get(self) -> Any: ...
+
+class LookupBase:
+    """The C base of PatternRegistry: obj[number] from _by_number, else _getitem_slow."""
+
+    _by_number: Any
+
+    def __getitem__(self, key: Any) -> Any: ...

@@ -239,3 +239,56 @@ def test_arena_closed_and_foreign_thread_refused_by_both_paths(arena):
         assert outcome(fn, args, {})[0].__name__ == "ArenaClosedError"
     keep[0] = 7  # a block made before the close stays usable until it goes
     assert keep[0] == 7
+
+
+# ---------------------------------------------------------------- once-cells and the registry
+
+def test_once_get_is_a_c_method_and_matches_the_cell_state():
+    from knhk_memory.once import Lazy, OnceLock
+
+    c: OnceLock[object] = OnceLock("c")
+    assert type(c.get).__name__ == "builtin_function_or_method"
+    assert c.get() is None and not c.is_set()
+    c.set(None)
+    assert c.get() is None and c.is_set()
+    d: OnceLock[list[int]] = OnceLock()
+    value = [1]
+    assert d.get_or_init(lambda: value) is value and d.get() is value
+    calls = []
+    lz = Lazy(lambda: calls.append(1) or "v")
+    assert lz.get() == "v" and lz.get() == "v" and lz.value == "v" and calls == [1]
+    none = Lazy(lambda: None)
+    assert none.get() is None and none.is_set() and none.get() is None
+
+
+def test_once_get_from_many_threads_sees_one_value():
+    from knhk_memory.once import Lazy
+
+    made = []
+    lz = Lazy(lambda: made.append(object()) or made[-1])
+    seen = []
+    ts = [threading.Thread(target=lambda: seen.append(lz.get())) for _ in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(made) == 1 and all(s is made[0] for s in seen)
+
+
+@pytest.mark.parametrize("key", [0, 44, -1, 2**70, True, 1.0, None, "nope", "sequence", "Sequence", b"1", (1,)])
+def test_registry_lookup_matches_the_python_path(key):
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    r[1]  # loaded: the C subscript has its index
+    assert outcome(r.__getitem__, (key,), {}) == outcome(r._getitem_slow, (key,), {})
+    assert (key in r) == (outcome(r._getitem_slow, (key,), {})[0] == "ok")
+
+
+def test_registry_first_lookup_loads_the_table():
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    assert not r.loaded
+    assert r[43].number == 43 and r.loaded
+    assert r[7] is r[7] and r["sequence"] is r[1]

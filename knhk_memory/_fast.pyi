@@ -50,3 +50,22 @@ class LookupBase:
     _by_number: Any
 
     def __getitem__(self, key: Any) -> Any: ...
+
+class BlockBase:
+    """The C base of Block (native/cpython/block_py.c): one allocation, its views counted."""
+
+    backend: Any
+    _size: int
+    _align: int
+    _address: int | None
+    _exports: int
+
+    def free(self) -> None: ...
+    def _realloc(self, nbytes: int, align_or_0: int, align_kept: int, /) -> bool: ...
+
+class BackendBase:
+    """The C base of Backend: malloc() without a Python frame."""
+
+    def malloc(self, nbytes: int) -> Any: ...
+    def _fast_bind(self, backend_address: int, block_type: type, /) -> None: ...
+    def _adopt(self, address: int, size: int, align: int, /) -> Any: ...

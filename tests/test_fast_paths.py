@@ -134,8 +134,8 @@ def test_fast_adds_are_exact_across_threads(block):
 
 
 def test_factory_refuses_bad_arguments():
-    with pytest.raises(TypeError, match=r"counters_method\(kind: 0 add, 1 get or 2 writer add, state, slow"):
-        _fast.counters_method(3, None, print)
+    with pytest.raises(TypeError, match=r"counters_method\(kind: 0 add, 1 get, 2 writer add or 3 record, state, slow"):
+        _fast.counters_method(4, None, print)
     with pytest.raises(TypeError, match=r"counters_state\(handle_address, index: dict, count: int\)"):
         _fast.counters_state(1, [], 1)
     with pytest.raises(TypeError, match=r"detach_counters\(state\)"):
@@ -292,3 +292,36 @@ def test_registry_first_lookup_loads_the_table():
     assert not r.loaded
     assert r[43].number == 43 and r.loaded
     assert r[7] is r[7] and r["sequence"] is r[1]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [
+    ((0, 5), {}), ((44, 5), {}), ((-1, 5), {}), ((True, 5), {}), ((1.0, 5), {}), ((1, -1), {}), ((1, 2**63), {}),
+    ((1, 1.5), {}), ((1, None), {}), ((1,), {}), ((1, 2, 3), {}), ((1,), {"tick": 2}),
+])
+def test_pattern_record_errors_match_the_python_path(args, kwargs):
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    try:
+        assert type(p.record).__name__ == "builtin_function_or_method"
+        fast, slow = outcome(p.record, args, kwargs), outcome(p._record, args, kwargs)
+        assert fast == slow and fast[0] != "ok"
+        assert p.as_dict() == PatternStats().as_dict()  # nothing recorded
+    finally:
+        p.close()
+
+
+def test_pattern_record_fast_and_slow_agree():
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    for fn in (p.record, p._record):
+        fn(4, 100)
+        fn(np.int64(4), np.uint32(300))
+        fn(43, 2**63 - 1)
+    d = p.as_dict()
+    p.close()
+    assert d[4]["executions"] == 4 and d[4]["total_ticks"] == 2 * (100 + 300)
+    assert d[4]["min_ticks"] == 100 and d[4]["max_ticks"] == 300
+    assert d[43]["executions"] == 2 and d[43]["max_ticks"] == 2**63 - 1
+    assert set(d) == {4, 43}

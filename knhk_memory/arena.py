@@ -10,8 +10,11 @@ a handful of backend calls, and a repeat batch none.
 that makes the arrays. Arrays may outlive the scope: every block handed out is
 counted, and
 
-- ``reset()`` while blocks are alive raises :class:`ArenaBusyError` (it never
-  recycles memory an array still uses);
+- ``reset()`` never waits for live blocks and never recycles memory an array
+  still uses: a chunk holding a live block is *pinned* (set aside, untouched)
+  and comes back once its last block is freed; every other chunk is reused.
+  A straggler array pins its own chunk, not the arena (``stats()`` shows
+  ``pinned_chunks`` and ``pinned_bytes``);
 - ``close()`` never fails for live blocks: the arena stops allocating and
   returns its memory to the backend when the last block is freed.
 
@@ -22,7 +25,8 @@ An arena belongs to the thread that created it: allocation, ``reset()``,
 
 What this module is not: a general-purpose allocator. Blocks are not reused
 individually (except the most recent one, so temporaries made and dropped in a
-loop reuse the same bytes); the memory comes back at ``reset()``.
+loop reuse the same bytes); the memory comes back at ``reset()``, chunk by
+chunk (see native/arena.c).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any
 from . import _fast
 from ._core import ffi, last_error, lib, raise_status
 from .allocator import Backend, _HandlerToken, get_backend, selected_backend
-from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from .errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]
@@ -74,6 +78,8 @@ class ArenaStats:
     resets: int
     huge_page_chunks: int
     next_chunk_size: int
+    pinned_chunks: int = 0
+    pinned_bytes: int = 0
     closed: bool = False
 
     def as_dict(self) -> dict[str, int | bool]:
@@ -81,7 +87,8 @@ class ArenaStats:
 
 
 _STAT_FIELDS = ("allocations", "reallocations", "bytes_requested", "bytes_reserved", "bytes_used", "high_water",
-                "chunks", "backend_calls", "live_blocks", "resets", "huge_page_chunks", "next_chunk_size")
+                "chunks", "backend_calls", "live_blocks", "resets", "huge_page_chunks", "next_chunk_size",
+                "pinned_chunks", "pinned_bytes")
 
 
 def huge_pages_available() -> bool:
@@ -252,17 +259,17 @@ class Arena(_fast.ArenaBase):
 
     # -- batches
     def reset(self) -> None:
-        """Make all the arena's memory available for the next batch, keeping its chunks.
+        """Make the arena's memory available for the next batch, keeping its chunks.
 
-        Raises :class:`ArenaBusyError` while blocks or arrays made from it are alive."""
+        Blocks or arrays still alive keep their bytes: the chunks holding them
+        are pinned (``stats().pinned_chunks``/``pinned_bytes``) until their last
+        block is freed, then reused; everything else is reused at once. Spare
+        chunks beyond twice the batch's peak go back to the backend.
+        Raises :class:`ArenaClosedError` and :class:`ArenaThreadError`."""
         raw = self._usable("reset")
         status = lib.knhk_arena_reset(raw)
         if status != lib.KNHK_OK:
-            live = self.stats().live_blocks
-            raise ArenaBusyError(
-                f"cannot reset the arena: {live} block(s) made from it (arrays or buffers) are still alive; "
-                "drop every reference to them first (del), or close() the arena, which returns its memory "
-                "once they are gone")
+            raise_status(status, "resetting the arena")
 
     def close(self) -> None:
         """Stop allocating and give the owner's hold on the memory up. Idempotent.

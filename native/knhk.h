@@ -461,6 +461,8 @@ typedef struct {
     uint64_t resets;
     uint64_t huge_page_chunks; /* chunks madvise(MADV_HUGEPAGE) accepted */
     uint64_t next_chunk_size;  /* size of the next chunk taken from the backend */
+    uint64_t pinned_chunks;    /* chunks a reset set aside because blocks in them live */
+    uint64_t pinned_bytes;     /* their bytes */
 } knhk_arena_stats;
 
 /* chunk_size: first chunk, in [KNHK_ARENA_MIN_CHUNK, KNHK_ARENA_MAX_CHUNK];
@@ -469,8 +471,10 @@ typedef struct {
    The calling thread becomes the owner. No backend call is made yet. */
 int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk_size, int huge_pages,
                       knhk_arena **out);
-/* Drop the owner's reference: no allocation succeeds afterwards; the memory
-   is returned when the last numpy handler and counted block are gone too. */
+/* Drop the owner's reference: no allocation succeeds afterwards. Called by
+   the owner, chunks without a live counted block go back to the backend at
+   once (uncounted blocks die with the close); the rest, and the arena, when
+   the last numpy handler and counted block are gone too. */
 void knhk_arena_close(knhk_arena *a);
 /* A block of size bytes (0 is served as 1) aligned to align (a power of two
    up to KNHK_MAX_ALIGN), or NULL with *status set (status may be NULL).
@@ -484,8 +488,12 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
 void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *status);
 /* Release a counted block; any thread. May return the arena's memory. */
 void knhk_arena_block_free(knhk_arena *a, void *ptr);
-/* Make every byte available again, keeping the chunks (KNHK_ERR_STATE while
-   counted blocks are live or from another thread than the owner). */
+/* Start the next batch: every chunk without a live counted block is
+   recycled (spares beyond twice the batch's need go back to the backend);
+   a chunk with live blocks is pinned -- kept, untouched, never bumped into
+   -- until its last block is freed. Uncounted blocks (knhk_arena_alloc) are
+   dead after a reset. KNHK_ERR_STATE from another thread than the owner or
+   on a closed arena. */
 int knhk_arena_reset(knhk_arena *a);
 int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out);
 /* Take a reference on an open arena for a holder other than its owner (a

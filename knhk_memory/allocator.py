@@ -26,19 +26,23 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ._core import check, ffi, last_error, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
-    "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
+    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
     "get_backend", "available_backends", "resolve_backend", "select_backend", "selected_backend",
     "numpy_handler", "install_numpy_handler", "apply_numpy_handler", "numpy_routing_enabled", "set_numpy_routing",
 ]
 
-BACKENDS = ("system", "jemalloc", "mimalloc")
-AUTO_ORDER = ("mimalloc", "jemalloc", "system")
+# A backend's name; what ``[allocator] backend`` accepts besides: ``auto``.
+BackendName = Literal["system", "jemalloc", "mimalloc"]
+BackendSetting = Literal["auto", "system", "jemalloc", "mimalloc"]
+
+BACKENDS: tuple[BackendName, ...] = ("system", "jemalloc", "mimalloc")
+AUTO_ORDER: tuple[BackendName, ...] = ("mimalloc", "jemalloc", "system")
 DEBIAN_PACKAGES = {"jemalloc": "libjemalloc2", "mimalloc": "libmimalloc2.0"}
 SONAMES = {"jemalloc": "libjemalloc.so.2", "mimalloc": "libmimalloc.so.2"}
 STATIC_TLS_TUNABLE = "glibc.rtld.optional_static_tls=16384"
@@ -108,8 +112,8 @@ class Backend:
 
     __slots__ = ("name", "id", "_ptr", "path", "version", "__weakref__")
 
-    def __init__(self, name: str, ptr: Any) -> None:
-        self.name = name
+    def __init__(self, name: BackendName, ptr: Any) -> None:
+        self.name: BackendName = name
         self.id = _IDS[name]
         self._ptr = ptr
         self.path = ffi.string(lib.knhk_backend_path(ptr)).decode()
@@ -291,7 +295,7 @@ def _load_error(name: str, message: str) -> BackendUnavailableError:
     return BackendUnavailableError(f"{name} backend: {lib_name} cannot be used: {message}")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: BackendName) -> Backend:
     """The backend called ``name``, loading its library on first use.
 
     Raises ValueError for an unknown name and BackendUnavailableError, saying
@@ -316,9 +320,9 @@ def get_backend(name: str) -> Backend:
         return backend
 
 
-def available_backends() -> dict[str, Backend | BackendUnavailableError]:
+def available_backends() -> dict[BackendName, Backend | BackendUnavailableError]:
     """Every backend, loaded, or the error that says why it cannot be."""
-    result: dict[str, Backend | BackendUnavailableError] = {}
+    result: dict[BackendName, Backend | BackendUnavailableError] = {}
     for name in BACKENDS:
         try:
             result[name] = get_backend(name)
@@ -327,7 +331,7 @@ def available_backends() -> dict[str, Backend | BackendUnavailableError]:
     return result
 
 
-def resolve_backend(name: str) -> tuple[Backend, list[str]]:
+def resolve_backend(name: BackendSetting) -> tuple[Backend, list[str]]:
     """The backend for a configured name. ``auto`` tries mimalloc, jemalloc,
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
@@ -344,7 +348,7 @@ def resolve_backend(name: str) -> tuple[Backend, list[str]]:
 _selected: Backend | None = None
 
 
-def select_backend(backend: Backend | str) -> Backend:
+def select_backend(backend: Backend | BackendName) -> Backend:
     """Make ``backend`` the process's selected backend (arenas and
     :func:`apply_numpy_handler` use it). Blocks from the previous one stay valid."""
     global _selected
@@ -378,7 +382,7 @@ class _HandlerToken:
             lib.knhk_numpy_handler_discard(token)
 
 
-def install_numpy_handler(backend: Backend | str | None = None) -> _HandlerToken:
+def install_numpy_handler(backend: Backend | BackendName | None = None) -> _HandlerToken:
     """Route numpy's array data through ``backend`` (default: the selected one)
     in the calling thread's context. ``.restore()`` on the result undoes it."""
     b = selected_backend() if backend is None else get_backend(backend) if isinstance(backend, str) else backend
@@ -390,7 +394,7 @@ def install_numpy_handler(backend: Backend | str | None = None) -> _HandlerToken
 
 
 @contextlib.contextmanager
-def numpy_handler(backend: Backend | str | None = None) -> Iterator[Backend]:
+def numpy_handler(backend: Backend | BackendName | None = None) -> Iterator[Backend]:
     """``with numpy_handler("mimalloc"):`` arrays made inside take their data
     from that backend; the previous handler is back afterwards. Arrays keep
     the handler they were made with, so they may outlive the block."""

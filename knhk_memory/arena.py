@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._core import ffi, last_error, lib, raise_status
-from .allocator import Backend, _HandlerToken, get_backend, selected_backend
+from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
@@ -117,7 +117,7 @@ def _align_arg(align: Any) -> int:
     return a
 
 
-def _backend_arg(backend: Backend | str | None) -> Backend:
+def _backend_arg(backend: Backend | BackendName | None) -> Backend:
     if backend is None:
         return selected_backend()
     if isinstance(backend, str):
@@ -141,7 +141,7 @@ class Arena:
                  "_status", "_final", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
         self._raw: Any = None
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
@@ -331,7 +331,7 @@ class ThreadLocalArena:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
         # Check the parameters once, here, rather than in each thread.
         probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend)
         probe.close()

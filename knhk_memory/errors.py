@@ -210,6 +210,24 @@ class SimdValueError(KnhkMemoryError, ValueError):
     """An input to a SIMD scan has an acceptable type but a bad value or layout."""
 
 
+# ---------------------------------------------------------------- process-wide state
+
+class ProcessStateError(KnhkMemoryError, RuntimeError):
+    """An engine asked for process-wide settings (allocator backend, numpy
+    routing, SIMD level) that differ from those another engine in the process
+    holds (:mod:`knhk_memory.process`). ``key`` is the config key of the first
+    setting that differs."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class AlreadyConfiguredError(KnhkMemoryError, RuntimeError):
+    """``knhk_configure`` was called again on a configuration that is still
+    configured (call ``knhk_unconfigure`` first)."""
+
+
 # ---------------------------------------------------------------- reference host
 
 class WorkflowDefinitionError(KnhkMemoryError, ValueError):

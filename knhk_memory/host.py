@@ -17,7 +17,7 @@ from . import hookspecs
 ENTRY_POINT_GROUP = "knhk.plugins"
 DISABLE_AUTOLOAD_ENV = "KNHK_DISABLE_PLUGIN_AUTOLOAD"
 
-__all__ = ["ENTRY_POINT_GROUP", "DISABLE_AUTOLOAD_ENV", "get_plugin_manager", "configured"]
+__all__ = ["DISABLE_AUTOLOAD_ENV", "ENTRY_POINT_GROUP", "configured", "get_plugin_manager"]
 
 
 def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = None) -> pluggy.PluginManager:
@@ -42,23 +42,17 @@ def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = N
 
 
 class configured:
-    """Configure the engine's plugins for a measurement and undo it after,
-    including the process's selected backend (which knhk_unconfigure keeps)."""
+    """``with configured(pm, config):`` configures the engine's plugins for a
+    measurement and unconfigures them after. ``knhk_unconfigure`` puts back the
+    process-wide state (selected backend, numpy routing, SIMD level) the first
+    configure found, so there is nothing else to restore here."""
 
     def __init__(self, pm: Any, config: Any) -> None:
         self.pm, self.config = pm, config
 
     def __enter__(self) -> configured:
-        from . import allocator
-
-        self._selected = allocator._selected
         self.pm.hook.knhk_configure(config=self.config)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from . import allocator
-
-        try:
-            self.pm.hook.knhk_unconfigure(config=self.config)
-        finally:
-            allocator._selected = self._selected
+        self.pm.hook.knhk_unconfigure(config=self.config)

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
@@ -28,15 +28,20 @@ from ._core import ffi, last_error, lib
 from .errors import SimdLevelError, SimdTypeError, SimdValueError
 
 __all__ = [
-    "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
+    "SimdLevel", "SimdSetting", "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
     "find", "rfind", "count", "find_all", "find_many", "FindMany", "Needle",
     "count_eq", "find_eq", "mask_eq", "isin", "histogram",
     "Reduction", "reduce", "column_min", "column_max", "column_sum",
     "median_ticks", "hot_ops",
 ]
 
-LEVELS: tuple[str, ...] = tuple(ffi.string(lib.knhk_simd_level_name(i)).decode()
-                                for i in range(lib.KNHK_SIMD_LEVELS))
+# The level names, as the C core spells them (knhk_simd_level_name), and what
+# ``[simd] level`` / set_level() accept besides: ``auto``.
+SimdLevel = Literal["scalar", "avx2", "avx512"]
+SimdSetting = Literal["auto", "scalar", "avx2", "avx512"]
+
+LEVELS: tuple[SimdLevel, ...] = tuple(cast(SimdLevel, ffi.string(lib.knhk_simd_level_name(i)).decode())
+                                      for i in range(lib.KNHK_SIMD_LEVELS))
 # True in a KNHK_PORTABLE=1 build (native/build_native.py): portable C only,
 # so ``scalar`` is the one level whatever the CPU.
 PORTABLE_BUILD: bool = bool(lib.KNHK_PORTABLE_BUILD)
@@ -56,13 +61,13 @@ def _ready() -> None:
 
 # ---------------------------------------------------------------- levels
 
-def supported_levels() -> list[str]:
+def supported_levels() -> list[SimdLevel]:
     """The levels this CPU and OS can run, lowest first (``scalar`` always;
     only ``scalar`` in a portable build, see :data:`PORTABLE_BUILD`)."""
     return [name for i, name in enumerate(LEVELS) if lib.knhk_simd_level_supported(i)]
 
 
-def auto_level() -> tuple[str, str | None]:
+def auto_level() -> tuple[SimdLevel, str | None]:
     """The level ``auto`` picks here, and why it is not the highest supported
     one (``None`` when it is): on a core that lowers its clock after 512-bit
     instructions (Skylake-SP, Cascade Lake, Cooper Lake) ``auto`` is avx2."""
@@ -73,7 +78,7 @@ def auto_level() -> tuple[str, str | None]:
                   "around every call; KNHK_SIMD=avx512 uses it")
 
 
-def level() -> str:
+def level() -> SimdLevel:
     """The active SIMD level: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
     _ready()
     return LEVELS[lib.knhk_simd_level()]
@@ -91,7 +96,7 @@ def _level_id(name: str) -> int:
     return LEVELS.index(key)
 
 
-def set_level(name: str) -> str:
+def set_level(name: SimdSetting) -> str:
     """Make ``name`` (``auto``, ``scalar``, ``avx2``, ``avx512``) the active level
     for the whole process; returns the previous one. A level this machine lacks
     is a :class:`SimdLevelError`."""
@@ -106,7 +111,7 @@ def set_level(name: str) -> str:
 
 
 @contextlib.contextmanager
-def forced_level(name: str) -> Iterator[str]:
+def forced_level(name: SimdSetting) -> Iterator[SimdLevel]:
     """``with forced_level("scalar"):`` runs the block at that level (process-wide)."""
     previous = set_level(name)
     try:

@@ -450,10 +450,6 @@ def hot_ops() -> list[Any]:
         description="one 64-byte malloc + free pair through the selected backend, with statistics",
         fn=ffi.addressof(lib, "knhk_backend_hotop_malloc_free"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 100-127 ticks (median) for glibc, jemalloc and mimalloc alike on a 2-core "
-                      "2.5 GHz KVM guest, statistics included; 250 leaves a noisy neighbour room while "
-                      "still catching a lock, a syscall or a page fault added to the path",
     )]
 
 
@@ -475,16 +471,7 @@ def py_hot_ops() -> list[Any]:
 
     return [
         PyHotOp("py_malloc_free", "Backend.malloc(64) + Block.free() on the selected backend",
-                malloc_free, default_budget=15000,
-                budget_reason="measured 4.1-4.8 us on a 2-core 2.5 GHz VM: argument checks, ffi.gc, the Block "
-                              "object, the C pair and the release; 15 us leaves a noisy neighbour room and "
-                              "still catches a lock, a copy or a syscall added to the path"),
-        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup,
-                default_budget=1500,
-                budget_reason="measured ~0.2 us: argument check and one dict lookup after the first load; "
-                              "1.5 us catches a lock or a dlopen put on the fast path"),
-        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats,
-                default_budget=15000,
-                budget_reason="measured 3.7-4.3 us: a C walk of the used slots, six cdata reads and the "
-                              "AllocStats dataclass; 15 us leaves a noisy neighbour room"),
+                malloc_free),
+        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup),
+        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats),
     ]

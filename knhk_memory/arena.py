@@ -397,7 +397,4 @@ def hot_ops() -> list[Any]:
                     "(a reset per 64 KiB chunk, amortised over ~1000 allocations)",
         fn=ffi.addressof(lib, "knhk_arena_hotop_alloc"),
         setup=setup,
-        default_budget=8,
-        budget_reason="align, compare and store the cursor, two counter increments: ~4-6 ticks on a "
-                      "modern x86_64; 8 catches a lock, a call out of line or a cache miss on the path",
     )]

@@ -22,7 +22,6 @@ striped counter can, but a read is then only a bracket), or histograms.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import mmap
 import os
@@ -42,6 +41,7 @@ from .errors import (
     KnhkMemoryError,
     SharedBlockError,
     SharedBlockNotFoundError,
+    did_you_mean,
 )
 
 try:  # POSIX shared memory without multiprocessing's resource tracker
@@ -344,8 +344,7 @@ class Counters(_Block):
             try:
                 return self._index[key]
             except KeyError:
-                near = difflib.get_close_matches(key, self._names, n=3, cutoff=0.5)
-                hint = f"; nearest: {', '.join(map(repr, near))}" if near else ""
+                hint = did_you_mean(key, self._names, cutoff=0.5, template="; nearest: {}", sep=", ")
                 shown = ", ".join(map(repr, self._names[:8])) + (", ..." if len(self._names) > 8 else "")
                 raise CounterNameError(f"no counter named {key!r}{hint} (counters: {shown})") from None
         if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
@@ -635,9 +634,6 @@ def hot_ops() -> list[Any]:
                         "inlined as in a caller inside the library",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add"),
             setup=setup,
-            default_budget=8,
-            budget_reason="the issue's target; measured 1.2-2.4 ticks on a 2-core VM, quiet or with both "
-                          "cores busy (docs/counters.md)",
         ),
         HotOp(
             name="counter_add_call",
@@ -645,10 +641,6 @@ def hot_ops() -> list[Any]:
                         "function pointer as a caller in another shared object calls it",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add_call"),
             setup=setup,
-            default_budget=16,
-            budget_reason="the call and return come on top of the add: 4.0-4.3 ticks in most processes "
-                          "on this 2-core VM, 7.7-10.5 in others (the same code, the VM's state), so 16 as "
-                          "for counter_add_lookup; counter_add holds the add itself to 8",
         ),
         HotOp(
             name="counter_add_lookup",
@@ -656,10 +648,5 @@ def hot_ops() -> list[Any]:
                         "(__tls_get_addr) on every add, then the same load+add+store",
             fn=ffi.addressof(lib, "knhk_counters_hotop_add"),
             setup=setup,
-            default_budget=32,
-            budget_reason="the __tls_get_addr call of a dlopen'ed module's TLS is on every add: 5-12 ticks "
-                          "quiet (bimodal per process), 10-18 loaded on a 2-core VM, and CI has run 2.2x "
-                          "slower than quiet on every op (11.5 there); 32 keeps that and still fails a "
-                          "contended lock or a shared line bounced between cores",
         ),
     ]

@@ -6,6 +6,26 @@ accepted. All of them derive from :class:`KnhkMemoryError`.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable, Iterable
+
+
+def did_you_mean(word: str, candidates: Iterable[str], *, cutoff: float = 0.6,
+                 template: str = " (did you mean {}?)", sep: str = " or ",
+                 normalise: Callable[[str], str] | None = None) -> str:
+    """The one "did you mean" suggestion of every error message: up to three of
+    ``candidates`` close to ``word`` (:func:`difflib.get_close_matches`, ratio
+    at least ``cutoff``), each ``repr``'d, joined by ``sep`` and put into
+    ``template``; ``""`` when none is close. With ``normalise``, a word with no
+    close match is compared again in normalised form (the candidates given
+    back as they were spelled)."""
+    names = list(candidates)
+    close = difflib.get_close_matches(word, names, n=3, cutoff=cutoff)
+    if not close and normalise is not None:
+        spelled = {normalise(c): c for c in names}
+        close = [spelled[c] for c in difflib.get_close_matches(normalise(word), list(spelled), n=3, cutoff=cutoff)]
+    return template.format(sep.join(repr(c) for c in close)) if close else ""
+
 
 class KnhkMemoryError(Exception):
     """Base class of every error this package raises on purpose."""

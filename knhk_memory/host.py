@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
@@ -38,6 +39,23 @@ def get_plugin_manager(plugins: Iterable[Any] = (), *, autoload: bool | None = N
     if autoload:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     pm.check_pending()
+    return pm
+
+
+def with_memory_plugin(pm: pluggy.PluginManager) -> pluggy.PluginManager:
+    """``pm`` with the memory plugin registered under its entry-point name,
+    ``memory``, unless it already is (autoloading switched off). For hosts whose
+    own job needs the built-in services, such as ``knhk-memory budget``."""
+    if pm.get_plugin("memory") is not None:
+        return pm
+    # Found through its entry point, as autoloading would: the host layer names no plugin module.
+    found = entry_points(group=ENTRY_POINT_GROUP, name="memory")
+    if not found:
+        raise RuntimeError(f"no 'memory' entry point in the {ENTRY_POINT_GROUP!r} group: "
+                           "knhk-memory is not installed (pip install knhk-memory)")
+    plugin = next(iter(found)).load()
+    if not pm.is_registered(plugin):
+        pm.register(plugin, name="memory")
     return pm
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import difflib
 import functools
 import io
 import re
@@ -38,6 +37,7 @@ from .errors import (
     ResourceFactoryError,
     UnknownPatternError,
     UnknownResourceError,
+    did_you_mean,
 )
 from .once import OnceLock
 
@@ -169,11 +169,8 @@ class PatternRegistry:
             return t.by_name[_normalise(name)]
         except KeyError:
             pass
-        names = [p.name for p in t.patterns]
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
-            _normalise(name), [_normalise(n) for n in names], n=3, cutoff=0.5)
-        close = [t.by_name[_normalise(c)].name for c in close]
-        hint = f"; nearest names: {', '.join(repr(c) for c in close)}" if close else ""
+        hint = did_you_mean(name, [p.name for p in t.patterns], cutoff=0.5, template="; nearest names: {}",
+                            sep=", ", normalise=_normalise)
         raise UnknownPatternError(f"no workflow pattern named {name!r}{hint} "
                                   f"(numbers {self._range(t)} also work)")
 
@@ -379,8 +376,7 @@ class GlobalResourceRegistry:
 
     def _unknown(self, name: object) -> Exception:
         names = sorted(self._resources)
-        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(str(name), names, template="; did you mean {}?")
         return UnknownResourceError(f"no resource named {name!r}{hint} (registered: "
                                     f"{', '.join(map(repr, names)) or 'none'})")
 
@@ -465,12 +461,8 @@ def hot_ops() -> list[Any]:
     return [
         HotOp(name="once_read",
               description="knhk_once_get of a full C once-cell: one acquire load and the value",
-              fn=ffi.addressof(lib, "knhk_once_hotop_read"), setup=once_setup, default_budget=8,
-              budget_reason="an acquire load is a plain mov on x86_64 and ldar on aarch64: ~1-2 ticks "
-                            "with the loop; 8 catches a lock, a fence or a call that sneaks in"),
+              fn=ffi.addressof(lib, "knhk_once_hotop_read"), setup=once_setup),
         HotOp(name="registry_lookup",
               description="knhk_registry_lookup by pattern number in the frozen C table (1..43 cycling)",
-              fn=ffi.addressof(lib, "knhk_registry_hotop_lookup"), setup=registry_setup, default_budget=8,
-              budget_reason="a bounds check and an indexed load from an L1-resident 43-entry table: ~2-3 "
-                            "ticks; 8 catches hashing, a lock or a cache miss per lookup"),
+              fn=ffi.addressof(lib, "knhk_registry_hotop_lookup"), setup=registry_setup),
     ]

@@ -656,23 +656,11 @@ def hot_ops() -> list[Any]:
                         "direct call a search",
             fn=ffi.addressof(lib, "knhk_simd_hotop_search_64"),
             setup=_search64_setup,
-            default_budget=32,
-            budget_reason="measured medians at avx512: 11.2-11.9 ticks quiet (harness 9-10 after the "
-                          "empty-op overhead), 22-24 with the other core busy; avx2 16.1; CI ran 2.2x "
-                          "slower than this VM on every op (38.5 there for the old 17.6-tick search), which "
-                          "puts avx512 at ~22-26. 32 keeps that with room, and fails a lost dispatch "
-                          "(scalar: 67). The issue's 16-tick goal is met quiet, not under load. See "
-                          "docs/simd.md",
         ),
         HotOp(
             name="count_eq_4k",
             description="knhk_simd_count_eq over 1024 uint32 ids (4 KiB, L1-resident)",
             fn=ffi.addressof(lib, "knhk_simd_hotop_count_eq_4k"),
             setup=_count4k_setup,
-            default_budget=400,
-            budget_reason="measured medians 78-100 ticks at avx512 and 98-126 at avx2 quiet, 130-150 "
-                          "loaded (64 blocks of compare + lane add from L1, ~1.2 cycles a block); a 2.2x "
-                          "slower CI machine gives ~220-280, ~330 if also loaded; 400 still fails a fall "
-                          "to the scalar kernels (545-1730 ticks here). See docs/simd.md",
         ),
     ]

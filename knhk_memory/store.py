@@ -873,9 +873,4 @@ def hot_ops() -> list[Any]:
                     "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); 250 "
-                      "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
-                      "cache-missing probe chain or a checksum on every read",
     )]

@@ -14,7 +14,10 @@ import threading
 import weakref
 from typing import Any
 
-from knhk_memory import process, simd
+from collections.abc import Callable, Sequence
+
+from knhk_memory import allocator, arena, counters, process, registry, simd
+from knhk_memory import store as store_module
 from knhk_memory.allocator import Backend, resolve_backend
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
@@ -27,10 +30,23 @@ from knhk_memory.errors import (
     StoreError,
 )
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.hotpath import HotOp, PyHotOp, with_default_budgets
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 from knhk_memory.store import WorkflowStore
 
 STASH_KEY = "knhk_memory.memory"
+
+# The capabilities' hot paths, held to budgets through knhk_hot_ops; their
+# default budgets and the measurements behind them are in knhk_memory/data/budgets.toml.
+BUILTIN_HOT_OPS: Sequence[Callable[[], list[Any]]] = (
+    allocator.hot_ops, allocator.py_hot_ops, registry.hot_ops, counters.hot_ops, arena.hot_ops,
+    store_module.hot_ops, simd.hot_ops,
+)
+
+
+def builtin_hot_ops() -> list[HotOp | PyHotOp]:
+    """The built-in operations as the capabilities declare them (no budgets yet)."""
+    return [op for provider in BUILTIN_HOT_OPS for op in provider()]
 
 
 class MemoryServices:
@@ -243,3 +259,9 @@ def knhk_workflow_store(config: Config) -> WorkflowStore | None:
 def knhk_simd_level(config: Config) -> str:
     services(config)
     return simd.level()
+
+
+@hookimpl
+def knhk_hot_ops(config: Config) -> list[HotOp | PyHotOp]:
+    # Needs no configured services: the engine is configured before any setup() runs.
+    return with_default_budgets(builtin_hot_ops())

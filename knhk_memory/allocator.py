@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from . import _fast
 from ._core import check, ffi, last_error, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
@@ -164,7 +165,7 @@ class Backend:
 
     def numpy_handler_name(self) -> str:
         """The name numpy reports (``get_handler_name``) for arrays allocated here."""
-        return ffi.string(lib.knhk_numpy_handler_name(self._ptr)).decode()
+        return f"knhk_memory.{self.name}"
 
     @property
     def cdata(self) -> Any:
@@ -364,33 +365,25 @@ def selected_backend() -> Backend:
 # ---------------------------------------------------------------- numpy (NEP 49)
 
 class _HandlerToken:
-    """The previous numpy handler, held until it is restored or dropped."""
+    """The previous numpy handler (numpy's ``mem_handler`` capsule), held until
+    it is restored; dropping the token without restoring leaves the new one."""
 
-    __slots__ = ("_token",)
+    __slots__ = ("_previous",)
 
-    def __init__(self, token: Any) -> None:
-        self._token = token
+    def __init__(self, previous: object) -> None:
+        self._previous: object | None = previous
 
     def restore(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            check(lib.knhk_numpy_handler_restore(token), "restoring numpy's previous data handler")
-
-    def __del__(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            lib.knhk_numpy_handler_discard(token)
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            _fast.numpy_handler_set(previous)
 
 
 def install_numpy_handler(backend: Backend | BackendName | None = None) -> _HandlerToken:
     """Route numpy's array data through ``backend`` (default: the selected one)
     in the calling thread's context. ``.restore()`` on the result undoes it."""
     b = selected_backend() if backend is None else get_backend(backend) if isinstance(backend, str) else backend
-    status = ffi.new("int *")
-    token = lib.knhk_numpy_handler_push(b._ptr, status)
-    if token == ffi.NULL:
-        check(status[0], f"installing the {b.name} numpy data handler")
-    return _HandlerToken(token)
+    return _HandlerToken(_fast.numpy_handler_push(int(ffi.cast("uintptr_t", b._ptr))))
 
 
 @contextlib.contextmanager

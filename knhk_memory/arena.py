@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import _fast
 from ._core import ffi, last_error, lib, raise_status
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
@@ -234,10 +235,11 @@ class Arena:
         Only the calling thread's context is affected; the previous handler is
         back afterwards. Arrays keep working after the scope (see the module)."""
         raw = self._usable("open a numpy scope")
-        token = lib.knhk_numpy_arena_handler_push(raw, self._status)
-        if token == ffi.NULL:
+        previous = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
+        if isinstance(previous, int):  # the core refused the arena: its status
+            self._status[0] = previous
             self._failed("installing the arena's numpy data handler")
-        handler = _HandlerToken(token)
+        handler = _HandlerToken(previous)
         try:
             yield self
         finally:

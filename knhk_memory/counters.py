@@ -28,10 +28,14 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from numbers import Integral
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
+
+from . import _fast
 from ._core import check, ffi, last_error, lib, raise_status
 from .errors import (
     CounterIncrementError,
@@ -253,6 +257,9 @@ class _Block:
         """Drop this handle: its threads' slots go back to the block, and the mapping is
         unmapped once no call is using it. The creator of a named block also unlinks
         the name (processes already attached keep counting)."""
+        state = self.__dict__.pop("_fast_state", None)
+        if state is not None:  # before the handle goes: the builtins take their slow paths
+            _fast.detach_counters(state)
         self._h = None
 
     def unlink(self) -> None:
@@ -273,7 +280,7 @@ class _Block:
 
 
 def _as_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise CounterIncrementError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
     v = int(value)
     if not _I64_MIN <= v <= _I64_MAX:
@@ -282,7 +289,10 @@ def _as_int(value: object, what: str) -> int:
     return v
 
 
-def _int_array(values: Any, what: str, dtype: type = np.int64) -> np.ndarray:
+def _int_array(values: Any, what: str, dtype: Any = None) -> np.ndarray:
+    import numpy as np
+
+    dtype = np.int64 if dtype is None else dtype
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, dtype=dtype)
@@ -330,6 +340,13 @@ class Counters(_Block):
         super()._open(mapping)
         self._index = {n: i for i, n in enumerate(self._names)}
         self._count = len(self._names)
+        # add and get as METH_FASTCALL builtins (native/cpython/counters_py.c):
+        # a known name or an in-range int index and an int increment are one
+        # vectorcall; everything else goes to the methods below, which convert
+        # or raise. They shadow the methods on this instance.
+        self._fast_state = _fast.counters_state(int(ffi.cast("uintptr_t", self._h)), self._index, self._count)
+        self.add = _fast.counters_method(0, self._fast_state, self._add)  # type: ignore[method-assign]
+        self.get = _fast.counters_method(1, self._fast_state, self._get)  # type: ignore[method-assign]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -347,7 +364,7 @@ class Counters(_Block):
                 hint = did_you_mean(key, self._names, cutoff=0.5, template="; nearest: {}", sep=", ")
                 shown = ", ".join(map(repr, self._names[:8])) + (", ..." if len(self._names) > 8 else "")
                 raise CounterNameError(f"no counter named {key!r}{hint} (counters: {shown})") from None
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        if isinstance(key, bool) or not isinstance(key, Integral):
             raise TypeError(f"a counter is named by a string or an integer index, got {type(key).__name__} {key!r}")
         if not 0 <= key < len(self._names):
             raise CounterIndexError(f"counter index {key} is out of range [0, {len(self._names)})")
@@ -358,7 +375,11 @@ class Counters(_Block):
 
         From any thread: C finds the thread's slot through a thread-local
         cache. A worker thread that adds in a loop is a little faster with its
-        own :meth:`writer`."""
+        own :meth:`writer`. (On an open block this is a C builtin with the same
+        arguments, errors and messages; see ``_open``.)"""
+        self._add(key, n)
+
+    def _add(self, key: str | int, n: int = 1) -> None:
         # The common cases (a known name or a valid int index, a plain int n)
         # take no function call before the C one: this is the hot path.
         if key.__class__ is str:
@@ -389,6 +410,8 @@ class Counters(_Block):
         """Add ``n`` to the counter of every index in ``keys`` (an integer array, or a
         sequence of names), in one C call. Every index is checked before anything is
         added: a bad one raises and changes nothing."""
+        import numpy as np
+
         step = _as_int(n, "increment")
         arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
         if arr.dtype.kind in "UO" and arr.size:
@@ -403,12 +426,18 @@ class Counters(_Block):
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
+        return self._get(key)
+
+    def _get(self, key: str | int) -> int:
         return int(lib.knhk_counters_get(self._handle, self.index(key)))
 
-    __getitem__ = get
+    def __getitem__(self, key: str | int) -> int:
+        return self.get(key)
 
     def values(self) -> np.ndarray:
         """Every counter's value as an int64 array, in :attr:`names` order."""
+        import numpy as np
+
         out = np.empty(len(self._names), dtype=np.int64)
         check(lib.knhk_counters_snapshot(self._handle, ffi.from_buffer("int64_t[]", out), out.size),
               "reading the counters")
@@ -442,7 +471,12 @@ class CounterWriter:
     - after the block is closed, :meth:`add` raises :class:`KnhkMemoryError`.
     """
 
-    __slots__ = ("_block", "_h", "_w", "_index", "_count", "__weakref__")
+    __slots__ = ("_block", "_h", "_w", "_index", "_count", "add", "__weakref__")
+
+    #: ``add(key, n=1)``: add ``n`` (an integer; negative subtracts) to one
+    #: counter, as :meth:`Counters.add`. A C builtin (native/cpython/counters_py.c)
+    #: falling back to :meth:`_add` for anything but the common call.
+    add: Callable[..., None]
 
     def __init__(self, block: Counters, w: Any) -> None:
         self._block = block
@@ -450,8 +484,9 @@ class CounterWriter:
         self._w = w
         self._index = block._index
         self._count = block._count
+        self.add = _fast.counters_method(2, block._fast_state, self._add, int(ffi.cast("uintptr_t", w)))
 
-    def add(self, key: str | int, n: int = 1) -> None:
+    def _add(self, key: str | int, n: int = 1) -> None:
         """Add ``n`` (an integer; negative subtracts) to one counter, as :meth:`Counters.add`."""
         if key.__class__ is str:
             i = self._index.get(key)
@@ -520,7 +555,7 @@ class PatternStats(_Block):
 
     @staticmethod
     def _pattern(pattern: object) -> int:
-        if isinstance(pattern, bool) or not isinstance(pattern, (int, np.integer)):
+        if isinstance(pattern, bool) or not isinstance(pattern, Integral):
             raise TypeError(f"a pattern id is an integer 1..{lib.KNHK_PATTERN_COUNT}, got "
                             f"{type(pattern).__name__} {pattern!r}")
         if not 1 <= pattern <= lib.KNHK_PATTERN_COUNT:
@@ -567,6 +602,8 @@ class PatternStats(_Block):
         """Record ``len(patterns)`` executions in one C call: ``patterns[i]`` took
         ``ticks[i]``. All ids are checked first."""
         p = _int_array(patterns, "pattern ids")
+        import numpy as np
+
         t = _int_array(ticks, "ticks", np.uint64)
         if p.shape != t.shape:
             raise ValueError(f"patterns and ticks differ in length: {p.size} and {t.size}")
@@ -579,6 +616,8 @@ class PatternStats(_Block):
         check(status, "recording patterns")
 
     def _raw(self) -> np.ndarray:
+        import numpy as np
+
         out = np.empty((lib.KNHK_PATTERN_COUNT, 4), dtype=np.uint64)
         check(lib.knhk_counters_pattern_snapshot(self._handle, ffi.from_buffer("uint64_t[]", out), out.size),
               "reading pattern statistics")

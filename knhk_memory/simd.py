@@ -3,7 +3,7 @@
 Single-pass C kernels (scalar, AVX2, AVX-512BW; chosen once at run time, see
 docs/simd.md) over memory the caller already has: nothing is copied. The
 common calls of find, count and the id scans are METH_FASTCALL builtins
-(native/simd_py.c) that read the buffer directly and keep the GIL for scans
+(native/cpython/simd_py.c) that read the buffer directly and keep the GIL for scans
 under 64 KiB; every other call goes through the Python functions here, which
 pass buffers to C with ``ffi.from_buffer`` and release the GIL for the whole
 call. Results equal the obvious Python/numpy reference for every input
@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
+from . import _fast
 from ._core import ffi, last_error, lib
 from .errors import SimdLevelError, SimdTypeError, SimdValueError
 
@@ -238,15 +239,13 @@ def find_all(haystack: Any, needle: Any, start: Any = None, end: Any = None, *,
         h + lo, hi - lo, s, len(s), bool(overlapping), frm, out, cap, nxt), lo)
 
 
-# find and count as METH_FASTCALL builtins (native/simd_py.c): bytes or any
+# find and count as METH_FASTCALL builtins (native/cpython/simd_py.c): bytes or any
 # C-contiguous buffer, a bytes needle and int/None bounds are one vectorcall
 # (~60 ns instead of ~350 through cffi); every other call goes to the Python
 # functions above, which convert or raise.
 _find_py, _count_py = find, count
-if lib.knhk_simd_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(last_error())
-find = _make_fast(0, _find_py)  # type: ignore[name-defined]  # noqa: F821
-count = _make_fast(1, _count_py)  # type: ignore[name-defined]  # noqa: F821
+find = _fast.make_scan(0, _find_py)
+count = _fast.make_scan(1, _count_py)
 
 
 def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
@@ -332,9 +331,9 @@ class Needle:
         self.level: str = LEVELS[nd.level]
         # The builtins hold the needle's memory (nd), not this object: no cycle.
         addr = int(ffi.cast("uintptr_t", nd))
-        self.find: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+        self.find: Callable[..., int] = _fast.make_needle_method(
             0, addr, nd, functools.partial(_needle_find, nd))
-        self.count: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+        self.count: Callable[..., int] = _fast.make_needle_method(
             1, addr, nd, functools.partial(_needle_count, nd))
 
     def __repr__(self) -> str:
@@ -567,7 +566,7 @@ def column_sum(a: np.ndarray) -> int:
     return 0 if n == 0 else reduce(a).sum
 
 
-# The id scans as METH_FASTCALL builtins (native/simd_py.c): an exact
+# The id scans as METH_FASTCALL builtins (native/cpython/simd_py.c): an exact
 # numpy.ndarray of uint8/16/32/64 in native byte order, C-contiguous, with an
 # exact int (or numpy integer) id in the dtype's range is one vectorcall (0.26-
 # 2.8 us on 4096 ids, against 3.6-12.4 through cffi); histogram also takes nbins
@@ -577,15 +576,15 @@ def column_sum(a: np.ndarray) -> int:
 # reachable as _<name>_py.
 _count_eq_py, _find_eq_py, _mask_eq_py, _isin_py, _histogram_py = count_eq, find_eq, mask_eq, isin, histogram
 _reduce_py, _column_min_py, _column_max_py, _column_sum_py = reduce, column_min, column_max, column_sum
-count_eq = _make_ids_fast("count_eq", _count_eq_py)  # type: ignore[name-defined]  # noqa: F821
-find_eq = _make_ids_fast("find_eq", _find_eq_py)  # type: ignore[name-defined]  # noqa: F821
-mask_eq = _make_ids_fast("mask_eq", _mask_eq_py)  # type: ignore[name-defined]  # noqa: F821
-isin = _make_ids_fast("isin", _isin_py)  # type: ignore[name-defined]  # noqa: F821
-histogram = _make_ids_fast("histogram", _histogram_py)  # type: ignore[name-defined]  # noqa: F821
-reduce = _make_ids_fast("reduce", _reduce_py, Reduction)  # type: ignore[name-defined]  # noqa: F821
-column_min = _make_ids_fast("column_min", _column_min_py)  # type: ignore[name-defined]  # noqa: F821
-column_max = _make_ids_fast("column_max", _column_max_py)  # type: ignore[name-defined]  # noqa: F821
-column_sum = _make_ids_fast("column_sum", _column_sum_py)  # type: ignore[name-defined]  # noqa: F821
+count_eq = _fast.make_id_scan("count_eq", _count_eq_py)
+find_eq = _fast.make_id_scan("find_eq", _find_eq_py)
+mask_eq = _fast.make_id_scan("mask_eq", _mask_eq_py)
+isin = _fast.make_id_scan("isin", _isin_py)
+histogram = _fast.make_id_scan("histogram", _histogram_py)
+reduce = _fast.make_id_scan("reduce", _reduce_py, Reduction)
+column_min = _fast.make_id_scan("column_min", _column_min_py)
+column_max = _fast.make_id_scan("column_max", _column_max_py)
+column_sum = _fast.make_id_scan("column_sum", _column_sum_py)
 
 
 # ---------------------------------------------------------------- hot paths

@@ -28,10 +28,13 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
+
+from . import _fast
 from ._core import ffi, lib
 from .errors import (
     DuplicateKeyError,
@@ -223,8 +226,8 @@ class WorkflowStore:
                 self._dctx = zstandard.ZstdDecompressor()
             self.get = self._get_decompressed  # type: ignore[method-assign]
         else:
-            # The fast path: get is a C builtin bound to this handle (store_py.c).
-            self.get = _make_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
+            # The fast path: get is a C builtin bound to this handle (native/cpython/store_py.c).
+            self.get = _fast.make_store_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
                                     _slow_path(self), self)
 
     def _release(self) -> None:
@@ -301,7 +304,7 @@ class WorkflowStore:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
-        C builtin from store_py.c, which does the same in one call.)
+        C builtin from native/cpython/store_py.c, which does the same in one call.)
         """
         if key.__class__ is not bytes:
             key = _key_bytes(key)
@@ -385,6 +388,8 @@ class WorkflowStore:
         return self._info["count"]
 
     def _record_offsets(self) -> np.ndarray:
+        import numpy as np
+
         self._check_open()
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
@@ -498,15 +503,11 @@ def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
 
 def _detach_getter(getter: Any) -> None:
     if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
-        _detach(getter)
+        _fast.detach_store_getter(getter)
 
 
 def _closed_find(handle: Any, key: bytes, n: int) -> int:
     raise StoreClosedError("the store is closed")
-
-
-if lib.knhk_store_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(_last_error())
 
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:
@@ -550,6 +551,8 @@ class WorkflowStoreWriter:
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
                  seed: int = DEFAULT_SEED) -> None:
+        import numpy as np
+
         if not 0 < load_factor <= 0.95:
             raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
         if zstd_dict is not None and compress is None:
@@ -623,6 +626,8 @@ class WorkflowStoreWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import numpy as np
+
         keys, vals, slots = self._pk, self._pv, self._pslot
         n = len(keys)
         if not n:
@@ -668,6 +673,8 @@ class WorkflowStoreWriter:
 
     def commit(self) -> Path:
         """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        import numpy as np
+
         if self._file is None:
             raise StoreClosedError("the writer is already committed or discarded", path=self.path,
                                    problem="closed")

@@ -484,10 +484,9 @@ void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations) {
     }
 }
 
-/* ------------------------------------------------------------------ numpy glue helpers */
+/* ------------------------------------------------------------------ references for other holders */
 
-/* Take a reference for a numpy handler (owner thread, open arena only). */
-int _knhk_arena_ref(knhk_arena *a) {
+int knhk_arena_retain(knhk_arena *a) {
     if (!is_owner(a)) return not_owner("arena numpy scope");
     if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
         _knhk_set_error("numpy scope on a closed arena");
@@ -497,4 +496,4 @@ int _knhk_arena_ref(knhk_arena *a) {
     return KNHK_OK;
 }
 
-void _knhk_arena_unref(knhk_arena *a) { unref(a); }
+void knhk_arena_release(knhk_arena *a) { unref(a); }

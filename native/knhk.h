@@ -1,10 +1,13 @@
 /*
  * knhk.h -- the public C API of knhk-memory.
  *
- * One header, one prefix (knhk_). The text between the KNHK_CDEF markers is
- * read verbatim by native/build_native.py as the cffi cdef, so it must stay
- * plain declarations: no preprocessor conditionals, no inline functions.
- * Internal helpers live in knhk_internal.h with the _knhk_ prefix.
+ * One header, one prefix (knhk_), no Python: what an engine written in C, or
+ * any language's FFI, calls. The text between the KNHK_CDEF markers is read
+ * verbatim by native/build_native.py as the cffi cdef, so it must stay plain
+ * declarations: no preprocessor conditionals, no inline functions. Internal
+ * helpers live in knhk_internal.h with the _knhk_ prefix; the tick harness's
+ * operations and the benchmarks' fixtures in knhk_hotops.h. The CPython
+ * fast-path module (knhk_memory._fast, native/cpython/) uses this API only.
  */
 #ifndef KNHK_H
 #define KNHK_H
@@ -122,6 +125,9 @@ extern "C" {
 #define KNHK_SIMD_HIST_FAST_BINS 1024
 #define KNHK_SIMD_FIND_MANY_CHUNK 16384
 
+/* Everything declared between the markers is exported from the core's shared
+   library; everything else in native/ is built hidden (-fvisibility=hidden). */
+#pragma GCC visibility push(default)
 /* KNHK_CDEF_BEGIN */
 
 /* ---------------------------------------------------------------- status */
@@ -235,23 +241,6 @@ int knhk_backend_native_stats(const knhk_backend *b, knhk_native_stats *out);
 /* Return unused memory to the OS: malloc_trim, jemalloc purge, mi_collect. */
 int knhk_backend_release_unused(const knhk_backend *b);
 
-/* Hot-path operation: one 64-byte knhk_malloc + knhk_free pair.
-   ctx: the const knhk_backend *. */
-void knhk_backend_hotop_malloc_free(void *ctx, uint64_t iterations);
-
-/* ---------------------------------------------------------------- numpy (NEP 49) */
-
-/* Make `b` numpy's data-memory handler in the calling thread's context
-   (numpy keeps it in a contextvar). Returns a token holding the previous
-   handler, to give to knhk_numpy_handler_restore, or NULL with *status set.
-   Takes the GIL itself. */
-void *knhk_numpy_handler_push(const knhk_backend *b, int *status);
-/* Put back the handler a token holds, and release the token. */
-int knhk_numpy_handler_restore(void *token);
-/* Release a token without restoring it. */
-void knhk_numpy_handler_discard(void *token);
-/* The handler name numpy reports for arrays allocated through `b`. */
-const char *knhk_numpy_handler_name(const knhk_backend *b);
 
 /* ---------------------------------------------------------------- ticks */
 
@@ -302,7 +291,6 @@ uint64_t knhk_ticks_now(void);
 /* Time fn(ctx, iterations) in params->batches batches; see knhk_ticks_result. */
 int knhk_ticks_measure(knhk_hotop_fn fn, void *ctx, const knhk_ticks_params *params, knhk_ticks_result *out);
 /* Hot-path operation: nothing, in the loop every hot op has (the harness's baseline). */
-void knhk_ticks_hotop_empty(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- once */
 
 /* A once-cell: a value set exactly once, read with one acquire load.
@@ -333,8 +321,6 @@ int knhk_once_set(knhk_once *o, void *value);
    deadlocking. A cell whose initialiser ran in a thread that fork() left
    behind is reset in the child, so the child does not hang. */
 int knhk_once_run(knhk_once *o, knhk_once_init_fn init, void *arg, void **value_out);
-/* Hot-path operation: one knhk_once_get of a full cell. ctx: the knhk_once *. */
-void knhk_once_hotop_read(void *ctx, uint64_t iterations);
 
 /* ---------------------------------------------------------------- registry */
 
@@ -366,9 +352,6 @@ int knhk_registry_is_frozen(const knhk_registry *r);
 uint32_t knhk_registry_count(const knhk_registry *r);
 /* The pattern numbered id, or NULL (unknown or out of range). */
 const knhk_pattern *knhk_registry_lookup(const knhk_registry *r, uint32_t id);
-/* Hot-path operation: knhk_registry_lookup of ids cycling over [1, max_id].
-   ctx: a frozen knhk_registry *. */
-void knhk_registry_hotop_lookup(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- counters */
 
 /* A counter block lives in memory the caller provides (private, a file or
@@ -456,19 +439,6 @@ int knhk_counters_pattern_record_many(knhk_counters *c, const int64_t *patterns,
    is 0 for a pattern never recorded. out must hold 4*KNHK_PATTERN_COUNT. */
 int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t len);
 
-/* Hot-path operation: knhk_counters_add(ctx, 0, 1). ctx: a knhk_counters *. */
-void knhk_counters_hotop_add(void *ctx, uint64_t iterations);
-/* Hot-path operations: knhk_counters_writer_add(w, 0, 1) with w the calling
-   thread's writer for ctx (a knhk_counters *), fetched once per call; the
-   add inlined as in a caller inside the library, and (_call) through a
-   function pointer, as a caller in another shared object pays for it. */
-void knhk_counters_hotop_writer_add(void *ctx, uint64_t iterations);
-void knhk_counters_hotop_writer_add_call(void *ctx, uint64_t iterations);
-/* False-sharing benchmark: two threads each add 1 `iterations` times to
-   their own counter, the two counters KNHK_CACHE_LINE apart (padded != 0)
-   or adjacent. atomic_rmw != 0 uses lock-prefixed adds instead of the
-   owner's load+store. Wall time in ns into *elapsed_ns. */
-int knhk_counters_bench_false_sharing(uint64_t iterations, int padded, int atomic_rmw, uint64_t *elapsed_ns);
 /* ------------------------------------------------ arena */
 
 /* A bump allocator over chunks taken from a backend. Allocation, reset and
@@ -518,19 +488,15 @@ void knhk_arena_block_free(knhk_arena *a, void *ptr);
    counted blocks are live or from another thread than the owner). */
 int knhk_arena_reset(knhk_arena *a);
 int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out);
+/* Take a reference on an open arena for a holder other than its owner (a
+   numpy data handler, say): owner thread only, KNHK_ERR_STATE once closed.
+   The arena's memory stays until every reference is released. */
+int knhk_arena_retain(knhk_arena *a);
+/* Drop a reference taken with knhk_arena_retain; any thread. */
+void knhk_arena_release(knhk_arena *a);
 /* Whether the kernel offers madvise(MADV_HUGEPAGE) (THP not "never"). */
 int knhk_arena_huge_pages_available(void);
 
-/* Hot-path operation: one 64-byte, 16-aligned allocation from an arena with
-   room (a reset, amortised, whenever the current chunk is full).
-   ctx: a knhk_arena * owned by the calling thread. */
-void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations);
-
-/* Make numpy allocate array data from the arena in the calling thread's
-   context (a NEP 49 handler holding a reference on the arena). Returns the
-   previous handler as a token for knhk_numpy_handler_restore, or NULL with
-   *status set. Takes the GIL itself. */
-void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status);
 /* ---------------------------------------------------------------- workflow store */
 
 /* A read-only view of a store file the caller has mapped (or read) at
@@ -556,12 +522,6 @@ typedef struct {
     uint64_t seed;
 } knhk_store_info;
 
-/* For knhk_store_hotop_probe: one present key of an open store. */
-typedef struct {
-    knhk_store *store;
-    const char *key;
-    size_t key_len;
-} knhk_store_probe_ctx;
 
 /* XXH64 of data[0, len). The store's key hash and every checksum. */
 uint64_t knhk_store_hash(const void *data, size_t len, uint64_t seed);
@@ -580,6 +540,9 @@ void knhk_store_get_info(const knhk_store *s, knhk_store_info *out);
    bounds or checksum (knhk_last_error() says where). A record's checksum is
    checked the first time it is read. Thread-safe. */
 int64_t knhk_store_find(knhk_store *s, const char *key, size_t len);
+/* As knhk_store_find, the span unpacked: 0 with *off and *vlen set (the value
+   is base[*off, *off + *vlen)), or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
+int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *off, uint64_t *vlen);
 /* The same, with the span in span[0] (offset) and span[1] (length). */
 int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span);
 
@@ -616,17 +579,6 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
 int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
                            uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
 
-/* Install the CPython fast path into the module knhk_memory.store (which must
-   be importable): the builtins _make_getter(handle_address, view, slow, owner) and
-   _detach(getter). A getter (which keeps owner alive) is a METH_FASTCALL builtin get(key, default=None)
-   that runs the probe with the GIL held (it is shorter than a GIL round trip)
-   and returns view[off:off + len]; misses on anything but an absent key go to
-   slow(key, code, default). Takes the GIL itself. */
-int knhk_store_py_install(void);
-
-/* Hot-path operation: one lookup of a present key (hash, probe, bounds
-   check, key compare). ctx: a knhk_store_probe_ctx *. */
-void knhk_store_hotop_probe(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- simd */
 
 /* Levels of the SIMD dispatch table. Every operation has a kernel per level;
@@ -647,6 +599,8 @@ int knhk_simd_init(void);
 /* The active level, or -1 when knhk_simd_init has failed. (Operations called
    in that state run the scalar kernels; the Python layer refuses them.) */
 int knhk_simd_level(void);
+/* 1 once a level is active (scans may run), 0 while none is (a bad KNHK_SIMD). */
+int knhk_simd_ready(void);
 /* The level "auto" means here: the highest this machine supports, except
    that avx512 is passed over on a core with KNHK_CPU_AVX512_DOWNCLOCK (there
    a 512-bit kernel costs the rest of the program more than it saves; force
@@ -738,46 +692,9 @@ uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, 
 size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
                                  size_t from, int64_t *out, size_t cap, size_t *next);
 
-/* Hot-path operations (knhk_hotop_fn). search_64: a 16-byte needle in a
-   64-byte window (match in the last candidate) through a needle prepared at
-   setup (`prepared`, from knhk_simd_needle_new on `needle`): the kernel
-   pointer is fetched once per batch, every iteration is a full search. */
-typedef struct {
-    uint8_t window[64];
-    uint8_t needle[16];
-    int64_t result;
-    knhk_simd_needle *prepared;
-} knhk_simd_search64_ctx;
-void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations);
-/* The same search through the dispatched knhk_simd_find (needle not
-   prepared), for comparison; same ctx (`prepared` unused). */
-void knhk_simd_hotop_search_64_dispatch(void *ctx, uint64_t iterations);
-
-/* count_eq_4k: knhk_simd_count_eq over 1024 uint32 ids (4 KiB). */
-typedef struct {
-    uint32_t ids[1024];
-    uint32_t value;
-    uint64_t result;
-} knhk_simd_count4k_ctx;
-void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
-
-/* Install the CPython fast paths of knhk_memory.simd (simd_py.c) into that
-   module (which must be importable): the builtins _make_fast(kind, slow) and
-   _make_needle_method(kind, needle_address, owner, slow), kind 0 = find and
-   1 = count. They are METH_FASTCALL builtins that take bytes, bytearray or any
-   C-contiguous buffer and int/None bounds, scan with the GIL held below
-   64 KiB (a GIL round trip costs more) and without it above; any other
-   argument goes to slow(*args, **kwargs) (conversions, errors). Takes the
-   GIL itself. */
-int knhk_simd_py_install(void);
-
-/* The median over `reps` batches of the ticks one call of fn(ctx, 1) costs,
-   each batch timing fn(ctx, batch) with knhk_ticks_now (the TSC on x86_64,
-   nanoseconds in a KNHK_PORTABLE build). reps is clamped to [1, 1001];
-   batch 0 counts as 1. */
-double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
 /* KNHK_CDEF_END */
+#pragma GCC visibility pop
 
 #ifdef __cplusplus
 }

@@ -973,7 +973,7 @@ int knhk_simd_set_level(int level) {
     return KNHK_OK;
 }
 
-bool _knhk_simd_ready(void) { return atomic_load_explicit(&active, memory_order_acquire) != NULL; }
+int knhk_simd_ready(void) { return atomic_load_explicit(&active, memory_order_acquire) != NULL; }
 
 __attribute__((noinline, cold)) static const simd_table *table_slow(void) {
     knhk_simd_init();

@@ -54,9 +54,9 @@ setup_venv() {
   fi
   # Reinstall only when the build inputs changed since the last install.
   local stamp="$VENV/.knhk-setup-stamp" digest
-  digest=$(cat pyproject.toml setup.py native/*.h native/*.c native/build_native.py \
+  digest=$(cat pyproject.toml setup.py native/*.h native/*.c native/cpython/*.h native/cpython/*.c native/build_native.py \
            <(printf '%s|' "${KNHK_SANITIZE:-}" "${KNHK_DEBUG:-}" "${KNHK_CFLAGS:-}" "${KNHK_PORTABLE:-}") | sha256sum | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import knhk_memory._native' 2>/dev/null; then
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import knhk_memory._native, knhk_memory._fast' 2>/dev/null; then
     return
   fi
   say "installing knhk-memory and its test extras into $VENV"

@@ -408,18 +408,26 @@ def test_nested_handlers_unwind_in_order():
     assert handler_name() == "default_allocator"
 
 
-def test_handler_restore_and_discard_in_c():
+def test_handler_push_and_set_in_the_fast_module():
+    from knhk_memory import _fast
+
     b = get_backend("system")
-    status = ffi.new("int *")
-    token = lib.knhk_numpy_handler_push(b.cdata, status)
-    assert status[0] == lib.KNHK_OK and token != ffi.NULL
+    address = int(ffi.cast("uintptr_t", b.cdata))
+    previous = _fast.numpy_handler_push(address)
     assert handler_name() == "knhk_memory.system"
-    token2 = lib.knhk_numpy_handler_push(b.cdata, status)
-    lib.knhk_numpy_handler_discard(token2)  # drop without restoring: still routed
+    _fast.numpy_handler_push(address)  # its result dropped without restoring: still routed
     assert handler_name() == "knhk_memory.system"
-    assert lib.knhk_numpy_handler_restore(token) == lib.KNHK_OK
+    replaced = _fast.numpy_handler_set(previous)
     assert handler_name() == "default_allocator"
-    assert lib.knhk_numpy_handler_restore(ffi.NULL) == lib.KNHK_ERR_INVALID
+    _fast.numpy_handler_set(replaced)
+    assert handler_name() == "knhk_memory.system"
+    _fast.numpy_handler_set(previous)
+    with pytest.raises(TypeError, match=r"numpy_handler_set\(handler: the capsule a push returned\)"):
+        _fast.numpy_handler_set(None)
+    with pytest.raises(TypeError, match="numpy_handler_push: expected an int address, got str"):
+        _fast.numpy_handler_push("x")
+    with pytest.raises(ValueError, match="numpy_handler_push: NULL address"):
+        _fast.numpy_handler_push(0)
 
 
 def test_hot_op_runs():

@@ -12,7 +12,7 @@ import pytest
 # A failed assertion in a worker thread fails the test, not just warns.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
-from knhk_memory import get_backend
+from knhk_memory import _fast, get_backend
 from knhk_memory._core import ffi, lib
 from knhk_memory.arena import Arena, ThreadLocalArena, hot_ops, huge_pages_available
 from knhk_memory.errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
@@ -554,11 +554,12 @@ def test_c_layer_refuses_other_threads():
         results["alloc"] = lib.knhk_arena_block_alloc(raw, 8, 16, status) == ffi.NULL and status[0]
         results["reset"] = lib.knhk_arena_reset(raw)
         results["stats"] = lib.knhk_arena_stats_get(raw, ffi.new("knhk_arena_stats *"))
-        results["push"] = lib.knhk_numpy_arena_handler_push(raw, status) == ffi.NULL and status[0]
+        results["retain"] = lib.knhk_arena_retain(raw)
+        results["push"] = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
     t = threading.Thread(target=other)
     t.start()
     t.join()
-    assert results == dict.fromkeys(("alloc", "reset", "stats", "push"), lib.KNHK_ERR_STATE)
+    assert results == dict.fromkeys(("alloc", "reset", "stats", "retain", "push"), lib.KNHK_ERR_STATE)
     a.close()
 
 

@@ -103,7 +103,7 @@ def spied(name: str, extra=None):
         return slow(name)(*args, **kwargs)
 
     args = (name, spy) if extra is None else (name, spy, extra)
-    return simd._make_ids_fast(*args), calls  # noqa: SLF001
+    return simd._fast.make_id_scan(*args), calls  # noqa: SLF001
 
 
 def test_the_common_calls_take_the_fast_path_and_the_rest_fall_back():
@@ -439,11 +439,11 @@ def test_large_scans_release_the_gil_and_agree(level):
 
 
 def test_factory_rejects_bad_arguments():
-    msg = r"_make_ids_fast\(name: count_eq, find_eq, .*slow: callable, result_type: for reduce, a NamedTuple class\)"
+    msg = r"make_id_scan\(name: count_eq, find_eq, .*slow: callable, result_type: for reduce, a NamedTuple class\)"
     for args in (("nope", print), ("count_eq", 5), ("reduce", print), ("reduce", print, dict),
                  ("reduce", print, type("T", (tuple,), {})), (b"count_eq", print), ("count_eq",)):
         with pytest.raises(TypeError, match=msg):
-            simd._make_ids_fast(*args)  # noqa: SLF001
-    fn = simd._make_ids_fast("reduce", slow("reduce"), type("T", (tuple,), {"__slots__": ()}))  # noqa: SLF001
+            simd._fast.make_id_scan(*args)  # noqa: SLF001
+    fn = simd._fast.make_id_scan("reduce", slow("reduce"), type("T", (tuple,), {"__slots__": ()}))  # noqa: SLF001
     r = fn(np.array([4, 2], np.uint8))
     assert type(r).__name__ == "T" and r == (2, 4, 6)

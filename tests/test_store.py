@@ -438,6 +438,9 @@ def _exercise(data: bytes, keys: list[str]) -> None:
             r = lib.knhk_store_find_span(s, kb, len(kb), span)
             if r >= 0:
                 assert span[0] + span[1] <= len(data)
+            r = lib.knhk_store_lookup(s, kb, len(kb), span, span + 1)  # the fast get's probe
+            if r >= 0:
+                assert span[0] + span[1] <= len(data)
         offs = ffi.new("uint64_t[64]")
         n = lib.knhk_store_live_offsets(s, offs, 64)
         spans = ffi.new("uint64_t[4]")

@@ -6,6 +6,7 @@ directly, so a missing build is reported once, with what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from .errors import KnhkMemoryError, NativeError
@@ -37,3 +38,29 @@ def check(status: int, what: str, exc_type: type[KnhkMemoryError] = NativeError)
     """Raise ``exc_type`` unless ``status`` is KNHK_OK."""
     if status != lib.KNHK_OK:
         raise_status(status, what, exc_type)
+
+
+ErrorFactory = Callable[[str], BaseException]
+
+
+def check_as(status: int, error: ErrorFactory | None = None, *, what: str = "",
+             exc_type: type[KnhkMemoryError] = NativeError,
+             special: Mapping[int, ErrorFactory] | None = None) -> None:
+    """Raise unless ``status`` is KNHK_OK: the one way a C status becomes an exception.
+
+    ``special[status](detail)`` when the status has an exception of its own
+    (``{lib.KNHK_ERR_NOMEM: lambda d: MemoryError(...)}``), else
+    ``error(detail)`` for a message the caller words, else the standard
+    message of :func:`check` (``what``, ``exc_type``). ``detail`` is the
+    calling thread's last message from the C core (:func:`last_error`), read
+    before any factory runs.
+    """
+    if status == lib.KNHK_OK:
+        return
+    make = special.get(status, error) if special else error
+    if make is None:
+        raise_status(status, what, exc_type)
+    raise make(last_error())
+
+
+__all__ += ["check_as", "ErrorFactory"]

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from . import _fast
-from ._core import check, ffi, last_error, lib
+from ._core import check, check_as, ffi, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
@@ -314,9 +314,8 @@ def get_backend(name: BackendName) -> Backend:
         err = ffi.new("char[1024]")
         override = library_override(name)
         library = ffi.new("char[]", override.encode()) if override else ffi.NULL
-        status = lib.knhk_backend_load(_IDS[name], library, out, err, len(err))
-        if status != lib.KNHK_OK:
-            raise _load_error(name, ffi.string(err).decode("utf-8", "replace") or last_error())
+        check_as(lib.knhk_backend_load(_IDS[name], library, out, err, len(err)),
+                 lambda detail: _load_error(name, ffi.string(err).decode("utf-8", "replace") or detail))
         backend = _backends[name] = Backend(name, out[0])
         return backend
 

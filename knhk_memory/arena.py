@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _fast
-from ._core import ffi, last_error, lib, raise_status
+from ._core import check, check_as, ffi, lib
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
 
@@ -154,9 +154,7 @@ class Arena:
         self.backend = _backend_arg(backend)
         self.chunk_size, self.max_chunk_size, self.huge_pages = cs, mcs, huge_pages
         out = ffi.new("knhk_arena **")
-        status = lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "creating an arena")
+        check(lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out), "creating an arena")
         self._raw = out[0]
         # The owner's reference, dropped by close() or when the Arena is collected.
         self._ptr = ffi.gc(out[0], lib.knhk_arena_close)
@@ -181,10 +179,7 @@ class Arena:
         return raw
 
     def _failed(self, what: str) -> None:
-        status = self._status[0]
-        if status == lib.KNHK_ERR_NOMEM:
-            raise MemoryError(f"{what}: {last_error()}")
-        raise_status(status, what)
+        check_as(self._status[0], what=what, special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{what}: {d}")})
 
     # -- allocation
     def alloc(self, nbytes: int, align: int = 16) -> memoryview:
@@ -251,13 +246,10 @@ class Arena:
 
         Raises :class:`ArenaBusyError` while blocks or arrays made from it are alive."""
         raw = self._usable("reset")
-        status = lib.knhk_arena_reset(raw)
-        if status != lib.KNHK_OK:
-            live = self.stats().live_blocks
-            raise ArenaBusyError(
-                f"cannot reset the arena: {live} block(s) made from it (arrays or buffers) are still alive; "
-                "drop every reference to them first (del), or close() the arena, which returns its memory "
-                "once they are gone")
+        check_as(lib.knhk_arena_reset(raw), lambda _: ArenaBusyError(
+            f"cannot reset the arena: {self.stats().live_blocks} block(s) made from it (arrays or buffers) are "
+            "still alive; drop every reference to them first (del), or close() the arena, which returns its "
+            "memory once they are gone"))
 
     def close(self) -> None:
         """Stop allocating and give the owner's hold on the memory up. Idempotent.
@@ -276,9 +268,7 @@ class Arena:
             return ArenaStats(*(getattr(self._final, f) for f in _STAT_FIELDS), closed=True)
         raw = self._usable("read statistics")
         out = ffi.new("knhk_arena_stats *")
-        status = lib.knhk_arena_stats_get(raw, out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "arena statistics")
+        check(lib.knhk_arena_stats_get(raw, out), "arena statistics")
         return ArenaStats(*(getattr(out, f) for f in _STAT_FIELDS))
 
     @property

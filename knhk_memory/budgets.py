@@ -42,7 +42,8 @@ from .errors import ConfigError, HotOpError, UnknownOperationError, did_you_mean
 from .hotpath import BudgetUnit, HotOp, PyHotOp
 
 __all__ = [
-    "COUNTERS", "TickSource", "Verdict", "OpKind", "BudgetSource", "CounterInfo", "Settings", "Measurement", "OpResult", "BudgetReport",
+    "COUNTERS", "TickSource", "Verdict", "OpKind", "BudgetSource",
+    "CounterInfo", "Settings", "Measurement", "OpResult", "BudgetReport",
     "counter_info", "choose_counter", "use_counter", "gather_ops", "resolve_budgets",
     "measure_native", "measure_python", "check_op", "run_budgets", "format_table",
 ]
@@ -160,9 +161,7 @@ def use_counter(requested: TickSource = "auto", facts: dict[str, Any] | None = N
     real = _facts()
     facts = real if facts is None else {**real, **facts}
     source, trusted, note = choose_counter(facts, requested)
-    status = lib.knhk_ticks_select(source)
-    if status != lib.KNHK_OK:
-        check(status, f"selecting tick counter {requested!r}", HotOpError)
+    check(lib.knhk_ticks_select(source), f"selecting tick counter {requested!r}", HotOpError)
     now = _facts()
     if source == lib.KNHK_TICKS_CLOCK_GETTIME:
         tick_hz = float(facts["tsc_hz"]) if facts["has_tsc"] else 0.0

@@ -27,7 +27,6 @@ import mmap
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from importlib import resources
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +35,8 @@ if TYPE_CHECKING:
 
 
 from . import _fast
-from ._core import check, ffi, last_error, lib, raise_status
+from ._core import check, check_as, ffi, lib
+from .patterns import builtin_patterns
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -60,14 +60,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def pattern_names() -> dict[int, str]:
-    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list."""
-    text = resources.files("knhk_memory").joinpath("data/wcp-control-flow-patterns.tsv").read_text("utf-8")
-    out: dict[int, str] = {}
-    for line in text.splitlines()[1:]:
-        if line.strip():
-            pid, name, *_ = line.split("\t")
-            out[int(pid)] = name
-    return out
+    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list
+    (read by :func:`knhk_memory.patterns.builtin_patterns`)."""
+    return {p.number: p.name for p in builtin_patterns()}
 
 
 PATTERNS: dict[int, str] = pattern_names()
@@ -200,10 +195,9 @@ class _Block:
 
     def _open(self, mapping: _Mapping) -> None:
         out = ffi.new("knhk_counters **")
-        status = lib.knhk_counters_open(mapping.buf, len(mapping.mm), out)
-        if status != lib.KNHK_OK:
-            where = f"{mapping.name!r}" if mapping.name else "the block"
-            raise SharedBlockError(f"{where} is not a counter block this build can use: {last_error()}")
+        where = f"{mapping.name!r}" if mapping.name else "the block"
+        check_as(lib.knhk_counters_open(mapping.buf, len(mapping.mm), out),
+                 lambda d: SharedBlockError(f"{where} is not a counter block this build can use: {d}"))
         raw = out[0]
         flavor = lib.knhk_counters_flavor(raw)
         if flavor != self._flavor:
@@ -419,10 +413,8 @@ class Counters(_Block):
         idx = _int_array(arr, "counter indices")
         if idx.size == 0:
             return
-        status = lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "adding to counters")
+        check_as(lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step),
+                 what="adding to counters", special={lib.KNHK_ERR_INVALID: CounterIndexError})
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
@@ -506,9 +498,7 @@ class CounterWriter:
 
     @staticmethod
     def _refused(status: int) -> None:
-        if status == lib.KNHK_ERR_STATE:
-            raise CounterWriterError(last_error())
-        check(status, "adding through a counter writer")
+        check_as(status, what="adding through a counter writer", special={lib.KNHK_ERR_STATE: CounterWriterError})
 
     @property
     def counters(self) -> Counters:
@@ -609,11 +599,9 @@ class PatternStats(_Block):
             raise ValueError(f"patterns and ticks differ in length: {p.size} and {t.size}")
         if p.size == 0:
             return
-        status = lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
-                                                       ffi.from_buffer("uint64_t[]", t), p.size)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "recording patterns")
+        check_as(lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
+                                                       ffi.from_buffer("uint64_t[]", t), p.size),
+                 what="recording patterns", special={lib.KNHK_ERR_INVALID: CounterIndexError})
 
     def _raw(self) -> np.ndarray:
         import numpy as np

@@ -6,7 +6,6 @@ accepted. All of them derive from :class:`KnhkMemoryError`.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable
 
 
@@ -19,6 +18,8 @@ def did_you_mean(word: str, candidates: Iterable[str], *, cutoff: float = 0.6,
     ``template``; ``""`` when none is close. With ``normalise``, a word with no
     close match is compared again in normalised form (the candidates given
     back as they were spelled)."""
+    import difflib  # on an error path only: not paid by `import knhk_memory`
+
     names = list(candidates)
     close = difflib.get_close_matches(word, names, n=3, cutoff=cutoff)
     if not close and normalise is not None:

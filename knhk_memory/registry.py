@@ -17,16 +17,13 @@ state (it belongs to the workflow), or values that change after start.
 from __future__ import annotations
 
 import atexit
-import csv
 import functools
-import io
 import re
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ._core import check, ffi, lib
@@ -40,6 +37,7 @@ from .errors import (
     did_you_mean,
 )
 from .once import OnceLock
+from .patterns import Pattern, builtin_patterns, read_table
 
 if TYPE_CHECKING:
     import pluggy
@@ -48,38 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries"]
 
-PATTERN_TABLE = "wcp-control-flow-patterns.tsv"
-
-
-@dataclass(frozen=True, slots=True)
-class Pattern:
-    """One workflow control-flow pattern: ``number`` (WCP-n), ``name``, ``group``."""
-
-    number: int
-    name: str
-    group: str
-
-    @property
-    def code(self) -> str:
-        return f"WCP-{self.number}"
-
-
 def _normalise(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip()).casefold()
-
-
-def _read_table(text: str, source: str) -> list[Pattern]:
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
-    if not rows or [c.strip() for c in rows[0]] != ["id", "name", "group"]:
-        raise ValueError(f"{source}: the header must be 'id<TAB>name<TAB>group', got {rows[:1]!r}")
-    patterns = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != 3 or not row[0].strip().isdigit():
-            raise ValueError(f"{source}:{line}: expected 'number<TAB>name<TAB>group', got {row!r}")
-        patterns.append(Pattern(int(row[0]), row[1].strip(), row[2].strip()))
-    return patterns
 
 
 class _Table:
@@ -126,9 +94,8 @@ class PatternRegistry:
 
     def _load(self) -> _Table:
         if self._text is not None:
-            return _Table(_read_table(self._text, "<table_text>"))
-        text = resources.files("knhk_memory").joinpath("data", PATTERN_TABLE).read_text(encoding="utf-8")
-        return _Table(_read_table(text, f"knhk_memory/data/{PATTERN_TABLE}"))
+            return _Table(read_table(self._text, "<table_text>"))
+        return _Table(list(builtin_patterns()))
 
     @property
     def _t(self) -> _Table:

@@ -25,8 +25,8 @@ from typing import Any, Literal, NamedTuple, cast
 import numpy as np
 
 from . import _fast
-from ._core import ffi, last_error, lib
-from .errors import SimdLevelError, SimdTypeError, SimdValueError
+from ._core import ErrorFactory, check_as, ffi, last_error, lib
+from .errors import KnhkMemoryError, SimdLevelError, SimdTypeError, SimdValueError
 
 __all__ = [
     "SimdLevel", "SimdSetting", "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
@@ -104,9 +104,8 @@ def set_level(name: SimdSetting) -> str:
     global _init_error
     lid = _level_id(name)
     previous = LEVELS[lib.knhk_simd_level()] if lib.knhk_simd_level() >= 0 else "none"
-    if lib.knhk_simd_set_level(lid) != lib.KNHK_OK:
-        raise SimdLevelError(f"cannot use SIMD level {name!r}: {last_error()}; "
-                             f"this machine supports: {', '.join(supported_levels())}")
+    check_as(lib.knhk_simd_set_level(lid), lambda d: SimdLevelError(
+        f"cannot use SIMD level {name!r}: {d}; this machine supports: {', '.join(supported_levels())}"))
     _init_error = None
     return previous
 
@@ -322,11 +321,13 @@ class Needle:
         self.needle: bytes = _needle(needle)
         lid = -1 if level is None else _level_id(level)
         out = ffi.new("knhk_simd_needle **")
-        status = lib.knhk_simd_needle_new(self.needle, len(self.needle), lid, out)
-        if status != lib.KNHK_OK:
-            err = SimdLevelError if status in (lib.KNHK_ERR_UNAVAILABLE, lib.KNHK_ERR_INVALID) else SimdValueError
-            raise err(f"cannot prepare the needle at level {level!r}: {last_error()}; "
-                      f"this machine supports: {', '.join(supported_levels())}")
+        def failed(err: type[KnhkMemoryError]) -> ErrorFactory:
+            return lambda d: err(f"cannot prepare the needle at level {level!r}: {d}; "
+                                 f"this machine supports: {', '.join(supported_levels())}")
+
+        check_as(lib.knhk_simd_needle_new(self.needle, len(self.needle), lid, out), failed(SimdValueError),
+                 special={lib.KNHK_ERR_UNAVAILABLE: failed(SimdLevelError),
+                          lib.KNHK_ERR_INVALID: failed(SimdLevelError)})
         nd = self._nd = ffi.gc(out[0], lib.knhk_simd_needle_free)
         self.level: str = LEVELS[nd.level]
         # The builtins hold the needle's memory (nd), not this object: no cycle.
@@ -602,8 +603,8 @@ def _search64_setup(level: str | None = None) -> tuple[Any, Any]:
     ffi.memmove(ctx.window, window.tobytes(), 64)
     ffi.memmove(ctx.needle, needle, 16)
     out = ffi.new("knhk_simd_needle **")
-    if lib.knhk_simd_needle_new(ctx.needle, 16, lid, out) != lib.KNHK_OK:  # pragma: no cover - NOMEM
-        raise SimdValueError(f"search_64: cannot prepare the needle: {last_error()}")
+    check_as(lib.knhk_simd_needle_new(ctx.needle, 16, lid, out),  # only on NOMEM
+             lambda d: SimdValueError(f"search_64: cannot prepare the needle: {d}"))
     ctx.prepared = out[0]
     holder = [ctx]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any
 
 import pytest
 from knhk_memory.plugins import memory
@@ -211,7 +212,8 @@ def test_claims_are_counted_and_released_once():
     backend = allocator.get_backend("system")
     a = process.claim(process.ProcessSettings(backend), "a")
     b = process.claim(process.ProcessSettings(backend), "b")
-    with pytest.raises(ProcessStateError, match="numpy routing true asked, false held: .* held by a and 1 more;") as info:
+    with pytest.raises(ProcessStateError,
+                       match="numpy routing true asked, false held: .* held by a and 1 more;") as info:
         process.claim(process.ProcessSettings(backend, numpy=True), "c")
     assert info.value.key == "allocator.numpy"
     a.release()
@@ -224,7 +226,8 @@ def test_claims_are_counted_and_released_once():
 def test_a_claim_that_cannot_be_applied_changes_nothing():
     before = state()
     with pytest.raises(SimdLevelError, match="unknown SIMD level 'sse9'"):
-        process.claim(process.ProcessSettings(allocator.get_backend("system"), True, "sse9"), "bad")  # type: ignore[arg-type]
+        bad: Any = "sse9"
+        process.claim(process.ProcessSettings(allocator.get_backend("system"), True, bad), "bad")
     assert state() == before and process.holders() == []
 
 

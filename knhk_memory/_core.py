@@ -64,3 +64,24 @@ def check_as(status: int, error: ErrorFactory | None = None, *, what: str = "",
 
 
 __all__ += ["check_as", "ErrorFactory"]
+
+
+def check_core_version(core: str, package: str) -> None:
+    """Raise ImportError unless the compiled C core's version (``knhk_version()``)
+    is the package's (``knhk_memory/_version.py``): a core left over from
+    another build would be called with the wrong layouts."""
+    if core != package:
+        raise ImportError(
+            f"knhk_memory's compiled C core is version {core!r} but the Python package is {package!r}: the "
+            "build is stale. Rebuild it with `pip install .` (or `bash scripts/dev.sh setup`; in a source "
+            "tree, `python setup.py build_ext --inplace`).")
+
+
+def _check_loaded_core() -> None:
+    from ._version import __version__
+
+    check_core_version(ffi.string(lib.knhk_version()).decode("utf-8", "replace"), __version__)
+
+
+_check_loaded_core()
+__all__ += ["check_core_version"]

@@ -65,3 +65,28 @@ def test_one_pattern_table_reader_for_registry_and_counters():
     with pytest.raises(ValueError, match=r"^t.tsv:3: expected 'number<TAB>name<TAB>group', got \['x', 'y', 'z'\]"):
         read_table("id\tname\tgroup\n1\tA\tg\nx\ty\tz\n", "t.tsv")
     assert read_table("id\tname\tgroup\n\n7\t Seven \t g \n", "t.tsv") == [Pattern(7, "Seven", "g")]
+
+
+def test_the_version_is_written_once_and_the_core_agrees():
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import knhk_memory
+    from knhk_memory._core import ffi
+    from knhk_memory._version import __version__
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "knhk_memory._version.__version__"}
+    assert knhk_memory.__version__ == __version__ == version("knhk-memory")
+    assert ffi.string(lib.knhk_version()).decode() == __version__
+
+
+def test_a_stale_core_is_an_import_error_naming_both_versions():
+    from knhk_memory._core import check_core_version
+
+    check_core_version("0.1.0", "0.1.0")
+    with pytest.raises(ImportError, match=r"^knhk_memory's compiled C core is version '0.0.9' but the Python "
+                                          r"package is '0.1.0': the build is stale. Rebuild it with `pip install .`"):
+        check_core_version("0.0.9", "0.1.0")

@@ -256,7 +256,7 @@ def knhk_workflow_store(config: Config) -> WorkflowStore | None:
 
 
 @hookimpl
-def knhk_simd_level(config: Config) -> str:
+def knhk_simd_level(config: Config) -> simd.SimdLevel:
     services(config)
     return simd.level()
 

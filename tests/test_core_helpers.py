@@ -90,3 +90,17 @@ def test_a_stale_core_is_an_import_error_naming_both_versions():
     with pytest.raises(ImportError, match=r"^knhk_memory's compiled C core is version '0.0.9' but the Python "
                                           r"package is '0.1.0': the build is stale. Rebuild it with `pip install .`"):
         check_core_version("0.0.9", "0.1.0")
+
+
+def test_literal_types_name_exactly_the_runtime_values():
+    from typing import get_args
+
+    from knhk_memory import allocator, budgets, simd
+    from knhk_memory.config import SCHEMA
+
+    assert get_args(simd.SimdLevel) == simd.LEVELS == ("scalar", "avx2", "avx512")
+    assert get_args(simd.SimdSetting) == ("auto", *simd.LEVELS) == SCHEMA["simd"]["level"].choices
+    assert get_args(allocator.BackendName) == allocator.BACKENDS
+    assert get_args(allocator.BackendSetting) == ("auto", *allocator.BACKENDS) == SCHEMA["allocator"]["backend"].choices
+    assert get_args(budgets.TickSource) == tuple(budgets.COUNTERS)
+    assert set(get_args(budgets.Verdict)) == {"ok", "over", "unchecked"}

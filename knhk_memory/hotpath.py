@@ -20,8 +20,16 @@ from typing import Any, Literal
 
 from .errors import HotOpError
 
-__all__ = ["HotOp", "PyHotOp", "BudgetUnit", "DefaultBudget", "BUDGETS_FILE", "default_budgets",
-           "parse_default_budgets", "with_default_budgets"]
+__all__ = [
+    "BUDGETS_FILE",
+    "BudgetUnit",
+    "DefaultBudget",
+    "HotOp",
+    "PyHotOp",
+    "default_budgets",
+    "parse_default_budgets",
+    "with_default_budgets",
+]
 
 # The unit of a budget: ticks per operation (C hot paths), nanoseconds per call (Python calls).
 BudgetUnit = Literal["ticks", "ns"]

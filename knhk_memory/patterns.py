@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 
-__all__ = ["PATTERN_TABLE", "Pattern", "read_table", "builtin_patterns"]
+__all__ = ["PATTERN_TABLE", "Pattern", "builtin_patterns", "read_table"]
 
 PATTERN_TABLE = "wcp-control-flow-patterns.tsv"  # in knhk_memory/data/
 

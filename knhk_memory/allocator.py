@@ -108,8 +108,13 @@ def _valid_align(align: Any) -> int:
     return align
 
 
-class Backend:
-    """One allocator backend. Obtain it with :func:`get_backend`; never build it."""
+class Backend(_fast.BackendBase):
+    """One allocator backend. Obtain it with :func:`get_backend`; never build it.
+
+    ``malloc(nbytes)`` (a :class:`Block` of ``nbytes``, uninitialised, aligned to
+    16) is a C method of the base class (native/cpython/block_py.c) for an int
+    size; anything else goes to :meth:`_malloc_slow`, which checks or raises.
+    """
 
     __slots__ = ("name", "id", "_ptr", "path", "version", "__weakref__")
 
@@ -119,13 +124,14 @@ class Backend:
         self._ptr = ptr
         self.path = ffi.string(lib.knhk_backend_path(ptr)).decode()
         self.version = ffi.string(lib.knhk_backend_version(ptr)).decode()
+        self._fast_bind(int(ffi.cast("uintptr_t", ptr)), Block)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.version} from {self.path}>"
 
     # -- allocation: every Block owns its memory and frees it through this backend
-    def malloc(self, nbytes: int) -> Block:
-        """A block of ``nbytes`` (uninitialised), aligned to 16."""
+    def _malloc_slow(self, nbytes: int) -> Block:
+        """``malloc`` for what the C method does not take: checks, or raises."""
         n = _valid_size(nbytes)
         return Block._adopt(self, lib.knhk_malloc(self._ptr, n), n, lib.KNHK_DEFAULT_ALIGN)
 
@@ -173,29 +179,25 @@ class Backend:
         return self._ptr
 
 
-class Block:
+class Block(_fast.BlockBase):
     """Memory from one backend, freed by that backend.
 
-    ``view()`` gives a writable memoryview. The memory lives until the block
-    *and* every view of it are gone, so a view never dangles; ``free()`` and
-    ``realloc()`` refuse while views are alive rather than invalidate them.
+    ``view()`` gives a writable memoryview (the block exports its memory through
+    the buffer protocol and counts the views). The memory lives until the block
+    is freed or collected; ``free()`` and ``realloc()`` refuse with BufferError
+    while views are alive rather than invalidate them, so a view never dangles.
+    ``free()`` (idempotent) is a C method of the base class
+    (native/cpython/block_py.c).
     """
 
-    __slots__ = ("backend", "_ptr", "_size", "_align")
-
-    def __init__(self) -> None:
-        raise TypeError("Blocks come from Backend.malloc/calloc/aligned")
+    __slots__ = ()
 
     @classmethod
     def _adopt(cls, backend: Backend, ptr: Any, size: int, align: int) -> Block:
         if ptr == ffi.NULL:
             raise MemoryError(f"{backend.name}: allocation of {size} bytes failed")
-        self = object.__new__(cls)
-        self.backend = backend
-        self._ptr = ffi.gc(ptr, _freer(backend), size=size)
-        self._size = size
-        self._align = align
-        return self
+        block: Block = backend._adopt(int(ffi.cast("uintptr_t", ptr)), size, align)
+        return block
 
     @property
     def size(self) -> int:
@@ -206,20 +208,20 @@ class Block:
     @property
     def address(self) -> int:
         self._alive()
-        return int(ffi.cast("uintptr_t", self._ptr))
+        return self._address  # type: ignore[return-value]
 
     @property
     def closed(self) -> bool:
-        return self._ptr is None
+        return self._address is None
 
     def usable_size(self) -> int:
         self._alive()
-        return lib.knhk_usable_size(self.backend._ptr, self._ptr)
+        return int(lib.knhk_usable_size(self.backend._ptr, ffi.cast("void *", self._address)))
 
     def view(self) -> memoryview:
         """A writable, zero-copy view of the block's ``size`` bytes."""
         self._alive()
-        return memoryview(ffi.buffer(self._ptr, self._size))
+        return memoryview(self)
 
     def realloc(self, nbytes: int, align: int | None = None) -> None:
         """Resize in place or move; contents up to the smaller size are kept.
@@ -228,22 +230,8 @@ class Block:
         n = _valid_size(nbytes)
         a = self._align if align is None else max(_valid_align(align), lib.KNHK_DEFAULT_ALIGN)
         self._no_views("realloc")
-        new = lib.knhk_realloc(self.backend._ptr, self._ptr, n, a if a > lib.KNHK_DEFAULT_ALIGN else 0)
-        if new == ffi.NULL:
+        if not self._realloc(n, a if a > lib.KNHK_DEFAULT_ALIGN else 0, a):
             raise MemoryError(f"{self.backend.name}: realloc to {n} bytes failed; the block is unchanged")
-        # The C call already moved or resized the memory: detach the old
-        # destructor before adopting the new pointer.
-        ffi.gc(self._ptr, None)
-        self._ptr = ffi.gc(new, _freer(self.backend), size=n)
-        self._size, self._align = n, a
-
-    def free(self) -> None:
-        """Free now (otherwise the block is freed when it is collected). Idempotent."""
-        if self._ptr is None:
-            return
-        self._no_views("free")
-        ptr, self._ptr = self._ptr, None
-        ffi.release(ptr)
 
     def __enter__(self) -> Block:
         return self
@@ -252,27 +240,20 @@ class Block:
         self.free()
 
     def __repr__(self) -> str:
-        if self._ptr is None:
+        if self._address is None:
             return f"<Block {self.backend.name} freed>"
-        return f"<Block {self.backend.name} {self._size} bytes at {self.address:#x}>"
+        return f"<Block {self.backend.name} {self._size} bytes at {self._address:#x}>"
 
     def _alive(self) -> None:
-        if self._ptr is None:
+        if self._address is None:
             raise KnhkMemoryError(f"this {self.backend.name} block has been freed")
 
     def _no_views(self, what: str) -> None:
         self._alive()
-        # ffi.buffer objects hold the gc'd pointer; the block itself holds one
-        # reference and getrefcount's argument another.
-        extra = sys.getrefcount(self._ptr) - 2
+        extra = self._exports
         if extra > 0:
             raise BufferError(f"cannot {what} a {self.backend.name} block of {self._size} bytes while "
                               f"{extra} view(s) of it are alive; release the memoryviews first")
-
-
-def _freer(backend: Backend) -> Any:
-    b = backend._ptr
-    return lambda p: lib.knhk_free(b, p)
 
 
 # ---------------------------------------------------------------- loading and selection

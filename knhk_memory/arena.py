@@ -128,7 +128,7 @@ def _backend_arg(backend: Backend | BackendName | None) -> Backend:
     raise TypeError(f"backend must be a Backend, a backend name or None, got {type(backend).__name__}")
 
 
-class Arena:
+class Arena(_fast.ArenaBase):
     """A bump allocator over chunks from a backend (default: the selected backend).
 
     :param chunk_size: The first chunk's size in bytes; each new chunk doubles
@@ -158,6 +158,10 @@ class Arena:
         self._raw = out[0]
         # The owner's reference, dropped by close() or when the Arena is collected.
         self._ptr = ffi.gc(out[0], lib.knhk_arena_close)
+        # alloc() and array() are C methods of the base class
+        # (native/cpython/arena_py.c) for the common call; they fall back to
+        # _alloc_slow and _array_slow below for everything else.
+        self._fast_bind(int(ffi.cast("uintptr_t", out[0])))
         self._free = functools.partial(lib.knhk_arena_block_free, self._raw)
         self._owner = threading.get_ident()
         self._status = ffi.new("int *")
@@ -182,10 +186,9 @@ class Arena:
         check_as(self._status[0], what=what, special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{what}: {d}")})
 
     # -- allocation
-    def alloc(self, nbytes: int, align: int = 16) -> memoryview:
-        """A writable, zero-copy buffer of ``nbytes`` (uninitialised) aligned to ``align``.
-
-        The block is live while the memoryview (or anything made from it) is."""
+    def _alloc_slow(self, nbytes: int, align: int = 16) -> memoryview:
+        """``alloc`` for what the C method does not take: checks, converts
+        (numpy integers), allocates through cffi, or raises."""
         raw = self._raw
         if raw is None or _get_ident() != self._owner:
             raw = self._usable("allocate")
@@ -197,10 +200,10 @@ class Arena:
             self._failed(f"arena allocation of {n} bytes aligned to {a}")
         return memoryview(ffi.buffer(ffi.gc(ptr, self._free), n))
 
-    def array(self, shape: int | tuple[int, ...], dtype: Any = "float64", *, align: int | None = None) -> Any:
-        """An uninitialised C-ordered numpy array whose data lives in the arena.
-
-        ``align`` defaults to 16 or the dtype's alignment if larger."""
+    def _array_slow(self, shape: int | tuple[int, ...], dtype: Any = None, *, align: int | None = None) -> Any:
+        """``array`` for what the C method does not take (dtype None is numpy's
+        default, float64): checks, converts or raises; a dtype that passes is
+        remembered so the next call with it takes the C method."""
         import numpy as np
 
         self._usable("allocate an array")
@@ -220,7 +223,9 @@ class Arena:
             raise ValueError(f"shape {dims} of {dt} needs {nbytes} bytes, beyond what an arena serves "
                              f"(at most {MAX_REQUEST} bytes)")
         a = max(16, dt.alignment) if align is None else _align_arg(align)
-        buf = self.alloc(max(nbytes, 1), a)
+        if align is None and (dtype is None or isinstance(dtype, str | type | np.dtype)):
+            self._fast_cache_dtype(dtype, dt)
+        buf = self._alloc_slow(max(nbytes, 1), a)
         return np.frombuffer(buf, dtype=dt, count=count).reshape(dims)
 
     @contextlib.contextmanager
@@ -259,6 +264,7 @@ class Arena:
             return
         if threading.get_ident() == self._owner:
             self._final = self.stats()
+        self._fast_bind(None)
         self._raw = None
         ffi.release(self._ptr)
 

@@ -36,6 +36,7 @@ from .errors import (
     UnknownResourceError,
     did_you_mean,
 )
+from . import _fast
 from .once import OnceLock
 from .patterns import Pattern, builtin_patterns, read_table
 
@@ -70,7 +71,7 @@ class _Table:
                                         p.name.encode()), f"adding pattern {p.number} to the native table")
 
 
-class PatternRegistry:
+class PatternRegistry(_fast.LookupBase):
     """The workflow control-flow patterns, their executors, built on first use.
 
     ``registry[7]`` and ``registry["Structured Synchronizing Merge"]`` return a
@@ -141,12 +142,11 @@ class PatternRegistry:
         raise UnknownPatternError(f"no workflow pattern named {name!r}{hint} "
                                   f"(numbers {self._range(t)} also work)")
 
-    def __getitem__(self, key: int | str) -> Pattern:
+    # registry[key]: the base class's C subscript finds an exact int in the
+    # loaded index (native/cpython/cells_py.c); every other key comes here.
+    def _getitem_slow(self, key: int | str) -> Pattern:
         if key.__class__ is int:
-            try:
-                return self._by_number[key]  # type: ignore[index]
-            except KeyError:
-                return self._by_number_slow(key)
+            return self._by_number_slow(key)
         if isinstance(key, str):
             return self.by_name(key)
         return self._by_number_slow(key)

@@ -7,6 +7,9 @@
  *
  *   store_py.c       the workflow store's get (a getter bound to one store)
  *   counters_py.c    Counters.add/get and CounterWriter.add
+ *   arena_py.c       Arena.alloc/array (the ArenaBase class) and ArenaBlock
+ *   block_py.c       Backend.malloc (BackendBase) and Block (BlockBase, a buffer exporter)
+ *   cells_py.c       OnceLock/Lazy.get (OnceBase) and PatternRegistry[n] (LookupBase)
  *   simd_py.c        find/count and the id scans (builtins bound to a slow path)
  *   numpy_handler.c  backend and arena data-memory handlers for numpy
  *
@@ -78,7 +81,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddStringConstant(m, "CORE_VERSION", core) < 0) {
+    if (PyModule_AddStringConstant(m, "CORE_VERSION", core) < 0 || fast_arena_add_types(m) < 0 ||
+        fast_cells_add_types(m) < 0 || fast_block_add_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

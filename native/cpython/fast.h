@@ -33,6 +33,13 @@ PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
+/* arena_py.c: add the ArenaBlock and ArenaBase types to the module. */
+int fast_arena_add_types(PyObject *module);
+/* cells_py.c: add the OnceBase and LookupBase types. */
+int fast_cells_add_types(PyObject *module);
+/* block_py.c: add the BlockBase and BackendBase types. */
+int fast_block_add_types(PyObject *module);
+
 /* A C pointer passed from Python as an int address (cffi's
    int(ffi.cast("uintptr_t", p))). NULL with a Python error for anything else. */
 void *fast_address(PyObject *obj, const char *what);

@@ -56,6 +56,9 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
 __all__ = ["Counters", "CounterWriter", "PatternStats", "PATTERNS", "pattern_names", "hot_ops"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# The statuses with an exception of their own (_core.check_as), made once, not per call.
+_BAD_INDEX = {lib.KNHK_ERR_INVALID: CounterIndexError}
+_NOT_OWNER = {lib.KNHK_ERR_STATE: CounterWriterError}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -414,7 +417,7 @@ class Counters(_Block):
         if idx.size == 0:
             return
         check_as(lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step),
-                 what="adding to counters", special={lib.KNHK_ERR_INVALID: CounterIndexError})
+                 what="adding to counters", special=_BAD_INDEX)
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
@@ -498,7 +501,7 @@ class CounterWriter:
 
     @staticmethod
     def _refused(status: int) -> None:
-        check_as(status, what="adding through a counter writer", special={lib.KNHK_ERR_STATE: CounterWriterError})
+        check_as(status, what="adding through a counter writer", special=_NOT_OWNER)
 
     @property
     def counters(self) -> Counters:
@@ -612,7 +615,7 @@ class PatternStats(_Block):
             return
         check_as(lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
                                                        ffi.from_buffer("uint64_t[]", t), p.size),
-                 what="recording patterns", special={lib.KNHK_ERR_INVALID: CounterIndexError})
+                 what="recording patterns", special=_BAD_INDEX)
 
     def _raw(self) -> np.ndarray:
         import numpy as np

@@ -26,20 +26,24 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from . import _fast
-from ._core import check, ffi, last_error, lib
+from ._core import check, check_as, ffi, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
-    "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
+    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
     "get_backend", "available_backends", "resolve_backend", "select_backend", "selected_backend",
     "numpy_handler", "install_numpy_handler", "apply_numpy_handler", "numpy_routing_enabled", "set_numpy_routing",
 ]
 
-BACKENDS = ("system", "jemalloc", "mimalloc")
-AUTO_ORDER = ("mimalloc", "jemalloc", "system")
+# A backend's name; what ``[allocator] backend`` accepts besides: ``auto``.
+BackendName = Literal["system", "jemalloc", "mimalloc"]
+BackendSetting = Literal["auto", "system", "jemalloc", "mimalloc"]
+
+BACKENDS: tuple[BackendName, ...] = ("system", "jemalloc", "mimalloc")
+AUTO_ORDER: tuple[BackendName, ...] = ("mimalloc", "jemalloc", "system")
 DEBIAN_PACKAGES = {"jemalloc": "libjemalloc2", "mimalloc": "libmimalloc2.0"}
 SONAMES = {"jemalloc": "libjemalloc.so.2", "mimalloc": "libmimalloc.so.2"}
 STATIC_TLS_TUNABLE = "glibc.rtld.optional_static_tls=16384"
@@ -114,8 +118,8 @@ class Backend(_fast.BackendBase):
 
     __slots__ = ("name", "id", "_ptr", "path", "version", "__weakref__")
 
-    def __init__(self, name: str, ptr: Any) -> None:
-        self.name = name
+    def __init__(self, name: BackendName, ptr: Any) -> None:
+        self.name: BackendName = name
         self.id = _IDS[name]
         self._ptr = ptr
         self.path = ffi.string(lib.knhk_backend_path(ptr)).decode()
@@ -273,7 +277,7 @@ def _load_error(name: str, message: str) -> BackendUnavailableError:
     return BackendUnavailableError(f"{name} backend: {lib_name} cannot be used: {message}")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: BackendName) -> Backend:
     """The backend called ``name``, loading its library on first use.
 
     Raises ValueError for an unknown name and BackendUnavailableError, saying
@@ -291,16 +295,15 @@ def get_backend(name: str) -> Backend:
         err = ffi.new("char[1024]")
         override = library_override(name)
         library = ffi.new("char[]", override.encode()) if override else ffi.NULL
-        status = lib.knhk_backend_load(_IDS[name], library, out, err, len(err))
-        if status != lib.KNHK_OK:
-            raise _load_error(name, ffi.string(err).decode("utf-8", "replace") or last_error())
+        check_as(lib.knhk_backend_load(_IDS[name], library, out, err, len(err)),
+                 lambda detail: _load_error(name, ffi.string(err).decode("utf-8", "replace") or detail))
         backend = _backends[name] = Backend(name, out[0])
         return backend
 
 
-def available_backends() -> dict[str, Backend | BackendUnavailableError]:
+def available_backends() -> dict[BackendName, Backend | BackendUnavailableError]:
     """Every backend, loaded, or the error that says why it cannot be."""
-    result: dict[str, Backend | BackendUnavailableError] = {}
+    result: dict[BackendName, Backend | BackendUnavailableError] = {}
     for name in BACKENDS:
         try:
             result[name] = get_backend(name)
@@ -309,7 +312,7 @@ def available_backends() -> dict[str, Backend | BackendUnavailableError]:
     return result
 
 
-def resolve_backend(name: str) -> tuple[Backend, list[str]]:
+def resolve_backend(name: BackendSetting) -> tuple[Backend, list[str]]:
     """The backend for a configured name. ``auto`` tries mimalloc, jemalloc,
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
@@ -326,7 +329,7 @@ def resolve_backend(name: str) -> tuple[Backend, list[str]]:
 _selected: Backend | None = None
 
 
-def select_backend(backend: Backend | str) -> Backend:
+def select_backend(backend: Backend | BackendName) -> Backend:
     """Make ``backend`` the process's selected backend (arenas and
     :func:`apply_numpy_handler` use it). Blocks from the previous one stay valid."""
     global _selected
@@ -356,7 +359,7 @@ class _HandlerToken:
             _fast.numpy_handler_set(previous)
 
 
-def install_numpy_handler(backend: Backend | str | None = None) -> _HandlerToken:
+def install_numpy_handler(backend: Backend | BackendName | None = None) -> _HandlerToken:
     """Route numpy's array data through ``backend`` (default: the selected one)
     in the calling thread's context. ``.restore()`` on the result undoes it."""
     b = selected_backend() if backend is None else get_backend(backend) if isinstance(backend, str) else backend
@@ -364,7 +367,7 @@ def install_numpy_handler(backend: Backend | str | None = None) -> _HandlerToken
 
 
 @contextlib.contextmanager
-def numpy_handler(backend: Backend | str | None = None) -> Iterator[Backend]:
+def numpy_handler(backend: Backend | BackendName | None = None) -> Iterator[Backend]:
     """``with numpy_handler("mimalloc"):`` arrays made inside take their data
     from that backend; the previous handler is back afterwards. Arrays keep
     the handler they were made with, so they may outlive the block."""
@@ -420,10 +423,6 @@ def hot_ops() -> list[Any]:
         description="one 64-byte malloc + free pair through the selected backend, with statistics",
         fn=ffi.addressof(lib, "knhk_backend_hotop_malloc_free"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 100-127 ticks (median) for glibc, jemalloc and mimalloc alike on a 2-core "
-                      "2.5 GHz KVM guest, statistics included; 250 leaves a noisy neighbour room while "
-                      "still catching a lock, a syscall or a page fault added to the path",
     )]
 
 
@@ -445,16 +444,7 @@ def py_hot_ops() -> list[Any]:
 
     return [
         PyHotOp("py_malloc_free", "Backend.malloc(64) + Block.free() on the selected backend",
-                malloc_free, default_budget=15000,
-                budget_reason="measured 4.1-4.8 us on a 2-core 2.5 GHz VM: argument checks, ffi.gc, the Block "
-                              "object, the C pair and the release; 15 us leaves a noisy neighbour room and "
-                              "still catches a lock, a copy or a syscall added to the path"),
-        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup,
-                default_budget=1500,
-                budget_reason="measured ~0.2 us: argument check and one dict lookup after the first load; "
-                              "1.5 us catches a lock or a dlopen put on the fast path"),
-        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats,
-                default_budget=15000,
-                budget_reason="measured 3.7-4.3 us: a C walk of the used slots, six cdata reads and the "
-                              "AllocStats dataclass; 15 us leaves a noisy neighbour room"),
+                malloc_free),
+        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup),
+        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats),
     ]

@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _fast
-from ._core import ffi, last_error, lib, raise_status
-from .allocator import Backend, _HandlerToken, get_backend, selected_backend
+from ._core import check, check_as, ffi, lib
+from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
@@ -125,7 +125,7 @@ def _align_arg(align: Any) -> int:
     return a
 
 
-def _backend_arg(backend: Backend | str | None) -> Backend:
+def _backend_arg(backend: Backend | BackendName | None) -> Backend:
     if backend is None:
         return selected_backend()
     if isinstance(backend, str):
@@ -149,7 +149,7 @@ class Arena(_fast.ArenaBase):
                  "_status", "_final", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
         self._raw: Any = None
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
@@ -161,9 +161,7 @@ class Arena(_fast.ArenaBase):
         self.backend = _backend_arg(backend)
         self.chunk_size, self.max_chunk_size, self.huge_pages = cs, mcs, huge_pages
         out = ffi.new("knhk_arena **")
-        status = lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "creating an arena")
+        check(lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out), "creating an arena")
         self._raw = out[0]
         # The owner's reference, dropped by close() or when the Arena is collected.
         self._ptr = ffi.gc(out[0], lib.knhk_arena_close)
@@ -192,10 +190,7 @@ class Arena(_fast.ArenaBase):
         return raw
 
     def _failed(self, what: str) -> None:
-        status = self._status[0]
-        if status == lib.KNHK_ERR_NOMEM:
-            raise MemoryError(f"{what}: {last_error()}")
-        raise_status(status, what)
+        check_as(self._status[0], what=what, special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{what}: {d}")})
 
     # -- allocation
     def _alloc_slow(self, nbytes: int, align: int = 16) -> memoryview:
@@ -267,9 +262,7 @@ class Arena(_fast.ArenaBase):
         chunks beyond twice the batch's peak go back to the backend.
         Raises :class:`ArenaClosedError` and :class:`ArenaThreadError`."""
         raw = self._usable("reset")
-        status = lib.knhk_arena_reset(raw)
-        if status != lib.KNHK_OK:
-            raise_status(status, "resetting the arena")
+        check(lib.knhk_arena_reset(raw), "resetting the arena")
 
     def close(self) -> None:
         """Stop allocating and give the owner's hold on the memory up. Idempotent.
@@ -289,9 +282,7 @@ class Arena(_fast.ArenaBase):
             return ArenaStats(*(getattr(self._final, f) for f in _STAT_FIELDS), closed=True)
         raw = self._usable("read statistics")
         out = ffi.new("knhk_arena_stats *")
-        status = lib.knhk_arena_stats_get(raw, out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "arena statistics")
+        check(lib.knhk_arena_stats_get(raw, out), "arena statistics")
         return ArenaStats(*(getattr(out, f) for f in _STAT_FIELDS))
 
     @property
@@ -346,7 +337,7 @@ class ThreadLocalArena:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
         # Check the parameters once, here, rather than in each thread.
         probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend)
         probe.close()
@@ -412,7 +403,4 @@ def hot_ops() -> list[Any]:
                     "(a reset per 64 KiB chunk, amortised over ~1000 allocations)",
         fn=ffi.addressof(lib, "knhk_arena_hotop_alloc"),
         setup=setup,
-        default_budget=8,
-        budget_reason="align, compare and store the cursor, two counter increments: ~4-6 ticks on a "
-                      "modern x86_64; 8 catches a lock, a call out of line or a cache miss on the path",
     )]

@@ -18,7 +18,6 @@ the plugin's job.
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 ENV_VAR = "KNHK_MEMORY_CONFIG"
 PYPROJECT_TABLE = "knhk-memory"
@@ -80,8 +79,7 @@ def _describe(value: Any) -> str:
 
 
 def _nearest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return did_you_mean(word, candidates)
 
 
 def positive_int(limit: int | None = None) -> Callable[[Any], str | None]:

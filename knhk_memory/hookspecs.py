@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
+    from .simd import SimdLevel
     from .counters import Counters, PatternStats
     from .store import WorkflowStore
 
@@ -136,7 +137,7 @@ def knhk_arena(config: Config, name: str) -> Arena | None:
 
 
 @hookspec(firstresult=True)
-def knhk_simd_level(config: Config) -> str | None:
+def knhk_simd_level(config: Config) -> SimdLevel | None:
     """Return the SIMD level the engine's scans run at (``"scalar"``, ``"avx2"``, ``"avx512"``).
 
     :param config: The engine's configuration (``[simd] level`` chooses it).

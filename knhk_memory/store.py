@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 from . import _fast
-from ._core import ffi, lib
+from ._core import check_as, ffi, lib
+from ._core import last_error as _last_error
 from .errors import (
     DuplicateKeyError,
     StoreClosedError,
@@ -88,10 +89,6 @@ _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
-
-
-def _last_error() -> str:
-    return ffi.string(lib.knhk_last_error()).decode("utf-8", "replace")
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -194,16 +191,18 @@ class WorkflowStore:
         cbuf = ffi.from_buffer(buf)
         out = ffi.new(_T_HANDLE_OUT)
         problem = ffi.new(_T_INT_OUT)
-        status = lib.knhk_store_open(cbuf, size, out, problem)
-        if status != lib.KNHK_OK:
-            message = _last_error()
+        def refused(message: str) -> StoreError:
+            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
+            return exc_type(message, path=path, problem=tag)
+
+        try:
+            check_as(lib.knhk_store_open(cbuf, size, out, problem), refused,
+                     special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{path}: {d}")})
+        except BaseException:
             ffi.release(cbuf)
             if mapped is not None:
                 mapped.close()
-            if status == lib.KNHK_ERR_NOMEM:
-                raise MemoryError(f"{path}: {message}")
-            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
-            raise exc_type(message, path=path, problem=tag)
+            raise
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -404,9 +403,11 @@ class WorkflowStore:
     def _records(self) -> Iterator[tuple[memoryview, memoryview]]:
         spans = ffi.new("uint64_t[4]")
         view = self._view
+
+        def corrupt(d: str) -> StoreError:
+            return StoreCorruptError(d, path=self.path, problem="corrupt")
         for off in self._record_offsets().tolist():
-            if lib.knhk_store_record_at(self._handle, off, spans) != lib.KNHK_OK:
-                raise StoreCorruptError(_last_error(), path=self.path, problem="corrupt")
+            check_as(lib.knhk_store_record_at(self._handle, off, spans), corrupt)
             yield view[spans[0]:spans[0] + spans[1]], view[spans[2]:spans[2] + spans[3]]
 
     def keys(self) -> Iterator[bytes]:
@@ -432,8 +433,8 @@ class WorkflowStore:
         """
         self._check_open()
         checked = ffi.new("uint64_t *")
-        if lib.knhk_store_verify(self._handle, checked) != lib.KNHK_OK:
-            raise StoreCorruptError(f"verify: {_last_error()}", path=self.path, problem="corrupt")
+        check_as(lib.knhk_store_verify(self._handle, checked),
+                 lambda d: StoreCorruptError(f"verify: {d}", path=self.path, problem="corrupt"))
         if self._compressed:
             for k, v in self._records():
                 try:
@@ -702,8 +703,7 @@ class WorkflowStoreWriter:
                 ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
                 n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
                 max_disp)
-            if status != lib.KNHK_OK:
-                raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+            check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
             table_bytes = table.tobytes()
             sums_bytes = blocksums.tobytes()
             f.write(table_bytes)
@@ -880,9 +880,4 @@ def hot_ops() -> list[Any]:
                     "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); 250 "
-                      "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
-                      "cache-missing probe chain or a checksum on every read",
     )]

@@ -3,6 +3,9 @@
 Registered in the ``knhk.plugins`` entry-point group under the name
 ``memory``. State lives in ``config.stash[STASH_KEY]``, one
 :class:`MemoryServices` per configured engine; this module keeps none.
+Process-wide settings (selected backend, numpy routing, SIMD level) are not
+set here: each engine claims them from :mod:`knhk_memory.process`, their one
+owner, and releases the claim in ``knhk_unconfigure``.
 """
 
 from __future__ import annotations
@@ -11,23 +14,39 @@ import threading
 import weakref
 from typing import Any
 
-from knhk_memory.allocator import (
-    Backend,
-    install_numpy_handler,
-    resolve_backend,
-    select_backend,
-    set_numpy_routing,
-)
-from knhk_memory import simd
+from collections.abc import Callable, Sequence
+
+from knhk_memory import allocator, arena, counters, process, registry, simd
+from knhk_memory import store as store_module
+from knhk_memory.allocator import Backend, resolve_backend
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
-from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError, SimdLevelError, StoreError
+from knhk_memory.errors import (
+    AlreadyConfiguredError,
+    BackendUnavailableError,
+    KnhkMemoryError,
+    ProcessStateError,
+    StoreError,
+)
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.hotpath import HotOp, PyHotOp, with_default_budgets
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 from knhk_memory.store import WorkflowStore
 
 STASH_KEY = "knhk_memory.memory"
+
+# The capabilities' hot paths, held to budgets through knhk_hot_ops; their
+# default budgets and the measurements behind them are in knhk_memory/data/budgets.toml.
+BUILTIN_HOT_OPS: Sequence[Callable[[], list[Any]]] = (
+    allocator.hot_ops, allocator.py_hot_ops, registry.hot_ops, counters.hot_ops, arena.hot_ops,
+    store_module.hot_ops, simd.hot_ops,
+)
+
+
+def builtin_hot_ops() -> list[HotOp | PyHotOp]:
+    """The built-in operations as the capabilities declare them (no budgets yet)."""
+    return [op for provider in BUILTIN_HOT_OPS for op in provider()]
 
 
 class MemoryServices:
@@ -41,13 +60,13 @@ class MemoryServices:
         except BackendUnavailableError as exc:
             raise config.error("allocator.backend", str(exc)) from None
         self.numpy = bool(config.allocator.numpy)
-        self._numpy_token: Any = None
-        self.simd_level = config.simd.level
+        self.simd_level: simd.SimdSetting = config.simd.level
         if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
             missing = (f"this build has no {self.simd_level} kernels (built with KNHK_PORTABLE=1: portable C only)"
                        if simd.PORTABLE_BUILD else f"this CPU does not support the {self.simd_level} level")
             raise config.error("simd.level", f"{missing}; supported: {', '.join(simd.supported_levels())}, or auto")
-        self._simd_previous: str | None = None
+        self._config = config
+        self._claim: process.Claim | None = None
         self.arena_settings = {"chunk_size": config.arena.chunk_size,
                                "max_chunk_size": config.arena.max_chunk_size,
                                "huge_pages": config.arena.huge_pages}
@@ -117,34 +136,34 @@ class MemoryServices:
         return {"settings": dict(self.arena_settings), "made": self.arenas_made, "open": open_names}
 
     def apply(self) -> None:
-        select_backend(self.backend)
-        if self.numpy:
-            self._numpy_token = install_numpy_handler(self.backend)
-        set_numpy_routing(self.numpy)
-        if self.simd_level != "auto":
-            self._simd_previous = simd.set_level(self.simd_level)
+        """Claim the process-wide settings (see :mod:`knhk_memory.process`): the
+        first engine applies them, an engine asking for the same shares them,
+        one asking for different ones gets a ConfigError naming the key."""
+        settings = process.ProcessSettings(self.backend, self.numpy, self.simd_level)
+        try:
+            self._claim = process.claim(settings, f"the engine configured from {self._config.source}")
+        except ProcessStateError as exc:
+            raise self._config.error(exc.key or "allocator.backend", str(exc)) from None
 
     def close(self) -> None:
-        previous, self._simd_previous = self._simd_previous, None
-        if previous is not None:
-            try:
-                simd.set_level(previous)
-            except SimdLevelError:  # the process started with a bad KNHK_SIMD; leave ours
-                pass
         try:
             # Resources first, newest first: they may still use the allocator.
             self.resources.close()
         finally:
-            token, self._numpy_token = self._numpy_token, None
-            if token is not None:
-                token.restore()
-            set_numpy_routing(False)
-            self.counters.close()
-            if self.pattern_stats is not None:
-                self.pattern_stats.close()
-            store, self.store = self.store, None
-            if store is not None:
-                store.close()
+            claim, self._claim = self._claim, None
+            try:
+                if claim is not None:
+                    claim.release()  # the last engine out puts back what was there before the first
+            finally:
+                self._close_blocks()
+
+    def _close_blocks(self) -> None:
+        self.counters.close()
+        if self.pattern_stats is not None:
+            self.pattern_stats.close()
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -171,8 +190,17 @@ def services(config: Config) -> MemoryServices:
 
 @hookimpl
 def knhk_configure(config: Config) -> None:
+    if STASH_KEY in config.stash:
+        raise AlreadyConfiguredError(
+            f"the memory plugin is already configured for this config (from {config.source}): "
+            "knhk_configure was called twice; call knhk_unconfigure first, or configure a copy "
+            "(config.replace()) for a second engine")
     svc = MemoryServices(config)
-    svc.apply()
+    try:
+        svc.apply()
+    except BaseException:
+        svc.close()  # the counters and store it opened; nothing process-wide was applied
+        raise
     config.stash[STASH_KEY] = svc
 
 
@@ -228,6 +256,12 @@ def knhk_workflow_store(config: Config) -> WorkflowStore | None:
 
 
 @hookimpl
-def knhk_simd_level(config: Config) -> str:
+def knhk_simd_level(config: Config) -> simd.SimdLevel:
     services(config)
     return simd.level()
+
+
+@hookimpl
+def knhk_hot_ops(config: Config) -> list[HotOp | PyHotOp]:
+    # Needs no configured services: the engine is configured before any setup() runs.
+    return with_default_budgets(builtin_hot_ops())

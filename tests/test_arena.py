@@ -16,6 +16,7 @@ from knhk_memory import _fast, get_backend
 from knhk_memory._core import ffi, lib
 from knhk_memory.arena import Arena, ThreadLocalArena, hot_ops, huge_pages_available
 from knhk_memory.errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from knhk_memory.hotpath import default_budgets
 
 KIB = 1024
 
@@ -659,7 +660,7 @@ def test_thread_local_arena_close_and_bad_parameters():
 
 def test_hot_op_runs_the_real_allocation():
     (op,) = hot_ops()
-    assert op.name == "arena_alloc" and op.default_budget == 8
+    assert op.name == "arena_alloc" and default_budgets()[op.name].budget == 8
     ctx, cleanup = op.setup()
     lib.knhk_arena_hotop_alloc(ctx, 100_000)  # 64 KiB chunk: about a hundred resets, one chunk
     arena = ffi.cast("knhk_arena *", ctx)

@@ -22,6 +22,7 @@ from knhk_memory.errors import (
     SharedBlockError,
     SharedBlockNotFoundError,
 )
+from knhk_memory.hotpath import default_budgets
 
 M = 20_000
 
@@ -397,7 +398,7 @@ def test_native_calls_directly():
 
 def test_hot_op_runs_the_real_add():
     op = hot_ops()[0]
-    assert op.name == "counter_add" and op.default_budget == 8
+    assert op.name == "counter_add" and default_budgets()[op.name].budget == 8
     ctx, cleanup = op.setup()
     op.fn(ctx, 1000)
     lib.knhk_counters_hotop_add(ctx, 24)

@@ -22,6 +22,7 @@ from knhk_memory import (
 )
 from knhk_memory._core import ffi, lib
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.hotpath import default_budgets
 from knhk_memory.registry import hot_ops
 
 # ---------------------------------------------------------------- patterns
@@ -150,7 +151,7 @@ def test_hot_ops_run():
         ctx, cleanup = op.setup()
         op.fn(ctx, 10_000)
         cleanup()
-        assert op.default_budget == 8
+        assert default_budgets()[op.name].budget == 8
     reg = PatternRegistry()  # keep it alive: it owns the C table
     lib.knhk_registry_hotop_lookup(ffi.cast("void *", reg.native), 100)
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from knhk_memory import simd
 from knhk_memory._core import ffi, lib
 from knhk_memory.errors import KnhkMemoryError, SimdLevelError, SimdTypeError, SimdValueError
+from knhk_memory.hotpath import default_budgets
 
 LEVELS = simd.supported_levels()
 ID_DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
@@ -491,7 +492,7 @@ def test_hot_ops_run_the_real_operation():
     ids = np.random.default_rng(4096).integers(0, 43, 1024, dtype=np.uint32)
     assert ffi.cast("knhk_simd_count4k_ctx *", ctx).result == np.count_nonzero(ids == 7)
     cleanup()
-    assert ops["search_64"].default_budget == 32 and ops["count_eq_4k"].default_budget == 400
+    assert default_budgets()["search_64"].budget == 32 and default_budgets()["count_eq_4k"].budget == 400
 
 
 def test_median_ticks_measures_in_c():

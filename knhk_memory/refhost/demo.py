@@ -105,6 +105,37 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
 
 # ---------------------------------------------------------------- workers
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker ends when the process that started it does.
+
+    A worker mid-batch never reads its task pipe, so it would not notice a
+    parent killed with SIGKILL and would run to the end of its cases (issue
+    22). Two guards: the kernel's parent-death signal (Linux prctl
+    PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
+    pid every 0.2 s -- for platforms without prctl, and for the race where
+    the parent died before the prctl took effect.
+    """
+    import ctypes
+    import signal
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="knhk-parent-watch", daemon=True).start()
+
+
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
     config = Config(validate(job["config"], job["source"]), source=job["source"], origin=job["origin"])
@@ -125,7 +156,7 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     start = engine.counters.get(done_idx)
     tally = RunTally(arenas=0)
     t0 = time.perf_counter()
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():

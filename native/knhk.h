@@ -777,6 +777,16 @@ int knhk_simd_py_install(void);
    batch 0 counts as 1. */
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
+/* ---------------------------------------------------------------- the process allocator (issue 21) */
+
+/* The path of the shared object whose malloc this process calls: an
+   allocator preloaded by knhk-memory run (LD_PRELOAD), else libc. The path is
+   as the loader recorded it (not resolved through symlinks), truncated to
+   len - 1 bytes. KNHK_ERR_INVALID for a NULL or empty buffer,
+   KNHK_ERR_UNSUPPORTED when the loader cannot say. */
+int knhk_process_malloc_owner(char *buf, size_t len);
+/* ---------------------------------------------------------------- end of issue 21 */
+
 /* KNHK_CDEF_END */
 
 #ifdef __cplusplus

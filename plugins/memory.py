@@ -8,6 +8,7 @@ Registered in the ``knhk.plugins`` entry-point group under the name
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -18,7 +19,7 @@ from knhk_memory.allocator import (
     select_backend,
     set_numpy_routing,
 )
-from knhk_memory import simd
+from knhk_memory import process, simd
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
@@ -40,6 +41,12 @@ class MemoryServices:
             self.backend, self.auto_skipped = resolve_backend(name)
         except BackendUnavailableError as exc:
             raise config.error("allocator.backend", str(exc)) from None
+        # scope = "process" is checked against what the process really runs
+        # with; a mismatch refuses the configuration, it never falls back.
+        self.scope = config.allocator.scope
+        if self.scope == "process":
+            process.check_process_scope(config, self.backend.name, self.backend.path)
+        self.purger = Purger(self.backend, config.allocator.purge_interval_s)
         self.numpy = bool(config.allocator.numpy)
         self._numpy_token: Any = None
         self.simd_level = config.simd.level
@@ -118,6 +125,10 @@ class MemoryServices:
 
     def apply(self) -> None:
         select_backend(self.backend)
+        # The process keeps its allocator; commands the engine starts from now
+        # on do not inherit the launcher's preload (unless it ran with --inherit).
+        process.strip_launcher_environment()
+        self.purger.start()
         if self.numpy:
             self._numpy_token = install_numpy_handler(self.backend)
         set_numpy_routing(self.numpy)
@@ -125,6 +136,7 @@ class MemoryServices:
             self._simd_previous = simd.set_level(self.simd_level)
 
     def close(self) -> None:
+        self.purger.stop()
         previous, self._simd_previous = self._simd_previous, None
         if previous is not None:
             try:
@@ -152,13 +164,73 @@ class MemoryServices:
             "numpy": self.numpy,
             "counts": self.backend.stats().as_dict(),
             "native": self.backend.native_stats().as_dict(),
+            "scope": self.scope,
+            "process": process.process_stats(),
+            "purge": self.purger.stats(),
         }
+
+    def release_unused(self) -> dict[str, Any]:
+        """Give the backend's unused memory back to the OS now (see Backend.release_unused);
+        returns the process's RSS before and after, in bytes."""
+        return self.purger.purge_now()
 
     def counter_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shared_name": self.counters.name, "values": self.counters.snapshot()}
         if self.pattern_stats is not None:
             out["patterns"] = self.pattern_stats.as_dict()
         return out
+
+
+class Purger:
+    """Calls ``backend.release_unused()`` every ``interval`` seconds from a daemon
+    thread (``[allocator] purge_interval_s``; 0: no thread). Started by
+    ``knhk_configure``, stopped and joined by ``knhk_unconfigure``."""
+
+    def __init__(self, backend: Backend, interval: float) -> None:
+        self.backend = backend
+        self.interval = float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.purges = 0
+        self.seconds = 0.0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self.interval <= 0 or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="knhk-memory-purge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.purge_now()
+            except KnhkMemoryError as exc:  # reported in stats(); the next round tries again
+                self.last_error = str(exc)
+
+    def purge_now(self) -> dict[str, Any]:
+        with self._lock:
+            before = process.rss_bytes()
+            t0 = time.perf_counter()
+            self.backend.release_unused()
+            took = time.perf_counter() - t0
+            self.purges += 1
+            self.seconds += took
+        after = process.rss_bytes()
+        return {"backend": self.backend.name, "rss_before_bytes": before, "rss_after_bytes": after,
+                "seconds": took}
+
+    def stats(self) -> dict[str, Any]:
+        return {"interval_s": self.interval, "running": self._thread is not None, "purges": self.purges,
+                "seconds": self.seconds, "last_error": self.last_error}
 
 
 def services(config: Config) -> MemoryServices:
@@ -200,6 +272,11 @@ def knhk_memory_stats(config: Config) -> dict[str, Any]:
     if svc.store is not None:
         out["store"] = svc.store.stats()
     return out
+
+
+@hookimpl
+def knhk_release_unused(config: Config) -> dict[str, Any]:
+    return services(config).release_unused()
 
 
 @hookimpl

@@ -210,6 +210,13 @@ class SimdValueError(KnhkMemoryError, ValueError):
     """An input to a SIMD scan has an acceptable type but a bad value or layout."""
 
 
+# ---------------------------------------------------------------- the process allocator
+
+
+class ProcessInspectError(KnhkMemoryError, LookupError):
+    """Another process's memory cannot be read: no such process, not ours, or no /proc."""
+
+
 # ---------------------------------------------------------------- reference host
 
 class WorkflowDefinitionError(KnhkMemoryError, ValueError):

@@ -36,12 +36,12 @@ from typing import Any
 from ._core import check, ffi, lib
 from .allocator import DEBIAN_PACKAGES, SONAMES, STATIC_TLS_TUNABLE, get_backend, library_override
 from .config import BACKEND_OPTIONS, Config
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, ProcessInspectError
 
 __all__ = [
     "MARKER", "LaunchPlan", "find_library", "resolve_launch_backend", "launch_environment", "backend_options_env",
     "malloc_owner", "python_allocator", "launch_marker", "check_process_scope", "strip_launcher_environment",
-    "launched_environment", "process_stats", "rss_bytes", "malloc_backend_name",
+    "launched_environment", "process_stats", "inspect_process", "rss_bytes", "malloc_backend_name",
 ]
 
 MARKER = "KNHK_MEMORY_RUN"
@@ -49,6 +49,7 @@ MARKER = "KNHK_MEMORY_RUN"
 whether children inherit the launch, and the launcher's variables' previous values."""
 
 _AUTO_ORDER = ("mimalloc", "jemalloc")
+_LAUNCHER_VARIABLES = frozenset({"LD_PRELOAD", "PYTHONMALLOC", "GLIBC_TUNABLES", "MALLOC_CONF", "KNHK_MEMORY_CONFIG"})
 
 
 # ---------------------------------------------------------------- finding the library
@@ -231,9 +232,16 @@ def launch_marker(environ: Mapping[str, str] | None = None) -> dict[str, Any] | 
         return None
     if not (isinstance(marker, dict) and isinstance(marker.get("backend"), str)
             and isinstance(marker.get("saved"), dict)
-            and all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in marker["saved"].items())):
+            and all(isinstance(k, str) and _launcher_variable(k) and (v is None or isinstance(v, str))
+                    for k, v in marker["saved"].items())):
         return None
     return marker
+
+
+def _launcher_variable(name: str) -> bool:
+    # Only what launch_environment sets may be put back: a marker naming PATH
+    # or HOME is not ours, and stripping must never touch those.
+    return name in _LAUNCHER_VARIABLES or (name.startswith("MIMALLOC_") and name[9:].isidentifier())
 
 
 # ---------------------------------------------------------------- what the process really uses
@@ -451,3 +459,48 @@ def process_stats() -> dict[str, Any]:
         "launched": launch_marker() is not None or bool(_stripped),
     }
 
+
+
+def inspect_process(pid: int) -> dict[str, Any]:
+    """What can be read of another process from outside, in bytes: RSS and peak
+    RSS, the allocator libraries it has mapped (jemalloc, mimalloc), whether
+    knhk-memory run started it (its initial environment holds the marker) and
+    the PYTHONMALLOC it started with. Its allocator's own figures are only in
+    its ``knhk_memory_stats``. Raises ValueError for a pid that is not a
+    positive integer, :class:`ProcessInspectError` when /proc cannot say."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        raise ValueError(f"pid must be a positive integer, got {pid!r}")
+    base = Path(f"/proc/{pid}")
+    try:
+        status = base.joinpath("status").read_text(errors="replace")
+        maps = base.joinpath("maps").read_text(errors="replace")
+    except FileNotFoundError:
+        raise ProcessInspectError(f"no process with pid {pid} (nothing in /proc/{pid})") from None
+    except PermissionError:
+        raise ProcessInspectError(f"process {pid}: /proc/{pid}/maps is not readable (permission denied: "
+                                  "another user's process, or a restricted /proc); run as its user") from None
+    fields = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Name", "VmRSS", "VmHWM"):
+            fields[key] = rest.strip()
+    libraries = sorted({line.split()[-1] for line in maps.splitlines()
+                        if len(line.split()) >= 6 and any(Path(line.split()[-1]).name.startswith(soname)
+                                                           for soname in SONAMES.values())})
+    env: dict[str, str] = {}
+    try:
+        for item in base.joinpath("environ").read_bytes().split(b"\0"):
+            key, sep, value = item.partition(b"=")
+            if sep and key in (MARKER.encode(), b"PYTHONMALLOC", b"LD_PRELOAD"):
+                env[key.decode()] = value.decode("utf-8", "replace")
+    except OSError:
+        env = {}
+    marker = launch_marker(env)
+
+    def kib(v: str | None) -> int | None:
+        return int(v.split()[0]) * 1024 if v else None
+
+    return {"pid": pid, "name": fields.get("Name"), "rss_bytes": kib(fields.get("VmRSS")),
+            "peak_rss_bytes": kib(fields.get("VmHWM")), "allocator_libraries": libraries,
+            "launched_backend": marker["backend"] if marker else None,
+            "initial_pythonmalloc": env.get("PYTHONMALLOC")}

@@ -137,7 +137,8 @@ def test_launch_environment_mimalloc_and_system_options(isolated):
 
 
 def test_a_malformed_marker_is_ignored_not_trusted():
-    for raw in ("", "not json", "[1]", '{"backend": 1, "saved": {}}', '{"backend": "x", "saved": {"A": 1}}'):
+    for raw in ("", "not json", "[1]", '{"backend": 1, "saved": {}}', '{"backend": "x", "saved": {"A": 1}}',
+                '{"backend": "x", "saved": {"PATH": null}}', '{"backend": "x", "saved": {"LD_PRELOAD": 5}}'):
         env = {process.MARKER: raw, "LD_PRELOAD": "/x.so"}
         assert process.launch_marker(env) is None
         assert process.strip_launcher_environment(env) is False
@@ -426,3 +427,58 @@ def test_periodic_purge_runs_and_stops_at_unconfigure(isolated):
     finally:
         pm.hook.knhk_unconfigure(config=cfg)
     assert "knhk-memory-purge" not in [t.name for t in threading.enumerate()]
+
+
+def test_malloc_owner_c_call_checks_its_buffer_and_truncates():
+    from knhk_memory._core import ffi, lib
+
+    assert lib.knhk_process_malloc_owner(ffi.NULL, 16) == lib.KNHK_ERR_INVALID
+    buf = ffi.new("char[4]")
+    assert lib.knhk_process_malloc_owner(buf, 0) == lib.KNHK_ERR_INVALID
+    assert lib.knhk_process_malloc_owner(buf, 4) == lib.KNHK_OK
+    assert ffi.string(buf) == process.malloc_owner().encode()[:3]
+
+
+# ---------------------------------------------------------------- knhk-memory info --memory PID
+
+def test_info_memory_of_a_launched_process(isolated, capsys):
+    from knhk_memory.cli import main
+
+    cfg = write_config(isolated / "k.toml", "jemalloc")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", process.MARKER)}
+    child = subprocess.Popen([sys.executable, "-m", "knhk_memory", "run", "--config", str(cfg), "--", sys.executable,
+                              "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert main(["info", "--memory", str(child.pid), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["pid"] == child.pid  # the launcher exec'd: same pid
+        [mapped] = info["allocator_libraries"]
+        assert os.path.samefile(mapped, process.find_library("jemalloc"))
+        assert info["launched_backend"] == "jemalloc" and info["initial_pythonmalloc"] == "malloc"
+        assert info["rss_bytes"] > 0 and info["peak_rss_bytes"] >= info["rss_bytes"]
+        assert main(["info", "--memory", str(child.pid)]) == 0
+        text = capsys.readouterr().out
+        assert "started by knhk-memory run with jemalloc; PYTHONMALLOC at start: malloc" in text
+    finally:
+        child.stdin.close()
+        assert child.wait(timeout=30) == 0
+
+
+def test_info_memory_bad_pids(capsys):
+    from knhk_memory.cli import main
+
+    assert main(["info", "--memory", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "knhk-memory info: error: --memory: pid must be a positive integer, got 0"
+    assert main(["info", "--memory", "999999999"]) == 2
+    assert capsys.readouterr().err.strip() == ("knhk-memory: error: no process with pid 999999999 "
+                                               "(nothing in /proc/999999999)")
+    with pytest.raises(SystemExit) as info:
+        main(["info", "--memory", "x"])
+    assert info.value.code == 2
+    assert "argument --memory: invalid int value: 'x'" in capsys.readouterr().err
+    from knhk_memory.errors import ProcessInspectError
+    with pytest.raises(ValueError, match="pid must be a positive integer, got True"):
+        process.inspect_process(True)
+    assert issubclass(ProcessInspectError, LookupError)

@@ -229,8 +229,9 @@ class Purger:
                 "seconds": took}
 
     def stats(self) -> dict[str, Any]:
-        return {"interval_s": self.interval, "running": self._thread is not None, "purges": self.purges,
-                "seconds": self.seconds, "last_error": self.last_error}
+        thread = self._thread
+        return {"interval_s": self.interval, "running": thread is not None and thread.is_alive(),
+                "purges": self.purges, "seconds": self.seconds, "last_error": self.last_error}
 
 
 def services(config: Config) -> MemoryServices:

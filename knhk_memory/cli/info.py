@@ -112,7 +112,8 @@ def _print_info(info: dict[str, Any]) -> None:
         out.append(f"          auto is {sd['auto']}: {sd['auto_note']}")
     proc = info["stats"].get("allocator", {}).get("process")
     if proc:
-        out.append(f"process:  malloc from {proc['malloc_library']} ({proc['malloc_backend'] or 'not a knhk backend'}); "
+        serves = proc["malloc_backend"] or "not a knhk backend"
+        out.append(f"process:  malloc from {proc['malloc_library']} ({serves}); "
                    f"CPython objects: {proc['python_allocator']}; RSS {proc['rss_bytes'] or 0:,} B "
                    f"(peak {proc['peak_rss_bytes'] or 0:,} B)")
     out.append(f"plugins:  {', '.join(info['plugins'])}")

@@ -37,6 +37,10 @@ class MemoryServices:
     def __init__(self, config: Config) -> None:
         # Resolve everything first: nothing is applied if any of it fails.
         name = config.allocator.backend
+        if name == "auto" and config.allocator.scope == "process":
+            # auto in a process whose malloc is already a backend's means that
+            # backend: loading another one beside it would serve nothing.
+            name = process.malloc_backend_name() or name
         try:
             self.backend, self.auto_skipped = resolve_backend(name)
         except BackendUnavailableError as exc:

@@ -363,13 +363,21 @@ def test_scope_process_by_hand_is_accepted_and_system_needs_libc(isolated, run_p
 
 
 def test_python_allocator_reads_the_interpreter(run_python):
+    import tracemalloc
+
+    if os.environ.get("PYTHONMALLOC") not in (None, "", "pymalloc"):
+        pytest.fail(f"the test run itself must use pymalloc, it has PYTHONMALLOC={os.environ['PYTHONMALLOC']}")
+    assert process.python_allocator() == "pymalloc"
+    tracemalloc.start()
+    try:
+        assert process.python_allocator() == "unknown"  # tracemalloc's hooks hide what is below
+    finally:
+        tracemalloc.stop()
+    assert process.python_allocator() == "pymalloc"
+    # Each setting needs a fresh interpreter: PYTHONMALLOC is read at start-up.
     code = "from knhk_memory import process; print(process.python_allocator())"
-    assert run_python(code, env={"PYTHONMALLOC": "malloc"}).stdout.strip() == "malloc"
-    assert run_python(code, env={"PYTHONMALLOC": "pymalloc"}).stdout.strip() == "pymalloc"
-    assert run_python(code, env={"PYTHONMALLOC": "pymalloc_debug"}).stdout.strip() == "pymalloc_debug"
-    assert run_python(code, env={"PYTHONMALLOC": "malloc_debug"}).stdout.strip() == "malloc_debug"
-    r = run_python("import tracemalloc; tracemalloc.start()\n" + code)
-    assert r.stdout.strip() == "unknown"
+    for setting in ("malloc", "pymalloc_debug", "malloc_debug"):
+        assert run_python(code, env={"PYTHONMALLOC": setting}).stdout.strip() == setting
 
 
 # ---------------------------------------------------------------- figures, release_unused, periodic purge
@@ -482,3 +490,51 @@ def test_info_memory_bad_pids(capsys):
     with pytest.raises(ValueError, match="pid must be a positive integer, got True"):
         process.inspect_process(True)
     assert issubclass(ProcessInspectError, LookupError)
+
+
+def test_auto_in_a_launched_process_is_the_preloaded_backend(isolated, run_python):
+    cfg = isolated / "k.toml"
+    cfg.write_text('[allocator]\nbackend = "auto"\nscope = "process"\n')
+    code = ("from knhk_memory import get_plugin_manager, load_config\n"
+            "c = load_config(); pm = get_plugin_manager(); pm.hook.knhk_configure(config=c)\n"
+            "print(pm.hook.knhk_allocator(config=c).name)")
+    r = run_python(code, env={"LD_PRELOAD": process.find_library("jemalloc"), "PYTHONMALLOC": "malloc",
+                              "KNHK_MEMORY_CONFIG": str(cfg)})
+    assert r.stdout.strip() == "jemalloc", r.stderr
+    r = launch(["--config", str(cfg), "--", sys.executable, "-c", code])
+    assert r.stdout.strip() == process.resolve_launch_backend("auto")[0] == "mimalloc", r.stderr
+
+
+def test_the_demo_with_spawn_workers_under_the_launcher(isolated):
+    # The workers configure scope = "process" too: they pass the check only
+    # because the demo starts them inside launched_environment().
+    cfg = write_config(isolated / "k.toml", "jemalloc")
+    r = launch(["--config", str(cfg), "--", sys.executable, "-m", "knhk_memory", "demo", "--cases", "300",
+                "--workers", "2", "--json"], env={"KNHK_MEMORY_CACHE": str(isolated / "cache")}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["ok"] is True and out["workers"] == 2 and out["cases"] == 300
+
+
+def test_a_failing_purge_is_reported_and_retried():
+    from knhk_memory.errors import NativeError
+    from knhk_memory.plugins.memory import Purger
+
+    class Flaky:
+        name = "flaky"
+        calls = 0
+
+        def release_unused(self):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise NativeError("flaky: release_unused: no")
+
+    purger = Purger(Flaky(), 0.01)
+    purger.start()
+    deadline = time.monotonic() + 10
+    while purger.stats()["purges"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    purger.stop()
+    stats = purger.stats()
+    assert stats["last_error"] == "flaky: release_unused: no"
+    assert stats["purges"] >= 2 and stats["running"] is False

@@ -197,6 +197,9 @@ typedef struct {
     int64_t resident;      /* bytes resident for the allocator (or process RSS), or -1 */
     int64_t mapped;        /* bytes mapped or committed, or -1 */
     int64_t peak_resident; /* peak RSS / peak commit, or -1 */
+    int64_t metadata;      /* bytes of the allocator's own bookkeeping (jemalloc stats.metadata), or -1 */
+    int64_t retained;      /* bytes of address space kept but given back to the OS (jemalloc stats.retained), or -1 */
+    int64_t free_bytes;    /* bytes free inside the allocator's heaps, not given back (glibc fordblks), or -1 */
 } knhk_native_stats;
 
 /* Load a backend once and for all (libraries are never unloaded, so a block

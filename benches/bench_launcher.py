@@ -86,9 +86,9 @@ def _case(rng: random.Random, n: int) -> dict:
 
 
 def child_frag() -> dict:
-    # knhk_memory (and numpy, which it imports) is loaded only after the
-    # figures are taken: the workload is a pure-Python engine's, and 35 MiB of
-    # imports would hide what the allocators do.
+    # knhk_memory is loaded only after the figures are taken: the workload is
+    # a pure-Python engine's, and the memory of knhk's imports (numpy, in some
+    # versions) would blur what the allocators do with it.
     import ctypes
 
     start = _rss()["VmRSS"]

@@ -77,13 +77,27 @@ class AllocStats:
 
 @dataclass(frozen=True)
 class NativeStats:
-    """The allocator's own figures; None where the allocator has no such figure."""
+    """The allocator's own figures, in bytes; None where the allocator has no such figure.
+
+    ``allocated``: handed out to the program (jemalloc ``stats.allocated``,
+    glibc ``uordblks + hblkhd``); ``active``: in pages holding live blocks
+    (jemalloc); ``resident``: resident in RAM (jemalloc ``stats.resident``,
+    mimalloc's RSS); ``mapped``: mapped or committed (jemalloc, mimalloc
+    commit, glibc ``arena + hblkhd``); ``peak_resident`` (mimalloc);
+    ``metadata`` and ``retained`` (jemalloc ``stats.metadata``,
+    ``stats.retained``: address space kept but already given back);
+    ``free_bytes``: free inside glibc's heaps, not given back (``fordblks``,
+    what ``malloc_trim`` can return).
+    """
 
     allocated: int | None
     active: int | None
     resident: int | None
     mapped: int | None
     peak_resident: int | None
+    metadata: int | None = None
+    retained: int | None = None
+    free_bytes: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -162,7 +176,8 @@ class Backend(_fast.BackendBase):
         mimalloc ``mi_process_info``, glibc ``mallinfo2``)."""
         out = ffi.new("knhk_native_stats *")
         check(lib.knhk_backend_native_stats(self._ptr, out), f"{self.name}: native statistics")
-        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident")]
+        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident", "metadata",
+                                          "retained", "free_bytes")]
         return NativeStats(*(None if v < 0 else v for v in vals))
 
     def release_unused(self) -> None:

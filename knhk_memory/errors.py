@@ -249,6 +249,13 @@ class AlreadyConfiguredError(KnhkMemoryError, RuntimeError):
     configured (call ``knhk_unconfigure`` first)."""
 
 
+# ---------------------------------------------------------------- the process allocator
+
+
+class ProcessInspectError(KnhkMemoryError, LookupError):
+    """Another process's memory cannot be read: no such process, not ours, or no /proc."""
+
+
 # ---------------------------------------------------------------- reference host
 
 class WorkflowDefinitionError(KnhkMemoryError, ValueError):

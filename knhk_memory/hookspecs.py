@@ -152,6 +152,19 @@ def knhk_simd_level(config: Config) -> SimdLevel | None:
 
 
 @hookspec
+def knhk_release_unused(config: Config) -> dict[str, Any] | None:
+    """Give memory the plugin's allocator holds but does not use back to the OS, now.
+
+    :param config: The engine's configuration.
+
+    Returns what was done (the memory plugin: the backend, the process's RSS
+    before and after in bytes, and the seconds it took); the engine gets one
+    dict per plugin. ``[allocator] purge_interval_s`` makes the memory plugin
+    do the same periodically.
+    """
+
+
+@hookspec
 def knhk_memory_stats(config: Config) -> dict[str, Any] | None:
     """Return a plugin's memory figures, keyed by service (``{"allocator": {...}}``).
 

@@ -280,6 +280,17 @@ def test_native_stats_and_release_unused(backend):
         pytest.skip("mallinfo2 describes glibc's malloc, which the preloaded allocator replaces")
     stats = backend.native_stats()
     assert any(v is not None and v > 0 for v in stats.as_dict().values())
+    # Which figures each allocator has (None: it has no such figure).
+    have = {k for k, v in stats.as_dict().items() if v is not None}
+    assert have == {"system": {"allocated", "mapped", "free_bytes"},
+                    "jemalloc": {"allocated", "active", "resident", "mapped", "metadata", "retained"},
+                    "mimalloc": {"resident", "mapped", "peak_resident"}}[backend.name]
+    if backend.name == "jemalloc":
+        # jemalloc(3): active >= allocated; resident and mapped >= active.
+        assert stats.allocated <= stats.active <= min(stats.resident, stats.mapped)
+        assert stats.metadata > 0
+    if backend.name == "system":
+        assert 0 <= stats.free_bytes <= stats.mapped
     backend.release_unused()
 
 

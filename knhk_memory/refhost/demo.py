@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import Config, validate
 from ..errors import CheckFailedError, HostError
+from ..launcher import launched_environment
 from .engine import Engine, RunTally
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
@@ -156,7 +157,11 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     start = engine.counters.get(done_idx)
     tally = RunTally(arenas=0)
     t0 = time.perf_counter()
-    with ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    # Under knhk-memory run the workers are the engine too: they get the
+    # launcher's variables back (knhk_configure took them out of os.environ).
+    with launched_environment():
+        pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():

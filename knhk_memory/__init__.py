@@ -13,6 +13,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
     __version__ = "0+unknown"
 
+from . import errors, simd
 from .allocator import (
     Backend,
     Block,
@@ -24,17 +25,15 @@ from .allocator import (
     select_backend,
     selected_backend,
 )
+from .arena import Arena, ArenaStats, ThreadLocalArena
 from .budgets import BudgetReport, run_budgets
 from .config import Config, load_config
-from . import errors
+from .counters import Counters, CounterWriter, PatternStats
 from .errors import *  # noqa: F403 - every exception class, see errors.__all__
-from .hotpath import HotOp, PyHotOp
-from .counters import CounterWriter, Counters, PatternStats
-from .arena import Arena, ArenaStats, ThreadLocalArena
 from .host import get_plugin_manager
+from .hotpath import HotOp, PyHotOp
 from .once import Lazy, OnceLock
 from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
-from . import simd
 from .store import WorkflowStore, WorkflowStoreWriter, open_store
 
 __all__ = [

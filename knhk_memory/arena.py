@@ -39,7 +39,7 @@ from typing import Any
 from . import _fast
 from ._core import ffi, last_error, lib, raise_status
 from .allocator import Backend, _HandlerToken, get_backend, selected_backend
-from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]
@@ -311,7 +311,7 @@ def _shape_arg(shape: Any) -> tuple[int, ...]:
                             f"{shape!r}") from None
         for d in dims:
             if isinstance(d, bool):
-                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}")
+                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}") from None
             try:
                 operator.index(d)
             except TypeError:

@@ -27,13 +27,13 @@ import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 import numpy as np
 
-from ._core import check, ffi, last_error, lib, raise_status
+from ._core import check, ffi, last_error, lib
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -599,8 +599,8 @@ class PatternStats(_Block):
         """A readable table of the executed patterns, with mean time in microseconds."""
         rows = self.as_dict()
         per_us = self.ticks_per_second() / 1e6
-        head = f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} " \
-               f"{'max':>10} {'mean us':>9}"
+        head = (f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} "
+                f"{'max':>10} {'mean us':>9}")
         lines = [head, "-" * len(head)]
         for pid, r in rows.items():
             lines.append(f"{pid:>3}  {r['name'][:36]:<36} {r['executions']:>10} {r['total_ticks']:>14} "

@@ -282,7 +282,8 @@ class PatternRegistry:
     def __repr__(self) -> str:
         if not self.loaded:
             return "<PatternRegistry (not loaded)>"
-        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{', frozen' if self._frozen else ''}>"
+        frozen = ", frozen" if self._frozen else ""
+        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{frozen}>"
 
 
 # ---------------------------------------------------------------- resources

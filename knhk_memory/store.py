@@ -218,7 +218,8 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[d["dict_offset"]:d["dict_offset"] + d["dict_length"]]))
+                start = d["dict_offset"]
+                zdict = zstandard.ZstdCompressionDict(bytes(self._view[start:start + d["dict_length"]]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()

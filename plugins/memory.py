@@ -11,6 +11,7 @@ import threading
 import weakref
 from typing import Any
 
+from knhk_memory import simd
 from knhk_memory.allocator import (
     Backend,
     install_numpy_handler,
@@ -18,7 +19,6 @@ from knhk_memory.allocator import (
     select_backend,
     set_numpy_routing,
 )
-from knhk_memory import simd
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats

@@ -21,7 +21,7 @@ from knhk_memory.budgets import (
 )
 from knhk_memory.cli import main
 from knhk_memory.config import load_config
-from knhk_memory.errors import ConfigError, HotOpError, NativeError, UnknownOperationError
+from knhk_memory.errors import ConfigError, HotOpError, UnknownOperationError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.host import get_plugin_manager
 from knhk_memory.hotpath import HotOp, PyHotOp
@@ -200,10 +200,10 @@ def test_every_provider_gives_named_ops_with_budgets():
 
 
 def test_a_provider_that_fails_to_import_is_an_error_not_skipped():
-    with pytest.raises(HotOpError, match="hot-path provider 'knhk_memory.no_such' .* failed to import: "
+    with pytest.raises(HotOpError, match=r"hot-path provider 'knhk_memory.no_such' .* failed to import: "
                                          "ModuleNotFoundError"):
         builtin_ops(("knhk_memory.allocator", "knhk_memory.no_such"))
-    with pytest.raises(HotOpError, match="'knhk_memory.errors' has no hot_ops\\(\\) function"):
+    with pytest.raises(HotOpError, match=r"'knhk_memory.errors' has no hot_ops\(\) function"):
         builtin_ops(("knhk_memory.errors",))
 
 

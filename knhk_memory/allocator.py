@@ -178,6 +178,10 @@ class Block:
     """
 
     __slots__ = ("backend", "_ptr", "_size", "_align")
+    backend: Backend
+    _ptr: Any  # the gc'd cdata, None once freed
+    _size: int
+    _align: int
 
     def __init__(self) -> None:
         raise TypeError("Blocks come from Backend.malloc/calloc/aligned")
@@ -333,7 +337,7 @@ def resolve_backend(name: str) -> tuple[Backend, list[str]]:
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
         return get_backend(name), []
-    skipped = []
+    skipped: list[str] = []
     for candidate in AUTO_ORDER:
         try:
             return get_backend(candidate), skipped
@@ -415,13 +419,15 @@ def apply_numpy_handler() -> str:
 
     Use it as ``ThreadPoolExecutor(initializer=knhk_memory.apply_numpy_handler)``.
     Without configured routing it leaves numpy's default in place."""
-    import numpy
+    from numpy._core.multiarray import get_handler_name
 
     if _numpy_routing:
         # For the thread's life: the token is dropped, which releases (does not
         # restore) the handler it replaced.
         install_numpy_handler(selected_backend())
-    return numpy._core.multiarray.get_handler_name()
+    name = get_handler_name()
+    assert name is not None  # without an array: the context's handler, which always has a name
+    return name
 
 
 # ---------------------------------------------------------------- hot paths

@@ -91,6 +91,8 @@ class _Mapping:
 
     def unlink(self) -> None:
         self.unlink_pid = None
+        if self.name is None:  # private memory: nothing to remove
+            return
         with contextlib.suppress(FileNotFoundError):
             if self.kind == "shm":
                 _posixshmem.shm_unlink("/" + self.name)
@@ -181,6 +183,11 @@ class _Block:
             mapping.mm.close()
             mapping.unlink()
             raise
+
+    @classmethod
+    def attach(cls, name: str | os.PathLike[str]) -> Any:
+        """Open a shared block by name (each kind narrows the type; __reduce__ needs it here)."""
+        return cls._attach(name)
 
     @classmethod
     def _attach(cls, name: str | os.PathLike[str]) -> Any:

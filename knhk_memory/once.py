@@ -166,6 +166,9 @@ class Lazy(Generic[T]):
     """
 
     __slots__ = ("_value", "_cell", "_f")
+    _value: T
+    _cell: OnceLock[T]
+    _f: Callable[[], T]
 
     def __init__(self, f: Callable[[], T], name: str | None = None) -> None:
         if not callable(f):
@@ -199,4 +202,4 @@ class _ReadyLazy(Lazy[Any]):
     """A Lazy whose value is computed: ``value`` is the ``_value`` slot itself."""
 
     __slots__ = ()
-    value = Lazy.__dict__["_value"]  # type: ignore[assignment]
+    value = Lazy.__dict__["_value"]

@@ -180,7 +180,7 @@ class PatternRegistry:
     def __getitem__(self, key: int | str) -> Pattern:
         if key.__class__ is int:
             try:
-                return self._by_number[key]  # type: ignore[index]
+                return self._by_number[key]
             except KeyError:
                 return self._by_number_slow(key)
         if isinstance(key, str):

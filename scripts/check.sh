@@ -7,7 +7,7 @@
 #
 #   ruff           lint rules in pyproject.toml [tool.ruff] (ruff format is not used)
 #   mypy           knhk_memory and plugins, zero errors ([tool.mypy])
-#   lint-imports   the layer contract ([tool.importlinter]; the picture: python scripts/layers.py)
+#   lint-imports   the layer contract ([tool.importlinter]; the picture: python3 scripts/layers.py)
 #   clang-format   native/ against native/.clang-format; to fix: clang-format -i <the same files>
 #
 # Every check runs; the script exits 1 if any failed and names them. The tools

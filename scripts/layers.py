@@ -1,8 +1,9 @@
 """knhk_memory's import graph, collapsed into its layers.
 
-    python scripts/layers.py           # the layer picture docs/architecture.md shows
-    python scripts/layers.py --check   # the same, and exit 1 on an upward import,
-                                       # a module in no layer, or a facade name used below the CLI
+    python3 scripts/layers.py                # the layer picture docs/architecture.md shows
+    python3 scripts/layers.py --check        # the same, and exit 1 on an upward import,
+                                            # a module in no layer, or a facade name used below the CLI
+    python3 scripts/layers.py --update-doc   # write the picture into docs/architecture.md
 
 The layers are the ones `lint-imports` checks: the first contract of
 ``[tool.importlinter]`` in pyproject.toml, top to bottom. The imports are read
@@ -21,6 +22,7 @@ re-exports the public API) is in no layer and is shown last.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ PACKAGE = "knhk_memory"
 # plugins/ is installed as knhk_memory.plugins (pyproject.toml, package-dir);
 # the import-linter contract names the folder, as import-linter sees it.
 PLUGINS_DIR, PLUGINS_NAME = "plugins", f"{PACKAGE}.plugins"
+DOC = ROOT / "docs" / "architecture.md"
+DOC_BLOCK = re.compile(r"(<!-- layers: begin.*?-->\n```text\n)(.*?)(```\n<!-- layers: end -->)", re.S)
 
 
 @dataclass
@@ -186,7 +190,7 @@ def _short(module: str) -> str:
 
 def render(graph: Graph) -> str:
     """The text picture: each layer, its modules, and what it imports below it."""
-    lines = [f"{PACKAGE}: {len(graph.layers)} layers, top to bottom (python scripts/layers.py)", ""]
+    lines = [f"{PACKAGE}: {len(graph.layers)} layers, top to bottom (python3 scripts/layers.py)", ""]
     for i, layer in enumerate(graph.layers):
         sep = " | " if layer.independent else " : "
         label = sep.join(_short(m) + (" (compiled)" if m in layer.compiled else "") for m in layer.members)
@@ -220,9 +224,22 @@ def _edges_below(graph: Graph, lines: list[str], sources: set[str]) -> None:
         lines.append(f"      -> the facade: {' '.join(facade)}")
 
 
+def doc_block(text: str) -> str | None:
+    """The picture as docs/architecture.md holds it (between the layers: markers)."""
+    m = DOC_BLOCK.search(text)
+    return m.group(2) if m else None
+
+
 def main(argv: list[str]) -> int:
     graph = build()
-    sys.stdout.write(render(graph))
+    picture = render(graph)
+    if "--update-doc" in argv:
+        text = DOC.read_text()
+        if doc_block(text) is None:
+            sys.stderr.write(f"{DOC}: no <!-- layers: begin --> ... <!-- layers: end --> block\n")
+            return 1
+        DOC.write_text(DOC_BLOCK.sub(lambda m: m.group(1) + picture + m.group(3), text, count=1))
+    sys.stdout.write(picture)
     return 1 if "--check" in argv and problems(graph) else 0
 
 

@@ -27,7 +27,7 @@ failed=()
 check() {
   local name=$1
   shift
-  say "$name: $*"
+  [ "$(type -t "$1")" = function ] || say "$name: $*"
   if ! "$@"; then failed+=("$name"); fi
 }
 
@@ -40,13 +40,26 @@ done
 
 C_FILES=(native/*.c native/*.h native/cpython/*.c native/cpython/*.h)
 
+# clang-format prints every differing line with context (hundreds on an
+# unformatted tree): show the first ones, then which files and the fix.
+clang_format_check() {
+  local out files
+  say "clang-format: $BIN/clang-format --dry-run --Werror ${C_FILES[*]}"
+  if out=$("$BIN/clang-format" --dry-run --Werror "${C_FILES[@]}" 2>&1); then return 0; fi
+  printf '%s\n' "$out" | head -n 40
+  files=$(printf '%s\n' "$out" | grep -oE '^[^: ]+\.[ch]:[0-9]+' | cut -d: -f1 | sort -u | tr '\n' ' ')
+  say "clang-format: $(printf '%s\n' "$out" | grep -c 'error:') differences in: $files"
+  say "to apply the style: $BIN/clang-format -i ${C_FILES[*]}"
+  return 1
+}
+
 check ruff "$BIN/ruff" check --no-cache --quiet knhk_memory plugins tests benches scripts
 check mypy "$BIN/mypy" --cache-dir "$VENV/.mypy_cache" knhk_memory plugins
 check lint-imports "$BIN/lint-imports" --no-cache
 if [ -n "${KNHK_SKIP_CLANG_FORMAT:-}" ]; then
   say "clang-format: skipped (KNHK_SKIP_CLANG_FORMAT is set)"
 else
-  check clang-format "$BIN/clang-format" --dry-run --Werror "${C_FILES[@]}"
+  check clang-format clang_format_check
 fi
 
 if ((${#failed[@]})); then

@@ -43,7 +43,7 @@ from typing import Any
 from . import _fast
 from ._core import check, check_as, ffi, lib
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
-from .errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from .errors import ArenaClosedError, ArenaThreadError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]

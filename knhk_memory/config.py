@@ -433,6 +433,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, mapping: Mapping[
         if path is not None:
             raise TypeError("give either a path or a mapping, not both")
         return Config(validate(mapping, "<argument>"), source="<argument>", origin="mapping")
+    found: Path | None
     if path is not None:
         found, origin = Path(path), "explicit path"
     else:

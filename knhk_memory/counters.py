@@ -26,7 +26,7 @@ import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 from . import _fast
 from ._core import check, check_as, ffi, lib
-from .patterns import builtin_patterns
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -47,6 +46,7 @@ from .errors import (
     SharedBlockNotFoundError,
     did_you_mean,
 )
+from .patterns import builtin_patterns
 
 try:  # POSIX shared memory without multiprocessing's resource tracker
     import _posixshmem

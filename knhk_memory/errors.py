@@ -68,6 +68,8 @@ class UnknownOperationError(KnhkMemoryError, LookupError):
 class _KeyMessage:
     """For errors that are also KeyError: str() is the message, not its repr."""
 
+    args: tuple[object, ...]  # from the exception class it is mixed into
+
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 

@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     from .allocator import Backend
     from .arena import Arena
     from .config import Config
+    from .counters import Counters, PatternStats
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
     from .simd import SimdLevel
-    from .counters import Counters, PatternStats
     from .store import WorkflowStore
 
 PROJECT = "knhk"

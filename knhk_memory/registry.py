@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _fast
 from ._core import check, ffi, lib
 from .errors import (
     DuplicateNameError,
@@ -36,7 +37,6 @@ from .errors import (
     UnknownResourceError,
     did_you_mean,
 )
-from . import _fast
 from .once import OnceLock
 from .patterns import Pattern, builtin_patterns, read_table
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from typing import Any
-
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from knhk_memory import allocator, arena, counters, launcher, process, registry, simd
 from knhk_memory import store as store_module

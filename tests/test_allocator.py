@@ -250,7 +250,7 @@ def test_bad_sizes(backend, size, exc, msg):
 
 def test_absurd_size_is_memory_error_not_crash(backend):
     with pytest.raises(MemoryError, match=f"{backend.name}: allocation of"):
-        backend.malloc((1 << 62))
+        backend.malloc(1 << 62)
 
 
 def test_calloc_overflow(backend):
@@ -307,7 +307,8 @@ def test_missing_library_names_the_debian_package(run_python):
         "try:\n    get_backend('mimalloc')\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
         env={"KNHK_MEMORY_MIMALLOC_LIBRARY": "/nonexistent/libmimalloc.so.2"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: /nonexistent/libmimalloc.so.2 is not installed")
+    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: "
+                               "/nonexistent/libmimalloc.so.2 is not installed")
     assert "apt-get install libmimalloc2.0" in r.stdout
 
 

@@ -20,7 +20,7 @@ from knhk_memory.budgets import (
 )
 from knhk_memory.cli import main
 from knhk_memory.config import load_config
-from knhk_memory.errors import ConfigError, HotOpError, NativeError, UnknownOperationError
+from knhk_memory.errors import ConfigError, HotOpError, UnknownOperationError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.host import get_plugin_manager
 from knhk_memory.hotpath import (

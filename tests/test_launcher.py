@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from knhk_memory import ConfigError, get_plugin_manager, load_config, launcher as process
+from knhk_memory import ConfigError, get_plugin_manager, load_config
+from knhk_memory import launcher as process
 from knhk_memory.errors import BackendUnavailableError
 
 BACKENDS = ("system", "jemalloc", "mimalloc")
@@ -150,8 +151,8 @@ def test_find_library_missing_names_the_debian_package(monkeypatch):
     monkeypatch.setattr(process, "_ldconfig_lookup", lambda soname: None)
     with pytest.raises(BackendUnavailableError) as info:
         process.find_library("mimalloc")
-    assert ("mimalloc backend: libmimalloc.so.2 is not installed (not in /nonexistent nor in ldconfig's cache). "
-            "Install the Debian package libmimalloc2.0: apt-get install libmimalloc2.0") == str(info.value)
+    assert str(info.value) == ("mimalloc backend: libmimalloc.so.2 is not installed (not in /nonexistent nor in ldconfig's cache). "
+            "Install the Debian package libmimalloc2.0: apt-get install libmimalloc2.0")
     # auto falls to system when neither library is there
     assert process.resolve_launch_backend("auto") == ("system", None)
     monkeypatch.setenv("KNHK_MEMORY_JEMALLOC_LIBRARY", "/nope/libjemalloc.so.2")

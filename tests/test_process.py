@@ -9,7 +9,6 @@ import threading
 from typing import Any
 
 import pytest
-from knhk_memory.plugins import memory
 from numpy._core.multiarray import get_handler_name
 
 from knhk_memory import allocator, get_plugin_manager, load_config, process, simd
@@ -21,6 +20,7 @@ from knhk_memory.errors import (
     SimdLevelError,
 )
 from knhk_memory.host import configured
+from knhk_memory.plugins import memory
 
 
 def other_backend() -> str:

@@ -14,6 +14,7 @@ __all__ = ["collect_info", "add_info_command"]
 def collect_info(config_path: str | None) -> dict[str, Any]:
     """Everything ``knhk-memory info`` reports, as a JSON-ready dict."""
     import numpy
+    from numpy._core.multiarray import get_handler_name
 
     from .. import __version__
     from .._core import ffi, lib
@@ -35,12 +36,12 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
         probe = numpy.empty(16)
         numpy_info = {
             "routed": bool(config.allocator.numpy),
-            "current_handler": numpy._core.multiarray.get_handler_name(),
-            "new_array_handler": numpy._core.multiarray.get_handler_name(probe),
+            "current_handler": get_handler_name(),
+            "new_array_handler": get_handler_name(probe),
             "numpy_version": numpy.__version__,
         }
         del probe
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in pm.hook.knhk_memory_stats(config=config):
             stats.update(part or {})
     finally:

@@ -95,9 +95,9 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
             for k in probe:
                 get(k)
             per.append((time.perf_counter_ns() - t0) / max(1, len(probe)))
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         records = s.verify()
-        verify_s = time.perf_counter() - t0
+        verify_s = time.perf_counter() - start
         info = s.stats()
     return {"open_ns": statistics.median(opens), "lookup_ns": statistics.median(per), "verified_records": records,
             "verify_seconds": verify_s, "keys": info["keys"], "file_size": info["file_size"],
@@ -234,7 +234,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         pattern_rows = engine.pattern_stats.as_dict()
         names = {p.number: p.name for p in (engine.patterns.by_number(n) for n in SUPPORTED_PATTERNS)}
         checks = _checks(engine, tally, counters, patterns, cases, seed)
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
             stats.update(part or {})
         backend = engine.pm.hook.knhk_allocator(config=engine.config)

@@ -42,7 +42,7 @@ from ..errors import HostError, StoreKeyError
 from ..hookspecs import hookimpl
 from ..host import get_plugin_manager
 from ..registry import start_registries
-from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
+from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
 
 __all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE"]
@@ -112,7 +112,7 @@ class _CompiledWorkflows:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.keys = sorted(k.decode() for k in store.keys())
+        self.keys = sorted(k.decode() for k in store.keys())  # noqa: SIM118 - a WorkflowStore has no __iter__
         self._cache: dict[str, Workflow] = {}
 
     def get(self, key: str) -> Workflow:

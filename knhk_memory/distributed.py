@@ -243,18 +243,20 @@ class WorkerSession:
             self.pm.hook.knhk_unconfigure(config=self.config)
 
 
-def _backend_failure(exc: BaseException) -> bool:
-    """The allocator backend could not be loaded: a BackendUnavailableError, as
-    such or as the cause of the plugin's ConfigError about ``allocator.backend``."""
-    seen = 0
+def _backend_failure(exc: BaseException) -> BaseException | None:
+    """The allocator backend could not be loaded: the BackendUnavailableError (as
+    such or as the cause of the plugin's ConfigError about ``allocator.backend``)."""
+    found: BaseException | None = None
     e: BaseException | None = exc
-    while e is not None and seen < 16:
+    for _ in range(16):
+        if e is None:
+            break
         if isinstance(e, BackendUnavailableError):
-            return True
+            return e
         if isinstance(e, ConfigError) and e.key == "allocator.backend":
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
 
 
 class KnhkWorkerPlugin(WorkerPlugin):
@@ -319,13 +321,15 @@ class KnhkWorkerPlugin(WorkerPlugin):
             self.error = exc
             raise
         except Exception as exc:
-            if not _backend_failure(exc):
+            cause = _backend_failure(exc)
+            if cause is None:
                 kind = "" if isinstance(exc, KnhkMemoryError) else f"{type(exc).__name__}: "
                 self.error = WorkerError(f"worker {address} cannot set up knhk-memory: {kind}{exc}", address=address)
                 raise self.error from None
             self.error = WorkerBackendError(
                 f"worker {address} cannot load the allocator backend {self.config_values['allocator']['backend']!r} "
-                f"that {self.config_source} configures: {exc}; the run stops (no fallback to another backend)",
+                f"that {self.config_source} configures: {str(cause).rstrip('.')}; the run stops (no fallback to another "
+                "backend)",
                 address=address)
             raise self.error from None
         self.setup_seconds = time.perf_counter() - t0

@@ -52,6 +52,21 @@ def batch_count(cases: int, batch_cases: int) -> int:
     return max(1, -(-cases // batch_cases))
 
 
+def split_batches(cases: int, seed: int, workflows: int, k: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The case numbers of each of ``k`` batches (int64, ascending), and each case's batch.
+
+    Batch ``i`` holds the cases among ``0..cases-1`` whose workflow index is ``i``
+    modulo ``k``, so no workflow's cases are split between batches. Computed once,
+    on the client; a task gets only its own case numbers."""
+    from .workflows import case_seeds, workflow_choice
+
+    numbers = np.arange(cases, dtype=np.int64)
+    which = workflow_choice(case_seeds(seed, numbers), workflows) % k
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(1, k))
+    return [np.ascontiguousarray(p) for p in np.split(numbers[order], bounds)], which
+
+
 def _pattern_arrays(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     rows = engine.pattern_stats.as_dict(all_patterns=True)
     execs = np.zeros(PATTERN_SLOTS, dtype=np.int64)
@@ -61,10 +76,9 @@ def _pattern_arrays(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     return execs, ticks
 
 
-def run_batch(plugin_name: str, batch_id: int, batches: int, cases: int, seed: int,
+def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: int,
               sample: list[int]) -> dict[str, Any]:
-    """The task: run batch ``batch_id`` of ``batches`` (the cases among ``0..cases-1``
-    whose workflow index is ``batch_id`` modulo ``batches``) on this worker's engine.
+    """The task: run batch ``batch_id`` (the cases ``case_numbers``, int64) on this worker's engine.
 
     Returns ``{"batch", "worker", "pid", "tally", "counters", "pattern_executions",
     "pattern_ticks", "seconds"}``: counters and pattern figures are deltas of
@@ -78,8 +92,7 @@ def run_batch(plugin_name: str, batch_id: int, batches: int, cases: int, seed: i
         before = engine.counters.snapshot()
         e0, t0 = _pattern_arrays(engine)
         start = time.perf_counter()
-        tally = engine.run(np.arange(cases, dtype=np.int64), seed=seed, sample=frozenset(sample),
-                           partition=(batch_id, batches))
+        tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
         seconds = time.perf_counter() - start
         after = engine.counters.snapshot()
         e1, t1 = _pattern_arrays(engine)
@@ -128,6 +141,12 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     if ship_store is None:
         ship_store = "path" if spec.kind == "local" else "content"
     artifact = StoreArtifact.from_path(store_path, shipping=ship_store)
+    from ..store import WorkflowStore
+
+    with WorkflowStore(store_path) as st:
+        workflows = len(st)
+    if not workflows:
+        raise HostError(f"the workflow store {store_path} holds no definitions")
     t_start = time.perf_counter()
     client, local = connect(spec, timeout=timeout)
     start_seconds = time.perf_counter() - t_start
@@ -140,11 +159,17 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         setup_seconds = time.perf_counter() - t0
         workers_at_start = sorted(client.scheduler_info(n_workers=-1)["workers"])
         k = batch_count(cases, batch_cases)
+        parts, which = split_batches(cases, seed, workflows, k)
+        sampled: dict[int, list[int]] = {}
+        for c in sorted(c for c in sample if 0 <= c < cases):
+            sampled.setdefault(int(which[c]), []).append(c)
         results = BatchResults(range(k))
-        ordered = sorted(sample)
         t0 = time.perf_counter()
-        futures = [client.submit(run_batch, plugin.name, i, k, cases, seed, ordered, key=f"{plugin.name}-batch-{i}",
-                                 pure=False) for i in range(k)]
+        futures = []
+        for i, part in enumerate(parts):
+            mine = sampled.get(i, [])
+            futures.append(client.submit(run_batch, plugin.name, i, part, seed, mine,
+                                         key=f"{plugin.name}-batch-{i}", pure=False))
         from distributed import as_completed
 
         try:

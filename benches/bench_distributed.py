@@ -137,11 +137,6 @@ def main() -> None:
     demo_mod.ensure_store(Path(store))
     rows = []
 
-    def med(fn, n=3):
-        rs = [fn() for _ in range(n)]
-        rs.sort(key=lambda r: r["_total"])
-        return rs[len(rs) // 2]
-
     def timed(**kw):
         t0 = time.perf_counter()
         r = run(store, **kw)
@@ -167,23 +162,26 @@ def main() -> None:
     try:
         cost = _empty_batch_cost(address)
         print(f"Dask's fixed cost per batch (batches of 0 cases, {EMPTY_BATCHES} x 3): {cost * 1000:.2f} ms")
-        print(f"batch size sweep on a running LocalCluster(2), {CASES:,} cases, median of 3:")
+        print(f"batch size sweep on a running LocalCluster(2), {CASES:,} cases, median of 3 interleaved rounds:")
         print(f"  {'batch cases':>11} {'batches':>7} {'run s':>7} {'cases/s':>9} {'busy s':>7} "
               f"{'overhead/batch ms':>17} {'work/batch ms':>13} {'fixed cost / work':>17}")
-        per_case = None
+        # interleaved rounds (every size once per round), so a neighbour's burst hits all sizes alike
+        runs: dict[int, list[dict]] = {b: [] for b in SWEEP}
+        for _ in range(3):
+            for b in SWEEP:
+                runs[b].append(timed(cluster=address, batch_cases=b))
+        per_case = statistics.median(r["cluster"]["busy_seconds"] / CASES for rs in runs.values() for r in rs)
         for b in SWEEP:
-            r = med(lambda: timed(cluster=address, batch_cases=b))
+            r = sorted(runs[b], key=lambda r: r["seconds"])[1]
             x = r["cluster"]
             work = x["busy_seconds"] / x["batches"]
-            if b == SWEEP[0]:
-                per_case = x["busy_seconds"] / CASES
             rows.append((b, x["batches"], r["seconds"], CASES / r["seconds"], x["busy_seconds"],
                          x["overhead_per_batch_seconds"] * 1000, work * 1000, cost / work))
             print(f"  {b:>11,} {x['batches']:>7} {r['seconds']:>7.2f} {CASES / r['seconds']:>9,.0f} "
                   f"{x['busy_seconds']:>7.2f} {x['overhead_per_batch_seconds'] * 1000:>17.1f} {work * 1000:>13.1f} "
                   f"{cost / work:>16.1%}")
-        print(f"work per case {per_case * 1e6:.1f} us; Dask's fixed cost falls under 10% of a batch's work from "
-              f"{10 * cost / per_case:,.0f} cases per batch")
+        print(f"work per case {per_case * 1e6:.1f} us (median over the sweep); Dask's fixed cost falls under 10% of "
+              f"a batch's work from {10 * cost / per_case:,.0f} cases per batch")
     finally:
         client.close()
         local.close()

@@ -474,7 +474,7 @@ def connect(spec: ClusterSpec | str, *, timeout: float = DEFAULT_TIMEOUT) -> tup
     """A client for ``spec``, and the ``LocalCluster`` it started (None for ``tcp://``).
 
     ``local:N`` starts N worker processes (``processes=True``,
-    ``threads_per_worker=1``) listening on 127.0.0.1 only, without a dashboard.
+    ``threads_per_worker=1``) listening on 127.0.0.1 only (the HTTP endpoint too, on a free port).
     ``timeout`` (seconds) bounds the connection to a scheduler.
 
     :raises ClusterError: the scheduler does not answer within ``timeout``, or
@@ -487,7 +487,7 @@ def connect(spec: ClusterSpec | str, *, timeout: float = DEFAULT_TIMEOUT) -> tup
     if spec.kind == "local":
         try:
             cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=None, silence_logs=logging.CRITICAL)
+                                   dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
         except Exception as exc:  # pragma: no cover - a broken machine
             raise ClusterError(f"cannot start a local Dask cluster of {spec.workers} worker processes: "
                                f"{type(exc).__name__}: {exc}") from None
@@ -503,11 +503,12 @@ def connect(spec: ClusterSpec | str, *, timeout: float = DEFAULT_TIMEOUT) -> tup
                            "start one there (`dask scheduler`), check the address, or use --cluster local:N") from None
 
 
-def register(client: Client, plugin: KnhkWorkerPlugin) -> None:
+def register(client: Client, plugin: KnhkWorkerPlugin, *, timeout: float = DEFAULT_TIMEOUT) -> None:
     """Register ``plugin`` on every worker and wait for each worker's setup.
 
     On a failure, unregisters it (tearing down the workers where setup
-    succeeded) and raises.
+    succeeded) and raises. ``timeout`` (seconds) bounds the wait for a
+    first worker.
 
     :raises WorkerError: a worker's setup failed (its subclass says why; the
         message names the worker's address).
@@ -515,10 +516,11 @@ def register(client: Client, plugin: KnhkWorkerPlugin) -> None:
         reach them.
     """
     try:
-        client.wait_for_workers(1, timeout=DEFAULT_TIMEOUT)
+        client.wait_for_workers(1, timeout=timeout)
     except (TimeoutError, OSError):
         raise ClusterError(f"the Dask scheduler at {client.scheduler.address} has no workers "
-                           f"(none joined within {DEFAULT_TIMEOUT:g} s)") from None
+                           f"(none joined within {timeout:g} s); start some: dask worker {client.scheduler.address}"
+                           ) from None
     try:
         client.register_plugin(plugin, name=plugin.name)
     except WorkerError:

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -155,6 +156,26 @@ def test_cluster_options_that_do_not_fit_together(capsys, store):
 
         run_on_cluster(load_config(mapping={}), store, cases=10, seed=1, sample=frozenset(), cluster="local:1",
                        batch_cases=0)
+
+
+def test_cluster_without_the_dask_extra_is_a_clear_error(capsys, store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "knhk_memory.distributed")
+    assert main(["demo", "--no-budgets", "--store", str(store), "--cluster", "local:2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("knhk-memory: error: --cluster local:2 needs Dask's distributed scheduler, which is "
+                          "not installed")
+    assert err.rstrip().endswith("pip install 'knhk-memory[dask]'")
+
+
+def test_a_scheduler_without_workers_is_an_error_within_the_timeout(store):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as empty:
+        with pytest.raises(ClusterError, match=r"the Dask scheduler at tcp://127\.0\.0\.1:\d+ has no workers "
+                                               r"\(none joined within 0\.5 s\); start some: dask worker"):
+            demo_mod.run_demo(load_config(mapping={}), cases=100, store=str(store), progress=False, budgets=False,
+                              cluster=empty.scheduler_address, cluster_timeout=0.5)
 
 
 def test_store_by_path_refuses_a_file_whose_checksum_differs(tmp_path, store):

@@ -154,7 +154,7 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     registered = False
     try:
         t0 = time.perf_counter()
-        register(client, plugin)
+        register(client, plugin, timeout=timeout)
         registered = True
         setup_seconds = time.perf_counter() - t0
         workers_at_start = sorted(client.scheduler_info(n_workers=-1)["workers"])

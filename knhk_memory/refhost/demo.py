@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..config import CACHE_ENV, Config, cache_dir, validate
-from ..errors import CheckFailedError, HostError
+from ..errors import CheckFailedError, ClusterError, HostError
 from .engine import Engine, RunTally
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
@@ -172,8 +172,11 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
                         "or --cluster tcp://HOST:PORT")
     spec = None
     if cluster is not None:
-        from ..distributed import parse_cluster  # needs the [dask] extra
-
+        try:
+            from ..distributed import parse_cluster
+        except ImportError as exc:
+            raise ClusterError(f"--cluster {cluster} needs Dask's distributed scheduler, which is not installed "
+                               f"({exc.__cause__ or exc}): pip install 'knhk-memory[dask]'") from None
         spec = parse_cluster(cluster)
     if store is not None:
         store_path, store_from = Path(store), "--store"

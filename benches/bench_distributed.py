@@ -90,8 +90,13 @@ def test_running_cluster_batch_sizes(benchmark, store, running, batch_cases):
 
 # ---------------------------------------------------------------- the table for docs/distributed.md
 
-def _empty_batch_cost(address: str) -> float:
-    """Seconds of cluster time per batch of zero cases: Dask's fixed cost per batch."""
+def _noop(i: int) -> int:
+    return i
+
+
+def _empty_batch_cost(address: str) -> tuple[float, float]:
+    """Seconds of cluster time per batch of zero cases (Dask's fixed cost per batch, our
+    task path included), and per no-op task (Dask's own round trip), same submit pattern."""
     from distributed import Client, wait
 
     from knhk_memory.distributed import KnhkWorkerPlugin, StoreArtifact, register, unregister
@@ -103,17 +108,23 @@ def _empty_batch_cost(address: str) -> float:
                               host=Engine)
     register(client, plugin)
     try:
-        costs = []
-        for _ in range(3):
+        costs, noops = [], []
+        nworkers = len(client.scheduler_info()["workers"])
+        empty = np.zeros(0, dtype=np.int64)
+        for _ in range(3):  # interleaved: empty batches, then no-op tasks
             t0 = time.perf_counter()
-            empty = np.zeros(0, dtype=np.int64)
             futs = [client.submit(run_batch, plugin.name, i, empty, 1, [], pure=False) for i in range(EMPTY_BATCHES)]
             wait(futs)
             for f in futs:
                 f.result()
-            costs.append((time.perf_counter() - t0) * len(client.scheduler_info()["workers"]) / EMPTY_BATCHES)
+            costs.append((time.perf_counter() - t0) * nworkers / EMPTY_BATCHES)
             del futs
-        return statistics.median(costs)
+            t0 = time.perf_counter()
+            futs = [client.submit(_noop, i, pure=False) for i in range(EMPTY_BATCHES)]
+            wait(futs)
+            noops.append((time.perf_counter() - t0) * nworkers / EMPTY_BATCHES)
+            del futs
+        return statistics.median(costs), statistics.median(noops)
     finally:
         unregister(client, plugin)
         client.close()
@@ -160,8 +171,9 @@ def main() -> None:
     client.wait_for_workers(2, timeout=60)
     address = client.scheduler.address
     try:
-        cost = _empty_batch_cost(address)
-        print(f"Dask's fixed cost per batch (batches of 0 cases, {EMPTY_BATCHES} x 3): {cost * 1000:.2f} ms")
+        cost, noop = _empty_batch_cost(address)
+        print(f"Dask's fixed cost per batch (batches of 0 cases, {EMPTY_BATCHES} x 3): {cost * 1000:.2f} ms; "
+              f"a no-op task: {noop * 1000:.2f} ms (worker-time per task)")
         print(f"batch size sweep on a running LocalCluster(2), {CASES:,} cases, median of 3 interleaved rounds:")
         print(f"  {'batch cases':>11} {'batches':>7} {'run s':>7} {'cases/s':>9} {'busy s':>7} "
               f"{'overhead/batch ms':>17} {'work/batch ms':>13} {'fixed cost / work':>17}")

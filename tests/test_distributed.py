@@ -312,6 +312,19 @@ def test_store_shipped_by_content_lands_once_in_the_node_cache(cluster, store, o
     assert (written, reused) == (1, 1), (before, after)  # two workers, one node: fetched to disk once
 
 
+def test_batches_never_split_a_workflow_and_tiny_batches_still_add_up(cluster, tmp_path, capsys):
+    """--batch-cases 1 asks for more batches than the store has workflows: one per workflow."""
+    client, _ = cluster
+    small = tmp_path / "small.knhk"
+    demo_mod.ensure_store(small, count=30)
+    code, one = demo_json(capsys, "--cases", "900", "--store", str(small))
+    code, r = demo_json(capsys, "--cases", "900", "--store", str(small), "--cluster", client.scheduler.address,
+                        "--batch-cases", "1")
+    assert code == 0 and r["ok"], r["checks"]
+    assert r["cluster"]["batches"] == r["cluster"]["batches_expected"] == 30 == r["batches"] == one["batches"]
+    assert r["counters"] == one["counters"] and r["events"] == one["events"]
+
+
 def test_workers_refuse_another_store_or_another_version_by_name(cluster, store, tmp_path):
     client, _ = cluster
     config = load_config(mapping={})

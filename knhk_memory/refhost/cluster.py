@@ -1,7 +1,7 @@
 """The reference host on a Dask cluster: ``knhk-memory demo --cluster``.
 
 The cases ``0..cases-1`` are cut into ``K = ceil(cases / batch_cases)``
-batches the way ``--workers`` cuts them: batch ``i`` holds the cases whose
+batches (at most one per workflow) the way ``--workers`` cuts them: batch ``i`` holds the cases whose
 workflow's index is ``i`` modulo ``K``, so no workflow's cases are split and
 the engine runs exactly the batches a one-process run does. Batch ``i`` is one
 Dask task, run by the worker's :class:`~knhk_memory.refhost.Engine` (made by
@@ -158,7 +158,7 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         registered = True
         setup_seconds = time.perf_counter() - t0
         workers_at_start = sorted(client.scheduler_info(n_workers=-1)["workers"])
-        k = batch_count(cases, batch_cases)
+        k = min(batch_count(cases, batch_cases), workflows)  # a workflow's cases are never split
         parts, which = split_batches(cases, seed, workflows, k)
         sampled: dict[int, list[int]] = {}
         for c in sorted(c for c in sample if 0 <= c < cases):
@@ -200,11 +200,11 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         client.close()
         if local is not None:
             local.close()
-    return _merge(results, cases, wall, spec, artifact, batch_cases, start_seconds, setup_seconds,
+    return _merge(results, k, wall, spec, artifact, batch_cases, start_seconds, setup_seconds,
                   workers_at_start, workers_at_end, live)
 
 
-def _merge(results: BatchResults, cases: int, wall: float, spec: ClusterSpec, artifact: StoreArtifact,
+def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifact: StoreArtifact,
            batch_cases: int, start_seconds: float, setup_seconds: float, at_start: list[str], at_end: list[str],
            live: dict[str, dict[str, Any]]) -> ClusterRun:
     tally = RunTally(arenas=0)
@@ -240,7 +240,7 @@ def _merge(results: BatchResults, cases: int, wall: float, spec: ClusterSpec, ar
     nworkers = max(1, len(at_start))
     report = {
         "cluster": str(spec), "kind": spec.kind, "workers": len(at_start), "workers_lost": lost,
-        "batches": n_batches, "batches_expected": batch_count(cases, batch_cases), "batch_cases": batch_cases, "duplicates_dropped": results.duplicates,
+        "batches": n_batches, "batches_expected": k, "batch_cases": batch_cases, "duplicates_dropped": results.duplicates,
         "store_shipping": artifact.shipping, "store_sha256": artifact.sha256, "store_size": artifact.size,
         "start_seconds": start_seconds, "setup_seconds": setup_seconds, "wall_seconds": wall,
         "busy_seconds": busy,

@@ -263,7 +263,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
 def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
     r = crun.report
     _check(checks, "every batch merged exactly once, by id",
-           r["batches"] == r["batches_expected"] and crun.tally.batches >= r["batches"],
+           r["batches"] == r["batches_expected"],
            f"{r['batches']} of {r['batches_expected']} batches merged; {r['duplicates_dropped']} repeated results dropped; "
            f"workers lost mid-run: {', '.join(r['workers_lost']) or 'none'}")
     differ = [w["address"] for w in r["per_worker"]

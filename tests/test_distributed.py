@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 
+import numpy as np
 import pytest
 
 distributed = pytest.importorskip("distributed")
@@ -243,6 +244,14 @@ def test_plugin_setup_and_teardown_in_process(store):
     assert plugin.session is None and not engine._configured
     after = worker_state()
     assert after["set_up"] - before["set_up"] == 1 and after["torn_down"] - before["torn_down"] == 1
+    # the default session: the plugin manager configured, the services it hands out
+    plain = KnhkWorkerPlugin(load_config(mapping={}), StoreArtifact.from_path(store))
+    plain.setup(_FakeWorker())
+    s = plain.session
+    assert len(s.store) == demo_mod.DEFAULT_WORKFLOWS and s.counters.index("cases_started") == 0
+    assert s.pattern_stats is not None
+    plain.teardown(_FakeWorker())
+    assert s.store.closed
     other = KnhkWorkerPlugin(load_config(mapping={}), StoreArtifact.from_path(store), client_version="0.0.1")
     with pytest.raises(WorkerVersionError, match=r"worker tcp://127\.0\.0\.1:1 runs knhk-memory \S+, the client "
                                                  r"0\.0\.1; refused: install knhk-memory 0\.0\.1 on every worker"):
@@ -323,6 +332,17 @@ def test_batches_never_split_a_workflow_and_tiny_batches_still_add_up(cluster, t
     assert code == 0 and r["ok"], r["checks"]
     assert r["cluster"]["batches"] == r["cluster"]["batches_expected"] == 30 == r["batches"] == one["batches"]
     assert r["counters"] == one["counters"] and r["events"] == one["events"]
+
+
+def test_a_task_on_a_worker_without_the_plugin_names_the_worker(cluster):
+    from knhk_memory.errors import WorkerError
+    from knhk_memory.refhost.cluster import run_batch
+
+    client, _ = cluster
+    fut = client.submit(run_batch, "knhk-memory-never-registered", 0, np.arange(3), 1, [], pure=False)
+    with pytest.raises(WorkerError, match=r"worker tcp://127\.0\.0\.1:\d+ has no knhk-memory plugin "
+                                          r"'knhk-memory-never-registered'; register it first"):
+        fut.result(timeout=30)
 
 
 def test_workers_refuse_another_store_or_another_version_by_name(cluster, store, tmp_path):

@@ -159,7 +159,8 @@ def main() -> None:
     w = sorted((p[0] for p in pairs), key=lambda r: r["_total"])[1]
     c = sorted((p[1] for p in pairs), key=lambda r: r["_total"])[1]
     print(f"end to end, {CASES:,} cases, median of 3 interleaved:")
-    print(f"  --workers 2        total {w['_total']:.2f} s, run {w['seconds']:.2f} s, {CASES / w['seconds']:,.0f} cases/s")
+    print(f"  --workers 2        total {w['_total']:.2f} s, run {w['seconds']:.2f} s, "
+          f"{CASES / w['seconds']:,.0f} cases/s")
     cl = c["cluster"]
     print(f"  --cluster local:2  total {c['_total']:.2f} s (start {cl['start_seconds']:.2f} s, setup "
           f"{cl['setup_seconds']:.2f} s), run {c['seconds']:.2f} s, {CASES / c['seconds']:,.0f} cases/s, "

@@ -68,8 +68,8 @@ from .errors import (
 )
 
 __all__ = ["StoreArtifact", "KnhkWorkerPlugin", "WorkerSession", "BatchResults", "ClusterSpec", "parse_cluster",
-           "connect", "register", "session", "worker_state", "package_version", "file_sha256",
-           "DEFAULT_TIMEOUT", "SHIPPING"]
+           "connect", "register", "unregister", "session", "worker_state", "worker_addresses", "worker_figures",
+           "sum_counters", "package_version", "file_sha256", "DEFAULT_TIMEOUT", "SHIPPING"]
 
 DEFAULT_TIMEOUT = 10.0
 SHIPPING = ("path", "content")
@@ -178,8 +178,8 @@ class StoreArtifact:
                     "client's exact store", address=address)
             return p
         if self.content is None or hashlib.sha256(self.content).hexdigest() != self.sha256:
-            raise WorkerStoreError(f"worker {address}: the store content shipped for {self.sha256} does not hash to it; "
-                                   "refusing it", address=address)
+            raise WorkerStoreError(f"worker {address}: the store content shipped for {self.sha256} does not hash "
+                                   "to it; refusing it", address=address)
         directory = Path(cache if cache is not None else cache_dir()) / "stores"
         target = directory / f"{self.sha256}.knhk"
         try:
@@ -328,8 +328,8 @@ class KnhkWorkerPlugin(WorkerPlugin):
                 raise self.error from None
             self.error = WorkerBackendError(
                 f"worker {address} cannot load the allocator backend {self.config_values['allocator']['backend']!r} "
-                f"that {self.config_source} configures: {str(cause).rstrip('.')}; the run stops (no fallback to another "
-                "backend)",
+                f"that {self.config_source} configures: {str(cause).rstrip('.')}; the run stops (no fallback to "
+                "another backend)",
                 address=address)
             raise self.error from None
         self.setup_seconds = time.perf_counter() - t0
@@ -374,6 +374,15 @@ def _plugin_figures(name: str, dask_worker: Any = None) -> dict[str, Any]:
         out.update(store=plugin.store_path, setup_seconds=plugin.setup_seconds,
                    counters=counters.snapshot() if counters is not None else None)
     return out
+
+
+def worker_addresses(client: Client) -> list[str]:
+    """The addresses of every worker the scheduler knows now."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # some releases return 5 workers unless told
+    except TypeError:  # releases before the n_workers argument return them all
+        info = client.scheduler_info()
+    return list(info["workers"])
 
 
 def worker_figures(client: Client, name: str) -> dict[str, dict[str, Any]]:

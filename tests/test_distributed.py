@@ -33,7 +33,6 @@ from knhk_memory.distributed import (  # noqa: E402
     connect,
     parse_cluster,
     register,
-    unregister,
     worker_state,
 )
 from knhk_memory.errors import (  # noqa: E402

@@ -37,6 +37,7 @@ from ..distributed import (
     session,
     sum_counters,
     unregister,
+    worker_addresses,
     worker_figures,
 )
 from ..errors import ClusterError, HostError, KnhkMemoryError
@@ -157,7 +158,7 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         register(client, plugin, timeout=timeout)
         registered = True
         setup_seconds = time.perf_counter() - t0
-        workers_at_start = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        workers_at_start = sorted(worker_addresses(client))
         k = min(batch_count(cases, batch_cases), workflows)  # a workflow's cases are never split
         parts, which = split_batches(cases, seed, workflows, k)
         sampled: dict[int, list[int]] = {}
@@ -192,7 +193,7 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         wall = time.perf_counter() - t0
         if not results.complete():  # pragma: no cover - as_completed yields every future
             raise ClusterError(f"batches {results.missing()[:10]} never reported")
-        workers_at_end = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        workers_at_end = sorted(worker_addresses(client))
         live = worker_figures(client, plugin.name)
     finally:
         if registered:
@@ -240,7 +241,8 @@ def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifa
     nworkers = max(1, len(at_start))
     report = {
         "cluster": str(spec), "kind": spec.kind, "workers": len(at_start), "workers_lost": lost,
-        "batches": n_batches, "batches_expected": k, "batch_cases": batch_cases, "duplicates_dropped": results.duplicates,
+        "batches": n_batches, "batches_expected": k, "batch_cases": batch_cases,
+        "duplicates_dropped": results.duplicates,
         "store_shipping": artifact.shipping, "store_sha256": artifact.sha256, "store_size": artifact.size,
         "start_seconds": start_seconds, "setup_seconds": setup_seconds, "wall_seconds": wall,
         "busy_seconds": busy,

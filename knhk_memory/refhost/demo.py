@@ -264,7 +264,8 @@ def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
     r = crun.report
     _check(checks, "every batch merged exactly once, by id",
            r["batches"] == r["batches_expected"],
-           f"{r['batches']} of {r['batches_expected']} batches merged; {r['duplicates_dropped']} repeated results dropped; "
+           f"{r['batches']} of {r['batches_expected']} batches merged; {r['duplicates_dropped']} repeated results "
+           "dropped; "
            f"workers lost mid-run: {', '.join(r['workers_lost']) or 'none'}")
     differ = [w["address"] for w in r["per_worker"]
               if w["block_counters"] is not None and w["cases"]

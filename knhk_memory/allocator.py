@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._forksafe import renew_in_child
 from ._core import check, ffi, last_error, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
@@ -274,6 +275,7 @@ def _freer(backend: Backend) -> Any:
 
 _backends: dict[str, Backend] = {}
 _load_lock = threading.Lock()
+renew_in_child(sys.modules[__name__], "_load_lock")  # held across a dlopen: see _forksafe
 
 
 def _load_error(name: str, message: str) -> BackendUnavailableError:

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._forksafe import renew_in_child
 from ._core import ffi, last_error, lib, raise_status
 from .allocator import Backend, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
@@ -339,6 +340,7 @@ class ThreadLocalArena:
                         "backend": probe.backend}
         self._local = threading.local()
         self._lock = threading.Lock()
+        renew_in_child(self, "_lock")
         self._closed = False
         self.created = 0  # arenas made so far, one per thread that used this
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from ._forksafe import renew_in_child
 from ._core import check, ffi, lib
 from .errors import (
     DuplicateNameError,
@@ -120,6 +121,7 @@ class PatternRegistry:
         self._by_number: dict[int, Pattern] = {}  # the loaded index, once loaded
         self._executors: dict[int, Any] = {}
         self._write_lock = threading.Lock()
+        renew_in_child(self, "_write_lock")
         self._frozen = False
 
     # ---- loading
@@ -328,6 +330,7 @@ class GlobalResourceRegistry:
         self._resources: dict[str, _Resource] = {}
         self._created: list[_Resource] = []
         self._lock = threading.Lock()
+        renew_in_child(self, "_lock")
         self._closed = False
         self._atexit: Callable[[], None] | None = None
         if close_at_exit:

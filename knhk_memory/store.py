@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ._forksafe import renew_in_child
 from ._core import ffi, lib
 from .errors import (
     DuplicateKeyError,
@@ -139,6 +140,7 @@ class WorkflowStore:
         self.cache_size = cache_size
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
+        renew_in_child(self, "_cache_lock")
         self._handle: Any = ffi.NULL
         self._map: mmap.mmap | None = None
         self._cbuf: Any = None

@@ -81,6 +81,13 @@ extern "C" {
 #define KNHK_COUNTERS_SLOTS 64
 #define KNHK_COUNTERS_MAX 65536
 #define KNHK_COUNTERS_NAMES_MAX 1048576
+/* The overflow rule (issue 16): a slot's cell for a counter stays within
+   [-KNHK_COUNTERS_SLOT_LIMIT, KNHK_COUNTERS_SLOT_LIMIT] (2^56). An add that
+   would take it out returns KNHK_ERR_OVERFLOW and changes nothing. So the sum
+   of the 64 slots and its reset baseline each stay within +-2^62, and a
+   counter's value (sum minus baseline) always fits int64 exactly: no read
+   ever wraps. */
+#define KNHK_COUNTERS_SLOT_LIMIT (1LL << 56)
 /* Block flavours: plain sum counters, or per-pattern executor statistics
    (four cells per pattern: executions, total ticks, min ticks, max ticks). */
 #define KNHK_COUNTERS_FLAVOR_SUM 1
@@ -133,7 +140,8 @@ typedef enum {
     KNHK_ERR_UNAVAILABLE = 3,  /* a library or CPU feature is not present */
     KNHK_ERR_UNSUPPORTED = 4,  /* the backend has no such operation */
     KNHK_ERR_PYTHON = 5,       /* a Python C-API call failed (numpy glue) */
-    KNHK_ERR_STATE = 6         /* the object is in the wrong state for the call */
+    KNHK_ERR_STATE = 6,        /* the object is in the wrong state for the call */
+    KNHK_ERR_OVERFLOW = 7      /* the result would leave its range; nothing was changed */
 } knhk_status;
 
 const char *knhk_status_name(int status);
@@ -421,10 +429,13 @@ typedef struct knhk_counters_writer knhk_counters_writer;
 int knhk_counters_writer_get(knhk_counters *c, knhk_counters_writer **out);
 /* Add n to counter `index` through the calling thread's writer:
    KNHK_ERR_STATE when w is dead or another thread's, KNHK_ERR_INVALID for an
-   index out of range (nothing added either way). */
+   index out of range, KNHK_ERR_OVERFLOW past KNHK_COUNTERS_SLOT_LIMIT
+   (nothing added in each case). */
 int knhk_counters_writer_add(knhk_counters_writer *w, uint32_t index, int64_t n);
 /* Add n to the counter of every index in indices[0..len): all indices are
-   checked before anything is added, so a bad one changes nothing. */
+   checked before anything is added, so a bad one changes nothing; an add
+   past KNHK_COUNTERS_SLOT_LIMIT returns KNHK_ERR_OVERFLOW after undoing the
+   batch's earlier adds (a concurrent read may see them for that moment). */
 int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t len, int64_t n);
 /* The counter's value since its last reset: the sum over all slots minus
    its baseline. */
@@ -434,6 +445,15 @@ int knhk_counters_snapshot(const knhk_counters *c, int64_t *out, size_t count);
 /* Start every counter again from zero (sum cells: a new baseline; pattern
    min/max cells: cleared). */
 void knhk_counters_reset(knhk_counters *c);
+/* Read and reset (issue 16): every counter's value since its last reset into
+   out[0..count), each counter re-based at exactly the value returned. Each
+   slot's cell is read once, atomically, and the baseline moves to the sum of
+   those reads with a compare-and-swap (retried if another reset moved it), so
+   an add running meanwhile lands either in the value returned or in the next
+   one, never in neither, and two exporters never return the same add twice.
+   (Owners add with a plain load and store, so no reader may write their cells:
+   the baseline is what moves.) Sum blocks only. */
+int knhk_counters_get_and_reset(knhk_counters *c, int64_t *out, size_t count);
 /* Slots owned now (by any process), and the number of slots taken back
    from processes that no longer exist. */
 uint32_t knhk_counters_slots_owned(const knhk_counters *c);
@@ -776,6 +796,23 @@ int knhk_simd_py_install(void);
    nanoseconds in a KNHK_PORTABLE build). reps is clamped to [1, 1001];
    batch 0 counts as 1. */
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
+
+/* ---------------------------------------------------------------- fork (issue 16)
+
+   A child forked at any moment, from any thread, can use every service: the
+   core's once-cells hold no lock across an initialiser and its locks are
+   reset by pthread_atfork handlers (docs/reliability.md). One hazard is the
+   dynamic loader's: a fork during another thread's dlopen() leaves the
+   child's loader inconsistent (glibc aborts its next dlopen). The core's own
+   dlopen()s (allocator backends) wait for these hooks: call
+   knhk_fork_prepare() just before fork() and knhk_fork_parent() /
+   knhk_fork_child() just after it, outside any pthread_atfork handler (a
+   library being dlopen'ed may call pthread_atfork, and glibc holds its
+   atfork lock while prepare handlers run). The Python package registers them
+   with os.register_at_fork. */
+void knhk_fork_prepare(void);
+void knhk_fork_parent(void);
+void knhk_fork_child(void);
 
 /* KNHK_CDEF_END */
 

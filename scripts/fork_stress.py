@@ -73,7 +73,7 @@ def c_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None
             return status
         return load
 
-    mem = mmap.mmap(-1, 1 << 16)
+    mem = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # the child's own copy
     buf = ffi.from_buffer(mem)
     names = b"a\0b\0"
     size = lib.knhk_counters_layout_size(lib.KNHK_COUNTERS_FLAVOR_SUM, 2, len(names))
@@ -82,8 +82,10 @@ def c_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None
     assert lib.knhk_counters_open(buf, size, handle) == 0
     c = handle[0]
 
+    keep = (mem, buf)  # the block's memory lives as long as the closures using it
+
     def counters() -> int:
-        assert lib.knhk_counters_add(c, 0, 1) == 0
+        assert keep and lib.knhk_counters_add(c, 0, 1) == 0
         return 0
 
     tc = ffi.new("knhk_tick_counter *")
@@ -100,7 +102,8 @@ def c_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None
         before = lib.knhk_counters_get(c, 0)
         for _, call in services:
             call()
-        assert lib.knhk_counters_get(c, 0) == before + 1
+        after = lib.knhk_counters_get(c, 0)
+        assert after == before + 1, (before, after)
         assert lib.knhk_simd_init() == 0
         assert lib.knhk_counters_ticks_per_second() > 0
 

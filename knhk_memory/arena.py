@@ -235,13 +235,19 @@ class Arena:
         Only the calling thread's context is affected; the previous handler is
         back afterwards. Arrays keep working after the scope (see the module)."""
         raw = self._usable("open a numpy scope")
-        token = lib.knhk_numpy_arena_handler_push(raw, self._status)
+        scope = ffi.new("void **")
+        token = lib.knhk_numpy_arena_scope_push(raw, scope, self._status)
         if token == ffi.NULL:
             self._failed("installing the arena's numpy data handler")
         handler = _HandlerToken(token)
         try:
             yield self
         finally:
+            # End the scope first: a task or copied context made inside it keeps
+            # numpy's handler (numpy holds it in a contextvar), and from now on
+            # that handler allocates through the handler current before the
+            # scope, never into this arena (native/arena_scope.c).
+            lib.knhk_numpy_arena_scope_end(scope[0])
             handler.restore()
 
     # -- batches

@@ -70,6 +70,8 @@ static inline uintptr_t round16(uintptr_t x) { return (x + 15) & ~(uintptr_t)15;
 
 static inline bool is_owner(const knhk_arena *a) { return pthread_equal(pthread_self(), a->owner); }
 
+bool _knhk_arena_is_owner(const knhk_arena *a) { return is_owner(a); }
+
 static int not_owner(const char *what) {
     _knhk_set_error("%s: the arena belongs to the thread that created it; use one arena per thread "
                     "(ThreadLocalArena)", what);

@@ -814,6 +814,23 @@ void knhk_fork_prepare(void);
 void knhk_fork_parent(void);
 void knhk_fork_child(void);
 
+/* ---------------------------------------------------------------- arena numpy scopes (issue 16)
+
+   numpy keeps its handler in a contextvar, so a scope's handler is copied into
+   asyncio tasks and contextvars.copy_context() made inside the scope and stays
+   current there after the scope. The scope's handler therefore allocates from
+   the arena only while the scope is open and only in the arena's thread; any
+   other allocation through it goes to the handler that was current when the
+   scope opened (and is freed there).
+   knhk_numpy_arena_scope_push is knhk_numpy_arena_handler_push that also
+   returns the scope in *scope; knhk_numpy_arena_scope_end(scope) ends it
+   (before restoring the previous handler with the token) and releases it.
+   knhk_numpy_arena_scope_fallbacks: blocks sent to the previous handler so
+   far (the scope must not have ended). Take the GIL themselves where needed. */
+void *knhk_numpy_arena_scope_push(knhk_arena *a, void **scope, int *status);
+void knhk_numpy_arena_scope_end(void *scope);
+uint64_t knhk_numpy_arena_scope_fallbacks(const void *scope);
+
 /* KNHK_CDEF_END */
 
 #ifdef __cplusplus

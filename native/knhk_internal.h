@@ -109,6 +109,32 @@ static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t al
 /* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */
 int _knhk_arena_ref(knhk_arena *a);
 void _knhk_arena_unref(knhk_arena *a);
+/* Whether the calling thread owns a (arena.c). */
+bool _knhk_arena_is_owner(const knhk_arena *a);
+
+/* ---- arena numpy scopes (arena_scope.c; issue 16)
+ * The ctx of one scope's numpy handler: the arena while the scope is open and
+ * the caller owns the arena, else the handler current when the scope opened
+ * (prev_*, filled in by numpy_handler.c, which owns prev_capsule). */
+typedef struct {
+    knhk_arena *arena;
+    _Atomic int open;
+    _Atomic int refs;            /* the handler capsule's, the scope caller's */
+    _Atomic uint64_t fallbacks;  /* blocks that went to the previous handler */
+    void *prev_ctx;
+    void *(*prev_malloc)(void *ctx, size_t size);
+    void *(*prev_calloc)(void *ctx, size_t n, size_t size);
+    void *(*prev_realloc)(void *ctx, void *p, size_t size);
+    void (*prev_free)(void *ctx, void *p, size_t size);
+    void *prev_capsule;          /* a PyObject * reference, dropped by numpy_handler.c */
+} _knhk_arena_scope;
+_knhk_arena_scope *_knhk_arena_scope_new(knhk_arena *a);
+bool _knhk_arena_scope_unref(_knhk_arena_scope *s);
+void *_knhk_arena_scope_alloc(_knhk_arena_scope *s, size_t size, bool zero);
+void *_knhk_arena_scope_realloc(_knhk_arena_scope *s, void *p, size_t size);
+void _knhk_arena_scope_free(_knhk_arena_scope *s, void *p);
+/* Free the scope (its last reference is gone): numpy_handler.c, with the GIL. */
+void _knhk_arena_scope_free_state(_knhk_arena_scope *s);
 /* ---- workflow store
  * The probe behind knhk_store_find, for store_py.c's getter: 0 with the value
  * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */

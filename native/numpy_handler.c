@@ -115,19 +115,27 @@ void knhk_numpy_handler_discard(void *token) {
  * on the arena. The arena itself stays until every counted block is freed.
  */
 
-static void *ah_malloc(void *ctx, size_t size) { return knhk_arena_block_alloc(ctx, size, 16, NULL); }
+/* ctx is the scope (arena_scope.c): the arena while the scope is open and
+   the caller owns it, else the handler current when the scope opened. */
+static void *ah_malloc(void *ctx, size_t size) { return _knhk_arena_scope_alloc(ctx, size, false); }
 
 static void *ah_calloc(void *ctx, size_t n, size_t size) {
     size_t total;
     if (__builtin_mul_overflow(n, size, &total)) return NULL;
-    void *p = knhk_arena_block_alloc(ctx, total, 16, NULL);
-    /* Bumped memory may hold an earlier batch's bytes: zero it. */
-    if (p != NULL) memset(p, 0, total);
-    return p;
+    return _knhk_arena_scope_alloc(ctx, total, true);
 }
 
-static void *ah_realloc(void *ctx, void *p, size_t size) { return knhk_arena_block_realloc(ctx, p, size, NULL); }
-static void ah_free(void *ctx, void *p, size_t size) { knhk_arena_block_free(ctx, p); }
+static void *ah_realloc(void *ctx, void *p, size_t size) { return _knhk_arena_scope_realloc(ctx, p, size); }
+static void ah_free(void *ctx, void *p, size_t size) { _knhk_arena_scope_free(ctx, p); }
+
+/* With the GIL (the capsule destructor, or knhk_numpy_arena_scope_end, which takes it). */
+void _knhk_arena_scope_free_state(_knhk_arena_scope *s) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_XDECREF((PyObject *)s->prev_capsule);
+    PyGILState_Release(gil);
+    _knhk_arena_unref(s->arena);
+    free(s);
+}
 
 static void arena_capsule_destructor(PyObject *capsule) {
     PyDataMem_Handler *h = PyCapsule_GetPointer(capsule, "mem_handler");
@@ -135,11 +143,19 @@ static void arena_capsule_destructor(PyObject *capsule) {
         PyErr_Clear();
         return;
     }
-    _knhk_arena_unref(h->allocator.ctx);
+    if (_knhk_arena_scope_unref(h->allocator.ctx)) _knhk_arena_scope_free_state(h->allocator.ctx);
     PyMem_RawFree(h);
 }
 
 void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status) {
+    void *scope = NULL;
+    void *token = knhk_numpy_arena_scope_push(a, &scope, status);
+    knhk_numpy_arena_scope_end(scope); /* no caller to end it: it ends with the handler */
+    return token;
+}
+
+void *knhk_numpy_arena_scope_push(knhk_arena *a, void **scope, int *status) {
+    if (scope != NULL) *scope = NULL;
     int rc = _knhk_arena_ref(a);
     if (rc != KNHK_OK) {
         if (status) *status = rc;
@@ -149,6 +165,7 @@ void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status) {
     PyObject *previous = NULL;
     PyObject *capsule = NULL;
     PyDataMem_Handler *h = NULL;
+    _knhk_arena_scope *s = NULL;
     if (_knhk_numpy_ready() < 0) {
         take_python_error("numpy's C API could not be imported");
         rc = KNHK_ERR_PYTHON;
@@ -162,25 +179,55 @@ void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status) {
     }
     _knhk_copy_message(h->name, sizeof h->name, "knhk_memory.arena");
     h->version = 1;
-    h->allocator = (PyDataMemAllocator){(void *)a, ah_malloc, ah_calloc, ah_realloc, ah_free};
+    s = _knhk_arena_scope_new(a);
+    if (s == NULL) {
+        _knhk_set_error("no memory for a numpy arena scope");
+        rc = KNHK_ERR_NOMEM;
+        goto fail;
+    }
+    h->allocator = (PyDataMemAllocator){(void *)s, ah_malloc, ah_calloc, ah_realloc, ah_free};
     capsule = PyCapsule_New(h, "mem_handler", arena_capsule_destructor);
     if (capsule == NULL) {
         take_python_error("creating the arena handler capsule failed");
         rc = KNHK_ERR_PYTHON;
         goto fail;
     }
-    /* From here the capsule owns h and the arena reference. */
+    /* From here the capsule owns h, and s with the arena reference. */
     h = NULL;
+    /* The previous handler, for allocations outside the scope: the current
+       one now (the GIL keeps it current until SetHandler below). */
+    PyObject *prev = PyDataMem_GetHandler();
+    PyDataMem_Handler *ph = prev != NULL ? PyCapsule_GetPointer(prev, "mem_handler") : NULL;
+    if (ph == NULL) {
+        Py_XDECREF(prev);
+        Py_DECREF(capsule);
+        take_python_error("reading numpy's current data handler failed");
+        if (status) *status = KNHK_ERR_PYTHON;
+        PyGILState_Release(gil);
+        return NULL;
+    }
+    s->prev_capsule = prev;
+    s->prev_ctx = ph->allocator.ctx;
+    s->prev_malloc = ph->allocator.malloc;
+    s->prev_calloc = ph->allocator.calloc;
+    s->prev_realloc = ph->allocator.realloc;
+    s->prev_free = ph->allocator.free;
     previous = PyDataMem_SetHandler(capsule);
     Py_DECREF(capsule);
     if (previous == NULL) {
         take_python_error("PyDataMem_SetHandler failed");
         rc = KNHK_ERR_PYTHON;
+        knhk_numpy_arena_scope_end(s); /* the caller's reference: nobody will end it */
+    } else if (scope != NULL) {
+        *scope = s;
+    } else {
+        knhk_numpy_arena_scope_end(s);
     }
     PyGILState_Release(gil);
     if (status) *status = rc;
     return previous;
 fail:
+    free(s);
     PyMem_RawFree(h);
     PyGILState_Release(gil);
     _knhk_arena_unref(a);

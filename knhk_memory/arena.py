@@ -90,9 +90,14 @@ def huge_pages_available() -> bool:
 
 
 def _int_arg(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    return value
+    """An integer argument: int or any type with __index__ (numpy integers), never bool."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # numpy's bool has __index__ too
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (a bool is not a size)")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (accepted: int, numpy "
+                        "integers, any type with __index__)") from None
 
 
 def _chunk_arg(value: Any, what: str) -> int:

@@ -227,3 +227,19 @@ def test_issue_input_a_str_of_names_is_refused():
     with pytest.raises(TypeError, match=r"counter names must be non-empty strings without NUL, got 1"):
         Counters(["a", 1])  # type: ignore[list-item]
     assert Counters(("a", "b")).names == ("a", "b")
+
+
+def test_counter_exactness_script_threads_x_processes():
+    # The script docs/reliability.md quotes, sized down: 2 processes x 2 threads.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "counter_exactness.py"), "--runs", "2",
+                           "--processes", "2", "--threads", "2", "--adds", "50000", "--exporters", "get_and_reset"],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["added_per_run"] == 200_000 and report["lost_per_run"] == [0, 0]

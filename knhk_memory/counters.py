@@ -115,6 +115,8 @@ def _where(name: str) -> str:
 
 
 def _open_fd(name: str, flags: int, mode: int = DEFAULT_MODE) -> tuple[int, str]:
+    if "\0" in name:
+        raise SharedBlockError(f"shared block name {name!r} contains a NUL character")
     try:
         if _is_path(name):
             return os.open(name, flags | os.O_CLOEXEC, mode), "file"
@@ -511,10 +513,12 @@ class Counters(_Block):
         compare-and-swap (docs/counters.md, "Reading and resetting"). Counters
         are not re-based at one instant: one counter at a time.
         """
-        out = np.empty(len(self._names), dtype=np.int64)
-        check(lib.knhk_counters_get_and_reset(self._handle, ffi.from_buffer("int64_t[]", out), out.size),
-              "reading and resetting the counters")
-        return dict(zip(self._names, out.tolist()))
+        n = len(self._names)
+        out = ffi.new("int64_t[]", n)
+        status = lib.knhk_counters_get_and_reset(self._handle, out, n)
+        if status:
+            check(status, "reading and resetting the counters")
+        return dict(zip(self._names, ffi.unpack(out, n)))
 
     def __repr__(self) -> str:
         if self.closed:

@@ -178,3 +178,18 @@ def test_header_layout_constants_match_the_c_core(tmp_path):
     assert struct.unpack_from("<Q", raw, CHECKSUM_AT)[0] == shm_fuzz.checksum(raw)
     assert struct.unpack_from("<I", raw, counters._CREATOR_PID_AT)[0] == os.getpid()
     c.close()
+
+
+def test_config_mode_is_checked():
+    from knhk_memory.config import load_config
+    from knhk_memory.errors import ConfigError
+
+    assert load_config(mapping={"counters": {"mode": 0o640}}).counters.mode == 0o640
+    with pytest.raises(ConfigError, match=r"counters.mode: must be a permission mode with owner read and write, "
+                                          r"0o600..0o777, got 0o400"):
+        load_config(mapping={"counters": {"mode": 0o400}})
+
+
+def test_attach_names_with_nul_are_refused_by_name():
+    with pytest.raises(SharedBlockError, match=r"shared block name 'a\\x00b' contains a NUL character"):
+        Counters.attach("a\0b")

@@ -18,7 +18,9 @@ Two modes (both by default):
   handle registry).
 - ``py``: the Python package: ``PatternStats.ticks_per_second()``,
   ``get_backend`` for every backend (its load lock), ``Counters`` adds, an
-  ``OnceLock`` with a slow initialiser, an ``Arena``.
+  ``OnceLock`` with a slow initialiser, an ``Arena`` and a numpy scope on it,
+  a ``GlobalResourceRegistry`` resource with a slow factory, and a
+  ``WorkflowStore`` read through its decode cache.
 
 Usage: ``python scripts/fork_stress.py [--tries 200] [--timeout 10] [--mode c|py|both] [--seed N]``.
 Prints one JSON object per mode: tries, hangs, failures (child exited non-zero)
@@ -39,6 +41,7 @@ import time
 from typing import Any, Callable
 
 HANG, FAILED = 3, 4
+_STORE: str | None = None  # py mode: a store file the trials open
 
 
 # ---------------------------------------------------------------- services
@@ -111,6 +114,8 @@ def c_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None
 
 
 def py_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None]]:
+    import numpy as np
+
     import knhk_memory as km
 
     counters = km.Counters(["a"])
@@ -131,12 +136,23 @@ def py_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], Non
     def arena() -> None:
         with km.Arena() as a:
             a.alloc(100)
+            with a.scope():
+                np.zeros(10)  # through numpy's handler contextvar: the arena scope's handler
+
+    resources = km.GlobalResourceRegistry(close_at_exit=False)
+    resources.register("slow", lambda: time.sleep(0.005) or 1)
+    store = km.open_store(_STORE) if _STORE else None
+
+    def store_get() -> Any:
+        return store.get_decoded("k") if store is not None else None
 
     services = [
         ("PatternStats.ticks_per_second", km.PatternStats.ticks_per_second),
         ("Counters.add", lambda: counters.add("a")),
         ("OnceLock", lambda: cell.get_or_init(slow_init)),
         ("Arena", arena),
+        ("GlobalResourceRegistry.get", lambda: resources.get("slow")),
+        ("WorkflowStore.get_decoded", store_get),
     ] + [(f"get_backend({n})", backend(n)) for n in km.allocator.BACKENDS]
 
     def check() -> None:
@@ -225,7 +241,15 @@ def trial(mode: str, seed: int, timeout: float) -> int:
 
 def run(mode: str, tries: int, timeout: float, seed: int) -> dict[str, Any]:
     if mode == "py":
-        import knhk_memory  # noqa: F401 - once, here, not in every trial (the import costs ~0.3 s)
+        import tempfile
+
+        import knhk_memory
+
+        global _STORE
+        # A store file, written once here; each trial opens it (its cache lock is one of the locks).
+        _STORE = os.path.join(tempfile.mkdtemp(prefix="knhk_fork_stress_"), "s.kstore")
+        with knhk_memory.WorkflowStoreWriter(_STORE) as w:
+            w.add("k", b'{"v": 1}')
     t0 = time.monotonic()
     hangs = failures = 0
     for i in range(tries):
@@ -244,6 +268,10 @@ def run(mode: str, tries: int, timeout: float, seed: int) -> dict[str, Any]:
             print(f"try {i} (seed {seed + i}) hung", file=sys.stderr)
         elif code != 0:
             failures += 1
+    if mode == "py" and _STORE:
+        import shutil
+
+        shutil.rmtree(os.path.dirname(_STORE), ignore_errors=True)
     return {"mode": mode, "tries": tries, "hangs": hangs, "failures": failures,
             "seconds": round(time.monotonic() - t0, 1), "seed": seed}
 

@@ -193,3 +193,31 @@ def test_config_mode_is_checked():
 def test_attach_names_with_nul_are_refused_by_name():
     with pytest.raises(SharedBlockError, match=r"shared block name 'a\\x00b' contains a NUL character"):
         Counters.attach("a\0b")
+
+
+def test_issue_input_configured_shared_name_left_by_a_killed_creator():
+    # The issue's case: a configured [counters] shared_name whose creator was
+    # killed; the restart's ConfigError says where, which pid, that it is dead,
+    # and how to remove it (it said only "already exists; attach to it").
+    from knhk_memory import ConfigError, get_plugin_manager, load_config
+
+    name = f"knhk_test_cfg_stale_{os.getpid()}"
+    mapping = {"counters": {"shared": True, "shared_name": name, "pattern_stats": False}}
+    # The first engine: configures, then is killed (no clean-up runs).
+    code = (f"import os, signal\nfrom knhk_memory import get_plugin_manager, load_config\n"
+            f"pm = get_plugin_manager(autoload=True)\n"
+            f"config = load_config(mapping={mapping!r})\n"  # held: the plugin's state lives with it
+            f"pm.hook.knhk_configure(config=config)\n"
+            f"print(os.getpid(), flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    pid = int(first.stdout.split()[0])
+    try:
+        pm, config = get_plugin_manager(autoload=True), load_config(mapping=mapping)
+        with pytest.raises(ConfigError, match=rf"counters.shared_name: a shared block named '{name}' already exists "
+                                              rf"at /dev/shm/{name}; it was created by pid {pid}, which is no longer "
+                                              rf"running: most likely a leftover of a crash\. If no process uses it, "
+                                              rf"remove it \(rm /dev/shm/{name}\)"):
+            pm.hook.knhk_configure(config=config)
+    finally:
+        os.unlink(f"/dev/shm/{name}")

@@ -31,17 +31,22 @@ _LAZY: dict[str, str] = {
     "start_registries": "registry",
     "WorkflowStore": "store", "WorkflowStoreWriter": "store", "open_store": "store",
 }
-_SUBMODULES = ("simd",)
 
 
 def __getattr__(name: str) -> Any:
     import importlib
 
     value: Any
-    if name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    elif name in _LAZY:
+    if name in _LAZY:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif not name.startswith("__"):
+        # A submodule, as `import knhk_memory` used to bind them all (knhk_memory.allocator, ...).
+        try:
+            value = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

@@ -6,6 +6,7 @@ directly, so a missing build is reported once, with what to do about it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
@@ -21,6 +22,12 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 __all__ = ["ffi", "lib", "check", "raise_status", "last_error"]
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    # A fork waits for the core's own dlopen() calls (native/fork.c): a child
+    # forked mid-dlopen would have an inconsistent dynamic loader.
+    os.register_at_fork(before=lambda: lib.knhk_fork_prepare(), after_in_parent=lambda: lib.knhk_fork_parent(),
+                        after_in_child=lambda: lib.knhk_fork_child())
 
 
 def last_error() -> str:

@@ -21,6 +21,7 @@ that way, a library user gets a :class:`BackendUnavailableError` saying so.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import sys
 import threading
@@ -30,6 +31,7 @@ from typing import Any, Literal
 
 from . import _fast
 from ._core import check, check_as, ffi, lib
+from ._forksafe import renew_in_child
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
@@ -104,9 +106,19 @@ class NativeStats:
         return asdict(self)
 
 
+def _index_arg(value: Any, what: str) -> int:
+    """An integer argument: int or any type with __index__ (numpy integers), never bool."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (a bool is not a size)")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (accepted: int, numpy "
+                        "integers, any type with __index__)") from None
+
+
 def _valid_size(nbytes: Any, what: str = "nbytes") -> int:
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
-        raise TypeError(f"{what} must be an int, got {type(nbytes).__name__} {nbytes!r}")
+    nbytes = _index_arg(nbytes, what)
     if nbytes < 0:
         raise ValueError(f"{what} must be >= 0, got {nbytes}")
     if nbytes > sys.maxsize:
@@ -115,8 +127,7 @@ def _valid_size(nbytes: Any, what: str = "nbytes") -> int:
 
 
 def _valid_align(align: Any) -> int:
-    if isinstance(align, bool) or not isinstance(align, int):
-        raise TypeError(f"align must be an int, got {type(align).__name__} {align!r}")
+    align = _index_arg(align, "align")
     if not (lib.KNHK_MIN_ALIGN <= align <= lib.KNHK_MAX_ALIGN) or align & (align - 1):
         raise ValueError(f"align must be a power of two from {lib.KNHK_MIN_ALIGN} to "
                          f"{lib.KNHK_MAX_ALIGN}, got {align}")
@@ -276,6 +287,7 @@ class Block(_fast.BlockBase):
 
 _backends: dict[str, Backend] = {}
 _load_lock = threading.Lock()
+renew_in_child(sys.modules[__name__], "_load_lock")  # held across a dlopen: see _forksafe
 
 
 def _load_error(name: str, message: str) -> BackendUnavailableError:

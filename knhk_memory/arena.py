@@ -42,6 +42,7 @@ from typing import Any
 
 from . import _fast
 from ._core import check, check_as, ffi, lib
+from ._forksafe import renew_in_child
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaClosedError, ArenaThreadError
 
@@ -97,9 +98,14 @@ def huge_pages_available() -> bool:
 
 
 def _int_arg(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    return value
+    """An integer argument: int or any type with __index__ (numpy integers), never bool."""
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # numpy's bool has __index__ too
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (a bool is not a size)")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (accepted: int, numpy "
+                        "integers, any type with __index__)") from None
 
 
 def _chunk_arg(value: Any, what: str) -> int:
@@ -242,14 +248,20 @@ class Arena(_fast.ArenaBase):
         Only the calling thread's context is affected; the previous handler is
         back afterwards. Arrays keep working after the scope (see the module)."""
         raw = self._usable("open a numpy scope")
-        previous = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
-        if isinstance(previous, int):  # the core refused the arena: its status
-            self._status[0] = previous
+        pushed = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
+        if isinstance(pushed, int):  # the core refused the arena: its status
+            self._status[0] = pushed
             self._failed("installing the arena's numpy data handler")
+        previous, scope = pushed  # type: ignore[misc]
         handler = _HandlerToken(previous)
         try:
             yield self
         finally:
+            # End the scope first: a task or copied context made inside it keeps
+            # numpy's handler (numpy holds it in a contextvar), and from now on
+            # that handler allocates through the handler current before the
+            # scope, never into this arena (native/arena_scope.c).
+            _fast.numpy_arena_scope_end(scope)
             handler.restore()
 
     # -- batches
@@ -346,6 +358,7 @@ class ThreadLocalArena:
                                         "huge_pages": huge_pages, "backend": probe.backend}
         self._local = threading.local()
         self._lock = threading.Lock()
+        renew_in_child(self, "_lock")
         self._closed = False
         self.created = 0  # arenas made so far, one per thread that used this
 

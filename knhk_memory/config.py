@@ -126,6 +126,12 @@ def _counter_names(v: list[Any]) -> str | None:
     return None
 
 
+def _block_mode(v: int) -> str | None:
+    if not 0o600 <= v <= 0o777 or v & 0o600 != 0o600:
+        return f"must be a permission mode with owner read and write, 0o600..0o777, got {v:#o}"
+    return None
+
+
 def _chunk_bytes(v: int) -> str | None:
     if not 4096 <= v <= 1 << 40:
         return f"must be from 4096 to {1 << 40} bytes, got {v}"
@@ -243,6 +249,9 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "shared_name": Field(str, "", "Shared-memory name (or a file path, if it contains '/') for the "
                              "counter block; empty: a fresh name. The pattern block adds '.patterns'."),
         "pattern_stats": Field(bool, True, "Keep per-pattern executor statistics (knhk_pattern_stats)."),
+        "mode": Field(int, 0o600, "Permission mode of shared blocks, set exactly (the umask does not apply); "
+                      "0o600 (owner only) to 0o777, owner read and write required. Whoever may write the "
+                      "block may change every count (docs/counters.md).", check=_block_mode),
     },
     "arena": {
         "chunk_size": Field(int, 65536, "First chunk of each arena, in bytes (4096 to 2**40); later chunks "

@@ -26,7 +26,8 @@ import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+import shlex
+from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,15 +36,18 @@ if TYPE_CHECKING:
 
 
 from . import _fast
-from ._core import check, check_as, ffi, lib
+from ._core import check, check_as, ffi, last_error, lib
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
     CounterNameError,
+    CounterOverflowError,
     CounterWriterError,
     KnhkMemoryError,
     SharedBlockError,
+    SharedBlockExistsError,
     SharedBlockNotFoundError,
+    SharedBlockPermissionError,
     did_you_mean,
 )
 from .patterns import builtin_patterns
@@ -56,9 +60,11 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
 __all__ = ["Counters", "CounterWriter", "PatternStats", "PATTERNS", "pattern_names", "hot_ops"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+#: The mode a new shared block gets (exactly: the umask does not apply): owner only.
+DEFAULT_MODE = 0o600
+_CREATOR_PID_AT = 92  # byte offset of block_header.creator_pid (native/counters.c asserts it)
 # The statuses with an exception of their own (_core.check_as), made once, not per call.
 _BAD_INDEX = {lib.KNHK_ERR_INVALID: CounterIndexError}
-_NOT_OWNER = {lib.KNHK_ERR_STATE: CounterWriterError}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -106,29 +112,71 @@ def _is_path(name: str) -> bool:
     return os.sep in name or name.startswith(".")
 
 
-def _open_fd(name: str, flags: int) -> tuple[int, str]:
-    if _is_path(name):
-        return os.open(name, flags | os.O_CLOEXEC, 0o600), "file"
-    if _posixshmem is None:  # pragma: no cover
-        raise SharedBlockError("POSIX shared memory is not available here; give a file path instead")
-    if not name or "/" in name or len(name) > 200:
-        raise SharedBlockError(f"shared block name {name!r} must be 1..200 characters without '/'")
-    return _posixshmem.shm_open("/" + name, flags, 0o600), "shm"
+def _where(name: str) -> str:
+    """The file a block lives in: the path, or /dev/shm/NAME for a shared-memory name."""
+    return os.path.abspath(name) if _is_path(name) else f"/dev/shm/{name}"
 
 
-def _create_mapping(size: int, shared: bool | str | os.PathLike[str]) -> _Mapping:
+def _open_fd(name: str, flags: int, mode: int = DEFAULT_MODE) -> tuple[int, str]:
+    if "\0" in name:
+        raise SharedBlockError(f"shared block name {name!r} contains a NUL character")
+    try:
+        if _is_path(name):
+            return os.open(name, flags | os.O_CLOEXEC, mode), "file"
+        if _posixshmem is None:  # pragma: no cover
+            raise SharedBlockError("POSIX shared memory is not available here; give a file path instead")
+        if not name or "/" in name or len(name) > 200:
+            raise SharedBlockError(f"shared block name {name!r} must be 1..200 characters without '/'")
+        return _posixshmem.shm_open("/" + name, flags, mode), "shm"
+    except PermissionError as exc:
+        raise SharedBlockPermissionError(
+            f"cannot open the shared block {name!r} ({_where(name)}): {exc.strerror}; it belongs to another "
+            f"user or its mode does not let this one in (blocks are created with mode 0o{DEFAULT_MODE:o}, "
+            "owner only, unless [counters] mode says otherwise)") from None
+    except IsADirectoryError:
+        raise SharedBlockError(f"{name!r} is a directory, not a counter block") from None
+
+
+def _creator(name: str) -> str:
+    """Who made the existing block ``name``, for the "already exists" message."""
+    try:
+        with open(_where(name), "rb") as f:
+            head = f.read(_CREATOR_PID_AT + 4)
+    except OSError as exc:
+        return f"its creator is unknown ({exc.strerror})"
+    if len(head) < _CREATOR_PID_AT + 4 or head[:8] != b"KNHCNTR1":
+        return "it is not a knhk counter block (or its creator crashed while formatting it)"
+    pid = int.from_bytes(head[_CREATOR_PID_AT:_CREATOR_PID_AT + 4], "little")
+    if pid == 0:
+        return "its creator's pid is not recorded (an older block)"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"it was created by pid {pid}, which is no longer running: most likely a leftover of a crash"
+    except PermissionError:
+        pass  # it exists, under another user
+    return f"it was created by pid {pid}, which is still running"
+
+
+def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int = DEFAULT_MODE) -> _Mapping:
     if shared is False or shared is None:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return _Mapping(mm, None, "private", None)
     name = f"knhk_counters_{os.getpid()}_{secrets.token_hex(6)}" if shared is True else os.fspath(shared)
     if not isinstance(name, str):
         raise TypeError(f"shared must be False, True, a shared-memory name or a file path, got {shared!r}")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+        raise ValueError(f"mode must be a permission mode with owner read and write, 0o600..0o777, got {mode!r}")
     try:
-        fd, kind = _open_fd(name, os.O_CREAT | os.O_EXCL | os.O_RDWR)
+        fd, kind = _open_fd(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
     except FileExistsError:
-        raise SharedBlockError(f"a shared block named {name!r} already exists; attach to it with "
-                               f"Counters.attach({name!r}) or choose another name") from None
+        where = _where(name)
+        raise SharedBlockExistsError(
+            f"a shared block named {name!r} already exists at {where}; {_creator(name)}. If no process uses it, "
+            f"remove it (rm {shlex.quote(where)}) and start again; if one does, attach to it with "
+            f"Counters.attach({name!r}) or choose another name") from None
     try:
+        os.fchmod(fd, mode)  # exactly the mode asked for: the umask does not apply
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
@@ -155,6 +203,8 @@ def _attach_mapping(name: str | os.PathLike[str]) -> _Mapping:
         if size == 0:
             raise SharedBlockError(f"{name!r} is empty: not a knhk counter block")
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as exc:
+        raise SharedBlockError(f"cannot map the shared block {name!r} ({_where(name)}): {exc}") from None
     finally:
         os.close(fd)
     return _Mapping(mm, name, kind, None)
@@ -169,13 +219,14 @@ class _Block:
     _flavor: int
     _h: Any = None
 
-    def __init__(self, names: Sequence[str], shared: bool | str | os.PathLike[str]) -> None:
+    def __init__(self, names: Sequence[str], shared: bool | str | os.PathLike[str],
+                 mode: int = DEFAULT_MODE) -> None:
         blob = b"".join(n.encode("utf-8") + b"\0" for n in names)
         size = lib.knhk_counters_layout_size(self._flavor, len(names), len(blob))
         if size == 0:
             raise ValueError(f"{len(names)} counters with {len(blob)} bytes of names is out of range: "
                              f"1..{lib.KNHK_COUNTERS_MAX} counters, names up to {lib.KNHK_COUNTERS_NAMES_MAX} bytes")
-        mapping = _create_mapping(size, shared)
+        mapping = _create_mapping(size, shared, mode)
         try:
             check(lib.knhk_counters_format(mapping.buf, size, self._flavor, len(names), blob, len(blob)),
                   "formatting the counter block")
@@ -221,7 +272,19 @@ class _Block:
         self._mapping = mapping
         size = ffi.new("size_t *")
         blob = ffi.buffer(lib.knhk_counters_names(raw, size), size[0])[:]
-        self._names: tuple[str, ...] = tuple(n.decode("utf-8") for n in blob.split(b"\0")[:-1])
+        where = f"{mapping.name!r}" if mapping.name else "the block"
+        try:
+            names = tuple(n.decode("utf-8") for n in blob.split(b"\0")[:-1])
+        except UnicodeDecodeError as exc:
+            self._h = None
+            raise SharedBlockError(f"{where} has a counter name that is not UTF-8 ({exc.reason} at byte "
+                                   f"{exc.start} of {exc.object!r}): not a block a knhk process made") from None
+        bad = [n for n in names if not n] or sorted({n for n in names if names.count(n) > 1})
+        if bad and self._flavor == lib.KNHK_COUNTERS_FLAVOR_SUM:
+            self._h = None
+            raise SharedBlockError(f"{where} has empty or repeated counter names ({bad[:5]!r}): not a block a "
+                                   "knhk process made")
+        self._names: tuple[str, ...] = names
 
     @property
     def _handle(self) -> Any:
@@ -293,6 +356,16 @@ def _as_int(value: object, what: str) -> int:
     return v
 
 
+def _refused(status: int, what: str, name: str | None = None) -> None:
+    """Raise the error for a refused add: the overflow rule, a dead or foreign writer, or other."""
+    if status == lib.KNHK_ERR_OVERFLOW:
+        who = f" (counter {name!r})" if name is not None else ""
+        raise CounterOverflowError(f"{what}{who}: {last_error()}")
+    if status == lib.KNHK_ERR_STATE:
+        raise CounterWriterError(last_error())
+    check(status, what)
+
+
 def _int_array(values: Any, what: str, dtype: Any = None) -> np.ndarray:
     import numpy as np
 
@@ -324,7 +397,12 @@ class Counters(_Block):
 
     _flavor = lib.KNHK_COUNTERS_FLAVOR_SUM
 
-    def __init__(self, names: Iterable[str], shared: bool | str | os.PathLike[str] = False) -> None:
+    def __init__(self, names: Sequence[str], shared: bool | str | os.PathLike[str] = False, *,
+                 mode: int = DEFAULT_MODE) -> None:
+        if isinstance(names, (str, bytes, bytearray)) or not isinstance(names, (list, tuple)):
+            hint = f" (did you mean [{names!r}]?)" if isinstance(names, str) else ""
+            raise TypeError(f"counter names must be a list or tuple of str, got {type(names).__name__} "
+                            f"{names!r}{hint}")
         names = list(names)
         for n in names:
             if not isinstance(n, str) or not n or "\0" in n:
@@ -332,7 +410,7 @@ class Counters(_Block):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"counter names must be unique; repeated: {', '.join(map(repr, dupes))}")
-        super().__init__(names, shared)
+        super().__init__(names, shared, mode)
 
     @classmethod
     def attach(cls, name: str | os.PathLike[str]) -> Counters:
@@ -399,8 +477,9 @@ class Counters(_Block):
         h = self._h
         if h is None:
             raise KnhkMemoryError("this Counters block is closed")
-        if lib.knhk_counters_add(h, i, n):
-            check(lib.knhk_counters_add(h, i, n), "adding to a counter")
+        status = lib.knhk_counters_add(h, i, n)
+        if status:
+            _refused(status, "adding to a counter", self._names[i])
 
     def writer(self) -> CounterWriter:
         """The calling thread's writer handle (see :class:`CounterWriter`): it adds
@@ -423,8 +502,11 @@ class Counters(_Block):
         idx = _int_array(arr, "counter indices")
         if idx.size == 0:
             return
-        check_as(lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step),
-                 what="adding to counters", special=_BAD_INDEX)
+        status = lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step)
+        if status == lib.KNHK_ERR_INVALID:
+            raise CounterIndexError(last_error())
+        if status:
+            _refused(status, "adding to counters")
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
@@ -448,6 +530,26 @@ class Counters(_Block):
     def snapshot(self) -> dict[str, int]:
         """``{name: value}`` for every counter."""
         return dict(zip(self._names, (int(v) for v in self.values())))
+
+    def get_and_reset(self) -> dict[str, int]:
+        """``{name: value}`` for every counter, each counter starting again from zero
+        at exactly the value returned: what an exporter calls instead of
+        ``snapshot()`` then ``reset()`` (which loses every add landing between
+        the two).
+
+        An add running meanwhile lands either in the value returned or in the
+        next one, never in neither and never in both, also with several
+        exporters (threads or processes) calling this at once: each slot is read
+        once, atomically, and the counter's baseline moves to that sum with a
+        compare-and-swap (docs/counters.md, "Reading and resetting"). Counters
+        are not re-based at one instant: one counter at a time.
+        """
+        n = len(self._names)
+        out = ffi.new("int64_t[]", n)
+        status = lib.knhk_counters_get_and_reset(self._handle, out, n)
+        if status:
+            check(status, "reading and resetting the counters")
+        return dict(zip(self._names, ffi.unpack(out, n)))
 
     def __repr__(self) -> str:
         if self.closed:
@@ -504,11 +606,7 @@ class CounterWriter:
             raise KnhkMemoryError("this Counters block is closed; its writers are dead")
         status = lib.knhk_counters_writer_add(self._w, i, n)
         if status:
-            self._refused(status)
-
-    @staticmethod
-    def _refused(status: int) -> None:
-        check_as(status, what="adding through a counter writer", special=_NOT_OWNER)
+            _refused(status, "adding through a counter writer", self._block._names[i])
 
     @property
     def counters(self) -> Counters:
@@ -546,8 +644,8 @@ class PatternStats(_Block):
 
     _flavor = lib.KNHK_COUNTERS_FLAVOR_PATTERNS
 
-    def __init__(self, shared: bool | str | os.PathLike[str] = False) -> None:
-        super().__init__([PATTERNS[p] for p in range(1, lib.KNHK_PATTERN_COUNT + 1)], shared)
+    def __init__(self, shared: bool | str | os.PathLike[str] = False, *, mode: int = DEFAULT_MODE) -> None:
+        super().__init__([PATTERNS[p] for p in range(1, lib.KNHK_PATTERN_COUNT + 1)], shared, mode)
 
     @classmethod
     def attach(cls, name: str | os.PathLike[str]) -> PatternStats:

@@ -139,6 +139,20 @@ class SharedBlockError(KnhkMemoryError, ValueError):
 class SharedBlockNotFoundError(SharedBlockError, FileNotFoundError):
     """No shared counter block exists under the name or path given."""
 
+
+class SharedBlockPermissionError(SharedBlockError, PermissionError):
+    """The shared block exists but this process may not open it (its mode or owner)."""
+
+
+class SharedBlockExistsError(SharedBlockError, FileExistsError):
+    """A block already exists under the name given; the message says who made it,
+    whether that process is still running, and how to remove a leftover."""
+
+
+class CounterOverflowError(KnhkMemoryError, OverflowError):
+    """An add would take a thread's slot of a counter past +-2^56 (the overflow rule,
+    docs/counters.md); nothing was added."""
+
 # ---------------------------------------------------------------- arena
 
 class ArenaClosedError(KnhkMemoryError, ValueError):

@@ -36,11 +36,22 @@ T = TypeVar("T")
 
 __all__ = ["OnceLock", "Lazy"]
 
-# Cells whose initialiser is running, so a fork child can reset those it lost.
-# _running_guard is held only for a set update, and across fork() (below), so
-# the child never inherits it locked.
-_running: set[OnceLock[Any]] = set()
+# Cells some thread is entering, holding or leaving (how many threads), so a
+# fork child can reset those it lost. A cell is counted from before its lock is
+# acquired until after it is released, so a fork at any instant finds a held
+# lock counted. _running_guard is held only for a count update, and across
+# fork() (below), so the child never inherits it locked.
+_running: dict[OnceLock[Any], int] = {}
 _running_guard = threading.Lock()
+
+
+def _track(cell: OnceLock[Any], delta: int) -> None:
+    with _running_guard:
+        n = _running.get(cell, 0) + delta
+        if n:
+            _running[cell] = n
+        else:
+            del _running[cell]
 
 
 def _reset_after_fork() -> None:
@@ -49,11 +60,14 @@ def _reset_after_fork() -> None:
     me = threading.get_ident()
     for cell in list(_running):
         if cell._owner != me:
-            # Its initialiser ran in a thread this child does not have: the lock
-            # would never be released. The forking thread's own cells stay.
+            # Its lock is free or held by a thread this child does not have
+            # (which would never release it). The forking thread's own cells
+            # (fork called from an initialiser) stay as they are.
             cell._lock = threading.Lock()
             cell._owner = None
-            _running.discard(cell)
+            del _running[cell]
+        else:
+            _running[cell] = 1  # only this thread is left to leave it
 
 
 if hasattr(os, "register_at_fork"):  # POSIX
@@ -123,16 +137,18 @@ class OnceLock(_fast.OnceBase, Generic[T]):
             raise ReentrantInitError(
                 f"re-entrant initialisation of {self._label()}: its initialiser, running in this "
                 "thread, asked for the same cell (it would wait for itself); break the cycle")
-        self._lock.acquire()
+        _track(self, 1)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _track(self, -1)
+            raise
         self._owner = me
-        with _running_guard:
-            _running.add(self)
 
     def _exit(self) -> None:
-        with _running_guard:
-            _running.discard(self)
         self._owner = None
         self._lock.release()
+        _track(self, -1)
 
     def _publish(self, value: T) -> None:
         # Value before flag: get_or_init's lock-free path reads the flag first.

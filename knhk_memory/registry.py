@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fast
 from ._core import check, ffi, lib
+from ._forksafe import renew_in_child
 from .errors import (
     DuplicateNameError,
     RegistryClosedError,
@@ -89,6 +90,7 @@ class PatternRegistry(_fast.LookupBase):
         self._by_number: dict[int, Pattern] = {}  # the loaded index, once loaded
         self._executors: dict[int, Any] = {}
         self._write_lock = threading.Lock()
+        renew_in_child(self, "_write_lock")
         self._frozen = False
 
     # ---- loading
@@ -293,6 +295,7 @@ class GlobalResourceRegistry:
         self._resources: dict[str, _Resource] = {}
         self._created: list[_Resource] = []
         self._lock = threading.Lock()
+        renew_in_child(self, "_lock")
         self._closed = False
         self._atexit: Callable[[], None] | None = None
         if close_at_exit:

@@ -10,6 +10,16 @@ call. Results equal the obvious Python/numpy reference for every input
 (``bytes.find``/``rfind``/``count``, ``numpy.count_nonzero(a == v)``,
 ``numpy.flatnonzero``, ``numpy.isin``, ``numpy.bincount``, ``min``/``max``/``sum``).
 
+Byte scans (find, rfind, count, find_all, find_many, Needle) read any
+C-contiguous buffer as its raw bytes, whatever its element type: on a numpy
+int64 array (or an ``array("i")``) positions are byte offsets into its
+memory, exactly ``bytes(a).find(needle)``, not element indices, and a match
+may straddle two elements. That is deliberate (a record file mapped as
+uint32 is still searched as bytes); for element-wise equality use the id
+scans, which take uint8..uint64 columns and refuse other dtypes (count_eq,
+find_eq, ...). A non-contiguous haystack or needle raises SimdValueError
+naming its shape and strides.
+
 Not here: regular expressions, case folding, anything over non-contiguous
 memory (pass ``numpy.ascontiguousarray(a)``; the error says so).
 """
@@ -133,8 +143,18 @@ def _haystack(obj: Any) -> Any:
         raise SimdTypeError(f"a bytes-like haystack is required (bytes, bytearray, memoryview, mmap, "
                             f"numpy uint8 array), not {type(obj).__name__}") from None
     except (BufferError, ValueError) as exc:
-        raise SimdValueError(f"the haystack must be one C-contiguous buffer ({exc}); "
-                             "pass bytes(x) or numpy.ascontiguousarray(x)") from None
+        raise _not_contiguous(obj, "haystack", exc) from None
+
+
+def _not_contiguous(obj: Any, what: str, exc: BaseException | None = None) -> SimdValueError:
+    """The error for a buffer that is not one C-contiguous run of bytes, naming its layout."""
+    try:
+        mv = memoryview(obj)
+        layout = f"shape {mv.shape}, strides {mv.strides} (bytes between elements), itemsize {mv.itemsize}"
+    except (TypeError, ValueError):
+        layout = str(exc) if exc is not None else "not one buffer"
+    return SimdValueError(f"the {what} must be one C-contiguous buffer (this one has {layout}); pass bytes(x) or "
+                          "numpy.ascontiguousarray(x)")
 
 
 def _needle(obj: Any) -> bytes:
@@ -146,13 +166,19 @@ def _needle(obj: Any) -> bytes:
         return bytes((obj,))
     if isinstance(obj, str):
         raise SimdTypeError("the needle must be bytes-like or an int in range(0, 256), not str; encode it first")
+    if isinstance(obj, bytes):
+        return obj
     try:
-        return bytes(memoryview(obj).cast("B")) if not isinstance(obj, bytes) else obj
+        mv = memoryview(obj)
     except TypeError:
         raise SimdTypeError(f"the needle must be bytes-like or an int in range(0, 256), "
                             f"not {type(obj).__name__}") from None
-    except (BufferError, ValueError) as exc:
-        raise SimdValueError(f"the needle must be one C-contiguous buffer ({exc})") from None
+    if not mv.c_contiguous:
+        raise _not_contiguous(mv, "needle")
+    try:
+        return bytes(mv.cast("B"))
+    except (BufferError, TypeError, ValueError) as exc:
+        raise _not_contiguous(mv, "needle", exc) from None
 
 
 def _index(value: Any, what: str) -> int | None:
@@ -193,7 +219,13 @@ def _prepare(haystack: Any, needle: Any, start: Any, end: Any) -> tuple[Any, int
 
 
 def find(haystack: Any, needle: Any, start: Any = None, end: Any = None) -> int:
-    """Lowest index of ``needle`` in ``haystack[start:end]``, or -1 (as ``bytes.find``)."""
+    """Lowest index of ``needle`` in ``haystack[start:end]``, or -1 (as ``bytes.find``).
+
+    ``haystack`` is any C-contiguous buffer, read as raw bytes: for a numpy
+    array of wider elements the index is a byte offset (``bytes(a).find``),
+    not an element index (module docstring). ``needle`` is bytes-like or an
+    int in range(256). Raises SimdTypeError (str, non-buffer) and
+    SimdValueError (non-contiguous buffer, naming its strides)."""
     if type(haystack) is bytes and type(needle) is bytes and start is None and end is None and _init_error is None:
         # The common call, without building a buffer view: cffi passes bytes as a pointer.
         return lib.knhk_simd_find(haystack, len(haystack), needle, len(needle)) if len(needle) <= len(haystack) else -1

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 from . import _fast
 from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
+from ._forksafe import renew_in_child
 from .errors import (
     DuplicateKeyError,
     StoreClosedError,
@@ -139,6 +140,7 @@ class WorkflowStore:
         self.cache_size = cache_size
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
+        renew_in_child(self, "_cache_lock")
         self._handle: Any = ffi.NULL
         self._map: mmap.mmap | None = None
         self._cbuf: Any = None

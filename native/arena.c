@@ -93,6 +93,8 @@ static inline uintptr_t round16(uintptr_t x) { return (x + 15) & ~(uintptr_t)15;
 
 static inline bool is_owner(const knhk_arena *a) { return pthread_equal(pthread_self(), a->owner); }
 
+bool _knhk_arena_is_owner(const knhk_arena *a) { return is_owner(a); }
+
 static int not_owner(const char *what) {
     _knhk_set_error("%s: the arena belongs to the thread that created it; use one arena per thread "
                     "(ThreadLocalArena)", what);
@@ -445,6 +447,11 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
     atomic_fetch_add_explicit(&a->live, 1, memory_order_relaxed);
     *status = KNHK_OK;
     return (void *)p;
+}
+
+size_t _knhk_arena_block_size(const void *ptr) {
+    const block_header *h = (const block_header *)((const char *)ptr - sizeof(block_header));
+    return h->magic == BLOCK_MAGIC ? (size_t)h->size : 0;
 }
 
 void knhk_arena_block_free(knhk_arena *a, void *ptr) {

@@ -137,7 +137,7 @@ static int load_backend(void *arg) {
         snprintf(b->version, sizeof b->version, "glibc %s", gnu_get_libc_version());
     } else {
         dlerror();
-        b->handle = dlopen(a->library, RTLD_NOW | RTLD_LOCAL);
+        b->handle = _knhk_dlopen(a->library, RTLD_NOW | RTLD_LOCAL);
         if (b->handle == NULL) {
             const char *e = dlerror();
             _knhk_copy_message(a->errbuf, a->errlen, e ? e : "dlopen failed");

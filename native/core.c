@@ -1,6 +1,4 @@
 /* core.c -- status names, version, thread stripes, the native once-cell, CPU features. */
-#include <pthread.h>
-
 #include "knhk_internal.h"
 
 #ifndef KNHK_VERSION_STRING
@@ -18,6 +16,7 @@ const char *knhk_status_name(int status) {
     case KNHK_ERR_UNSUPPORTED: return "unsupported";
     case KNHK_ERR_PYTHON: return "python error";
     case KNHK_ERR_STATE: return "wrong state";
+    case KNHK_ERR_OVERFLOW: return "overflow";
     default: return "unknown status";
     }
 }
@@ -49,22 +48,7 @@ unsigned _knhk_thread_stripe_slow(void) {
     return s;
 }
 
-/* ---- once */
-
-static pthread_mutex_t once_mutex = PTHREAD_MUTEX_INITIALIZER;
-
-int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg) {
-    if (_knhk_once_ready(o)) return KNHK_OK;
-    /* One process-wide mutex: initialisers are rare and short (dlopen, cpuid). */
-    pthread_mutex_lock(&once_mutex);
-    int rc = KNHK_OK;
-    if (atomic_load_explicit(&o->ready, memory_order_relaxed) != 1) {
-        rc = init(arg);
-        if (rc == KNHK_OK) atomic_store_explicit(&o->ready, 1, memory_order_release);
-    }
-    pthread_mutex_unlock(&once_mutex);
-    return rc;
-}
+/* ---- once: _knhk_once_run is in once.c, beside knhk_once (one protocol, fork-safe). */
 
 /* ---- cpu */
 

@@ -56,7 +56,10 @@ typedef struct {
     uint64_t names_off, base_off, owners_off, cells_off, total_size;
     uint64_t checksum; /* FNV-1a over the fields above and the names */
     _Atomic uint32_t ready;
+    uint32_t creator_pid; /* informational, outside the checksum: for the "already exists" message */
 } block_header;
+_Static_assert(offsetof(block_header, creator_pid) == 92 && sizeof(block_header) == 96,
+               "knhk_memory/counters.py reads creator_pid at byte 92");
 
 /* A writer is one thread's claim on one block: the slot it owns (or the
    shared slot) and the thread it belongs to. Writers are made on a thread's
@@ -88,6 +91,8 @@ struct knhk_counters_writer {
 struct knhk_counters {
     uint64_t id; /* process-unique, never reused: thread caches key on it */
     block_header *hdr;
+    const char *names; /* validated at open: names_off and names_len as the layout puts them */
+    uint32_t names_len;
     uint32_t count;
     uint32_t flavor;
     uint32_t add_limit; /* count for sum blocks, 0 otherwise: one compare checks both */
@@ -182,6 +187,7 @@ int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count
     memcpy((char *)mem + h.names_off, names, names_len);
     h.checksum = header_checksum(&h, names);
     memcpy(dst, &h, offsetof(block_header, ready));
+    dst->creator_pid = (uint32_t)getpid();
     /* Last, with release: an attacher that sees ready sees the whole header. */
     atomic_store_explicit(&dst->ready, 1, memory_order_release);
     return KNHK_OK;
@@ -258,14 +264,29 @@ static void atfork_child(void) {
     pthread_mutex_unlock(&registry_mutex);
 }
 
+/* Registered when the library is loaded: a lazy registration inside a
+   once-cell could run twice (a forked child reruns an initialiser its
+   parent's thread left half done), and a prepare handler registered twice
+   would lock registry_mutex twice. */
+__attribute__((constructor)) static void register_atfork(void) {
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
 static int make_exit_key(void *unused) {
     (void)unused;
     if (pthread_key_create(&exit_key, thread_exit) != 0) return KNHK_ERR_NOMEM;
-    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) return KNHK_ERR_NOMEM;
     return KNHK_OK;
 }
 
-static bool pid_dead(uint32_t pid) { return pid != 0 && kill((pid_t)pid, 0) == -1 && errno == ESRCH; }
+/* An owner token's pid comes from the shared block (untrusted): one that no
+   process can have (0, or above Linux's PID_MAX_LIMIT of 2^22) is never
+   handed to kill(), where a negative pid_t would name a process group. Such
+   a slot counts as dead (reclaimable): nobody can be its owner. */
+static bool pid_dead(uint32_t pid) {
+    if (pid == 0) return false; /* a free slot, not a dead owner */
+    if (pid > (1u << 22)) return true;
+    return kill((pid_t)pid, 0) == -1 && errno == ESRCH;
+}
 
 static bool try_claim(knhk_counters *c, int s, uint64_t expected, uint64_t tok) {
     return atomic_compare_exchange_strong_explicit(&c->owners[s], &expected, tok, memory_order_acquire,
@@ -374,39 +395,76 @@ int knhk_counters_open(void *mem, size_t size, knhk_counters **out) {
         _knhk_set_error("%zu bytes cannot hold a counter block header (%zu bytes)", size, sizeof(block_header));
         return KNHK_ERR_INVALID;
     }
-    if (h->magic != KNHK_COUNTERS_MAGIC) {
+    block_header hc; /* a private copy: the shared header may change under us */
+    memcpy(&hc, (const void *)h, offsetof(block_header, ready));
+    if (hc.magic != KNHK_COUNTERS_MAGIC) {
         _knhk_set_error("not a knhk counter block: magic is 0x%016llx, expected 0x%016llx",
-                        (unsigned long long)h->magic, (unsigned long long)KNHK_COUNTERS_MAGIC);
+                        (unsigned long long)hc.magic, (unsigned long long)KNHK_COUNTERS_MAGIC);
         return KNHK_ERR_INVALID;
     }
     if (atomic_load_explicit(&h->ready, memory_order_acquire) != 1) {
         _knhk_set_error("the counter block is not completely written (its creator may still be formatting it)");
         return KNHK_ERR_STATE;
     }
-    if (h->version != KNHK_COUNTERS_VERSION) {
-        _knhk_set_error("counter block version %u, this build reads version %d", h->version, KNHK_COUNTERS_VERSION);
+    /* Again, after the acquire of ready: the header as its creator published it. */
+    memcpy(&hc, (const void *)h, offsetof(block_header, ready));
+    if (hc.version != KNHK_COUNTERS_VERSION) {
+        _knhk_set_error("counter block version %u, this build reads version %d", hc.version, KNHK_COUNTERS_VERSION);
         return KNHK_ERR_INVALID;
     }
-    if (h->cache_line != KNHK_CACHE_LINE) {
-        _knhk_set_error("counter block laid out for %u-byte cache lines, this build uses %d", h->cache_line,
+    if (hc.cache_line != KNHK_CACHE_LINE) {
+        _knhk_set_error("counter block laid out for %u-byte cache lines, this build uses %d", hc.cache_line,
                         KNHK_CACHE_LINE);
         return KNHK_ERR_INVALID;
     }
+    /* The block is untrusted input (any process that can write the file can
+       write the header, now and later): read the header once into a local
+       copy, derive the whole layout from (flavor, count, names_len) alone,
+       require every offset and length in the header to equal it and the
+       mapping to hold it, and only then read the names through names_off
+       and check the checksum. Every later access uses the handle's own
+       validated copy, never the shared header. */
     block_header want;
-    if (!layout(&want, h->flavor, h->count, h->names_len) || want.total_size != h->total_size ||
-        want.cells_off != h->cells_off || want.slots != h->slots || want.slot_stride != h->slot_stride) {
-        _knhk_set_error("counter block header is inconsistent (flavor %u, %u counters, %u slots)", h->flavor,
-                        h->count, h->slots);
+    if (!layout(&want, hc.flavor, hc.count, hc.names_len)) {
+        _knhk_set_error("counter block header is inconsistent: flavor %u with %u counters and %u bytes of names "
+                        "is not a layout this build makes (flavors %d and %d, 1..%d counters, names up to %d bytes)",
+                        hc.flavor, hc.count, hc.names_len, KNHK_COUNTERS_FLAVOR_SUM, KNHK_COUNTERS_FLAVOR_PATTERNS,
+                        KNHK_COUNTERS_MAX, KNHK_COUNTERS_NAMES_MAX);
         return KNHK_ERR_INVALID;
     }
-    if (size < h->total_size) {
-        _knhk_set_error("counter block needs %llu bytes, only %zu are mapped", (unsigned long long)h->total_size,
-                        size);
+    static const struct {
+        const char *name;
+        size_t off;
+    } fields[] = {
+        {"slots", offsetof(block_header, slots)},         {"slot_stride", offsetof(block_header, slot_stride)},
+        {"names_off", offsetof(block_header, names_off)}, {"base_off", offsetof(block_header, base_off)},
+        {"owners_off", offsetof(block_header, owners_off)}, {"cells_off", offsetof(block_header, cells_off)},
+        {"total_size", offsetof(block_header, total_size)},
+    };
+    for (size_t f = 0; f < sizeof fields / sizeof fields[0]; f++) {
+        uint64_t got = 0, exp = 0;
+        size_t width = fields[f].off == offsetof(block_header, slots) ? 4 : 8;
+        memcpy(&got, (const char *)&hc + fields[f].off, width);
+        memcpy(&exp, (const char *)&want + fields[f].off, width);
+        if (got != exp) {
+            _knhk_set_error("counter block header is inconsistent: %s is %llu, the layout of %u counters with %u "
+                            "bytes of names puts it at %llu (corrupt or foreign block)", fields[f].name,
+                            (unsigned long long)got, hc.count, hc.names_len, (unsigned long long)exp);
+            return KNHK_ERR_INVALID;
+        }
+    }
+    if (size < want.total_size) {
+        _knhk_set_error("counter block needs %llu bytes, only %zu are mapped (truncated block)",
+                        (unsigned long long)want.total_size, size);
         return KNHK_ERR_INVALID;
     }
-    const char *names = (const char *)mem + h->names_off;
-    if (header_checksum(h, names) != h->checksum || !names_ok(names, h->names_len, h->count)) {
+    const char *names = (const char *)mem + want.names_off;
+    if (header_checksum(&hc, names) != hc.checksum) {
         _knhk_set_error("counter block checksum does not match its header and names (corrupt block)");
+        return KNHK_ERR_INVALID;
+    }
+    if (!names_ok(names, want.names_len, want.count)) {
+        _knhk_set_error("counter block names are not %u NUL-ended strings (corrupt block)", want.count);
         return KNHK_ERR_INVALID;
     }
     knhk_counters *c = calloc(1, sizeof *c);
@@ -416,13 +474,15 @@ int knhk_counters_open(void *mem, size_t size, knhk_counters **out) {
     }
     char *base = mem;
     c->hdr = h;
-    c->count = h->count;
-    c->flavor = h->flavor;
-    c->add_limit = h->flavor == KNHK_COUNTERS_FLAVOR_SUM ? h->count : 0;
-    c->stride_cells = h->slot_stride / 8;
-    c->base = (_Atomic uint64_t *)(base + h->base_off);
-    c->owners = (_Atomic uint64_t *)(base + h->owners_off);
-    c->cells = (_Atomic uint64_t *)(base + h->cells_off);
+    c->names = names;
+    c->names_len = want.names_len;
+    c->count = want.count;
+    c->flavor = want.flavor;
+    c->add_limit = want.flavor == KNHK_COUNTERS_FLAVOR_SUM ? want.count : 0;
+    c->stride_cells = want.slot_stride / 8;
+    c->base = (_Atomic uint64_t *)(base + want.base_off);
+    c->owners = (_Atomic uint64_t *)(base + want.owners_off);
+    c->cells = (_Atomic uint64_t *)(base + want.cells_off);
     pthread_mutex_lock(&registry_mutex);
     c->id = next_handle_id++;
     c->next = registry;
@@ -462,11 +522,47 @@ uint32_t knhk_counters_flavor(const knhk_counters *c) { return c->flavor; }
 uint32_t knhk_counters_count(const knhk_counters *c) { return c->count; }
 
 const char *knhk_counters_names(const knhk_counters *c, size_t *len) {
-    if (len != NULL) *len = c->hdr->names_len;
-    return (const char *)c->hdr + c->hdr->names_off;
+    if (len != NULL) *len = c->names_len;
+    return c->names; /* validated at open; the bytes are the block's (a writer of the block can change them) */
 }
 
 /* ------------------------------------------------------------------ sum counters */
+
+/* The overflow rule (knhk.h, KNHK_COUNTERS_SLOT_LIMIT): v, a slot cell read
+   as two's complement, lies in [-L, L]. For a cell in range and any int64 n,
+   cur + n wraps (mod 2^64) only when the true sum is beyond +-(2^63 - L),
+   where the wrapped value is out of range too: one compare checks both. */
+#define SLOT_LIMIT ((uint64_t)KNHK_COUNTERS_SLOT_LIMIT)
+static inline bool slot_ok(uint64_t v) { return v + SLOT_LIMIT <= 2 * SLOT_LIMIT; }
+
+static int overflow(const knhk_counters *c, uint32_t index, uint64_t cur, int64_t n) {
+    _knhk_set_error("adding %lld to counter %u would take this thread's slot from %lld past +-%lld "
+                    "(KNHK_COUNTERS_SLOT_LIMIT, 2^56, which keeps every sum exact in int64); nothing was added",
+                    (long long)n, index, (long long)cur, (long long)KNHK_COUNTERS_SLOT_LIMIT);
+    (void)c;
+    return KNHK_ERR_OVERFLOW;
+}
+
+/* The shared slot: a CAS loop, so a refused add changes nothing. */
+static int shared_add(const knhk_counters *c, _Atomic uint64_t *p, uint32_t index, int64_t n) {
+    uint64_t cur = atomic_load_explicit(p, memory_order_relaxed);
+    do {
+        if (_knhk_unlikely(!slot_ok(cur + (uint64_t)n))) return overflow(c, index, cur, n);
+    } while (!atomic_compare_exchange_weak_explicit(p, &cur, cur + (uint64_t)n, memory_order_relaxed,
+                                                    memory_order_relaxed));
+    return KNHK_OK;
+}
+
+/* An add to a sum cell through a thread-cache entry: the owner's plain load
+   and store, or the shared slot's CAS. */
+static inline int sum_add(const knhk_counters *c, tls_entry *e, uint32_t index, int64_t n) {
+    _Atomic uint64_t *p = &e->cells[index];
+    if (_knhk_unlikely(e->shared)) return shared_add(c, p, index, n);
+    uint64_t cur = atomic_load_explicit(p, memory_order_relaxed), v = cur + (uint64_t)n;
+    if (_knhk_unlikely(!slot_ok(v))) return overflow(c, index, cur, n);
+    atomic_store_explicit(p, v, memory_order_relaxed);
+    return KNHK_OK;
+}
 
 static int bad_index(const knhk_counters *c, int64_t index) {
     _knhk_set_error("counter index %lld is out of range [0, %u)", (long long)index, c->count);
@@ -483,8 +579,7 @@ static int wrong_flavor(const knhk_counters *c, uint32_t want) {
 int knhk_counters_add(knhk_counters *c, uint32_t index, int64_t n) {
     if (_knhk_unlikely(index >= c->add_limit))
         return index >= c->count ? bad_index(c, index) : wrong_flavor(c, KNHK_COUNTERS_FLAVOR_SUM);
-    cell_add(my_slot(c), index, (uint64_t)n);
-    return KNHK_OK;
+    return sum_add(c, my_slot(c), index, n);
 }
 
 int knhk_counters_writer_get(knhk_counters *c, knhk_counters_writer **out) {
@@ -518,9 +613,9 @@ static __attribute__((noinline)) int writer_slow(knhk_counters_writer *w, uint32
                         (unsigned long long)self);
         return KNHK_ERR_STATE;
     }
-    if (_knhk_likely(index < w->c->add_limit)) { /* the shared slot */
-        atomic_fetch_add_explicit(&w->cells[index], (uint64_t)n, memory_order_relaxed);
-        return KNHK_OK;
+    if (_knhk_likely(index < w->c->add_limit)) {
+        if (w->shared) return shared_add(w->c, &w->cells[index], index, n);
+        return overflow(w->c, index, atomic_load_explicit(&w->cells[index], memory_order_relaxed), n);
     }
     return index >= w->c->count ? bad_index(w->c, index) : wrong_flavor(w->c, KNHK_COUNTERS_FLAVOR_SUM);
 }
@@ -535,7 +630,9 @@ static inline int writer_add(knhk_counters_writer *w, uint32_t index, int64_t n)
                        index >= w->limit))
         return writer_slow(w, index, n);
     _Atomic uint64_t *p = &w->cells[index];
-    atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + (uint64_t)n, memory_order_relaxed);
+    uint64_t v = atomic_load_explicit(p, memory_order_relaxed) + (uint64_t)n;
+    if (_knhk_unlikely(!slot_ok(v))) return writer_slow(w, index, n); /* the overflow rule: refuse */
+    atomic_store_explicit(p, v, memory_order_relaxed);
     return KNHK_OK;
 }
 
@@ -552,14 +649,20 @@ int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t l
     }
     if (len == 0) return KNHK_OK;
     tls_entry *e = my_slot(c);
-    if (_knhk_likely(!e->shared)) {
-        for (size_t i = 0; i < len; i++) {
-            _Atomic uint64_t *p = &e->cells[indices[i]];
-            atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + (uint64_t)n,
-                                  memory_order_relaxed);
+    for (size_t i = 0; i < len; i++) {
+        int rc = sum_add(c, e, (uint32_t)indices[i], n);
+        if (_knhk_unlikely(rc != KNHK_OK)) {
+            /* Undo this batch's adds (each was in range before, so each undo is too). */
+            for (size_t j = i; j-- > 0;) {
+                _Atomic uint64_t *p = &e->cells[indices[j]];
+                if (e->shared)
+                    atomic_fetch_sub_explicit(p, (uint64_t)n, memory_order_relaxed);
+                else
+                    atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) - (uint64_t)n,
+                                          memory_order_relaxed);
+            }
+            return rc;
         }
-    } else {
-        for (size_t i = 0; i < len; i++) atomic_fetch_add_explicit(&e->cells[indices[i]], (uint64_t)n, memory_order_relaxed);
     }
     return KNHK_OK;
 }
@@ -619,6 +722,23 @@ void knhk_counters_reset(knhk_counters *c) {
             atomic_store_explicit(&c->base[i], sum_cell(c, i), memory_order_relaxed);
         }
     }
+}
+
+int knhk_counters_get_and_reset(knhk_counters *c, int64_t *out, size_t count) {
+    if (c->flavor != KNHK_COUNTERS_FLAVOR_SUM) return wrong_flavor(c, KNHK_COUNTERS_FLAVOR_SUM);
+    if (count < c->count) {
+        _knhk_set_error("get_and_reset buffer holds %zu values, the block has %u counters", count, c->count);
+        return KNHK_ERR_INVALID;
+    }
+    for (uint32_t i = 0; i < c->count; i++) {
+        uint64_t base = atomic_load_explicit(&c->base[i], memory_order_acquire), sum;
+        do {
+            sum = sum_cell(c, i); /* read after the baseline it is compared with */
+        } while (!atomic_compare_exchange_weak_explicit(&c->base[i], &base, sum, memory_order_acq_rel,
+                                                        memory_order_acquire));
+        out[i] = (int64_t)(sum - base);
+    }
+    return KNHK_OK;
 }
 
 uint32_t knhk_counters_slots_owned(const knhk_counters *c) {

@@ -84,6 +84,13 @@ extern "C" {
 #define KNHK_COUNTERS_SLOTS 64
 #define KNHK_COUNTERS_MAX 65536
 #define KNHK_COUNTERS_NAMES_MAX 1048576
+/* The overflow rule (issue 16): a slot's cell for a counter stays within
+   [-KNHK_COUNTERS_SLOT_LIMIT, KNHK_COUNTERS_SLOT_LIMIT] (2^56). An add that
+   would take it out returns KNHK_ERR_OVERFLOW and changes nothing. So the sum
+   of the 64 slots and its reset baseline each stay within +-2^62, and a
+   counter's value (sum minus baseline) always fits int64 exactly: no read
+   ever wraps. */
+#define KNHK_COUNTERS_SLOT_LIMIT (1LL << 56)
 /* Block flavours: plain sum counters, or per-pattern executor statistics
    (four cells per pattern: executions, total ticks, min ticks, max ticks). */
 #define KNHK_COUNTERS_FLAVOR_SUM 1
@@ -139,7 +146,8 @@ typedef enum {
     KNHK_ERR_UNAVAILABLE = 3,  /* a library or CPU feature is not present */
     KNHK_ERR_UNSUPPORTED = 4,  /* the backend has no such operation */
     KNHK_ERR_PYTHON = 5,       /* a Python C-API call failed (numpy glue) */
-    KNHK_ERR_STATE = 6         /* the object is in the wrong state for the call */
+    KNHK_ERR_STATE = 6,        /* the object is in the wrong state for the call */
+    KNHK_ERR_OVERFLOW = 7      /* the result would leave its range; nothing was changed */
 } knhk_status;
 
 const char *knhk_status_name(int status);
@@ -407,10 +415,13 @@ typedef struct knhk_counters_writer knhk_counters_writer;
 int knhk_counters_writer_get(knhk_counters *c, knhk_counters_writer **out);
 /* Add n to counter `index` through the calling thread's writer:
    KNHK_ERR_STATE when w is dead or another thread's, KNHK_ERR_INVALID for an
-   index out of range (nothing added either way). */
+   index out of range, KNHK_ERR_OVERFLOW past KNHK_COUNTERS_SLOT_LIMIT
+   (nothing added in each case). */
 int knhk_counters_writer_add(knhk_counters_writer *w, uint32_t index, int64_t n);
 /* Add n to the counter of every index in indices[0..len): all indices are
-   checked before anything is added, so a bad one changes nothing. */
+   checked before anything is added, so a bad one changes nothing; an add
+   past KNHK_COUNTERS_SLOT_LIMIT returns KNHK_ERR_OVERFLOW after undoing the
+   batch's earlier adds (a concurrent read may see them for that moment). */
 int knhk_counters_add_indices(knhk_counters *c, const int64_t *indices, size_t len, int64_t n);
 /* The counter's value since its last reset: the sum over all slots minus
    its baseline. */
@@ -420,6 +431,15 @@ int knhk_counters_snapshot(const knhk_counters *c, int64_t *out, size_t count);
 /* Start every counter again from zero (sum cells: a new baseline; pattern
    min/max cells: cleared). */
 void knhk_counters_reset(knhk_counters *c);
+/* Read and reset (issue 16): every counter's value since its last reset into
+   out[0..count), each counter re-based at exactly the value returned. Each
+   slot's cell is read once, atomically, and the baseline moves to the sum of
+   those reads with a compare-and-swap (retried if another reset moved it), so
+   an add running meanwhile lands either in the value returned or in the next
+   one, never in neither, and two exporters never return the same add twice.
+   (Owners add with a plain load and store, so no reader may write their cells:
+   the baseline is what moves.) Sum blocks only. */
+int knhk_counters_get_and_reset(knhk_counters *c, int64_t *out, size_t count);
 /* Slots owned now (by any process), and the number of slots taken back
    from processes that no longer exist. */
 uint32_t knhk_counters_slots_owned(const knhk_counters *c);
@@ -713,6 +733,58 @@ size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay,
    KNHK_ERR_UNSUPPORTED when the loader cannot say. */
 int knhk_process_malloc_owner(char *buf, size_t len);
 /* ---------------------------------------------------------------- end of issue 21 */
+
+/* ---------------------------------------------------------------- fork (issue 16)
+
+   A child forked at any moment, from any thread, can use every service: the
+   core's once-cells hold no lock across an initialiser and its locks are
+   reset by pthread_atfork handlers (docs/reliability.md). One hazard is the
+   dynamic loader's: a fork during another thread's dlopen() leaves the
+   child's loader inconsistent (glibc aborts its next dlopen). The core's own
+   dlopen()s (allocator backends) wait for these hooks: call
+   knhk_fork_prepare() just before fork() and knhk_fork_parent() /
+   knhk_fork_child() just after it, outside any pthread_atfork handler (a
+   library being dlopen'ed may call pthread_atfork, and glibc holds its
+   atfork lock while prepare handlers run). The Python package registers them
+   with os.register_at_fork. */
+void knhk_fork_prepare(void);
+void knhk_fork_parent(void);
+void knhk_fork_child(void);
+
+/* ---------------------------------------------------------------- arena scopes (issue 16)
+
+   A scope over an arena allocates from the arena while it is open and the
+   calling thread owns the arena, and from `fallback` otherwise (a 16-byte
+   header marks those blocks, so free and realloc send them back there). Made
+   for numpy's handler of an arena scope, which numpy copies into asyncio
+   tasks and copied contexts, where it outlives the scope: after
+   knhk_arena_scope_end, or from another thread, every allocation through the
+   scope goes to the fallback, never into the arena. A block already in the
+   arena that is grown after the arena closed, or from another thread, moves
+   out (copied) instead of failing. The scope holds a reference on the arena.
+   knhk_arena_scope_open: owner thread, open arena (KNHK_ERR_STATE otherwise);
+   the caller holds one reference, dropped by knhk_arena_scope_end (which also
+   closes the scope); knhk_arena_scope_retain/release for other holders (a
+   numpy capsule). When the last goes, release(release_arg) is called (the
+   fallback is no longer used) and the arena reference is dropped. */
+typedef struct knhk_arena_scope knhk_arena_scope;
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t n, size_t size);
+    void *(*realloc)(void *ctx, void *ptr, size_t size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} knhk_fallback_allocator;
+int knhk_arena_scope_open(knhk_arena *a, const knhk_fallback_allocator *fallback, void (*release)(void *),
+                          void *release_arg, knhk_arena_scope **out);
+void knhk_arena_scope_retain(knhk_arena_scope *s);
+void knhk_arena_scope_release(knhk_arena_scope *s);
+void knhk_arena_scope_end(knhk_arena_scope *s);
+void *knhk_arena_scope_alloc(knhk_arena_scope *s, size_t size, int zero);
+void *knhk_arena_scope_realloc(knhk_arena_scope *s, void *ptr, size_t size);
+void knhk_arena_scope_free(knhk_arena_scope *s, void *ptr);
+/* Blocks sent to the fallback so far. */
+uint64_t knhk_arena_scope_fallbacks(const knhk_arena_scope *s);
 
 /* KNHK_CDEF_END */
 #pragma GCC visibility pop

@@ -57,16 +57,22 @@ static inline unsigned _knhk_thread_stripe(void) {
 
 /* ---- once
  * A once-cell for the native side: the fast path is one acquire load. The
- * slow path serialises initialisers on a mutex; a failed initialiser leaves
- * the cell empty so a later call retries. */
+ * state word is KNHK_ONCE_EMPTY, KNHK_ONCE_READY or the id of the thread
+ * running the initialiser (once.c, the same protocol as knhk_once): the
+ * initialiser runs with no lock held, so a slow one (a 20 ms measurement, a
+ * dlopen) blocks only callers of the same cell, and a fork() child whose
+ * initialiser thread was not copied takes the cell over instead of waiting
+ * forever. A failed initialiser leaves the cell empty so a later call retries.
+ * Initialisers must be safe to run again from the start in a forked child. */
 typedef struct {
-    _Atomic int ready; /* 0 empty, 1 full */
+    uint64_t state; /* KNHK_ONCE_EMPTY, KNHK_ONCE_READY, or the owner's thread id; __atomic builtins only */
 } _knhk_once;
 
 static inline bool _knhk_once_ready(const _knhk_once *o) {
-    return _knhk_likely(atomic_load_explicit(&o->ready, memory_order_acquire) == 1);
+    return _knhk_likely(__atomic_load_n(&o->state, __ATOMIC_ACQUIRE) == KNHK_ONCE_READY);
 }
-/* Run init(arg) once; returns its status, KNHK_OK once the cell is full. */
+/* Run init(arg) once; returns its status, KNHK_OK once the cell is full.
+   Re-entrant use of one cell returns KNHK_ERR_STATE. */
 int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg);
 
 /* ---- arena fast path
@@ -95,8 +101,16 @@ static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t al
     return (void *)(cur + pad);
 }
 
+/* arena.c: whether the calling thread owns a; the size of a live counted
+   block (0 when p is not one). For arena_scope.c. */
+bool _knhk_arena_is_owner(const knhk_arena *a);
+size_t _knhk_arena_block_size(const void *p);
+
 /* ticks.c: the median of v[0..n) (sorts v in place; the mean of the middle
    two when n is even). */
 double _knhk_median_of(double *v, size_t n);
+
+/* fork.c: dlopen() under the lock knhk_fork_prepare waits for. */
+void *_knhk_dlopen(const char *file, int mode);
 
 #endif /* KNHK_INTERNAL_H */

@@ -11,6 +11,11 @@
  * only around the wait and the wake, never across an initialiser, and
  * pthread_atfork keeps them consistent across fork().
  *
+ * The C core's own once-cells (_knhk_once: CPU features, SIMD dispatch, tick
+ * calibration, allocator backends, PatternStats.ticks_per_second) use the same
+ * protocol through _knhk_once_run, so no process-wide lock is ever held across
+ * an initialiser and a fork() at any moment leaves the child able to run it.
+ *
  * Thread ids come from a counter that is never reset, and a forked child
  * continues the parent's count, so an id names at most one thread in a
  * process and its descendants: an id below the count at the last fork belongs
@@ -31,7 +36,6 @@ static uint64_t fork_survivor;  /* id of the thread that called fork(), or 0 */
 
 static pthread_mutex_t wait_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cond = PTHREAD_COND_INITIALIZER;
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static uint64_t self_id(void) {
     uint64_t id = tls_thread_id;
@@ -55,7 +59,11 @@ static void atfork_child(void) {
     memcpy(&wait_mutex, &m, sizeof m);
     memcpy(&wait_cond, &c, sizeof c);
 }
-static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+/* Registered when the library is loaded, before any thread can be inside
+   wait_mutex: a lazy registration could itself race with a fork. */
+__attribute__((constructor)) static void register_atfork(void) {
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
 
 /* An owner that a fork left behind will never finish. */
 static bool owner_is_gone(uint64_t owner) {
@@ -81,8 +89,8 @@ int knhk_once_is_set(const knhk_once *o) {
     return __atomic_load_n(&o->state, __ATOMIC_ACQUIRE) == KNHK_ONCE_READY;
 }
 
-static void publish(knhk_once *o, uint64_t state) {
-    __atomic_store_n(&o->state, state, __ATOMIC_RELEASE);
+static void publish(uint64_t *state, uint64_t value) {
+    __atomic_store_n(state, value, __ATOMIC_RELEASE);
     /* The store is before the lock, the waiter's check is under it: a waiter
        either sees the new state or is already waiting when we broadcast. */
     pthread_mutex_lock(&wait_mutex);
@@ -91,7 +99,6 @@ static void publish(knhk_once *o, uint64_t state) {
 }
 
 int knhk_once_set(knhk_once *o, void *value) {
-    pthread_once(&atfork_once, register_atfork);
     uint64_t me = self_id(), expected = KNHK_ONCE_EMPTY;
     if (!__atomic_compare_exchange_n(&o->state, &expected, me, false, __ATOMIC_ACQUIRE, __ATOMIC_ACQUIRE)) {
         _knhk_set_error("knhk_once_set: the cell is %s",
@@ -99,8 +106,53 @@ int knhk_once_set(knhk_once *o, void *value) {
         return KNHK_ERR_STATE;
     }
     o->value = value;
-    publish(o, KNHK_ONCE_READY);
+    publish(&o->state, KNHK_ONCE_READY);
     return KNHK_OK;
+}
+
+/* Claim, run, publish on one state word. call(ctx) runs the initialiser with
+   no lock held and stores its value on success; READY is published after it,
+   EMPTY after a failure (a waiter takes over and retries). */
+static int run_state(uint64_t *state, int (*call)(void *), void *ctx, const char *who) {
+    uint64_t me = self_id();
+    for (;;) {
+        uint64_t s = __atomic_load_n(state, __ATOMIC_ACQUIRE);
+        if (s == KNHK_ONCE_READY) return KNHK_OK;
+        if (s == KNHK_ONCE_EMPTY) {
+            if (!__atomic_compare_exchange_n(state, &s, me, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+                continue; /* lost the race: look again at what won */
+            int rc = call(ctx);
+            publish(state, rc == KNHK_OK ? KNHK_ONCE_READY : KNHK_ONCE_EMPTY);
+            return rc;
+        }
+        if (s == me) {
+            _knhk_set_error("%s: re-entrant initialisation (the initialiser of this cell asked for the same cell)",
+                            who);
+            return KNHK_ERR_STATE;
+        }
+        if (owner_is_gone(s)) {
+            /* Its initialiser ran in a thread of the parent: take the cell over. */
+            __atomic_compare_exchange_n(state, &s, KNHK_ONCE_EMPTY, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+            continue;
+        }
+        pthread_mutex_lock(&wait_mutex);
+        while (__atomic_load_n(state, __ATOMIC_ACQUIRE) == s) pthread_cond_wait(&wait_cond, &wait_mutex);
+        pthread_mutex_unlock(&wait_mutex);
+    }
+}
+
+typedef struct {
+    knhk_once *o;
+    knhk_once_init_fn init;
+    void *arg;
+} public_call;
+
+static int call_public(void *ctx) {
+    public_call *p = ctx;
+    void *value = NULL;
+    int rc = p->init(p->arg, &value);
+    if (rc == KNHK_OK) p->o->value = value;
+    return rc;
 }
 
 int knhk_once_run(knhk_once *o, knhk_once_init_fn init, void *arg, void **value_out) {
@@ -113,43 +165,15 @@ int knhk_once_run(knhk_once *o, knhk_once_init_fn init, void *arg, void **value_
         _knhk_set_error("knhk_once_run: init is NULL; pass the initialiser function");
         return KNHK_ERR_INVALID;
     }
-    pthread_once(&atfork_once, register_atfork);
-    uint64_t me = self_id();
-    for (;;) {
-        uint64_t s = __atomic_load_n(&o->state, __ATOMIC_ACQUIRE);
-        if (s == KNHK_ONCE_READY) {
-            if (value_out != NULL) *value_out = o->value;
-            return KNHK_OK;
-        }
-        if (s == KNHK_ONCE_EMPTY) {
-            if (!__atomic_compare_exchange_n(&o->state, &s, me, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-                continue; /* lost the race: look again at what won */
-            void *value = NULL;
-            int rc = init(arg, &value);
-            if (rc != KNHK_OK) {
-                publish(o, KNHK_ONCE_EMPTY); /* a waiter takes over and retries */
-                return rc;
-            }
-            o->value = value;
-            publish(o, KNHK_ONCE_READY);
-            if (value_out != NULL) *value_out = value;
-            return KNHK_OK;
-        }
-        if (s == me) {
-            _knhk_set_error("knhk_once_run: re-entrant initialisation (the initialiser of this cell "
-                            "asked for the same cell)");
-            return KNHK_ERR_STATE;
-        }
-        if (owner_is_gone(s)) {
-            /* Its initialiser ran in a thread of the parent: take the cell over. */
-            __atomic_compare_exchange_n(&o->state, &s, KNHK_ONCE_EMPTY, false, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED);
-            continue;
-        }
-        pthread_mutex_lock(&wait_mutex);
-        while (__atomic_load_n(&o->state, __ATOMIC_ACQUIRE) == s) pthread_cond_wait(&wait_cond, &wait_mutex);
-        pthread_mutex_unlock(&wait_mutex);
-    }
+    public_call p = {o, init, arg};
+    int rc = run_state(&o->state, call_public, &p, "knhk_once_run");
+    if (rc == KNHK_OK && value_out != NULL) *value_out = o->value;
+    return rc;
+}
+
+int _knhk_once_run(_knhk_once *o, int (*init)(void *), void *arg) {
+    if (_knhk_once_ready(o)) return KNHK_OK;
+    return run_state(&o->state, init, arg, "knhk internal once-cell");
 }
 
 void knhk_once_hotop_read(void *ctx, uint64_t iterations) {

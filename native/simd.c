@@ -952,7 +952,7 @@ static int simd_choose(void *unused) {
 
 int knhk_simd_init(void) {
     if (_knhk_once_ready(&simd_once)) return KNHK_OK;
-    /* Detect features first: the once-cells share one non-recursive mutex. */
+    /* Detect features first (nesting cells is fine: no lock is held across an initialiser). */
     (void)knhk_cpu_features();
     return _knhk_once_run(&simd_once, simd_choose, NULL);
 }

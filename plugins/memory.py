@@ -111,14 +111,14 @@ class MemoryServices:
         cfg = config.counters
         shared: bool | str = (cfg.shared_name or True) if cfg.shared else False
         try:
-            counters = Counters(cfg.names, shared=shared)
+            counters = Counters(cfg.names, shared=shared, mode=cfg.mode)
         except (KnhkMemoryError, ValueError, TypeError, OSError) as exc:
             raise config.error("counters.shared_name" if cfg.shared else "counters.names", str(exc)) from None
         if not cfg.pattern_stats:
             return counters, None
         try:
             patterns = PatternStats(shared=(cfg.shared_name + ".patterns" if cfg.shared_name else True)
-                                    if cfg.shared else False)
+                                    if cfg.shared else False, mode=cfg.mode)
         except (KnhkMemoryError, OSError) as exc:
             counters.close()
             raise config.error("counters.shared_name", str(exc)) from None

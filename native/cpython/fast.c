@@ -54,8 +54,13 @@ static PyMethodDef methods[] = {
              "numpy_handler_push(backend_address) -> the previous handler: the backend is numpy's data-memory "
              "handler in the calling context from now on."),
     FASTCALL("numpy_arena_handler_push", fast_numpy_arena_handler_push,
-             "numpy_arena_handler_push(arena_address) -> the previous handler, or the int status of a refused "
-             "arena (owner thread only, open arenas only)."),
+             "numpy_arena_handler_push(arena_address) -> (previous handler, scope address), or the int status of a "
+             "refused arena (owner thread only, open arenas only)."),
+    FASTCALL("numpy_arena_scope_end", fast_numpy_arena_scope_end,
+             "numpy_arena_scope_end(scope_address): the scope is over; its handler allocates through the previous "
+             "handler from now on, wherever numpy copied it."),
+    FASTCALL("numpy_arena_scope_fallbacks", fast_numpy_arena_scope_fallbacks,
+             "numpy_arena_scope_fallbacks(scope_address) -> blocks the scope sent to the previous handler."),
     FASTCALL("numpy_handler_set", fast_numpy_handler_set,
              "numpy_handler_set(handler) -> the handler it replaced."),
     {NULL, NULL, 0, NULL},

@@ -32,6 +32,8 @@ PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t 
 PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_numpy_arena_scope_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_numpy_arena_scope_fallbacks(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
 /* The module's types (fast.c readies them and adds them to the module). */
 extern PyTypeObject fast_ArenaBlock_Type; /* arena_py.c: knhk_memory._fast.ArenaBlock */

@@ -96,21 +96,33 @@ PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_
     return PyDataMem_SetHandler(args[0]);
 }
 
-/* ---------------------------------------------------------------- arena handlers */
+/* ---------------------------------------------------------------- arena handlers
+ *
+ * An arena scope's handler is made per scope: a heap PyDataMem_Handler whose
+ * ctx is a knhk_arena_scope (native/arena_scope.c), owned by its capsule. The
+ * scope allocates from the arena only while it is open and in the arena's
+ * thread, and otherwise from the handler that was current when the scope
+ * opened, whose capsule it keeps alive: numpy copies the handler into asyncio
+ * tasks and copied contexts, where it outlives the scope (issue 16).
+ */
 
-static void *ah_malloc(void *ctx, size_t size) { return knhk_arena_block_alloc(ctx, size, 16, NULL); }
+static void *ah_malloc(void *ctx, size_t size) { return knhk_arena_scope_alloc(ctx, size, 0); }
 
 static void *ah_calloc(void *ctx, size_t n, size_t size) {
     size_t total;
     if (__builtin_mul_overflow(n, size, &total)) return NULL;
-    void *p = knhk_arena_block_alloc(ctx, total, 16, NULL);
-    /* Bumped memory may hold an earlier batch's bytes: zero it. */
-    if (p != NULL) memset(p, 0, total);
-    return p;
+    return knhk_arena_scope_alloc(ctx, total, 1);
 }
 
-static void *ah_realloc(void *ctx, void *p, size_t size) { return knhk_arena_block_realloc(ctx, p, size, NULL); }
-static void ah_free(void *ctx, void *p, size_t size) { knhk_arena_block_free(ctx, p); }
+static void *ah_realloc(void *ctx, void *p, size_t size) { return knhk_arena_scope_realloc(ctx, p, size); }
+static void ah_free(void *ctx, void *p, size_t size) { knhk_arena_scope_free(ctx, p); }
+
+/* The scope is gone: drop its reference on the previous handler's capsule. */
+static void release_previous(void *capsule) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    Py_XDECREF((PyObject *)capsule);
+    PyGILState_Release(gil);
+}
 
 static void arena_capsule_destructor(PyObject *capsule) {
     PyDataMem_Handler *h = PyCapsule_GetPointer(capsule, "mem_handler");
@@ -118,12 +130,14 @@ static void arena_capsule_destructor(PyObject *capsule) {
         PyErr_Clear();
         return;
     }
-    knhk_arena_release(h->allocator.ctx);
+    knhk_arena_scope_release(h->allocator.ctx);
     PyMem_RawFree(h);
 }
 
-/* numpy_arena_handler_push(arena_address) -> previous handler, or the int
-   status of a refused knhk_arena_retain (its message in knhk_last_error). */
+/* numpy_arena_handler_push(arena_address) -> (previous handler, scope address),
+   or the int status of a refused arena (owner thread, open arenas only; its
+   message in knhk_last_error). The caller ends the scope with
+   numpy_arena_scope_end(scope address) before it restores the previous handler. */
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 1) {
         PyErr_SetString(PyExc_TypeError, "numpy_arena_handler_push(arena_address)");
@@ -131,22 +145,72 @@ PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py
     }
     knhk_arena *a = fast_address(args[0], "numpy_arena_handler_push");
     if (a == NULL || fast_numpy_ready() < 0) return NULL;
-    int rc = knhk_arena_retain(a);
-    if (rc != KNHK_OK) return PyLong_FromLong(rc);
+    PyObject *prev = PyDataMem_GetHandler(); /* a new reference: the scope keeps it */
+    if (prev == NULL) return NULL;
+    PyDataMem_Handler *ph = PyCapsule_GetPointer(prev, "mem_handler");
+    if (ph == NULL) {
+        Py_DECREF(prev);
+        return NULL;
+    }
+    knhk_fallback_allocator fallback = {ph->allocator.ctx, ph->allocator.malloc, ph->allocator.calloc,
+                                        ph->allocator.realloc, ph->allocator.free};
+    knhk_arena_scope *s = NULL;
+    int rc = knhk_arena_scope_open(a, &fallback, release_previous, prev, &s);
+    if (rc != KNHK_OK) {
+        Py_DECREF(prev);
+        return PyLong_FromLong(rc);
+    }
+    /* From here the scope owns prev. */
     PyDataMem_Handler *h = PyMem_RawCalloc(1, sizeof *h);
     if (h == NULL) {
-        knhk_arena_release(a);
+        knhk_arena_scope_end(s);
         return PyErr_NoMemory();
     }
     copy_name(h->name, sizeof h->name, "knhk_memory.arena");
     h->version = 1;
-    h->allocator = (PyDataMemAllocator){(void *)a, ah_malloc, ah_calloc, ah_realloc, ah_free};
+    h->allocator = (PyDataMemAllocator){(void *)s, ah_malloc, ah_calloc, ah_realloc, ah_free};
+    knhk_arena_scope_retain(s); /* the capsule's reference */
     PyObject *capsule = PyCapsule_New(h, "mem_handler", arena_capsule_destructor);
     if (capsule == NULL) {
         PyMem_RawFree(h);
-        knhk_arena_release(a);
+        knhk_arena_scope_release(s);
+        knhk_arena_scope_end(s);
         return NULL;
     }
-    /* From here the capsule owns h and the arena reference. */
-    return set_capsule(capsule);
+    PyObject *previous = set_capsule(capsule);
+    if (previous == NULL) {
+        knhk_arena_scope_end(s);
+        return NULL;
+    }
+    PyObject *address = PyLong_FromVoidPtr(s);
+    if (address == NULL) {
+        Py_XDECREF(PyDataMem_SetHandler(previous));
+        Py_DECREF(previous);
+        knhk_arena_scope_end(s);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", previous, address);
+}
+
+/* numpy_arena_scope_end(scope_address): the scope is over; its handler, wherever
+   numpy copied it, allocates through the previous handler from now on. */
+PyObject *fast_numpy_arena_scope_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "numpy_arena_scope_end(scope_address)");
+        return NULL;
+    }
+    knhk_arena_scope *s = fast_address(args[0], "numpy_arena_scope_end");
+    if (s == NULL) return NULL;
+    knhk_arena_scope_end(s);
+    Py_RETURN_NONE;
+}
+
+/* numpy_arena_scope_fallbacks(scope_address) -> blocks sent to the previous handler (scope not ended). */
+PyObject *fast_numpy_arena_scope_fallbacks(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    knhk_arena_scope *s = nargs == 1 ? fast_address(args[0], "numpy_arena_scope_fallbacks") : NULL;
+    if (s == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "numpy_arena_scope_fallbacks(scope_address)");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(knhk_arena_scope_fallbacks(s));
 }

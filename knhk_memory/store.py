@@ -107,6 +107,14 @@ def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
     if isinstance(exc, IsADirectoryError):
         return StoreIsADirectoryError(f"is a directory, not a store file ({doing})", path=path,
                                       problem="directory")
+    if exc.errno == errno.ELOOP:
+        return StoreError(f"too many levels of symbolic links, a symlink loop ({doing})", path=path,
+                          problem="os-error")
+    if exc.errno == errno.ENAMETOOLONG:
+        return StoreError(f"the file name is too long ({len(os.fsencode(path))} bytes; {doing})", path=path,
+                          problem="os-error")
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"no space left on the device ({doing})", path=path, problem="disk-full")
     return StoreError(f"{exc.strerror or exc} ({doing})", path=path, problem="os-error")
 
 
@@ -151,8 +159,14 @@ class WorkflowStore:
 
     def _load(self) -> None:
         path = self.path
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # stat first: opening a FIFO would block, a device may act on open
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"is a {_file_kind(st.st_mode)}, not a store file (a regular file)", path=path,
+                                 problem="not-a-file")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except StoreError:
+            raise
         except OSError as exc:
             raise _os_error(exc, path, "opening the store") from None
         try:
@@ -161,7 +175,8 @@ class WorkflowStore:
                 raise StoreIsADirectoryError("is a directory, not a store file", path=path,
                                              problem="directory")
             if not stat.S_ISREG(st.st_mode):
-                raise StoreError("is not a regular file", path=path, problem="not-a-file")
+                raise StoreError(f"is a {_file_kind(st.st_mode)}, not a store file (a regular file)", path=path,
+                                 problem="not-a-file")
             size = st.st_size
             mapped: mmap.mmap | None = None
             if size < max(self.mmap_threshold, 1):
@@ -569,14 +584,30 @@ class WorkflowStoreWriter:
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
-        if self.path.is_dir():
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _os_error(exc, self.path, "checking the output path") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise StoreIsADirectoryError("is a directory; give a file path for the store", path=self.path,
                                          problem="directory")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"exists and is a {_file_kind(st.st_mode)}, not a regular file; give a file path "
+                             "for the store", path=self.path, problem="not-a-file")
         directory = self.path.parent if str(self.path.parent) else Path(".")
+        _remove_stale_temporaries(directory, self.path.name)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
+        # mkstemp makes the file 0600; a store gets the mode of the file it
+        # replaces, else what open() would give: 0666 less the umask.
+        try:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        except OSError:
+            pass
         self._tmp = Path(tmp)
         self._file: Any = os.fdopen(fd, "wb", buffering=1 << 20)
         self._file.write(bytes(HEADER_SIZE))
@@ -756,6 +787,67 @@ class WorkflowStoreWriter:
             self.discard()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it
+    (``/proc/self/status``, kernel 4.7+); else set and restored at once."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.PID.XXXX.tmp`` files in ``directory`` whose writer
+    process (PID) no longer exists: what a build killed by SIGKILL or a
+    power cut leaves. Returns the files removed. A temporary whose PID is
+    alive (another build, or a reused PID) is left alone."""
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry)
+        if m is None or m["name"] != name:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(directory / entry)
+            removed.append(directory / entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process: alive
+    return True
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -773,73 +865,161 @@ def _fsync_dir(directory: Path) -> None:
 # ---------------------------------------------------------------- building from a directory
 
 
-def iter_source(source: Path, *, key_regex: str | None = None, key_field: str | None = None
-                ) -> Iterator[tuple[str, Path]]:
+def iter_source(source: Path, *, key_regex: str | None = None, key_field: str | None = None,
+                exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, Path]]:
     """(key, file) for every regular file under ``source``, sorted, hidden entries skipped.
 
     The key is the path relative to ``source`` without its extension (``/``
     separated), or taken from the file: ``key_regex``'s first group, or the
-    top-level ``key_field`` of a JSON document.
+    top-level ``key_field`` of a JSON document. Files that are the same file
+    as one in ``exclude`` (the build's own output) are skipped.
+
+    Raises :class:`~knhk_memory.errors.StoreError` for a file name or a key
+    that is not UTF-8 text, naming the file.
     """
-    pattern = re.compile(key_regex.encode()) if key_regex else None
+    pattern = re.compile(key_regex.encode("utf-8", "surrogateescape")) if key_regex else None
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(source):
+    for dirpath, dirnames, filenames in os.walk(source, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
-    for p in sorted(found, key=lambda q: q.relative_to(source).as_posix()):
-        if not p.is_file():
+    skip = set()
+    for e in exclude:
+        try:
+            st = e.stat()
+            skip.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    for p in sorted(found, key=lambda q: os.fsencode(q.relative_to(source).as_posix())):
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # a dangling symlink, or a file removed since the walk
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
             continue
         if pattern is None and key_field is None:
             rel = p.relative_to(source)
-            yield rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix(), p
+            key = rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix()
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StoreError(f"the file name is not UTF-8 text ({os.fsencode(rel.as_posix())!r}), so it "
+                                 "cannot be a key; rename the file, or take keys from the contents with "
+                                 "--key-regex / --key-field", path=_shown(p), problem="bad-key") from None
+            yield key, p
         else:
             yield _key_from_file(p, pattern, key_field), p
 
 
+def _shown(p: Path) -> str:
+    """A path for a message: undecodable bytes as escapes, never a UnicodeEncodeError."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _walk_error(exc: OSError) -> None:
+    raise _os_error(exc, Path(exc.filename) if exc.filename else Path("?"), "listing the source directory")
+
+
 def _key_from_file(p: Path, pattern: re.Pattern[bytes] | None, key_field: str | None) -> str:
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise _os_error(exc, Path(_shown(p)), "reading a source file") from None
     if pattern is not None:
         m = pattern.search(data)
-        if m is None or not m.groups():
-            raise StoreError(f"--key-regex {pattern.pattern.decode()!r} found no key (with a group) "
-                             "in the file", path=p, problem="no-key")
-        return m.group(1).decode("utf-8")
+        if m is None or not m.groups() or m.group(1) is None:
+            raise StoreError(f"--key-regex {pattern.pattern.decode('utf-8', 'backslashreplace')!r} found no "
+                             "key (with a group) in the file", path=_shown(p), problem="no-key")
+        try:
+            return m.group(1).decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError(f"--key-regex matched {m.group(1)!r}, which is not UTF-8 text",
+                             path=_shown(p), problem="bad-key") from None
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise StoreError(f"--key-field needs a JSON file: {exc}", path=p, problem="no-key") from None
+        raise StoreError(f"--key-field needs a JSON file: {exc}", path=_shown(p), problem="no-key") from None
     if not isinstance(doc, dict) or key_field not in doc:
-        raise StoreError(f"JSON document has no top-level field {key_field!r}", path=p, problem="no-key")
+        raise StoreError(f"JSON document has no top-level field {key_field!r}", path=_shown(p), problem="no-key")
     return str(doc[key_field])
 
 
 def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                          key_regex: str | None = None, key_field: str | None = None,
                          last_wins: bool = False, compress: int | None = None,
-                         progress: bool | None = None) -> dict[str, Any]:
-    """Build ``output`` from the files under ``source``; returns a summary."""
+                         progress: bool | None = None, allow_empty: bool = False) -> dict[str, Any]:
+    """Build ``output`` from the files under ``source``; returns a summary
+    (``keys``, ``files``, ``value_bytes``, ``output``, ``file_size`` in bytes).
+
+    The output is never one of the inputs: an ``output`` that is a file under
+    ``source`` is refused, and an output (or its temporary file) kept inside
+    ``source`` is left out of the build, so rebuilding does not pack the
+    previous store. Raises :class:`~knhk_memory.errors.StoreError` (and
+    subclasses) for a missing or empty source (unless ``allow_empty``), an
+    output that is an input, a name or key that is not text, and
+    :class:`~knhk_memory.errors.DuplicateKeyError` naming both files of a
+    repeated key unless ``last_wins``.
+    """
     src = Path(source)
-    if not src.exists():
+    out = Path(output)
+    try:
+        is_dir = src.is_dir()
+        exists = is_dir or os.path.lexists(src)
+    except OSError as exc:
+        raise _os_error(exc, src, "reading the source directory") from None
+    if not exists:
         raise StoreNotFoundError("source directory does not exist", path=src, problem="missing")
-    if not src.is_dir():
+    if not is_dir:
         raise StoreError("source must be a directory of workflow definition files", path=src,
                          problem="not-a-directory")
-    files = list(iter_source(src, key_regex=key_regex, key_field=key_field))
+    files = list(iter_source(src, key_regex=key_regex, key_field=key_field, exclude=(out,)))
+    try:
+        out_st = out.stat()
+        out_inside = out.resolve().is_relative_to(src.resolve())
+    except OSError:
+        out_st, out_inside = None, False
+    # An existing output under SOURCE was left out of the listing; if it is not
+    # a store (an earlier build's output) it is one of the user's inputs.
+    if out_st is not None and out_inside and stat.S_ISREG(out_st.st_mode) and not _is_store_file(out):
+        raise StoreError(f"the output is a file under SOURCE ({src}): the build would replace that input "
+                         "with the store; write the store outside SOURCE", path=out, problem="output-is-input")
+    if not files and not allow_empty:
+        raise StoreError("source directory holds no definition files (hidden files are skipped); pass "
+                         "--allow-empty (allow_empty=True) to build an empty store", path=src, problem="empty-source")
+    seen: dict[str, Path] = {}
+    if not last_wins:
+        for key, p in files:
+            first = seen.setdefault(key, p)
+            if first is not p:
+                raise DuplicateKeyError(f"key {key!r} comes from two files: {_shown(first)} and {_shown(p)}; "
+                                        "give every file its own key, or pass --last-wins (last_wins=True) to keep "
+                                        "the later file", path=src, problem="duplicate-key")
     show = progress if progress is not None else (len(files) >= 2000 and sys.stderr.isatty())
     total = 0
-    with WorkflowStoreWriter(output, last_wins=last_wins, compress=compress) as w:
+    with WorkflowStoreWriter(out, last_wins=last_wins, compress=compress) as w:
         it: Any = files
         if show:
             from tqdm import tqdm
 
             it = tqdm(files, desc="store build", unit="file", file=sys.stderr)
         for key, p in it:
-            data = p.read_bytes()
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                raise _os_error(exc, Path(_shown(p)), "reading a source file") from None
             total += len(data)
             w.add(key, data)
         keys = len(w)
     return {"keys": keys, "files": len(files), "value_bytes": total, "output": str(output),
-            "file_size": Path(output).stat().st_size}
+            "file_size": out.stat().st_size}
+
+
+def _is_store_file(path: Path) -> bool:
+    """True when ``path`` starts with the store's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- hot path

@@ -35,7 +35,10 @@ import numpy as np
 from ._core import ffi, lib
 from .errors import (
     DuplicateKeyError,
+    StoreChangedError,
     StoreClosedError,
+    StoreDecodeError,
+    StoreDiskFullError,
     StoreCorruptError,
     StoreEmptyError,
     StoreError,
@@ -55,11 +58,13 @@ MAGIC = b"KNHKSTOR"
 HEADER_SIZE = lib.KNHK_STORE_HEADER_SIZE
 FORMAT_VERSION = lib.KNHK_STORE_VERSION
 BLOCK_ENTRIES = lib.KNHK_STORE_BLOCK_ENTRIES
-# Fixed, so the same input always builds the same bytes.
+# The checksum seed (and the key hash's k1). Fixed; the key hash's k0, the
+# hash_key, is random per build (see WorkflowStoreWriter).
 DEFAULT_SEED = int.from_bytes(b"knhkwfs1", "little")
-# magic, version, flags, count, records_total, slots, max_disp, records_offset,
-# records_end, dict_offset, dict_length, index_offset, dict_sum, file_size,
-# seed, index_sum; then the header checksum (8 bytes) makes 128.
+# magic, version, flags, count, records_total, slots, max_disp, hash_key
+# (version 1: records_offset), records_end, dict_offset, dict_length,
+# index_offset, dict_sum, file_size, seed, index_sum; then the header checksum
+# (8 bytes) makes 128.
 _HEADER = struct.Struct("<8sIIQQQQQQQQQQQQQ")
 assert _HEADER.size == HEADER_SIZE - 8
 
@@ -69,9 +74,21 @@ _PROBLEM = {
     lib.KNHK_STORE_BAD_MAGIC: (StoreMagicError, "bad-magic"),
     lib.KNHK_STORE_NEWER_VERSION: (StoreVersionError, "newer-version"),
     lib.KNHK_STORE_CORRUPT: (StoreCorruptError, "corrupt"),
+    lib.KNHK_STORE_CHANGED_WHILE_OPENING: (StoreChangedError, "changed"),
 }
 _ABSENT = lib.KNHK_STORE_ABSENT
 _WIDE = lib.KNHK_STORE_WIDE
+_CHANGED = lib.KNHK_STORE_CHANGED
+# The build draws a new hash key when the longest probe passes this; Robin Hood
+# at load 0.875 with a random key stays far below it (docs/store.md).
+def max_displacement_bound(slots: int) -> int:
+    """The longest probe distance a build accepts for ``slots`` index slots:
+    ``32 + 4 * ceil(log2(slots))`` (Robin Hood hashing's longest probe grows as
+    O(log n); measured 10-40 at 1,000-1,000,000 keys, docs/store.md)."""
+    return 32 + 4 * max(1, (slots - 1).bit_length())
+
+
+RESEEDS = 8
 _PACK_MASK = (1 << 24) - 1
 _MISSING = object()
 
@@ -113,8 +130,10 @@ def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
     if exc.errno == errno.ENAMETOOLONG:
         return StoreError(f"the file name is too long ({len(os.fsencode(path))} bytes; {doing})", path=path,
                           problem="os-error")
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"no space left on the device ({doing})", path=path, problem="disk-full")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreDiskFullError(f"no space left on the device ({doing}; the file system has "
+                                  f"{_free_bytes(Path(path)):,} bytes free for this user)", path=path,
+                                  problem="disk-full")
     return StoreError(f"{exc.strerror or exc} ({doing})", path=path, problem="os-error")
 
 
@@ -216,6 +235,11 @@ class WorkflowStore:
                 raise MemoryError(f"{path}: {message}")
             exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
             raise exc_type(message, path=path, problem=tag)
+        if mapped is not None and lib.knhk_store_watch(out[0]) != lib.KNHK_OK:  # pragma: no cover - sigaction failing
+            lib.knhk_store_close(out[0])
+            ffi.release(cbuf)
+            mapped.close()
+            raise StoreError(_last_error(), path=path, problem="os-error")
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -232,7 +256,7 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[d["dict_offset"]:d["dict_offset"] + d["dict_length"]]))
+                zdict = zstandard.ZstdCompressionDict(self._copy(d["dict_offset"], d["dict_length"]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()
@@ -329,6 +353,8 @@ class WorkflowStore:
     def _slow(self, key: bytes, r: int, default: Any) -> Any:
         if r == _ABSENT:
             return default
+        if r == _CHANGED:
+            raise StoreChangedError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="changed")
         if r == _WIDE:
             span = ffi.new("uint64_t[2]")
             r = lib.knhk_store_find_span(self._handle, key, len(key), span)
@@ -337,19 +363,55 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
+    def get_bytes(self, key: str | bytes, default: Any = None) -> bytes | Any:
+        """The value of ``key`` as a ``bytes`` copy (decompressed in a compressed
+        store), or ``default``.
+
+        The copy is taken under the SIGBUS guard and the header is re-read
+        after it, so it is the value of one version of the file, or
+        :class:`~knhk_memory.errors.StoreChangedError`, even while someone
+        rewrites the file in place. (A memoryview from :meth:`get` reads the
+        live mapping whenever it is read.)
+        """
+        kb = _key_bytes(key)
+        self._check_open()
+        span = ffi.new("uint64_t[2]")
+        r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
+        if r < 0:
+            if r == _ABSENT:
+                return default
+            return self._slow(kb, r, default)
+        raw = self._copy(span[0], span[1])
+        return self._decompress(kb, raw) if self._compressed else raw
+
     def get_raw(self, key: str | bytes, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
     def _get_decompressed(self, key: str | bytes, default: Any = None) -> memoryview | Any:
-        raw = WorkflowStore.get(self, key, _MISSING)
-        if raw is _MISSING:
-            return default
+        value = self.get_bytes(key, _MISSING)
+        return default if value is _MISSING else memoryview(value)
+
+    def _copy(self, offset: int, length: int) -> bytes:
+        """bytes of the file at [offset, offset + length), copied under the SIGBUS guard."""
+        out = bytearray(length)
+        r = lib.knhk_store_copy(self._handle, offset, length, ffi.from_buffer("uint8_t[]", out))
+        if r != lib.KNHK_OK:
+            self._raise(r, "reading")
+        return bytes(out)
+
+    def _raise(self, code: int, doing: str) -> None:
+        if code == _CHANGED:
+            raise StoreChangedError(f"{doing}: {_last_error()}", path=self.path, problem="changed")
+        raise StoreCorruptError(f"{doing}: {_last_error()}", path=self.path, problem="corrupt")
+
+    def _decompress(self, key: bytes, frame: bytes) -> bytes:
         try:
-            return memoryview(self._dctx.decompress(raw))
-        except Exception as exc:  # zstd.ZstdError
-            raise StoreCorruptError(f"value of key {_key_bytes(key)!r} is not a valid zstd frame: {exc}",
-                                    path=self.path, problem="corrupt") from None
+            return self._dctx.decompress(frame)
+        except Exception as exc:  # zstandard.ZstdError, and anything else the codec raises
+            raise StoreCorruptError(f"the value of key {key!r} is not a valid zstd frame ({type(exc).__name__}: "
+                                    f"{exc}); the header says values are compressed", path=self.path,
+                                    problem="corrupt") from None
 
     def __getitem__(self, key: str | bytes) -> memoryview:
         value = self.get(key, _MISSING)
@@ -376,7 +438,13 @@ class WorkflowStore:
                 if hit is not _MISSING:
                     self._cache.move_to_end(ck)
                     return hit
-        obj = decoder(bytes(self[kb]))
+        raw = bytes(self[kb])
+        try:
+            obj = decoder(raw)
+        except Exception as exc:
+            name = getattr(decoder, "__qualname__", type(decoder).__name__)
+            raise StoreDecodeError(f"the value of key {kb!r} ({len(raw)} bytes) cannot be decoded by {name}: "
+                                   f"{type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
         if self.cache_size:
             with self._cache_lock:
                 self._cache[ck] = obj
@@ -395,6 +463,12 @@ class WorkflowStore:
         if self._handle == ffi.NULL:
             raise StoreClosedError("the store is closed", path=self.path, problem="closed")
 
+    def changed(self) -> bool:
+        """True when the file under this (mapped) reader no longer reads as it did
+        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
+        self._check_open()
+        return lib.knhk_store_check_changed(self._handle) != lib.KNHK_OK
+
     def __len__(self) -> int:
         self._check_open()
         return self._info["count"]
@@ -404,6 +478,8 @@ class WorkflowStore:
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
         got = lib.knhk_store_live_offsets(self._handle, ffi.from_buffer("uint64_t[]", offsets), n)
+        if got == _CHANGED:
+            self._raise(got, "listing keys")
         if got < 0 or got != n:
             raise StoreCorruptError(f"listing keys: {_last_error() if got < 0 else f'{got} keys, header says {n}'}",
                                     path=self.path, problem="corrupt")
@@ -411,29 +487,32 @@ class WorkflowStore:
         offsets.sort()  # insertion order
         return offsets
 
-    def _records(self) -> Iterator[tuple[memoryview, memoryview]]:
+    def _spans(self) -> Iterator[tuple[int, int, int, int]]:
         spans = ffi.new("uint64_t[4]")
-        view = self._view
         for off in self._record_offsets().tolist():
-            if lib.knhk_store_record_at(self._handle, off, spans) != lib.KNHK_OK:
-                raise StoreCorruptError(_last_error(), path=self.path, problem="corrupt")
-            yield view[spans[0]:spans[0] + spans[1]], view[spans[2]:spans[2] + spans[3]]
+            self._check_open()
+            r = lib.knhk_store_record_at(self._handle, off, spans)
+            if r != lib.KNHK_OK:
+                self._raise(r, f"reading the record at offset {off}")
+            yield spans[0], spans[1], spans[2], spans[3]
 
     def keys(self) -> Iterator[bytes]:
-        """Every key, as bytes, in the order they were added."""
-        for k, _ in self._records():
-            yield bytes(k)
+        """Every key, as bytes, in the order they were added (copied under the
+        SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
+        for k, kl, _, _ in self._spans():
+            yield self._copy(k, kl)
 
     __iter__ = keys
 
     def items(self) -> Iterator[tuple[bytes, memoryview]]:
         """(key, value) pairs in the order they were added; values as :meth:`get` returns them."""
-        if not self._compressed:
-            for k, v in self._records():
-                yield bytes(k), v
-            return
-        for k, v in self._records():
-            yield bytes(k), memoryview(self._dctx.decompress(v))
+        view = self._view
+        for k, kl, v, vl in self._spans():
+            key = self._copy(k, kl)
+            if self._compressed:
+                yield key, memoryview(self._decompress(key, self._copy(v, vl)))
+            else:
+                yield key, view[v:v + vl]
 
     def verify(self) -> int:
         """Check every checksum and every index entry; return the number of records checked.
@@ -442,15 +521,21 @@ class WorkflowStore:
         """
         self._check_open()
         checked = ffi.new("uint64_t *")
-        if lib.knhk_store_verify(self._handle, checked) != lib.KNHK_OK:
-            raise StoreCorruptError(f"verify: {_last_error()}", path=self.path, problem="corrupt")
-        if self._compressed:
-            for k, v in self._records():
+        r = lib.knhk_store_verify(self._handle, checked)
+        if r != lib.KNHK_OK:
+            self._raise(r, "verify")
+        if self._compressed:  # the header's compression flag: every value must be a frame
+            for k, kl, v, vl in self._spans():
+                key = self._copy(k, kl)
                 try:
-                    self._dctx.decompress(v)
+                    self._dctx.decompress(self._copy(v, vl))
                 except Exception as exc:
-                    raise StoreCorruptError(f"verify: value of key {bytes(k)!r} is not a valid zstd "
-                                            f"frame: {exc}", path=self.path, problem="corrupt") from None
+                    raise StoreCorruptError(f"verify: the header says values are zstd frames, but the value of key "
+                                            f"{key!r} is not one ({type(exc).__name__}: {exc})", path=self.path,
+                                            problem="corrupt") from None
+        r = lib.knhk_store_check_changed(self._handle)
+        if r != lib.KNHK_OK:
+            self._raise(r, "verify")
         return int(checked[0])
 
     def prefetch(self) -> None:
@@ -481,9 +566,9 @@ class WorkflowStore:
         }
         if deep:
             kb = vb = 0
-            for k, v in self._records():
-                kb += len(k)
-                vb += len(v)
+            for _, kl, _, vl in self._spans():
+                kb += kl
+                vb += vl
             out["key_bytes"] = kb
             out["value_bytes"] = vb
             out["overhead"] = round(self._size / (kb + vb) - 1, 4) if kb + vb else None
@@ -558,13 +643,25 @@ class WorkflowStoreWriter:
         ``zstandard.train_dictionary(...).as_bytes()``) stored in the file and
         used for every value; only with ``compress``.
     :param load_factor: Keys per index slot, in (0, 0.95].
+    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash; by
+        default drawn from ``os.urandom`` for every build, so nobody outside
+        can choose keys that pile up in one slot (hash flooding). Give a fixed
+        value only for byte-identical rebuilds of trusted keys.
+    :param seed: The checksum seed (and the key hash's k1).
+
+    The file is created with mode ``0666 & ~umask``, or with the mode of the
+    file it replaces. Temporaries are named ``.NAME.PID.XXXX.tmp``; the next
+    writer of the same path removes those whose process is gone.
 
     Used as a context manager it commits on success and discards on error.
+    Running out of disk space raises
+    :class:`~knhk_memory.errors.StoreDiskFullError` naming the file, the bytes
+    it needed and the bytes free, and removes the temporary file.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
-                 seed: int = DEFAULT_SEED) -> None:
+                 seed: int = DEFAULT_SEED, hash_key: int | None = None) -> None:
         if not 0 < load_factor <= 0.95:
             raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
         if zstd_dict is not None and compress is None:
@@ -573,6 +670,9 @@ class WorkflowStoreWriter:
         self.last_wins = last_wins
         self.load_factor = load_factor
         self.seed = seed & 0xFFFFFFFFFFFFFFFF
+        self._fixed_key = hash_key is not None
+        self.hash_key = (hash_key if hash_key is not None else _random_key()) & 0xFFFFFFFFFFFFFFFF
+        self.reseeds = 0
         self._cctx: Any = None
         self._zstd_dict = bytes(zstd_dict) if zstd_dict is not None else b""
         if compress is not None:
@@ -674,7 +774,7 @@ class WorkflowStoreWriter:
             self._cbuf, len(self._buf), ffi.from_buffer(u64, hashes), ffi.from_buffer(u64, offsets))
         if written == 0:
             raise StoreError(f"encoding records: {_last_error()}", path=self.path, problem="build")
-        self._file.write(memoryview(self._buf)[:written])
+        self._write(memoryview(self._buf)[:written])
         self._pos += written
         self._records += n
         top = len(self._index)
@@ -690,6 +790,22 @@ class WorkflowStoreWriter:
             self._hashes[top - n:top] = hashes
             self._offsets[top - n:top] = offsets
         self._pk, self._pv, self._pslot, self._pbytes = [], [], [], 0
+
+    def _write(self, data: Any) -> None:
+        """Write to the temporary file; a full disk discards it and raises
+        StoreDiskFullError, any other OSError a StoreError naming the file."""
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            need = len(data)
+            self.discard()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = _free_bytes(self.path)
+                raise StoreDiskFullError(
+                    f"no space left on the device while writing the store (at byte {self._pos:,} of the temporary "
+                    f"file; this write needed {need:,} bytes more, the file system has {free:,} bytes free for "
+                    "this user); the temporary file was removed", path=self.path, problem="disk-full") from None
+            raise _os_error(exc, self.path, "writing the store") from None
 
     def update(self, pairs: Any) -> None:
         """Add every (key, value) of a mapping or an iterable of pairs."""
@@ -715,28 +831,46 @@ class WorkflowStoreWriter:
             n = len(self._index)
             slots = max(1, -(-n * 1000 // int(self.load_factor * 1000)))
             slots = max(slots, n)
-            hashes = np.ascontiguousarray(self._hashes[:n])
             offsets = np.ascontiguousarray(self._offsets[:n])
-            table = np.zeros(slots, dtype=np.uint64)
+            keys = list(self._index)  # slot order: key i is slot i
+            kb = b"".join(keys)
+            kl = np.fromiter(map(len, keys), dtype=np.uint64, count=n)
+            hashes = np.zeros(max(n, 1), dtype=np.uint64)
             nblocks = -(-slots // BLOCK_ENTRIES)
-            blocksums = np.zeros(nblocks, dtype=np.uint64)
+            bound = max_displacement_bound(slots)
             max_disp = ffi.new("uint64_t *")
-            status = lib.knhk_store_build_index(
-                ffi.from_buffer("uint64_t[]", hashes) if n else ffi.NULL,
-                ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
-                n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
-                max_disp)
-            if status != lib.KNHK_OK:
-                raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+            while True:
+                if n and lib.knhk_store_key_hashes(ffi.from_buffer("uint8_t[]", kb), len(kb),
+                                                   ffi.from_buffer("uint64_t[]", kl), n, self.hash_key, self.seed,
+                                                   ffi.from_buffer("uint64_t[]", hashes)) != lib.KNHK_OK:
+                    raise StoreError(f"hashing the keys: {_last_error()}", path=self.path, problem="build")
+                table = np.zeros(slots, dtype=np.uint64)
+                blocksums = np.zeros(nblocks, dtype=np.uint64)
+                status = lib.knhk_store_build_index(
+                    ffi.from_buffer("uint64_t[]", hashes) if n else ffi.NULL,
+                    ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
+                    n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
+                    max_disp)
+                if status != lib.KNHK_OK:
+                    raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+                if max_disp[0] <= bound:
+                    break
+                if self._fixed_key or self.reseeds >= RESEEDS:
+                    raise StoreError(f"the index's longest probe is {max_disp[0]} slots, above the bound of {bound} "
+                                     f"for {slots} slots, after {self.reseeds + 1} hash key(s)"
+                                     + ("; the hash_key was fixed by the caller" if self._fixed_key else ""),
+                                     path=self.path, problem="build")
+                self.reseeds += 1
+                self.hash_key = _random_key()
             table_bytes = table.tobytes()
             sums_bytes = blocksums.tobytes()
-            f.write(table_bytes)
-            f.write(sums_bytes)
+            self._write(table_bytes)
+            self._write(sums_bytes)
             file_size = index_offset + len(table_bytes) + len(sums_bytes)
             flags = lib.KNHK_STORE_FLAG_ZSTD if self._cctx is not None else 0
             dict_sum = lib.knhk_store_hash(self._zstd_dict, len(self._zstd_dict), self.seed) if self._zstd_dict else 0
             index_sum = lib.knhk_store_hash(sums_bytes, len(sums_bytes), self.seed)
-            head = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, n, self._records, slots, max_disp[0], HEADER_SIZE,
+            head = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, n, self._records, slots, max_disp[0], self.hash_key,
                                 records_end, dict_offset, len(self._zstd_dict), index_offset, dict_sum,
                                 file_size, self.seed, index_sum)
             head += lib.knhk_store_hash(head, len(head), 0).to_bytes(8, "little")
@@ -747,6 +881,9 @@ class WorkflowStoreWriter:
             f.close()
             self._file = None
             os.replace(self._tmp, self.path)
+        except StoreError:
+            self.discard()
+            raise
         except OSError as exc:
             self.discard()
             raise _os_error(exc, self.path, "writing the store") from None
@@ -785,6 +922,18 @@ class WorkflowStoreWriter:
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             self.discard()
+
+
+def _random_key() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path.parent if str(path.parent) else ".")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _umask() -> int:

@@ -98,7 +98,9 @@ extern "C" {
 #define KNHK_ARENA_BLOCK_HEADER 16
 /* Workflow store (native/store.c, docs/store.md). */
 #define KNHK_STORE_HEADER_SIZE 128
-#define KNHK_STORE_VERSION 1
+#define KNHK_STORE_VERSION 2
+/* The oldest format version this reader still reads (1: XXH64 key hash). */
+#define KNHK_STORE_MIN_VERSION 1
 /* Header flag: values are zstd frames (optionally with the file's dictionary). */
 #define KNHK_STORE_FLAG_ZSTD 1
 /* Index entries covered by one block checksum (4 KiB of index). */
@@ -110,10 +112,14 @@ extern "C" {
 #define KNHK_STORE_BAD_MAGIC 3
 #define KNHK_STORE_NEWER_VERSION 4
 #define KNHK_STORE_CORRUPT 5
+/* The mapping faulted while it was being opened (truncated meanwhile). */
+#define KNHK_STORE_CHANGED_WHILE_OPENING 6
 /* knhk_store_find results other than a packed span. */
 #define KNHK_STORE_ABSENT (-1)
 #define KNHK_STORE_WIDE (-2)
 #define KNHK_STORE_BROKEN (-3)
+/* The file changed under a watched reader (rewritten in place, truncated). */
+#define KNHK_STORE_CHANGED (-5)
 /* SIMD scans (simd.c). Largest id set knhk_simd_isin takes, the number of
    histogram bins kept in on-stack sub-tables (more bins use one table), and
    the bytes of haystack knhk_simd_find_many has every needle search while
@@ -554,6 +560,8 @@ typedef struct {
     uint64_t blocksum_offset;
     uint64_t file_size;
     uint64_t seed;
+    uint64_t hash_key;       /* version 2: k0 of the SipHash-1-3 key hash (k1 = seed); version 1: 0 */
+    uint64_t header_sum;     /* the header checksum: identifies this build of the file */
 } knhk_store_info;
 
 /* For knhk_store_hotop_probe: one present key of an open store. */
@@ -627,6 +635,29 @@ int knhk_store_py_install(void);
 /* Hot-path operation: one lookup of a present key (hash, probe, bounds
    check, key compare). ctx: a knhk_store_probe_ctx *. */
 void knhk_store_hotop_probe(void *ctx, uint64_t iterations);
+
+/* ---- issue 15: keyed hash, watched readers (native/store.c, store_guard.c) */
+
+/* SipHash-c-d (Aumasson and Bernstein, 2012) of data[0, len) under the
+   128-bit key (k0, k1). The version-2 key hash is SipHash-1-3 with
+   k0 = hash_key, k1 = seed (as CPython's and Rust's hash tables use it). */
+uint64_t knhk_store_siphash(const void *data, size_t len, uint64_t k0, uint64_t k1, int c_rounds,
+                            int d_rounds);
+/* out[i] = the version-2 key hash of key i (keys back to back, key_lens[i]
+   bytes each). KNHK_OK, or KNHK_ERR_INVALID when the lengths overrun keys_size. */
+int knhk_store_key_hashes(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens, uint64_t n,
+                          uint64_t hash_key, uint64_t seed, uint64_t *out);
+/* Watch a handle whose bytes are a shared mapping of a file that someone may
+   rewrite in place: every read through it runs under a SIGBUS guard (a
+   process-wide handler, installed here, that chains to the one it replaced)
+   and re-reads the header checksum afterwards; a fault or a changed header
+   makes that read, and every later one, return KNHK_STORE_CHANGED. */
+int knhk_store_watch(knhk_store *s);
+/* Copy base[offset, offset + len) into dst, under the guard of a watched
+   handle. KNHK_OK, KNHK_ERR_INVALID (outside the file) or KNHK_STORE_CHANGED. */
+int knhk_store_copy(knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst);
+/* KNHK_OK while the header still reads as it did at open, else KNHK_STORE_CHANGED. */
+int knhk_store_check_changed(knhk_store *s);
 /* ---------------------------------------------------------------- simd */
 
 /* Levels of the SIMD dispatch table. Every operation has a kernel per level;

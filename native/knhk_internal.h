@@ -107,6 +107,13 @@ void _knhk_arena_unref(knhk_arena *a);
  * The probe behind knhk_store_find, for store_py.c's getter: 0 with the value
  * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
 int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen);
+/* ---- fault guard (store_guard.c): the SIGBUS handler siglongjmps to the
+ * calling thread's buffer when one is set, else chains to the handler it
+ * replaced. _knhk_fault_guard_install is idempotent and re-installs on top
+ * of a handler installed since. */
+#include <setjmp.h>
+extern _Thread_local sigjmp_buf *_knhk_fault_jmp;
+int _knhk_fault_guard_install(void);
 
 /* ---- simd
  * Whether the SIMD dispatch table is set (initialised, or a level forced), for

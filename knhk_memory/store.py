@@ -208,7 +208,13 @@ class WorkflowStore:
                 buf: Any = b"".join(chunks)
                 size = len(buf)
             else:
-                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                # The length from fstat, not 0 ("the size now"): a file truncated
+                # since then maps anyway and open faults under its guard instead.
+                try:
+                    mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                except ValueError:  # mmap's own size check: it shrank since fstat
+                    raise StoreChangedError("the file changed while it was being opened (it shrank); try again once "
+                                            "it is whole", path=path, problem="changed") from None
                 buf = mapped
                 size = len(mapped)
                 _advise(mapped, "MADV_RANDOM")
@@ -235,11 +241,15 @@ class WorkflowStore:
                 raise MemoryError(f"{path}: {message}")
             exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
             raise exc_type(message, path=path, problem=tag)
-        if mapped is not None and lib.knhk_store_watch(out[0]) != lib.KNHK_OK:  # pragma: no cover - sigaction failing
-            lib.knhk_store_close(out[0])
-            ffi.release(cbuf)
-            mapped.close()
-            raise StoreError(_last_error(), path=path, problem="os-error")
+        if mapped is not None:
+            slot = lib.knhk_store_watch(out[0])
+            if slot < -1:  # pragma: no cover - sigaction failing
+                lib.knhk_store_close(out[0])
+                ffi.release(cbuf)
+                mapped.close()
+                raise StoreError(_last_error(), path=path, problem="os-error")
+            if slot >= 0:  # forget the range when the mapping itself goes (views may outlive the store)
+                weakref.finalize(mapped, _unwatch, slot)
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -594,6 +604,10 @@ def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
         return s._slow(_key_bytes(key), code, default)
 
     return slow
+
+
+def _unwatch(slot: int) -> None:
+    lib.knhk_store_unwatch(slot)
 
 
 def _detach_getter(getter: Any) -> None:

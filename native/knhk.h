@@ -651,8 +651,16 @@ int knhk_store_key_hashes(const uint8_t *keys, uint64_t keys_size, const uint64_
    rewrite in place: every read through it runs under a SIGBUS guard (a
    process-wide handler, installed here, that chains to the one it replaced)
    and re-reads the header checksum afterwards; a fault or a changed header
-   makes that read, and every later one, return KNHK_STORE_CHANGED. */
+   makes that read, and every later one, return KNHK_STORE_CHANGED. The
+   mapping is also registered, so a read through a memoryview handed out
+   earlier that faults past a new end of file sees a page of zeros instead
+   of SIGBUS (and the handle reports the change). Returns the registration
+   slot (>= 0; -1 when all 4,096 slots are taken: the guard still works) for
+   knhk_store_unwatch, to be called when the mapping is unmapped; -2 when
+   the SIGBUS handler cannot be installed (the handle is not watched). */
 int knhk_store_watch(knhk_store *s);
+/* Forget a watched mapping (its memory is being unmapped). */
+void knhk_store_unwatch(int slot);
 /* Copy base[offset, offset + len) into dst, under the guard of a watched
    handle. KNHK_OK, KNHK_ERR_INVALID (outside the file) or KNHK_STORE_CHANGED. */
 int knhk_store_copy(knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst);

@@ -114,6 +114,10 @@ int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t 
 #include <setjmp.h>
 extern _Thread_local sigjmp_buf *_knhk_fault_jmp;
 int _knhk_fault_guard_install(void);
+/* Register base[0, size) as a watched mapping: a fault there outside a
+ * guarded read maps zeros over the page and sets *changed. Returns the slot
+ * (for knhk_store_unwatch), or -1 when every slot is taken. */
+int _knhk_watch_range(const void *base, uint64_t size, _Atomic int **changed);
 
 /* ---- simd
  * Whether the SIMD dispatch table is set (initialised, or a level forced), for

@@ -172,6 +172,7 @@ struct knhk_store {
     int keyed;                 /* version >= 2: SipHash-1-3 key hash */
     int watched;               /* reads run under the SIGBUS guard, header re-checked */
     _Atomic int changed;       /* the file changed under a watched reader: sticky */
+    _Atomic int *range_changed;/* the registered mapping's flag (a view faulted past the end) */
 };
 
 static inline uint64_t key_hash(const knhk_store *s, const void *key, size_t len) {
@@ -491,9 +492,26 @@ static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_
  * and reports KNHK_STORE_CHANGED instead of an answer. Once seen, the change
  * is sticky: the handle answers KNHK_STORE_CHANGED until it is replaced. */
 
-static __attribute__((noinline, cold)) int64_t changed(knhk_store *s, const char *why) {
-    atomic_store_explicit(&s->changed, 1, memory_order_relaxed);
-    _knhk_set_error("the file changed under this reader (%s); call reopen() to read the file now at the path", why);
+static const char *const CHANGE_REASONS[] = {
+    "",
+    "a read past its end faulted (SIGBUS): it was truncated",
+    "its header reads differently now: it was rewritten in place",
+    "a memoryview read past its new end: it was truncated",
+};
+
+/* reason: an index into CHANGE_REASONS; 0: the one an earlier read recorded. */
+static __attribute__((noinline, cold)) int64_t changed(knhk_store *s, int reason) {
+    int first = 0;
+    if (reason == 0) {
+        first = atomic_load_explicit(&s->changed, memory_order_relaxed);
+    } else if (!atomic_compare_exchange_strong(&s->changed, &first, reason)) {
+        /* first: the reason recorded earlier */
+    } else {
+        first = reason;
+    }
+    if (first < 1 || first > 3) first = reason ? reason : 2;
+    _knhk_set_error("the file changed under this reader (%s); call reopen() to read the file now at the path",
+                    CHANGE_REASONS[first]);
     return KNHK_STORE_CHANGED;
 }
 
@@ -509,12 +527,15 @@ static inline uint64_t header_now(const knhk_store *s) {
     do {                                                                                              \
         if (_knhk_likely(!(s)->watched)) return call;                                                 \
         if (_knhk_unlikely(atomic_load_explicit(&(s)->changed, memory_order_relaxed)))                \
-            return (T)changed((s), "seen by an earlier read");                                        \
+            return (T)changed((s), 0);                                                                \
+        if (_knhk_unlikely((s)->range_changed && atomic_load_explicit((s)->range_changed,             \
+                                                                     memory_order_acquire)))           \
+            return (T)changed((s), 3);                                                                \
         sigjmp_buf jb_;                                                                               \
         sigjmp_buf *prev_ = _knhk_fault_jmp;                                                          \
         if (sigsetjmp(jb_, 0)) {                                                                      \
             _knhk_fault_jmp = prev_;                                                                  \
-            return (T)changed((s), "a read past its end faulted (SIGBUS): it was truncated");         \
+            return (T)changed((s), 1);                                                                \
         }                                                                                             \
         _knhk_fault_jmp = &jb_;                                                                       \
         atomic_signal_fence(memory_order_seq_cst);                                                    \
@@ -524,14 +545,17 @@ static inline uint64_t header_now(const knhk_store *s) {
         atomic_signal_fence(memory_order_seq_cst);                                                    \
         _knhk_fault_jmp = prev_;                                                                      \
         if (_knhk_unlikely(now_ != (s)->info.header_sum))                                             \
-            return (T)changed((s), "its header reads differently now: it was rewritten in place");    \
+            return (T)changed((s), 2);                                                                \
         return r_;                                                                                    \
     } while (0)
 
 int knhk_store_watch(knhk_store *s) {
-    int status = _knhk_fault_guard_install();
-    if (status == KNHK_OK) s->watched = 1;
-    return status;
+    if (_knhk_fault_guard_install() != KNHK_OK) return -2;
+    _Atomic int *flag = NULL;
+    int slot = _knhk_watch_range(s->base, s->size, &flag);
+    s->range_changed = flag;
+    s->watched = 1;
+    return slot;
 }
 
 int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {

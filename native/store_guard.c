@@ -17,6 +17,8 @@
  */
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "knhk_internal.h"
 
@@ -24,6 +26,58 @@ _Thread_local sigjmp_buf *_knhk_fault_jmp;
 
 static struct sigaction previous;
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+static uintptr_t page_size = 4096;
+
+/* Watched mappings, for faults outside a guarded read: a memoryview handed
+   out by get() reads the mapping directly, and a file truncated under it
+   would kill the process on the next read. The handler maps a page of zeros
+   over the faulting page (its bytes are gone from the file anyway), flags
+   the range as changed, so every later read through the store raises
+   KNHK_STORE_CHANGED, and returns: the read sees zeros instead of a signal.
+   Slots are claimed under install_lock and read lock-free by the handler. */
+#define WATCH_SLOTS 4096
+static struct {
+    _Atomic uintptr_t start, end; /* end == 0: free */
+    _Atomic int changed;
+} ranges[WATCH_SLOTS];
+
+int _knhk_watch_range(const void *base, uint64_t size, _Atomic int **changed) {
+    int slot = -1;
+    pthread_mutex_lock(&install_lock);
+    for (int i = 0; i < WATCH_SLOTS; i++) {
+        if (atomic_load(&ranges[i].end) == 0) {
+            atomic_store(&ranges[i].changed, 0);
+            atomic_store(&ranges[i].start, (uintptr_t)base);
+            atomic_store(&ranges[i].end, (uintptr_t)base + (uintptr_t)size);
+            *changed = &ranges[i].changed;
+            slot = i;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&install_lock);
+    return slot;
+}
+
+void knhk_store_unwatch(int slot) {
+    if (slot < 0 || slot >= WATCH_SLOTS) return;
+    pthread_mutex_lock(&install_lock);
+    atomic_store(&ranges[slot].end, 0);
+    atomic_store(&ranges[slot].start, 0);
+    pthread_mutex_unlock(&install_lock);
+}
+
+static int patch_page(uintptr_t a) {
+    for (int i = 0; i < WATCH_SLOTS; i++) {
+        uintptr_t end = atomic_load_explicit(&ranges[i].end, memory_order_acquire);
+        if (end == 0 || a >= end || a < atomic_load_explicit(&ranges[i].start, memory_order_relaxed)) continue;
+        void *page = (void *)(a & ~(page_size - 1));
+        if (mmap(page, (size_t)page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+            return 0;
+        atomic_store_explicit(&ranges[i].changed, 1, memory_order_release);
+        return 1;
+    }
+    return 0;
+}
 
 static void on_fault(int sig, siginfo_t *info, void *uc) {
     sigjmp_buf *jb = _knhk_fault_jmp;
@@ -31,6 +85,7 @@ static void on_fault(int sig, siginfo_t *info, void *uc) {
         _knhk_fault_jmp = NULL;
         siglongjmp(*jb, 1);
     }
+    if (info != NULL && info->si_code == BUS_ADRERR && patch_page((uintptr_t)info->si_addr)) return;
     if (previous.sa_flags & SA_SIGINFO) {
         if (previous.sa_sigaction != NULL) {
             previous.sa_sigaction(sig, info, uc);
@@ -51,7 +106,9 @@ static void on_fault(int sig, siginfo_t *info, void *uc) {
 
 int _knhk_fault_guard_install(void) {
     int status = KNHK_OK;
+    long ps = sysconf(_SC_PAGESIZE);
     pthread_mutex_lock(&install_lock);
+    if (ps > 0) page_size = (uintptr_t)ps;
     struct sigaction cur;
     if (sigaction(SIGBUS, NULL, &cur) != 0) {
         status = KNHK_ERR_INVALID;

@@ -1212,13 +1212,15 @@ def hot_ops() -> list[Any]:
 
     return [HotOp(
         name="store_probe",
-        description="one index probe of a present 15-byte key in a 10,000-record mapped store: XXH64 of "
-                    "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
+        description="one index probe of a present 15-byte key in a 10,000-record mapped store: SipHash-1-3 of "
+                    "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp, under the "
+                    "SIGBUS guard with the header checksum re-read",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
         default_budget=250,
         budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); 250 "
+                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); SipHash-1-3 "
+                      "and the guard added ~10 ticks (47 -> 57, 2026-11-30); 250 "
                       "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
                       "cache-missing probe chain or a checksum on every read",
     )]

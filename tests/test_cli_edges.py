@@ -259,6 +259,17 @@ def test_demo_unreadable_cache_dir(isolated, capsys):  # pragma: no cover - CI r
         cache.chmod(0o755)
 
 
+def test_demo_unsearchable_cache_dir_whoever_runs_it(isolated, capsys, monkeypatch):
+    """As root the permission bits do not bite: make access() say what it says to a user."""
+    import knhk_memory.refhost.demo as demo_mod
+
+    (isolated / "cache").mkdir()
+    monkeypatch.setattr(demo_mod.os, "access", lambda path, mode: False)
+    assert main(["demo", "--no-budgets", "--no-progress", "--cases", "10"]) == 2
+    assert f"the directory {isolated / 'cache'} cannot be searched (permission denied); pass --store PATH or set " \
+           "KNHK_MEMORY_CACHE" in err_of(capsys)
+
+
 def test_demo_unwritable_cache_dir_as_root_too(isolated, capsys, monkeypatch):
     """Whoever runs it: an OSError from the cache directory is a message, not a traceback."""
     monkeypatch.setenv("KNHK_MEMORY_CACHE", "/proc/self/knhk-cache")  # mkdir fails even for root

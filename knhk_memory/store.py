@@ -726,8 +726,7 @@ class WorkflowStoreWriter:
         self._file: Any = os.fdopen(fd, "wb", buffering=1 << 20)
         self._file.write(bytes(HEADER_SIZE))
         self._pos = HEADER_SIZE
-        self._index: dict[bytes, int] = {}   # key -> slot in _hashes/_offsets
-        self._hashes = np.zeros(1024, dtype=np.uint64)
+        self._index: dict[bytes, int] = {}   # key -> slot in _offsets (keys are hashed at commit)
         self._offsets = np.zeros(1024, dtype=np.uint64)
         self._records = 0
         # Records wait in batches and are encoded by one C call per batch.
@@ -779,13 +778,12 @@ class WorkflowStoreWriter:
         if cap > len(self._buf):
             self._buf = bytearray(cap)
             self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
-        hashes = np.empty(n, dtype=np.uint64)
         offsets = np.empty(n, dtype=np.uint64)
         u64 = "uint64_t[]"
         written = lib.knhk_store_encode_batch(
             ffi.from_buffer("uint8_t[]", kb), len(kb), ffi.from_buffer(u64, kl),
             ffi.from_buffer("uint8_t[]", vb), len(vb), ffi.from_buffer(u64, vl), n, self.seed, self._pos,
-            self._cbuf, len(self._buf), ffi.from_buffer(u64, hashes), ffi.from_buffer(u64, offsets))
+            self._cbuf, len(self._buf), ffi.NULL, ffi.from_buffer(u64, offsets))
         if written == 0:
             raise StoreError(f"encoding records: {_last_error()}", path=self.path, problem="build")
         self._write(memoryview(self._buf)[:written])
@@ -794,14 +792,11 @@ class WorkflowStoreWriter:
         top = len(self._index)
         if top > len(self._offsets):
             size = max(top, 2 * len(self._offsets))
-            self._hashes = np.resize(self._hashes, size)
             self._offsets = np.resize(self._offsets, size)
         if self.last_wins:  # repeated slots: the later record must win, in order
             for i, slot in enumerate(slots):
-                self._hashes[slot] = hashes[i]
                 self._offsets[slot] = offsets[i]
         else:  # without repeats, the batch holds slots top - n .. top - 1 in order
-            self._hashes[top - n:top] = hashes
             self._offsets[top - n:top] = offsets
         self._pk, self._pv, self._pslot, self._pbytes = [], [], [], 0
 

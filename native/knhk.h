@@ -611,7 +611,9 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
                                 uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash);
 /* Encode n records back to back into out[0, cap): record i has the key
    keys[sum of key_lens before i, + key_lens[i]) and likewise its value.
-   hashes[i] gets its key hash, offsets[i] = base_offset + its position in out.
+   hashes[i] gets its XXH64 key hash (hashes may be NULL: the version-2 writer
+   hashes keys at commit, knhk_store_key_hashes), offsets[i] = base_offset +
+   its position in out.
    Returns the bytes written, or 0 (with knhk_last_error()) when the lengths
    overrun keys_size / values_size or the records do not fit in cap. */
 size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,

@@ -736,7 +736,7 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
             return 0;
         }
         size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo,
-                                            (size_t)vl, seed, out + pos, cap - pos, &hashes[i]);
+                                            (size_t)vl, seed, out + pos, cap - pos, hashes ? &hashes[i] : NULL);
         if (w == 0) {
             _knhk_set_error("record %llu does not fit in the %zu-byte buffer", (unsigned long long)i, cap);
             return 0;

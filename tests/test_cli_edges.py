@@ -128,6 +128,8 @@ def test_closed_pipe_is_a_quiet_exit_for_every_command(isolated):
     cases = [["store", "list", "o.kst"], ["store", "list", "-l", "o.kst"], ["store", "stats", "o.kst"],
              ["store", "stats", "--json", "o.kst"], ["store", "verify", "o.kst"], ["store", "get", "o.kst", "a1"],
              ["info"], ["info", "--json"], ["store", "build", "src", "-o", "o2.kst"],
+             ["budget", "--only", "store_probe", "--batches", "3"],
+             ["budget", "--only", "store_probe", "--batches", "3", "--json"],
              ["demo", "--cases", "200", "--no-budgets", "--no-progress"]]
     for args in cases:
         r_fd, w_fd = os.pipe()

@@ -80,7 +80,9 @@ static int patch_page(uintptr_t a) {
 }
 
 static void on_fault(int sig, siginfo_t *info, void *uc) {
-    sigjmp_buf *jb = _knhk_fault_jmp;
+    /* Only a fault the kernel raised for this thread's access (si_code > 0:
+       BUS_ADRERR and kin); a SIGBUS sent with kill() (SI_USER) is not ours. */
+    sigjmp_buf *jb = info != NULL && info->si_code > 0 ? _knhk_fault_jmp : NULL;
     if (jb != NULL) {
         _knhk_fault_jmp = NULL;
         siglongjmp(*jb, 1);

@@ -559,3 +559,23 @@ print(json.dumps({{"reads": reads, "wrong": wrong, "changed": changed, "stale_vi
     print(f"\nfault suite, 2 reader processes, {rounds} rewrites: {results}")  # docs/store.md's figures (-s)
     assert sum(r["wrong"] for r in results) == 0, results
     assert sum(r["changed"] for r in results) > 0, results
+
+
+def test_a_sigbus_that_is_not_the_stores_still_kills(tmp_path, run_python):
+    """The handler chains: a SIGBUS sent with kill(), or a fault outside a watched
+    mapping, does what it did before the store was opened."""
+    p = tmp_path / "flows.kst"
+    build(p, 3000)
+    r = run_python(f"""
+import os, signal
+from knhk_memory import WorkflowStore
+s = WorkflowStore({str(p)!r}, mmap_threshold=0)
+s.get(b"flows/00001")
+os.kill(os.getpid(), signal.SIGBUS)
+print("survived")
+""", env={"PYTHONFAULTHANDLER": ""})
+    assert "survived" not in r.stdout
+    if "asan" in os.environ.get("LD_PRELOAD", ""):  # the handler before ours is ASan's: it reports and aborts
+        assert "AddressSanitizer: BUS" in r.stderr
+    else:
+        assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr)

@@ -36,7 +36,7 @@ import pytest
 from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.store_flood import flooding_keys  # noqa: E402
+from tests.store_flood import flooding_keys
 
 N = 100_000
 # Issue 15's flooding case: 4,000 keys, 1,000 of them found by brute force to
@@ -137,7 +137,7 @@ def open_reader(name: str, path: Path):
     if name == "cdb":
         import cdblib
 
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - stays open under the mmap until the close callback
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         r = cdblib.Reader64(m)
         return r.get, lambda: (f.close())

@@ -28,18 +28,22 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from ._core import ffi, lib
+
+from . import _fast
+from ._core import check_as, ffi, lib
+from ._core import last_error as _last_error
 from .errors import (
     DuplicateKeyError,
     StoreChangedError,
     StoreClosedError,
+    StoreCorruptError,
     StoreDecodeError,
     StoreDiskFullError,
-    StoreCorruptError,
     StoreEmptyError,
     StoreError,
     StoreIsADirectoryError,
@@ -102,10 +106,6 @@ _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
-
-
-def _last_error() -> str:
-    return ffi.string(lib.knhk_last_error()).decode("utf-8", "replace")
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -231,16 +231,18 @@ class WorkflowStore:
         cbuf = ffi.from_buffer(buf)
         out = ffi.new(_T_HANDLE_OUT)
         problem = ffi.new(_T_INT_OUT)
-        status = lib.knhk_store_open(cbuf, size, out, problem)
-        if status != lib.KNHK_OK:
-            message = _last_error()
+        def refused(message: str) -> StoreError:
+            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
+            return exc_type(message, path=path, problem=tag)
+
+        try:
+            check_as(lib.knhk_store_open(cbuf, size, out, problem), refused,
+                     special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{path}: {d}")})
+        except BaseException:
             ffi.release(cbuf)
             if mapped is not None:
                 mapped.close()
-            if status == lib.KNHK_ERR_NOMEM:
-                raise MemoryError(f"{path}: {message}")
-            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
-            raise exc_type(message, path=path, problem=tag)
+            raise
         if mapped is not None:
             slot = lib.knhk_store_watch(out[0])
             if slot < -1:  # pragma: no cover - sigaction failing
@@ -272,8 +274,8 @@ class WorkflowStore:
                 self._dctx = zstandard.ZstdDecompressor()
             self.get = self._get_decompressed  # type: ignore[method-assign]
         else:
-            # The fast path: get is a C builtin bound to this handle (store_py.c).
-            self.get = _make_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
+            # The fast path: get is a C builtin bound to this handle (native/cpython/store_py.c).
+            self.get = _fast.make_store_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
                                     _slow_path(self), self)
 
     def _release(self) -> None:
@@ -346,11 +348,11 @@ class WorkflowStore:
 
     # -- lookups
 
-    def get(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
-        C builtin from store_py.c, which does the same in one call.)
+        C builtin from native/cpython/store_py.c, which does the same in one call.)
         """
         if key.__class__ is not bytes:
             key = _key_bytes(key)
@@ -373,7 +375,7 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def get_bytes(self, key: str | bytes, default: Any = None) -> bytes | Any:
+    def get_bytes(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> bytes | Any:
         """The value of ``key`` as a ``bytes`` copy (decompressed in a compressed
         store), or ``default``.
 
@@ -394,11 +396,11 @@ class WorkflowStore:
         raw = self._copy(span[0], span[1])
         return self._decompress(kb, raw) if self._compressed else raw
 
-    def get_raw(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
-    def _get_decompressed(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         value = self.get_bytes(key, _MISSING)
         return default if value is _MISSING else memoryview(value)
 
@@ -484,6 +486,8 @@ class WorkflowStore:
         return self._info["count"]
 
     def _record_offsets(self) -> np.ndarray:
+        import numpy as np
+
         self._check_open()
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
@@ -612,15 +616,11 @@ def _unwatch(slot: int) -> None:
 
 def _detach_getter(getter: Any) -> None:
     if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
-        _detach(getter)
+        _fast.detach_store_getter(getter)
 
 
 def _closed_find(handle: Any, key: bytes, n: int) -> int:
     raise StoreClosedError("the store is closed")
-
-
-if lib.knhk_store_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(_last_error())
 
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:
@@ -676,6 +676,8 @@ class WorkflowStoreWriter:
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
                  seed: int = DEFAULT_SEED, hash_key: int | None = None) -> None:
+        import numpy as np
+
         if not 0 < load_factor <= 0.95:
             raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
         if zstd_dict is not None and compress is None:
@@ -694,7 +696,7 @@ class WorkflowStoreWriter:
 
             if not 1 <= compress <= 22:
                 raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
-            params = {"level": compress, "write_content_size": True, "write_checksum": False}
+            params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
@@ -751,7 +753,7 @@ class WorkflowStoreWriter:
                 raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
             value = bytes(value)
         if self._cctx is not None:
-            value = self._cctx.compress(value)
+            value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
         index = self._index
         n = len(index)
         slot = index.setdefault(key, n)
@@ -767,6 +769,8 @@ class WorkflowStoreWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import numpy as np
+
         keys, vals, slots = self._pk, self._pv, self._pslot
         n = len(keys)
         if not n:
@@ -824,6 +828,8 @@ class WorkflowStoreWriter:
 
     def commit(self) -> Path:
         """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        import numpy as np
+
         if self._file is None:
             raise StoreClosedError("the writer is already committed or discarded", path=self.path,
                                    problem="closed")
@@ -860,8 +866,7 @@ class WorkflowStoreWriter:
                     ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
                     n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
                     max_disp)
-                if status != lib.KNHK_OK:
-                    raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+                check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
                 if max_disp[0] <= bound:
                     break
                 if self._fixed_key or self.reseeds >= RESEEDS:
@@ -968,7 +973,7 @@ def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
     process (PID) no longer exists: what a build killed by SIGKILL or a
     power cut leaves. Returns the files removed. A temporary whose PID is
     alive (another build, or a reused PID) is left alone."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = os.listdir(directory)
     except OSError:
@@ -1212,10 +1217,4 @@ def hot_ops() -> list[Any]:
                     "SIGBUS guard with the header checksum re-read",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); SipHash-1-3 "
-                      "and the guard added ~10 ticks (47 -> 57, 2026-11-30); 250 "
-                      "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
-                      "cache-missing probe chain or a checksum on every read",
     )]

@@ -106,16 +106,26 @@ uint64_t knhk_store_hash(const void *data, size_t len, uint64_t seed) {
    PRF", 2012). Version 2's key hash is SipHash-1-3 with a random per-file
    key, so an outsider who chooses keys cannot aim them at one index slot. */
 
-#define SIPROUND                                                                                  \
-    do {                                                                                           \
-        v0 += v1; v1 = rotl64(v1, 13); v1 ^= v0; v0 = rotl64(v0, 32);                             \
-        v2 += v3; v3 = rotl64(v3, 16); v3 ^= v2;                                                  \
-        v0 += v3; v3 = rotl64(v3, 21); v3 ^= v0;                                                  \
-        v2 += v1; v1 = rotl64(v1, 17); v1 ^= v2; v2 = rotl64(v2, 32);                             \
+#define SIPROUND             \
+    do {                     \
+        v0 += v1;            \
+        v1 = rotl64(v1, 13); \
+        v1 ^= v0;            \
+        v0 = rotl64(v0, 32); \
+        v2 += v3;            \
+        v3 = rotl64(v3, 16); \
+        v3 ^= v2;            \
+        v0 += v3;            \
+        v3 = rotl64(v3, 21); \
+        v3 ^= v0;            \
+        v2 += v1;            \
+        v1 = rotl64(v1, 17); \
+        v1 ^= v2;            \
+        v2 = rotl64(v2, 32); \
     } while (0)
 
-static inline __attribute__((always_inline)) uint64_t siphash(const uint8_t *p, size_t len, uint64_t k0,
-                                                              uint64_t k1, int c, int d) {
+static inline __attribute__((always_inline)) uint64_t siphash(const uint8_t *p, size_t len, uint64_t k0, uint64_t k1,
+                                                              int c, int d) {
     uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
     uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
     const uint8_t *end = p + (len & ~(size_t)7);
@@ -135,8 +145,7 @@ static inline __attribute__((always_inline)) uint64_t siphash(const uint8_t *p, 
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-uint64_t knhk_store_siphash(const void *data, size_t len, uint64_t k0, uint64_t k1, int c_rounds,
-                            int d_rounds) {
+uint64_t knhk_store_siphash(const void *data, size_t len, uint64_t k0, uint64_t k1, int c_rounds, int d_rounds) {
     return siphash((const uint8_t *)data, len, k0, k1, c_rounds, d_rounds);
 }
 
@@ -294,7 +303,8 @@ int knhk_store_open(const void *base_, uint64_t size, knhk_store **out, int *pro
             knhk_store_close(*out);
             *out = NULL;
         }
-        return fail(problem, KNHK_STORE_CHANGED_WHILE_OPENING, "the file changed while it was being opened "
+        return fail(problem, KNHK_STORE_CHANGED_WHILE_OPENING,
+                    "the file changed while it was being opened "
                     "(a read faulted with SIGBUS: it was truncated); try again once it is whole");
     }
     _knhk_fault_jmp = &jb;
@@ -332,8 +342,8 @@ static int store_open(const void *base_, uint64_t size, knhk_store **out, int *p
     if (knhk_store_hash(b, HDR - 8, 0) != in.header_sum) {
         if (in.version > KNHK_STORE_VERSION)
             _knhk_set_error("corrupt header: header checksum mismatch (flipped bit or garbage in the first 128 bytes; "
-                            "the version field reads %u, this reader reads versions %d to %d)", in.version,
-                            KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
+                            "the version field reads %u, this reader reads versions %d to %d)",
+                            in.version, KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
         else
             _knhk_set_error("corrupt header: header checksum mismatch (flipped bit or garbage in the first 128 bytes)");
         if (problem) *problem = KNHK_STORE_CORRUPT;
@@ -343,7 +353,8 @@ static int store_open(const void *base_, uint64_t size, knhk_store **out, int *p
         return fail(problem, KNHK_STORE_CORRUPT, "corrupt header: format version 0 is not valid");
     if (in.version > KNHK_STORE_VERSION) {
         _knhk_set_error("format version %u is newer than this reader (reads versions %d to %d); upgrade "
-                        "knhk-memory", in.version, KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
+                        "knhk-memory",
+                        in.version, KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
         if (problem) *problem = KNHK_STORE_NEWER_VERSION;
         return KNHK_ERR_INVALID;
     }
@@ -523,30 +534,27 @@ static inline uint64_t header_now(const knhk_store *s) {
     return v;
 }
 
-#define WATCHED(s, T, call)                                                                           \
-    do {                                                                                              \
-        if (_knhk_likely(!(s)->watched)) return call;                                                 \
-        if (_knhk_unlikely(atomic_load_explicit(&(s)->changed, memory_order_relaxed)))                \
-            return (T)changed((s), 0);                                                                \
-        if (_knhk_unlikely((s)->range_changed && atomic_load_explicit((s)->range_changed,             \
-                                                                     memory_order_acquire)))           \
-            return (T)changed((s), 3);                                                                \
-        sigjmp_buf jb_;                                                                               \
-        sigjmp_buf *prev_ = _knhk_fault_jmp;                                                          \
-        if (sigsetjmp(jb_, 0)) {                                                                      \
-            _knhk_fault_jmp = prev_;                                                                  \
-            return (T)changed((s), 1);                                                                \
-        }                                                                                             \
-        _knhk_fault_jmp = &jb_;                                                                       \
-        atomic_signal_fence(memory_order_seq_cst);                                                    \
-        T r_ = call;                                                                                  \
-        atomic_thread_fence(memory_order_acquire);                                                    \
-        uint64_t now_ = header_now(s);                                                                \
-        atomic_signal_fence(memory_order_seq_cst);                                                    \
-        _knhk_fault_jmp = prev_;                                                                      \
-        if (_knhk_unlikely(now_ != (s)->info.header_sum))                                             \
-            return (T)changed((s), 2);                                                                \
-        return r_;                                                                                    \
+#define WATCHED(s, T, call)                                                                                       \
+    do {                                                                                                          \
+        if (_knhk_likely(!(s)->watched)) return call;                                                             \
+        if (_knhk_unlikely(atomic_load_explicit(&(s)->changed, memory_order_relaxed))) return (T)changed((s), 0); \
+        if (_knhk_unlikely((s)->range_changed && atomic_load_explicit((s)->range_changed, memory_order_acquire))) \
+            return (T)changed((s), 3);                                                                            \
+        sigjmp_buf jb_;                                                                                           \
+        sigjmp_buf *prev_ = _knhk_fault_jmp;                                                                      \
+        if (sigsetjmp(jb_, 0)) {                                                                                  \
+            _knhk_fault_jmp = prev_;                                                                              \
+            return (T)changed((s), 1);                                                                            \
+        }                                                                                                         \
+        _knhk_fault_jmp = &jb_;                                                                                   \
+        atomic_signal_fence(memory_order_seq_cst);                                                                \
+        T r_ = call;                                                                                              \
+        atomic_thread_fence(memory_order_acquire);                                                                \
+        uint64_t now_ = header_now(s);                                                                            \
+        atomic_signal_fence(memory_order_seq_cst);                                                                \
+        _knhk_fault_jmp = prev_;                                                                                  \
+        if (_knhk_unlikely(now_ != (s)->info.header_sum)) return (T)changed((s), 2);                              \
+        return r_;                                                                                                \
     } while (0)
 
 int knhk_store_watch(knhk_store *s) {
@@ -558,7 +566,7 @@ int knhk_store_watch(knhk_store *s) {
     return slot;
 }
 
-int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
+int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
     WATCHED(s, int64_t, lookup(s, key, len, voff, vlen));
 }
 
@@ -570,9 +578,7 @@ static inline int64_t find_packed(knhk_store *s, const char *key, size_t len) {
     return (int64_t)((v << 24) | vl);
 }
 
-int64_t knhk_store_find(knhk_store *s, const char *key, size_t len) {
-    WATCHED(s, int64_t, find_packed(s, key, len));
-}
+int64_t knhk_store_find(knhk_store *s, const char *key, size_t len) { WATCHED(s, int64_t, find_packed(s, key, len)); }
 
 int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span) {
     span[0] = span[1] = 0;
@@ -593,9 +599,7 @@ int knhk_store_copy(knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst) 
     WATCHED(s, int, copy_raw(s, offset, len, dst));
 }
 
-int knhk_store_check_changed(knhk_store *s) {
-    WATCHED(s, int, KNHK_OK);
-}
+int knhk_store_check_changed(knhk_store *s) { WATCHED(s, int, KNHK_OK); }
 
 static int64_t live_offsets(knhk_store *s, uint64_t *out, uint64_t cap);
 static int record_at(knhk_store *s, uint64_t offset, uint64_t *spans);
@@ -609,9 +613,7 @@ int knhk_store_record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
     WATCHED(s, int, record_at(s, offset, spans));
 }
 
-int knhk_store_verify(knhk_store *s, uint64_t *checked) {
-    WATCHED(s, int, verify(s, checked));
-}
+int knhk_store_verify(knhk_store *s, uint64_t *checked) { WATCHED(s, int, verify(s, checked)); }
 
 static int64_t live_offsets(knhk_store *s, uint64_t *out, uint64_t cap) {
     uint64_t n = 0;
@@ -646,8 +648,9 @@ static int verify(knhk_store *s, uint64_t *checked) {
     uint64_t dict_end = in->dict_offset + in->dict_length;
     if (in->dict_offset != in->records_end || in->index_offset != dict_end + (-dict_end & 7)) {
         _knhk_set_error("header: the dictionary does not start where the records end (%llu, %llu) or the index "
-                        "does not follow it (%llu)", (unsigned long long)in->dict_offset,
-                        (unsigned long long)in->records_end, (unsigned long long)in->index_offset);
+                        "does not follow it (%llu)",
+                        (unsigned long long)in->dict_offset, (unsigned long long)in->records_end,
+                        (unsigned long long)in->index_offset);
         return KNHK_ERR_INVALID;
     }
     for (uint64_t o = dict_end; o < in->index_offset; o++) {
@@ -735,8 +738,8 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
             _knhk_set_error("record %llu: lengths run past the key or value bytes given", (unsigned long long)i);
             return 0;
         }
-        size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo,
-                                            (size_t)vl, seed, out + pos, cap - pos, hashes ? &hashes[i] : NULL);
+        size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo, (size_t)vl,
+                                            seed, out + pos, cap - pos, hashes ? &hashes[i] : NULL);
         if (w == 0) {
             _knhk_set_error("record %llu does not fit in the %zu-byte buffer", (unsigned long long)i, cap);
             return 0;

@@ -34,8 +34,9 @@ def flooding_keys(n: int, slots: int, *, hash_key: int = 0, seed: int = DEFAULT_
     while len(found) < n:
         kb, width = candidate_keys(start, batch)
         lens[:] = width
-        status = lib.knhk_store_key_hashes(ffi.from_buffer("uint8_t[]", kb), len(kb), ffi.from_buffer("uint64_t[]", lens),
-                                           batch, hash_key, seed, ffi.from_buffer("uint64_t[]", hashes))
+        status = lib.knhk_store_key_hashes(ffi.from_buffer("uint8_t[]", kb), len(kb),
+                                           ffi.from_buffer("uint64_t[]", lens), batch, hash_key, seed,
+                                           ffi.from_buffer("uint64_t[]", hashes))
         assert status == lib.KNHK_OK
         for i in np.flatnonzero(hashes <= threshold).tolist():
             found.append(kb[i * width:(i + 1) * width])

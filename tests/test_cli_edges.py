@@ -111,7 +111,7 @@ def test_build_never_replaces_one_of_its_inputs(isolated, capsys):
 
 
 def test_output_inside_source_is_not_packed_into_the_next_build(isolated, capsys):
-    src = source(isolated)
+    source(isolated)
     for _ in range(3):
         assert main(["store", "build", "src", "-o", "src/flows.kst"]) == 0
         capsys.readouterr()
@@ -268,8 +268,8 @@ def test_demo_unsearchable_cache_dir_whoever_runs_it(isolated, capsys, monkeypat
     (isolated / "cache").mkdir()
     monkeypatch.setattr(demo_mod.os, "access", lambda path, mode: False)
     assert main(["demo", "--no-budgets", "--no-progress", "--cases", "10"]) == 2
-    assert f"the directory {isolated / 'cache'} cannot be searched (permission denied); pass --store PATH or set " \
-           "KNHK_MEMORY_CACHE" in err_of(capsys)
+    want = f"the directory {isolated / 'cache'} cannot be searched (permission denied); pass --store PATH or set "
+    assert want + "KNHK_MEMORY_CACHE" in err_of(capsys)
 
 
 def test_demo_unwritable_cache_dir_as_root_too(isolated, capsys, monkeypatch):

@@ -31,7 +31,7 @@ from knhk_memory import (
 )
 from knhk_memory._core import lib
 from knhk_memory.cli import main
-from knhk_memory.store import DEFAULT_SEED, HEADER_SIZE, max_displacement_bound
+from knhk_memory.store import HEADER_SIZE, max_displacement_bound
 
 from .store_flood import flooding_keys
 
@@ -125,7 +125,7 @@ def test_version_1_files_are_still_read():
         assert json.loads(bytes(s["flows/00042"])) == {"id": 42, "steps": [0, 1]}
         assert s.get("flows/99999") is None
         assert s.verify() == 300
-        assert sum(1 for _ in s.keys()) == 300
+        assert len(list(s.keys())) == 300
     with WorkflowStore(DATA / "store-v1-zstd.kst", mmap_threshold=0) as s:
         assert bytes(s["z/7"]) == b"value 7 " * 20 and s.verify() == 50
 
@@ -277,7 +277,7 @@ def test_sigkill_during_50_builds_leaves_the_old_file_and_no_stale_temporary(tmp
     old = build(p, 300, tag=b"old")
     rng = random.Random(1)
     opened = stale_seen = 0
-    for i in range(50):
+    for _ in range(50):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             try:
@@ -450,11 +450,12 @@ def test_fault_suite_threads(tmp_path):
         image, data = _image(tmp_path / f"{tag.decode()}.kst", n, tag)
         images.append(image)
         versions.append(data)
-    keys = sorted(set().union(*versions)) + [b"absent/1", b"absent/2"]
+    keys = [*sorted(set().union(*versions)), b"absent/1", b"absent/2"]
     p.write_bytes(images[0])
     stop = threading.Event()
     tallies = [{"reads": 0, "changed": 0, "reopens": 0, "wrong": 0, "other_errors": 0} for _ in range(3)]
-    threads = [threading.Thread(target=_reader_loop, args=(p, versions, keys, stop, t, i)) for i, t in enumerate(tallies)]
+    threads = [threading.Thread(target=_reader_loop, args=(p, versions, keys, stop, t, i))
+               for i, t in enumerate(tallies)]
     for t in threads:
         t.start()
     rng = random.Random(3)
@@ -530,7 +531,8 @@ while not (it % 256 == 0 and stop.exists()):
         continue
     except StoreError:
         continue
-    if not any(v == d.get(k) for d in versions) or not any(n == (None if d.get(k) is None else len(d[k])) for d in versions):
+    sizes = [None if d.get(k) is None else len(d[k]) for d in versions]
+    if not any(v == d.get(k) for d in versions) or n not in sizes:
         wrong += 1
 print(json.dumps({{"reads": reads, "wrong": wrong, "changed": changed, "stale_views": stale_views}}))
 """

@@ -130,6 +130,7 @@ def test_closed_pipe_is_a_quiet_exit_for_every_command(isolated):
              ["info"], ["info", "--json"], ["store", "build", "src", "-o", "o2.kst"],
              ["budget", "--only", "store_probe", "--batches", "3"],
              ["budget", "--only", "store_probe", "--batches", "3", "--json"],
+             ["run", "--dry-run", "--", "true"], ["info", "--memory", str(os.getpid())],
              ["demo", "--cases", "200", "--no-budgets", "--no-progress"]]
     for args in cases:
         r_fd, w_fd = os.pipe()
@@ -315,6 +316,7 @@ def test_every_subcommand_with_bad_arguments_is_exit_2_without_traceback(isolate
              ["store", "verify", "."], ["store", "stats", "missing.kst"], ["info", "--config", "missing.toml"],
              ["budget", "--batches", "1"], ["budget", "--only", "no_such_op", "--batches", "3"],
              ["demo", "--cases", "0"], ["demo", "--workers", "x"], ["demo", "--store", "junk.kst", "--no-budgets"],
+             ["run"], ["run", "--"], ["info", "--memory", "x"], ["info", "--memory", "999999999"],
              ["nonsense"], []]
     for args in cases:
         r = run(*args, cwd=isolated)

@@ -35,7 +35,13 @@ import pytest
 
 from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.store_flood import flooding_keys
+
 N = 100_000
+# Issue 15's flooding case: 4,000 keys, 1,000 of them found by brute force to
+# share one home slot under a guessed hash key (0).
+FLOOD_ORDINARY, FLOOD_AIMED = 3_000, 1_000
 
 
 def make_records(n: int, value_size: int = 600, seed: int = 6) -> list[tuple[bytes, bytes]]:
@@ -222,6 +228,75 @@ def test_build(benchmark, dataset, tmp_path, name):
                        setup=lambda: [p.unlink() for p in tmp_path.glob("b.*")] and None)
 
 
+# ---------------------------------------------------------------- hash flooding
+
+
+def flood_dataset(d: Path) -> dict[str, object]:
+    """A store of 3,000 ordinary and 1,000 aimed keys (built with its own
+    random hash key), and the same keys in a store built with the key they
+    were aimed at (the build's displacement bound lifted, to show what the
+    version-1 format's fixed public seed allowed)."""
+    import knhk_memory.store as store_mod
+
+    ordinary = [b"workflow/%07d" % i for i in range(FLOOD_ORDINARY)]
+    slots = -(-(FLOOD_ORDINARY + FLOOD_AIMED) * 1000 // 875)
+    aimed = flooding_keys(FLOOD_AIMED, slots, hash_key=0)
+    value = b"x" * 64
+    keyed, fixed = d / "flood.kst", d / "flood-aimed.kst"
+    with WorkflowStoreWriter(keyed) as w:
+        for k in ordinary + aimed:
+            w.add(k, value)
+    bound = store_mod.max_displacement_bound
+    store_mod.max_displacement_bound = lambda slots: slots
+    try:
+        with WorkflowStoreWriter(fixed, hash_key=0) as w:
+            for k in ordinary + aimed:
+                w.add(k, value)
+    finally:
+        store_mod.max_displacement_bound = bound
+    absent = [b"absent/%09d" % i for i in range(FLOOD_AIMED)]
+    return {"keyed": keyed, "fixed": fixed, "ordinary": ordinary, "aimed": aimed, "absent": absent}
+
+
+@pytest.fixture(scope="module")
+def flood(tmp_path_factory):
+    return flood_dataset(tmp_path_factory.mktemp("bench_flood"))
+
+
+@pytest.mark.parametrize("keys", ["ordinary", "aimed", "absent"])
+def test_lookup_flooding_keys(benchmark, flood, keys):
+    """Lookups of 1,000 keys of each kind in the store with its own random hash
+    key: the aimed keys must cost at most 1.5x the ordinary ones."""
+    s = WorkflowStore(flood["keyed"])
+    ks = flood[keys][:FLOOD_AIMED]
+    get = s.get
+    try:
+        benchmark.group = "store: 1,000 lookups, flooding key set vs ordinary keys (random hash key)"
+        benchmark.extra_info.update(label=keys, peer=keys == "ordinary", ops=len(ks),
+                                    max_displacement=s.stats()["max_displacement"])
+        benchmark(lambda: [get(k) for k in ks])
+    finally:
+        s.close()
+
+
+def flood_report(d: Path) -> None:
+    f = flood_dataset(d)
+    print(f"\n## hash flooding: {FLOOD_ORDINARY:,} ordinary keys + {FLOOD_AIMED:,} aimed at one home slot "
+          "(hash key 0)")
+    print("| store | max displacement | ordinary ns | aimed ns | absent ns | aimed / ordinary | absent / ordinary |")
+    print("|---|---|---|---|---|---|---|")
+    for label, path in (("own random key", f["keyed"]), ("the aimed-at key (bound lifted)", f["fixed"])):
+        s = WorkflowStore(path)
+        ns = {}
+        for _ in range(3):  # interleaved rounds, medians of medians
+            for kind in ("ordinary", "aimed", "absent"):
+                ns.setdefault(kind, []).append(lookup_ns(s.get, f[kind][:FLOOD_AIMED], repeats=5))
+        m = {k: statistics.median(v) for k, v in ns.items()}
+        print(f"| {label} | {s.stats()['max_displacement']} | {m['ordinary']:.0f} | {m['aimed']:.0f} | "
+              f"{m['absent']:.0f} | {m['aimed'] / m['ordinary']:.2f} | {m['absent'] / m['ordinary']:.2f} |")
+        s.close()
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -259,6 +334,9 @@ def report() -> None:
             if name != "store":
                 print(f"- {name}: build {s[0] / r[0]:.2f}, size {s[1] / r[1]:.3f}, get {s[2] / r[2]:.2f}, "
                       f"open {s[3] / r[3]:.3f}")
+        flood_report(d)
+        if os.environ.get("BENCH_STORE_QUICK"):
+            return
         for n in (1_000, 1_000_000):
             recs = make_records(n, value_size=600 if n <= 100_000 else 64)
             print(f"\n## open time, {n:,} records (values {len(recs[0][1])} B)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -55,8 +56,36 @@ _IDS = {"system": lib.KNHK_BACKEND_SYSTEM, "jemalloc": lib.KNHK_BACKEND_JEMALLOC
 
 
 def library_override(name: str) -> str | None:
-    """The shared object named by ``KNHK_MEMORY_<NAME>_LIBRARY``, if set."""
-    return os.environ.get(f"KNHK_MEMORY_{name.upper()}_LIBRARY") or None
+    """The shared object named by ``KNHK_MEMORY_<NAME>_LIBRARY``, if set.
+
+    It must be an absolute path to a regular file (a relative one would be
+    resolved against whatever the working directory happens to be, or searched
+    for by the dynamic loader); anything else raises
+    :class:`~knhk_memory.errors.BackendUnavailableError` naming the variable,
+    the value and what is accepted.
+    """
+    var = f"KNHK_MEMORY_{name.upper()}_LIBRARY"
+    value = os.environ.get(var)
+    if not value:
+        return None
+    problem = None
+    if not os.path.isabs(value):
+        problem = "a relative path (it would depend on the working directory)"
+    else:
+        try:
+            st = os.stat(value)
+        except FileNotFoundError:
+            return value  # the loader says it is not installed, with the package to install
+        except OSError as exc:
+            problem = f"not usable ({exc.strerror})"
+        else:
+            if not stat.S_ISREG(st.st_mode):
+                problem = "not a regular file"
+    if problem is not None:
+        raise BackendUnavailableError(f"{name} backend: {var}={value!r} is {problem}; it must be the absolute "
+                                      f"path of the {name} shared object, e.g. /usr/lib/x86_64-linux-gnu/"
+                                      f"{SONAMES[name]}, or unset")
+    return value
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,10 @@ the plugin's job.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -407,34 +410,116 @@ def cache_dir() -> Path:
 
 
 def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
-    """Where the configuration would come from, without an explicit path."""
+    """Where the configuration would come from, without an explicit path.
+
+    A ``./knhk.toml`` that exists in any form (a directory, a dangling
+    symlink, a symlink loop) is chosen, so reading it reports the problem
+    instead of falling back to the defaults. A ``./pyproject.toml`` counts
+    when it has a ``[tool.knhk-memory]`` table, or when it does not parse but
+    its text mentions ``tool.knhk-memory`` (a :class:`ConfigError` then says
+    why it does not parse); a broken pyproject.toml that never mentions us is
+    someone else's file.
+    """
     cwd = Path.cwd() if cwd is None else cwd
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env), f"${ENV_VAR}"
-    if (cwd / "knhk.toml").is_file():
+    if os.path.lexists(cwd / "knhk.toml"):
         return cwd / "knhk.toml", "./knhk.toml"
     pyproject = cwd / "pyproject.toml"
-    if pyproject.is_file():
-        try:
-            doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            return None, "defaults"  # someone else's broken pyproject is not our config
-        if PYPROJECT_TABLE in doc.get("tool", {}):
-            return pyproject, f"./pyproject.toml [tool.{PYPROJECT_TABLE}]"
+    origin = f"./pyproject.toml [tool.{PYPROJECT_TABLE}]"
+    if not os.path.lexists(pyproject):
+        return None, "defaults"
+    try:
+        text = _read_bytes(pyproject).decode("utf-8")
+        doc = tomllib.loads(text)
+    except ConfigError:
+        return None, "defaults"  # not a readable regular file: not a project file we could mean
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raw = _read_bytes(pyproject)
+        if re.search(rb"tool\s*\.\s*[\"']?" + re.escape(PYPROJECT_TABLE.encode()), raw):
+            why = (f"not valid TOML: {exc}" if isinstance(exc, tomllib.TOMLDecodeError)
+                   else f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+            raise ConfigError(f"{why}; the file has a [tool.{PYPROJECT_TABLE}] table, which cannot be read "
+                              "until the file parses", source=str(pyproject)) from None
+        return None, "defaults"  # someone else's broken pyproject is not our config
+    tool = doc.get("tool", {})
+    if isinstance(tool, dict) and PYPROJECT_TABLE in tool:
+        return pyproject, origin
     return None, "defaults"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a regular file, refusing anything else before reading it.
+
+    A FIFO or a device is refused on ``stat`` (opening a FIFO would block);
+    the file is then opened ``O_NONBLOCK`` and checked again with ``fstat``,
+    so one swapped in between is refused too. Every failure is a
+    :class:`ConfigError` naming the file and what is wrong.
+    """
+    source = str(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"config file is a symlink to a missing file ({os.readlink(path)})",
+                              source=source) from None
+        raise ConfigError("config file not found", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"config file cannot be read: {_os_reason(exc)}", source=source) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError("is a directory, not a TOML file", source=source)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"is a {_file_kind(st.st_mode)}, not a regular file; a config file must be a "
+                          "regular TOML file", source=source)
+    try:
+        fd = _open_nonblocking(path)
+    except PermissionError:
+        raise ConfigError("config file is not readable (permission denied)", source=source) from None
+    except OSError as exc:
+        raise ConfigError(f"config file cannot be read: {_os_reason(exc)}", source=source) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"is a {_file_kind(st.st_mode)}, not a regular file", source=source)
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"config file cannot be read: {_os_reason(exc)}", source=source) from None
+    finally:
+        os.close(fd)
+
+
+def _open_nonblocking(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "too many levels of symbolic links (a symlink loop)"
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"the file name is too long ({len(os.fsencode(exc.filename or ''))} bytes)"
+    return exc.strerror or str(exc)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     source = str(path)
-    if path.is_dir():
-        raise ConfigError("is a directory, not a TOML file", source=source)
+    data = _read_bytes(path)
     try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError("config file not found", source=source) from None
-    except PermissionError:
-        raise ConfigError("config file is not readable (permission denied)", source=source) from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file is not UTF-8 text ({exc.reason} at byte {exc.start})",
                           source=source) from None

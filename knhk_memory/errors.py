@@ -232,6 +232,22 @@ class DuplicateKeyError(StoreError, ValueError):
 class StoreClosedError(StoreError, ValueError):
     """The store (or writer) was used after close()."""
 
+
+class StoreChangedError(StoreError):
+    """The store file was rewritten in place or truncated under an open reader.
+
+    The read that noticed (and every later one) raises this instead of giving
+    an answer from a half-old, half-new file; :meth:`WorkflowStore.reopen`
+    moves on to the file now at the path."""
+
+
+class StoreDecodeError(StoreError, ValueError):
+    """``get_decoded``'s decoder rejected a stored value; ``__cause__`` is its exception."""
+
+
+class StoreDiskFullError(StoreError, OSError):
+    """Writing a store ran out of space; the message says how much was needed and free."""
+
 # ---------------------------------------------------------------- simd
 
 class SimdLevelError(KnhkMemoryError, RuntimeError):

@@ -40,8 +40,11 @@ from ._core import last_error as _last_error
 from ._forksafe import renew_in_child
 from .errors import (
     DuplicateKeyError,
+    StoreChangedError,
     StoreClosedError,
     StoreCorruptError,
+    StoreDecodeError,
+    StoreDiskFullError,
     StoreEmptyError,
     StoreError,
     StoreIsADirectoryError,
@@ -60,11 +63,13 @@ MAGIC = b"KNHKSTOR"
 HEADER_SIZE = lib.KNHK_STORE_HEADER_SIZE
 FORMAT_VERSION = lib.KNHK_STORE_VERSION
 BLOCK_ENTRIES = lib.KNHK_STORE_BLOCK_ENTRIES
-# Fixed, so the same input always builds the same bytes.
+# The checksum seed (and the key hash's k1). Fixed; the key hash's k0, the
+# hash_key, is random per build (see WorkflowStoreWriter).
 DEFAULT_SEED = int.from_bytes(b"knhkwfs1", "little")
-# magic, version, flags, count, records_total, slots, max_disp, records_offset,
-# records_end, dict_offset, dict_length, index_offset, dict_sum, file_size,
-# seed, index_sum; then the header checksum (8 bytes) makes 128.
+# magic, version, flags, count, records_total, slots, max_disp, hash_key
+# (version 1: records_offset), records_end, dict_offset, dict_length,
+# index_offset, dict_sum, file_size, seed, index_sum; then the header checksum
+# (8 bytes) makes 128.
 _HEADER = struct.Struct("<8sIIQQQQQQQQQQQQQ")
 assert _HEADER.size == HEADER_SIZE - 8
 
@@ -74,9 +79,21 @@ _PROBLEM = {
     lib.KNHK_STORE_BAD_MAGIC: (StoreMagicError, "bad-magic"),
     lib.KNHK_STORE_NEWER_VERSION: (StoreVersionError, "newer-version"),
     lib.KNHK_STORE_CORRUPT: (StoreCorruptError, "corrupt"),
+    lib.KNHK_STORE_CHANGED_WHILE_OPENING: (StoreChangedError, "changed"),
 }
 _ABSENT = lib.KNHK_STORE_ABSENT
 _WIDE = lib.KNHK_STORE_WIDE
+_CHANGED = lib.KNHK_STORE_CHANGED
+# The build draws a new hash key when the longest probe passes this; Robin Hood
+# at load 0.875 with a random key stays far below it (docs/store.md).
+def max_displacement_bound(slots: int) -> int:
+    """The longest probe distance a build accepts for ``slots`` index slots:
+    ``32 + 4 * ceil(log2(slots))`` (Robin Hood hashing's longest probe grows as
+    O(log n); measured 10-40 at 1,000-1,000,000 keys, docs/store.md)."""
+    return 32 + 4 * max(1, (slots - 1).bit_length())
+
+
+RESEEDS = 8
 _PACK_MASK = (1 << 24) - 1
 _MISSING = object()
 
@@ -108,6 +125,16 @@ def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
     if isinstance(exc, IsADirectoryError):
         return StoreIsADirectoryError(f"is a directory, not a store file ({doing})", path=path,
                                       problem="directory")
+    if exc.errno == errno.ELOOP:
+        return StoreError(f"too many levels of symbolic links, a symlink loop ({doing})", path=path,
+                          problem="os-error")
+    if exc.errno == errno.ENAMETOOLONG:
+        return StoreError(f"the file name is too long ({len(os.fsencode(path))} bytes; {doing})", path=path,
+                          problem="os-error")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreDiskFullError(f"no space left on the device ({doing}; the file system has "
+                                  f"{_free_bytes(Path(path)):,} bytes free for this user)", path=path,
+                                  problem="disk-full")
     return StoreError(f"{exc.strerror or exc} ({doing})", path=path, problem="os-error")
 
 
@@ -153,8 +180,14 @@ class WorkflowStore:
 
     def _load(self) -> None:
         path = self.path
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # stat first: opening a FIFO would block, a device may act on open
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+                raise StoreError(f"is a {_file_kind(st.st_mode)}, not a store file (a regular file)", path=path,
+                                 problem="not-a-file")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except StoreError:
+            raise
         except OSError as exc:
             raise _os_error(exc, path, "opening the store") from None
         try:
@@ -163,7 +196,8 @@ class WorkflowStore:
                 raise StoreIsADirectoryError("is a directory, not a store file", path=path,
                                              problem="directory")
             if not stat.S_ISREG(st.st_mode):
-                raise StoreError("is not a regular file", path=path, problem="not-a-file")
+                raise StoreError(f"is a {_file_kind(st.st_mode)}, not a store file (a regular file)", path=path,
+                                 problem="not-a-file")
             size = st.st_size
             mapped: mmap.mmap | None = None
             if size < max(self.mmap_threshold, 1):
@@ -176,7 +210,13 @@ class WorkflowStore:
                 buf: Any = b"".join(chunks)
                 size = len(buf)
             else:
-                mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                # The length from fstat, not 0 ("the size now"): a file truncated
+                # since then maps anyway and open faults under its guard instead.
+                try:
+                    mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                except ValueError:  # mmap's own size check: it shrank since fstat
+                    raise StoreChangedError("the file changed while it was being opened (it shrank); try again once "
+                                            "it is whole", path=path, problem="changed") from None
                 buf = mapped
                 size = len(mapped)
                 _advise(mapped, "MADV_RANDOM")
@@ -205,6 +245,15 @@ class WorkflowStore:
             if mapped is not None:
                 mapped.close()
             raise
+        if mapped is not None:
+            slot = lib.knhk_store_watch(out[0])
+            if slot < -1:  # pragma: no cover - sigaction failing
+                lib.knhk_store_close(out[0])
+                ffi.release(cbuf)
+                mapped.close()
+                raise StoreError(_last_error(), path=path, problem="os-error")
+            if slot >= 0:  # forget the range when the mapping itself goes (views may outlive the store)
+                weakref.finalize(mapped, _unwatch, slot)
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -221,8 +270,7 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                start = d["dict_offset"]
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[start:start + d["dict_length"]]))
+                zdict = zstandard.ZstdCompressionDict(self._copy(d["dict_offset"], d["dict_length"]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()
@@ -319,6 +367,8 @@ class WorkflowStore:
     def _slow(self, key: bytes, r: int, default: Any) -> Any:
         if r == _ABSENT:
             return default
+        if r == _CHANGED:
+            raise StoreChangedError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="changed")
         if r == _WIDE:
             span = ffi.new("uint64_t[2]")
             r = lib.knhk_store_find_span(self._handle, key, len(key), span)
@@ -327,19 +377,55 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
+    def get_bytes(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> bytes | Any:
+        """The value of ``key`` as a ``bytes`` copy (decompressed in a compressed
+        store), or ``default``.
+
+        The copy is taken under the SIGBUS guard and the header is re-read
+        after it, so it is the value of one version of the file, or
+        :class:`~knhk_memory.errors.StoreChangedError`, even while someone
+        rewrites the file in place. (A memoryview from :meth:`get` reads the
+        live mapping whenever it is read.)
+        """
+        kb = _key_bytes(key)
+        self._check_open()
+        span = ffi.new("uint64_t[2]")
+        r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
+        if r < 0:
+            if r == _ABSENT:
+                return default
+            return self._slow(kb, r, default)
+        raw = self._copy(span[0], span[1])
+        return self._decompress(kb, raw) if self._compressed else raw
+
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
     def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
-        raw = WorkflowStore.get(self, key, _MISSING)
-        if raw is _MISSING:
-            return default
+        value = self.get_bytes(key, _MISSING)
+        return default if value is _MISSING else memoryview(value)
+
+    def _copy(self, offset: int, length: int) -> bytes:
+        """bytes of the file at [offset, offset + length), copied under the SIGBUS guard."""
+        out = bytearray(length)
+        r = lib.knhk_store_copy(self._handle, offset, length, ffi.from_buffer("uint8_t[]", out))
+        if r != lib.KNHK_OK:
+            self._raise(r, "reading")
+        return bytes(out)
+
+    def _raise(self, code: int, doing: str) -> None:
+        if code == _CHANGED:
+            raise StoreChangedError(f"{doing}: {_last_error()}", path=self.path, problem="changed")
+        raise StoreCorruptError(f"{doing}: {_last_error()}", path=self.path, problem="corrupt")
+
+    def _decompress(self, key: bytes, frame: bytes) -> bytes:
         try:
-            return memoryview(self._dctx.decompress(raw))
-        except Exception as exc:  # zstd.ZstdError
-            raise StoreCorruptError(f"value of key {_key_bytes(key)!r} is not a valid zstd frame: {exc}",
-                                    path=self.path, problem="corrupt") from None
+            return self._dctx.decompress(frame)
+        except Exception as exc:  # zstandard.ZstdError, and anything else the codec raises
+            raise StoreCorruptError(f"the value of key {key!r} is not a valid zstd frame ({type(exc).__name__}: "
+                                    f"{exc}); the header says values are compressed", path=self.path,
+                                    problem="corrupt") from None
 
     def __getitem__(self, key: str | bytes) -> memoryview:
         value = self.get(key, _MISSING)
@@ -366,7 +452,13 @@ class WorkflowStore:
                 if hit is not _MISSING:
                     self._cache.move_to_end(ck)
                     return hit
-        obj = decoder(bytes(self[kb]))
+        raw = bytes(self[kb])
+        try:
+            obj = decoder(raw)
+        except Exception as exc:
+            name = getattr(decoder, "__qualname__", type(decoder).__name__)
+            raise StoreDecodeError(f"the value of key {kb!r} ({len(raw)} bytes) cannot be decoded by {name}: "
+                                   f"{type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
         if self.cache_size:
             with self._cache_lock:
                 self._cache[ck] = obj
@@ -385,6 +477,12 @@ class WorkflowStore:
         if self._handle == ffi.NULL:
             raise StoreClosedError("the store is closed", path=self.path, problem="closed")
 
+    def changed(self) -> bool:
+        """True when the file under this (mapped) reader no longer reads as it did
+        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
+        self._check_open()
+        return lib.knhk_store_check_changed(self._handle) != lib.KNHK_OK
+
     def __len__(self) -> int:
         self._check_open()
         return self._info["count"]
@@ -396,6 +494,8 @@ class WorkflowStore:
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
         got = lib.knhk_store_live_offsets(self._handle, ffi.from_buffer("uint64_t[]", offsets), n)
+        if got == _CHANGED:
+            self._raise(got, "listing keys")
         if got < 0 or got != n:
             raise StoreCorruptError(f"listing keys: {_last_error() if got < 0 else f'{got} keys, header says {n}'}",
                                     path=self.path, problem="corrupt")
@@ -403,31 +503,32 @@ class WorkflowStore:
         offsets.sort()  # insertion order
         return offsets
 
-    def _records(self) -> Iterator[tuple[memoryview, memoryview]]:
+    def _spans(self) -> Iterator[tuple[int, int, int, int]]:
         spans = ffi.new("uint64_t[4]")
-        view = self._view
-
-        def corrupt(d: str) -> StoreError:
-            return StoreCorruptError(d, path=self.path, problem="corrupt")
         for off in self._record_offsets().tolist():
-            check_as(lib.knhk_store_record_at(self._handle, off, spans), corrupt)
-            yield view[spans[0]:spans[0] + spans[1]], view[spans[2]:spans[2] + spans[3]]
+            self._check_open()
+            r = lib.knhk_store_record_at(self._handle, off, spans)
+            if r != lib.KNHK_OK:
+                self._raise(r, f"reading the record at offset {off}")
+            yield spans[0], spans[1], spans[2], spans[3]
 
     def keys(self) -> Iterator[bytes]:
-        """Every key, as bytes, in the order they were added."""
-        for k, _ in self._records():
-            yield bytes(k)
+        """Every key, as bytes, in the order they were added (copied under the
+        SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
+        for k, kl, _, _ in self._spans():
+            yield self._copy(k, kl)
 
     __iter__ = keys
 
     def items(self) -> Iterator[tuple[bytes, memoryview]]:
         """(key, value) pairs in the order they were added; values as :meth:`get` returns them."""
-        if not self._compressed:
-            for k, v in self._records():
-                yield bytes(k), v
-            return
-        for k, v in self._records():
-            yield bytes(k), memoryview(self._dctx.decompress(v))
+        view = self._view
+        for k, kl, v, vl in self._spans():
+            key = self._copy(k, kl)
+            if self._compressed:
+                yield key, memoryview(self._decompress(key, self._copy(v, vl)))
+            else:
+                yield key, view[v:v + vl]
 
     def verify(self) -> int:
         """Check every checksum and every index entry; return the number of records checked.
@@ -436,15 +537,21 @@ class WorkflowStore:
         """
         self._check_open()
         checked = ffi.new("uint64_t *")
-        check_as(lib.knhk_store_verify(self._handle, checked),
-                 lambda d: StoreCorruptError(f"verify: {d}", path=self.path, problem="corrupt"))
-        if self._compressed:
-            for k, v in self._records():
+        r = lib.knhk_store_verify(self._handle, checked)
+        if r != lib.KNHK_OK:
+            self._raise(r, "verify")
+        if self._compressed:  # the header's compression flag: every value must be a frame
+            for k, kl, v, vl in self._spans():
+                key = self._copy(k, kl)
                 try:
-                    self._dctx.decompress(v)
+                    self._dctx.decompress(self._copy(v, vl))
                 except Exception as exc:
-                    raise StoreCorruptError(f"verify: value of key {bytes(k)!r} is not a valid zstd "
-                                            f"frame: {exc}", path=self.path, problem="corrupt") from None
+                    raise StoreCorruptError(f"verify: the header says values are zstd frames, but the value of key "
+                                            f"{key!r} is not one ({type(exc).__name__}: {exc})", path=self.path,
+                                            problem="corrupt") from None
+        r = lib.knhk_store_check_changed(self._handle)
+        if r != lib.KNHK_OK:
+            self._raise(r, "verify")
         return int(checked[0])
 
     def prefetch(self) -> None:
@@ -475,9 +582,9 @@ class WorkflowStore:
         }
         if deep:
             kb = vb = 0
-            for k, v in self._records():
-                kb += len(k)
-                vb += len(v)
+            for _, kl, _, vl in self._spans():
+                kb += kl
+                vb += vl
             out["key_bytes"] = kb
             out["value_bytes"] = vb
             out["overhead"] = round(self._size / (kb + vb) - 1, 4) if kb + vb else None
@@ -503,6 +610,10 @@ def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
         return s._slow(_key_bytes(key), code, default)
 
     return slow
+
+
+def _unwatch(slot: int) -> None:
+    lib.knhk_store_unwatch(slot)
 
 
 def _detach_getter(getter: Any) -> None:
@@ -548,13 +659,25 @@ class WorkflowStoreWriter:
         ``zstandard.train_dictionary(...).as_bytes()``) stored in the file and
         used for every value; only with ``compress``.
     :param load_factor: Keys per index slot, in (0, 0.95].
+    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash; by
+        default drawn from ``os.urandom`` for every build, so nobody outside
+        can choose keys that pile up in one slot (hash flooding). Give a fixed
+        value only for byte-identical rebuilds of trusted keys.
+    :param seed: The checksum seed (and the key hash's k1).
+
+    The file is created with mode ``0666 & ~umask``, or with the mode of the
+    file it replaces. Temporaries are named ``.NAME.PID.XXXX.tmp``; the next
+    writer of the same path removes those whose process is gone.
 
     Used as a context manager it commits on success and discards on error.
+    Running out of disk space raises
+    :class:`~knhk_memory.errors.StoreDiskFullError` naming the file, the bytes
+    it needed and the bytes free, and removes the temporary file.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
-                 seed: int = DEFAULT_SEED) -> None:
+                 seed: int = DEFAULT_SEED, hash_key: int | None = None) -> None:
         import numpy as np
 
         if not 0 < load_factor <= 0.95:
@@ -565,6 +688,9 @@ class WorkflowStoreWriter:
         self.last_wins = last_wins
         self.load_factor = load_factor
         self.seed = seed & 0xFFFFFFFFFFFFFFFF
+        self._fixed_key = hash_key is not None
+        self.hash_key = (hash_key if hash_key is not None else _random_key()) & 0xFFFFFFFFFFFFFFFF
+        self.reseeds = 0
         self._cctx: Any = None
         self._zstd_dict = bytes(zstd_dict) if zstd_dict is not None else b""
         if compress is not None:
@@ -576,20 +702,35 @@ class WorkflowStoreWriter:
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
-        if self.path.is_dir():
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise _os_error(exc, self.path, "checking the output path") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise StoreIsADirectoryError("is a directory; give a file path for the store", path=self.path,
                                          problem="directory")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"exists and is a {_file_kind(st.st_mode)}, not a regular file; give a file path "
+                             "for the store", path=self.path, problem="not-a-file")
         directory = self.path.parent if str(self.path.parent) else Path(".")
+        _remove_stale_temporaries(directory, self.path.name)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
+        # mkstemp makes the file 0600; a store gets the mode of the file it
+        # replaces, else what open() would give: 0666 less the umask.
+        try:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        except OSError:
+            pass
         self._tmp = Path(tmp)
         self._file: Any = os.fdopen(fd, "wb", buffering=1 << 20)
         self._file.write(bytes(HEADER_SIZE))
         self._pos = HEADER_SIZE
-        self._index: dict[bytes, int] = {}   # key -> slot in _hashes/_offsets
-        self._hashes = np.zeros(1024, dtype=np.uint64)
+        self._index: dict[bytes, int] = {}   # key -> slot in _offsets (keys are hashed at commit)
         self._offsets = np.zeros(1024, dtype=np.uint64)
         self._records = 0
         # Records wait in batches and are encoded by one C call per batch.
@@ -643,31 +784,43 @@ class WorkflowStoreWriter:
         if cap > len(self._buf):
             self._buf = bytearray(cap)
             self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
-        hashes = np.empty(n, dtype=np.uint64)
         offsets = np.empty(n, dtype=np.uint64)
         u64 = "uint64_t[]"
         written = lib.knhk_store_encode_batch(
             ffi.from_buffer("uint8_t[]", kb), len(kb), ffi.from_buffer(u64, kl),
             ffi.from_buffer("uint8_t[]", vb), len(vb), ffi.from_buffer(u64, vl), n, self.seed, self._pos,
-            self._cbuf, len(self._buf), ffi.from_buffer(u64, hashes), ffi.from_buffer(u64, offsets))
+            self._cbuf, len(self._buf), ffi.NULL, ffi.from_buffer(u64, offsets))
         if written == 0:
             raise StoreError(f"encoding records: {_last_error()}", path=self.path, problem="build")
-        self._file.write(memoryview(self._buf)[:written])
+        self._write(memoryview(self._buf)[:written])
         self._pos += written
         self._records += n
         top = len(self._index)
         if top > len(self._offsets):
             size = max(top, 2 * len(self._offsets))
-            self._hashes = np.resize(self._hashes, size)
             self._offsets = np.resize(self._offsets, size)
         if self.last_wins:  # repeated slots: the later record must win, in order
             for i, slot in enumerate(slots):
-                self._hashes[slot] = hashes[i]
                 self._offsets[slot] = offsets[i]
         else:  # without repeats, the batch holds slots top - n .. top - 1 in order
-            self._hashes[top - n:top] = hashes
             self._offsets[top - n:top] = offsets
         self._pk, self._pv, self._pslot, self._pbytes = [], [], [], 0
+
+    def _write(self, data: Any) -> None:
+        """Write to the temporary file; a full disk discards it and raises
+        StoreDiskFullError, any other OSError a StoreError naming the file."""
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            need = len(data)
+            self.discard()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                free = _free_bytes(self.path)
+                raise StoreDiskFullError(
+                    f"no space left on the device while writing the store (at byte {self._pos:,} of the temporary "
+                    f"file; this write needed {need:,} bytes more, the file system has {free:,} bytes free for "
+                    "this user); the temporary file was removed", path=self.path, problem="disk-full") from None
+            raise _os_error(exc, self.path, "writing the store") from None
 
     def update(self, pairs: Any) -> None:
         """Add every (key, value) of a mapping or an iterable of pairs."""
@@ -695,27 +848,45 @@ class WorkflowStoreWriter:
             n = len(self._index)
             slots = max(1, -(-n * 1000 // int(self.load_factor * 1000)))
             slots = max(slots, n)
-            hashes = np.ascontiguousarray(self._hashes[:n])
             offsets = np.ascontiguousarray(self._offsets[:n])
-            table = np.zeros(slots, dtype=np.uint64)
+            keys = list(self._index)  # slot order: key i is slot i
+            kb = b"".join(keys)
+            kl = np.fromiter(map(len, keys), dtype=np.uint64, count=n)
+            hashes = np.zeros(max(n, 1), dtype=np.uint64)
             nblocks = -(-slots // BLOCK_ENTRIES)
-            blocksums = np.zeros(nblocks, dtype=np.uint64)
+            bound = max_displacement_bound(slots)
             max_disp = ffi.new("uint64_t *")
-            status = lib.knhk_store_build_index(
-                ffi.from_buffer("uint64_t[]", hashes) if n else ffi.NULL,
-                ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
-                n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
-                max_disp)
-            check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
+            while True:
+                if n and lib.knhk_store_key_hashes(ffi.from_buffer("uint8_t[]", kb), len(kb),
+                                                   ffi.from_buffer("uint64_t[]", kl), n, self.hash_key, self.seed,
+                                                   ffi.from_buffer("uint64_t[]", hashes)) != lib.KNHK_OK:
+                    raise StoreError(f"hashing the keys: {_last_error()}", path=self.path, problem="build")
+                table = np.zeros(slots, dtype=np.uint64)
+                blocksums = np.zeros(nblocks, dtype=np.uint64)
+                status = lib.knhk_store_build_index(
+                    ffi.from_buffer("uint64_t[]", hashes) if n else ffi.NULL,
+                    ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
+                    n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
+                    max_disp)
+                check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
+                if max_disp[0] <= bound:
+                    break
+                if self._fixed_key or self.reseeds >= RESEEDS:
+                    raise StoreError(f"the index's longest probe is {max_disp[0]} slots, above the bound of {bound} "
+                                     f"for {slots} slots, after {self.reseeds + 1} hash key(s)"
+                                     + ("; the hash_key was fixed by the caller" if self._fixed_key else ""),
+                                     path=self.path, problem="build")
+                self.reseeds += 1
+                self.hash_key = _random_key()
             table_bytes = table.tobytes()
             sums_bytes = blocksums.tobytes()
-            f.write(table_bytes)
-            f.write(sums_bytes)
+            self._write(table_bytes)
+            self._write(sums_bytes)
             file_size = index_offset + len(table_bytes) + len(sums_bytes)
             flags = lib.KNHK_STORE_FLAG_ZSTD if self._cctx is not None else 0
             dict_sum = lib.knhk_store_hash(self._zstd_dict, len(self._zstd_dict), self.seed) if self._zstd_dict else 0
             index_sum = lib.knhk_store_hash(sums_bytes, len(sums_bytes), self.seed)
-            head = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, n, self._records, slots, max_disp[0], HEADER_SIZE,
+            head = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, n, self._records, slots, max_disp[0], self.hash_key,
                                 records_end, dict_offset, len(self._zstd_dict), index_offset, dict_sum,
                                 file_size, self.seed, index_sum)
             head += lib.knhk_store_hash(head, len(head), 0).to_bytes(8, "little")
@@ -726,6 +897,9 @@ class WorkflowStoreWriter:
             f.close()
             self._file = None
             os.replace(self._tmp, self.path)
+        except StoreError:
+            self.discard()
+            raise
         except OSError as exc:
             self.discard()
             raise _os_error(exc, self.path, "writing the store") from None
@@ -766,6 +940,79 @@ class WorkflowStoreWriter:
             self.discard()
 
 
+def _random_key() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path.parent if str(path.parent) else ".")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it
+    (``/proc/self/status``, kernel 4.7+); else set and restored at once."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.PID.XXXX.tmp`` files in ``directory`` whose writer
+    process (PID) no longer exists: what a build killed by SIGKILL or a
+    power cut leaves. Returns the files removed. A temporary whose PID is
+    alive (another build, or a reused PID) is left alone."""
+    removed: list[Path] = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry)
+        if m is None or m["name"] != name:
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(directory / entry)
+            removed.append(directory / entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process: alive
+    return True
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symlink")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -783,73 +1030,161 @@ def _fsync_dir(directory: Path) -> None:
 # ---------------------------------------------------------------- building from a directory
 
 
-def iter_source(source: Path, *, key_regex: str | None = None, key_field: str | None = None
-                ) -> Iterator[tuple[str, Path]]:
+def iter_source(source: Path, *, key_regex: str | None = None, key_field: str | None = None,
+                exclude: tuple[Path, ...] = ()) -> Iterator[tuple[str, Path]]:
     """(key, file) for every regular file under ``source``, sorted, hidden entries skipped.
 
     The key is the path relative to ``source`` without its extension (``/``
     separated), or taken from the file: ``key_regex``'s first group, or the
-    top-level ``key_field`` of a JSON document.
+    top-level ``key_field`` of a JSON document. Files that are the same file
+    as one in ``exclude`` (the build's own output) are skipped.
+
+    Raises :class:`~knhk_memory.errors.StoreError` for a file name or a key
+    that is not UTF-8 text, naming the file.
     """
-    pattern = re.compile(key_regex.encode()) if key_regex else None
+    pattern = re.compile(key_regex.encode("utf-8", "surrogateescape")) if key_regex else None
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(source):
+    for dirpath, dirnames, filenames in os.walk(source, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(Path(dirpath) / name for name in filenames if not name.startswith("."))
-    for p in sorted(found, key=lambda q: q.relative_to(source).as_posix()):
-        if not p.is_file():
+    skip = set()
+    for e in exclude:
+        try:
+            st = e.stat()
+            skip.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    for p in sorted(found, key=lambda q: os.fsencode(q.relative_to(source).as_posix())):
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # a dangling symlink, or a file removed since the walk
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in skip:
             continue
         if pattern is None and key_field is None:
             rel = p.relative_to(source)
-            yield rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix(), p
+            key = rel.with_suffix("").as_posix() if rel.suffix else rel.as_posix()
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise StoreError(f"the file name is not UTF-8 text ({os.fsencode(rel.as_posix())!r}), so it "
+                                 "cannot be a key; rename the file, or take keys from the contents with "
+                                 "--key-regex / --key-field", path=_shown(p), problem="bad-key") from None
+            yield key, p
         else:
             yield _key_from_file(p, pattern, key_field), p
 
 
+def _shown(p: Path) -> str:
+    """A path for a message: undecodable bytes as escapes, never a UnicodeEncodeError."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+def _walk_error(exc: OSError) -> None:
+    raise _os_error(exc, Path(exc.filename) if exc.filename else Path("?"), "listing the source directory")
+
+
 def _key_from_file(p: Path, pattern: re.Pattern[bytes] | None, key_field: str | None) -> str:
-    data = p.read_bytes()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise _os_error(exc, Path(_shown(p)), "reading a source file") from None
     if pattern is not None:
         m = pattern.search(data)
-        if m is None or not m.groups():
-            raise StoreError(f"--key-regex {pattern.pattern.decode()!r} found no key (with a group) "
-                             "in the file", path=p, problem="no-key")
-        return m.group(1).decode("utf-8")
+        if m is None or not m.groups() or m.group(1) is None:
+            raise StoreError(f"--key-regex {pattern.pattern.decode('utf-8', 'backslashreplace')!r} found no "
+                             "key (with a group) in the file", path=_shown(p), problem="no-key")
+        try:
+            return m.group(1).decode("utf-8")
+        except UnicodeDecodeError:
+            raise StoreError(f"--key-regex matched {m.group(1)!r}, which is not UTF-8 text",
+                             path=_shown(p), problem="bad-key") from None
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise StoreError(f"--key-field needs a JSON file: {exc}", path=p, problem="no-key") from None
+        raise StoreError(f"--key-field needs a JSON file: {exc}", path=_shown(p), problem="no-key") from None
     if not isinstance(doc, dict) or key_field not in doc:
-        raise StoreError(f"JSON document has no top-level field {key_field!r}", path=p, problem="no-key")
+        raise StoreError(f"JSON document has no top-level field {key_field!r}", path=_shown(p), problem="no-key")
     return str(doc[key_field])
 
 
 def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                          key_regex: str | None = None, key_field: str | None = None,
                          last_wins: bool = False, compress: int | None = None,
-                         progress: bool | None = None) -> dict[str, Any]:
-    """Build ``output`` from the files under ``source``; returns a summary."""
+                         progress: bool | None = None, allow_empty: bool = False) -> dict[str, Any]:
+    """Build ``output`` from the files under ``source``; returns a summary
+    (``keys``, ``files``, ``value_bytes``, ``output``, ``file_size`` in bytes).
+
+    The output is never one of the inputs: an ``output`` that is a file under
+    ``source`` is refused, and an output (or its temporary file) kept inside
+    ``source`` is left out of the build, so rebuilding does not pack the
+    previous store. Raises :class:`~knhk_memory.errors.StoreError` (and
+    subclasses) for a missing or empty source (unless ``allow_empty``), an
+    output that is an input, a name or key that is not text, and
+    :class:`~knhk_memory.errors.DuplicateKeyError` naming both files of a
+    repeated key unless ``last_wins``.
+    """
     src = Path(source)
-    if not src.exists():
+    out = Path(output)
+    try:
+        is_dir = src.is_dir()
+        exists = is_dir or os.path.lexists(src)
+    except OSError as exc:
+        raise _os_error(exc, src, "reading the source directory") from None
+    if not exists:
         raise StoreNotFoundError("source directory does not exist", path=src, problem="missing")
-    if not src.is_dir():
+    if not is_dir:
         raise StoreError("source must be a directory of workflow definition files", path=src,
                          problem="not-a-directory")
-    files = list(iter_source(src, key_regex=key_regex, key_field=key_field))
+    files = list(iter_source(src, key_regex=key_regex, key_field=key_field, exclude=(out,)))
+    try:
+        out_st = out.stat()
+        out_inside = out.resolve().is_relative_to(src.resolve())
+    except OSError:
+        out_st, out_inside = None, False
+    # An existing output under SOURCE was left out of the listing; if it is not
+    # a store (an earlier build's output) it is one of the user's inputs.
+    if out_st is not None and out_inside and stat.S_ISREG(out_st.st_mode) and not _is_store_file(out):
+        raise StoreError(f"the output is a file under SOURCE ({src}): the build would replace that input "
+                         "with the store; write the store outside SOURCE", path=out, problem="output-is-input")
+    if not files and not allow_empty:
+        raise StoreError("source directory holds no definition files (hidden files are skipped); pass "
+                         "--allow-empty (allow_empty=True) to build an empty store", path=src, problem="empty-source")
+    seen: dict[str, Path] = {}
+    if not last_wins:
+        for key, p in files:
+            first = seen.setdefault(key, p)
+            if first is not p:
+                raise DuplicateKeyError(f"key {key!r} comes from two files: {_shown(first)} and {_shown(p)}; "
+                                        "give every file its own key, or pass --last-wins (last_wins=True) to keep "
+                                        "the later file", path=src, problem="duplicate-key")
     show = progress if progress is not None else (len(files) >= 2000 and sys.stderr.isatty())
     total = 0
-    with WorkflowStoreWriter(output, last_wins=last_wins, compress=compress) as w:
+    with WorkflowStoreWriter(out, last_wins=last_wins, compress=compress) as w:
         it: Any = files
         if show:
             from tqdm import tqdm
 
             it = tqdm(files, desc="store build", unit="file", file=sys.stderr)
         for key, p in it:
-            data = p.read_bytes()
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                raise _os_error(exc, Path(_shown(p)), "reading a source file") from None
             total += len(data)
             w.add(key, data)
         keys = len(w)
     return {"keys": keys, "files": len(files), "value_bytes": total, "output": str(output),
-            "file_size": Path(output).stat().st_size}
+            "file_size": out.stat().st_size}
+
+
+def _is_store_file(path: Path) -> bool:
+    """True when ``path`` starts with the store's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- hot path
@@ -879,8 +1214,9 @@ def hot_ops() -> list[Any]:
 
     return [HotOp(
         name="store_probe",
-        description="one index probe of a present 15-byte key in a 10,000-record mapped store: XXH64 of "
-                    "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
+        description="one index probe of a present 15-byte key in a 10,000-record mapped store: SipHash-1-3 of "
+                    "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp, under the "
+                    "SIGBUS guard with the header checksum re-read",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
     )]

@@ -108,7 +108,9 @@ extern "C" {
 #define KNHK_ARENA_BLOCK_HEADER 16
 /* Workflow store (native/store.c, docs/store.md). */
 #define KNHK_STORE_HEADER_SIZE 128
-#define KNHK_STORE_VERSION 1
+#define KNHK_STORE_VERSION 2
+/* The oldest format version this reader still reads (1: XXH64 key hash). */
+#define KNHK_STORE_MIN_VERSION 1
 /* Header flag: values are zstd frames (optionally with the file's dictionary). */
 #define KNHK_STORE_FLAG_ZSTD 1
 /* Index entries covered by one block checksum (4 KiB of index). */
@@ -120,10 +122,14 @@ extern "C" {
 #define KNHK_STORE_BAD_MAGIC 3
 #define KNHK_STORE_NEWER_VERSION 4
 #define KNHK_STORE_CORRUPT 5
+/* The mapping faulted while it was being opened (truncated meanwhile). */
+#define KNHK_STORE_CHANGED_WHILE_OPENING 6
 /* knhk_store_find results other than a packed span. */
 #define KNHK_STORE_ABSENT (-1)
 #define KNHK_STORE_WIDE (-2)
 #define KNHK_STORE_BROKEN (-3)
+/* The file changed under a watched reader (rewritten in place, truncated). */
+#define KNHK_STORE_CHANGED (-5)
 /* SIMD scans (simd.c). Largest id set knhk_simd_isin takes, the number of
    histogram bins kept in on-stack sub-tables (more bins use one table), and
    the bytes of haystack knhk_simd_find_many has every needle search while
@@ -551,6 +557,8 @@ typedef struct {
     uint64_t blocksum_offset;
     uint64_t file_size;
     uint64_t seed;
+    uint64_t hash_key; /* version 2: k0 of the SipHash-1-3 key hash (k1 = seed); version 1: 0 */
+    uint64_t header_sum; /* the header checksum: identifies this build of the file */
 } knhk_store_info;
 
 
@@ -572,7 +580,8 @@ void knhk_store_get_info(const knhk_store *s, knhk_store_info *out);
    checked the first time it is read. Thread-safe. */
 int64_t knhk_store_find(knhk_store *s, const char *key, size_t len);
 /* As knhk_store_find, the span unpacked: 0 with *off and *vlen set (the value
-   is base[*off, *off + *vlen)), or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
+   is base[*off, *off + *vlen)), or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN, or
+   KNHK_STORE_CHANGED on a watched handle whose file changed (knhk_store_watch). */
 int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *off, uint64_t *vlen);
 /* The same, with the span in span[0] (offset) and span[1] (length). */
 int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span);
@@ -597,7 +606,9 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
                                 uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash);
 /* Encode n records back to back into out[0, cap): record i has the key
    keys[sum of key_lens before i, + key_lens[i]) and likewise its value.
-   hashes[i] gets its key hash, offsets[i] = base_offset + its position in out.
+   hashes[i] gets its XXH64 key hash (hashes may be NULL: the version-2 writer
+   hashes keys at commit, knhk_store_key_hashes), offsets[i] = base_offset +
+   its position in out.
    Returns the bytes written, or 0 (with knhk_last_error()) when the lengths
    overrun keys_size / values_size or the records do not fit in cap. */
 size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
@@ -609,6 +620,37 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
    KNHK_ERR_INVALID when slots < n or an offset does not fit in 48 bits. */
 int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
                            uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
+
+/* ---- issue 15: keyed hash, watched readers (native/store.c, store_guard.c) */
+
+/* SipHash-c-d (Aumasson and Bernstein, 2012) of data[0, len) under the
+   128-bit key (k0, k1). The version-2 key hash is SipHash-1-3 with
+   k0 = hash_key, k1 = seed (as CPython's and Rust's hash tables use it). */
+uint64_t knhk_store_siphash(const void *data, size_t len, uint64_t k0, uint64_t k1, int c_rounds, int d_rounds);
+/* out[i] = the version-2 key hash of key i (keys back to back, key_lens[i]
+   bytes each). KNHK_OK, or KNHK_ERR_INVALID when the lengths overrun keys_size. */
+int knhk_store_key_hashes(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens, uint64_t n,
+                          uint64_t hash_key, uint64_t seed, uint64_t *out);
+/* Watch a handle whose bytes are a shared mapping of a file that someone may
+   rewrite in place: every read through it runs under a SIGBUS guard (a
+   process-wide handler, installed here, that chains to the one it replaced)
+   and re-reads the header checksum afterwards; a fault or a changed header
+   makes that read, and every later one, return KNHK_STORE_CHANGED. The
+   mapping is also registered, so a read through a memoryview handed out
+   earlier that faults past a new end of file sees a page of zeros instead
+   of SIGBUS (and the handle reports the change). Returns the registration
+   slot (>= 0; -1 when all 4,096 slots are taken: the guard still works) for
+   knhk_store_unwatch, to be called when the mapping is unmapped; -2 when
+   the SIGBUS handler cannot be installed (the handle is not watched). */
+int knhk_store_watch(knhk_store *s);
+/* Forget a watched mapping (its memory is being unmapped). */
+void knhk_store_unwatch(int slot);
+/* Copy base[offset, offset + len) into dst, under the guard of a watched
+   handle. KNHK_OK, KNHK_ERR_INVALID (outside the file) or KNHK_STORE_CHANGED. */
+int knhk_store_copy(knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst);
+/* KNHK_OK while the header still reads as it did at open, else KNHK_STORE_CHANGED. */
+int knhk_store_check_changed(knhk_store *s);
+/* ---- end of issue 15 */
 
 /* ---------------------------------------------------------------- simd */
 

@@ -113,4 +113,16 @@ double _knhk_median_of(double *v, size_t n);
 /* fork.c: dlopen() under the lock knhk_fork_prepare waits for. */
 void *_knhk_dlopen(const char *file, int mode);
 
+/* ---- fault guard (store_guard.c, issue 15): the SIGBUS handler siglongjmps
+ * to the calling thread's buffer when one is set, else chains to the handler
+ * it replaced. _knhk_fault_guard_install is idempotent and re-installs on top
+ * of a handler installed since. */
+#include <setjmp.h>
+extern _Thread_local sigjmp_buf *_knhk_fault_jmp;
+int _knhk_fault_guard_install(void);
+/* Register base[0, size) as a watched mapping: a fault there outside a
+ * guarded read maps zeros over the page and sets *changed. Returns the slot
+ * (for knhk_store_unwatch), or -1 when every slot is taken. */
+int _knhk_watch_range(const void *base, uint64_t size, _Atomic int **changed);
+
 #endif /* KNHK_INTERNAL_H */

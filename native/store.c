@@ -102,6 +102,71 @@ uint64_t knhk_store_hash(const void *data, size_t len, uint64_t seed) {
     return h;
 }
 
+/* ---- SipHash-c-d (Aumasson and Bernstein, "SipHash: a fast short-input
+   PRF", 2012). Version 2's key hash is SipHash-1-3 with a random per-file
+   key, so an outsider who chooses keys cannot aim them at one index slot. */
+
+#define SIPROUND             \
+    do {                     \
+        v0 += v1;            \
+        v1 = rotl64(v1, 13); \
+        v1 ^= v0;            \
+        v0 = rotl64(v0, 32); \
+        v2 += v3;            \
+        v3 = rotl64(v3, 16); \
+        v3 ^= v2;            \
+        v0 += v3;            \
+        v3 = rotl64(v3, 21); \
+        v3 ^= v0;            \
+        v2 += v1;            \
+        v1 = rotl64(v1, 17); \
+        v1 ^= v2;            \
+        v2 = rotl64(v2, 32); \
+    } while (0)
+
+static inline __attribute__((always_inline)) uint64_t siphash(const uint8_t *p, size_t len, uint64_t k0, uint64_t k1,
+                                                              int c, int d) {
+    uint64_t v0 = k0 ^ UINT64_C(0x736f6d6570736575), v1 = k1 ^ UINT64_C(0x646f72616e646f6d);
+    uint64_t v2 = k0 ^ UINT64_C(0x6c7967656e657261), v3 = k1 ^ UINT64_C(0x7465646279746573);
+    const uint8_t *end = p + (len & ~(size_t)7);
+    for (; p != end; p += 8) {
+        uint64_t m = ld64(p);
+        v3 ^= m;
+        for (int i = 0; i < c; i++) SIPROUND;
+        v0 ^= m;
+    }
+    uint64_t b = (uint64_t)len << 56;
+    for (size_t i = len & 7; i > 0; i--) b |= (uint64_t)p[i - 1] << (8 * (i - 1));
+    v3 ^= b;
+    for (int i = 0; i < c; i++) SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    for (int i = 0; i < d; i++) SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+uint64_t knhk_store_siphash(const void *data, size_t len, uint64_t k0, uint64_t k1, int c_rounds, int d_rounds) {
+    return siphash((const uint8_t *)data, len, k0, k1, c_rounds, d_rounds);
+}
+
+static inline uint64_t siphash13(const void *data, size_t len, uint64_t k0, uint64_t k1) {
+    return siphash((const uint8_t *)data, len, k0, k1, 1, 3);
+}
+
+int knhk_store_key_hashes(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens, uint64_t n,
+                          uint64_t hash_key, uint64_t seed, uint64_t *out) {
+    uint64_t ko = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (key_lens[i] > keys_size - ko) {
+            _knhk_set_error("key %llu: its length runs past the key bytes given", (unsigned long long)i);
+            return KNHK_ERR_INVALID;
+        }
+        out[i] = siphash13(keys + ko, (size_t)key_lens[i], hash_key, seed);
+        ko += key_lens[i];
+    }
+    return KNHK_OK;
+}
+
 /* ---- the handle */
 
 struct knhk_store {
@@ -113,7 +178,15 @@ struct knhk_store {
     uint64_t record_seed;
     _Atomic uint8_t *block_ok; /* [nblocks]: block sum checked */
     _Atomic uint8_t *record_ok;/* bit per slot: record behind the slot checked */
+    int keyed;                 /* version >= 2: SipHash-1-3 key hash */
+    int watched;               /* reads run under the SIGBUS guard, header re-checked */
+    _Atomic int changed;       /* the file changed under a watched reader: sticky */
+    _Atomic int *range_changed;/* the registered mapping's flag (a view faulted past the end) */
 };
+
+static inline uint64_t key_hash(const knhk_store *s, const void *key, size_t len) {
+    return s->keyed ? siphash13(key, len, s->info.hash_key, s->info.seed) : knhk_store_hash(key, len, s->info.seed);
+}
 
 static inline uint64_t home_slot(uint64_t h, uint64_t slots) {
     return (uint64_t)(((unsigned __int128)h * slots) >> 64);
@@ -215,7 +288,34 @@ static bool check_block(knhk_store *s, uint64_t b) {
     return true;
 }
 
+static int store_open(const void *base_, uint64_t size, knhk_store **out, int *problem);
+
+/* Open reads the header, the block-sum table and the dictionary: under the
+   SIGBUS guard, for a mapping truncated while it is being opened. */
 int knhk_store_open(const void *base_, uint64_t size, knhk_store **out, int *problem) {
+    if (out) *out = NULL;
+    if (_knhk_fault_guard_install() != KNHK_OK) return store_open(base_, size, out, problem);
+    sigjmp_buf jb;
+    sigjmp_buf *prev = _knhk_fault_jmp;
+    if (sigsetjmp(jb, 0)) {
+        _knhk_fault_jmp = prev;
+        if (out && *out) {
+            knhk_store_close(*out);
+            *out = NULL;
+        }
+        return fail(problem, KNHK_STORE_CHANGED_WHILE_OPENING,
+                    "the file changed while it was being opened "
+                    "(a read faulted with SIGBUS: it was truncated); try again once it is whole");
+    }
+    _knhk_fault_jmp = &jb;
+    atomic_signal_fence(memory_order_seq_cst);
+    int r = store_open(base_, size, out, problem);
+    atomic_signal_fence(memory_order_seq_cst);
+    _knhk_fault_jmp = prev;
+    return r;
+}
+
+static int store_open(const void *base_, uint64_t size, knhk_store **out, int *problem) {
     const uint8_t *b = (const uint8_t *)base_;
     if (out) *out = NULL;
     if (problem) *problem = KNHK_STORE_OK;
@@ -235,21 +335,41 @@ int knhk_store_open(const void *base_, uint64_t size, knhk_store **out, int *pro
     memset(&in, 0, sizeof in);
     in.version = ld32(b + 8);
     in.flags = ld32(b + 12);
-    if (in.version == 0) return fail(problem, KNHK_STORE_CORRUPT, "format version 0 is not valid");
+    /* The header checksum first: every version keeps it at byte 120 over
+       bytes 0..119, so a flipped bit in the version field reads as a corrupt
+       header, not as a file from the future. */
+    in.header_sum = ld64(b + HDR - 8);
+    if (knhk_store_hash(b, HDR - 8, 0) != in.header_sum) {
+        if (in.version > KNHK_STORE_VERSION)
+            _knhk_set_error("corrupt header: header checksum mismatch (flipped bit or garbage in the first 128 bytes; "
+                            "the version field reads %u, this reader reads versions %d to %d)",
+                            in.version, KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
+        else
+            _knhk_set_error("corrupt header: header checksum mismatch (flipped bit or garbage in the first 128 bytes)");
+        if (problem) *problem = KNHK_STORE_CORRUPT;
+        return KNHK_ERR_INVALID;
+    }
+    if (in.version < KNHK_STORE_MIN_VERSION)
+        return fail(problem, KNHK_STORE_CORRUPT, "corrupt header: format version 0 is not valid");
     if (in.version > KNHK_STORE_VERSION) {
-        _knhk_set_error("format version %u is newer than this reader (reads version %d); upgrade "
-                        "knhk-memory", in.version, KNHK_STORE_VERSION);
+        _knhk_set_error("format version %u is newer than this reader (reads versions %d to %d); upgrade "
+                        "knhk-memory",
+                        in.version, KNHK_STORE_MIN_VERSION, KNHK_STORE_VERSION);
         if (problem) *problem = KNHK_STORE_NEWER_VERSION;
         return KNHK_ERR_INVALID;
     }
-    if (knhk_store_hash(b, HDR - 8, 0) != ld64(b + HDR - 8))
-        return fail(problem, KNHK_STORE_CORRUPT, "header checksum mismatch (flipped bit or garbage in "
-                    "the first 128 bytes)");
     in.count = ld64(b + 16);
     in.records_total = ld64(b + 24);
     in.slots = ld64(b + 32);
     in.max_disp = ld64(b + 40);
-    in.records_offset = ld64(b + 48);
+    /* Version 1 stores records_offset (always 128) at byte 48; version 2 puts
+       the key hash's k0 there. */
+    if (in.version >= 2) {
+        in.hash_key = ld64(b + 48);
+        in.records_offset = HDR;
+    } else {
+        in.records_offset = ld64(b + 48);
+    }
     in.records_end = ld64(b + 56);
     in.dict_offset = ld64(b + 64);
     in.dict_length = ld64(b + 72);
@@ -316,6 +436,7 @@ int knhk_store_open(const void *base_, uint64_t size, knhk_store **out, int *pro
     s->index = b + in.index_offset;
     s->nblocks = nblocks;
     s->record_seed = in.seed + 1;
+    s->keyed = in.version >= 2;
     *out = s;
     return KNHK_OK;
 }
@@ -334,7 +455,7 @@ void knhk_store_get_info(const knhk_store *s, knhk_store_info *out) {
 /* The probe: hash, walk at most max_disp + 1 slots, compare tag then key. */
 static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
     const uint64_t slots = s->info.slots;
-    const uint64_t h = knhk_store_hash(key, len, s->info.seed);
+    const uint64_t h = key_hash(s, key, len);
     const uint64_t tag = h & 0xffff;
     uint64_t j = home_slot(h, slots);
     for (uint64_t d = 0; d <= s->info.max_disp; d++) {
@@ -355,17 +476,101 @@ static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_
                 *vlen = vl;
                 return 0;
             }
+            /* The 16-bit tag says this slot's key hashes like ours, yet the
+               key differs: 1 foreign probe in 65,536, or a damaged record
+               (a flipped bit in its key or length). Check its checksum
+               before moving on, so damage is an error, never a miss. */
+            const uint8_t bit = (uint8_t)(1u << (j & 7));
+            if (_knhk_unlikely(!(atomic_load_explicit(&s->record_ok[j >> 3], memory_order_relaxed) & bit))) {
+                if (!check_record(s, e & OFFSET_MASK, v + vl)) return KNHK_STORE_BROKEN;
+                atomic_fetch_or_explicit(&s->record_ok[j >> 3], bit, memory_order_relaxed);
+            }
         }
         if (++j == slots) j = 0;
     }
     return KNHK_STORE_ABSENT;
 }
 
-int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
-    return lookup(s, key, len, voff, vlen);
+/* ---- watched reads: a mapping someone may rewrite in place
+ *
+ * Each read of a watched handle runs with the thread's SIGBUS guard set (a
+ * truncated file faults instead of killing the process) and re-reads the
+ * header checksum when it is done: every build has a fresh random key, so
+ * any other store (or anything else) written over the file changes those 8
+ * bytes, and writers that rewrite a file from its start (cp, shell
+ * redirection, truncate, dd) change them before anything else. A read that
+ * saw new bytes therefore also sees the new header, after the acquire fence,
+ * and reports KNHK_STORE_CHANGED instead of an answer. Once seen, the change
+ * is sticky: the handle answers KNHK_STORE_CHANGED until it is replaced. */
+
+static const char *const CHANGE_REASONS[] = {
+    "",
+    "a read past its end faulted (SIGBUS): it was truncated",
+    "its header reads differently now: it was rewritten in place",
+    "a memoryview read past its new end: it was truncated",
+};
+
+/* reason: an index into CHANGE_REASONS; 0: the one an earlier read recorded. */
+static __attribute__((noinline, cold)) int64_t changed(knhk_store *s, int reason) {
+    int first = 0;
+    if (reason == 0) {
+        first = atomic_load_explicit(&s->changed, memory_order_relaxed);
+    } else if (!atomic_compare_exchange_strong(&s->changed, &first, reason)) {
+        /* first: the reason recorded earlier */
+    } else {
+        first = reason;
+    }
+    if (first < 1 || first > 3) first = reason ? reason : 2;
+    _knhk_set_error("the file changed under this reader (%s); call reopen() to read the file now at the path",
+                    CHANGE_REASONS[first]);
+    return KNHK_STORE_CHANGED;
 }
 
-int64_t knhk_store_find(knhk_store *s, const char *key, size_t len) {
+static inline uint64_t header_now(const knhk_store *s) {
+    uint64_t v = *(const volatile uint64_t *)(const void *)(s->base + HDR - 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+#define WATCHED(s, T, call)                                                                                       \
+    do {                                                                                                          \
+        if (_knhk_likely(!(s)->watched)) return call;                                                             \
+        if (_knhk_unlikely(atomic_load_explicit(&(s)->changed, memory_order_relaxed))) return (T)changed((s), 0); \
+        if (_knhk_unlikely((s)->range_changed && atomic_load_explicit((s)->range_changed, memory_order_acquire))) \
+            return (T)changed((s), 3);                                                                            \
+        sigjmp_buf jb_;                                                                                           \
+        sigjmp_buf *prev_ = _knhk_fault_jmp;                                                                      \
+        if (sigsetjmp(jb_, 0)) {                                                                                  \
+            _knhk_fault_jmp = prev_;                                                                              \
+            return (T)changed((s), 1);                                                                            \
+        }                                                                                                         \
+        _knhk_fault_jmp = &jb_;                                                                                   \
+        atomic_signal_fence(memory_order_seq_cst);                                                                \
+        T r_ = call;                                                                                              \
+        atomic_thread_fence(memory_order_acquire);                                                                \
+        uint64_t now_ = header_now(s);                                                                            \
+        atomic_signal_fence(memory_order_seq_cst);                                                                \
+        _knhk_fault_jmp = prev_;                                                                                  \
+        if (_knhk_unlikely(now_ != (s)->info.header_sum)) return (T)changed((s), 2);                              \
+        return r_;                                                                                                \
+    } while (0)
+
+int knhk_store_watch(knhk_store *s) {
+    if (_knhk_fault_guard_install() != KNHK_OK) return -2;
+    _Atomic int *flag = NULL;
+    int slot = _knhk_watch_range(s->base, s->size, &flag);
+    s->range_changed = flag;
+    s->watched = 1;
+    return slot;
+}
+
+int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
+    WATCHED(s, int64_t, lookup(s, key, len, voff, vlen));
+}
+
+static inline int64_t find_packed(knhk_store *s, const char *key, size_t len) {
     uint64_t v, vl;
     int64_t r = lookup(s, key, len, &v, &vl);
     if (r < 0) return r;
@@ -373,15 +578,44 @@ int64_t knhk_store_find(knhk_store *s, const char *key, size_t len) {
     return (int64_t)((v << 24) | vl);
 }
 
+int64_t knhk_store_find(knhk_store *s, const char *key, size_t len) { WATCHED(s, int64_t, find_packed(s, key, len)); }
+
 int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span) {
-    uint64_t v = 0, vl = 0;
-    int64_t r = lookup(s, key, len, &v, &vl);
-    span[0] = v;
-    span[1] = vl;
-    return r;
+    span[0] = span[1] = 0;
+    WATCHED(s, int64_t, lookup(s, key, len, &span[0], &span[1]));
 }
 
+static int copy_raw(const knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst) {
+    if (offset > s->size || len > s->size - offset) {
+        _knhk_set_error("bytes [%llu, +%llu) are outside the %llu-byte file", (unsigned long long)offset,
+                        (unsigned long long)len, (unsigned long long)s->size);
+        return KNHK_ERR_INVALID;
+    }
+    if (len) memcpy(dst, s->base + offset, (size_t)len);
+    return KNHK_OK;
+}
+
+int knhk_store_copy(knhk_store *s, uint64_t offset, uint64_t len, uint8_t *dst) {
+    WATCHED(s, int, copy_raw(s, offset, len, dst));
+}
+
+int knhk_store_check_changed(knhk_store *s) { WATCHED(s, int, KNHK_OK); }
+
+static int64_t live_offsets(knhk_store *s, uint64_t *out, uint64_t cap);
+static int record_at(knhk_store *s, uint64_t offset, uint64_t *spans);
+static int verify(knhk_store *s, uint64_t *checked);
+
 int64_t knhk_store_live_offsets(knhk_store *s, uint64_t *out, uint64_t cap) {
+    WATCHED(s, int64_t, live_offsets(s, out, cap));
+}
+
+int knhk_store_record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
+    WATCHED(s, int, record_at(s, offset, spans));
+}
+
+int knhk_store_verify(knhk_store *s, uint64_t *checked) { WATCHED(s, int, verify(s, checked)); }
+
+static int64_t live_offsets(knhk_store *s, uint64_t *out, uint64_t cap) {
     uint64_t n = 0;
     for (uint64_t b = 0; b < s->nblocks; b++)
         if (!check_block(s, b)) return KNHK_STORE_BROKEN;
@@ -394,7 +628,7 @@ int64_t knhk_store_live_offsets(knhk_store *s, uint64_t *out, uint64_t cap) {
     return (int64_t)n;
 }
 
-int knhk_store_record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
+static int record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
     uint64_t k, kl, v, vl, rend;
     if (!parse_record(s, offset, &k, &kl, &v, &vl, &rend) || !check_record(s, offset, v + vl))
         return KNHK_ERR_INVALID;
@@ -405,10 +639,26 @@ int knhk_store_record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
     return KNHK_OK;
 }
 
-int knhk_store_verify(knhk_store *s, uint64_t *checked) {
+static int verify(knhk_store *s, uint64_t *checked) {
     const knhk_store_info *in = &s->info;
-    uint64_t n = 0, live = 0;
+    uint64_t n = 0, live = 0, maxd = 0;
     if (checked) *checked = 0;
+    /* Header fields open cannot check without reading the data: the regions
+       abut as the writer lays them out, and the padding is zeros. */
+    uint64_t dict_end = in->dict_offset + in->dict_length;
+    if (in->dict_offset != in->records_end || in->index_offset != dict_end + (-dict_end & 7)) {
+        _knhk_set_error("header: the dictionary does not start where the records end (%llu, %llu) or the index "
+                        "does not follow it (%llu)",
+                        (unsigned long long)in->dict_offset, (unsigned long long)in->records_end,
+                        (unsigned long long)in->index_offset);
+        return KNHK_ERR_INVALID;
+    }
+    for (uint64_t o = dict_end; o < in->index_offset; o++) {
+        if (s->base[o] != 0) {
+            _knhk_set_error("padding byte at offset %llu is not zero", (unsigned long long)o);
+            return KNHK_ERR_INVALID;
+        }
+    }
     for (uint64_t b = 0; b < s->nblocks; b++) {
         if (block_sum(s->index, in->slots, b) != ld64(s->base + in->blocksum_offset + b * 8)) {
             _knhk_set_error("index block %llu: checksum mismatch (flipped bit or overwritten bytes)",
@@ -422,7 +672,7 @@ int knhk_store_verify(knhk_store *s, uint64_t *checked) {
         if (!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend) ||
             !check_record(s, e & OFFSET_MASK, v + vl))
             return KNHK_ERR_INVALID;
-        uint64_t h = knhk_store_hash(s->base + k, (size_t)kl, in->seed);
+        uint64_t h = key_hash(s, s->base + k, (size_t)kl);
         uint64_t home = home_slot(h, in->slots);
         uint64_t d = j >= home ? j - home : j + in->slots - home;
         if ((e >> 48) != (h & 0xffff) || d > in->max_disp) {
@@ -431,11 +681,17 @@ int knhk_store_verify(knhk_store *s, uint64_t *checked) {
                             (unsigned long long)in->max_disp);
             return KNHK_ERR_INVALID;
         }
+        if (d > maxd) maxd = d;
         live++;
     }
     if (live != in->count) {
         _knhk_set_error("the index holds %llu keys, the header says %llu", (unsigned long long)live,
                         (unsigned long long)in->count);
+        return KNHK_ERR_INVALID;
+    }
+    if (maxd != in->max_disp) {
+        _knhk_set_error("header: max_disp is %llu, the index's longest displacement is %llu",
+                        (unsigned long long)in->max_disp, (unsigned long long)maxd);
         return KNHK_ERR_INVALID;
     }
     uint64_t off = in->records_offset;
@@ -482,8 +738,8 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
             _knhk_set_error("record %llu: lengths run past the key or value bytes given", (unsigned long long)i);
             return 0;
         }
-        size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo,
-                                            (size_t)vl, seed, out + pos, cap - pos, &hashes[i]);
+        size_t w = knhk_store_encode_record((const char *)keys + ko, (size_t)kl, (const char *)values + vo, (size_t)vl,
+                                            seed, out + pos, cap - pos, hashes ? &hashes[i] : NULL);
         if (w == 0) {
             _knhk_set_error("record %llu does not fit in the %zu-byte buffer", (unsigned long long)i, cap);
             return 0;

@@ -117,9 +117,9 @@ def test_unreadable_file(isolated, monkeypatch):
     path = write(isolated / "secret.toml", "")
     path.chmod(0)
     if os.geteuid() == 0:  # root reads any file: make the read fail as it would for a user
-        def deny(self):
-            raise PermissionError(13, "Permission denied", str(self))
-        monkeypatch.setattr(type(path), "read_bytes", deny)
+        def deny(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        monkeypatch.setattr("knhk_memory.config._open_nonblocking", deny)
     with pytest.raises(ConfigError, match=r"secret.toml: config file is not readable \(permission denied\)"):
         load_config(path)
 

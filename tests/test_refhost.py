@@ -349,7 +349,7 @@ def test_demo_builds_its_store_once_and_passes_its_checks(isolated, capsys):
 
 def test_demo_two_workers_give_the_same_totals_as_one(isolated, capsys):
     store = str(isolated / "demo.knhk")
-    code, one = demo_json(capsys, "--cases", "4000", "--store", store, "--seed", "11")
+    code, one = demo_json(capsys, "--cases", "4000", "--store", store, "--seed", "11", "--build")
     assert code == 0
     code, two = demo_json(capsys, "--cases", "4000", "--store", store, "--seed", "11", "--workers", "2")
     assert code == 0 and two["ok"], two["checks"]
@@ -359,7 +359,7 @@ def test_demo_two_workers_give_the_same_totals_as_one(isolated, capsys):
 
 
 def test_demo_text_summary_and_budget_table(isolated, capsys):
-    assert main(["demo", "--cases", "500", "--no-progress", "--store", str(isolated / "s.knhk")]) == 0
+    assert main(["demo", "--cases", "500", "--no-progress", "--store", str(isolated / "s.knhk"), "--build"]) == 0
     out = capsys.readouterr().out
     for text in ("knhk-memory demo: 500 cases, 1 worker(s), seed 1", "throughput: 500 cases in ",
                  "arena:      ", "backend calls", "WCP-9   Structured Discriminator",
@@ -377,7 +377,7 @@ def test_demo_fails_when_a_check_fails(isolated, capsys, monkeypatch):
         return out
 
     monkeypatch.setattr(ex.MultiMerge, "complete", miscount)
-    code, result = demo_json(capsys, "--cases", "2000", "--store", str(isolated / "s.knhk"))
+    code, result = demo_json(capsys, "--cases", "2000", "--store", str(isolated / "s.knhk"), "--build")
     assert code == 1 and not result["ok"]
     failed = [c for c in result["checks"] if not c["ok"]]
     assert [c["check"] for c in failed] == ["pattern statistics equal the pattern events in the log"]
@@ -414,7 +414,7 @@ def test_demo_bad_store_paths(isolated, capsys):
 
 def test_demo_store_from_the_config_file(isolated, capsys):
     (isolated / "knhk.toml").write_text('[store]\npath = "from-config.knhk"\n')
-    code, result = demo_json(capsys, "--cases", "300")
+    code, result = demo_json(capsys, "--cases", "300", "--build")
     assert code == 0 and result["store"]["from"].startswith("[store] path in ")
     assert (isolated / "from-config.knhk").is_file()
 

@@ -341,8 +341,8 @@ def test_wrong_magic(store_path):
 
 def test_newer_version(store_path):
     build(store_path, 5)
-    rewrite_header(store_path, version=2)
-    with pytest.raises(StoreVersionError, match="format version 2 is newer than this reader"):
+    rewrite_header(store_path, version=3)
+    with pytest.raises(StoreVersionError, match="format version 3 is newer than this reader"):
         WorkflowStore(store_path)
 
 

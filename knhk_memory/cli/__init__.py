@@ -9,6 +9,7 @@ re-executing itself once with the glibc tunable set.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -66,12 +67,90 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status.
+
+    0 success; 1 a failed check, a missing key or an output that could not be
+    written whole (the message says which); 2 a usage, input or configuration
+    error (``knhk-memory: error: ...``); 141 (128 + SIGPIPE) when the reader of
+    standard output went away (``| head``), without a word, as a C tool killed
+    by SIGPIPE would.
+    """
     from ..errors import KnhkMemoryError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return closed_pipe_exit()
     except KnhkMemoryError as exc:
-        print(f"knhk-memory: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc))
+    except UnicodeError as exc:  # a file or key name that is not text
+        return error(f"{exc}")
+    except MemoryError as exc:
+        return error(f"out of memory{': ' + str(exc) if str(exc) else ''}", status=1)
+    except OSError as exc:  # anything the commands did not name themselves: still no traceback
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return error(f"{where}{exc.strerror or exc}", status=1)
+    except KeyboardInterrupt:
+        return 130
+
+
+def error(message: str, *, status: int = 2) -> int:
+    """Print ``knhk-memory: error: MESSAGE`` to standard error; return ``status``."""
+    try:
+        print(f"knhk-memory: error: {message}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+    return status
+
+
+def closed_pipe_exit() -> int:
+    """Standard output's reader has gone: point the descriptor at /dev/null so
+    the interpreter's final flush cannot fail again, and exit 141 quietly."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests)
+        return 141
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    return 141
+
+
+def write_all(data: bytes | memoryview) -> None:
+    """Write every byte of ``data`` to standard output, or raise.
+
+    A non-blocking descriptor (a pipe left O_NONBLOCK by the shell or the
+    reader) takes the rest after ``poll`` says it is writable, instead of
+    stopping at the pipe's 64 KiB; a write that makes no progress raises
+    OSError (EPIPE: BrokenPipeError).
+    """
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    sys.stdout.flush()
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            n = os.write(fd, view[done:done + (1 << 20)])
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OSError(exc.errno, f"writing standard output: {exc.strerror}; {done} of {len(view)} "
+                          "bytes written, the output is incomplete") from None
+        if n == 0:
+            raise OSError(errno.EIO, f"standard output took 0 of {len(view) - done} bytes "
+                          f"({done} of {len(view)} written)")
+        done += n

@@ -6,12 +6,12 @@ import argparse
 import json
 from typing import Any
 
-from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, format_summary, run_demo
+from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, MAX_CASES, format_summary, run_demo
 
 __all__ = ["add_demo_command"]
 
 
-def _positive(name: str) -> Any:
+def _positive(name: str, limit: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -19,6 +19,8 @@ def _positive(name: str) -> Any:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
         if v < 1:
             raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
+        if limit is not None and v > limit:
+            raise argparse.ArgumentTypeError(f"{name} must be at most {limit:,}, got {v:,}")
         return v
     return parse
 
@@ -48,7 +50,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
-                      progress=args.progress, budgets=args.budgets, cluster=args.cluster,
+                      progress=args.progress, budgets=args.budgets, build=args.build, cluster=args.cluster,
                       batch_cases=args.batch_cases, ship_store=args.ship_store, cluster_timeout=args.cluster_timeout)
     if args.json:
         result.pop("_budget_table", None)
@@ -64,7 +66,7 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "on the reference host over the memory plugin, check every result and print "
                                    "a summary. Exit status: 0 all checks passed, 1 a check failed, 2 a usage or "
                                    "configuration error.")
-    p.add_argument("--cases", type=_positive("--cases"), default=DEFAULT_CASES, metavar="N",
+    p.add_argument("--cases", type=_positive("--cases", MAX_CASES), default=DEFAULT_CASES, metavar="N",
                    help=f"cases to run (default {DEFAULT_CASES:,})")
     p.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
                    help="worker processes sharing the store and the counters (default 1: this process)")
@@ -78,8 +80,10 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                         "or get its bytes and keep them in their cache (default for tcp://)")
     p.add_argument("--cluster-timeout", type=_seconds, default=10.0, metavar="S",
                    help="with --cluster: seconds to wait for the scheduler (default 10)")
-    p.add_argument("--store", metavar="PATH", help="workflow store to run (built there with the generated "
-                   "definitions if missing; default: [store] path, else a file in the cache directory)")
+    p.add_argument("--store", metavar="PATH", help="an existing workflow store to run (default: [store] path, "
+                   "else a store of generated definitions built once in the cache directory)")
+    p.add_argument("--build", action="store_true", help="build the generated definitions at --store PATH "
+                   "(or [store] path) when no file is there; the directory must exist")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",
                    help=f"seed of the cases' workflows and paths (default {DEFAULT_SEED})")
     p.add_argument("--json", action="store_true", help="machine-readable output")

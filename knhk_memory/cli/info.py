@@ -29,7 +29,10 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
         if isinstance(b, Exception):
             backends[name] = {"available": False, "error": str(b)}
         else:
-            backends[name] = {"available": True, "path": b.path, "version": b.version}
+            var = f"KNHK_MEMORY_{name.upper()}_LIBRARY"
+            backends[name] = {"available": True, "path": b.path, "version": b.version,
+                              "loaded_from": f"${var}" if os.environ.get(var) else
+                              ("the C library" if name == "system" else "the loader's search path")}
     pm.hook.knhk_configure(config=config)
     try:
         backend = pm.hook.knhk_allocator(config=config)
@@ -91,7 +94,8 @@ def _print_info(info: dict[str, Any]) -> None:
     out.append("backends:")
     for name, b in info["backends"].items():
         if b["available"]:
-            out.append(f"  {name:<9} {b['version']:<24} {b['path']}")
+            via = f" (from {b['loaded_from']})" if b["loaded_from"].startswith("$") else ""
+            out.append(f"  {name:<9} {b['version']:<24} {b['path']}{via}")
         else:
             out.append(f"  {name:<9} unavailable: {b['error']}")
     sel = info["selected_backend"]

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 from typing import Any
 
 from ..store import WorkflowStore, build_from_directory
+from . import write_all
 
 __all__ = ["add_store_commands"]
+
+ZSTD_LEVELS = (1, 22)
+
+
+def _zstd_level(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer zstd level from {ZSTD_LEVELS[0]} to "
+                                         f"{ZSTD_LEVELS[1]}, got {text!r}") from None
+    if not ZSTD_LEVELS[0] <= v <= ZSTD_LEVELS[1]:
+        raise argparse.ArgumentTypeError(f"must be a zstd level from {ZSTD_LEVELS[0]} to {ZSTD_LEVELS[1]}, "
+                                         f"got {v}")
+    return v
+
+
+def _key_regex(text: str) -> str:
+    try:
+        pattern = re.compile(text.encode("utf-8", "surrogateescape"))
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+    if pattern.groups < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has no group; the key is the first group, e.g. "
+                                         "'\"id\":\\s*\"([^\"]+)\"'")
+    return text
 
 
 def add_store_commands(sub: Any, common: Any) -> None:
@@ -20,11 +48,14 @@ def add_store_commands(sub: Any, common: Any) -> None:
     b.add_argument("source", metavar="SOURCE", help="directory of definition files (any extension)")
     b.add_argument("-o", "--output", required=True, metavar="FILE", help="the store file to write")
     kg = b.add_mutually_exclusive_group()
-    kg.add_argument("--key-regex", metavar="REGEX", help="take the key from the file: the first group "
+    kg.add_argument("--key-regex", metavar="REGEX", type=_key_regex, help="take the key from the file: the first group "
                     "of REGEX (default: the path relative to SOURCE without extension)")
     kg.add_argument("--key-field", metavar="FIELD", help="take the key from a JSON file's top-level FIELD")
     b.add_argument("--last-wins", action="store_true", help="a repeated key keeps the last file")
-    b.add_argument("--zstd", type=int, metavar="LEVEL", help="compress values with zstd at LEVEL")
+    b.add_argument("--zstd", type=_zstd_level, metavar="LEVEL",
+                   help=f"compress values with zstd at LEVEL ({ZSTD_LEVELS[0]}-{ZSTD_LEVELS[1]})")
+    b.add_argument("--allow-empty", action="store_true",
+                   help="build an empty store when SOURCE holds no files (otherwise an error)")
     pg = b.add_mutually_exclusive_group()
     pg.add_argument("--progress", dest="progress", action="store_true", default=None,
                     help="always show a progress bar (default: for 2000+ files on a terminal)")
@@ -54,7 +85,8 @@ def add_store_commands(sub: Any, common: Any) -> None:
 def _cmd_build(args: Any) -> int:
     summary = build_from_directory(args.source, args.output, key_regex=args.key_regex,
                                    key_field=args.key_field, last_wins=args.last_wins,
-                                   compress=args.zstd, progress=args.progress)
+                                   compress=args.zstd, progress=args.progress,
+                                   allow_empty=args.allow_empty)
     print(f"wrote {summary['output']}: {summary['keys']} keys from {summary['files']} files, "
           f"{summary['file_size']} bytes")
     return 0
@@ -66,9 +98,7 @@ def _cmd_get(args: Any) -> int:
         if value is None:
             print(f"knhk-memory: {args.file}: key {args.key!r} not found", file=sys.stderr)
             return 1
-        sys.stdout.flush()
-        sys.stdout.buffer.write(value)
-        sys.stdout.buffer.flush()
+        write_all(value)
     return 0
 
 

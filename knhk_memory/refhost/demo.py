@@ -38,6 +38,9 @@ DEFAULT_SEED = 1
 GENERATOR_SEED = 2026
 STORE_FORMAT = "v1"
 SAMPLE_CASES = 256
+# A case costs ~100 bytes of working arrays and ~0.5-1 us; a hundred million
+# is ~10 GB and minutes. Beyond that a run is a mistake (10**12 was once typed).
+MAX_CASES = 100_000_000
 
 
 # ---------------------------------------------------------------- the store
@@ -46,18 +49,39 @@ def default_store_path() -> Path:
     return cache_dir() / f"demo-workflows-{STORE_FORMAT}-{DEFAULT_WORKFLOWS}-{GENERATOR_SEED}.knhk"
 
 
-def ensure_store(path: Path, count: int = DEFAULT_WORKFLOWS) -> dict[str, Any]:
+def ensure_store(path: Path, count: int = DEFAULT_WORKFLOWS, *, build: bool = True,
+                 make_dirs: bool = False) -> dict[str, Any]:
     """Build the generated definitions at ``path`` unless a store is there.
-    The file appears whole or not at all (the writer renames it into place)."""
+
+    ``build=False``: a missing store is a :class:`HostError` (a path the user
+    named must already hold a store). ``make_dirs``: create missing parent
+    directories (only for the cache directory, which is ours); otherwise a
+    missing directory is a :class:`HostError`. The file appears whole or not
+    at all (the writer renames it into place).
+    """
     from ..store import WorkflowStoreWriter
 
-    if path.exists():
-        return {"path": str(path), "built": False, "build_seconds": 0.0}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HostError(f"cannot create the directory {path.parent} for the demo store ({exc.strerror}); "
-                        f"pass --store PATH or set {CACHE_ENV}") from None
+        exists = os.path.lexists(path)
+    except OSError as exc:  # pragma: no cover - lexists swallows most errors
+        raise HostError(f"cannot check the demo store {path}: {exc.strerror}") from None
+    if exists:
+        return {"path": str(path), "built": False, "build_seconds": 0.0}
+    if not os.access(path.parent if str(path.parent) else ".", os.X_OK) and path.parent.exists():
+        raise HostError(f"the directory {path.parent} cannot be searched (permission denied); pass --store "
+                        f"PATH or set {CACHE_ENV}")
+    if not build:
+        raise HostError(f"no store at {path}; pass --build to build the generated definitions there, or "
+                        "name an existing store")
+    if make_dirs:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HostError(f"cannot create the directory {path.parent} for the demo store ({exc.strerror}); "
+                            f"pass --store PATH or set {CACHE_ENV}") from None
+    elif not path.parent.is_dir():
+        raise HostError(f"the directory {path.parent} does not exist; the demo does not create directories "
+                        "for a store path you name")
     t0 = time.perf_counter()
     with WorkflowStoreWriter(path) as w:
         for wf in generate_definitions(count, GENERATOR_SEED):
@@ -183,18 +207,21 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
 
 def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
              seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
-             cluster: str | None = None, batch_cases: int | None = None, ship_store: str | None = None,
-             cluster_timeout: float = 10.0, on_result: Any = None) -> dict[str, Any]:
+             build: bool = False, cluster: str | None = None, batch_cases: int | None = None,
+             ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
     :class:`HostError` for bad parameters; failed checks are in the result.
 
+    ``store`` (or ``[store] path``) must name an existing store unless
+    ``build`` (then the generated definitions are built there, in an existing
+    directory); without either, the store lives in :func:`cache_dir`.
     ``cluster`` (``local[:N]`` or ``tcp://HOST:PORT``) runs the cases as Dask
     tasks of ``batch_cases`` cases each (see :mod:`.cluster`); the result then
     has a ``"cluster"`` entry with per-worker figures. Raises
     :class:`~knhk_memory.errors.ClusterError` (or a ``WorkerError``) when the
     cluster cannot run them."""
-    if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
-        raise HostError(f"--cases must be a positive integer, got {cases!r}")
+    if isinstance(cases, bool) or not isinstance(cases, int) or not 1 <= cases <= MAX_CASES:
+        raise HostError(f"--cases must be an integer from 1 to {MAX_CASES:,}, got {cases!r}")
     cpus = os.cpu_count() or 1
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 8 * cpus:
         raise HostError(f"--workers must be an integer from 1 to {8 * cpus} (8 per CPU), got {workers!r}")
@@ -220,9 +247,14 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         store_path, store_from = Path(config.store.path), f"[store] path in {config.source}"
     else:
         store_path, store_from = default_store_path(), "the cache directory"
-    if store_path.is_dir():
+    try:
+        is_dir = store_path.is_dir()
+    except OSError as exc:
+        raise HostError(f"{store_path} (from {store_from}) cannot be checked: {exc.strerror}") from None
+    if is_dir:
         raise HostError(f"{store_path} (from {store_from}) is a directory; give a store file path")
-    built = ensure_store(store_path)
+    ours = store_from == "the cache directory"
+    built = ensure_store(store_path, build=build or ours, make_dirs=ours)
     store_figures = measure_store(store_path)
     config = config.replace(store={"path": str(store_path)})
     if workers > 1:

@@ -40,6 +40,7 @@ from ..config import Config, load_config
 from ..counters import Counters, PatternStats
 from ..errors import ArenaBusyError, HostError, StoreKeyError
 from ..hookspecs import hookimpl
+from ..metrics import Metrics
 from ..host import get_plugin_manager
 from ..registry import start_registries
 from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
@@ -50,6 +51,9 @@ __all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BAT
 REQUIRED_COUNTERS = ("cases_started", "cases_completed", "tasks_fired", "errors")
 DEFAULT_BATCH_SIZE = 4096
 PATTERN_SLOTS = 44  # index = pattern id, 0 unused
+# Upper bounds (seconds) of the per-pattern latency histogram: one execution
+# is a share of a vectorised block, nanoseconds to microseconds.
+PATTERN_BUCKETS = (1e-8, 2.5e-8, 5e-8, 1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 class HostPlugin:
@@ -138,6 +142,11 @@ class Engine:
     :param plugins: Extra plugins to register beside the entry points.
     :param counters_from: ``(counters name, pattern stats name)`` of shared
         blocks another process made: this engine counts into those.
+    :param metrics: False: no metrics block; True: make one as ``[metrics]``
+        says (:class:`~knhk_memory.metrics.Metrics`); a name: attach to the one
+        another process made. The engine records per-pattern latency
+        histograms (``knhk_pattern_execution_seconds{pattern}``) and cases
+        completed per worker (``knhk_refhost_cases_completed_total{worker}``).
     :param batch_size: Most cases run as one batch.
     :param arena_scopes: Run each batch in an arena scope (the point of the
         host); False runs batches on the ordinary allocator, for comparisons.
@@ -146,7 +155,7 @@ class Engine:
     def __init__(self, config: Config | str | os.PathLike[str] | None = None, *,
                  store: str | os.PathLike[str] | None = None, plugins: Sequence[Any] = (),
                  counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 arena_scopes: bool = True) -> None:
+                 arena_scopes: bool = True, metrics: bool | str = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise HostError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -192,6 +201,25 @@ class Engine:
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
             self._retired_arenas: list[dict[str, int]] = []
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
+            self.metrics: Metrics | None = None
+            self._done_child: Any = None
+            if metrics is True:
+                self.metrics = Metrics.from_config(config)
+                self._own_metrics = self.metrics
+            elif isinstance(metrics, str):
+                self.metrics = Metrics.attach(metrics)
+                self._attached.append(self.metrics)
+            elif metrics is not False:
+                raise HostError(f"metrics must be False, True or a metrics block name, got {metrics!r}")
+            if self.metrics is not None:
+                lat = self.metrics.histogram(
+                    "knhk_pattern_execution_seconds", "Time of one pattern execution (a block's time shared "
+                    "evenly among its executions), by WCP pattern id.", labels=("pattern",),
+                    buckets=PATTERN_BUCKETS, sum_resolution=1e-12)
+                self._lat_family = lat
+                self._lat: dict[int, Any] = {}
+                self._cases_done = self.metrics.counter(
+                    "knhk_refhost_cases_completed", "Cases run to their end, by worker.", labels=("worker",))
         except BaseException:
             self.close()
             raise
@@ -216,6 +244,7 @@ class Engine:
         w, n = partition
         if not (isinstance(w, int) and isinstance(n, int) and 0 <= w < n):
             raise HostError(f"partition must be (w, n) with 0 <= w < n, got {partition!r}")
+        self._done_child = self._cases_done.labels(str(w)) if self.metrics is not None else None
         tally = RunTally()
         t0 = time.perf_counter()
         start_stats = self.arena.stats()
@@ -337,6 +366,8 @@ class Engine:
         tally.events += simd.histogram(log, EVENT_KINDS)
         tally.completed += done
         self.counters.add(self._idx["cases_completed"], done)
+        if self._done_child is not None:
+            self._done_child.add(done)
         tally.cases += rows
         tally.batches += 1
         if sample:
@@ -348,6 +379,13 @@ class Engine:
             return
         p, c, t = (np.array(col, dtype=np.int64) for col in zip(*recorded))
         self.pattern_stats.record_many(np.repeat(p, c), np.repeat(t, c).astype(np.uint64))
+        if self.metrics is not None:
+            per_tick = 1.0 / self.pattern_stats.ticks_per_second()
+            for pattern, count, ticks in recorded:
+                child = self._lat.get(pattern)
+                if child is None:
+                    child = self._lat[pattern] = self._lat_family.labels(str(pattern))
+                child.observe_many(ticks * per_tick, count)
 
     @staticmethod
     def _keep_samples(case_numbers: np.ndarray, kinds: np.ndarray, tasks: np.ndarray, where: np.ndarray,
@@ -372,6 +410,9 @@ class Engine:
         for block in self._attached:
             block.close()
         self._attached = []
+        own = self.__dict__.pop("_own_metrics", None)
+        if own is not None:
+            own.close()
         if self._configured:
             self._configured = False
             arena = getattr(self, "arena", None)

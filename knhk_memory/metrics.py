@@ -441,7 +441,8 @@ class Metrics:
         n = ffi.new("size_t *")
         check(lib.knhk_metrics_list(h, buf, self._capacity, n), "listing the metrics table")
         vals = ffi.new("int64_t[]", self._cells)
-        check(lib.knhk_counters_snapshot(self._c, vals, self._cells), "reading the metric cells")
+        used = ffi.new("size_t *")
+        check(lib.knhk_metrics_values(h, vals, self._cells, used), "reading the metric cells")
         fams: dict[int, tuple[dict[str, Any], list[tuple[tuple[str, ...], list[int]]]]] = {}
         sets: list[tuple[int, int, int, tuple[str, ...]]] = []
         skipped = 0
@@ -455,7 +456,8 @@ class Metrics:
                 sets.append((e[1], e[2], e[3], e[4]))
         for parent, cell, ncells, values in sets:
             fam = fams.get(parent)
-            if fam is None or ncells != fam[0]["_ncells"] or len(values) != len(fam[0]["labels"]):
+            if fam is None or ncells != fam[0]["_ncells"] or len(values) != len(fam[0]["labels"]) or \
+                    cell + ncells > used[0]:
                 skipped += 1
                 continue
             fam[1].append((values, ffi.unpack(vals + cell, ncells)))

@@ -753,6 +753,9 @@ int knhk_metrics_intern(knhk_metrics *m, uint32_t kind, uint32_t parent, const v
 int knhk_metrics_list(const knhk_metrics *m, uint32_t *out, size_t cap, size_t *n);
 /* One READY entry, bounds-checked: KNHK_ERR_STATE if not ready, _INVALID if corrupt. */
 int knhk_metrics_entry_get(const knhk_metrics *m, uint32_t index, knhk_metrics_entry_info *out);
+/* The values of the cells handed out so far, [0, *n), into out[0..cap)
+   (cap >= knhk_metrics_cells is always enough). */
+int knhk_metrics_values(const knhk_metrics *m, int64_t *out, size_t cap, size_t *n);
 /* Record one histogram observation: +1 to the bucket cell of value (le
    semantics over bounds[0..nbounds), then +Inf at cell + nbounds), and
    sum_units to the sum cell at cell + nbounds + 1. */

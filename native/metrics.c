@@ -491,3 +491,19 @@ int knhk_metrics_observe(knhk_counters *c, uint32_t cell, const double *bounds, 
     if (st != KNHK_OK) return st;
     return sum_units ? knhk_counters_add(c, cell + nbounds + 1, sum_units) : KNHK_OK;
 }
+
+int knhk_metrics_values(const knhk_metrics *m, int64_t *out, size_t cap, size_t *n) {
+    /* Only the cells handed out so far (the shared bump counter, clamped to
+       this handle's validated cell count): a scrape reads 64 slots x the
+       cells in use, not x the block's capacity. */
+    uint64_t used = atomic_load_explicit(&m->hot->next_cell, memory_order_acquire);
+    if (used > m->h.cells) used = m->h.cells;
+    if (cap < used) {
+        _knhk_set_error("the value buffer holds %zu cells, %llu are in use", cap, (unsigned long long)used);
+        *n = 0;
+        return KNHK_ERR_INVALID;
+    }
+    for (uint64_t i = 0; i < used; i++) out[i] = knhk_counters_get(m->counters, (uint32_t)i);
+    *n = (size_t)used;
+    return KNHK_OK;
+}

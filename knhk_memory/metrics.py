@@ -39,7 +39,6 @@ set one per bucket plus one), 256 families; past one,
 from __future__ import annotations
 
 import bisect
-import http.server
 import json
 import math
 import os
@@ -931,12 +930,13 @@ def _label_keys(fam: MetricFamily) -> list[str]:
     return list(fam.samples[0].labels) if fam.samples else []
 
 
-def make_server(sources: Sequence[Any], host: str = "127.0.0.1", port: int = 0) -> http.server.ThreadingHTTPServer:
+def make_server(sources: Sequence[Any], host: str = "127.0.0.1", port: int = 0) -> Any:
     """An HTTP server (not yet serving: call ``serve_forever`` or run it in a thread)
     that answers every GET with a scrape of ``sources``: OpenMetrics when the
     request's Accept header asks for ``application/openmetrics-text``, else the
     Prometheus text format 0.0.4. ``port=0`` picks a free port
     (``server.server_address``). Binds 127.0.0.1 by default."""
+    import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name

@@ -22,6 +22,7 @@ from knhk_memory import simd
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
+from knhk_memory.metrics import Metrics
 from knhk_memory.errors import BackendUnavailableError, KnhkMemoryError, SimdLevelError, StoreError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
@@ -63,6 +64,11 @@ class MemoryServices:
         self.patterns = PatternRegistry()
         self.resources = GlobalResourceRegistry(close_at_exit=bool(config.registry.close_at_exit))
         self.counters, self.pattern_stats = self._make_counters(config)
+        # The metrics block is made on the first knhk_metrics call (a shared one
+        # is a shared-memory segment: none is made for engines that never ask).
+        self._config = config
+        self._metrics: Metrics | None = None
+        self._metrics_lock = threading.Lock()
         # Opened last, so a bad store path fails before anything is applied;
         # what was made before it is released.
         self.store: WorkflowStore | None = None
@@ -94,6 +100,18 @@ class MemoryServices:
             counters.close()
             raise config.error("counters.shared_name", str(exc)) from None
         return counters, patterns
+
+    def metrics(self) -> Metrics:
+        """The metrics block ``[metrics]`` describes, made on first use."""
+        with self._metrics_lock:
+            if self._metrics is None:
+                cfg = self._config.metrics
+                try:
+                    self._metrics = Metrics.from_config(self._config)
+                except (KnhkMemoryError, OSError) as exc:
+                    raise self._config.error("metrics.shared_name" if cfg.shared or cfg.shared_name
+                                             else "metrics.max_cells", str(exc)) from None
+            return self._metrics
 
     def new_arena(self, name: str) -> Arena:
         """An arena for one case or batch, with the configured settings and backend."""
@@ -142,6 +160,9 @@ class MemoryServices:
             self.counters.close()
             if self.pattern_stats is not None:
                 self.pattern_stats.close()
+            metrics, self._metrics = self._metrics, None
+            if metrics is not None:
+                metrics.close()
             store, self.store = self.store, None
             if store is not None:
                 store.close()
@@ -220,6 +241,11 @@ def knhk_counters(config: Config) -> Counters:
 @hookimpl
 def knhk_pattern_stats(config: Config) -> PatternStats | None:
     return services(config).pattern_stats
+
+
+@hookimpl
+def knhk_metrics(config: Config) -> Metrics:
+    return services(config).metrics()
 
 
 @hookimpl

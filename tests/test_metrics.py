@@ -560,3 +560,61 @@ def test_concurrent_inserts_of_the_same_label_sets_meet_at_one_entry(block):
     fam = block.counter("race", "r", labels=("k",))
     assert [fam.get(str(i)) for i in range(50)] == [3] * 50
     assert block.usage()["label_sets"] == 50
+
+
+def test_fork_after_binding_children_counts_into_the_same_totals(block):
+    fam = block.counter("forked", "f", labels=("who",))
+    child = fam.labels("any")  # bound before the fork: the builtin goes with it
+    child.add(5)
+    hist = block.histogram("forked_seconds", "f", buckets=(1.0,)).labels()
+    ctx = mp.get_context("fork")
+
+    def run() -> None:
+        for _ in range(1000):
+            child.add()
+        hist.observe(0.5)
+        fam.labels("child").add(7)  # a label set first used after the fork
+        os._exit(0)
+
+    procs = [ctx.Process(target=run) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for _ in range(1000):
+        child.add()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert child.get() == 5 + 4 * 1000
+    assert fam.get("child") == 21
+    assert hist.get()["count"] == 3
+
+
+def test_the_memory_plugin_makes_the_block_on_first_use_and_closes_it():
+    from knhk_memory import get_plugin_manager
+
+    config = load_config(mapping={"metrics": {"max_label_sets": 7, "max_cells": 70}})
+    pm = get_plugin_manager()
+    pm.hook.knhk_configure(config=config)
+    try:
+        block = pm.hook.knhk_metrics(config=config)
+        assert block is pm.hook.knhk_metrics(config=config)
+        assert (block.max_label_sets, block.max_cells) == (7, 70)
+        block.counter("x", "x").add()
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+    assert block.closed
+
+
+def test_the_memory_plugin_names_the_key_when_the_block_cannot_be_made(tmp_path):
+    from knhk_memory import get_plugin_manager
+
+    taken = Metrics(shared=str(tmp_path / "taken"))
+    config = load_config(mapping={"metrics": {"shared_name": str(tmp_path / "taken")}})
+    pm = get_plugin_manager()
+    pm.hook.knhk_configure(config=config)
+    try:
+        with pytest.raises(ConfigError, match="metrics.shared_name.*already exists"):
+            pm.hook.knhk_metrics(config=config)
+    finally:
+        pm.hook.knhk_unconfigure(config=config)
+        taken.close()

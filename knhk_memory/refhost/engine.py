@@ -142,8 +142,8 @@ class Engine:
     :param plugins: Extra plugins to register beside the entry points.
     :param counters_from: ``(counters name, pattern stats name)`` of shared
         blocks another process made: this engine counts into those.
-    :param metrics: False: no metrics block; True: make one as ``[metrics]``
-        says (:class:`~knhk_memory.metrics.Metrics`); a name: attach to the one
+    :param metrics: False: no metrics block; True: the plugin's
+        (``knhk_metrics``, made as ``[metrics]`` says); a name: attach to the one
         another process made. The engine records per-pattern latency
         histograms (``knhk_pattern_execution_seconds{pattern}``) and cases
         completed per worker (``knhk_refhost_cases_completed_total{worker}``).
@@ -203,9 +203,8 @@ class Engine:
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
             self.metrics: Metrics | None = None
             self._done_child: Any = None
-            if metrics is True:
-                self.metrics = Metrics.from_config(config)
-                self._own_metrics = self.metrics
+            if metrics is True:  # the memory plugin's block; it closes it in knhk_unconfigure
+                self.metrics = self.pm.hook.knhk_metrics(config=config)
             elif isinstance(metrics, str):
                 self.metrics = Metrics.attach(metrics)
                 self._attached.append(self.metrics)
@@ -410,9 +409,6 @@ class Engine:
         for block in self._attached:
             block.close()
         self._attached = []
-        own = self.__dict__.pop("_own_metrics", None)
-        if own is not None:
-            own.close()
         if self._configured:
             self._configured = False
             arena = getattr(self, "arena", None)

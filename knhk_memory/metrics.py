@@ -331,6 +331,8 @@ class Metrics:
                 bound = {lib.KNHK_METRICS_FULL_SETS: self._max_sets, lib.KNHK_METRICS_FULL_CELLS: self._cells,
                          lib.KNHK_METRICS_FULL_FAMILIES: lib.KNHK_METRICS_FAMILIES_MAX}.get(full[0])
                 detail = f"all {bound} {noun} are used" if bound is not None else last_error()
+                if full[0] == lib.KNHK_METRICS_FULL_CELLS:
+                    detail = f"{self.usage()['cells']} of its {bound} cells are used, {ncells} more are needed"
                 raise LabelSetLimitError(f"{what()}: the metrics block is full ({detail}); the bound is the config "
                                          f"key {key_name}: raise it for a new block, or use fewer distinct "
                                          f"label values")

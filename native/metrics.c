@@ -24,9 +24,12 @@
  * and cells are written; readers load it with acquire). An entry never moves
  * or changes once READY, so a handle may cache what it decoded. An inserter
  * that finds WRITING waits (yielding) for READY; if the writing pid is dead
- * (it was killed mid-insert) it CASes the entry to DEAD, a tombstone that
- * probes step over and that is never reused, so two inserters of one key
- * always meet at the same entry. The arena bytes and cells of a dead insert
+ * (it was killed mid-insert), or the entry stays WRITING for over 2 s (its
+ * writer is stopped, or the pid was reused), it CASes the entry to DEAD, a
+ * tombstone that probes step over and that is never reused. The writer goes
+ * WRITING -> READY by CAS too, so a writer overtaken that way finds its entry
+ * buried and inserts again: two inserters of one key always end at the same
+ * entry, and no insert waits on another for more than 2 s. The arena bytes and cells of a dead insert
  * are lost (nothing was counted in them); the table is twice the number of
  * entries it may hold, so tombstones do not fill it in practice.
  *
@@ -305,6 +308,17 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Take n units of a bump counter, never past limit: false when they do not fit
+   (the counter is left as it was, so a smaller request may still fit). */
+static bool bump(_Atomic uint64_t *ctr, uint64_t n, uint64_t limit, uint64_t *at) {
+    uint64_t cur = atomic_load_explicit(ctr, memory_order_relaxed);
+    do {
+        if (cur > limit || n > limit - cur) return false;
+    } while (!atomic_compare_exchange_weak_explicit(ctr, &cur, cur + n, memory_order_relaxed, memory_order_relaxed));
+    *at = cur;
+    return true;
+}
+
 static void unreserve(knhk_metrics *m, uint32_t kind) {
     atomic_fetch_sub_explicit(kind == KNHK_METRICS_KIND_SET ? &m->hot->sets : &m->hot->families, 1,
                               memory_order_relaxed);
@@ -349,6 +363,8 @@ int knhk_metrics_intern(knhk_metrics *m, uint32_t kind, uint32_t parent, const v
     uint64_t hash = entry_hash(kind, parent, key, key_len);
     uint32_t mask = m->h.capacity - 1, pid = (uint32_t)getpid();
     bool reserved = false;
+    int restarts = 0;
+restart:
     for (uint32_t probe = 0; probe < m->h.capacity; probe++) {
         metrics_entry *e = &m->table[(hash + probe) & mask];
         uint64_t waited_from = 0;
@@ -377,16 +393,13 @@ int knhk_metrics_intern(knhk_metrics *m, uint32_t kind, uint32_t parent, const v
                 if (!atomic_compare_exchange_strong_explicit(&e->state, &expected, mine, memory_order_acquire,
                                                              memory_order_relaxed))
                     continue; /* someone claimed it first: look again */
-                uint64_t span = (uint64_t)key_len + payload_len;
-                uint64_t off = atomic_fetch_add_explicit(&m->hot->arena_used, span, memory_order_relaxed);
-                uint64_t cell = atomic_fetch_add_explicit(&m->hot->next_cell, ncells, memory_order_relaxed);
-                if (off > m->h.arena_size || span > m->h.arena_size - off || cell > m->h.cells ||
-                    ncells > m->h.cells - cell) {
+                uint64_t span = (uint64_t)key_len + payload_len, off = 0, cell = 0;
+                bool arena_ok = bump(&m->hot->arena_used, span, m->h.arena_size, &off);
+                if (!arena_ok || !bump(&m->hot->next_cell, ncells, m->h.cells, &cell)) {
                     atomic_store_explicit(&e->state, ST_DEAD, memory_order_release);
                     unreserve(m, kind);
-                    bool arena = off > m->h.arena_size || span > m->h.arena_size - off;
-                    *full = arena ? KNHK_METRICS_FULL_BYTES : KNHK_METRICS_FULL_CELLS;
-                    if (arena)
+                    *full = arena_ok ? KNHK_METRICS_FULL_CELLS : KNHK_METRICS_FULL_BYTES;
+                    if (!arena_ok)
                         _knhk_set_error("the metrics block's %llu bytes of label values are used up",
                                         (unsigned long long)m->h.arena_size);
                     else
@@ -405,26 +418,36 @@ int knhk_metrics_intern(knhk_metrics *m, uint32_t kind, uint32_t parent, const v
                 e->parent = parent;
                 e->cell = (uint32_t)cell;
                 e->ncells = ncells;
-                atomic_store_explicit(&e->state, ST_READY, memory_order_release);
+                /* A CAS, not a store: if this insert was so slow that a waiter
+                   buried the entry, it stays buried and the insert starts
+                   again (never two entries of one key). */
+                uint64_t writing = mine;
+                if (!atomic_compare_exchange_strong_explicit(&e->state, &writing, ST_READY, memory_order_release,
+                                                             memory_order_relaxed)) {
+                    if (++restarts > 8) {
+                        if (reserved) unreserve(m, kind);
+                        _knhk_set_error("inserting into the metrics table was overtaken 8 times (this process "
+                                        "was stopped for over 2 s while inserting, each time)");
+                        return KNHK_ERR_STATE;
+                    }
+                    goto restart;
+                }
                 *entry_out = (hash + probe) & mask;
                 *cell_out = (uint32_t)cell;
                 *created = 1;
                 return KNHK_OK;
             }
-            /* WRITING by some pid, or garbage: wait for READY, or bury it. */
+            /* WRITING: wait for READY. Bury the entry if its writer is dead
+               (killed mid-insert), or has not finished in WAIT_NS (stopped,
+               or its pid was reused): a slow writer that comes back finds
+               its entry buried (its CAS to READY fails) and inserts again. */
             uint32_t writer = (uint32_t)(st >> 32);
-            if ((uint32_t)st != ST_WRITING || writer == 0 || pid_dead(writer)) {
+            uint64_t now = now_ns();
+            if (waited_from == 0) waited_from = now;
+            if ((uint32_t)st != ST_WRITING || writer == 0 || pid_dead(writer) || now - waited_from > WAIT_NS) {
                 atomic_compare_exchange_strong_explicit(&e->state, &st, ST_DEAD, memory_order_relaxed,
                                                         memory_order_relaxed);
                 continue;
-            }
-            uint64_t now = now_ns();
-            if (waited_from == 0) waited_from = now;
-            if (now - waited_from > WAIT_NS) {
-                if (reserved) unreserve(m, kind);
-                _knhk_set_error("entry %u of the metrics table has been half-written by pid %u for over 2 s "
-                                "(stopped or stuck?); try again later", (unsigned)((hash + probe) & mask), writer);
-                return KNHK_ERR_STATE;
             }
             sched_yield();
         }

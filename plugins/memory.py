@@ -220,6 +220,9 @@ def knhk_memory_stats(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
     if svc.store is not None:
         out["store"] = svc.store.stats()
+    if svc._metrics is not None and not svc._metrics.closed:
+        out["metrics"] = {"shared_name": svc._metrics.name, **svc._metrics.usage(),
+                          "max_label_sets": svc._metrics.max_label_sets, "max_cells": svc._metrics.max_cells}
     return out
 
 

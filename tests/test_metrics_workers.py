@@ -93,3 +93,39 @@ def test_restarted_workers_reuse_slots_and_the_block_stays_one_file(tmp_path):
     assert m.usage()["label_sets"] == 1
     assert m.reclaim_dead() >= 1 and m.slots_owned() == 0
     m.close()
+
+
+def _observer(name: str, progress) -> None:
+    m = Metrics.attach(name)
+    h = m.histogram("busy_seconds", "Busy.", labels=("k",), buckets=(0.1, 1.0), sum_resolution=0.25).labels("x")
+    c = m.counter("ops", "Ops.", labels=("k",)).labels("x")
+    i = 0
+    while True:  # killed somewhere in here, maybe between the bucket add and the sum add
+        h.observe(0.5)
+        c.add()
+        i += 1
+        progress.value = i
+
+
+def test_a_scrape_after_a_writer_died_mid_update_is_consistent():
+    m = Metrics(shared=True, max_label_sets=8, max_cells=64)
+    ctx = mp.get_context("fork")
+    progress = ctx.Value("q", 0, lock=False)
+    p = ctx.Process(target=_observer, args=(m.name, progress))
+    p.start()
+    deadline = time.monotonic() + 60
+    while progress.value < 20_000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    done = progress.value
+    fams = {f.name: f for f in prom_parser.text_string_to_metric_families(generate(m))}
+    s = {(x.name, x.labels.get("le")): x.value for x in fams["busy_seconds"].samples}
+    count = s[("busy_seconds_count", None)]
+    assert count == s[("busy_seconds_bucket", "+Inf")] == s[("busy_seconds_bucket", "1.0")]  # count is the buckets'
+    assert s[("busy_seconds_bucket", "0.1")] == 0
+    assert done <= count <= done + 1  # at most the one observation in flight
+    assert s[("busy_seconds_sum", None)] in (count * 0.5, (count - 1) * 0.5)  # its sum may be missing, no more
+    ops = fams["ops"].samples[0].value
+    assert done <= ops <= done + 1 and count - 1 <= ops <= count
+    m.close()

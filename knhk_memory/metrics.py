@@ -418,7 +418,15 @@ class Metrics:
                         not _METRIC_NAME.match(name):
                     return None
                 labels = tuple(_check_label_names(value.get("labels", ())))
-                want = 1 if value["type"] == "counter" else len(_check_buckets(value.get("buckets", ()))) + 2
+                if not isinstance(value.get("help"), str):
+                    return None
+                if value["type"] == "histogram":
+                    res = value.get("resolution")
+                    if isinstance(res, bool) or not isinstance(res, (int, float)) or not (0 < res < math.inf):
+                        return None
+                    want = len(_check_buckets(value.get("buckets", ()))) + 2
+                else:
+                    want = 1
                 value = dict(value, name=name, labels=list(labels))
                 value["_ncells"] = want
             else:
@@ -569,9 +577,13 @@ class _Family:
         with self._block._lock:
             child = self._children.get(key)
             if child is None:
-                _, cell = self._block._intern(
+                entry, cell = self._block._intern(
                     lib.KNHK_METRICS_KIND_SET, self._entry, blob, b"", self._ncells,
                     lambda: f"family {self.name!r} cannot add the label set {dict(zip(self.label_names, key))!r}")
+                got = self._block._entry(entry)
+                if got is None or got[2:4] != (cell, self._ncells):  # only a corrupt block can get here
+                    raise SharedBlockError(f"the metrics block's entry for {self.name}{list(key)!r} is corrupt "
+                                           f"(it does not own the {self._ncells} cells this family needs)")
                 child = self._child_cls(self, key, cell)
                 self._children[key] = child
         return child
@@ -742,13 +754,14 @@ class MetricFamily:
 
 class CountersSource:
     """A :class:`~knhk_memory.counters.Counters` block as counter families: counter
-    ``x`` becomes ``<prefix>x_total`` (names the format cannot carry are refused)."""
+    ``x`` (or ``x_total``) becomes ``<prefix>x_total`` (names the format cannot carry
+    are refused)."""
 
     def __init__(self, counters: Counters, prefix: str = "knhk_", help: str = "knhk-memory counter {name}.") -> None:
         self.counters = counters
         self.prefix = prefix
         self.help = help
-        self._names = [_check_metric_name(prefix + n) for n in counters.names]
+        self._names = [_check_metric_name(prefix + n.removesuffix("_total")) for n in counters.names]
 
     def collect(self) -> list[MetricFamily]:
         vals = [self.counters.get(i) for i in range(len(self.counters))]

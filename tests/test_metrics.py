@@ -341,6 +341,9 @@ def test_other_sources_and_duplicate_family_names():
         generate(CountersSource(c), CountersSource(c))
     with pytest.raises(MetricNameError, match="metric name 'knhk_bad-name' is not accepted"):
         CountersSource(Counters(["bad-name"]))
+    text = generate(CountersSource(Counters(["jobs_total"])), openmetrics=True)
+    assert "# TYPE knhk_jobs counter\nknhk_jobs_total 0\n" in text
+    assert list(om_parser.text_string_to_metric_families(text))[0].name == "knhk_jobs"
 
 
 def test_prometheus_client_collector():
@@ -628,3 +631,25 @@ def test_the_memory_plugin_names_the_key_when_the_block_cannot_be_made(tmp_path)
     finally:
         pm.hook.knhk_unconfigure(config=config)
         taken.close()
+
+
+def test_a_label_set_entry_with_the_wrong_cells_is_refused_not_written_through(tmp_path):
+    m = _file_block(tmp_path)
+    m.counter("x", "x", labels=("a",)).labels("1").add(1)
+    path = tmp_path / "m.block"
+    capacity, table_off = _table(path)
+    with open(path, "r+b") as f:
+        data = f.read()
+        for i in range(capacity):
+            off = table_off + 48 * i
+            if struct.unpack_from("<Q", data, off)[0] == 2 and struct.unpack_from("<I", data, off + 32)[0] == 2:
+                f.seek(off + 44)
+                f.write(struct.pack("<I", 3))  # ncells 3 on a counter's label set
+                break
+    other = Metrics.attach(str(path))
+    with pytest.raises(SharedBlockError, match=r"entry for x\['1'\] is corrupt \(it does not own the 1 cells"):
+        other.counter("x", "x", labels=("a",)).labels("1")
+    got = parse(generate(other), False)
+    assert got["knhk_metrics_skipped_entries"]["samples"][("knhk_metrics_skipped_entries", ())] == 1
+    other.close()
+    m.close()

@@ -67,7 +67,7 @@ from .errors import (
 __all__ = [
     "Metrics", "CounterFamily", "HistogramFamily", "CounterChild", "HistogramChild", "MetricFamily", "Sample",
     "CountersSource", "PatternStatsSource", "GaugeSource", "generate", "make_server", "prometheus_collector",
-    "DEFAULT_BUCKETS", "CONTENT_TYPE_PROMETHEUS", "CONTENT_TYPE_OPENMETRICS",
+    "DEFAULT_BUCKETS", "CONTENT_TYPE_PROMETHEUS", "CONTENT_TYPE_OPENMETRICS", "PatternHistograms", "PATTERN_BUCKETS",
 ]
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -471,8 +471,9 @@ class Metrics:
                 continue
             fam[1].append((values, ffi.unpack(vals + cell, ncells)))
         out = sorted(fams.values(), key=lambda f: f[0]["name"])
-        for _, rows in out:
-            rows.sort(key=lambda r: r[0])
+        for _, rows in out:  # numbers in numeric order ("9" before "10"), then text
+            rows.sort(key=lambda r: tuple((0, int(v), "") if v.isascii() and v.isdigit() and len(v) < 19 else (1, 0, v)
+                                          for v in r[0]))
         return out, skipped
 
     def collect(self) -> list[MetricFamily]:
@@ -728,6 +729,68 @@ class HistogramFamily(_Family):
 
     def observe(self, value: float) -> None:
         self._default().observe(value)
+
+
+# ---------------------------------------------------------------- per-pattern latency
+
+#: Upper bounds (seconds) of :class:`PatternHistograms`: 10 ns to 10 ms, a 1-2.5-5 ladder
+#: up to 10 us (a vectorised pattern execution takes nanoseconds to microseconds).
+PATTERN_BUCKETS = (1e-8, 2.5e-8, 5e-8, 1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+class _PatternTimer:
+    __slots__ = ("_h", "_pattern", "_t0")
+
+    def __init__(self, h: PatternHistograms, pattern: int) -> None:
+        self._h, self._pattern = h, pattern
+
+    def __enter__(self) -> _PatternTimer:
+        self._t0 = lib.knhk_counters_ticks()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._h.record(self._pattern, max(0, lib.knhk_counters_ticks() - self._t0))
+
+
+class PatternHistograms:
+    """Per-pattern latency histograms, next to :class:`~knhk_memory.counters.PatternStats`
+    (which keeps count, total, min and max per pattern): one histogram family
+    ``name{pattern="<WCP id>"}`` in a :class:`Metrics` block, shared by every worker.
+
+    ``record(pattern, ticks, count=1)`` takes the same ticks as ``PatternStats.record``
+    (the timestamp counter; converted with its measured ticks per second) and
+    records ``count`` executions of that duration with two adds: what a batch that
+    timed ``count`` executions together records. The sum is kept in picoseconds
+    (``sum_resolution=1e-12``: up to 106 days of pattern time in all).
+
+    :raises CounterIndexError: a pattern id outside 1..43. :raises TypeError: not an int.
+    """
+
+    def __init__(self, metrics: Metrics, name: str = "knhk_pattern_execution_seconds",
+                 buckets: Sequence[float] = PATTERN_BUCKETS,
+                 help: str = "Time of one pattern execution, by WCP pattern id.") -> None:
+        self.family = metrics.histogram(name, help, labels=("pattern",), buckets=buckets, sum_resolution=1e-12)
+        self._children: dict[int, HistogramChild] = {}
+        self._per_tick = 1.0 / float(lib.knhk_counters_ticks_per_second())
+
+    def child(self, pattern: int) -> HistogramChild:
+        """The histogram of one pattern id (1..43)."""
+        c = self._children.get(pattern)  # type: ignore[call-overload]
+        if c is None:
+            p = PatternStats._pattern(pattern)
+            c = self._children[p] = self.family.labels(str(p))
+        return c
+
+    def record(self, pattern: int, ticks: int, count: int = 1) -> None:
+        """``count`` executions of ``pattern`` that took ``ticks`` each."""
+        if isinstance(ticks, bool) or not isinstance(ticks, Integral) or ticks < 0:
+            raise CounterIncrementError(f"ticks must be an integer >= 0, got {ticks!r}")
+        self.child(pattern).observe_many(int(ticks) * self._per_tick, count)
+
+    def time(self, pattern: int) -> _PatternTimer:
+        """``with hists.time(2): ...`` records one execution of pattern 2."""
+        self.child(pattern)
+        return _PatternTimer(self, pattern)
 
 
 # ---------------------------------------------------------------- other sources

@@ -693,3 +693,32 @@ def test_random_corruption_never_crashes_an_attach_or_a_scrape(tmp_path_factory)
             block.close()
 
     run()
+
+
+def test_pattern_histograms_next_to_pattern_stats():
+    from knhk_memory.errors import CounterIndexError
+    from knhk_memory.metrics import PatternHistograms
+
+    m = Metrics()
+    h = PatternHistograms(m)
+    tps = PatternStats.ticks_per_second()
+    h.record(3, int(tps * 2e-6), count=10)  # 10 executions of 2 us
+    h.record(3, 0)
+    with h.time(7):
+        pass
+    got = h.child(3).get()
+    assert got["count"] == 11
+    assert dict(got["buckets"])[2.5e-6] == 11 and dict(got["buckets"])[1e-6] == 1
+    assert got["sum"] == pytest.approx(20e-6, rel=1e-3)
+    assert h.child(7).get()["count"] == 1
+    with pytest.raises(CounterIndexError, match=r"pattern id 44 is out of range \[1, 43\]"):
+        h.record(44, 1)
+    with pytest.raises(TypeError, match="a pattern id is an integer 1..43, got str '3'"):
+        h.record("3", 1)
+    with pytest.raises(CounterIncrementError, match="ticks must be an integer >= 0, got -1"):
+        h.record(3, -1)
+    with pytest.raises(CounterIncrementError, match=r"count must be an integer in 0..9223372036854775807, got -2"):
+        h.record(3, 1, count=-2)
+    fams = parse(generate(m), False)
+    assert fams["knhk_pattern_execution_seconds"]["samples"][
+        ("knhk_pattern_execution_seconds_count", (("pattern", "3"),))] == 11

@@ -40,7 +40,7 @@ from ..config import Config, load_config
 from ..counters import Counters, PatternStats
 from ..errors import ArenaBusyError, HostError, StoreKeyError
 from ..hookspecs import hookimpl
-from ..metrics import Metrics
+from ..metrics import Metrics, PatternHistograms
 from ..host import get_plugin_manager
 from ..registry import start_registries
 from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
@@ -51,9 +51,6 @@ __all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BAT
 REQUIRED_COUNTERS = ("cases_started", "cases_completed", "tasks_fired", "errors")
 DEFAULT_BATCH_SIZE = 4096
 PATTERN_SLOTS = 44  # index = pattern id, 0 unused
-# Upper bounds (seconds) of the per-pattern latency histogram: one execution
-# is a share of a vectorised block, nanoseconds to microseconds.
-PATTERN_BUCKETS = (1e-8, 2.5e-8, 5e-8, 1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
 class HostPlugin:
@@ -211,12 +208,8 @@ class Engine:
             elif metrics is not False:
                 raise HostError(f"metrics must be False, True or a metrics block name, got {metrics!r}")
             if self.metrics is not None:
-                lat = self.metrics.histogram(
-                    "knhk_pattern_execution_seconds", "Time of one pattern execution (a block's time shared "
-                    "evenly among its executions), by WCP pattern id.", labels=("pattern",),
-                    buckets=PATTERN_BUCKETS, sum_resolution=1e-12)
-                self._lat_family = lat
-                self._lat: dict[int, Any] = {}
+                self._lat = PatternHistograms(self.metrics, help="Time of one pattern execution (a block's "
+                                              "time shared evenly among its executions), by WCP pattern id.")
                 self._cases_done = self.metrics.counter(
                     "knhk_refhost_cases_completed", "Cases run to their end, by worker.", labels=("worker",))
         except BaseException:
@@ -379,12 +372,8 @@ class Engine:
         p, c, t = (np.array(col, dtype=np.int64) for col in zip(*recorded))
         self.pattern_stats.record_many(np.repeat(p, c), np.repeat(t, c).astype(np.uint64))
         if self.metrics is not None:
-            per_tick = 1.0 / self.pattern_stats.ticks_per_second()
             for pattern, count, ticks in recorded:
-                child = self._lat.get(pattern)
-                if child is None:
-                    child = self._lat[pattern] = self._lat_family.labels(str(pattern))
-                child.observe_many(ticks * per_tick, count)
+                self._lat.record(pattern, ticks, count)
 
     @staticmethod
     def _keep_samples(case_numbers: np.ndarray, kinds: np.ndarray, tasks: np.ndarray, where: np.ndarray,

@@ -102,9 +102,9 @@ def _increments() -> None:
 
 def _worker(name: str, k: int, hold, release) -> None:
     """One worker: counts into both systems, then waits (hold) or exits."""
-    from knhk_memory.metrics import Metrics
+    import bench_metrics_state as st
 
-    import bench_metrics_state as st  # noqa: F401 - set up below, inherited through fork
+    from knhk_memory.metrics import Metrics
 
     m = Metrics.attach(name)
     c = m.counter("tasks_completed", "Tasks.", labels=("task_type",))
@@ -276,7 +276,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     inc = _in_subprocess("_increments")
     print("increments (ns/add, medians of", ROUNDS, "interleaved rounds of", N, "):", json.dumps(inc["ns"]))
-    print("ratio knhk/prometheus_client:", inc["ns"]["knhk child.add"] / inc["ns"]["prometheus_client inc (multiprocess)"])
+    ns = inc["ns"]
+    print("ratio knhk/prometheus_client:", ns["knhk child.add"] / ns["prometheus_client inc (multiprocess)"])
     sc = _in_subprocess("_scrapes")
     print("scrapes:", json.dumps(sc))
     print("knhk after/before:", sc["after"]["knhk_ms"] / sc["before"]["knhk_ms"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._version import __version__
 from .errors import *  # noqa: F403 - every exception class, see errors.__all__
 
 # Everything else is imported on first use (PEP 562): `import knhk_memory`
@@ -36,14 +37,8 @@ _SUBMODULES = ("simd",)
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name == "__version__":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            value: Any = version("knhk-memory")
-        except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
-            value = "0+unknown"
-    elif name in _SUBMODULES:
+    value: Any
+    if name in _SUBMODULES:
         value = importlib.import_module(f"{__name__}.{name}")
     elif name in _LAZY:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
@@ -73,7 +68,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .arena import Arena, ArenaStats, ThreadLocalArena
     from .budgets import BudgetReport, run_budgets
     from .config import Config, load_config
-    from .counters import CounterWriter, Counters, PatternStats
+    from .counters import Counters, CounterWriter, PatternStats
     from .host import get_plugin_manager
     from .hotpath import HotOp, PyHotOp
     from .once import Lazy, OnceLock

@@ -28,3 +28,48 @@ def metrics_state(counters_handle_address: int, /) -> object: ...
 def detach_metrics(state: object, /) -> None: ...
 def metrics_method(kind: int, state: object, cell: int, slow: Callable[..., Any], bounds: tuple[float, ...] = ...,
                    resolution: float = ..., /) -> Callable[..., None]: ...
+
+class ArenaBlock:
+    """A counted arena block (a writable buffer), freed when its last view goes."""
+
+class ArenaBase:
+    """The C base of knhk_memory.arena.Arena (native/cpython/arena_py.c)."""
+
+    def alloc(self, nbytes: int, align: int = 16) -> memoryview: ...
+    def array(self, shape: int | tuple[int, ...], dtype: Any = "float64", *, align: int | None = None) -> Any: ...
+    def _fast_bind(self, address: int | None, /) -> None: ...
+    def _fast_cache_dtype(self, key: object, descr: Any, /) -> None: ...
+
+class OnceBase:
+    """The C base of OnceLock and Lazy (native/cpython/cells_py.c)."""
+
+    _value: Any
+    _full: bool
+
+    def get(self) -> Any: ...
+
+class LookupBase:
+    """The C base of PatternRegistry: obj[number] from _by_number, else _getitem_slow."""
+
+    _by_number: Any
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+class BlockBase:
+    """The C base of Block (native/cpython/block_py.c): one allocation, its views counted."""
+
+    backend: Any
+    _size: int
+    _align: int
+    _address: int | None
+    _exports: int
+
+    def free(self) -> None: ...
+    def _realloc(self, nbytes: int, align_or_0: int, align_kept: int, /) -> bool: ...
+
+class BackendBase:
+    """The C base of Backend: malloc() without a Python frame."""
+
+    def malloc(self, nbytes: int) -> Any: ...
+    def _fast_bind(self, backend_address: int, block_type: type, /) -> None: ...
+    def _adopt(self, address: int, size: int, align: int, /) -> Any: ...

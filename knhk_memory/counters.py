@@ -22,13 +22,11 @@ striped counter can, but a read is then only a bracket), or histograms.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from importlib import resources
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,7 +35,7 @@ if TYPE_CHECKING:
 
 
 from . import _fast
-from ._core import check, ffi, last_error, lib, raise_status
+from ._core import check, check_as, ffi, lib
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -46,7 +44,9 @@ from .errors import (
     KnhkMemoryError,
     SharedBlockError,
     SharedBlockNotFoundError,
+    did_you_mean,
 )
+from .patterns import builtin_patterns
 
 try:  # POSIX shared memory without multiprocessing's resource tracker
     import _posixshmem
@@ -56,18 +56,16 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
 __all__ = ["Counters", "CounterWriter", "PatternStats", "PATTERNS", "pattern_names", "hot_ops"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# The statuses with an exception of their own (_core.check_as), made once, not per call.
+_BAD_INDEX = {lib.KNHK_ERR_INVALID: CounterIndexError}
+_NOT_OWNER = {lib.KNHK_ERR_STATE: CounterWriterError}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def pattern_names() -> dict[int, str]:
-    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list."""
-    text = resources.files("knhk_memory").joinpath("data/wcp-control-flow-patterns.tsv").read_text("utf-8")
-    out: dict[int, str] = {}
-    for line in text.splitlines()[1:]:
-        if line.strip():
-            pid, name, *_ = line.split("\t")
-            out[int(pid)] = name
-    return out
+    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list
+    (read by :func:`knhk_memory.patterns.builtin_patterns`)."""
+    return {p.number: p.name for p in builtin_patterns()}
 
 
 PATTERNS: dict[int, str] = pattern_names()
@@ -200,10 +198,9 @@ class _Block:
 
     def _open(self, mapping: _Mapping) -> None:
         out = ffi.new("knhk_counters **")
-        status = lib.knhk_counters_open(mapping.buf, len(mapping.mm), out)
-        if status != lib.KNHK_OK:
-            where = f"{mapping.name!r}" if mapping.name else "the block"
-            raise SharedBlockError(f"{where} is not a counter block this build can use: {last_error()}")
+        where = f"{mapping.name!r}" if mapping.name else "the block"
+        check_as(lib.knhk_counters_open(mapping.buf, len(mapping.mm), out),
+                 lambda d: SharedBlockError(f"{where} is not a counter block this build can use: {d}"))
         raw = out[0]
         flavor = lib.knhk_counters_flavor(raw)
         if flavor != self._flavor:
@@ -361,8 +358,7 @@ class Counters(_Block):
             try:
                 return self._index[key]
             except KeyError:
-                near = difflib.get_close_matches(key, self._names, n=3, cutoff=0.5)
-                hint = f"; nearest: {', '.join(map(repr, near))}" if near else ""
+                hint = did_you_mean(key, self._names, cutoff=0.5, template="; nearest: {}", sep=", ")
                 shown = ", ".join(map(repr, self._names[:8])) + (", ..." if len(self._names) > 8 else "")
                 raise CounterNameError(f"no counter named {key!r}{hint} (counters: {shown})") from None
         if isinstance(key, bool) or not isinstance(key, Integral):
@@ -420,10 +416,8 @@ class Counters(_Block):
         idx = _int_array(arr, "counter indices")
         if idx.size == 0:
             return
-        status = lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "adding to counters")
+        check_as(lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step),
+                 what="adding to counters", special=_BAD_INDEX)
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
@@ -507,9 +501,7 @@ class CounterWriter:
 
     @staticmethod
     def _refused(status: int) -> None:
-        if status == lib.KNHK_ERR_STATE:
-            raise CounterWriterError(last_error())
-        check(status, "adding through a counter writer")
+        check_as(status, what="adding through a counter writer", special=_NOT_OWNER)
 
     @property
     def counters(self) -> Counters:
@@ -592,8 +584,19 @@ class PatternStats(_Block):
             return inner  # type: ignore[return-value]
         return wrap
 
+    def _open(self, mapping: _Mapping) -> None:
+        super()._open(mapping)
+        # record as a METH_FASTCALL builtin (native/cpython/counters_py.c): exact
+        # ints the core accepts are one vectorcall; the rest goes to _record.
+        self._fast_state = _fast.counters_state(int(ffi.cast("uintptr_t", self._h)), {}, 0)
+        self.record = _fast.counters_method(3, self._fast_state, self._record)  # type: ignore[method-assign]
+
     def record(self, pattern: int, ticks: int) -> None:
-        """Record one execution of ``pattern`` that took ``ticks``."""
+        """Record one execution of ``pattern`` (1..43) that took ``ticks`` (0..2**63-1).
+        (On an open block a C builtin with the same errors; see ``_open``.)"""
+        self._record(pattern, ticks)
+
+    def _record(self, pattern: int, ticks: int) -> None:
         t = _as_int(ticks, "ticks")
         if t < 0:
             raise CounterIncrementError(f"ticks must be >= 0, got {t}")
@@ -610,11 +613,9 @@ class PatternStats(_Block):
             raise ValueError(f"patterns and ticks differ in length: {p.size} and {t.size}")
         if p.size == 0:
             return
-        status = lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
-                                                       ffi.from_buffer("uint64_t[]", t), p.size)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "recording patterns")
+        check_as(lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
+                                                       ffi.from_buffer("uint64_t[]", t), p.size),
+                 what="recording patterns", special=_BAD_INDEX)
 
     def _raw(self) -> np.ndarray:
         import numpy as np
@@ -674,9 +675,6 @@ def hot_ops() -> list[Any]:
                         "inlined as in a caller inside the library",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add"),
             setup=setup,
-            default_budget=8,
-            budget_reason="the issue's target; measured 1.2-2.4 ticks on a 2-core VM, quiet or with both "
-                          "cores busy (docs/counters.md)",
         ),
         HotOp(
             name="counter_add_call",
@@ -684,10 +682,6 @@ def hot_ops() -> list[Any]:
                         "function pointer as a caller in another shared object calls it",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add_call"),
             setup=setup,
-            default_budget=16,
-            budget_reason="the call and return come on top of the add: 4.0-4.3 ticks in most processes "
-                          "on this 2-core VM, 7.7-10.5 in others (the same code, the VM's state), so 16 as "
-                          "for counter_add_lookup; counter_add holds the add itself to 8",
         ),
         HotOp(
             name="counter_add_lookup",
@@ -695,10 +689,5 @@ def hot_ops() -> list[Any]:
                         "(__tls_get_addr) on every add, then the same load+add+store",
             fn=ffi.addressof(lib, "knhk_counters_hotop_add"),
             setup=setup,
-            default_budget=32,
-            budget_reason="the __tls_get_addr call of a dlopen'ed module's TLS is on every add: 5-12 ticks "
-                          "quiet (bimodal per process), 10-18 loaded on a 2-core VM, and CI has run 2.2x "
-                          "slower than quiet on every op (11.5 there); 32 keeps that and still fails a "
-                          "contended lock or a shared line bounced between cores",
         ),
     ]

@@ -258,6 +258,10 @@ class Metrics:
             raise KnhkMemoryError("this Metrics block is closed")
         return h
 
+    def _require_open(self) -> Any:
+        """The native handle; raises KnhkMemoryError once the block is closed."""
+        return self._handle
+
     @property
     def name(self) -> str | None:
         """The shared-memory name or file path other processes attach with (None if private)."""
@@ -287,12 +291,12 @@ class Metrics:
 
     def slots_owned(self) -> int:
         """Writer slots owned now (threads of every attached process that have written)."""
-        self._handle
+        self._require_open()
         return int(lib.knhk_counters_slots_owned(self._c))
 
     def reclaim_dead(self) -> int:
         """Free the writer slots of processes that died holding them (their counts stay)."""
-        self._handle
+        self._require_open()
         return int(lib.knhk_counters_reclaim_dead(self._c))
 
     def close(self) -> None:
@@ -343,7 +347,7 @@ class Metrics:
                 buckets: tuple[float, ...] | None, resolution: float | None) -> _Family:
         if not isinstance(documentation, str):
             raise TypeError(f"documentation must be a string, got {documentation!r}")
-        definition = {"type": kind, "help": documentation, "labels": list(labels)}
+        definition: dict[str, Any] = {"type": kind, "help": documentation, "labels": list(labels)}
         if buckets is not None:
             definition["buckets"] = list(buckets)
             definition["resolution"] = resolution
@@ -396,7 +400,7 @@ class Metrics:
         if isinstance(sum_resolution, bool) or not isinstance(sum_resolution, Real) or \
                 not (math.isfinite(float(sum_resolution)) and float(sum_resolution) > 0):
             raise HistogramBucketsError(f"sum_resolution must be a positive finite number, got {sum_resolution!r}")
-        return self._family("histogram", name, documentation, _check_label_names(labels, ("le",)),  # type: ignore[return-value]
+        return self._family("histogram", name, documentation, _check_label_names(labels, ("le",)),  # type: ignore[return-value,unused-ignore]
                             _check_buckets(buckets), float(sum_resolution))
 
     def _entry(self, index: int) -> tuple[Any, ...] | None:
@@ -533,6 +537,7 @@ def _describe_def(d: Mapping[str, Any] | None) -> str:
 
 class _Family:
     _kind: str
+    _child_cls: Any
 
     def __init__(self, block: Metrics, name: str, entry: int, definition: dict[str, Any]) -> None:
         self._block = block
@@ -622,7 +627,7 @@ class CounterChild:
         if v > _I64_MAX:
             raise CounterIncrementError(f"increment {v} does not fit a 64-bit counter (accepted: 0..{_I64_MAX})")
         block = self.family._block
-        block._handle
+        block._require_open()
         check(lib.knhk_counters_add(block._c, self._cell, v), "adding to a counter")
 
     def inc(self, n: int = 1) -> None:
@@ -632,7 +637,7 @@ class CounterChild:
     def get(self) -> int:
         """The total over every thread and process."""
         block = self.family._block
-        block._handle
+        block._require_open()
         return int(lib.knhk_counters_get(block._c, self._cell))
 
     def __repr__(self) -> str:
@@ -676,7 +681,7 @@ class HistogramChild:
                 f"observation {value!r} cannot be recorded: it must be finite and |value| / sum_resolution "
                 f"({self.family.sum_resolution!r}) below 9.2e18")
         block = self.family._block
-        block._handle
+        block._require_open()
         b = self.family.buckets
         check(lib.knhk_metrics_observe(block._c, self._cell, b, len(b), v, round(units)), "recording an observation")
 
@@ -696,7 +701,7 @@ class HistogramChild:
         if count == 0:
             return
         block = self.family._block
-        block._handle
+        block._require_open()
         b = self.family.buckets
         check(lib.knhk_counters_add(block._c, self._cell + bisect.bisect_left(b, v), count), "recording observations")
         check(lib.knhk_counters_add(block._c, self._cell + len(b) + 1, round(units)), "recording observations")
@@ -704,7 +709,7 @@ class HistogramChild:
     def get(self) -> dict[str, Any]:
         """``{"buckets": [(le, cumulative count), ...], "count": n, "sum": s}`` now."""
         block = self.family._block
-        block._handle
+        block._require_open()
         cells = [int(lib.knhk_counters_get(block._c, self._cell + i)) for i in range(self.family._ncells)]
         cum, buckets = 0, []
         for b, c in zip([*self.family.buckets, math.inf], cells):
@@ -775,7 +780,7 @@ class PatternHistograms:
 
     def child(self, pattern: int) -> HistogramChild:
         """The histogram of one pattern id (1..43)."""
-        c = self._children.get(pattern)  # type: ignore[call-overload]
+        c = self._children.get(pattern)
         if c is None:
             p = PatternStats._pattern(pattern)
             c = self._children[p] = self.family.labels(str(p))
@@ -978,6 +983,7 @@ def prometheus_collector(*sources: Any) -> Any:
     class KnhkCollector(Collector):
         def collect(self) -> Iterable[Any]:
             for fam in _families(sources):
+                out: Any
                 if fam.type == "counter":
                     out = CounterMetricFamily(fam.name, fam.help, labels=_label_keys(fam))
                     for s in fam.samples:
@@ -1017,7 +1023,7 @@ def make_server(sources: Sequence[Any], host: str = "127.0.0.1", port: int = 0) 
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             om = "application/openmetrics-text" in self.headers.get("Accept", "")
             try:
                 body = generate(*sources, openmetrics=om).encode("utf-8")

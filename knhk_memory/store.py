@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 
 from . import _fast
-from ._core import ffi, lib
+from ._core import check_as, ffi, lib
+from ._core import last_error as _last_error
 from .errors import (
     DuplicateKeyError,
     StoreClosedError,
@@ -88,10 +89,6 @@ _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
-
-
-def _last_error() -> str:
-    return ffi.string(lib.knhk_last_error()).decode("utf-8", "replace")
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -194,16 +191,18 @@ class WorkflowStore:
         cbuf = ffi.from_buffer(buf)
         out = ffi.new(_T_HANDLE_OUT)
         problem = ffi.new(_T_INT_OUT)
-        status = lib.knhk_store_open(cbuf, size, out, problem)
-        if status != lib.KNHK_OK:
-            message = _last_error()
+        def refused(message: str) -> StoreError:
+            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
+            return exc_type(message, path=path, problem=tag)
+
+        try:
+            check_as(lib.knhk_store_open(cbuf, size, out, problem), refused,
+                     special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{path}: {d}")})
+        except BaseException:
             ffi.release(cbuf)
             if mapped is not None:
                 mapped.close()
-            if status == lib.KNHK_ERR_NOMEM:
-                raise MemoryError(f"{path}: {message}")
-            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
-            raise exc_type(message, path=path, problem=tag)
+            raise
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -220,7 +219,8 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[d["dict_offset"]:d["dict_offset"] + d["dict_length"]]))
+                start = d["dict_offset"]
+                zdict = zstandard.ZstdCompressionDict(bytes(self._view[start:start + d["dict_length"]]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()
@@ -300,7 +300,7 @@ class WorkflowStore:
 
     # -- lookups
 
-    def get(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
@@ -325,11 +325,11 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def get_raw(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
-    def _get_decompressed(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         raw = WorkflowStore.get(self, key, _MISSING)
         if raw is _MISSING:
             return default
@@ -404,9 +404,11 @@ class WorkflowStore:
     def _records(self) -> Iterator[tuple[memoryview, memoryview]]:
         spans = ffi.new("uint64_t[4]")
         view = self._view
+
+        def corrupt(d: str) -> StoreError:
+            return StoreCorruptError(d, path=self.path, problem="corrupt")
         for off in self._record_offsets().tolist():
-            if lib.knhk_store_record_at(self._handle, off, spans) != lib.KNHK_OK:
-                raise StoreCorruptError(_last_error(), path=self.path, problem="corrupt")
+            check_as(lib.knhk_store_record_at(self._handle, off, spans), corrupt)
             yield view[spans[0]:spans[0] + spans[1]], view[spans[2]:spans[2] + spans[3]]
 
     def keys(self) -> Iterator[bytes]:
@@ -432,8 +434,8 @@ class WorkflowStore:
         """
         self._check_open()
         checked = ffi.new("uint64_t *")
-        if lib.knhk_store_verify(self._handle, checked) != lib.KNHK_OK:
-            raise StoreCorruptError(f"verify: {_last_error()}", path=self.path, problem="corrupt")
+        check_as(lib.knhk_store_verify(self._handle, checked),
+                 lambda d: StoreCorruptError(f"verify: {d}", path=self.path, problem="corrupt"))
         if self._compressed:
             for k, v in self._records():
                 try:
@@ -568,7 +570,7 @@ class WorkflowStoreWriter:
 
             if not 1 <= compress <= 22:
                 raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
-            params = {"level": compress, "write_content_size": True, "write_checksum": False}
+            params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
@@ -610,7 +612,7 @@ class WorkflowStoreWriter:
                 raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
             value = bytes(value)
         if self._cctx is not None:
-            value = self._cctx.compress(value)
+            value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
         index = self._index
         n = len(index)
         slot = index.setdefault(key, n)
@@ -702,8 +704,7 @@ class WorkflowStoreWriter:
                 ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
                 n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
                 max_disp)
-            if status != lib.KNHK_OK:
-                raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+            check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
             table_bytes = table.tobytes()
             sums_bytes = blocksums.tobytes()
             f.write(table_bytes)
@@ -880,9 +881,4 @@ def hot_ops() -> list[Any]:
                     "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); 250 "
-                      "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
-                      "cache-missing probe chain or a checksum on every read",
     )]

@@ -50,10 +50,15 @@ CORE_LIBRARIES = ["dl", "pthread", "m"]
 
 
 def version() -> str:
-    """The package version, written once: pyproject.toml's ``[project] version``."""
-    import tomllib
+    """The package version, written once: ``__version__`` in knhk_memory/_version.py
+    (pyproject.toml reads the same through ``[tool.setuptools.dynamic]``)."""
+    import ast
 
-    return str(tomllib.loads((NATIVE.parent / "pyproject.toml").read_text())["project"]["version"])
+    tree = ast.parse((NATIVE.parent / "knhk_memory" / "_version.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return str(ast.literal_eval(node.value))
+    raise RuntimeError("knhk_memory/_version.py does not assign __version__")
 
 
 def cdef_text(header: str) -> str:

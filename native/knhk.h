@@ -225,6 +225,9 @@ typedef struct {
     int64_t resident;      /* bytes resident for the allocator (or process RSS), or -1 */
     int64_t mapped;        /* bytes mapped or committed, or -1 */
     int64_t peak_resident; /* peak RSS / peak commit, or -1 */
+    int64_t metadata;      /* bytes of the allocator's own bookkeeping (jemalloc stats.metadata), or -1 */
+    int64_t retained;      /* bytes of address space kept but given back to the OS (jemalloc stats.retained), or -1 */
+    int64_t free_bytes;    /* bytes free inside the allocator's heaps, not given back (glibc fordblks), or -1 */
 } knhk_native_stats;
 
 /* Load a backend once and for all (libraries are never unloaded, so a block
@@ -483,6 +486,8 @@ typedef struct {
     uint64_t resets;
     uint64_t huge_page_chunks; /* chunks madvise(MADV_HUGEPAGE) accepted */
     uint64_t next_chunk_size;  /* size of the next chunk taken from the backend */
+    uint64_t pinned_chunks;    /* chunks a reset set aside because blocks in them live */
+    uint64_t pinned_bytes;     /* their bytes */
 } knhk_arena_stats;
 
 /* chunk_size: first chunk, in [KNHK_ARENA_MIN_CHUNK, KNHK_ARENA_MAX_CHUNK];
@@ -491,8 +496,10 @@ typedef struct {
    The calling thread becomes the owner. No backend call is made yet. */
 int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk_size, int huge_pages,
                       knhk_arena **out);
-/* Drop the owner's reference: no allocation succeeds afterwards; the memory
-   is returned when the last numpy handler and counted block are gone too. */
+/* Drop the owner's reference: no allocation succeeds afterwards. Called by
+   the owner, chunks without a live counted block go back to the backend at
+   once (uncounted blocks die with the close); the rest, and the arena, when
+   the last numpy handler and counted block are gone too. */
 void knhk_arena_close(knhk_arena *a);
 /* A block of size bytes (0 is served as 1) aligned to align (a power of two
    up to KNHK_MAX_ALIGN), or NULL with *status set (status may be NULL).
@@ -506,8 +513,12 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
 void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *status);
 /* Release a counted block; any thread. May return the arena's memory. */
 void knhk_arena_block_free(knhk_arena *a, void *ptr);
-/* Make every byte available again, keeping the chunks (KNHK_ERR_STATE while
-   counted blocks are live or from another thread than the owner). */
+/* Start the next batch: every chunk without a live counted block is
+   recycled (spares beyond twice the batch's need go back to the backend);
+   a chunk with live blocks is pinned -- kept, untouched, never bumped into
+   -- until its last block is freed. Uncounted blocks (knhk_arena_alloc) are
+   dead after a reset. KNHK_ERR_STATE from another thread than the owner or
+   on a closed arena. */
 int knhk_arena_reset(knhk_arena *a);
 int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out);
 /* Take a reference on an open arena for a holder other than its owner (a
@@ -714,6 +725,16 @@ uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, 
 size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
                                  size_t from, int64_t *out, size_t cap, size_t *next);
 
+
+/* ---------------------------------------------------------------- the process allocator (issue 21) */
+
+/* The path of the shared object whose malloc this process calls: an
+   allocator preloaded by knhk-memory run (LD_PRELOAD), else libc. The path is
+   as the loader recorded it (not resolved through symlinks), truncated to
+   len - 1 bytes. KNHK_ERR_INVALID for a NULL or empty buffer,
+   KNHK_ERR_UNSUPPORTED when the loader cannot say. */
+int knhk_process_malloc_owner(char *buf, size_t len);
+/* ---------------------------------------------------------------- end of issue 21 */
 
 /* ---------------------------------------------------------------- metrics (issue 17) */
 /* A metrics block (native/metrics.c has the layout and the insertion

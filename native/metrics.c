@@ -133,7 +133,8 @@ static bool layout(metrics_header *h, uint32_t max_sets, uint32_t cells) {
     h->hot_off = round_line(sizeof(metrics_header));
     h->table_off = round_line(h->hot_off + sizeof(metrics_hot));
     h->arena_off = round_line(h->table_off + (uint64_t)h->capacity * sizeof(metrics_entry));
-    h->arena_size = round_line((uint64_t)max_sets * KNHK_METRICS_SET_BYTES + (uint64_t)KNHK_METRICS_FAMILIES_MAX * 1024);
+    h->arena_size =
+        round_line((uint64_t)max_sets * KNHK_METRICS_SET_BYTES + (uint64_t)KNHK_METRICS_FAMILIES_MAX * 1024);
     h->counters_off = round_line(h->arena_off + h->arena_size);
     h->counters_size = csize;
     h->total_size = h->counters_off + csize;
@@ -157,7 +158,8 @@ int knhk_metrics_format(void *mem, size_t size, uint32_t max_sets, uint32_t cell
     }
     if (!layout(&h, max_sets, cells)) {
         _knhk_set_error("a metrics block of %u label sets and %u cells is out of range (label sets 1..%d, cells "
-                        "1..%d)", max_sets, cells, KNHK_METRICS_SETS_MAX, KNHK_COUNTERS_MAX);
+                        "1..%d)",
+                        max_sets, cells, KNHK_METRICS_SETS_MAX, KNHK_COUNTERS_MAX);
         return KNHK_ERR_INVALID;
     }
     if (size < h.total_size) {
@@ -175,8 +177,8 @@ int knhk_metrics_format(void *mem, size_t size, uint32_t max_sets, uint32_t cell
         _knhk_set_error("out of memory for the cell names");
         return KNHK_ERR_NOMEM;
     }
-    int st = knhk_counters_format((char *)mem + h.counters_off, h.counters_size, KNHK_COUNTERS_FLAVOR_SUM, cells,
-                                  names, names_len_for(cells));
+    int st = knhk_counters_format((char *)mem + h.counters_off, h.counters_size, KNHK_COUNTERS_FLAVOR_SUM, cells, names,
+                                  names_len_for(cells));
     free(names);
     if (st != KNHK_OK) return st;
     h.checksum = header_checksum(&h);
@@ -197,8 +199,8 @@ int knhk_metrics_open(void *mem, size_t size, knhk_metrics **out) {
     }
     metrics_header *shared = mem;
     if (shared->magic != KNHK_METRICS_MAGIC) {
-        _knhk_set_error("not a metrics block (magic 0x%016llx, expected 0x%016llx)",
-                        (unsigned long long)shared->magic, (unsigned long long)KNHK_METRICS_MAGIC);
+        _knhk_set_error("not a metrics block (magic 0x%016llx, expected 0x%016llx)", (unsigned long long)shared->magic,
+                        (unsigned long long)KNHK_METRICS_MAGIC);
         return KNHK_ERR_INVALID;
     }
     if (atomic_load_explicit(&shared->ready, memory_order_acquire) != 1) {
@@ -295,8 +297,8 @@ static bool entry_fields(const knhk_metrics *m, const metrics_entry *e, metrics_
     out->ncells = e->ncells;
     uint64_t span = (uint64_t)out->key_len + out->payload_len;
     return (out->kind == KNHK_METRICS_KIND_FAMILY || out->kind == KNHK_METRICS_KIND_SET) &&
-           out->key_off <= m->h.arena_size && span <= m->h.arena_size - out->key_off &&
-           out->cell <= m->h.cells && out->ncells <= m->h.cells - out->cell &&
+           out->key_off <= m->h.arena_size && span <= m->h.arena_size - out->key_off && out->cell <= m->h.cells &&
+           out->ncells <= m->h.cells - out->cell &&
            (out->kind == KNHK_METRICS_KIND_FAMILY || out->parent < m->h.capacity);
 }
 
@@ -507,8 +509,10 @@ int knhk_metrics_observe(knhk_counters *c, uint32_t cell, const double *bounds, 
     uint32_t lo = 0, hi = nbounds;
     while (lo < hi) {
         uint32_t mid = lo + (hi - lo) / 2;
-        if (value <= bounds[mid]) hi = mid;
-        else lo = mid + 1;
+        if (value <= bounds[mid])
+            hi = mid;
+        else
+            lo = mid + 1;
     }
     int st = knhk_counters_add(c, cell + lo, 1);
     if (st != KNHK_OK) return st;

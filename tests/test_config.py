@@ -72,8 +72,8 @@ def test_sections_are_read_only():
     ('[alocator]\nbackend = "system"\n',
      r"knhk.toml: alocator: unknown section \[alocator\]; accepted sections: allocator.*did you mean 'allocator'"),
     ('[allocator]\nbakend = "system"\n',
-     r"knhk.toml: allocator.bakend: unknown key 'bakend' in \[allocator\]; accepted keys: backend, numpy"
-     r" \(did you mean 'backend'\?\)"),
+     r"knhk.toml: allocator.bakend: unknown key 'bakend' in \[allocator\]; accepted keys: backend, numpy, scope, "
+     r"purge_interval_s, jemalloc, mimalloc, system \(did you mean 'backend'\?\)"),
     ('[allocator]\nbackend = "jemaloc"\n',
      r"knhk.toml: allocator.backend: 'jemaloc' is not one of 'auto', 'system', 'jemalloc', 'mimalloc'"
      r" \(did you mean 'jemalloc'"),

@@ -36,7 +36,7 @@ BAD_ADDS = [
 def outcome(fn, args, kwargs):
     try:
         return ("ok", fn(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - the point is to compare any exception
+    except Exception as exc:
         return (type(exc), str(exc))
 
 
@@ -134,9 +134,194 @@ def test_fast_adds_are_exact_across_threads(block):
 
 
 def test_factory_refuses_bad_arguments():
-    with pytest.raises(TypeError, match=r"counters_method\(kind: 0 add, 1 get or 2 writer add, state, slow"):
-        _fast.counters_method(3, None, print)
+    with pytest.raises(TypeError, match=r"counters_method\(kind: 0 add, 1 get, 2 writer add or 3 record, state, slow"):
+        _fast.counters_method(4, None, print)
     with pytest.raises(TypeError, match=r"counters_state\(handle_address, index: dict, count: int\)"):
         _fast.counters_state(1, [], 1)
     with pytest.raises(TypeError, match=r"detach_counters\(state\)"):
         _fast.detach_counters(object())
+
+
+# ---------------------------------------------------------------- arenas
+
+BAD_ALLOCS = [
+    ((0,), {}), ((-1,), {}), ((2**44 + 1,), {}), ((2**80,), {}), ((1.0,), {}), (("64",), {}), ((True,), {}),
+    ((None,), {}), ((64, 3), {}), ((64, 0), {}), ((64, 8192), {}), ((64, 16.0), {}), ((64,), {"align": 3}),
+    ((), {}), ((64, 16, 1), {}), ((64,), {"nope": 1}),
+]
+
+
+@pytest.fixture
+def arena():
+    from knhk_memory.arena import Arena
+
+    a = Arena(4096)
+    yield a
+    a.close()
+
+
+def test_arena_alloc_and_array_are_c_methods(arena):
+    from knhk_memory import _fast
+
+    assert isinstance(arena, _fast.ArenaBase)
+    assert type(arena.alloc).__name__ == "builtin_function_or_method"
+    view = arena.alloc(64)
+    assert isinstance(view, memoryview) and view.nbytes == 64 and not view.readonly
+    assert type(view.obj).__name__ == "ArenaBlock"
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ALLOCS)
+def test_arena_alloc_errors_match_the_python_path(arena, args, kwargs):
+    fast, slow = outcome(arena.alloc, args, kwargs), outcome(arena._alloc_slow, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+    assert arena.stats().live_blocks == 0
+
+
+BAD_ARRAYS = [
+    ((-1,), {}), (((2, -1),), {}), ((1.5,), {}), ((True,), {}), (((2, "3"),), {}), (("4",), {}),
+    ((4, object), {}), ((4, "nope"), {}), ((4, "V0"), {}), (((2**40, 2**40),), {}), ((4, "u1"), {"align": 3}),
+    ((tuple(range(1, 70)),), {}),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ARRAYS)
+def test_arena_array_errors_match_the_python_path(arena, args, kwargs):
+    slow = outcome(arena._array_slow, args, kwargs)
+    fast = outcome(arena.array, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+
+
+def test_arena_array_fast_and_slow_agree(arena):
+    for args, kwargs in [((64, np.uint8), {}), ((64, "uint8"), {}), (((3, 4), np.dtype("<u4")), {}), ((5,), {}),
+                         ((0, "f8"), {}), (((2, 0, 3), np.int16), {}), ((np.int64(3), "u2"), {}),
+                         ((7, "f8"), {"align": 64}), ((4, [("a", "u1"), ("b", "<f8")]), {})]:
+        for _ in range(2):  # the second call takes the C method once the dtype is cached
+            a, b = arena.array(*args, **kwargs), arena._array_slow(*args, **kwargs)
+            assert a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous and a.flags.writeable
+            assert a.ctypes.data % max(16, a.dtype.alignment, kwargs.get("align", 1)) == 0
+            a.view(np.uint8)[...] = 1
+            assert (a.view(np.uint8) == 1).all()
+
+
+def test_arena_blocks_live_as_long_as_their_views_and_arrays(arena):
+    import gc
+
+    view = arena.alloc(32)
+    arr = arena.array(8, np.uint32)
+    sub = arr[2:4]
+    assert arena.stats().live_blocks == 2
+    del arr
+    gc.collect()
+    assert arena.stats().live_blocks == 2  # sub keeps the array's block
+    del sub, view
+    gc.collect()
+    assert arena.stats().live_blocks == 0
+    arena.reset()
+
+
+def test_arena_closed_and_foreign_thread_refused_by_both_paths(arena):
+    seen = []
+
+    def other():
+        seen.append(outcome(arena.alloc, (64,), {}))
+        seen.append(outcome(arena._alloc_slow, (64,), {}))
+        seen.append(outcome(arena.array, (4, "u1"), {}))
+
+    arena.array(4, "u1")  # cached dtype: the foreign thread reaches the C method
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0] == seen[1] and seen[0][0].__name__ == "ArenaThreadError"
+    assert seen[2][0].__name__ == "ArenaThreadError"
+    keep = arena.alloc(16)
+    arena.close()
+    for fn, args in ((arena.alloc, (64,)), (arena._alloc_slow, (64,)), (arena.array, (4, "u1"))):
+        assert outcome(fn, args, {})[0].__name__ == "ArenaClosedError"
+    keep[0] = 7  # a block made before the close stays usable until it goes
+    assert keep[0] == 7
+
+
+# ---------------------------------------------------------------- once-cells and the registry
+
+def test_once_get_is_a_c_method_and_matches_the_cell_state():
+    from knhk_memory.once import Lazy, OnceLock
+
+    c: OnceLock[object] = OnceLock("c")
+    assert type(c.get).__name__ == "builtin_function_or_method"
+    assert c.get() is None and not c.is_set()
+    c.set(None)
+    assert c.get() is None and c.is_set()
+    d: OnceLock[list[int]] = OnceLock()
+    value = [1]
+    assert d.get_or_init(lambda: value) is value and d.get() is value
+    calls = []
+    lz = Lazy(lambda: calls.append(1) or "v")
+    assert lz.get() == "v" and lz.get() == "v" and lz.value == "v" and calls == [1]
+    none = Lazy(lambda: None)
+    assert none.get() is None and none.is_set() and none.get() is None
+
+
+def test_once_get_from_many_threads_sees_one_value():
+    from knhk_memory.once import Lazy
+
+    made = []
+    lz = Lazy(lambda: made.append(object()) or made[-1])
+    seen = []
+    ts = [threading.Thread(target=lambda: seen.append(lz.get())) for _ in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(made) == 1 and all(s is made[0] for s in seen)
+
+
+@pytest.mark.parametrize("key", [0, 44, -1, 2**70, True, 1.0, None, "nope", "sequence", "Sequence", b"1", (1,)])
+def test_registry_lookup_matches_the_python_path(key):
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    r[1]  # loaded: the C subscript has its index
+    assert outcome(r.__getitem__, (key,), {}) == outcome(r._getitem_slow, (key,), {})
+    assert (key in r) == (outcome(r._getitem_slow, (key,), {})[0] == "ok")
+
+
+def test_registry_first_lookup_loads_the_table():
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    assert not r.loaded
+    assert r[43].number == 43 and r.loaded
+    assert r[7] is r[7] and r["sequence"] is r[1]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [
+    ((0, 5), {}), ((44, 5), {}), ((-1, 5), {}), ((True, 5), {}), ((1.0, 5), {}), ((1, -1), {}), ((1, 2**63), {}),
+    ((1, 1.5), {}), ((1, None), {}), ((1,), {}), ((1, 2, 3), {}), ((1,), {"tick": 2}),
+])
+def test_pattern_record_errors_match_the_python_path(args, kwargs):
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    try:
+        assert type(p.record).__name__ == "builtin_function_or_method"
+        fast, slow = outcome(p.record, args, kwargs), outcome(p._record, args, kwargs)
+        assert fast == slow and fast[0] != "ok"
+        assert p.as_dict() == PatternStats().as_dict()  # nothing recorded
+    finally:
+        p.close()
+
+
+def test_pattern_record_fast_and_slow_agree():
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    for fn in (p.record, p._record):
+        fn(4, 100)
+        fn(np.int64(4), np.uint32(300))
+        fn(43, 2**63 - 1)
+    d = p.as_dict()
+    p.close()
+    assert d[4]["executions"] == 4 and d[4]["total_ticks"] == 2 * (100 + 300)
+    assert d[4]["min_ticks"] == 100 and d[4]["max_ticks"] == 300
+    assert d[43]["executions"] == 2 and d[43]["max_ticks"] == 2**63 - 1
+    assert set(d) == {4, 43}

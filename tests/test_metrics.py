@@ -136,7 +136,7 @@ def test_bad_label_values_are_refused():
         fam.labels(a="1", b="2", c="3")
     with pytest.raises(LabelValueError, match=r"family 'x' has 2 labels \('a', 'b'\), got 1 values"):
         fam.labels("1")
-    with pytest.raises(LabelValueError, match="label 'b' value 1.5 is a float; label values are strings"):
+    with pytest.raises(LabelValueError, match=r"label 'b' value 1\.5 is a float; label values are strings"):
         fam.labels("1", 1.5)
     with pytest.raises(LabelValueError, match="label 'a' value None is a NoneType"):
         fam.labels(None, "x")
@@ -343,7 +343,7 @@ def test_other_sources_and_duplicate_family_names():
         CountersSource(Counters(["bad-name"]))
     text = generate(CountersSource(Counters(["jobs_total"])), openmetrics=True)
     assert "# TYPE knhk_jobs counter\nknhk_jobs_total 0\n" in text
-    assert list(om_parser.text_string_to_metric_families(text))[0].name == "knhk_jobs"
+    assert next(iter(om_parser.text_string_to_metric_families(text))).name == "knhk_jobs"
 
 
 def test_prometheus_client_collector():
@@ -433,7 +433,7 @@ def _file_block(tmp_path, **kw) -> Metrics:
 
 
 def test_attach_refuses_what_is_not_a_metrics_block(tmp_path):
-    with pytest.raises(SharedBlockNotFoundError, match="no metrics block to attach to: file .*nope"):
+    with pytest.raises(SharedBlockNotFoundError, match=r"no metrics block to attach to: file .*nope"):
         Metrics.attach(str(tmp_path / "nope"))
     path = tmp_path / "junk"
     path.write_bytes(b"\x00" * 64)
@@ -454,7 +454,7 @@ def test_attach_checks_sizes_and_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     truncated = tmp_path / "t.block"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SharedBlockError, match="metrics block needs .* bytes, only .* are mapped"):
+    with pytest.raises(SharedBlockError, match=r"metrics block needs .* bytes, only .* are mapped"):
         Metrics.attach(str(truncated))
     bad = bytearray(data)
     struct.pack_into("<I", bad, 20, 2**30)  # max_sets: the checksum no longer matches
@@ -611,8 +611,9 @@ def test_the_memory_plugin_makes_the_block_on_first_use_and_closes_it():
         assert (block.max_label_sets, block.max_cells) == (7, 70)
         block.counter("x", "x").add()
         (stats,) = [s for s in pm.hook.knhk_memory_stats(config=config) if s]
-        assert stats["metrics"] == {"shared_name": None, "label_sets": 1, "families": 1, "bytes": stats["metrics"]["bytes"],
-                                    "cells": 1, "max_label_sets": 7, "max_cells": 70}
+        got = stats["metrics"]
+        assert got == {"shared_name": None, "label_sets": 1, "families": 1, "bytes": got["bytes"], "cells": 1,
+                       "max_label_sets": 7, "max_cells": 70}
     finally:
         pm.hook.knhk_unconfigure(config=config)
     assert block.closed
@@ -626,7 +627,7 @@ def test_the_memory_plugin_names_the_key_when_the_block_cannot_be_made(tmp_path)
     pm = get_plugin_manager()
     pm.hook.knhk_configure(config=config)
     try:
-        with pytest.raises(ConfigError, match="metrics.shared_name.*already exists"):
+        with pytest.raises(ConfigError, match=r"metrics\.shared_name.*already exists"):
             pm.hook.knhk_metrics(config=config)
     finally:
         pm.hook.knhk_unconfigure(config=config)
@@ -667,7 +668,7 @@ def test_random_corruption_never_crashes_an_attach_or_a_scrape(tmp_path_factory)
     m.counter("jobs", "Jobs.", labels=("kind", "zone")).labels("a", "z1").add(3)
     m.histogram("lat", "L.", labels=("kind",), buckets=(1, 2)).labels("b").observe(1.5)
     pristine = src.read_bytes()
-    capacity, table_off = _table(src)
+    _, table_off = _table(src)
     arena_end = struct.unpack_from("<Q", pristine, 64)[0]  # counters_off: header, table and arena end here
     m.close()
     target = src.parent / "fuzzed.block"
@@ -713,7 +714,7 @@ def test_pattern_histograms_next_to_pattern_stats():
     assert h.child(7).get()["count"] == 1
     with pytest.raises(CounterIndexError, match=r"pattern id 44 is out of range \[1, 43\]"):
         h.record(44, 1)
-    with pytest.raises(TypeError, match="a pattern id is an integer 1..43, got str '3'"):
+    with pytest.raises(TypeError, match=r"a pattern id is an integer 1\.\.43, got str '3'"):
         h.record("3", 1)
     with pytest.raises(CounterIncrementError, match="ticks must be an integer >= 0, got -1"):
         h.record(3, -1)

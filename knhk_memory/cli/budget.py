@@ -14,12 +14,12 @@ __all__ = ["add_budget_command"]
 
 def _cmd_budget(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..host import configured, get_plugin_manager
+    from ..host import configured, get_plugin_manager, with_memory_plugin
 
     config = load_config(args.config)
     only = [n for item in (args.only or []) for n in item.split(",") if n]
     settings = Settings(batches=args.batches) if args.batches else Settings()
-    pm = get_plugin_manager()
+    pm = with_memory_plugin(get_plugin_manager())
     with configured(pm, config):
         report = run_budgets(config, pm=pm, only=only, counter=args.counter, settings=settings)
     if args.json:

@@ -16,14 +16,15 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config, validate
 from ..errors import CheckFailedError, HostError
+from ..launcher import launched_environment
 from .engine import Engine, RunTally
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
@@ -95,9 +96,9 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
             for k in probe:
                 get(k)
             per.append((time.perf_counter_ns() - t0) / max(1, len(probe)))
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         records = s.verify()
-        verify_s = time.perf_counter() - t0
+        verify_s = time.perf_counter() - start
         info = s.stats()
     return {"open_ns": statistics.median(opens), "lookup_ns": statistics.median(per), "verified_records": records,
             "verify_seconds": verify_s, "keys": info["keys"], "file_size": info["file_size"],
@@ -105,6 +106,37 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
 
 
 # ---------------------------------------------------------------- workers
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker ends when the process that started it does.
+
+    A worker mid-batch never reads its task pipe, so it would not notice a
+    parent killed with SIGKILL and would run to the end of its cases (issue
+    22). Two guards: the kernel's parent-death signal (Linux prctl
+    PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
+    pid every 0.2 s -- for platforms without prctl, and for the race where
+    the parent died before the prctl took effect.
+    """
+    import ctypes
+    import signal
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="knhk-parent-watch", daemon=True).start()
+
 
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
@@ -127,7 +159,11 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     start = engine.counters.get(done_idx)
     tally = RunTally(arenas=0)
     t0 = time.perf_counter()
-    with ctx.Pool(workers) as pool:
+    # Under knhk-memory run the workers are the engine too: they get the
+    # launcher's variables back (knhk_configure took them out of os.environ).
+    with launched_environment():
+        pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():
@@ -210,7 +246,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         checks = _checks(engine, tally, counters, patterns, cases, seed)
         if engine.metrics is not None:
             _metrics_checks(engine, checks, cases, patterns, workers)
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
             stats.update(part or {})
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
@@ -284,6 +320,7 @@ def metric_sources(engine: Engine) -> list[Any]:
 
 def _metrics_checks(engine: Engine, checks: list[dict[str, Any]], cases: int, patterns: dict[int, int],
                     workers: int) -> None:
+    assert engine.metrics is not None
     fams, skipped = engine.metrics.snapshot()
     by = {d["name"]: rows for d, rows in fams}
     done = sum(cells[0] for _, cells in by.get("knhk_refhost_cases_completed", []))

@@ -38,12 +38,12 @@ import numpy as np
 from .. import simd
 from ..config import Config, load_config
 from ..counters import Counters, PatternStats
-from ..errors import ArenaBusyError, HostError, StoreKeyError
+from ..errors import HostError, StoreKeyError
 from ..hookspecs import hookimpl
-from ..metrics import Metrics, PatternHistograms
 from ..host import get_plugin_manager
+from ..metrics import Metrics, PatternHistograms
 from ..registry import start_registries
-from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
+from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
 
 __all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE"]
@@ -113,7 +113,7 @@ class _CompiledWorkflows:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.keys = sorted(k.decode() for k in store.keys())
+        self.keys = sorted(k.decode() for k in store.keys())  # noqa: SIM118 - a WorkflowStore has no __iter__
         self._cache: dict[str, Workflow] = {}
 
     def get(self, key: str) -> Workflow:
@@ -196,7 +196,6 @@ class Engine:
             if not self.workflows.keys:
                 raise HostError(f"the workflow store {self.store.path} holds no definitions")
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
-            self._retired_arenas: list[dict[str, int]] = []
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
             self.metrics: Metrics | None = None
             self._done_child: Any = None
@@ -261,15 +260,10 @@ class Engine:
                     progress(int(chunk.size))
         tally.seconds = time.perf_counter() - t0
         end_stats = self.arena.stats()
-        retired = self._retired_arenas
-        tally.arena_allocations = end_stats.allocations - start_stats.allocations + sum(
-            r["allocations"] for r in retired)
-        tally.arena_backend_calls = end_stats.backend_calls - start_stats.backend_calls + sum(
-            r["backend_calls"] for r in retired)
-        tally.arena_bytes = end_stats.bytes_requested - start_stats.bytes_requested + sum(
-            r["bytes_requested"] for r in retired)
-        tally.arenas = 1 + len(retired)
-        self._retired_arenas = []
+        tally.arena_allocations = end_stats.allocations - start_stats.allocations
+        tally.arena_backend_calls = end_stats.backend_calls - start_stats.backend_calls
+        tally.arena_bytes = end_stats.bytes_requested - start_stats.bytes_requested
+        tally.arenas = 1
         return tally
 
     def _run_batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
@@ -287,16 +281,9 @@ class Engine:
             self._reset_arena()
 
     def _reset_arena(self) -> None:
-        try:
-            self.arena.reset()
-        except ArenaBusyError:
-            # Something (a traceback, a caller's reference) still holds a batch
-            # array: retire this arena, which frees itself once they are gone.
-            st = self.arena.stats()
-            self._retired_arenas.append({"allocations": st.allocations, "backend_calls": st.backend_calls,
-                                         "bytes_requested": st.bytes_requested})
-            self.arena.close()
-            self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
+        # A batch array something still holds (a traceback, a caller's
+        # reference) pins only its own chunk; the rest is reused.
+        self.arena.reset()
 
     def _batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
                sample: set[int] | frozenset[int]) -> None:

@@ -157,24 +157,48 @@ static PyObject *writer_add(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* PatternStats.record: self = (state, slow); pattern an exact int (the core
+   checks its range), ticks an exact int in [0, 2**64). */
+static PyObject *pattern_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *slow = PyTuple_GET_ITEM(self, 1);
+    if (fast_unlikely(kwnames != NULL || nargs != 2 || !PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1])))
+        return call_slow(slow, args, nargs, kwnames);
+    counters_state *st = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
+    if (fast_unlikely(st == NULL)) return NULL;
+    int overflow, overflow2;
+    long long pattern = PyLong_AsLongLongAndOverflow(args[0], &overflow);
+    long long ticks = PyLong_AsLongLongAndOverflow(args[1], &overflow2); /* int64, as the Python path takes */
+    if (fast_unlikely(overflow || overflow2 || ticks < 0 || PyErr_Occurred() || st->h == NULL)) {
+        PyErr_Clear();
+        return call_slow(slow, args, nargs, NULL);
+    }
+    if (fast_unlikely(knhk_counters_pattern_record(st->h, (int64_t)pattern, (uint64_t)ticks) != KNHK_OK))
+        return call_slow(slow, args, nargs, NULL);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef add_def = {"add", (PyCFunction)(void (*)(void))counters_add, METH_FASTCALL | METH_KEYWORDS,
                               "add(key, n=1): add n (an int; negative subtracts) to the counter named key "
                               "(a name or an index)."};
 static PyMethodDef get_def = {"get", (PyCFunction)(void (*)(void))counters_get, METH_FASTCALL | METH_KEYWORDS,
                               "get(key) -> int: one counter's value."};
+static PyMethodDef record_def = {"record", (PyCFunction)(void (*)(void))pattern_record,
+                                 METH_FASTCALL | METH_KEYWORDS,
+                                 "record(pattern, ticks): one execution of pattern (1..43) that took ticks."};
 static PyMethodDef writer_add_def = {"add", (PyCFunction)(void (*)(void))writer_add, METH_FASTCALL | METH_KEYWORDS,
                                      "add(key, n=1): add n to one counter through this thread's slot."};
 
 /* counters_method(kind, state, slow[, writer_address]) -> builtin:
    kind 0 Counters.add, 1 Counters.get, 2 CounterWriter.add (needs the
-   writer's address; the caller keeps the writer's block alive). */
+   writer's address; the caller keeps the writer's block alive), 3
+   PatternStats.record. */
 PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     long kind = nargs >= 3 && PyLong_CheckExact(args[0]) ? PyLong_AsLong(args[0]) : -1;
-    if (kind < 0 || kind > 2 || nargs != (kind == 2 ? 4 : 3) || !PyCapsule_IsValid(args[1], STATE_CAPSULE) ||
+    if (kind < 0 || kind > 3 || nargs != (kind == 2 ? 4 : 3) || !PyCapsule_IsValid(args[1], STATE_CAPSULE) ||
         !PyCallable_Check(args[2])) {
         PyErr_Clear();
         PyErr_SetString(PyExc_TypeError,
-                        "counters_method(kind: 0 add, 1 get or 2 writer add, state, slow: callable"
+                        "counters_method(kind: 0 add, 1 get, 2 writer add or 3 record, state, slow: callable"
                         "[, writer_address for kind 2])");
         return NULL;
     }
@@ -190,7 +214,7 @@ PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t 
         self = PyTuple_Pack(2, args[1], args[2]);
     }
     if (self == NULL) return NULL;
-    PyMethodDef *def = kind == 0 ? &add_def : kind == 1 ? &get_def : &writer_add_def;
+    PyMethodDef *def = kind == 0 ? &add_def : kind == 1 ? &get_def : kind == 2 ? &writer_add_def : &record_def;
     PyObject *fn = PyCFunction_New(def, self);
     Py_DECREF(self);
     return fn;

@@ -7,6 +7,9 @@
  *
  *   store_py.c       the workflow store's get (a getter bound to one store)
  *   counters_py.c    Counters.add/get and CounterWriter.add
+ *   arena_py.c       Arena.alloc/array (the ArenaBase class) and ArenaBlock
+ *   block_py.c       Backend.malloc (BackendBase) and Block (BlockBase, a buffer exporter)
+ *   cells_py.c       OnceLock/Lazy.get (OnceBase) and PatternRegistry[n] (LookupBase)
  *   metrics_py.c     a labelled family child's add, a histogram child's observe
  *   simd_py.c        find/count and the id scans (builtins bound to a slow path)
  *   numpy_handler.c  backend and arena data-memory handlers for numpy
@@ -66,6 +69,15 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static const struct {
+    const char *name;
+    PyTypeObject *type;
+} types[] = {
+    {"ArenaBlock", &fast_ArenaBlock_Type}, {"ArenaBase", &fast_ArenaBase_Type},
+    {"BlockBase", &fast_BlockBase_Type},   {"BackendBase", &fast_BackendBase_Type},
+    {"OnceBase", &fast_OnceBase_Type},     {"LookupBase", &fast_LookupBase_Type},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "knhk_memory._fast",
@@ -89,6 +101,12 @@ PyMODINIT_FUNC PyInit__fast(void) {
     if (PyModule_AddStringConstant(m, "CORE_VERSION", core) < 0) {
         Py_DECREF(m);
         return NULL;
+    }
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        if (PyType_Ready(types[i].type) < 0 || PyModule_AddObjectRef(m, types[i].name, (PyObject *)types[i].type) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return m;
 }

@@ -36,6 +36,14 @@ PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
+/* The module's types (fast.c readies them and adds them to the module). */
+extern PyTypeObject fast_ArenaBlock_Type; /* arena_py.c: knhk_memory._fast.ArenaBlock */
+extern PyTypeObject fast_ArenaBase_Type; /* arena_py.c: knhk_memory._fast.ArenaBase */
+extern PyTypeObject fast_BlockBase_Type; /* block_py.c: knhk_memory._fast.BlockBase */
+extern PyTypeObject fast_BackendBase_Type; /* block_py.c: knhk_memory._fast.BackendBase */
+extern PyTypeObject fast_OnceBase_Type; /* cells_py.c: knhk_memory._fast.OnceBase */
+extern PyTypeObject fast_LookupBase_Type; /* cells_py.c: knhk_memory._fast.LookupBase */
+
 /* A C pointer passed from Python as an int address (cffi's
    int(ffi.cast("uintptr_t", p))). NULL with a Python error for anything else. */
 void *fast_address(PyObject *obj, const char *what);

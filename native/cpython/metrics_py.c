@@ -125,8 +125,7 @@ static PyObject *child_observe(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     double units = nearbyint(v / b->resolution);
     /* finite and in int64 range (NaN fails both compares) */
-    if (fast_unlikely(!(units > -9.2e18 && units < 9.2e18)) || st->h == NULL)
-        return call_slow(slow, args, nargs, NULL);
+    if (fast_unlikely(!(units > -9.2e18 && units < 9.2e18)) || st->h == NULL) return call_slow(slow, args, nargs, NULL);
     uint32_t cell = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(self, 1));
     if (fast_unlikely(knhk_metrics_observe(st->h, cell, b->bounds, b->n, v, (int64_t)units) != KNHK_OK))
         return call_slow(slow, args, nargs, NULL);
@@ -135,8 +134,7 @@ static PyObject *child_observe(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef add_def = {"add", (PyCFunction)(void (*)(void))child_add, METH_FASTCALL | METH_KEYWORDS,
                               "add(n=1): add n (an int >= 0) to this label set's counter."};
-static PyMethodDef observe_def = {"observe", (PyCFunction)(void (*)(void))child_observe,
-                                  METH_FASTCALL | METH_KEYWORDS,
+static PyMethodDef observe_def = {"observe", (PyCFunction)(void (*)(void))child_observe, METH_FASTCALL | METH_KEYWORDS,
                                   "observe(value): record one observation (a finite number) in this label set's "
                                   "histogram."};
 

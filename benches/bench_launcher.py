@@ -216,8 +216,8 @@ def summarise(results: dict) -> str:
                                                                         "seconds")}
                for way, runs in frag.items()}
         peer = med[PEER]
-        lines += [f"fragmentation workload: {THREADS} threads x {ROUNDS} rounds x {CASES} cases, 1 in "
-                  f"{KEEP_EVERY} kept; medians of {len(frag[PEER])} runs",
+        lines += [(f"fragmentation workload: {THREADS} threads x {ROUNDS} rounds x {CASES} cases, 1 in "
+                   f"{KEEP_EVERY} kept; medians of {len(frag[PEER])} runs"),
                   "", "| started as | peak RSS | final RSS | final RSS after release_unused() | time |",
                   "|---|---|---|---|---|"]
         for way in WAYS:
@@ -230,8 +230,8 @@ def summarise(results: dict) -> str:
     if "refhost" in results:
         ref = results["refhost"]
         med = {way: statistics.median(r["cases_per_second"] for r in runs) for way, runs in ref.items()}
-        lines += [f"reference interpreter: {REF_CASES} cases of {REF_WORKFLOWS} demo workflows in {REF_REPS} "
-                  f"repetitions; median repetition, median of {len(ref[PEER])} runs", "",
+        lines += [(f"reference interpreter: {REF_CASES} cases of {REF_WORKFLOWS} demo workflows in {REF_REPS} "
+                   f"repetitions; median repetition, median of {len(ref[PEER])} runs"), "",
                   "| started as | cases/s | vs glibc + pymalloc |", "|---|---|---|"]
         for way in WAYS:
             lines.append(f"| {way} | {med[way]:,.0f} | {med[way] / med[PEER]:.2f}x |")

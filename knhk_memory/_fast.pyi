@@ -32,6 +32,8 @@ def metrics_method(kind: int, state: object, cell: int, slow: Callable[..., Any]
 class ArenaBlock:
     """A counted arena block (a writable buffer), freed when its last view goes."""
 
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
 class ArenaBase:
     """The C base of knhk_memory.arena.Arena (native/cpython/arena_py.c)."""
 
@@ -64,6 +66,7 @@ class BlockBase:
     _address: int | None
     _exports: int
 
+    def __buffer__(self, flags: int, /) -> memoryview: ...
     def free(self) -> None: ...
     def _realloc(self, nbytes: int, align_or_0: int, align_kept: int, /) -> bool: ...
 

@@ -33,7 +33,8 @@ from ._core import check, check_as, ffi, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
-    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
+    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats",
+    "NativeStats", "Backend", "Block",
     "get_backend", "available_backends", "resolve_backend", "select_backend", "selected_backend",
     "numpy_handler", "install_numpy_handler", "apply_numpy_handler", "numpy_routing_enabled", "set_numpy_routing",
 ]
@@ -332,7 +333,7 @@ def resolve_backend(name: BackendSetting) -> tuple[Backend, list[str]]:
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
         return get_backend(name), []
-    skipped = []
+    skipped: list[str] = []
     for candidate in AUTO_ORDER:
         try:
             return get_backend(candidate), skipped
@@ -414,13 +415,13 @@ def apply_numpy_handler() -> str:
 
     Use it as ``ThreadPoolExecutor(initializer=knhk_memory.apply_numpy_handler)``.
     Without configured routing it leaves numpy's default in place."""
-    import numpy
+    from numpy._core.multiarray import get_handler_name
 
     if _numpy_routing:
         # For the thread's life: the token is dropped, which releases (does not
         # restore) the handler it replaced.
         install_numpy_handler(selected_backend())
-    return numpy._core.multiarray.get_handler_name()
+    return str(get_handler_name())
 
 
 # ---------------------------------------------------------------- hot paths

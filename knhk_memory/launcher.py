@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ._core import check, ffi, lib
-from .allocator import DEBIAN_PACKAGES, SONAMES, STATIC_TLS_TUNABLE, get_backend, library_override
+from .allocator import DEBIAN_PACKAGES, SONAMES, STATIC_TLS_TUNABLE, BackendName, get_backend, library_override
 from .config import BACKEND_OPTIONS, Config
 from .errors import BackendUnavailableError, ProcessInspectError
 
@@ -298,17 +298,19 @@ def _is_libc(path: str) -> bool:
     return Path(path).name.startswith(("libc.so", "libc-"))
 
 
-def malloc_backend_name(owner: str | None = None) -> str | None:
+def malloc_backend_name(owner: str | None = None) -> BackendName | None:
     """Which knhk backend's library serves the process's malloc: ``"system"``
     for libc, ``"jemalloc"`` or ``"mimalloc"`` when that library (as knhk would
     load it) is the owner, None for anything else (tcmalloc, say)."""
     owner = malloc_owner() if owner is None else owner
     if _is_libc(owner):
         return "system"
-    for name, soname in SONAMES.items():
+    names: tuple[BackendName, ...] = ("jemalloc", "mimalloc")
+    for name in names:
+        soname = SONAMES[name]
         override = library_override(name)
-        if (override and _same_file(owner, override)) or Path(owner).name == soname or \
-                Path(os.path.realpath(owner)).name.startswith(soname):
+        if ((override and _same_file(owner, override)) or Path(owner).name == soname
+                or Path(os.path.realpath(owner)).name.startswith(soname)):
             return name
     return None
 
@@ -334,10 +336,7 @@ def check_process_scope(config: Config, backend_name: str, backend_path: str) ->
         owner = malloc_owner()
     except Exception as exc:  # the loader cannot say: that is a mismatch too, said plainly
         owner = f"<unknown: {exc}>"
-    if backend_name == "system":
-        ok = _is_libc(owner)
-    else:
-        ok = _same_file(owner, backend_path)
+    ok = _is_libc(owner) if backend_name == "system" else _same_file(owner, backend_path)
     if not ok:
         problems.append(f"malloc comes from {owner}, not from the {backend_name} backend's "
                         f"{'libc' if backend_name == 'system' else backend_path}")
@@ -490,9 +489,9 @@ def inspect_process(pid: int) -> dict[str, Any]:
     env: dict[str, str] = {}
     try:
         for item in base.joinpath("environ").read_bytes().split(b"\0"):
-            key, sep, value = item.partition(b"=")
-            if sep and key in (MARKER.encode(), b"PYTHONMALLOC", b"LD_PRELOAD"):
-                env[key.decode()] = value.decode("utf-8", "replace")
+            raw_key, sep, raw_value = item.partition(b"=")
+            if sep and raw_key in (MARKER.encode(), b"PYTHONMALLOC", b"LD_PRELOAD"):
+                env[raw_key.decode()] = raw_value.decode("utf-8", "replace")
     except OSError:
         env = {}
     marker = launch_marker(env)

@@ -164,7 +164,7 @@ class PatternRegistry(_fast.LookupBase):
 
     def __contains__(self, key: object) -> bool:
         try:
-            self[key]  # type: ignore[index]
+            self[key]
         except (KeyError, TypeError):
             return False
         return True
@@ -246,7 +246,8 @@ class PatternRegistry(_fast.LookupBase):
     def __repr__(self) -> str:
         if not self.loaded:
             return "<PatternRegistry (not loaded)>"
-        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{', frozen' if self._frozen else ''}>"
+        frozen = ", frozen" if self._frozen else ""
+        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{frozen}>"
 
 
 # ---------------------------------------------------------------- resources

@@ -250,8 +250,8 @@ def test_a_built_in_op_without_a_default_budget_is_an_error():
     ("[a]\nbudget = true\nunit = 'ticks'\nreason = 'x'\n", r"\[a\]: budget must be a positive integer, got True"),
     ("[a]\nbudget = 5\nunit = 'cycles'\nreason = 'x'\n", r"\[a\]: unit must be 'ticks' or 'ns', got 'cycles'"),
     ("[a]\nbudget = 5\nunit = 'ns'\nreason = ' '\n", r"\[a\]: reason must say what was measured, got ' '"),
-    ("[a]\nbudget = 5\nunits = 'ns'\n", r"\[a\]: expected the keys budget, unit and reason; unknown: units; "
-                                         r"missing: unit, reason"),
+    ("[a]\nbudget = 5\nunits = 'ns'\n", (r"\[a\]: expected the keys budget, unit and reason; unknown: units; "
+                                          r"missing: unit, reason")),
     ("a = 5\n", r"\[a\]: expected a table of budget, unit and reason, got 5"),
     ("[a\n", r"budgets.toml is not valid TOML"),
 ])

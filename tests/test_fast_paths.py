@@ -121,7 +121,7 @@ def test_fast_adds_are_exact_across_threads(block):
 
     def work():
         w = block.writer()
-        for i in range(n):
+        for _ in range(n):
             block.add("alpha")
             w.add(1, 2)
 

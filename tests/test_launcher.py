@@ -57,8 +57,8 @@ def test_scope_and_options_defaults():
     ({"scope": "proces"}, "allocator.scope", "(did you mean 'process'?)"),
     ({"scope": 1}, "allocator.scope", "expected a string, got the integer 1"),
     ({"jemalloc": {"dirty_decay": 5}}, "allocator.jemalloc",
-     "unknown jemalloc option 'dirty_decay'; accepted options: background_thread, max_background_threads, "
-     "dirty_decay_ms"),
+     ("unknown jemalloc option 'dirty_decay'; accepted options: background_thread, max_background_threads, "
+      "dirty_decay_ms")),
     ({"jemalloc": {"dirty_decay": 5}}, "allocator.jemalloc", "(did you mean 'dirty_decay_ms'"),
     ({"jemalloc": {"background_thread": "yes"}}, "allocator.jemalloc",
      "option 'background_thread': expected a boolean (true or false), got the string 'yes'"),
@@ -151,8 +151,9 @@ def test_find_library_missing_names_the_debian_package(monkeypatch):
     monkeypatch.setattr(process, "_ldconfig_lookup", lambda soname: None)
     with pytest.raises(BackendUnavailableError) as info:
         process.find_library("mimalloc")
-    assert str(info.value) == ("mimalloc backend: libmimalloc.so.2 is not installed (not in /nonexistent nor in ldconfig's cache). "
-            "Install the Debian package libmimalloc2.0: apt-get install libmimalloc2.0")
+    assert str(info.value) == ("mimalloc backend: libmimalloc.so.2 is not installed (not in /nonexistent nor in "
+                               "ldconfig's cache). Install the Debian package libmimalloc2.0: "
+                               "apt-get install libmimalloc2.0")
     # auto falls to system when neither library is there
     assert process.resolve_launch_backend("auto") == ("system", None)
     monkeypatch.setenv("KNHK_MEMORY_JEMALLOC_LIBRARY", "/nope/libjemalloc.so.2")
@@ -341,8 +342,8 @@ def test_scope_process_mismatches_are_named(isolated, run_python):
             f"get_plugin_manager().hook.knhk_configure(config=load_config({str(other)!r}))")
     r = launch(["--config", str(cfg), "--", sys.executable, "-c", code])
     assert r.returncode == 1
-    assert "allocator.scope: scope = \"process\" needs the engine process started by the launcher: malloc comes " \
-           f"from {process.find_library('jemalloc')}, not from the mimalloc backend's" in r.stderr
+    assert ("allocator.scope: scope = \"process\" needs the engine process started by the launcher: malloc comes "
+            f"from {process.find_library('jemalloc')}, not from the mimalloc backend's") in r.stderr
     assert "The process was started by knhk-memory run with backend jemalloc; the config names mimalloc." in r.stderr
     # The preload without PYTHONMALLOC=malloc: only the Python half is wrong.
     r = run_python(code, env={"LD_PRELOAD": process.find_library("mimalloc")})

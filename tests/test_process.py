@@ -213,7 +213,7 @@ def test_claims_are_counted_and_released_once():
     a = process.claim(process.ProcessSettings(backend), "a")
     b = process.claim(process.ProcessSettings(backend), "b")
     with pytest.raises(ProcessStateError,
-                       match="numpy routing true asked, false held: .* held by a and 1 more;") as info:
+                       match=r"numpy routing true asked, false held: .* held by a and 1 more;") as info:
         process.claim(process.ProcessSettings(backend, numpy=True), "c")
     assert info.value.key == "allocator.numpy"
     a.release()

@@ -82,7 +82,7 @@ _FULL_KEYS = {
     lib.KNHK_METRICS_FULL_SETS: ("label sets", "[metrics] max_label_sets"),
     lib.KNHK_METRICS_FULL_CELLS: ("cells", "[metrics] max_cells"),
     lib.KNHK_METRICS_FULL_BYTES: ("bytes of label values", "[metrics] max_label_sets (256 bytes per set)"),
-    lib.KNHK_METRICS_FULL_FAMILIES: ("families", f"none: {lib.KNHK_METRICS_FAMILIES_MAX} families per block"),
+    lib.KNHK_METRICS_FULL_FAMILIES: ("families", ""),
     lib.KNHK_METRICS_FULL_TABLE: ("table entries", "[metrics] max_label_sets"),
 }
 
@@ -337,6 +337,10 @@ class Metrics:
                 detail = f"all {bound} {noun} are used" if bound is not None else last_error()
                 if full[0] == lib.KNHK_METRICS_FULL_CELLS:
                     detail = f"{self.usage()['cells']} of its {bound} cells are used, {ncells} more are needed"
+                if full[0] == lib.KNHK_METRICS_FULL_FAMILIES:
+                    raise LabelSetLimitError(f"{what()}: the metrics block is full ({detail}); a block holds at "
+                                             f"most {bound} families (a fixed bound, no config key): use labels "
+                                             f"instead of one family per value")
                 raise LabelSetLimitError(f"{what()}: the metrics block is full ({detail}); the bound is the config "
                                          f"key {key_name}: raise it for a new block, or use fewer distinct "
                                          f"label values")

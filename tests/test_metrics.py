@@ -723,3 +723,14 @@ def test_pattern_histograms_next_to_pattern_stats():
     fams = parse(generate(m), False)
     assert fams["knhk_pattern_execution_seconds"]["samples"][
         ("knhk_pattern_execution_seconds_count", (("pattern", "3"),))] == 11
+
+
+def test_too_many_families_raise_naming_the_fixed_bound():
+    m = Metrics(max_label_sets=1, max_cells=1)
+    for i in range(256):
+        m.counter(f"f{i}", "x")
+    with pytest.raises(LabelSetLimitError, match=r"declaring family 'f256': the metrics block is full \(all 256 "
+                                                 r"families are used\); a block holds at most 256 families \(a fixed "
+                                                 r"bound, no config key\)"):
+        m.counter("f256", "x")
+    assert m.usage()["families"] == 256

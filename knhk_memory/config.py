@@ -397,6 +397,19 @@ def validate(data: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
     return merged
 
 
+CACHE_ENV = "KNHK_MEMORY_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where knhk-memory keeps files it can rebuild or fetch again (the demo's store,
+    stores fetched by Dask workers): ``$KNHK_MEMORY_CACHE``, else
+    ``$XDG_CACHE_HOME/knhk-memory``, else ``~/.cache/knhk-memory``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "knhk-memory"
+
+
 def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
     """Where the configuration would come from, without an explicit path."""
     cwd = Path.cwd() if cwd is None else cwd

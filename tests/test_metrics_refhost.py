@@ -73,3 +73,10 @@ def test_demo_metrics_serve_scrape_once_and_stop(isolated):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_demo_metrics_with_a_cluster_is_refused(isolated, capsys):
+    assert main(["demo", "--no-budgets", "--metrics", "--cluster", "local:1"]) == 2
+    err = capsys.readouterr().err
+    assert ("--metrics records into a shared-memory block the workers of this machine attach to; the --cluster "
+            "local:1 workers may run elsewhere: use --workers N with --metrics") in err

@@ -28,6 +28,7 @@ attaches to the parent's shared counter blocks (``counters_from``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -196,6 +197,7 @@ class Engine:
             if not self.workflows.keys:
                 raise HostError(f"the workflow store {self.store.path} holds no definitions")
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
+            self._arena_thread = threading.get_ident()
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
             self.metrics: Metrics | None = None
             self._done_child: Any = None
@@ -214,6 +216,23 @@ class Engine:
         except BaseException:
             self.close()
             raise
+
+    def bind_thread(self) -> None:
+        """Move the engine's batch arena to the calling thread, and apply the
+        configured numpy routing in it. An arena belongs to the thread that
+        made it; a host whose batches run on another thread than the one that
+        built the engine (a Dask worker's task thread) calls this first.
+        Not thread-safe: one thread runs the engine at a time."""
+        from ..allocator import apply_numpy_handler
+
+        me = threading.get_ident()
+        if self._arena_thread == me:
+            return
+        old = self.arena
+        self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
+        self._arena_thread = me
+        old.close()  # allowed from any thread; a batch ran in it only on its own thread
+        apply_numpy_handler()
 
     # ---------------------------------------------------------------- running
 

@@ -276,6 +276,19 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
                           "(MADV_WILLNEED)."),
     },
+    "metrics": {
+        "shared": Field(bool, False, "Put the metrics block (labelled counter families and histograms, "
+                        "knhk_memory.metrics) in shared memory, so worker processes and `knhk-memory metrics` "
+                        "attach to it by name."),
+        "shared_name": Field(str, "", "Shared-memory name (or a file path, if it contains '/') of the metrics "
+                             "block; empty: a fresh name. `knhk-memory metrics` needs it."),
+        "max_label_sets": Field(int, 1024, "Bound on distinct label sets in the metrics block (all families); "
+                                "a new one past it raises LabelSetLimitError. 1 to 1048576.",
+                                check=positive_int(1 << 20)),
+        "max_cells": Field(int, 16384, "Counters the label sets count into: 1 per counter label set, buckets + 2 "
+                           "per histogram label set. 1 to 65536 (the block reserves 512 bytes of address space "
+                           "per cell, backed only where written).", check=positive_int(65536)),
+    },
     "simd": {
         "level": Field(str, "auto", "SIMD level of knhk_memory.simd's kernels: auto (the best this CPU "
                        "supports, avx2 rather than avx512 on cores that lower their clock for 512-bit "

@@ -153,6 +153,35 @@ class CounterOverflowError(KnhkMemoryError, OverflowError):
     """An add would take a thread's slot of a counter past +-2^56 (the overflow rule,
     docs/counters.md); nothing was added."""
 
+
+# ---------------------------------------------------------------- metrics (issue 17)
+
+
+class MetricError(KnhkMemoryError, ValueError):
+    """A metric family or label set that cannot be declared or used as given."""
+
+
+class MetricNameError(MetricError):
+    """A metric or label name the exposition format cannot carry (metric names match
+    ``[a-zA-Z_:][a-zA-Z0-9_:]*``, label names ``[a-zA-Z_][a-zA-Z0-9_]*``, not ``__*``)."""
+
+
+class LabelValueError(MetricError):
+    """Label values that do not match the family's label names (missing, extra, not a string)."""
+
+
+class HistogramBucketsError(MetricError):
+    """Histogram bucket bounds that are not strictly increasing finite numbers."""
+
+
+class MetricDefinitionError(MetricError):
+    """A family declared again (in this or another process) with another type, labels or buckets."""
+
+
+class LabelSetLimitError(KnhkMemoryError, RuntimeError):
+    """A new label set past the block's bound (``[metrics] max_label_sets``), or past its cells,
+    label-value bytes or families; the message names the bound and the config key."""
+
 # ---------------------------------------------------------------- arena
 
 class ArenaClosedError(KnhkMemoryError, ValueError):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .counters import Counters, PatternStats
     from .hotpath import HotOp, PyHotOp
+    from .metrics import Metrics
     from .registry import GlobalResourceRegistry, PatternRegistry
     from .simd import SimdLevel
     from .store import WorkflowStore
@@ -88,6 +89,20 @@ def knhk_pattern_stats(config: Config) -> PatternStats | None:
     """Return the per-pattern executor statistics (executions and ticks per pattern id).
 
     :param config: The engine's configuration (``config.counters.pattern_stats``).
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+@hookspec(firstresult=True)
+def knhk_metrics(config: Config) -> Metrics | None:
+    """Return the engine's metrics block: labelled counter families and histograms
+    shared by every worker, exported in the Prometheus text format
+    (:class:`knhk_memory.metrics.Metrics`, docs/metrics.md). Made on the first call.
+
+    :param config: The engine's configuration; ``[metrics]`` sets its bounds
+        (``max_label_sets``, ``max_cells``) and whether it is shared
+        (``shared``, ``shared_name``).
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

@@ -138,6 +138,28 @@ extern "C" {
 #define KNHK_SIMD_HIST_FAST_BINS 1024
 #define KNHK_SIMD_FIND_MANY_CHUNK 16384
 
+/* ---- metrics (native/metrics.c, issue 17): labelled families and
+   histograms in one shared block (table of label sets + a counter block). */
+#define KNHK_METRICS_MAGIC 0x3152544D48484E4BULL /* "KNHHMTR1" little-endian */
+#define KNHK_METRICS_VERSION 1
+/* Largest label-set bound a block takes; families per block. */
+#define KNHK_METRICS_SETS_MAX 1048576
+#define KNHK_METRICS_FAMILIES_MAX 256
+/* Arena bytes per label set (key bytes; a family gets 1024). */
+#define KNHK_METRICS_SET_BYTES 256
+/* Largest key + payload of one entry. */
+#define KNHK_METRICS_ENTRY_BYTES_MAX 65536
+/* Entry kinds. */
+#define KNHK_METRICS_KIND_FAMILY 1
+#define KNHK_METRICS_KIND_SET 2
+/* Which bound knhk_metrics_intern hit (its *full). */
+#define KNHK_METRICS_FULL_SETS 1
+#define KNHK_METRICS_FULL_FAMILIES 2
+#define KNHK_METRICS_FULL_CELLS 3
+#define KNHK_METRICS_FULL_BYTES 4
+#define KNHK_METRICS_FULL_TABLE 5
+/* ---- end metrics constants */
+
 /* Everything declared between the markers is exported from the core's shared
    library; everything else in native/ is built hidden (-fvisibility=hidden). */
 #pragma GCC visibility push(default)
@@ -827,6 +849,54 @@ void *knhk_arena_scope_realloc(knhk_arena_scope *s, void *ptr, size_t size);
 void knhk_arena_scope_free(knhk_arena_scope *s, void *ptr);
 /* Blocks sent to the fallback so far. */
 uint64_t knhk_arena_scope_fallbacks(const knhk_arena_scope *s);
+
+/* ---------------------------------------------------------------- metrics (issue 17) */
+/* A metrics block (native/metrics.c has the layout and the insertion
+   protocol): a shared table of families and label sets, each owning
+   consecutive counters of an embedded KNHK_COUNTERS_FLAVOR_SUM block. */
+typedef struct knhk_metrics knhk_metrics;
+typedef struct {
+    uint32_t kind;        /* KNHK_METRICS_KIND_FAMILY or _SET */
+    uint32_t parent;      /* a set's family entry */
+    uint32_t cell;        /* first counter of the embedded block */
+    uint32_t ncells;
+    const char *key;      /* into the block; checked to lie inside it */
+    size_t key_len;
+    const char *payload;
+    size_t payload_len;
+} knhk_metrics_entry_info;
+/* Bytes a block of max_sets label sets and `cells` counters needs; 0 out of range. */
+size_t knhk_metrics_layout_size(uint32_t max_sets, uint32_t cells);
+/* Format zeroed, KNHK_CACHE_LINE-aligned memory of at least the layout size. */
+int knhk_metrics_format(void *mem, size_t size, uint32_t max_sets, uint32_t cells);
+/* Validate the block at mem[0..size) (every offset against size) and open it. */
+int knhk_metrics_open(void *mem, size_t size, knhk_metrics **out);
+void knhk_metrics_close(knhk_metrics *m);
+/* The embedded counter block (owned by m: do not close it). */
+knhk_counters *knhk_metrics_counters(const knhk_metrics *m);
+uint32_t knhk_metrics_capacity(const knhk_metrics *m);
+uint32_t knhk_metrics_max_sets(const knhk_metrics *m);
+uint32_t knhk_metrics_cells(const knhk_metrics *m);
+/* out: label sets, families, arena bytes and cells in use. */
+void knhk_metrics_usage(const knhk_metrics *m, uint64_t out[4]);
+/* Find the entry (kind, parent, key) or insert it with payload and ncells
+   fresh cells. KNHK_ERR_STATE with *full = KNHK_METRICS_FULL_* past a bound. */
+int knhk_metrics_intern(knhk_metrics *m, uint32_t kind, uint32_t parent, const void *key, size_t key_len,
+                        const void *payload, size_t payload_len, uint32_t ncells, uint32_t *entry_out,
+                        uint32_t *cell_out, int *created, int *full);
+/* The indices of READY entries into out[0..cap); *n receives their number. */
+int knhk_metrics_list(const knhk_metrics *m, uint32_t *out, size_t cap, size_t *n);
+/* One READY entry, bounds-checked: KNHK_ERR_STATE if not ready, _INVALID if corrupt. */
+int knhk_metrics_entry_get(const knhk_metrics *m, uint32_t index, knhk_metrics_entry_info *out);
+/* The values of the cells handed out so far, [0, *n), into out[0..cap)
+   (cap >= knhk_metrics_cells is always enough). */
+int knhk_metrics_values(const knhk_metrics *m, int64_t *out, size_t cap, size_t *n);
+/* Record one histogram observation: +1 to the bucket cell of value (le
+   semantics over bounds[0..nbounds), then +Inf at cell + nbounds), and
+   sum_units to the sum cell at cell + nbounds + 1. */
+int knhk_metrics_observe(knhk_counters *c, uint32_t cell, const double *bounds, uint32_t nbounds, double value,
+                         int64_t sum_units);
+/* ---------------------------------------------------------------- end metrics */
 
 /* KNHK_CDEF_END */
 #pragma GCC visibility pop

@@ -31,6 +31,7 @@ from knhk_memory.errors import (
 )
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.hotpath import HotOp, PyHotOp, with_default_budgets
+from knhk_memory.metrics import Metrics
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 from knhk_memory.store import WorkflowStore
 
@@ -92,6 +93,10 @@ class MemoryServices:
         self.patterns = PatternRegistry()
         self.resources = GlobalResourceRegistry(close_at_exit=bool(config.registry.close_at_exit))
         self.counters, self.pattern_stats = self._make_counters(config)
+        # The metrics block is made on the first knhk_metrics call (a shared one
+        # is a shared-memory segment: none is made for engines that never ask).
+        self._metrics: Metrics | None = None
+        self._metrics_lock = threading.Lock()
         # Opened last, so a bad store path fails before anything is applied;
         # what was made before it is released.
         self.store: WorkflowStore | None = None
@@ -123,6 +128,18 @@ class MemoryServices:
             counters.close()
             raise config.error("counters.shared_name", str(exc)) from None
         return counters, patterns
+
+    def metrics(self) -> Metrics:
+        """The metrics block ``[metrics]`` describes, made on first use."""
+        with self._metrics_lock:
+            if self._metrics is None:
+                cfg = self._config.metrics
+                try:
+                    self._metrics = Metrics.from_config(self._config)
+                except (KnhkMemoryError, OSError) as exc:
+                    raise self._config.error("metrics.shared_name" if cfg.shared or cfg.shared_name
+                                             else "metrics.max_cells", str(exc)) from None
+            return self._metrics
 
     def new_arena(self, name: str) -> Arena:
         """An arena for one case or batch, with the configured settings and backend."""
@@ -176,6 +193,9 @@ class MemoryServices:
         self.counters.close()
         if self.pattern_stats is not None:
             self.pattern_stats.close()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
         store, self.store = self.store, None
         if store is not None:
             store.close()
@@ -303,6 +323,9 @@ def knhk_memory_stats(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
     if svc.store is not None:
         out["store"] = svc.store.stats()
+    if svc._metrics is not None and not svc._metrics.closed:
+        out["metrics"] = {"shared_name": svc._metrics.name, **svc._metrics.usage(),
+                          "max_label_sets": svc._metrics.max_label_sets, "max_cells": svc._metrics.max_cells}
     return out
 
 
@@ -329,6 +352,11 @@ def knhk_counters(config: Config) -> Counters:
 @hookimpl
 def knhk_pattern_stats(config: Config) -> PatternStats | None:
     return services(config).pattern_stats
+
+
+@hookimpl
+def knhk_metrics(config: Config) -> Metrics:
+    return services(config).metrics()
 
 
 @hookimpl

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from typing import Any
 
 from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, MAX_CASES, format_summary, run_demo
@@ -23,6 +25,16 @@ def _positive(name: str, limit: int | None = None) -> Any:
             raise argparse.ArgumentTypeError(f"{name} must be at most {limit:,}, got {v:,}")
         return v
     return parse
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--metrics-serve must be a TCP port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"--metrics-serve must be a port in 0..65535 (0: any free port), got {v}")
+    return v
 
 
 def _seed(text: str) -> int:
@@ -49,15 +61,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     config = load_config(args.config)
+    scrape: list[str] = []
+    served: list[bool] = []
+
+    def hook(sources: list[Any], result: dict[str, Any]) -> None:
+        from ..metrics import generate, make_server
+
+        if args.metrics_serve is None:
+            scrape.append(generate(*sources, openmetrics=args.openmetrics))
+            return
+        _print(result, args.json)
+        served.append(True)
+        server = make_server(sources, args.metrics_bind, args.metrics_serve)
+        host, port = server.server_address[:2]
+        print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C to stop)", flush=True)
+        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+
+    want = args.metrics or args.metrics_serve is not None
     result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
                       progress=args.progress, budgets=args.budgets, build=args.build, cluster=args.cluster,
-                      batch_cases=args.batch_cases, ship_store=args.ship_store, cluster_timeout=args.cluster_timeout)
-    if args.json:
-        result.pop("_budget_table", None)
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        print(format_summary(result))
+                      batch_cases=args.batch_cases, ship_store=args.ship_store, cluster_timeout=args.cluster_timeout,
+                      metrics_hook=hook if want else None)
+    if not served:
+        _print(result, args.json)
+    if scrape:
+        sys.stdout.write("\n" + scrape[0])
     return 0 if result["ok"] else 1
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        result = {k: v for k, v in result.items() if k != "_budget_table"}
+        print(json.dumps(result, indent=2, sort_keys=True), flush=True)
+    else:
+        print(format_summary(result), flush=True)
 
 
 def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -93,4 +136,12 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     pg.add_argument("--progress", dest="progress", action="store_true", default=None,
                     help="always show the progress bar (default: on a terminal)")
     pg.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--metrics", action="store_true",
+                   help="record metrics too (labelled counters, per-pattern latency histograms) and print a "
+                        "scrape of them, the counters, allocator and arena figures after the summary")
+    p.add_argument("--metrics-serve", type=_port, metavar="PORT",
+                   help="after the run, serve that scrape over HTTP on PORT (0: any free port) until interrupted")
+    p.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDR",
+                   help="address --metrics-serve listens on (default 127.0.0.1)")
+    p.add_argument("--openmetrics", action="store_true", help="print the --metrics scrape as OpenMetrics 1.0")
     p.set_defaults(func=_cmd_demo)

@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .reference import run_case
 from .workflows import SUPPORTED_PATTERNS, case_seed_one, generate_definitions, workflow_choice_one
 
 __all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path",
-           "ensure_store", "measure_store", "run_demo", "format_summary", "main_check"]
+           "ensure_store", "measure_store", "run_demo", "format_summary", "main_check", "metric_sources"]
 
 DEFAULT_CASES = 100_000
 DEFAULT_WORKFLOWS = 3000
@@ -155,7 +156,7 @@ def _die_with_parent(parent: int) -> None:
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
     config = Config(validate(job["config"], job["source"]), source=job["source"], origin=job["origin"])
-    with Engine(config, counters_from=job["counters_from"]) as engine:
+    with Engine(config, counters_from=job["counters_from"], metrics=job["metrics_from"]) as engine:
         return engine.run(np.arange(job["cases"], dtype=np.int64), seed=job["seed"],
                           sample=frozenset(job["sample"]), partition=(job["worker"], job["workers"]))
 
@@ -166,6 +167,7 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     # Each worker takes the cases of every workers-th workflow, so no batch is split.
     base = {"config": config.as_dict(), "source": config.source, "origin": config.origin, "seed": seed,
             "counters_from": (engine.counters.name, engine.pattern_stats.name), "cases": cases,
+            "metrics_from": engine.metrics.name if engine.metrics is not None else False,
             "workers": workers, "sample": sorted(sample)}
     jobs = [dict(base, worker=w) for w in range(workers)]
     done_idx = engine.counters.index("cases_completed")
@@ -208,7 +210,8 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
 def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
              seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
              build: bool = False, cluster: str | None = None, batch_cases: int | None = None,
-             ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None) -> dict[str, Any]:
+             ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None,
+             metrics_hook: Callable[[list[Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
     :class:`HostError` for bad parameters; failed checks are in the result.
 
@@ -219,7 +222,13 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     tasks of ``batch_cases`` cases each (see :mod:`.cluster`); the result then
     has a ``"cluster"`` entry with per-worker figures. Raises
     :class:`~knhk_memory.errors.ClusterError` (or a ``WorkerError``) when the
-    cluster cannot run them."""
+    cluster cannot run them.
+
+    ``metrics_hook(sources, result)``: the engine records metrics too
+    (:class:`~knhk_memory.metrics.Metrics`, shared with the ``workers``), and the
+    hook is called with the sources to export (:func:`metric_sources`) and the
+    result while the engine is still open (to print or serve a scrape). Not with
+    ``cluster``: Dask workers may be on other machines, outside the shared block."""
     if isinstance(cases, bool) or not isinstance(cases, int) or not 1 <= cases <= MAX_CASES:
         raise HostError(f"--cases must be an integer from 1 to {MAX_CASES:,}, got {cases!r}")
     cpus = os.cpu_count() or 1
@@ -230,6 +239,9 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     if cluster is not None and workers != 1:
         raise HostError(f"--cluster and --workers are exclusive: --workers {workers} runs local processes that "
                         f"share memory, --cluster {cluster} runs Dask workers; give one")
+    if cluster is not None and metrics_hook is not None:
+        raise HostError(f"--metrics records into a shared-memory block the workers of this machine attach to; "
+                        f"the --cluster {cluster} workers may run elsewhere: use --workers N with --metrics")
     if cluster is None and (batch_cases is not None or ship_store is not None):
         raise HostError("--batch-cases and --ship-store apply to --cluster runs only; add --cluster local:N "
                         "or --cluster tcp://HOST:PORT")
@@ -260,7 +272,9 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     if workers > 1:
         config = config.replace(counters={"shared": True, "shared_name": ""})
     sample = _sample(cases)
-    with Engine(config) as engine:
+    if metrics_hook is not None and workers > 1 and not config.metrics.shared_name:
+        config = config.replace(metrics={"shared": True})
+    with Engine(config, metrics=metrics_hook is not None) as engine:
         before_counters = engine.counters.snapshot()
         before_patterns = engine.pattern_stats.as_dict()
         bar = _progress_bar(cases, progress)
@@ -296,36 +310,96 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         checks = _checks(engine, tally, counters, patterns, cases, seed)
         if crun is not None:
             _cluster_checks(checks, crun)
+        if engine.metrics is not None:
+            _metrics_checks(engine, checks, cases, patterns, workers)
         stats: dict[str, Any] = {}
         for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
             stats.update(part or {})
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
         simd_level = engine.pm.hook.knhk_simd_level(config=engine.config)
         report = _budgets(engine) if budgets else None
-    per_pattern = []
-    for p in SUPPORTED_PATTERNS:
-        row = pattern_rows.get(p, {})
-        per_pattern.append({"id": p, "name": names[p], "executions": int(tally.executions[p]),
-                            "mean_ticks": row.get("mean_ticks", 0.0)})
-    return {
-        "ok": all(c["ok"] for c in checks),
-        "checks": checks,
-        "cases": cases, "workers": workers if crun is None else crun.report["workers"], "seed": seed,
-        "cluster": crun.report if crun is not None else None,
-        "seconds": tally.seconds, "cases_per_second": cases / tally.seconds if tally.seconds else 0.0,
-        "events": int(tally.events.sum()), "tasks": int(tally.events[TASK]), "batches": tally.batches,
-        "workflows_run": tally.workflows,
-        "patterns": per_pattern,
-        "counters": counters,
-        "arena": _arena_figures(tally),
-        "store": {**built, "from": store_from, **store_figures},
-        "allocator": {"backend": backend.name, "configured": config.allocator.backend,
-                      "numpy_routed": bool(config.allocator.numpy), "counts": stats.get("allocator", {}).get("counts")},
-        "simd_level": simd_level,
-        "config": {"source": config.source, "origin": config.origin},
-        "budgets": report.as_dict() if report is not None else None,
-        "_budget_table": _table(report) if report is not None else None,
-    }
+        per_pattern = []
+        for p in SUPPORTED_PATTERNS:
+            row = pattern_rows.get(p, {})
+            per_pattern.append({"id": p, "name": names[p], "executions": int(tally.executions[p]),
+                                "mean_ticks": row.get("mean_ticks", 0.0)})
+        result = {
+            "ok": all(c["ok"] for c in checks),
+            "checks": checks,
+            "cases": cases, "workers": workers if crun is None else crun.report["workers"], "seed": seed,
+            "cluster": crun.report if crun is not None else None,
+            "seconds": tally.seconds, "cases_per_second": cases / tally.seconds if tally.seconds else 0.0,
+            "events": int(tally.events.sum()), "tasks": int(tally.events[TASK]), "batches": tally.batches,
+            "workflows_run": tally.workflows,
+            "patterns": per_pattern,
+            "counters": counters,
+            "arena": _arena_figures(tally),
+            "store": {**built, "from": store_from, **store_figures},
+            "allocator": {"backend": backend.name, "configured": config.allocator.backend,
+                          "numpy_routed": bool(config.allocator.numpy),
+                          "counts": stats.get("allocator", {}).get("counts")},
+            "simd_level": simd_level,
+            "config": {"source": config.source, "origin": config.origin},
+            "budgets": report.as_dict() if report is not None else None,
+            "_budget_table": _table(report) if report is not None else None,
+        }
+        if metrics_hook is not None:
+            metrics_hook(metric_sources(engine), result)
+    return result
+
+
+def metric_sources(engine: Engine) -> list[Any]:
+    """What the reference host exports: its metrics block (per-pattern latency
+    histograms, cases per worker), its counters and pattern statistics (shared by
+    every worker), and this process's allocator figures and its batch arena's
+    figures as they are when this is called (gauges)."""
+    from ..metrics import CountersSource, GaugeSource, PatternStatsSource
+
+    out: list[Any] = [engine.metrics, CountersSource(engine.counters), PatternStatsSource(engine.pattern_stats)]
+
+    def alloc(field: str) -> Any:
+        def read() -> dict[tuple[str], int]:
+            backend = engine.pm.hook.knhk_allocator(config=engine.config)
+            return {(backend.name,): getattr(backend.stats(), field)}
+        return read
+
+    for field, what in (("live_bytes", "Bytes live in blocks of the allocator backend (this process)."),
+                        ("peak_live_bytes", "Peak of live_bytes (this process)."),
+                        ("allocations", "Allocations made through the backend (this process)."),
+                        ("frees", "Frees made through the backend (this process).")):
+        out.append(GaugeSource(f"knhk_allocator_{field}", what, alloc(field), labels=("backend",)))
+
+    # An arena is its thread's alone: its figures are read here, in the engine's
+    # thread, as they are at the end of the run (a server thread may not read them).
+    arena_stats = engine.arena.stats()
+
+    def arena(field: str) -> Any:
+        return lambda: getattr(arena_stats, field)
+
+    for field, what in (("bytes_reserved", "Bytes the batch arena holds in chunks (this process)."),
+                        ("high_water", "Most bytes the batch arena has had in use (this process)."),
+                        ("chunks", "Chunks the batch arena holds (this process)."),
+                        ("backend_calls", "Chunk allocations and frees the arena made on its backend."),
+                        ("resets", "Times the batch arena was reset (one per batch scope).")):
+        out.append(GaugeSource(f"knhk_arena_{field}", what, arena(field)))
+    return out
+
+
+def _metrics_checks(engine: Engine, checks: list[dict[str, Any]], cases: int, patterns: dict[int, int],
+                    workers: int) -> None:
+    assert engine.metrics is not None
+    fams, skipped = engine.metrics.snapshot()
+    by = {d["name"]: rows for d, rows in fams}
+    done = sum(cells[0] for _, cells in by.get("knhk_refhost_cases_completed", []))
+    _check(checks, "labelled cases-completed counters add up to the cases run",
+           done == cases and skipped == 0,
+           f"{done} over {len(by.get('knhk_refhost_cases_completed', []))} worker label set(s) of {workers}; "
+           f"cases {cases}; unreadable entries {skipped}")
+    hist = {int(v[0]): sum(cells[:-1]) for v, cells in by.get("knhk_pattern_execution_seconds", [])}
+    bad = [f"WCP-{p}: histogram {hist.get(p, 0)}, statistics {n}" for p, n in patterns.items()
+           if n and hist.get(p, 0) != n]
+    _check(checks, "per-pattern latency histograms count every pattern execution", not bad,
+           "; ".join(bad) or f"{sum(hist.values())} executions in {len(hist)} pattern histograms")
 
 
 def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:

@@ -42,6 +42,7 @@ from ..counters import Counters, PatternStats
 from ..errors import HostError, StoreKeyError
 from ..hookspecs import hookimpl
 from ..host import get_plugin_manager
+from ..metrics import Metrics, PatternHistograms
 from ..registry import start_registries
 from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
@@ -139,6 +140,11 @@ class Engine:
     :param plugins: Extra plugins to register beside the entry points.
     :param counters_from: ``(counters name, pattern stats name)`` of shared
         blocks another process made: this engine counts into those.
+    :param metrics: False: no metrics block; True: the plugin's
+        (``knhk_metrics``, made as ``[metrics]`` says); a name: attach to the one
+        another process made. The engine records per-pattern latency
+        histograms (``knhk_pattern_execution_seconds{pattern}``) and cases
+        completed per worker (``knhk_refhost_cases_completed_total{worker}``).
     :param batch_size: Most cases run as one batch.
     :param arena_scopes: Run each batch in an arena scope (the point of the
         host); False runs batches on the ordinary allocator, for comparisons.
@@ -147,7 +153,7 @@ class Engine:
     def __init__(self, config: Config | str | os.PathLike[str] | None = None, *,
                  store: str | os.PathLike[str] | None = None, plugins: Sequence[Any] = (),
                  counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 arena_scopes: bool = True) -> None:
+                 arena_scopes: bool = True, metrics: bool | str = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise HostError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -193,6 +199,20 @@ class Engine:
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
             self._arena_thread = threading.get_ident()
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
+            self.metrics: Metrics | None = None
+            self._done_child: Any = None
+            if metrics is True:  # the memory plugin's block; it closes it in knhk_unconfigure
+                self.metrics = self.pm.hook.knhk_metrics(config=config)
+            elif isinstance(metrics, str):
+                self.metrics = Metrics.attach(metrics)
+                self._attached.append(self.metrics)
+            elif metrics is not False:
+                raise HostError(f"metrics must be False, True or a metrics block name, got {metrics!r}")
+            if self.metrics is not None:
+                self._lat = PatternHistograms(self.metrics, help="Time of one pattern execution (a block's "
+                                              "time shared evenly among its executions), by WCP pattern id.")
+                self._cases_done = self.metrics.counter(
+                    "knhk_refhost_cases_completed", "Cases run to their end, by worker.", labels=("worker",))
         except BaseException:
             self.close()
             raise
@@ -234,6 +254,7 @@ class Engine:
         w, n = partition
         if not (isinstance(w, int) and isinstance(n, int) and 0 <= w < n):
             raise HostError(f"partition must be (w, n) with 0 <= w < n, got {partition!r}")
+        self._done_child = self._cases_done.labels(str(w)) if self.metrics is not None else None
         tally = RunTally()
         t0 = time.perf_counter()
         start_stats = self.arena.stats()
@@ -343,6 +364,8 @@ class Engine:
         tally.events += simd.histogram(log, EVENT_KINDS)
         tally.completed += done
         self.counters.add(self._idx["cases_completed"], done)
+        if self._done_child is not None:
+            self._done_child.add(done)
         tally.cases += rows
         tally.batches += 1
         if sample:
@@ -354,6 +377,9 @@ class Engine:
             return
         p, c, t = (np.array(col, dtype=np.int64) for col in zip(*recorded))
         self.pattern_stats.record_many(np.repeat(p, c), np.repeat(t, c).astype(np.uint64))
+        if self.metrics is not None:
+            for pattern, count, ticks in recorded:
+                self._lat.record(pattern, ticks, count)
 
     @staticmethod
     def _keep_samples(case_numbers: np.ndarray, kinds: np.ndarray, tasks: np.ndarray, where: np.ndarray,

@@ -10,6 +10,7 @@
  *   arena_py.c       Arena.alloc/array (the ArenaBase class) and ArenaBlock
  *   block_py.c       Backend.malloc (BackendBase) and Block (BlockBase, a buffer exporter)
  *   cells_py.c       OnceLock/Lazy.get (OnceBase) and PatternRegistry[n] (LookupBase)
+ *   metrics_py.c     a labelled family child's add, a histogram child's observe
  *   simd_py.c        find/count and the id scans (builtins bound to a slow path)
  *   numpy_handler.c  backend and arena data-memory handlers for numpy
  *
@@ -50,6 +51,13 @@ static PyMethodDef methods[] = {
     FASTCALL("counters_method", fast_counters_method,
              "counters_method(kind, state, slow[, writer_address]) -> Counters.add (0), Counters.get (1) or "
              "CounterWriter.add (2) as a builtin falling back to slow."),
+    FASTCALL("metrics_state", fast_metrics_state,
+             "metrics_state(counters_handle_address) -> the state the metric builtins of one block share."),
+    FASTCALL("detach_metrics", fast_metrics_detach,
+             "detach_metrics(state): the block is closing; its builtins take their slow paths from now on."),
+    FASTCALL("metrics_method", fast_metrics_method,
+             "metrics_method(kind, state, cell, slow[, bounds, resolution]) -> child.add (0) or child.observe (1) "
+             "as a builtin falling back to slow."),
     FASTCALL("numpy_handler_push", fast_numpy_handler_push,
              "numpy_handler_push(backend_address) -> the previous handler: the backend is numpy's data-memory "
              "handler in the calling context from now on."),

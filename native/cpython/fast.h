@@ -29,6 +29,9 @@ PyObject *fast_simd_make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize
 PyObject *fast_counters_state(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_counters_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_metrics_state(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_metrics_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_metrics_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);

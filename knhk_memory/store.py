@@ -123,6 +123,9 @@ class WorkflowStore:
     :param prefetch: Advise the kernel to read the whole file ahead (``MADV_WILLNEED``).
     :param huge_page_threshold: Mapped files at least this large are advised
         ``MADV_HUGEPAGE`` where the kernel offers it.
+    :param trust_pickle: Let :meth:`get_object` unpickle ``pickle5`` records.
+        Unpickling runs code chosen by whoever wrote the file: pass True only
+        for a store your own engine built (see knhk_memory.records).
 
     ``get`` and ``in`` are thread-safe; :meth:`close` and :meth:`reopen` must
     not race with other calls on the same object.
@@ -130,13 +133,14 @@ class WorkflowStore:
 
     def __init__(self, path: str | os.PathLike[str], *, mmap_threshold: int = MMAP_THRESHOLD,
                  cache_size: int = 1024, prefetch: bool = False,
-                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD) -> None:
+                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.path = Path(path)
         self.mmap_threshold = mmap_threshold
         self.huge_page_threshold = huge_page_threshold
         self.cache_size = cache_size
+        self.trust_pickle = trust_pickle  # get_object: unpickle records (a store holding pickles is code)
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._handle: Any = ffi.NULL
@@ -376,6 +380,67 @@ class WorkflowStore:
         with self._cache_lock:
             self._cache.clear()
 
+    # -- typed records (knhk_memory.records: codecs, metadata, aliases)
+
+    def resolve(self, name: str | bytes) -> bytes:
+        """The key of the record ``name`` names: ``name`` itself if it is a key,
+        else the one record the alias ``name`` names. Raises
+        :class:`~knhk_memory.errors.StoreKeyError` (nearest names in the message)
+        or :class:`~knhk_memory.errors.AmbiguousKeyError` (every record listed)."""
+        from . import records
+
+        return records.resolve(self, name)
+
+    def get_bytes(self, name: str | bytes) -> bytes:
+        """The stored value of a key or alias as ``bytes`` (a copy; what
+        ``json.loads`` and engine decoders accept). Raises as :meth:`resolve`."""
+        from . import records
+
+        return bytes(self.get(records.resolve(self, name)))
+
+    def meta(self, name: str | bytes) -> Any:
+        """The :class:`~knhk_memory.records.RecordMeta` of a key or alias
+        (``codec``, ``content_type``, ``producer``, ``meta``); ``raw`` for a
+        record written without metadata."""
+        from . import records
+
+        return records.meta_of(self, records.resolve(self, name))
+
+    def aliases(self) -> dict[str, list[str]]:
+        """``{alias: [key, ...]}`` for every alias in the store (reads every record)."""
+        from . import records
+
+        return records.aliases_of(self)
+
+    def get_object(self, name: str | bytes) -> Any:
+        """The decoded object of a key or alias, by the codec in its metadata
+        (``raw`` -> bytes, ``json``, ``pickle5``), cached in the bounded LRU of
+        :meth:`get_decoded` (``cache_size`` entries; the same object is handed
+        out again, so treat it as read-only).
+
+        Raises as :meth:`resolve`; :class:`~knhk_memory.errors.UntrustedPickleError`
+        for a pickled record when the store was not opened with
+        ``trust_pickle=True``; :class:`~knhk_memory.errors.StoreCorruptError`
+        for a value its codec cannot decode.
+        """
+        from . import records
+
+        ck = (_key_bytes(name), records.get_object)
+        if self.cache_size:
+            with self._cache_lock:
+                hit = self._cache.get(ck, _MISSING)
+                if hit is not _MISSING:
+                    self._cache.move_to_end(ck)
+                    return hit
+        obj = records.get_object(self, name, trust_pickle=self.trust_pickle)
+        if self.cache_size:
+            with self._cache_lock:
+                self._cache[ck] = obj
+                self._cache.move_to_end(ck)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return obj
+
     # -- whole-store operations
 
     def _check_open(self) -> None:
@@ -596,12 +661,25 @@ class WorkflowStoreWriter:
         self._pbytes = 0
         self._buf = bytearray(1 << 16)
         self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+        self._layer: Any = None  # knhk_memory.records.LayerWriter once a record has metadata
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, key: str | bytes, value: bytes | bytearray | memoryview) -> None:
-        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like."""
+    def add(self, key: str | bytes, value: Any, *, codec: str | None = None, content_type: str | None = None,
+            meta: Any = None, aliases: Any = None, producer: str | None = None) -> None:
+        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like.
+
+        With any keyword, the record gets metadata (knhk_memory.records):
+        ``codec`` (``"raw"``, ``"json"`` or ``"pickle5"``: ``value`` is encoded
+        with it; default raw), ``content_type``, ``producer`` (e.g.
+        ``"SpiffWorkflow 3.2.0"``), ``meta`` (a JSON-serialisable mapping) and
+        ``aliases`` (other names of this record; see
+        :meth:`WorkflowStore.resolve` for the rule when one names several).
+        """
+        if codec is not None or content_type is not None or meta is not None or aliases or producer is not None:
+            self._add_with_meta(key, value, codec, content_type, meta, aliases, producer)
+            return
         if self._file is None:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if key.__class__ is not bytes:
@@ -625,6 +703,23 @@ class WorkflowStoreWriter:
         self._pbytes += len(value)
         if len(self._pk) >= 4096 or self._pbytes >= (8 << 20):
             self._flush()
+
+    def _add_with_meta(self, key: Any, value: Any, codec: str | None, content_type: str | None, meta: Any,
+                       aliases: Any, producer: str | None) -> None:
+        if self._file is None:
+            raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
+        from . import records
+
+        if self._layer is None:
+            self._layer = records.LayerWriter()
+        key = _key_bytes(key)
+        value, note = self._layer.prepare(self, key, value, codec, content_type, meta, aliases, producer)
+        WorkflowStoreWriter.add(self, key, value)
+        note()
+
+    def _add_plain(self, key: bytes, value: bytes) -> None:
+        """Add a record without metadata (the record layer's own records)."""
+        WorkflowStoreWriter.add(self, key, value)
 
     def _flush(self) -> None:
         import numpy as np
@@ -681,6 +776,9 @@ class WorkflowStoreWriter:
                                    problem="closed")
         f = self._file
         try:
+            if self._layer is not None:
+                layer, self._layer = self._layer, None
+                layer.write(self)
             self._flush()
             records_end = self._pos
             dict_offset = records_end

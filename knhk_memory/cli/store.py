@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from ..store import WorkflowStore, build_from_directory
+from ..store import WorkflowStore
 
 __all__ = ["add_store_commands"]
 
@@ -23,6 +23,15 @@ def add_store_commands(sub: Any, common: Any) -> None:
     kg.add_argument("--key-regex", metavar="REGEX", help="take the key from the file: the first group "
                     "of REGEX (default: the path relative to SOURCE without extension)")
     kg.add_argument("--key-field", metavar="FIELD", help="take the key from a JSON file's top-level FIELD")
+    b.add_argument("--key", metavar="TEMPLATE", help="key template, e.g. '{dir}/{stem}' or '{relpath}#{id}' "
+                   "(fields: relpath path name stem ext dir id; {id} from --key-regex/--key-field, or the "
+                   "process id with --spiff; default with --spiff: '{relpath}#{id}')")
+    b.add_argument("--spiff", action="store_true", help="parse .bpmn/.dmn with SpiffWorkflow and store every "
+                   "process spec ready to load (knhk-memory[spiff]; docs/adapters/spiff.md)")
+    b.add_argument("--skip-invalid", action="store_true", help="with --spiff: build from what parses and list "
+                   "what was skipped")
+    b.add_argument("--codec", choices=("pickle5", "json"), default="pickle5", help="with --spiff: how specs are "
+                   "stored (pickle5: fastest, the store is code; json: SpiffWorkflow's serializer)")
     b.add_argument("--last-wins", action="store_true", help="a repeated key keeps the last file")
     b.add_argument("--zstd", type=int, metavar="LEVEL", help="compress values with zstd at LEVEL")
     pg = b.add_mutually_exclusive_group()
@@ -39,6 +48,7 @@ def add_store_commands(sub: Any, common: Any) -> None:
     ls = ssub.add_parser("list", help="list the keys")
     ls.add_argument("file", metavar="FILE")
     ls.add_argument("-l", "--long", action="store_true", help="also the value size in bytes")
+    ls.add_argument("-a", "--all", action="store_true", help="also the metadata records (keys starting \\0knhk/)")
     ls.set_defaults(func=_cmd_list)
 
     v = ssub.add_parser("verify", help="check every checksum and index entry")
@@ -52,9 +62,17 @@ def add_store_commands(sub: Any, common: Any) -> None:
 
 
 def _cmd_build(args: Any) -> int:
-    summary = build_from_directory(args.source, args.output, key_regex=args.key_regex,
-                                   key_field=args.key_field, last_wins=args.last_wins,
-                                   compress=args.zstd, progress=args.progress)
+    if args.spiff:
+        from ..adapters.spiff import build_spiff_main
+
+        return build_spiff_main(args)
+    from ..records import build_from_directory as build_keyed
+
+    summary = build_keyed(args.source, args.output, key_template=args.key, key_regex=args.key_regex,
+                          key_field=args.key_field, last_wins=args.last_wins, compress=args.zstd,
+                          progress=args.progress)
+    for key, earlier, later in summary["replaced"]:
+        print(f"knhk-memory: --last-wins: key {key!r}: {later!r} replaced {earlier!r}", file=sys.stderr)
     print(f"wrote {summary['output']}: {summary['keys']} keys from {summary['files']} files, "
           f"{summary['file_size']} bytes")
     return 0
@@ -75,6 +93,8 @@ def _cmd_get(args: Any) -> int:
 def _cmd_list(args: Any) -> int:
     with WorkflowStore(args.file) as s:
         for k, v in s.items():
+            if k.startswith(b"\0knhk/") and not args.all:  # the record layer's metadata (docs/store.md)
+                continue
             key = k.decode("utf-8", "backslashreplace")
             print(f"{len(v)}\t{key}" if args.long else key)
     return 0

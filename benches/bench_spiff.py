@@ -27,9 +27,9 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import pickle
 import statistics
 import subprocess
 import sys
@@ -55,21 +55,24 @@ def setup_dir(root: Path) -> dict:
     build_spiff_store(src, store)
     from SpiffWorkflow.spiff.parser.process import SpiffBpmnParser
 
-    from knhk_memory.adapters.spiff import _serializer
+    from knhk_memory.adapters.spiff import _serializer, _spec_reducer
+    from knhk_memory.records import encode
 
     p = SpiffBpmnParser()
     p.add_bpmn_files(sorted(str(f) for f in src.rglob("*.bpmn")))
     p.add_dmn_files(sorted(str(f) for f in src.rglob("*.dmn")))
     ser = _serializer()
     specs = {}
-    for pid in p.get_process_ids():
+    executable = list(p.get_process_ids())  # asked first: parsing registers subprocesses as processes too
+    for pid in executable:
         specs[pid] = p.get_spec(pid)
         specs.update(p.get_subprocess_specs(pid))
-    needs = {pid: sorted(p.get_subprocess_specs(pid)) for pid in p.get_process_ids()}
+    needs = {pid: sorted(p.get_subprocess_specs(pid)) for pid in executable}
     as_json = {name: json.dumps(ser.to_dict(spec)).encode() for name, spec in specs.items()}
     (root / "specs.json").write_bytes(json.dumps({"needs": needs, "specs": {k: v.decode() for k, v in as_json.items()}}).encode())
     return {"src": src, "store": store, "json": as_json, "needs": needs, "serializer": ser,
-            "pickles": {name: pickle.dumps(spec, protocol=5) for name, spec in specs.items()}}
+            "pickles": {name: bytes(encode(spec, "pickle5", reducer_override=_spec_reducer()))
+                        for name, spec in specs.items()}}
 
 
 # ---------------------------------------------------------------- the warm paths
@@ -80,7 +83,9 @@ def store_path(d: dict, cache: bool):
     return lambda: ld.workflow(PID)
 
 
-def serializer_path(d: dict):
+def serializer_path(d: dict, gc_paused: bool = False):
+    import gc
+
     from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
 
     ser, js, needs = d["serializer"], d["json"], d["needs"][PID]
@@ -88,12 +93,21 @@ def serializer_path(d: dict):
     def make():
         spec = ser.from_dict(json.loads(js[PID]))
         return BpmnWorkflow(spec, {n: ser.from_dict(json.loads(js[n])) for n in needs})
-    return make
+
+    def make_paused():  # the store's trick given to the peer: the cyclic GC waits while restoring
+        gc.disable()
+        try:
+            return make()
+        finally:
+            gc.enable()
+    return make_paused if gc_paused else make
 
 
 def lmdb_path(d: dict, root: Path):
     import lmdb
     from SpiffWorkflow.bpmn.workflow import BpmnWorkflow
+
+    from knhk_memory.records import decode
 
     env = lmdb.open(str(root / "lmdb"), map_size=1 << 28, subdir=True)
     with env.begin(write=True) as txn:
@@ -103,15 +117,16 @@ def lmdb_path(d: dict, root: Path):
 
     def make():
         with env.begin(buffers=True) as txn:
-            spec = pickle.loads(txn.get(PID.encode()))
-            subs = {n: pickle.loads(txn.get(n.encode())) for n in needs}
+            spec = decode(txn.get(PID.encode()), "pickle5")
+            subs = {n: decode(txn.get(n.encode()), "pickle5") for n in needs}
         return BpmnWorkflow(spec, subs)
     return make
 
 
 def warm_paths(d: dict, root: Path) -> dict:
     out = {"store (cached spec)": store_path(d, True), "store (pickle each time)": store_path(d, False),
-           "BpmnWorkflowSerializer JSON": serializer_path(d)}
+           "BpmnWorkflowSerializer JSON": serializer_path(d),
+           "BpmnWorkflowSerializer JSON, GC paused": serializer_path(d, True)}
     try:
         out["lmdb + pickle5"] = lmdb_path(d, root)
     except ImportError:
@@ -128,7 +143,7 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["store (cached spec)", "store (pickle each time)", "BpmnWorkflowSerializer JSON",
-                                  "lmdb + pickle5"])
+                                  "BpmnWorkflowSerializer JSON, GC paused", "lmdb + pickle5"])
 def test_one_spec_to_a_workflow(benchmark, data, name):
     if name not in data["paths"]:
         pytest.skip("lmdb is not installed")
@@ -161,6 +176,11 @@ doc = json.load(open({json!r}))
 specs = {{name: ser.from_dict(json.loads(text)) for name, text in doc['specs'].items()}}
 """,
 }
+COLD["BpmnWorkflowSerializer JSON, GC paused"] = "import gc; gc.disable()\n" + COLD["BpmnWorkflowSerializer JSON"]
+COLD["store, opened (specs restored on first use)"] = """
+from knhk_memory.adapters.spiff import SpiffLoader
+SpiffLoader({store!r}, trust_pickle=True)
+"""
 
 
 def cold_start(root: Path, d: dict, repeats: int = 7) -> dict[str, float]:
@@ -171,10 +191,13 @@ def cold_start(root: Path, d: dict, repeats: int = 7) -> dict[str, float]:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", code.format(**fields)], check=True)
             times[name].append(time.perf_counter() - t0)
-    base = time.perf_counter()
-    for _ in range(repeats):
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-    times["(bare interpreter)"] = [(time.perf_counter() - base) / repeats]
+    for name, code in (("(floor: interpreter + import SpiffWorkflow.bpmn.workflow)", "import SpiffWorkflow.bpmn.workflow"),
+                       ("(bare interpreter)", "pass")):
+        times[name] = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -185,6 +208,7 @@ def warm(d: dict, root: Path, repeats: int = 9, n: int = 200) -> dict[str, float
         fn()
     for _ in range(repeats):
         for name, fn in paths.items():
+            gc.collect()  # no path pays for the garbage (or the paused GC's debt) of the one before
             t0 = time.perf_counter_ns()
             for _ in range(n):
                 fn()
@@ -229,7 +253,9 @@ def metric_cost(d: dict, repeats: int = 5) -> dict[str, float]:
             "whole_run_diff": statistics.median(metered) / statistics.median(plain) - 1}
 
 
-def report() -> None:
+def report(files: int = FILES) -> None:
+    global FILES
+    FILES = files
     with tempfile.TemporaryDirectory(prefix="knhk-spiff-bench-") as tmp:
         root = Path(tmp)
         d = setup_dir(root)
@@ -244,7 +270,12 @@ def report() -> None:
         for k, v in cold.items():
             print(f"  {k:<32} {v * 1e3:8.1f} ms")
         print(f"  ratio SpiffBpmnParser / store: {cold['SpiffBpmnParser'] / cold['store']:.2f}x (goal >= 3)")
-        print(f"  ratio serializer JSON / store: {cold['BpmnWorkflowSerializer JSON'] / cold['store']:.2f}x")
+        floor = cold["(floor: interpreter + import SpiffWorkflow.bpmn.workflow)"]
+        print(f"  above the floor both pay: SpiffBpmnParser {(cold['SpiffBpmnParser'] - floor) * 1e3:.1f} ms, "
+              f"store {(cold['store'] - floor) * 1e3:.1f} ms: "
+              f"{(cold['SpiffBpmnParser'] - floor) / (cold['store'] - floor):.2f}x")
+        for k in ("BpmnWorkflowSerializer JSON", "BpmnWorkflowSerializer JSON, GC paused"):
+            print(f"  ratio {k} / store: {cold[k] / cold['store']:.2f}x")
         w = warm(d, root)
         print(f"\none spec ({PID} + subprocesses) to a runnable BpmnWorkflow, warm (median of 9 x 200):")
         for k, v in w.items():
@@ -261,4 +292,8 @@ def report() -> None:
 
 
 if __name__ == "__main__":
-    report()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=FILES, help="model files (2 processes each; default %(default)s)")
+    report(ap.parse_args().files)

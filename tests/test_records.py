@@ -207,3 +207,16 @@ def test_store_list_hides_the_layer_records(typed, capsys):
     assert capsys.readouterr().out.split() == ["plain", "a.bpmn#p", "b.bpmn#q", "c#raw"]
     assert main(["store", "list", "--all", str(typed)]) == 0
     assert "manifest" in capsys.readouterr().out
+
+
+def test_the_layer_works_in_a_compressed_store(tmp_path):
+    path = tmp_path / "z.kst"
+    with WorkflowStoreWriter(path, compress=3) as w:
+        w.add("a#p", {"x": 1}, codec="json", aliases=["p"], meta={"m": 1})
+        w.add("b#q", [1, 2], codec="pickle5", aliases=["q"])
+    with WorkflowStore(path, trust_pickle=True) as s:
+        assert s.get_object("p") == {"x": 1} and s.get_object("q") == [1, 2]
+        assert s.meta("p").meta == {"m": 1}
+        assert s.aliases() == {"p": ["a#p"], "q": ["b#q"]}
+        assert s.get_bytes("p") == b'{"x":1}'
+        assert s.verify() == len(s)

@@ -316,3 +316,26 @@ def test_the_commands_in_the_adapter_doc_parse():
     assert len(lines) >= 3
     for ln in lines:
         build_parser().parse_args(shlex.split(ln)[1:])
+
+
+def test_a_process_id_in_two_files_is_named(small, tmp_path):
+    text = (small / "orders" / "order_001.bpmn").read_text()
+    (small / "orders" / "copy_of_order_001.bpmn").write_text(text)
+    with pytest.raises(AdapterBuildError, match=r"orders/order_001.bpmn: ValidationException: Duplicate process ID: "
+                                                r"order_1|orders/copy_of_order_001.bpmn.*Duplicate process ID"):
+        build_spiff_store(small, tmp_path / "s.kst")
+
+
+def test_a_damaged_spec_record_is_a_corrupt_error_not_a_workflow(store_path, tmp_path):
+    from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
+
+    out = tmp_path / "damaged.kst"
+    with WorkflowStore(store_path) as src, WorkflowStoreWriter(out) as w:
+        for k, v in src.items():
+            w._add_plain(k, b"\x00\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00garbage"[:17]
+                         if k == b"orders/order_000.bpmn#order_0" else bytes(v))
+    with SpiffLoader(out, trust_pickle=True) as ld:
+        with pytest.raises(StoreCorruptError, match=r"spec 'order_0' \('orders/order_000.bpmn#order_0'\) does not "
+                                                    r"restore|pickle5 frame"):
+            ld.workflow("order_0")
+        assert ld.workflow("order_1") is not None  # the others are untouched

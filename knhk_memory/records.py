@@ -319,6 +319,9 @@ def resolve(store: WorkflowStore, name: Any) -> bytes:
         three close keys or aliases).
     :raises AmbiguousKeyError: an alias naming several records (all listed).
     """
+    if store.__dict__.get("_layer_checked") is not store._view:  # once per opened file (reopen maps a new one)
+        manifest(store)
+        store.__dict__["_layer_checked"] = store._view
     kb = _kb(name)
     if not kb.startswith(RESERVED_PREFIX) and store.get_raw(kb) is not None:
         return kb

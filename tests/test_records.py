@@ -220,3 +220,22 @@ def test_the_layer_works_in_a_compressed_store(tmp_path):
         assert s.aliases() == {"p": ["a#p"], "q": ["b#q"]}
         assert s.get_bytes("p") == b'{"x":1}'
         assert s.verify() == len(s)
+
+
+def test_a_newer_record_layer_is_refused(tmp_path):
+    from knhk_memory.errors import StoreVersionError
+    from knhk_memory.records import MANIFEST_KEY
+
+    path = tmp_path / "future.kst"
+    with WorkflowStoreWriter(path) as w:
+        w.add("k", b"1")
+        w.add(b"x", b"2")
+    # a file written by a future layer: its manifest says layer 2
+    with WorkflowStoreWriter(path) as w:
+        w.add("k", b"1")
+        w.add(MANIFEST_KEY, b'{"layer": 2, "producer": "knhk-memory 9"}')
+    with WorkflowStore(path) as s:
+        with pytest.raises(StoreVersionError, match=r"record layer 2 \(written by knhk-memory 9\) is newer than "
+                                                    r"this reader's layer 1"):
+            s.get_object("k")
+        assert bytes(s.get("k")) == b"1"  # the plain API is unaffected

@@ -261,8 +261,8 @@ def _worker(tm, path, ids):
 def test_task_metrics_are_exact_across_processes(loader, store_path):
     tm = TaskMetrics.for_loader(loader, shared=True)
     try:
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=_worker, args=(tm, store_path, IDS)) for _ in range(2)]
+        # one forked worker (inherits the object) and one spawned (gets it pickled, as its name, and attaches)
+        procs = [mp.get_context(m).Process(target=_worker, args=(tm, store_path, IDS)) for m in ("fork", "spawn")]
         for p in procs:
             p.start()
         _worker(tm, store_path, IDS)
@@ -339,3 +339,11 @@ def test_a_damaged_spec_record_is_a_corrupt_error_not_a_workflow(store_path, tmp
                                                     r"restore|pickle5 frame"):
             ld.workflow("order_0")
         assert ld.workflow("order_1") is not None  # the others are untouched
+
+
+def test_a_source_without_models_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a model")
+    with pytest.raises(AdapterBuildError, match=r"no .bpmn or .dmn files under .*empty"):
+        build_spiff_store(tmp_path / "empty", tmp_path / "s.kst")
+    assert not (tmp_path / "s.kst").exists()

@@ -138,6 +138,9 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
         files.extend(Path(dirpath) / f for f in filenames
                      if not f.startswith(".") and f.lower().endswith((".bpmn", ".dmn")))
     files.sort(key=lambda p: p.relative_to(src).as_posix())
+    if not files:
+        raise AdapterBuildError(f"no .bpmn or .dmn files under {src} (hidden files and directories are "
+                                "skipped); nothing was written", [(str(src), "no .bpmn or .dmn files")])
 
     def rel(p: Any) -> str:
         try:

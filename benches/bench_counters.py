@@ -19,7 +19,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from knhk_memory import Counters
 from knhk_memory._core import ffi, lib

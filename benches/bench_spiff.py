@@ -69,7 +69,8 @@ def setup_dir(root: Path) -> dict:
         specs.update(p.get_subprocess_specs(pid))
     needs = {pid: sorted(p.get_subprocess_specs(pid)) for pid in executable}
     as_json = {name: json.dumps(ser.to_dict(spec)).encode() for name, spec in specs.items()}
-    (root / "specs.json").write_bytes(json.dumps({"needs": needs, "specs": {k: v.decode() for k, v in as_json.items()}}).encode())
+    doc = {"needs": needs, "specs": {k: v.decode() for k, v in as_json.items()}}
+    (root / "specs.json").write_bytes(json.dumps(doc).encode())
     return {"src": src, "store": store, "json": as_json, "needs": needs, "serializer": ser,
             "pickles": {name: bytes(encode(spec, "pickle5", reducer_override=_spec_reducer()))
                         for name, spec in specs.items()}}
@@ -198,7 +199,8 @@ def cold_start(root: Path, d: dict, repeats: int = 7) -> dict[str, float]:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", code.format(**fields)], check=True, env=env)
             times[name].append(time.perf_counter() - t0)
-    for name, code in (("(floor: interpreter + import SpiffWorkflow.bpmn.workflow)", "import SpiffWorkflow.bpmn.workflow"),
+    for name, code in (("(floor: interpreter + import SpiffWorkflow.bpmn.workflow)",
+                        "import SpiffWorkflow.bpmn.workflow"),
                        ("(bare interpreter)", "pass")):
         times[name] = []
         for _ in range(repeats):
@@ -242,7 +244,7 @@ def metric_cost(d: dict, repeats: int = 5) -> dict[str, float]:
             out.append(time.perf_counter_ns() - t0)
 
     class Fake:
-        class task_spec:  # noqa: N801
+        class task_spec:
             pass
     fake = Fake()
     fake.task_spec = type("ScriptTask", (), {})()

@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .arena import Arena, ArenaStats, ThreadLocalArena
     from .budgets import BudgetReport, run_budgets
     from .config import Config, load_config
-    from .counters import CounterWriter, Counters, PatternStats
+    from .counters import Counters, CounterWriter, PatternStats
     from .host import get_plugin_manager
     from .hotpath import HotOp, PyHotOp
     from .once import Lazy, OnceLock

@@ -28,6 +28,8 @@ def counters_method(kind: int, state: object, slow: Callable[..., Any], writer_a
 class ArenaBlock:
     """A counted arena block (a writable buffer), freed when its last view goes."""
 
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
 class ArenaBase:
     """The C base of knhk_memory.arena.Arena (native/cpython/arena_py.c)."""
 
@@ -60,6 +62,7 @@ class BlockBase:
     _address: int | None
     _exports: int
 
+    def __buffer__(self, flags: int, /) -> memoryview: ...
     def free(self) -> None: ...
     def _realloc(self, nbytes: int, align_or_0: int, align_kept: int, /) -> bool: ...
 

@@ -33,7 +33,8 @@ from ._core import check, check_as, ffi, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
-    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
+    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats",
+    "NativeStats", "Backend", "Block",
     "get_backend", "available_backends", "resolve_backend", "select_backend", "selected_backend",
     "numpy_handler", "install_numpy_handler", "apply_numpy_handler", "numpy_routing_enabled", "set_numpy_routing",
 ]
@@ -77,13 +78,27 @@ class AllocStats:
 
 @dataclass(frozen=True)
 class NativeStats:
-    """The allocator's own figures; None where the allocator has no such figure."""
+    """The allocator's own figures, in bytes; None where the allocator has no such figure.
+
+    ``allocated``: handed out to the program (jemalloc ``stats.allocated``,
+    glibc ``uordblks + hblkhd``); ``active``: in pages holding live blocks
+    (jemalloc); ``resident``: resident in RAM (jemalloc ``stats.resident``,
+    mimalloc's RSS); ``mapped``: mapped or committed (jemalloc, mimalloc
+    commit, glibc ``arena + hblkhd``); ``peak_resident`` (mimalloc);
+    ``metadata`` and ``retained`` (jemalloc ``stats.metadata``,
+    ``stats.retained``: address space kept but already given back);
+    ``free_bytes``: free inside glibc's heaps, not given back (``fordblks``,
+    what ``malloc_trim`` can return).
+    """
 
     allocated: int | None
     active: int | None
     resident: int | None
     mapped: int | None
     peak_resident: int | None
+    metadata: int | None = None
+    retained: int | None = None
+    free_bytes: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -162,7 +177,8 @@ class Backend(_fast.BackendBase):
         mimalloc ``mi_process_info``, glibc ``mallinfo2``)."""
         out = ffi.new("knhk_native_stats *")
         check(lib.knhk_backend_native_stats(self._ptr, out), f"{self.name}: native statistics")
-        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident")]
+        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident", "metadata",
+                                          "retained", "free_bytes")]
         return NativeStats(*(None if v < 0 else v for v in vals))
 
     def release_unused(self) -> None:
@@ -317,7 +333,7 @@ def resolve_backend(name: BackendSetting) -> tuple[Backend, list[str]]:
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
         return get_backend(name), []
-    skipped = []
+    skipped: list[str] = []
     for candidate in AUTO_ORDER:
         try:
             return get_backend(candidate), skipped
@@ -399,13 +415,13 @@ def apply_numpy_handler() -> str:
 
     Use it as ``ThreadPoolExecutor(initializer=knhk_memory.apply_numpy_handler)``.
     Without configured routing it leaves numpy's default in place."""
-    import numpy
+    from numpy._core.multiarray import get_handler_name
 
     if _numpy_routing:
         # For the thread's life: the token is dropped, which releases (does not
         # restore) the handler it replaced.
         install_numpy_handler(selected_backend())
-    return numpy._core.multiarray.get_handler_name()
+    return str(get_handler_name())
 
 
 # ---------------------------------------------------------------- hot paths

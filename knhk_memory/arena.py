@@ -37,13 +37,13 @@ import math
 import operator
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import _fast
 from ._core import check, check_as, ffi, lib
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
-from .errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from .errors import ArenaClosedError, ArenaThreadError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]
@@ -279,7 +279,7 @@ class Arena(_fast.ArenaBase):
     def stats(self) -> ArenaStats:
         """The arena's figures; after close(), the figures as they were at close()."""
         if self._raw is None and self._final is not None:
-            return ArenaStats(*(getattr(self._final, f) for f in _STAT_FIELDS), closed=True)
+            return replace(self._final, closed=True)
         raw = self._usable("read statistics")
         out = ffi.new("knhk_arena_stats *")
         check(lib.knhk_arena_stats_get(raw, out), "arena statistics")
@@ -305,6 +305,7 @@ class Arena(_fast.ArenaBase):
 def _shape_arg(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, bool):
         raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    dims: tuple[int, ...]
     try:
         dims = (operator.index(shape),)
     except TypeError:
@@ -315,7 +316,7 @@ def _shape_arg(shape: Any) -> tuple[int, ...]:
                             f"{shape!r}") from None
         for d in dims:
             if isinstance(d, bool):
-                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}")
+                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}") from None
             try:
                 operator.index(d)
             except TypeError:
@@ -341,8 +342,8 @@ class ThreadLocalArena:
         # Check the parameters once, here, rather than in each thread.
         probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend)
         probe.close()
-        self._kwargs = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size, "huge_pages": huge_pages,
-                        "backend": probe.backend}
+        self._kwargs: dict[str, Any] = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size,
+                                        "huge_pages": huge_pages, "backend": probe.backend}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._closed = False

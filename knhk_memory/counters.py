@@ -26,7 +26,7 @@ import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 from . import _fast
 from ._core import check, check_as, ffi, lib
-from .patterns import builtin_patterns
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -47,6 +46,7 @@ from .errors import (
     SharedBlockNotFoundError,
     did_you_mean,
 )
+from .patterns import builtin_patterns
 
 try:  # POSIX shared memory without multiprocessing's resource tracker
     import _posixshmem
@@ -93,6 +93,8 @@ class _Mapping:
 
     def unlink(self) -> None:
         self.unlink_pid = None
+        if self.name is None:  # private memory: nothing to remove
+            return
         with contextlib.suppress(FileNotFoundError):
             if self.kind == "shm":
                 _posixshmem.shm_unlink("/" + self.name)
@@ -183,6 +185,11 @@ class _Block:
             mapping.mm.close()
             mapping.unlink()
             raise
+
+    @classmethod
+    def attach(cls, name: str | os.PathLike[str]) -> Any:
+        """Open a shared block by name (each kind narrows the type; __reduce__ needs it here)."""
+        return cls._attach(name)
 
     @classmethod
     def _attach(cls, name: str | os.PathLike[str]) -> Any:
@@ -551,9 +558,10 @@ class PatternStats(_Block):
         if isinstance(pattern, bool) or not isinstance(pattern, Integral):
             raise TypeError(f"a pattern id is an integer 1..{lib.KNHK_PATTERN_COUNT}, got "
                             f"{type(pattern).__name__} {pattern!r}")
-        if not 1 <= pattern <= lib.KNHK_PATTERN_COUNT:
-            raise CounterIndexError(f"pattern id {pattern} is out of range [1, {lib.KNHK_PATTERN_COUNT}]")
-        return int(pattern)
+        number = int(pattern)
+        if not 1 <= number <= lib.KNHK_PATTERN_COUNT:
+            raise CounterIndexError(f"pattern id {number} is out of range [1, {lib.KNHK_PATTERN_COUNT}]")
+        return number
 
     @staticmethod
     def ticks() -> int:
@@ -639,8 +647,8 @@ class PatternStats(_Block):
         """A readable table of the executed patterns, with mean time in microseconds."""
         rows = self.as_dict()
         per_us = self.ticks_per_second() / 1e6
-        head = f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} " \
-               f"{'max':>10} {'mean us':>9}"
+        head = (f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} "
+                f"{'max':>10} {'mean us':>9}")
         lines = [head, "-" * len(head)]
         for pid, r in rows.items():
             lines.append(f"{pid:>3}  {r['name'][:36]:<36} {r['executions']:>10} {r['total_ticks']:>14} "

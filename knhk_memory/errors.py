@@ -68,6 +68,8 @@ class UnknownOperationError(KnhkMemoryError, LookupError):
 class _KeyMessage:
     """For errors that are also KeyError: str() is the message, not its repr."""
 
+    args: tuple[object, ...]  # from the exception class it is mixed into
+
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
@@ -280,6 +282,13 @@ class AlreadyConfiguredError(KnhkMemoryError, RuntimeError):
     configured (call ``knhk_unconfigure`` first)."""
 
 
+# ---------------------------------------------------------------- the process allocator
+
+
+class ProcessInspectError(KnhkMemoryError, LookupError):
+    """Another process's memory cannot be read: no such process, not ours, or no /proc."""
+
+
 # ---------------------------------------------------------------- reference host
 
 class WorkflowDefinitionError(KnhkMemoryError, ValueError):
@@ -301,6 +310,34 @@ class CheckFailedError(KnhkMemoryError, RuntimeError):
     def __init__(self, failures: list[str]) -> None:
         self.failures = list(failures)
         super().__init__(f"{len(self.failures)} check(s) failed: " + "; ".join(self.failures))
+
+
+# ---------------------------------------------------------------- distributed (Dask)
+
+class ClusterError(KnhkMemoryError, RuntimeError):
+    """A run on a Dask cluster cannot start or cannot go on: a bad ``--cluster``
+    value, a scheduler that does not answer, a plugin the workers refused."""
+
+
+class WorkerError(ClusterError):
+    """One Dask worker failed to set up or to run knhk-memory; ``address`` is the worker's."""
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        # address has a default so the exception unpickles (Dask ships it to the client)
+        self.address = address
+        super().__init__(message)
+
+
+class WorkerVersionError(WorkerError):
+    """A worker's knhk-memory version differs from the client's."""
+
+
+class WorkerStoreError(WorkerError):
+    """A worker's copy of the workflow store is missing or its checksum differs from the client's."""
+
+
+class WorkerBackendError(WorkerError):
+    """A worker cannot load the allocator backend the configuration names."""
 
 
 # Every exception class defined above; knhk_memory re-exports them all.

@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     from .allocator import Backend
     from .arena import Arena
     from .config import Config
+    from .counters import Counters, PatternStats
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
     from .simd import SimdLevel
-    from .counters import Counters, PatternStats
     from .store import WorkflowStore
 
 PROJECT = "knhk"
@@ -149,6 +149,19 @@ def knhk_simd_level(config: Config) -> SimdLevel | None:
 # -------------------------------------------------------------------------
 # Reporting
 # -------------------------------------------------------------------------
+
+
+@hookspec
+def knhk_release_unused(config: Config) -> dict[str, Any] | None:
+    """Give memory the plugin's allocator holds but does not use back to the OS, now.
+
+    :param config: The engine's configuration.
+
+    Returns what was done (the memory plugin: the backend, the process's RSS
+    before and after in bytes, and the seconds it took); the engine gets one
+    dict per plugin. ``[allocator] purge_interval_s`` makes the memory plugin
+    do the same periodically.
+    """
 
 
 @hookspec

@@ -168,6 +168,8 @@ class Lazy(_fast.OnceBase, Generic[T]):
     """
 
     __slots__ = ("_cell", "_f")  # _value and _full: the C base's fields
+    _cell: OnceLock[T]
+    _f: Callable[[], T]
 
     def __init__(self, f: Callable[[], T], name: str | None = None) -> None:
         if not callable(f):
@@ -203,4 +205,4 @@ class _ReadyLazy(Lazy[Any]):
     """A Lazy whose value is computed: ``value`` is the ``_value`` slot itself."""
 
     __slots__ = ()
-    value = _fast.OnceBase.__dict__["_value"]  # type: ignore[assignment]
+    value = _fast.OnceBase.__dict__["_value"]

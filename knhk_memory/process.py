@@ -117,8 +117,8 @@ class Claim:
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
-        return f"<Claim by {self.holder}: {self.settings.backend.name}, numpy={self.settings.numpy}, " \
-               f"simd={self.settings.simd_level}, {state}>"
+        return (f"<Claim by {self.holder}: {self.settings.backend.name}, numpy={self.settings.numpy}, "
+                f"simd={self.settings.simd_level}, {state}>")
 
 
 def _current_level() -> str | None:

@@ -82,7 +82,7 @@ def _kb(key: Any) -> bytes:
     return _key_bytes(key)
 
 
-class RecordMeta(dict):  # type: ignore[type-arg]
+class RecordMeta(dict[str, Any]):
     """A record's metadata: ``codec``, ``content_type``, ``producer`` and the
     free-form ``meta`` mapping given when it was written (a dict; ``meta`` is
     ``{}`` when none was given)."""
@@ -345,7 +345,7 @@ def _nearest(store: WorkflowStore, kb: bytes) -> str:
     from .errors import did_you_mean
 
     names = []
-    for k in store.keys():
+    for k in store:
         if k.startswith(ALIAS_PREFIX):
             names.append(k[len(ALIAS_PREFIX):].decode("utf-8", "backslashreplace"))
         elif not k.startswith(RESERVED_PREFIX):
@@ -417,7 +417,8 @@ def template_fields(p: Any, source: Any, file_id: str | None = None) -> dict[str
 
 
 def check_template(template: str, *, have_id: bool) -> None:
-    """Raise KeyTemplateError (a ValueError) for a template naming an unknown field (or ``{id}`` without a source of ids)."""
+    """Raise KeyTemplateError (a ValueError) for a template naming an unknown
+    field (or ``{id}`` without a source of ids)."""
     import string
 
     try:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _fast
 from ._core import check, ffi, lib
 from .errors import (
     DuplicateNameError,
@@ -36,7 +37,6 @@ from .errors import (
     UnknownResourceError,
     did_you_mean,
 )
-from . import _fast
 from .once import OnceLock
 from .patterns import Pattern, builtin_patterns, read_table
 
@@ -164,7 +164,7 @@ class PatternRegistry(_fast.LookupBase):
 
     def __contains__(self, key: object) -> bool:
         try:
-            self[key]  # type: ignore[index]
+            self[key]
         except (KeyError, TypeError):
             return False
         return True
@@ -246,7 +246,8 @@ class PatternRegistry(_fast.LookupBase):
     def __repr__(self) -> str:
         if not self.loaded:
             return "<PatternRegistry (not loaded)>"
-        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{', frozen' if self._frozen else ''}>"
+        frozen = ", frozen" if self._frozen else ""
+        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{frozen}>"
 
 
 # ---------------------------------------------------------------- resources

@@ -425,7 +425,7 @@ _LIMITS = {1: 1 << 8, 2: 1 << 16, 4: 1 << 32, 8: 1 << 64}
 
 def _value(v: Any, width: int, what: str) -> int | None:
     """The id as an int, or None when no element of that width can equal it."""
-    if isinstance(v, bool) or isinstance(v, np.bool_):
+    if isinstance(v, (bool, np.bool_)):
         raise SimdTypeError(f"{what}: the id must be an integer, got bool {v!r}")
     try:
         x = operator.index(v)

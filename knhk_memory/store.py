@@ -223,7 +223,8 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[d["dict_offset"]:d["dict_offset"] + d["dict_length"]]))
+                start = d["dict_offset"]
+                zdict = zstandard.ZstdCompressionDict(bytes(self._view[start:start + d["dict_length"]]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()
@@ -303,7 +304,7 @@ class WorkflowStore:
 
     # -- lookups
 
-    def get(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
@@ -328,11 +329,11 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def get_raw(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
-    def _get_decompressed(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         raw = WorkflowStore.get(self, key, _MISSING)
         if raw is _MISSING:
             return default
@@ -634,7 +635,7 @@ class WorkflowStoreWriter:
 
             if not 1 <= compress <= 22:
                 raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
-            params = {"level": compress, "write_content_size": True, "write_checksum": False}
+            params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
@@ -689,7 +690,7 @@ class WorkflowStoreWriter:
                 raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
             value = bytes(value)
         if self._cctx is not None:
-            value = self._cctx.compress(value)
+            value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
         index = self._index
         n = len(index)
         slot = index.setdefault(key, n)

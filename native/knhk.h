@@ -203,6 +203,9 @@ typedef struct {
     int64_t resident;      /* bytes resident for the allocator (or process RSS), or -1 */
     int64_t mapped;        /* bytes mapped or committed, or -1 */
     int64_t peak_resident; /* peak RSS / peak commit, or -1 */
+    int64_t metadata;      /* bytes of the allocator's own bookkeeping (jemalloc stats.metadata), or -1 */
+    int64_t retained;      /* bytes of address space kept but given back to the OS (jemalloc stats.retained), or -1 */
+    int64_t free_bytes;    /* bytes free inside the allocator's heaps, not given back (glibc fordblks), or -1 */
 } knhk_native_stats;
 
 /* Load a backend once and for all (libraries are never unloaded, so a block
@@ -700,6 +703,16 @@ uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, 
 size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
                                  size_t from, int64_t *out, size_t cap, size_t *next);
 
+
+/* ---------------------------------------------------------------- the process allocator (issue 21) */
+
+/* The path of the shared object whose malloc this process calls: an
+   allocator preloaded by knhk-memory run (LD_PRELOAD), else libc. The path is
+   as the loader recorded it (not resolved through symlinks), truncated to
+   len - 1 bytes. KNHK_ERR_INVALID for a NULL or empty buffer,
+   KNHK_ERR_UNSUPPORTED when the loader cannot say. */
+int knhk_process_malloc_owner(char *buf, size_t len);
+/* ---------------------------------------------------------------- end of issue 21 */
 
 /* KNHK_CDEF_END */
 #pragma GCC visibility pop

@@ -11,12 +11,12 @@ owner, and releases the claim in ``knhk_unconfigure``.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from collections.abc import Callable, Sequence
-
-from knhk_memory import allocator, arena, counters, process, registry, simd
+from knhk_memory import allocator, arena, counters, launcher, process, registry, simd
 from knhk_memory import store as store_module
 from knhk_memory.allocator import Backend, resolve_backend
 from knhk_memory.arena import Arena
@@ -55,10 +55,20 @@ class MemoryServices:
     def __init__(self, config: Config) -> None:
         # Resolve everything first: nothing is applied if any of it fails.
         name = config.allocator.backend
+        if name == "auto" and config.allocator.scope == "process":
+            # auto in a process whose malloc is already a backend's means that
+            # backend: loading another one beside it would serve nothing.
+            name = launcher.malloc_backend_name() or name
         try:
             self.backend, self.auto_skipped = resolve_backend(name)
         except BackendUnavailableError as exc:
             raise config.error("allocator.backend", str(exc)) from None
+        # scope = "process" is checked against what the process really runs
+        # with; a mismatch refuses the configuration, it never falls back.
+        self.scope = config.allocator.scope
+        if self.scope == "process":
+            launcher.check_process_scope(config, self.backend.name, self.backend.path)
+        self.purger = Purger(self.backend, config.allocator.purge_interval_s)
         self.numpy = bool(config.allocator.numpy)
         self.simd_level: simd.SimdSetting = config.simd.level
         if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
@@ -144,8 +154,13 @@ class MemoryServices:
             self._claim = process.claim(settings, f"the engine configured from {self._config.source}")
         except ProcessStateError as exc:
             raise self._config.error(exc.key or "allocator.backend", str(exc)) from None
+        # The process keeps its allocator; commands the engine starts from now
+        # on do not inherit the launcher's preload (unless it ran with --inherit).
+        launcher.strip_launcher_environment()
+        self.purger.start()
 
     def close(self) -> None:
+        self.purger.stop()
         try:
             # Resources first, newest first: they may still use the allocator.
             self.resources.close()
@@ -171,13 +186,74 @@ class MemoryServices:
             "numpy": self.numpy,
             "counts": self.backend.stats().as_dict(),
             "native": self.backend.native_stats().as_dict(),
+            "scope": self.scope,
+            "process": launcher.process_stats(),
+            "purge": self.purger.stats(),
         }
+
+    def release_unused(self) -> dict[str, Any]:
+        """Give the backend's unused memory back to the OS now (see Backend.release_unused);
+        returns the process's RSS before and after, in bytes."""
+        return self.purger.purge_now()
 
     def counter_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shared_name": self.counters.name, "values": self.counters.snapshot()}
         if self.pattern_stats is not None:
             out["patterns"] = self.pattern_stats.as_dict()
         return out
+
+
+class Purger:
+    """Calls ``backend.release_unused()`` every ``interval`` seconds from a daemon
+    thread (``[allocator] purge_interval_s``; 0: no thread). Started by
+    ``knhk_configure``, stopped and joined by ``knhk_unconfigure``."""
+
+    def __init__(self, backend: Backend, interval: float) -> None:
+        self.backend = backend
+        self.interval = float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.purges = 0
+        self.seconds = 0.0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self.interval <= 0 or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="knhk-memory-purge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.purge_now()
+            except KnhkMemoryError as exc:  # reported in stats(); the next round tries again
+                self.last_error = str(exc)
+
+    def purge_now(self) -> dict[str, Any]:
+        with self._lock:
+            before = launcher.rss_bytes()
+            t0 = time.perf_counter()
+            self.backend.release_unused()
+            took = time.perf_counter() - t0
+            self.purges += 1
+            self.seconds += took
+        after = launcher.rss_bytes()
+        return {"backend": self.backend.name, "rss_before_bytes": before, "rss_after_bytes": after,
+                "seconds": took}
+
+    def stats(self) -> dict[str, Any]:
+        thread = self._thread
+        return {"interval_s": self.interval, "running": thread is not None and thread.is_alive(),
+                "purges": self.purges, "seconds": self.seconds, "last_error": self.last_error}
 
 
 def services(config: Config) -> MemoryServices:
@@ -228,6 +304,11 @@ def knhk_memory_stats(config: Config) -> dict[str, Any]:
     if svc.store is not None:
         out["store"] = svc.store.stats()
     return out
+
+
+@hookimpl
+def knhk_release_unused(config: Config) -> dict[str, Any]:
+    return services(config).release_unused()
 
 
 @hookimpl

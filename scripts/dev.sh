@@ -3,7 +3,7 @@
 # machine or an old one. Every step checks before it acts, so it can run twice.
 #
 #   bash scripts/dev.sh run     # set up, then run the main job
-#   bash scripts/dev.sh test    # set up, then run the test suite
+#   bash scripts/dev.sh test    # set up, run the static checks (scripts/check.sh), then the test suite
 #   bash scripts/dev.sh bench   # set up, then run the benchmarks (benches/)
 #   bash scripts/dev.sh setup   # set up only
 #
@@ -83,6 +83,8 @@ case "$cmd" in
     exec "$VENV/bin/knhk-memory" demo "$@" ;;
   test)
     setup
+    # Fail fast: lint, types, the layer contract and the C format before the tests.
+    VENV="$VENV" bash "$ROOT/scripts/check.sh"
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache
     # --knhk-budgets: the hot-path budgets are part of the run (see docs/budgets.md).
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;

@@ -250,7 +250,7 @@ def test_bad_sizes(backend, size, exc, msg):
 
 def test_absurd_size_is_memory_error_not_crash(backend):
     with pytest.raises(MemoryError, match=f"{backend.name}: allocation of"):
-        backend.malloc((1 << 62))
+        backend.malloc(1 << 62)
 
 
 def test_calloc_overflow(backend):
@@ -280,6 +280,17 @@ def test_native_stats_and_release_unused(backend):
         pytest.skip("mallinfo2 describes glibc's malloc, which the preloaded allocator replaces")
     stats = backend.native_stats()
     assert any(v is not None and v > 0 for v in stats.as_dict().values())
+    # Which figures each allocator has (None: it has no such figure).
+    have = {k for k, v in stats.as_dict().items() if v is not None}
+    assert have == {"system": {"allocated", "mapped", "free_bytes"},
+                    "jemalloc": {"allocated", "active", "resident", "mapped", "metadata", "retained"},
+                    "mimalloc": {"resident", "mapped", "peak_resident"}}[backend.name]
+    if backend.name == "jemalloc":
+        # jemalloc(3): active >= allocated; resident and mapped >= active.
+        assert stats.allocated <= stats.active <= min(stats.resident, stats.mapped)
+        assert stats.metadata > 0
+    if backend.name == "system":
+        assert 0 <= stats.free_bytes <= stats.mapped
     backend.release_unused()
 
 
@@ -296,7 +307,8 @@ def test_missing_library_names_the_debian_package(run_python):
         "try:\n    get_backend('mimalloc')\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
         env={"KNHK_MEMORY_MIMALLOC_LIBRARY": "/nonexistent/libmimalloc.so.2"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: /nonexistent/libmimalloc.so.2 is not installed")
+    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: "
+                               "/nonexistent/libmimalloc.so.2 is not installed")
     assert "apt-get install libmimalloc2.0" in r.stdout
 
 

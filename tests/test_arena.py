@@ -9,14 +9,14 @@ import weakref
 import numpy as np
 import pytest
 
-# A failed assertion in a worker thread fails the test, not just warns.
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-
 from knhk_memory import _fast, get_backend
 from knhk_memory._core import ffi, lib
 from knhk_memory.arena import Arena, ThreadLocalArena, hot_ops, huge_pages_available
 from knhk_memory.errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
 from knhk_memory.hotpath import default_budgets
+
+# A failed assertion in a worker thread fails the test, not just warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 KIB = 1024
 

@@ -20,7 +20,7 @@ from knhk_memory.budgets import (
 )
 from knhk_memory.cli import main
 from knhk_memory.config import load_config
-from knhk_memory.errors import ConfigError, HotOpError, NativeError, UnknownOperationError
+from knhk_memory.errors import ConfigError, HotOpError, UnknownOperationError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.host import get_plugin_manager
 from knhk_memory.hotpath import (
@@ -250,8 +250,8 @@ def test_a_built_in_op_without_a_default_budget_is_an_error():
     ("[a]\nbudget = true\nunit = 'ticks'\nreason = 'x'\n", r"\[a\]: budget must be a positive integer, got True"),
     ("[a]\nbudget = 5\nunit = 'cycles'\nreason = 'x'\n", r"\[a\]: unit must be 'ticks' or 'ns', got 'cycles'"),
     ("[a]\nbudget = 5\nunit = 'ns'\nreason = ' '\n", r"\[a\]: reason must say what was measured, got ' '"),
-    ("[a]\nbudget = 5\nunits = 'ns'\n", r"\[a\]: expected the keys budget, unit and reason; unknown: units; "
-                                         r"missing: unit, reason"),
+    ("[a]\nbudget = 5\nunits = 'ns'\n", (r"\[a\]: expected the keys budget, unit and reason; unknown: units; "
+                                          r"missing: unit, reason")),
     ("a = 5\n", r"\[a\]: expected a table of budget, unit and reason, got 5"),
     ("[a\n", r"budgets.toml is not valid TOML"),
 ])

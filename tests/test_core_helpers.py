@@ -56,7 +56,7 @@ def test_did_you_mean_wordings():
 def test_one_pattern_table_reader_for_registry_and_counters():
     patterns = builtin_patterns()
     assert len(patterns) == 43 and patterns[0] == Pattern(1, "Sequence", "basic control-flow")
-    assert counters.PATTERNS == {p.number: p.name for p in patterns}
+    assert {p.number: p.name for p in patterns} == counters.PATTERNS
     reg = registry.PatternRegistry()
     assert [reg[n] for n in range(1, 44)] == list(patterns)
     assert registry.Pattern is Pattern

@@ -112,7 +112,7 @@ def test_bad_names():
         Counters(["a", "b", "a"])
     with pytest.raises(TypeError, match="non-empty strings"):
         Counters(["a", ""])
-    with pytest.raises(ValueError, match="0 counters .* out of range"):
+    with pytest.raises(ValueError, match=r"0 counters .* out of range"):
         Counters([])
 
 
@@ -127,7 +127,7 @@ def test_closed_block_refuses():
 def test_attach_missing_block():
     with pytest.raises(SharedBlockNotFoundError, match="shared-memory block 'knhk_no_such_block' does not exist"):
         Counters.attach("knhk_no_such_block")
-    with pytest.raises(FileNotFoundError, match="file '/nonexistent/x.ctr' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"file '/nonexistent/x.ctr' does not exist"):
         Counters.attach("/nonexistent/x.ctr")
 
 
@@ -327,7 +327,7 @@ def test_pattern_bad_input():
         s.record(44, 1)
     with pytest.raises(CounterIndexError, match=r"pattern id 0 is out of range"):
         s.time(0)
-    with pytest.raises(TypeError, match="a pattern id is an integer 1..43, got str"):
+    with pytest.raises(TypeError, match=r"a pattern id is an integer 1..43, got str"):
         s.timed("1")
     with pytest.raises(CounterIndexError, match=r"pattern id 99 \(at position 1\)"):
         s.record_many([1, 99], [1, 1])

@@ -181,7 +181,7 @@ def test_writer_bad_input():
         w.add(-1)
     with pytest.raises(TypeError, match="a counter is named by a string or an integer index, got float"):
         w.add(1.0)
-    with pytest.raises(CounterIncrementError, match="increment must be an integer, got float 1.5"):
+    with pytest.raises(CounterIncrementError, match=r"increment must be an integer, got float 1.5"):
         w.add(0, 1.5)
     with pytest.raises(CounterIncrementError, match="does not fit a signed 64-bit counter"):
         w.add(0, 2**63)

@@ -36,7 +36,7 @@ BAD_ADDS = [
 def outcome(fn, args, kwargs):
     try:
         return ("ok", fn(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - the point is to compare any exception
+    except Exception as exc:
         return (type(exc), str(exc))
 
 
@@ -121,7 +121,7 @@ def test_fast_adds_are_exact_across_threads(block):
 
     def work():
         w = block.writer()
-        for i in range(n):
+        for _ in range(n):
             block.add("alpha")
             w.add(1, 2)
 

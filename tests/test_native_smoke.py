@@ -47,7 +47,7 @@ def test_the_core_is_one_shared_library_with_only_the_public_api():
     maps = Path("/proc/self/maps").read_text()
     cores = {line.split()[-1] for line in maps.splitlines() if "libknhk" in line}
     assert len(cores) == 1, cores
-    assert _fast.CORE_VERSION == ffi.string(lib.knhk_version()).decode()
+    assert ffi.string(lib.knhk_version()).decode() == _fast.CORE_VERSION
     assert Path(_native.__file__).parent == Path(next(iter(cores))).parent
     nm = subprocess.run(["nm", "-D", "--defined-only", next(iter(cores))], capture_output=True, text=True)
     if nm.returncode == 0:

@@ -81,7 +81,6 @@ def engine():
 def test_knhk_configure_selects_backend_and_routes_numpy(engine):
     from knhk_memory import allocator
 
-    pm, config = engine
     assert allocator.selected_backend().name == "mimalloc"
     assert np._core.multiarray.get_handler_name(np.ones(4)) == "knhk_memory.mimalloc"
 

@@ -9,7 +9,6 @@ import threading
 from typing import Any
 
 import pytest
-from knhk_memory.plugins import memory
 from numpy._core.multiarray import get_handler_name
 
 from knhk_memory import allocator, get_plugin_manager, load_config, process, simd
@@ -21,6 +20,7 @@ from knhk_memory.errors import (
     SimdLevelError,
 )
 from knhk_memory.host import configured
+from knhk_memory.plugins import memory
 
 
 def other_backend() -> str:
@@ -213,7 +213,7 @@ def test_claims_are_counted_and_released_once():
     a = process.claim(process.ProcessSettings(backend), "a")
     b = process.claim(process.ProcessSettings(backend), "b")
     with pytest.raises(ProcessStateError,
-                       match="numpy routing true asked, false held: .* held by a and 1 more;") as info:
+                       match=r"numpy routing true asked, false held: .* held by a and 1 more;") as info:
         process.claim(process.ProcessSettings(backend, numpy=True), "c")
     assert info.value.key == "allocator.numpy"
     a.release()

@@ -141,7 +141,7 @@ def test_undecodable_json_record_is_a_corrupt_error(tmp_path):
         w.add("k", b"{not json", codec="raw")
         w._layer.meta[b"k"] = b'{"codec":"json"}'
     with WorkflowStore(tmp_path / "y.kst") as s:
-        with pytest.raises(StoreCorruptError, match="'k'.*does not decode as json"):
+        with pytest.raises(StoreCorruptError, match=r"'k'.*does not decode as json"):
             s.get_object("k")
     assert raw  # the first file was fine
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from bisect import bisect_left
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -288,7 +288,8 @@ class SpiffLoader:
                                     "`knhk-memory store build --spiff`", path=self.store.path, problem="not-spiff")
         index = get_object(self.store, INDEX_KEY, trust_pickle=False)
         if not isinstance(index, dict) or index.get("layout") != ADAPTER_LAYOUT:
-            raise StoreCorruptError(f"the SpiffWorkflow index has layout {index.get('layout') if isinstance(index, dict) else index!r}; "
+            got = index.get("layout") if isinstance(index, dict) else index
+            raise StoreCorruptError(f"the SpiffWorkflow index has layout {got!r}; "
                                     f"this adapter reads layout {ADAPTER_LAYOUT}", path=self.store.path,
                                     problem="bad-index")
         mine = spiff_version()
@@ -306,7 +307,7 @@ class SpiffLoader:
             from ..errors import UntrustedPickleError
 
             raise UntrustedPickleError(
-                f"the specs are pickles (built by {index.get('spiff_version') and 'SpiffWorkflow ' + index['spiff_version']}); "
+                f"the specs are pickles (built by SpiffWorkflow {index.get('spiff_version')}); "
                 "loading them runs code from the file. Pass trust_pickle=True only if your own build made it, or "
                 "build it with --codec json", path=self.store.path, problem="untrusted-pickle")
         self._processes: dict[str, str] = dict(index["processes"])
@@ -354,7 +355,7 @@ class SpiffLoader:
             raise StoreCorruptError(f"the SpiffWorkflow index names {key!r} for {name!r}, but the store has no "
                                     "such record", path=self.store.path, problem="corrupt")
         try:
-            obj = self._decode(value, self.codec, what=f"record {key!r}")
+            obj = self._decode(value, str(self.codec), what=f"record {key!r}")
         except StoreCorruptError as exc:
             raise StoreCorruptError(str(exc), path=self.store.path, problem=exc.problem) from None
         except Exception as exc:  # a pickle that will not load: a class gone from this SpiffWorkflow, bad bytes

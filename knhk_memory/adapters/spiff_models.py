@@ -120,7 +120,8 @@ def _process(pid: str, name: str, body: _Proc) -> str:
 def _order_process(i: int) -> str:
     p = _Proc(f"o{i}_")
     start = p.element("startEvent", "start")
-    prev = p.chain(start, [p.script(f"amount = {(i * 137) % 900 + 20}\nitems = {[(i + k) % 7 for k in range(3 + i % 4)]}\n"
+    items = [(i + k) % 7 for k in range(3 + i % 4)]
+    prev = p.chain(start, [p.script(f"amount = {(i * 137) % 900 + 20}\nitems = {items}\n"
                                     f"region = {['eu', 'us', 'apac'][i % 3]!r}\nlog = []", name="Receive order")])
     prev = p.exclusive(prev, "amount", [
         ("amount > 600", [p.script("discount = 0.1\nlog.append('large')", "Large order"),
@@ -214,9 +215,9 @@ def _library() -> str:
 
 def _decision(d: int) -> str:
     """One DMN file per decision: SpiffWorkflow reads one decision table a file."""
-    out = ['<?xml version="1.0" encoding="UTF-8"?>\n'
-           f'<definitions xmlns="https://www.omg.org/spec/DMN/20191111/MODEL/" id="tiers_{d}" name="Tiers {d}" '
-           'namespace="http://knhk.example/dmn">\n']
+    out = [('<?xml version="1.0" encoding="UTF-8"?>\n'
+            f'<definitions xmlns="https://www.omg.org/spec/DMN/20191111/MODEL/" id="tiers_{d}" name="Tiers {d}" '
+            'namespace="http://knhk.example/dmn">\n')]
     low, high = 100 + 50 * d, 400 + 100 * d
     # UNIQUE in SpiffWorkflow returns the first rule that matches.
     rules = [(f"&lt; {low}", '"bronze"'), (f"&lt;= {high}", '"silver"'), (f"&gt; {high}", '"gold"')]

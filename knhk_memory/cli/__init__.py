@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .budget import add_budget_command
     from .demo import add_demo_command
     from .info import add_info_command
+    from .run import add_run_command
     from .store import add_store_commands
 
-    for add in (add_info_command, add_budget_command, add_store_commands, add_demo_command):
+    for add in (add_info_command, add_budget_command, add_store_commands, add_demo_command, add_run_command):
         add(sub, common)
     return parser
 

@@ -33,12 +33,23 @@ def _seed(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cluster-timeout must be a number of seconds, got {text!r}") from None
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"--cluster-timeout must be in (0, 3600] seconds, got {text}")
+    return v
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     config = load_config(args.config)
     result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
-                      progress=args.progress, budgets=args.budgets)
+                      progress=args.progress, budgets=args.budgets, cluster=args.cluster,
+                      batch_cases=args.batch_cases, ship_store=args.ship_store, cluster_timeout=args.cluster_timeout)
     if args.json:
         result.pop("_budget_table", None)
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -57,6 +68,16 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                    help=f"cases to run (default {DEFAULT_CASES:,})")
     p.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
                    help="worker processes sharing the store and the counters (default 1: this process)")
+    p.add_argument("--cluster", metavar="SPEC", help="run the cases as Dask tasks: local[:N] (a LocalCluster of N "
+                   "one-thread worker processes on 127.0.0.1; default N: one per CPU) or tcp://HOST:PORT (a running "
+                   "scheduler). Needs the [dask] extra; see docs/distributed.md")
+    p.add_argument("--batch-cases", type=_positive("--batch-cases"), default=None, metavar="N",
+                   help="with --cluster: cases per Dask task (default 5,000)")
+    p.add_argument("--ship-store", choices=("path", "content"), default=None,
+                   help="with --cluster: workers open the store by path (a shared filesystem; default for local) "
+                        "or get its bytes and keep them in their cache (default for tcp://)")
+    p.add_argument("--cluster-timeout", type=_seconds, default=10.0, metavar="S",
+                   help="with --cluster: seconds to wait for the scheduler (default 10)")
     p.add_argument("--store", metavar="PATH", help="workflow store to run (built there with the generated "
                    "definitions if missing; default: [store] path, else a file in the cache directory)")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",

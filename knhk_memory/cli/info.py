@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any
 
 __all__ = ["collect_info", "add_info_command"]
@@ -13,6 +14,7 @@ __all__ = ["collect_info", "add_info_command"]
 def collect_info(config_path: str | None) -> dict[str, Any]:
     """Everything ``knhk-memory info`` reports, as a JSON-ready dict."""
     import numpy
+    from numpy._core.multiarray import get_handler_name
 
     from .. import __version__
     from .._core import ffi, lib
@@ -34,12 +36,12 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
         probe = numpy.empty(16)
         numpy_info = {
             "routed": bool(config.allocator.numpy),
-            "current_handler": numpy._core.multiarray.get_handler_name(),
-            "new_array_handler": numpy._core.multiarray.get_handler_name(probe),
+            "current_handler": get_handler_name(),
+            "new_array_handler": get_handler_name(probe),
             "numpy_version": numpy.__version__,
         }
         del probe
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in pm.hook.knhk_memory_stats(config=config):
             stats.update(part or {})
     finally:
@@ -109,11 +111,40 @@ def _print_info(info: dict[str, Any]) -> None:
                f"supported: {', '.join(sd['supported'])})")
     if sd["auto_note"]:
         out.append(f"          auto is {sd['auto']}: {sd['auto_note']}")
+    proc = info["stats"].get("allocator", {}).get("process")
+    if proc:
+        serves = proc["malloc_backend"] or "not a knhk backend"
+        out.append(f"process:  malloc from {proc['malloc_library']} ({serves}); "
+                   f"CPython objects: {proc['python_allocator']}; RSS {proc['rss_bytes'] or 0:,} B "
+                   f"(peak {proc['peak_rss_bytes'] or 0:,} B)")
     out.append(f"plugins:  {', '.join(info['plugins'])}")
     print("\n".join(out))
 
 
+def _memory_of(pid: int, as_json: bool) -> int:
+    from ..launcher import inspect_process
+
+    try:
+        info = inspect_process(pid)
+    except ValueError as exc:
+        print(f"knhk-memory info: error: --memory: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    mib = lambda v: "?" if v is None else f"{v / 2**20:.1f} MiB"  # noqa: E731
+    launched = (f"started by knhk-memory run with {info['launched_backend']}" if info["launched_backend"]
+                else "not started by knhk-memory run")
+    print(f"pid {info['pid']} ({info['name']}): RSS {mib(info['rss_bytes'])}, peak {mib(info['peak_rss_bytes'])}\n"
+          f"allocator libraries mapped: {', '.join(info['allocator_libraries']) or 'none (glibc malloc)'}\n"
+          f"{launched}; PYTHONMALLOC at start: {info['initial_pythonmalloc'] or 'unset (pymalloc)'}\n"
+          "(the allocator's own figures: the knhk_memory_stats hook inside the process)")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.memory is not None:
+        return _memory_of(args.memory, args.json)
     info = collect_info(args.config)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -126,4 +157,6 @@ def add_info_command(sub: Any, common: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", parents=[common],
                           help="versions, backends, numpy handler, CPU features, config source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--memory", metavar="PID", type=int, default=None,
+                      help="another process's RSS, peak RSS, allocator libraries and how it was started")
     info.set_defaults(func=_cmd_info)

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import Config, validate
-from ..errors import CheckFailedError, HostError
+from ..config import CACHE_ENV, Config, cache_dir, validate
+from ..errors import CheckFailedError, ClusterError, HostError
+from ..launcher import launched_environment
 from .engine import Engine, RunTally
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
@@ -37,18 +38,9 @@ DEFAULT_SEED = 1
 GENERATOR_SEED = 2026
 STORE_FORMAT = "v1"
 SAMPLE_CASES = 256
-CACHE_ENV = "KNHK_MEMORY_CACHE"
 
 
 # ---------------------------------------------------------------- the store
-
-def cache_dir() -> Path:
-    """``$KNHK_MEMORY_CACHE``, else ``$XDG_CACHE_HOME/knhk-memory``, else ``~/.cache/knhk-memory``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "knhk-memory"
-
 
 def default_store_path() -> Path:
     return cache_dir() / f"demo-workflows-{STORE_FORMAT}-{DEFAULT_WORKFLOWS}-{GENERATOR_SEED}.knhk"
@@ -94,9 +86,9 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
             for k in probe:
                 get(k)
             per.append((time.perf_counter_ns() - t0) / max(1, len(probe)))
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         records = s.verify()
-        verify_s = time.perf_counter() - t0
+        verify_s = time.perf_counter() - start
         info = s.stats()
     return {"open_ns": statistics.median(opens), "lookup_ns": statistics.median(per), "verified_records": records,
             "verify_seconds": verify_s, "keys": info["keys"], "file_size": info["file_size"],
@@ -104,6 +96,37 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
 
 
 # ---------------------------------------------------------------- workers
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker ends when the process that started it does.
+
+    A worker mid-batch never reads its task pipe, so it would not notice a
+    parent killed with SIGKILL and would run to the end of its cases (issue
+    22). Two guards: the kernel's parent-death signal (Linux prctl
+    PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
+    pid every 0.2 s -- for platforms without prctl, and for the race where
+    the parent died before the prctl took effect.
+    """
+    import ctypes
+    import signal
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="knhk-parent-watch", daemon=True).start()
+
 
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
@@ -125,7 +148,11 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     start = engine.counters.get(done_idx)
     tally = RunTally(arenas=0)
     t0 = time.perf_counter()
-    with ctx.Pool(workers) as pool:
+    # Under knhk-memory run the workers are the engine too: they get the
+    # launcher's variables back (knhk_configure took them out of os.environ).
+    with launched_environment():
+        pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():
@@ -155,9 +182,17 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
 
 
 def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
-             seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True) -> dict[str, Any]:
+             seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
+             cluster: str | None = None, batch_cases: int | None = None, ship_store: str | None = None,
+             cluster_timeout: float = 10.0, on_result: Any = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
-    :class:`HostError` for bad parameters; failed checks are in the result."""
+    :class:`HostError` for bad parameters; failed checks are in the result.
+
+    ``cluster`` (``local[:N]`` or ``tcp://HOST:PORT``) runs the cases as Dask
+    tasks of ``batch_cases`` cases each (see :mod:`.cluster`); the result then
+    has a ``"cluster"`` entry with per-worker figures. Raises
+    :class:`~knhk_memory.errors.ClusterError` (or a ``WorkerError``) when the
+    cluster cannot run them."""
     if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
         raise HostError(f"--cases must be a positive integer, got {cases!r}")
     cpus = os.cpu_count() or 1
@@ -165,6 +200,20 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         raise HostError(f"--workers must be an integer from 1 to {8 * cpus} (8 per CPU), got {workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise HostError(f"--seed must be an integer in 0..2**64-1, got {seed!r}")
+    if cluster is not None and workers != 1:
+        raise HostError(f"--cluster and --workers are exclusive: --workers {workers} runs local processes that "
+                        f"share memory, --cluster {cluster} runs Dask workers; give one")
+    if cluster is None and (batch_cases is not None or ship_store is not None):
+        raise HostError("--batch-cases and --ship-store apply to --cluster runs only; add --cluster local:N "
+                        "or --cluster tcp://HOST:PORT")
+    spec = None
+    if cluster is not None:
+        try:
+            from ..distributed import parse_cluster
+        except ImportError as exc:
+            raise ClusterError(f"--cluster {cluster} needs Dask's distributed scheduler, which is not installed "
+                               f"({exc.__cause__ or exc}): pip install 'knhk-memory[dask]'") from None
+        spec = parse_cluster(cluster)
     if store is not None:
         store_path, store_from = Path(store), "--store"
     elif config.store.path:
@@ -185,20 +234,37 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         bar = _progress_bar(cases, progress)
         step = bar.update if bar is not None else None
         try:
-            if workers == 1:
+            crun = None
+            if spec is not None:
+                from .cluster import DEFAULT_BATCH_CASES, run_on_cluster
+
+                crun = run_on_cluster(config, store_path, cases=cases, seed=seed, sample=sample, cluster=spec,
+                                      batch_cases=DEFAULT_BATCH_CASES if batch_cases is None else batch_cases,
+                                      ship_store=ship_store, timeout=cluster_timeout, progress=step,
+                                      on_result=on_result)
+                tally = crun.tally
+            elif workers == 1:
                 tally = engine.run(np.arange(cases, dtype=np.int64), seed=seed, progress=step, sample=sample)
             else:
                 tally = _run_workers(engine, config, cases, workers, seed, sample, step)
         finally:
             if bar is not None:
                 bar.close()
-        counters = {k: v - before_counters.get(k, 0) for k, v in engine.counters.snapshot().items()}
-        patterns = {p: d["executions"] - before_patterns.get(p, {}).get("executions", 0)
-                    for p, d in engine.pattern_stats.as_dict(all_patterns=True).items()}
-        pattern_rows = engine.pattern_stats.as_dict()
+        if crun is None:
+            counters = {k: v - before_counters.get(k, 0) for k, v in engine.counters.snapshot().items()}
+            patterns = {p: d["executions"] - before_patterns.get(p, {}).get("executions", 0)
+                        for p, d in engine.pattern_stats.as_dict(all_patterns=True).items()}
+            pattern_rows = engine.pattern_stats.as_dict()
+        else:  # merged on the client from the batches' own deltas, by batch id
+            counters = {n: crun.counters.get(n, 0) for n in engine.counters.snapshot()}
+            pe, pt = crun.pattern_executions, crun.pattern_ticks
+            patterns = {p: int(pe[p]) for p in range(1, 44)}
+            pattern_rows = {p: {"mean_ticks": int(pt[p]) / int(pe[p])} for p in range(1, 44) if pe[p]}
         names = {p.number: p.name for p in (engine.patterns.by_number(n) for n in SUPPORTED_PATTERNS)}
         checks = _checks(engine, tally, counters, patterns, cases, seed)
-        stats = {}
+        if crun is not None:
+            _cluster_checks(checks, crun)
+        stats: dict[str, Any] = {}
         for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
             stats.update(part or {})
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
@@ -212,7 +278,8 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     return {
         "ok": all(c["ok"] for c in checks),
         "checks": checks,
-        "cases": cases, "workers": workers, "seed": seed,
+        "cases": cases, "workers": workers if crun is None else crun.report["workers"], "seed": seed,
+        "cluster": crun.report if crun is not None else None,
         "seconds": tally.seconds, "cases_per_second": cases / tally.seconds if tally.seconds else 0.0,
         "events": int(tally.events.sum()), "tasks": int(tally.events[TASK]), "batches": tally.batches,
         "workflows_run": tally.workflows,
@@ -227,6 +294,21 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         "budgets": report.as_dict() if report is not None else None,
         "_budget_table": _table(report) if report is not None else None,
     }
+
+
+def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
+    r = crun.report
+    _check(checks, "every batch merged exactly once, by id",
+           r["batches"] == r["batches_expected"],
+           f"{r['batches']} of {r['batches_expected']} batches merged; {r['duplicates_dropped']} repeated results "
+           "dropped; "
+           f"workers lost mid-run: {', '.join(r['workers_lost']) or 'none'}")
+    differ = [w["address"] for w in r["per_worker"]
+              if w["block_counters"] is not None and w["cases"]
+              and any(w["block_counters"].get(k, 0) != v for k, v in w["counters"].items())]
+    asked = sum(1 for w in r["per_worker"] if w["block_counters"] is not None and w["cases"])
+    _check(checks, "each live worker's own counters equal the sum of its batches",
+           not differ, f"{asked} worker block(s) compared" + (f"; differ: {', '.join(differ)}" if differ else ""))
 
 
 def _arena_figures(t: RunTally) -> dict[str, Any]:
@@ -327,6 +409,20 @@ def format_summary(r: dict[str, Any]) -> str:
     a = r["arena"]
     out.append(f"arena:      {a['allocations']:,} batch arrays served with {a['backend_calls']:,} backend calls "
                f"(without the arena: {a['backend_calls_without_arena']:,}; saved {a['saved']:,})")
+    cl = r.get("cluster")
+    if cl:
+        out.append(f"cluster:    {cl['cluster']}: {cl['workers']} worker(s), {cl['batches']:,} batches of up to "
+                   f"{cl['batch_cases']:,} cases; store shipped by {cl['store_shipping']} "
+                   f"(sha256 {cl['store_sha256'][:16]}..., {cl['store_size']:,} bytes)")
+        out.append(f"            start {cl['start_seconds']:.2f} s, worker setup {cl['setup_seconds']:.2f} s, "
+                   f"run {cl['wall_seconds']:.2f} s (busy {cl['busy_seconds']:.2f} s); overhead "
+                   f"{cl['overhead_per_batch_seconds'] * 1000:.1f} ms per batch; workers lost: "
+                   f"{', '.join(cl['workers_lost']) or 'none'}")
+        for w in cl["per_worker"]:
+            state = "" if w["alive_at_end"] else "  (lost)"
+            out.append(f"  worker {w['address']:<24} pid {w['pid']!s:>7}  {w['batches']:>5,} batches "
+                       f"{w['cases']:>10,} cases  busy {w['busy_seconds']:>7.2f} s  "
+                       f"{w['cases_per_second']:>10,.0f} cases/s{state}")
     out.append("pattern executions:")
     for p in r["patterns"]:
         out.append(f"  WCP-{p['id']:<3} {p['name']:<40} {p['executions']:>12,}   mean {p['mean_ticks']:>8.1f} ticks")

@@ -28,6 +28,7 @@ attaches to the parent's shared counter blocks (``counters_from``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from ..errors import HostError, StoreKeyError
 from ..hookspecs import hookimpl
 from ..host import get_plugin_manager
 from ..registry import start_registries
-from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
+from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
 
 __all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE"]
@@ -112,7 +113,7 @@ class _CompiledWorkflows:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.keys = sorted(k.decode() for k in store.keys())
+        self.keys = sorted(k.decode() for k in store.keys())  # noqa: SIM118 - a WorkflowStore has no __iter__
         self._cache: dict[str, Workflow] = {}
 
     def get(self, key: str) -> Workflow:
@@ -190,10 +191,28 @@ class Engine:
             if not self.workflows.keys:
                 raise HostError(f"the workflow store {self.store.path} holds no definitions")
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
+            self._arena_thread = threading.get_ident()
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
         except BaseException:
             self.close()
             raise
+
+    def bind_thread(self) -> None:
+        """Move the engine's batch arena to the calling thread, and apply the
+        configured numpy routing in it. An arena belongs to the thread that
+        made it; a host whose batches run on another thread than the one that
+        built the engine (a Dask worker's task thread) calls this first.
+        Not thread-safe: one thread runs the engine at a time."""
+        from ..allocator import apply_numpy_handler
+
+        me = threading.get_ident()
+        if self._arena_thread == me:
+            return
+        old = self.arena
+        self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
+        self._arena_thread = me
+        old.close()  # allowed from any thread; a batch ran in it only on its own thread
+        apply_numpy_handler()
 
     # ---------------------------------------------------------------- running
 

@@ -42,7 +42,7 @@ static int block_getbuffer(ArenaBlock *self, Py_buffer *view, int flags) {
 
 static PyBufferProcs block_as_buffer = {(getbufferproc)block_getbuffer, NULL};
 
-static PyTypeObject ArenaBlock_Type = {
+PyTypeObject fast_ArenaBlock_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.ArenaBlock",
     .tp_basicsize = sizeof(ArenaBlock),
     .tp_dealloc = (destructor)block_dealloc,
@@ -118,7 +118,7 @@ static inline int align_of(PyObject *obj, size_t *out) {
 static PyObject *new_block(ArenaBase *self, size_t n, size_t align) {
     void *ptr = knhk_arena_block_alloc(self->raw, n, align, NULL);
     if (ptr == NULL) return NULL; /* no exception set: the caller takes the slow path */
-    ArenaBlock *b = PyObject_New(ArenaBlock, &ArenaBlock_Type);
+    ArenaBlock *b = PyObject_New(ArenaBlock, &fast_ArenaBlock_Type);
     if (b == NULL) {
         knhk_arena_block_free(self->raw, ptr);
         return NULL;
@@ -256,7 +256,7 @@ static PyMethodDef base_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject ArenaBase_Type = {
+PyTypeObject fast_ArenaBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.ArenaBase",
     .tp_basicsize = sizeof(ArenaBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -268,8 +268,3 @@ static PyTypeObject ArenaBase_Type = {
     .tp_methods = base_methods,
 };
 
-int fast_arena_add_types(PyObject *module) {
-    if (PyType_Ready(&ArenaBlock_Type) < 0 || PyType_Ready(&ArenaBase_Type) < 0) return -1;
-    if (PyModule_AddObjectRef(module, "ArenaBlock", (PyObject *)&ArenaBlock_Type) < 0) return -1;
-    return PyModule_AddObjectRef(module, "ArenaBase", (PyObject *)&ArenaBase_Type);
-}

@@ -129,7 +129,7 @@ static PyObject *block_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     return NULL;
 }
 
-static PyTypeObject BlockBase_Type = {
+PyTypeObject fast_BlockBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.BlockBase",
     .tp_basicsize = sizeof(BlockBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -208,7 +208,7 @@ static PyObject *backend_malloc(BackendBase *self, PyObject *const *args, Py_ssi
 
 /* _fast_bind(backend_address, block_type) */
 static PyObject *backend_bind(BackendBase *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyType_Check(args[1]) || !PyType_IsSubtype((PyTypeObject *)args[1], &BlockBase_Type)) {
+    if (nargs != 2 || !PyType_Check(args[1]) || !PyType_IsSubtype((PyTypeObject *)args[1], &fast_BlockBase_Type)) {
         PyErr_SetString(PyExc_TypeError, "_fast_bind(backend_address, block_type: a BlockBase subclass)");
         return NULL;
     }
@@ -246,7 +246,7 @@ static PyMethodDef backend_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject BackendBase_Type = {
+PyTypeObject fast_BackendBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.BackendBase",
     .tp_basicsize = sizeof(BackendBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -258,8 +258,3 @@ static PyTypeObject BackendBase_Type = {
     .tp_methods = backend_methods,
 };
 
-int fast_block_add_types(PyObject *module) {
-    if (PyType_Ready(&BlockBase_Type) < 0 || PyType_Ready(&BackendBase_Type) < 0) return -1;
-    if (PyModule_AddObjectRef(module, "BlockBase", (PyObject *)&BlockBase_Type) < 0) return -1;
-    return PyModule_AddObjectRef(module, "BackendBase", (PyObject *)&BackendBase_Type);
-}

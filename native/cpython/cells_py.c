@@ -65,7 +65,7 @@ static PyMemberDef once_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject OnceBase_Type = {
+PyTypeObject fast_OnceBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.OnceBase",
     .tp_basicsize = sizeof(OnceBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -80,7 +80,7 @@ static PyTypeObject OnceBase_Type = {
 
 /* ---------------------------------------------------------------- LookupBase */
 
-static PyObject *slow_name; /* "_getitem_slow", interned at module init */
+static PyObject *slow_name; /* "_getitem_slow", interned on first use (under the GIL) */
 
 typedef struct {
     PyObject_HEAD
@@ -115,6 +115,7 @@ static PyObject *lookup_subscript(LookupBase *self, PyObject *key) {
         }
         if (PyErr_Occurred()) return NULL;
     }
+    if (slow_name == NULL && (slow_name = PyUnicode_InternFromString("_getitem_slow")) == NULL) return NULL;
     return PyObject_CallMethodOneArg((PyObject *)self, slow_name, key);
 }
 
@@ -125,7 +126,7 @@ static PyMemberDef lookup_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyTypeObject LookupBase_Type = {
+PyTypeObject fast_LookupBase_Type = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.LookupBase",
     .tp_basicsize = sizeof(LookupBase),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
@@ -138,9 +139,3 @@ static PyTypeObject LookupBase_Type = {
     .tp_members = lookup_members,
 };
 
-int fast_cells_add_types(PyObject *module) {
-    if (PyType_Ready(&OnceBase_Type) < 0 || PyType_Ready(&LookupBase_Type) < 0) return -1;
-    if (slow_name == NULL && (slow_name = PyUnicode_InternFromString("_getitem_slow")) == NULL) return -1;
-    if (PyModule_AddObjectRef(module, "OnceBase", (PyObject *)&OnceBase_Type) < 0) return -1;
-    return PyModule_AddObjectRef(module, "LookupBase", (PyObject *)&LookupBase_Type);
-}

@@ -61,6 +61,15 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static const struct {
+    const char *name;
+    PyTypeObject *type;
+} types[] = {
+    {"ArenaBlock", &fast_ArenaBlock_Type}, {"ArenaBase", &fast_ArenaBase_Type},
+    {"BlockBase", &fast_BlockBase_Type},   {"BackendBase", &fast_BackendBase_Type},
+    {"OnceBase", &fast_OnceBase_Type},     {"LookupBase", &fast_LookupBase_Type},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "knhk_memory._fast",
@@ -81,10 +90,15 @@ PyMODINIT_FUNC PyInit__fast(void) {
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddStringConstant(m, "CORE_VERSION", core) < 0 || fast_arena_add_types(m) < 0 ||
-        fast_cells_add_types(m) < 0 || fast_block_add_types(m) < 0) {
+    if (PyModule_AddStringConstant(m, "CORE_VERSION", core) < 0) {
         Py_DECREF(m);
         return NULL;
+    }
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        if (PyType_Ready(types[i].type) < 0 || PyModule_AddObjectRef(m, types[i].name, (PyObject *)types[i].type) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return m;
 }

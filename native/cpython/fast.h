@@ -33,12 +33,13 @@ PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize
 PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
-/* arena_py.c: add the ArenaBlock and ArenaBase types to the module. */
-int fast_arena_add_types(PyObject *module);
-/* cells_py.c: add the OnceBase and LookupBase types. */
-int fast_cells_add_types(PyObject *module);
-/* block_py.c: add the BlockBase and BackendBase types. */
-int fast_block_add_types(PyObject *module);
+/* The module's types (fast.c readies them and adds them to the module). */
+extern PyTypeObject fast_ArenaBlock_Type; /* arena_py.c: knhk_memory._fast.ArenaBlock */
+extern PyTypeObject fast_ArenaBase_Type; /* arena_py.c: knhk_memory._fast.ArenaBase */
+extern PyTypeObject fast_BlockBase_Type; /* block_py.c: knhk_memory._fast.BlockBase */
+extern PyTypeObject fast_BackendBase_Type; /* block_py.c: knhk_memory._fast.BackendBase */
+extern PyTypeObject fast_OnceBase_Type; /* cells_py.c: knhk_memory._fast.OnceBase */
+extern PyTypeObject fast_LookupBase_Type; /* cells_py.c: knhk_memory._fast.LookupBase */
 
 /* A C pointer passed from Python as an int address (cffi's
    int(ffi.cast("uintptr_t", p))). NULL with a Python error for anything else. */

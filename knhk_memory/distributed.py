@@ -1,0 +1,550 @@
+"""Past one machine: knhk-memory on every worker of a Dask ``distributed`` cluster.
+
+Shared memory does not span machines, so a host whose case load outgrows one
+machine runs its batches as Dask tasks. This module is the part every such
+host needs; :mod:`knhk_memory.refhost.cluster` is the reference host's use of it.
+
+- :class:`StoreArtifact`: the workflow store as an immutable artifact, named by
+  its SHA-256. Shipped **by path** (workers share the client's filesystem; each
+  worker hashes the file before use) or **by content** (the bytes travel with
+  the plugin; the first worker on a node writes them to
+  ``<cache>/stores/<sha256>.knhk``, later workers on the node find the file and
+  verify it). A worker never opens a store whose checksum differs from the
+  client's: :class:`~knhk_memory.errors.WorkerStoreError`, naming the worker,
+  the path and both checksums.
+- :class:`KnhkWorkerPlugin`: a Dask ``WorkerPlugin``. ``setup`` (on every
+  worker, including workers that join later) checks that the worker's
+  knhk-memory version is the client's, resolves the store, and makes a host
+  session from the client's config: the knhk plugin manager configured
+  (allocator backend, numpy routing, counters, arena), the store opened.
+  ``teardown`` (at unregistration or worker shutdown) closes the session, which
+  unconfigures the plugins. A failure is raised with the worker's address; a
+  worker that cannot load the configured allocator backend raises
+  :class:`~knhk_memory.errors.WorkerBackendError` and nothing falls back to
+  another backend.
+- Counters live per worker (each session has its own private block). A task
+  returns its own counter deltas with its result, and the client merges results
+  by batch id with :class:`BatchResults`, so a batch re-run after its worker
+  died is counted once, never twice and never zero times.
+- :func:`connect`: ``local[:N]`` (a ``LocalCluster`` of N one-thread worker
+  processes on 127.0.0.1) or ``tcp://HOST:PORT`` (a running scheduler), with a
+  timeout and an error that names the address.
+
+Needs the ``dask`` extra: ``pip install 'knhk-memory[dask]'``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import distributed
+    from distributed import Client, LocalCluster, WorkerPlugin, get_worker
+except ImportError as _exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("knhk_memory.distributed needs Dask's distributed scheduler, which is not installed: "
+                      "pip install 'knhk-memory[dask]'") from _exc
+
+from .config import Config, cache_dir, validate
+from .errors import (
+    BackendUnavailableError,
+    ClusterError,
+    ConfigError,
+    KnhkMemoryError,
+    WorkerBackendError,
+    WorkerError,
+    WorkerStoreError,
+    WorkerVersionError,
+)
+
+__all__ = ["StoreArtifact", "KnhkWorkerPlugin", "WorkerSession", "BatchResults", "ClusterSpec", "parse_cluster",
+           "connect", "register", "unregister", "session", "worker_state", "worker_addresses", "worker_figures",
+           "sum_counters", "package_version", "file_sha256", "DEFAULT_TIMEOUT", "SHIPPING"]
+
+DEFAULT_TIMEOUT = 10.0
+SHIPPING = ("path", "content")
+_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
+
+# Per process, for tests and for the report: how many sessions this worker
+# process has set up and torn down, and whether it wrote a store to its cache.
+_STATE = {"set_up": 0, "torn_down": 0, "open": 0, "stores_written": 0, "stores_reused": 0}
+_STATE_LOCK = threading.Lock()
+
+
+def package_version() -> str:
+    """This process's knhk-memory version (the installed distribution's)."""
+    import knhk_memory
+
+    return str(knhk_memory.__version__)
+
+
+def worker_state() -> dict[str, int]:
+    """This process's session figures: ``set_up``, ``torn_down``, ``open``,
+    ``stores_written``, ``stores_reused`` (run it on workers with ``client.run``)."""
+    with _STATE_LOCK:
+        return dict(_STATE)
+
+
+def _count(key: str, n: int = 1) -> None:
+    with _STATE_LOCK:
+        _STATE[key] += n
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, as 64 lowercase hex digits."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---------------------------------------------------------------- the store as an artifact
+
+@dataclass(frozen=True)
+class StoreArtifact:
+    """The client's workflow store, named by its SHA-256, ready to ship to workers.
+
+    :param path: The store file on the client.
+    :param sha256: SHA-256 of its bytes (64 hex digits).
+    :param size: Its size in bytes.
+    :param shipping: ``"path"`` (workers open ``path``, which they share with
+        the client) or ``"content"`` (``content`` holds the bytes; workers keep a
+        copy in their cache directory).
+    """
+
+    path: str
+    sha256: str
+    size: int
+    shipping: str = "path"
+    content: bytes | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], *, shipping: str = "path") -> StoreArtifact:
+        """Hash the store at ``path`` (and read it, for ``shipping="content"``).
+
+        :raises ClusterError: ``shipping`` is not ``"path"`` or ``"content"``.
+        :raises WorkerStoreError: the file cannot be read.
+        """
+        if shipping not in SHIPPING:
+            raise ClusterError(f"store shipping must be one of {', '.join(SHIPPING)}, got {shipping!r}")
+        p = Path(path).absolute()
+        try:
+            if shipping == "content":
+                data = p.read_bytes()
+                return cls(str(p), hashlib.sha256(data).hexdigest(), len(data), shipping, data)
+            size = p.stat().st_size
+            return cls(str(p), file_sha256(p), size, shipping)
+        except OSError as exc:
+            raise WorkerStoreError(f"cannot read the workflow store {p} on the client ({exc.strerror})",
+                                   address="client") from None
+
+    def resolve(self, *, cache: str | os.PathLike[str] | None = None, address: str = "this process") -> Path:
+        """The verified local path of the store on this worker.
+
+        By path: hash the file at ``path`` and compare. By content: reuse
+        ``<cache>/stores/<sha256>.knhk`` if its hash matches, else write it from
+        ``content`` (atomically: a temporary file renamed into place), so the
+        bytes go to disk once per node. ``cache`` defaults to this process's
+        :func:`knhk_memory.config.cache_dir`.
+
+        :raises WorkerStoreError: the file is missing, unreadable, or its
+            SHA-256 differs from the client's; the message names ``address``,
+            the path and both checksums.
+        """
+        if self.shipping == "path":
+            p = Path(self.path)
+            try:
+                digest = file_sha256(p)
+                size = p.stat().st_size
+            except OSError as exc:
+                raise WorkerStoreError(
+                    f"worker {address}: cannot read the workflow store {p} ({exc.strerror}); the store is shipped "
+                    "by path, which needs a filesystem shared with the client; ship it by content "
+                    "(--ship-store content) when the workers do not share one", address=address) from None
+            if digest != self.sha256:
+                raise WorkerStoreError(
+                    f"worker {address}: refused the workflow store {p}: its SHA-256 here is {digest} ({size:,} bytes), "
+                    f"the client's is {self.sha256} ({self.size:,} bytes); a worker runs cases only against the "
+                    "client's exact store", address=address)
+            return p
+        if self.content is None or hashlib.sha256(self.content).hexdigest() != self.sha256:
+            raise WorkerStoreError(f"worker {address}: the store content shipped for {self.sha256} does not hash "
+                                   "to it; refusing it", address=address)
+        directory = Path(cache if cache is not None else cache_dir()) / "stores"
+        target = directory / f"{self.sha256}.knhk"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # One writer per node: the workers of a node take this lock in turn;
+            # the first writes the file, the others find it and verify it.
+            with open(directory / f".{self.sha256}.lock", "a+b") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                if target.is_file() and file_sha256(target) == self.sha256:
+                    _count("stores_reused")
+                    return target
+                # missing, or damaged since it was written: (re)write it from the shipped bytes
+                tmp = directory / f".{self.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(self.content)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                digest = file_sha256(target)
+        except OSError as exc:
+            raise WorkerStoreError(f"worker {address}: cannot write the shipped workflow store to {target} "
+                                   f"({exc.strerror}); set KNHK_MEMORY_CACHE on the workers to a writable "
+                                   "directory", address=address) from None
+        if digest != self.sha256:
+            raise WorkerStoreError(f"worker {address}: refused the workflow store {target}: its SHA-256 after "
+                                   f"writing is {digest}, the client's is {self.sha256}", address=address)
+        _count("stores_written")
+        return target
+
+
+# ---------------------------------------------------------------- the worker plugin
+
+class WorkerSession:
+    """The default per-worker session: the knhk plugin manager configured with
+    the engine's config, and the services a host asks it for. A host passes
+    its own factory to :class:`KnhkWorkerPlugin` instead (the reference host
+    passes :class:`knhk_memory.refhost.Engine`); it must offer ``close()``."""
+
+    def __init__(self, config: Config) -> None:
+        from .host import get_plugin_manager
+
+        self.config = config
+        self.pm = get_plugin_manager()
+        self.pm.hook.knhk_configure(config=config)
+        try:
+            self.store = self.pm.hook.knhk_workflow_store(config=config)
+            self.counters = self.pm.hook.knhk_counters(config=config)
+            self.pattern_stats = self.pm.hook.knhk_pattern_stats(config=config)
+        except BaseException:
+            self.pm.hook.knhk_unconfigure(config=config)
+            raise
+        self._open = True
+
+    def close(self) -> None:
+        """Unconfigure the plugins (closes the store and the counters). Idempotent."""
+        if self._open:
+            self._open = False
+            self.pm.hook.knhk_unconfigure(config=self.config)
+
+
+def _backend_failure(exc: BaseException) -> BaseException | None:
+    """The allocator backend could not be loaded: the BackendUnavailableError (as
+    such or as the cause of the plugin's ConfigError about ``allocator.backend``)."""
+    found: BaseException | None = None
+    e: BaseException | None = exc
+    for _ in range(16):
+        if e is None:
+            break
+        if isinstance(e, BackendUnavailableError):
+            return e
+        if isinstance(e, ConfigError) and e.key == "allocator.backend":
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
+class KnhkWorkerPlugin(WorkerPlugin):
+    """Set knhk-memory up on every Dask worker, with the client's config and store.
+
+    :param config: The engine's configuration (sent as its checked values; the
+        worker validates them again). ``[store] path`` is replaced by the
+        worker's verified copy and ``[counters] shared`` is off: counters
+        live per worker.
+    :param store: The :class:`StoreArtifact` to run against.
+    :param host: ``host(config) -> session`` makes the per-worker session
+        (default :class:`WorkerSession`); it must be importable on the workers.
+    :param cache: Cache directory for stores shipped by content (default: the
+        worker's :func:`~knhk_memory.config.cache_dir`).
+    :param name: The plugin's name on the cluster (default: unique per plugin).
+    :param client_version: The version workers must have (default: the
+        client's knhk-memory version).
+
+    In a task, :func:`session` gives the worker's plugin; hold its ``lock``
+    while using the session (a session is one engine, not thread-safe).
+    """
+
+    def __init__(self, config: Config, store: StoreArtifact, *, host: Callable[[Config], Any] | None = None,
+                 cache: str | os.PathLike[str] | None = None, name: str | None = None,
+                 client_version: str | None = None) -> None:
+        self.config_values = config.as_dict()
+        self.config_source, self.config_origin = config.source, config.origin
+        self.store = store
+        self.host = host
+        self.cache = None if cache is None else os.fspath(cache)
+        self.name = name or f"knhk-memory-{store.sha256[:12]}-{uuid.uuid4().hex[:8]}"
+        self.client_version = client_version or package_version()
+        self.session: Any = None
+        self.error: WorkerError | None = None
+        self.address: str | None = None
+        self.store_path: str | None = None
+        self.setup_seconds = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("lock", None)  # made on the worker
+        state["session"] = None
+        return state
+
+    def setup(self, worker: Any) -> None:
+        t0 = time.perf_counter()
+        self.address = address = str(worker.address)
+        self.lock = threading.Lock()
+        try:
+            here = package_version()
+            if here != self.client_version:
+                raise WorkerVersionError(
+                    f"worker {address} runs knhk-memory {here}, the client {self.client_version}; refused: install "
+                    f"knhk-memory {self.client_version} on every worker", address=address)
+            path = self.store.resolve(cache=self.cache, address=address)
+            self.store_path = str(path)
+            config = Config(validate(self.config_values, self.config_source), source=self.config_source,
+                            origin=self.config_origin)
+            config = config.replace(store={"path": str(path)}, counters={"shared": False, "shared_name": ""})
+            self.session = (self.host or WorkerSession)(config)
+        except WorkerError as exc:
+            self.error = exc
+            raise
+        except Exception as exc:
+            cause = _backend_failure(exc)
+            if cause is None:
+                kind = "" if isinstance(exc, KnhkMemoryError) else f"{type(exc).__name__}: "
+                self.error = WorkerError(f"worker {address} cannot set up knhk-memory: {kind}{exc}", address=address)
+                raise self.error from None
+            self.error = WorkerBackendError(
+                f"worker {address} cannot load the allocator backend {self.config_values['allocator']['backend']!r} "
+                f"that {self.config_source} configures: {str(cause).rstrip('.')}; the run stops (no fallback to "
+                "another backend)",
+                address=address)
+            raise self.error from None
+        self.setup_seconds = time.perf_counter() - t0
+        _count("set_up")
+        _count("open")
+
+    def teardown(self, worker: Any) -> None:
+        s, self.session = self.session, None
+        if s is not None:
+            try:
+                s.close()
+            finally:
+                _count("torn_down")
+                _count("open", -1)
+
+
+def session(name: str) -> KnhkWorkerPlugin:
+    """In a task: this worker's :class:`KnhkWorkerPlugin` named ``name``, set up.
+
+    :raises WorkerError: the worker has no such plugin, or its setup failed
+        (the setup error, with the worker's address)."""
+    worker = get_worker()
+    plugin = worker.plugins.get(name)
+    if not isinstance(plugin, KnhkWorkerPlugin):
+        raise WorkerError(f"worker {worker.address} has no knhk-memory plugin {name!r}; register it first "
+                          "(knhk_memory.distributed.register)", address=str(worker.address))
+    if plugin.error is not None:
+        raise plugin.error
+    if plugin.session is None:
+        raise WorkerError(f"worker {worker.address}: the knhk-memory plugin {name!r} is not set up (torn down?)",
+                          address=str(worker.address))
+    return plugin
+
+
+def _plugin_figures(name: str, dask_worker: Any = None) -> dict[str, Any]:
+    """Run on each worker by :func:`worker_figures` (``client.run`` passes ``dask_worker``)."""
+    worker = dask_worker
+    plugin = worker.plugins.get(name)
+    out: dict[str, Any] = {"pid": os.getpid(), "state": worker_state()}
+    if plugin is not None and plugin.session is not None:
+        counters = getattr(plugin.session, "counters", None)
+        out.update(store=plugin.store_path, setup_seconds=plugin.setup_seconds,
+                   counters=counters.snapshot() if counters is not None else None)
+    return out
+
+
+def worker_addresses(client: Client) -> list[str]:
+    """The addresses of every worker the scheduler knows now."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # some releases return 5 workers unless told
+    except TypeError:  # releases before the n_workers argument return them all
+        info = client.scheduler_info()
+    return list(info["workers"])
+
+
+def worker_figures(client: Client, name: str) -> dict[str, dict[str, Any]]:
+    """``{worker address: {pid, state, store, setup_seconds, counters}}`` for every live worker:
+    its own counter block, as it stands (the sum over the batches it ran)."""
+    return client.run(_plugin_figures, name)
+
+
+# ---------------------------------------------------------------- merging
+
+class BatchResults:
+    """Results merged by batch id: each id once, whatever arrived.
+
+    A batch whose worker died is re-run by Dask; if both runs ever report,
+    the second is kept out (``duplicates`` counts it), so every case is
+    counted exactly once. ``missing()`` lists ids with no result yet.
+    """
+
+    def __init__(self, ids: Iterable[int]) -> None:
+        self.expected = set(ids)
+        self.results: dict[int, Any] = {}
+        self.duplicates = 0
+
+    def add(self, batch_id: int, result: Any) -> bool:
+        """Keep ``result`` for ``batch_id``; False (and not kept) if it is a repeat.
+
+        :raises ClusterError: ``batch_id`` is not one of the run's batches."""
+        if batch_id not in self.expected:
+            raise ClusterError(f"a result for batch {batch_id!r}, which this run never submitted")
+        if batch_id in self.results:
+            self.duplicates += 1
+            return False
+        self.results[batch_id] = result
+        return True
+
+    def missing(self) -> list[int]:
+        return sorted(self.expected - self.results.keys())
+
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+def sum_counters(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Counter deltas summed name by name (exact integers)."""
+    out: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+# ---------------------------------------------------------------- connecting
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A parsed ``--cluster`` value: ``kind`` is ``"local"`` (``workers`` processes)
+    or ``"tcp"`` (``address`` of a running scheduler)."""
+
+    kind: str
+    workers: int = 0
+    address: str = ""
+
+    def __str__(self) -> str:
+        return f"local:{self.workers}" if self.kind == "local" else self.address
+
+
+_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+):(?P<port>[0-9]{1,5})")
+
+
+def parse_cluster(text: str) -> ClusterSpec:
+    """``local`` (one worker per CPU), ``local:N`` (N from 1 to 8 per CPU) or ``tcp://HOST:PORT``.
+
+    :raises ClusterError: anything else, naming the value and the accepted forms."""
+    cpus = os.cpu_count() or 1
+    accepted = f"accepted: local, local:N (N from 1 to {8 * cpus}) or tcp://HOST:PORT (a running Dask scheduler)"
+    if not isinstance(text, str):
+        raise ClusterError(f"--cluster must be a string, got {text!r}; {accepted}")
+    if text == "local":
+        return ClusterSpec("local", workers=cpus)
+    if text.startswith("local:"):
+        n = text[len("local:"):]
+        if not n.isdigit() or not 1 <= int(n) <= 8 * cpus:
+            raise ClusterError(f"--cluster {text!r}: the worker count must be an integer from 1 to {8 * cpus}, "
+                               f"got {n!r}; {accepted}")
+        return ClusterSpec("local", workers=int(n))
+    m = _TCP.fullmatch(text)
+    if m is None:
+        raise ClusterError(f"--cluster must be local, local:N or tcp://HOST:PORT, got {text!r}; {accepted}")
+    if not 1 <= int(m["port"]) <= 65535:
+        raise ClusterError(f"--cluster {text!r}: the port must be from 1 to 65535, got {m['port']}")
+    return ClusterSpec("tcp", address=text)
+
+
+def connect(spec: ClusterSpec | str, *, timeout: float = DEFAULT_TIMEOUT) -> tuple[Client, LocalCluster | None]:
+    """A client for ``spec``, and the ``LocalCluster`` it started (None for ``tcp://``).
+
+    ``local:N`` starts N worker processes (``processes=True``,
+    ``threads_per_worker=1``) listening on 127.0.0.1 only (the HTTP endpoint too, on a free port).
+    ``timeout`` (seconds) bounds the connection to a scheduler.
+
+    :raises ClusterError: the scheduler does not answer within ``timeout``, or
+        the local cluster cannot start; the message names the address.
+    """
+    if isinstance(spec, str):
+        spec = parse_cluster(spec)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise ClusterError(f"the cluster timeout must be a number of seconds in (0, 3600], got {timeout!r}")
+    if spec.kind == "local":
+        try:
+            cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
+        except Exception as exc:  # pragma: no cover - a broken machine
+            raise ClusterError(f"cannot start a local Dask cluster of {spec.workers} worker processes: "
+                               f"{type(exc).__name__}: {exc}") from None
+        try:
+            return Client(cluster, timeout=timeout), cluster
+        except BaseException:
+            cluster.close()
+            raise
+    try:
+        return Client(spec.address, timeout=timeout), None
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {spec.address} within {timeout:g} s ({exc}); "
+                           "start one there (`dask scheduler`), check the address, or use --cluster local:N") from None
+
+
+def register(client: Client, plugin: KnhkWorkerPlugin, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Register ``plugin`` on every worker and wait for each worker's setup.
+
+    On a failure, unregisters it (tearing down the workers where setup
+    succeeded) and raises. ``timeout`` (seconds) bounds the wait for a
+    first worker.
+
+    :raises WorkerError: a worker's setup failed (its subclass says why; the
+        message names the worker's address).
+    :raises ClusterError: the cluster has no workers, or the plugin could not
+        reach them.
+    """
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (TimeoutError, OSError):
+        where = getattr(client.scheduler, "address", "?")
+        raise ClusterError(f"the Dask scheduler at {where} has no workers (none joined within {timeout:g} s); "
+                           f"start some: dask worker {where}") from None
+    try:
+        client.register_plugin(plugin, name=plugin.name)
+    except WorkerError:
+        unregister(client, plugin)
+        raise
+    except Exception as exc:
+        unregister(client, plugin)
+        raise ClusterError(f"registering the knhk-memory worker plugin failed: {type(exc).__name__}: {exc}; every "
+                           f"worker needs knhk-memory {plugin.client_version} installed "
+                           f"(dask {distributed.__version__} on the client)") from None
+
+
+def unregister(client: Client, plugin: KnhkWorkerPlugin) -> None:
+    """Tear ``plugin`` down on every worker (its sessions close); quiet if it is gone."""
+    try:
+        client.unregister_worker_plugin(plugin.name)
+    except Exception as exc:  # the plugin was never registered, or the cluster is going away
+        log.debug("unregistering %s: %s", plugin.name, exc)

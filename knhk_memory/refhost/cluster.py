@@ -1,0 +1,253 @@
+"""The reference host on a Dask cluster: ``knhk-memory demo --cluster``.
+
+The cases ``0..cases-1`` are cut into ``K = ceil(cases / batch_cases)``
+batches (at most one per workflow) the way ``--workers`` cuts them: batch ``i`` holds the cases whose
+workflow's index is ``i`` modulo ``K``, so no workflow's cases are split and
+the engine runs exactly the batches a one-process run does. Batch ``i`` is one
+Dask task, run by the worker's :class:`~knhk_memory.refhost.Engine` (made by
+:class:`~knhk_memory.distributed.KnhkWorkerPlugin` at worker setup, over the
+verified store). A case's workflow and path depend only on the seed and its
+number, so the totals do not depend on where a batch runs.
+
+Each task returns its :class:`~.engine.RunTally`, the deltas of its
+worker's counters and pattern statistics over the batch, and its work time.
+The client merges by batch id (:class:`~knhk_memory.distributed.BatchResults`)
+and drops each result's future once it has it, so a worker killed mid-run
+costs only its unfinished batches, which Dask runs again elsewhere, and every
+case is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..distributed import (
+    BatchResults,
+    ClusterSpec,
+    KnhkWorkerPlugin,
+    StoreArtifact,
+    connect,
+    register,
+    session,
+    sum_counters,
+    unregister,
+    worker_addresses,
+    worker_figures,
+)
+from ..errors import ClusterError, HostError, KnhkMemoryError
+from .engine import PATTERN_SLOTS, Engine, RunTally
+
+__all__ = ["DEFAULT_BATCH_CASES", "ClusterRun", "run_batch", "run_on_cluster", "batch_count"]
+
+DEFAULT_BATCH_CASES = 5000
+
+
+def batch_count(cases: int, batch_cases: int) -> int:
+    """How many batches ``cases`` cases make at about ``batch_cases`` each (at least 1)."""
+    return max(1, -(-cases // batch_cases))
+
+
+def split_batches(cases: int, seed: int, workflows: int, k: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The case numbers of each of ``k`` batches (int64, ascending), and each case's batch.
+
+    Batch ``i`` holds the cases among ``0..cases-1`` whose workflow index is ``i``
+    modulo ``k``, so no workflow's cases are split between batches. Computed once,
+    on the client; a task gets only its own case numbers."""
+    from .workflows import case_seeds, workflow_choice
+
+    numbers = np.arange(cases, dtype=np.int64)
+    which = workflow_choice(case_seeds(seed, numbers), workflows) % k
+    order = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[order], np.arange(1, k))
+    return [np.ascontiguousarray(p) for p in np.split(numbers[order], bounds)], which
+
+
+def _pattern_arrays(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+    rows = engine.pattern_stats.as_dict(all_patterns=True)
+    execs = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+    ticks = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+    for p, r in rows.items():
+        execs[p], ticks[p] = r["executions"], r["total_ticks"]
+    return execs, ticks
+
+
+def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: int,
+              sample: list[int]) -> dict[str, Any]:
+    """The task: run batch ``batch_id`` (the cases ``case_numbers``, int64) on this worker's engine.
+
+    Returns ``{"batch", "worker", "pid", "tally", "counters", "pattern_executions",
+    "pattern_ticks", "seconds"}``: counters and pattern figures are deltas of
+    this worker's own blocks over this batch (the worker's lock keeps other
+    batches out meanwhile); ``seconds`` is the batch's work time.
+    """
+    plugin = session(plugin_name)
+    with plugin.lock:
+        engine: Engine = plugin.session
+        engine.bind_thread()
+        before = engine.counters.snapshot()
+        e0, t0 = _pattern_arrays(engine)
+        start = time.perf_counter()
+        tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
+        seconds = time.perf_counter() - start
+        after = engine.counters.snapshot()
+        e1, t1 = _pattern_arrays(engine)
+    return {"batch": batch_id, "worker": plugin.address, "pid": os.getpid(), "tally": tally,
+            "counters": {k: v - before.get(k, 0) for k, v in after.items()},
+            "pattern_executions": e1 - e0, "pattern_ticks": t1 - t0, "seconds": seconds}
+
+
+class ClusterRun:
+    """What :func:`run_on_cluster` returns: the merged tally and the cluster's figures."""
+
+    def __init__(self, tally: RunTally, counters: dict[str, int], pattern_executions: np.ndarray,
+                 pattern_ticks: np.ndarray, report: dict[str, Any]) -> None:
+        self.tally = tally
+        self.counters = counters
+        self.pattern_executions = pattern_executions
+        self.pattern_ticks = pattern_ticks
+        self.report = report
+
+
+def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases: int, seed: int,
+                   sample: frozenset[int], cluster: ClusterSpec | str, batch_cases: int = DEFAULT_BATCH_CASES,
+                   ship_store: str | None = None, timeout: float = 10.0,
+                   progress: Callable[[int], None] | None = None,
+                   on_result: Callable[[dict[str, Any], Any], None] | None = None) -> ClusterRun:
+    """Run cases ``0..cases-1`` as Dask tasks on ``cluster`` and merge the results by batch id.
+
+    :param config: The engine's config; workers get its values.
+    :param store_path: The store on the client; shipped by ``ship_store``
+        (``"path"`` or ``"content"``; default ``"path"`` for ``local:N``,
+        ``"content"`` for ``tcp://``).
+    :param batch_cases: Cases per task.
+    :param timeout: Seconds to wait for the scheduler.
+    :param progress: Called with each merged batch's case count.
+    :param on_result: Called with ``(result, client)`` after each merged batch
+        (tests use it to kill a worker mid-run).
+    :raises ClusterError: an unreachable scheduler, a worker that refused the
+        plugin (:class:`~knhk_memory.errors.WorkerError` and subclasses), a
+        batch that failed.
+    """
+    from ..distributed import parse_cluster
+
+    if isinstance(batch_cases, bool) or not isinstance(batch_cases, int) or batch_cases < 1:
+        raise HostError(f"--batch-cases must be a positive integer, got {batch_cases!r}")
+    spec = parse_cluster(cluster) if isinstance(cluster, str) else cluster
+    if ship_store is None:
+        ship_store = "path" if spec.kind == "local" else "content"
+    artifact = StoreArtifact.from_path(store_path, shipping=ship_store)
+    from ..store import WorkflowStore
+
+    with WorkflowStore(store_path) as st:
+        workflows = len(st)
+    if not workflows:
+        raise HostError(f"the workflow store {store_path} holds no definitions")
+    t_start = time.perf_counter()
+    client, local = connect(spec, timeout=timeout)
+    start_seconds = time.perf_counter() - t_start
+    plugin = KnhkWorkerPlugin(config, artifact, host=Engine)
+    registered = False
+    try:
+        t0 = time.perf_counter()
+        register(client, plugin, timeout=timeout)
+        registered = True
+        setup_seconds = time.perf_counter() - t0
+        workers_at_start = sorted(worker_addresses(client))
+        k = min(batch_count(cases, batch_cases), workflows)  # a workflow's cases are never split
+        parts, which = split_batches(cases, seed, workflows, k)
+        sampled: dict[int, list[int]] = {}
+        for c in sorted(c for c in sample if 0 <= c < cases):
+            sampled.setdefault(int(which[c]), []).append(c)
+        results = BatchResults(range(k))
+        t0 = time.perf_counter()
+        futures = []
+        for i, part in enumerate(parts):
+            mine = sampled.get(i, [])
+            futures.append(client.submit(run_batch, plugin.name, i, part, seed, mine,
+                                         key=f"{plugin.name}-batch-{i}", pure=False))
+        from distributed import as_completed
+
+        try:
+            for fut in as_completed(futures):
+                try:
+                    r = fut.result()
+                except KnhkMemoryError:
+                    raise
+                except Exception as exc:
+                    raise ClusterError(f"batch {fut.key} failed: {type(exc).__name__}: {exc}") from None
+                fut.release()  # the client has it: losing its worker now costs nothing
+                if results.add(r["batch"], r):
+                    if progress is not None:
+                        progress(int(r["tally"].cases))
+                    if on_result is not None:
+                        on_result(r, client)
+        except BaseException:
+            client.cancel(futures)
+            raise
+        wall = time.perf_counter() - t0
+        if not results.complete():  # pragma: no cover - as_completed yields every future
+            raise ClusterError(f"batches {results.missing()[:10]} never reported")
+        workers_at_end = sorted(worker_addresses(client))
+        live = worker_figures(client, plugin.name)
+    finally:
+        if registered:
+            unregister(client, plugin)
+        client.close()
+        if local is not None:
+            local.close()
+    return _merge(results, k, wall, spec, artifact, batch_cases, start_seconds, setup_seconds,
+                  workers_at_start, workers_at_end, live)
+
+
+def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifact: StoreArtifact,
+           batch_cases: int, start_seconds: float, setup_seconds: float, at_start: list[str], at_end: list[str],
+           live: dict[str, dict[str, Any]]) -> ClusterRun:
+    tally = RunTally(arenas=0)
+    execs = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+    ticks = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+    per: dict[str, dict[str, Any]] = {}
+    for i in sorted(results.results):
+        r = results.results[i]
+        tally.merge(r["tally"])
+        execs += r["pattern_executions"]
+        ticks += r["pattern_ticks"]
+        w = per.setdefault(r["worker"], {"address": r["worker"], "pid": r["pid"], "batches": 0, "cases": 0,
+                                         "busy_seconds": 0.0, "counters": {}})
+        w["batches"] += 1
+        w["cases"] += int(r["tally"].cases)
+        w["busy_seconds"] += r["seconds"]
+        w["counters"] = sum_counters([w["counters"], r["counters"]])
+    counters = sum_counters(r["counters"] for r in results.results.values())
+    tally.seconds = wall
+    busy = sum(r["seconds"] for r in results.results.values())
+    lost = sorted(set(at_start) - set(at_end))
+    rows = []
+    for addr in sorted(set(per) | set(live)):
+        w = per.get(addr, {"address": addr, "pid": live.get(addr, {}).get("pid"), "batches": 0, "cases": 0,
+                           "busy_seconds": 0.0, "counters": {}})
+        fig = live.get(addr)
+        w["alive_at_end"] = fig is not None
+        # the worker's own counter block: the sum over the batches it ran, when it is still there to ask
+        w["block_counters"] = fig.get("counters") if fig else None
+        w["cases_per_second"] = w["cases"] / w["busy_seconds"] if w["busy_seconds"] else 0.0
+        rows.append(w)
+    n_batches = len(results.results)
+    nworkers = max(1, len(at_start))
+    report = {
+        "cluster": str(spec), "kind": spec.kind, "workers": len(at_start), "workers_lost": lost,
+        "batches": n_batches, "batches_expected": k, "batch_cases": batch_cases,
+        "duplicates_dropped": results.duplicates,
+        "store_shipping": artifact.shipping, "store_sha256": artifact.sha256, "store_size": artifact.size,
+        "start_seconds": start_seconds, "setup_seconds": setup_seconds, "wall_seconds": wall,
+        "busy_seconds": busy,
+        # the cluster's time not spent running batches, per batch: scheduling, transfer, idle tails
+        "overhead_per_batch_seconds": max(0.0, wall * nworkers - busy) / max(1, n_batches),
+        "per_worker": rows,
+    }
+    return ClusterRun(tally, counters, execs, ticks, report)

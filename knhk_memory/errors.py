@@ -277,6 +277,37 @@ class StoreDecodeError(StoreError, ValueError):
 class StoreDiskFullError(StoreError, OSError):
     """Writing a store ran out of space; the message says how much was needed and free."""
 
+
+# Record layer (knhk_memory.records) and engine adapters (issue 18).
+
+
+class AmbiguousKeyError(StoreKeyError):
+    """An alias names several records; the message lists every one."""
+
+
+class UntrustedPickleError(StoreError, PermissionError):
+    """A pickled record was asked for from a store not opened with ``trust_pickle=True``."""
+
+
+class AdapterBuildError(KnhkMemoryError, ValueError):
+    """An engine adapter could not build a store: ``problems`` lists (input, error) pairs."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None) -> None:
+        self.problems = list(problems or [])
+        super().__init__(message)
+
+
+class KeyTemplateError(KnhkMemoryError, ValueError):
+    """A ``store build --key`` template names an unknown field or no field."""
+
+
+class EngineVersionError(StoreError, RuntimeError):
+    """A store was built by another version of the engine than the one loading it."""
+
+
+class UnknownProcessError(StoreKeyError):
+    """An engine adapter was asked for a process id the store does not hold."""
+
 # ---------------------------------------------------------------- simd
 
 class SimdLevelError(KnhkMemoryError, RuntimeError):

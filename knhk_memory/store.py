@@ -39,6 +39,7 @@ from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
 from ._forksafe import renew_in_child
 from .errors import (
+    AmbiguousKeyError,
     DuplicateKeyError,
     StoreChangedError,
     StoreClosedError,
@@ -151,6 +152,9 @@ class WorkflowStore:
     :param prefetch: Advise the kernel to read the whole file ahead (``MADV_WILLNEED``).
     :param huge_page_threshold: Mapped files at least this large are advised
         ``MADV_HUGEPAGE`` where the kernel offers it.
+    :param trust_pickle: Let :meth:`get_object` unpickle ``pickle5`` records.
+        Unpickling runs code chosen by whoever wrote the file: pass True only
+        for a store your own engine built (see knhk_memory.records).
 
     ``get`` and ``in`` are thread-safe; :meth:`close` and :meth:`reopen` must
     not race with other calls on the same object.
@@ -158,13 +162,14 @@ class WorkflowStore:
 
     def __init__(self, path: str | os.PathLike[str], *, mmap_threshold: int = MMAP_THRESHOLD,
                  cache_size: int = 1024, prefetch: bool = False,
-                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD) -> None:
+                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.path = Path(path)
         self.mmap_threshold = mmap_threshold
         self.huge_page_threshold = huge_page_threshold
         self.cache_size = cache_size
+        self.trust_pickle = trust_pickle  # get_object: unpickle records (a store holding pickles is code)
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         renew_in_child(self, "_cache_lock")
@@ -378,19 +383,32 @@ class WorkflowStore:
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
     def get_bytes(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> bytes | Any:
-        """The value of ``key`` as a ``bytes`` copy (decompressed in a compressed
-        store), or ``default``.
+        """The value of ``key`` -- or of the record an alias names (typed records,
+        :mod:`knhk_memory.records`) -- as a ``bytes`` copy (what ``json.loads``
+        and engine decoders accept; decompressed in a compressed store), or
+        ``default`` when it is neither a key nor an alias.
 
         The copy is taken under the SIGBUS guard and the header is re-read
         after it, so it is the value of one version of the file, or
         :class:`~knhk_memory.errors.StoreChangedError`, even while someone
         rewrites the file in place. (A memoryview from :meth:`get` reads the
-        live mapping whenever it is read.)
+        live mapping whenever it is read.) An alias naming several records
+        raises :class:`~knhk_memory.errors.AmbiguousKeyError`.
         """
         kb = _key_bytes(key)
         self._check_open()
         span = ffi.new("uint64_t[2]")
         r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
+        if r == _ABSENT:
+            from . import records
+
+            try:
+                kb = records.resolve(self, kb)  # an alias, in a store of typed records
+            except AmbiguousKeyError:
+                raise
+            except StoreKeyError:
+                return default
+            r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
         if r < 0:
             if r == _ABSENT:
                 return default
@@ -470,6 +488,60 @@ class WorkflowStore:
     def _clear_cache(self) -> None:
         with self._cache_lock:
             self._cache.clear()
+
+    # -- typed records (knhk_memory.records: codecs, metadata, aliases)
+
+    def resolve(self, name: str | bytes) -> bytes:
+        """The key of the record ``name`` names: ``name`` itself if it is a key,
+        else the one record the alias ``name`` names. Raises
+        :class:`~knhk_memory.errors.StoreKeyError` (nearest names in the message)
+        or :class:`~knhk_memory.errors.AmbiguousKeyError` (every record listed)."""
+        from . import records
+
+        return records.resolve(self, name)
+
+    def meta(self, name: str | bytes) -> Any:
+        """The :class:`~knhk_memory.records.RecordMeta` of a key or alias
+        (``codec``, ``content_type``, ``producer``, ``meta``); ``raw`` for a
+        record written without metadata."""
+        from . import records
+
+        return records.meta_of(self, records.resolve(self, name))
+
+    def aliases(self) -> dict[str, list[str]]:
+        """``{alias: [key, ...]}`` for every alias in the store (reads every record)."""
+        from . import records
+
+        return records.aliases_of(self)
+
+    def get_object(self, name: str | bytes) -> Any:
+        """The decoded object of a key or alias, by the codec in its metadata
+        (``raw`` -> bytes, ``json``, ``pickle5``), cached in the bounded LRU of
+        :meth:`get_decoded` (``cache_size`` entries; the same object is handed
+        out again, so treat it as read-only).
+
+        Raises as :meth:`resolve`; :class:`~knhk_memory.errors.UntrustedPickleError`
+        for a pickled record when the store was not opened with
+        ``trust_pickle=True``; :class:`~knhk_memory.errors.StoreCorruptError`
+        for a value its codec cannot decode.
+        """
+        from . import records
+
+        ck = (_key_bytes(name), records.get_object)
+        if self.cache_size:
+            with self._cache_lock:
+                hit = self._cache.get(ck, _MISSING)
+                if hit is not _MISSING:
+                    self._cache.move_to_end(ck)
+                    return hit
+        obj = records.get_object(self, name, trust_pickle=self.trust_pickle)
+        if self.cache_size:
+            with self._cache_lock:
+                self._cache[ck] = obj
+                self._cache.move_to_end(ck)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return obj
 
     # -- whole-store operations
 
@@ -740,12 +812,25 @@ class WorkflowStoreWriter:
         self._pbytes = 0
         self._buf = bytearray(1 << 16)
         self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+        self._layer: Any = None  # knhk_memory.records.LayerWriter once a record has metadata
 
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, key: str | bytes, value: bytes | bytearray | memoryview) -> None:
-        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like."""
+    def add(self, key: str | bytes, value: Any, *, codec: str | None = None, content_type: str | None = None,
+            meta: Any = None, aliases: Any = None, producer: str | None = None) -> None:
+        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like.
+
+        With any keyword, the record gets metadata (knhk_memory.records):
+        ``codec`` (``"raw"``, ``"json"`` or ``"pickle5"``: ``value`` is encoded
+        with it; default raw), ``content_type``, ``producer`` (e.g.
+        ``"SpiffWorkflow 3.2.0"``), ``meta`` (a JSON-serialisable mapping) and
+        ``aliases`` (other names of this record; see
+        :meth:`WorkflowStore.resolve` for the rule when one names several).
+        """
+        if codec is not None or content_type is not None or meta is not None or aliases or producer is not None:
+            self._add_with_meta(key, value, codec, content_type, meta, aliases, producer)
+            return
         if self._file is None:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if key.__class__ is not bytes:
@@ -769,6 +854,23 @@ class WorkflowStoreWriter:
         self._pbytes += len(value)
         if len(self._pk) >= 4096 or self._pbytes >= (8 << 20):
             self._flush()
+
+    def _add_with_meta(self, key: Any, value: Any, codec: str | None, content_type: str | None, meta: Any,
+                       aliases: Any, producer: str | None) -> None:
+        if self._file is None:
+            raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
+        from . import records
+
+        if self._layer is None:
+            self._layer = records.LayerWriter()
+        key = _key_bytes(key)
+        value, note = self._layer.prepare(self, key, value, codec, content_type, meta, aliases, producer)
+        WorkflowStoreWriter.add(self, key, value)
+        note()
+
+    def _add_plain(self, key: bytes, value: bytes) -> None:
+        """Add a record without metadata (the record layer's own records)."""
+        WorkflowStoreWriter.add(self, key, value)
 
     def _flush(self) -> None:
         import numpy as np
@@ -837,6 +939,9 @@ class WorkflowStoreWriter:
                                    problem="closed")
         f = self._file
         try:
+            if self._layer is not None:
+                layer, self._layer = self._layer, None
+                layer.write(self)
             self._flush()
             records_end = self._pos
             dict_offset = records_end
@@ -1109,11 +1214,18 @@ def _key_from_file(p: Path, pattern: re.Pattern[bytes] | None, key_field: str | 
 
 
 def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                         key_regex: str | None = None, key_field: str | None = None,
-                         last_wins: bool = False, compress: int | None = None,
+                         key_template: str | None = None, key_regex: str | None = None,
+                         key_field: str | None = None, last_wins: bool = False, compress: int | None = None,
                          progress: bool | None = None, allow_empty: bool = False) -> dict[str, Any]:
     """Build ``output`` from the files under ``source``; returns a summary
-    (``keys``, ``files``, ``value_bytes``, ``output``, ``file_size`` in bytes).
+    (``keys``, ``files``, ``value_bytes``, ``output``, ``file_size`` in bytes,
+    and ``replaced``: ``(key, earlier file, later file)`` for every key a later
+    file replaced under ``last_wins``).
+
+    A file's key is ``key_template`` filled in (e.g. ``"{dir}/{stem}"`` or
+    ``"{relpath}#{id}"``; fields: :func:`knhk_memory.records.template_fields`),
+    else the ``key_regex`` / ``key_field`` id, else its path under ``source``
+    without the extension.
 
     The output is never one of the inputs: an ``output`` that is a file under
     ``source`` is refused, and an output (or its temporary file) kept inside
@@ -1136,7 +1248,16 @@ def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLi
     if not is_dir:
         raise StoreError("source must be a directory of workflow definition files", path=src,
                          problem="not-a-directory")
+    if key_template is not None:
+        from .records import check_template
+
+        check_template(key_template, have_id=bool(key_regex or key_field))
     files = list(iter_source(src, key_regex=key_regex, key_field=key_field, exclude=(out,)))
+    if key_template is not None:
+        from .records import template_fields
+
+        files = [(key_template.format_map(template_fields(p, src, key if (key_regex or key_field) else None)), p)
+                 for key, p in files]
     try:
         out_st = out.stat()
         out_inside = out.resolve().is_relative_to(src.resolve())
@@ -1151,13 +1272,16 @@ def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLi
         raise StoreError("source directory holds no definition files (hidden files are skipped); pass "
                          "--allow-empty (allow_empty=True) to build an empty store", path=src, problem="empty-source")
     seen: dict[str, Path] = {}
-    if not last_wins:
-        for key, p in files:
-            first = seen.setdefault(key, p)
-            if first is not p:
+    replaced: list[tuple[str, str, str]] = []
+    for key, p in files:
+        first = seen.get(key)
+        if first is not None:
+            if not last_wins:
                 raise DuplicateKeyError(f"key {key!r} comes from two files: {_shown(first)} and {_shown(p)}; "
-                                        "give every file its own key, or pass --last-wins (last_wins=True) to keep "
-                                        "the later file", path=src, problem="duplicate-key")
+                                        "give every file its own key (--key), or pass --last-wins (last_wins=True) "
+                                        "to keep the later file", path=src, problem="duplicate-key")
+            replaced.append((key, _shown(first), _shown(p)))
+        seen[key] = p
     show = progress if progress is not None else (len(files) >= 2000 and sys.stderr.isatty())
     total = 0
     with WorkflowStoreWriter(out, last_wins=last_wins, compress=compress) as w:
@@ -1175,7 +1299,7 @@ def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLi
             w.add(key, data)
         keys = len(w)
     return {"keys": keys, "files": len(files), "value_bytes": total, "output": str(output),
-            "file_size": out.stat().st_size}
+            "file_size": out.stat().st_size, "replaced": replaced}
 
 
 def _is_store_file(path: Path) -> bool:

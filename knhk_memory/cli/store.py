@@ -51,6 +51,15 @@ def add_store_commands(sub: Any, common: Any) -> None:
     kg.add_argument("--key-regex", metavar="REGEX", type=_key_regex, help="take the key from the file: the first group "
                     "of REGEX (default: the path relative to SOURCE without extension)")
     kg.add_argument("--key-field", metavar="FIELD", help="take the key from a JSON file's top-level FIELD")
+    b.add_argument("--key", metavar="TEMPLATE", help="key template, e.g. '{dir}/{stem}' or '{relpath}#{id}' "
+                   "(fields: relpath path name stem ext dir id; {id} from --key-regex/--key-field, or the "
+                   "process id with --spiff; default with --spiff: '{relpath}#{id}')")
+    b.add_argument("--spiff", action="store_true", help="parse .bpmn/.dmn with SpiffWorkflow and store every "
+                   "process spec ready to load (knhk-memory[spiff]; docs/adapters/spiff.md)")
+    b.add_argument("--skip-invalid", action="store_true", help="with --spiff: build from what parses and list "
+                   "what was skipped")
+    b.add_argument("--codec", choices=("pickle5", "json"), default="pickle5", help="with --spiff: how specs are "
+                   "stored (pickle5: fastest, the store is code; json: SpiffWorkflow's serializer)")
     b.add_argument("--last-wins", action="store_true", help="a repeated key keeps the last file")
     b.add_argument("--zstd", type=_zstd_level, metavar="LEVEL",
                    help=f"compress values with zstd at LEVEL ({ZSTD_LEVELS[0]}-{ZSTD_LEVELS[1]})")
@@ -70,6 +79,7 @@ def add_store_commands(sub: Any, common: Any) -> None:
     ls = ssub.add_parser("list", help="list the keys")
     ls.add_argument("file", metavar="FILE")
     ls.add_argument("-l", "--long", action="store_true", help="also the value size in bytes")
+    ls.add_argument("-a", "--all", action="store_true", help="also the metadata records (keys starting \\0knhk/)")
     ls.set_defaults(func=_cmd_list)
 
     v = ssub.add_parser("verify", help="check every checksum and index entry")
@@ -83,10 +93,15 @@ def add_store_commands(sub: Any, common: Any) -> None:
 
 
 def _cmd_build(args: Any) -> int:
-    summary = build_from_directory(args.source, args.output, key_regex=args.key_regex,
-                                   key_field=args.key_field, last_wins=args.last_wins,
-                                   compress=args.zstd, progress=args.progress,
-                                   allow_empty=args.allow_empty)
+    if args.spiff:
+        from ..adapters.spiff import build_spiff_main
+
+        return build_spiff_main(args)
+    summary = build_from_directory(args.source, args.output, key_template=args.key, key_regex=args.key_regex,
+                                   key_field=args.key_field, last_wins=args.last_wins, compress=args.zstd,
+                                   progress=args.progress, allow_empty=args.allow_empty)
+    for key, earlier, later in summary["replaced"]:
+        print(f"knhk-memory: --last-wins: key {key!r}: {later!r} replaced {earlier!r}", file=sys.stderr)
     print(f"wrote {summary['output']}: {summary['keys']} keys from {summary['files']} files, "
           f"{summary['file_size']} bytes")
     return 0
@@ -105,6 +120,8 @@ def _cmd_get(args: Any) -> int:
 def _cmd_list(args: Any) -> int:
     with WorkflowStore(args.file) as s:
         for k, v in s.items():
+            if k.startswith(b"\0knhk/") and not args.all:  # the record layer's metadata (docs/store.md)
+                continue
             key = k.decode("utf-8", "backslashreplace")
             print(f"{len(v)}\t{key}" if args.long else key)
     return 0

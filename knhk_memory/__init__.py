@@ -31,6 +31,7 @@ from .errors import *  # noqa: F403 - every exception class, see errors.__all__
 from .hotpath import HotOp, PyHotOp
 from .counters import CounterWriter, Counters, PatternStats
 from .arena import Arena, ArenaStats, ThreadLocalArena
+from .pools import FixedPool, LockFreePool, PoolStats, ThreadLocalPool
 from .host import get_plugin_manager
 from .once import Lazy, OnceLock
 from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
@@ -47,6 +48,7 @@ __all__ = [
     "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
     "Arena", "ArenaStats", "ThreadLocalArena",
+    "FixedPool", "LockFreePool", "ThreadLocalPool", "PoolStats",
     "WorkflowStore", "WorkflowStoreWriter", "open_store",
     "simd",
 ]

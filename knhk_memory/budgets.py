@@ -60,6 +60,7 @@ PROVIDERS: tuple[str, ...] = (
     "knhk_memory.arena",
     "knhk_memory.store",
     "knhk_memory.simd",
+    "knhk_memory.pools",
 )
 
 COUNTERS = {

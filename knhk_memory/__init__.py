@@ -32,6 +32,7 @@ from .hotpath import HotOp, PyHotOp
 from .counters import CounterWriter, Counters, PatternStats
 from .arena import Arena, ArenaStats, ThreadLocalArena
 from .pools import FixedPool, LockFreePool, PoolStats, ThreadLocalPool
+from .mmapvec import MmapVec
 from .host import get_plugin_manager
 from .once import Lazy, OnceLock
 from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
@@ -48,7 +49,7 @@ __all__ = [
     "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
     "Arena", "ArenaStats", "ThreadLocalArena",
-    "FixedPool", "LockFreePool", "ThreadLocalPool", "PoolStats",
+    "FixedPool", "LockFreePool", "ThreadLocalPool", "PoolStats", "MmapVec",
     "WorkflowStore", "WorkflowStoreWriter", "open_store",
     "simd",
 ]

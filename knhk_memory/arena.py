@@ -135,13 +135,18 @@ class Arena:
     :param max_chunk_size: The growth cap (default: 16 MiB, or ``chunk_size`` if larger).
     :param huge_pages: Hint ``MADV_HUGEPAGE`` on chunks of 2 MiB or more.
     :param backend: A :class:`Backend`, its name, or None for the selected one.
+    :param numa: ``"local"``, ``"interleave"`` or a node number: the NUMA placement of every chunk
+        (whole pages, moved if the allocator had touched them; :mod:`knhk_memory.numa`). ``node=N``
+        is the same as ``numa=N``. Checked against the machine's nodes and the kernel at creation
+        (:class:`~knhk_memory.errors.NumaError`); later refusals are counted in :meth:`numa_counts`.
     """
 
-    __slots__ = ("backend", "chunk_size", "max_chunk_size", "huge_pages", "_ptr", "_raw", "_free", "_owner",
-                 "_status", "_final", "__weakref__")
+    __slots__ = ("backend", "chunk_size", "max_chunk_size", "huge_pages", "placement", "_ptr", "_raw", "_free",
+                 "_owner", "_status", "_final", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | str | None = None, numa: str | int | None = None,
+                 node: int | None = None) -> None:
         self._raw: Any = None
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
@@ -151,6 +156,11 @@ class Arena:
         if not isinstance(huge_pages, bool):
             raise TypeError(f"huge_pages must be a bool, got {type(huge_pages).__name__} {huge_pages!r}")
         self.backend = _backend_arg(backend)
+        from .numa import check_placement, resolve
+
+        self.placement = resolve(numa, node)
+        if self.placement is not None:
+            check_placement(self.placement)  # the kernel accepts it: a refusal is an error here, not a count later
         self.chunk_size, self.max_chunk_size, self.huge_pages = cs, mcs, huge_pages
         out = ffi.new("knhk_arena **")
         status = lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out)
@@ -163,6 +173,22 @@ class Arena:
         self._owner = threading.get_ident()
         self._status = ffi.new("int *")
         self._final: ArenaStats | None = None
+        if self.placement is not None:
+            from .numa import placement_spec
+
+            spec, keep = placement_spec(self.placement)
+            status = lib.knhk_arena_set_numa(self._raw, spec)
+            del keep
+            if status != lib.KNHK_OK:
+                raise_status(status, "setting the arena's NUMA placement")
+
+    def numa_counts(self) -> tuple[int, int]:
+        """``(placed, refused)``: chunks put under the NUMA placement, and chunks the kernel refused."""
+        placed, refused = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        status = lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused)
+        if status != lib.KNHK_OK:
+            raise_status(status, "arena NUMA counts")
+        return int(placed[0]), int(refused[0])
 
     # -- state checks
     @property
@@ -331,12 +357,14 @@ class ThreadLocalArena:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | str | None = None, numa: str | int | None = None,
+                 node: int | None = None) -> None:
         # Check the parameters once, here, rather than in each thread.
-        probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend)
+        probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend,
+                      numa=numa, node=node)
         probe.close()
         self._kwargs = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size, "huge_pages": huge_pages,
-                        "backend": probe.backend}
+                        "backend": probe.backend, "numa": numa, "node": node}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._closed = False

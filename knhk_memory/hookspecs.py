@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from .allocator import Backend
     from .arena import Arena
+    from .pools import FixedPool, LockFreePool, ThreadLocalPool
     from .config import Config
     from .hotpath import HotOp, PyHotOp
     from .registry import GlobalResourceRegistry, PatternRegistry
@@ -125,6 +126,29 @@ def knhk_arena(config: Config, name: str) -> Arena | None:
 
     The engine calls ``reset()`` on the arena between batches of the same
     kind, and ``close()`` when the case is done.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Pools
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_pool(config: Config, name: str) -> FixedPool | LockFreePool | ThreadLocalPool | None:
+    """Return the block pool configured as ``[pools.<name>]``, or None when there is no such section.
+
+    :param config: The engine's configuration (``[pools.<name>]`` sets the kind, block size,
+        capacity, alignment, per-thread cache size and NUMA placement).
+    :param name: The pool's name; the default configuration has ``cases``, which the
+        reference host keeps its per-case records in.
+
+    The pool is made on the first call and the same one returned after; it is
+    closed at :func:`knhk_unconfigure`. A ``fixed`` pool belongs to the thread
+    that made it (the first caller); ``lockfree`` and ``threadlocal`` pools
+    serve any thread.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

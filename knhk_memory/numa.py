@@ -27,6 +27,7 @@ from ._core import ffi, lib
 from .errors import NumaError
 
 __all__ = ["NumaNode", "Placement", "nodes", "online_nodes", "parse_cpulist", "resolve", "placement_spec",
+           "check_placement",
            "set_thread_policy", "thread_policy", "node_of", "MODES", "SYSFS_ROOT"]
 
 SYSFS_ROOT = "/sys"
@@ -78,9 +79,10 @@ def online_nodes(root: str | os.PathLike[str] = SYSFS_ROOT) -> list[int]:
     if not online.exists():
         return [0]
     try:
-        ids = parse_cpulist(online.read_text(), str(online))
+        text = online.read_text()
     except OSError as exc:
         raise NumaError(f"{online}: cannot read the online node list ({exc.strerror})") from None
+    ids = parse_cpulist(text, str(online))
     bad = [i for i in ids if i >= MAX_NODES]
     if bad:
         raise NumaError(f"{online}: node {bad[0]} is beyond the {MAX_NODES}-node limit")
@@ -114,9 +116,10 @@ def nodes(root: str | os.PathLike[str] = SYSFS_ROOT) -> list[NumaNode]:
         cl = nd / "cpulist"
         if cl.exists():
             try:
-                cpus = parse_cpulist(cl.read_text(), str(cl))
+                text = cl.read_text()
             except OSError as exc:
                 raise NumaError(f"{cl}: cannot read ({exc.strerror})") from None
+            cpus = parse_cpulist(text, str(cl))
         out.append(NumaNode(i, tuple(cpus), _meminfo_total(nd / "meminfo")))
     return out
 
@@ -185,6 +188,24 @@ def _check(status: int, what: str) -> None:
     if status != lib.KNHK_OK:
         msg = ffi.string(lib.knhk_last_error()).decode("utf-8", "replace")
         raise NumaError(f"{what}: {msg}")
+
+
+def check_placement(placement: Placement) -> None:
+    """Ask the kernel to apply ``placement`` to a scratch page: raises :class:`NumaError` (with the
+    kernel's reason: no NUMA support, a seccomp filter, a node not online) when it refuses."""
+    import mmap
+
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        buf = ffi.from_buffer(page)
+        spec, keep = placement_spec(placement)
+        try:
+            _check(lib.knhk_numa_mbind(buf, mmap.PAGESIZE, spec.mode, spec.mask, spec.mask_words),
+                   f"NUMA placement {placement.describe()!r}")
+        finally:
+            del buf, keep
+    finally:
+        page.close()
 
 
 def set_thread_policy(placement: Placement | None) -> None:

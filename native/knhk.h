@@ -985,6 +985,15 @@ int knhk_numa_set_thread_policy(int mode, const uint64_t *mask, size_t mask_word
 int knhk_numa_thread_policy(int *mode);
 int knhk_numa_node_of(void *addr, int *node);
 
+/* NUMA placement of an arena's chunks (issue 19): every chunk taken from
+   the backend after this call gets the policy on its whole pages (mbind with
+   MPOL_MF_MOVE, so pages the allocator had touched before move too). spec
+   NULL or mode KNHK_NUMA_DEFAULT turns it off. Owner thread only. */
+int knhk_arena_set_numa(knhk_arena *a, const knhk_numa_spec *spec);
+/* Chunks placed, and chunks whose placement the kernel refused (each refusal
+   also leaves its message in knhk_last_error of the allocating thread). */
+int knhk_arena_numa_counts(knhk_arena *a, uint64_t *placed, uint64_t *refused);
+
 /* KNHK_CDEF_END */
 
 #ifdef __cplusplus

@@ -123,4 +123,8 @@ double _knhk_median_of(double *v, size_t n);
  * 0 or -1 with a Python exception set. Call with the GIL held. */
 int _knhk_numpy_ready(void);
 
+/* ---- NUMA (numa.c): knhk_numa_mbind with mbind(2) flags (MPOL_MF_MOVE = 2). */
+int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words,
+                           unsigned flags);
+
 #endif /* KNHK_INTERNAL_H */

@@ -71,6 +71,11 @@ static int refused(const char *what, int mode, int err) {
 }
 
 int knhk_numa_mbind(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words) {
+    return _knhk_numa_mbind_flags(addr, len, mode, mask, mask_words, 0);
+}
+
+int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words,
+                           unsigned flags) {
     unsigned long maxnode;
     int st = check_policy(mode, mask, mask_words, &maxnode, "mbind");
     if (st != KNHK_OK) return st;
@@ -80,11 +85,13 @@ int knhk_numa_mbind(void *addr, size_t len, int mode, const uint64_t *mask, size
         return KNHK_ERR_INVALID;
     }
 #if HAVE_MEMPOLICY
-    if (syscall(SYS_mbind, addr, (unsigned long)len, (unsigned long)mode, maxnode ? mask : NULL, maxnode, 0UL) != 0)
+    if (syscall(SYS_mbind, addr, (unsigned long)len, (unsigned long)mode, maxnode ? mask : NULL, maxnode,
+                (unsigned long)flags) != 0)
         return refused("mbind", mode, errno);
     return KNHK_OK;
 #else
     (void)len;
+    (void)flags;
     _knhk_set_error("mbind: this platform has no mbind system call");
     return KNHK_ERR_UNAVAILABLE;
 #endif

@@ -255,30 +255,18 @@ static inline int fixed_usable(const knhk_pool *p) {
     return KNHK_POOL_WRONG_THREAD;
 }
 
-static inline void *fixed_alloc(knhk_pool *p, int *problem) {
-    int u = fixed_usable(p);
-    if (_knhk_unlikely(u != KNHK_POOL_OK)) {
-        *problem = report("FixedPool alloc", u, NULL);
+/* Slow half of alloc: the list is empty, or its head link is bad. */
+static __attribute__((noinline)) void *fixed_alloc_slow(knhk_pool *p, int *problem) {
+    uint64_t h = p->head, i;
+    if (h != 0) {
+        i = h - 1;
+        p->head = 0;
+        p->fresh = p->capacity; /* stop handing out untouched blocks after a corruption too */
+        p->corrupt = 1;
+        *problem = report("FixedPool alloc", KNHK_POOL_CORRUPT, p->base + i * p->stride);
         return NULL;
     }
-    uint64_t h = p->head, i;
-    if (_knhk_likely(h != 0)) {
-        /* Fast allocation: pop the free list. The link is checked (in range
-           here, and the block it names is checked free when it is popped), so
-           a write after free can at worst cost the rest of the list, never
-           hand a block out twice or point outside the region. */
-        i = h - 1;
-        uint32_t next;
-        memcpy(&next, p->base + i * p->stride, sizeof next);
-        if (_knhk_unlikely(next > p->capacity || p->state[i] != 0)) {
-            p->head = 0;
-            p->fresh = p->capacity; /* stop handing out untouched blocks after a corruption too */
-            p->corrupt = 1;
-            *problem = report("FixedPool alloc", KNHK_POOL_CORRUPT, p->base + i * p->stride);
-            return NULL;
-        }
-        p->head = next;
-    } else if (p->fresh < p->capacity) {
+    if (p->fresh < p->capacity) {
         i = p->fresh++;
     } else {
         if (p->corrupt) {
@@ -296,6 +284,36 @@ static inline void *fixed_alloc(knhk_pool *p, int *problem) {
     return p->base + i * p->stride;
 }
 
+static inline void *fixed_alloc(knhk_pool *p, int *problem) {
+    int u = fixed_usable(p);
+    if (_knhk_unlikely(u != KNHK_POOL_OK)) {
+        *problem = report("FixedPool alloc", u, NULL);
+        return NULL;
+    }
+    /* Every field is read before anything is stored: the stores go through
+       char pointers, which the compiler must assume alias the pool. */
+    char *base = p->base;
+    uint8_t *state = p->state;
+    uint64_t h = p->head, stride = p->stride, cap = p->capacity;
+    uint64_t n = p->in_use + 1, hw = p->high_water;
+    if (_knhk_unlikely(h == 0)) return fixed_alloc_slow(p, problem);
+    /* Fast allocation: pop the free list. The link is checked (in range
+       here, and the block it names is checked free when it is popped), so a
+       write after free can at worst cost the rest of the list, never hand a
+       block out twice or point outside the region. */
+    uint64_t i = h - 1;
+    char *b = base + i * stride;
+    uint32_t next;
+    memcpy(&next, b, sizeof next);
+    if (_knhk_unlikely(next > cap || state[i] != 0)) return fixed_alloc_slow(p, problem);
+    p->head = next;
+    p->in_use = n;
+    p->high_water = n > hw ? n : hw;
+    state[i] = 1;
+    *problem = KNHK_POOL_OK;
+    return b;
+}
+
 void *knhk_pool_alloc(knhk_pool *p, int *problem) {
     int local;
     return fixed_alloc(p, problem != NULL ? problem : &local);
@@ -307,22 +325,24 @@ static inline int fixed_free(knhk_pool *p, void *ptr) {
         if (u != KNHK_POOL_WRONG_THREAD) p->bad_frees++;
         return report("FixedPool free", u, ptr);
     }
+    uint8_t *state = p->state;
+    uint64_t head = p->head, in_use = p->in_use, frees = p->frees;
     int64_t i = geometry_index(&p->g, ptr);
     if (_knhk_unlikely(i < 0)) {
         p->bad_frees++;
         return report("FixedPool free", KNHK_POOL_FOREIGN, ptr);
     }
-    if (_knhk_unlikely(p->state[i] != 1)) {
+    if (_knhk_unlikely(state[i] != 1)) {
         p->bad_frees++;
         return report("FixedPool free", KNHK_POOL_DOUBLE_FREE, ptr);
     }
     /* Push on the free list: the link goes in the block's first 4 bytes. */
-    p->state[i] = 0;
-    uint32_t link = (uint32_t)p->head;
-    memcpy(p->base + (uint64_t)i * p->stride, &link, sizeof link);
+    uint32_t link = (uint32_t)head;
     p->head = (uint64_t)i + 1;
-    p->in_use--;
-    p->frees++;
+    p->in_use = in_use - 1;
+    p->frees = frees + 1;
+    state[i] = 0;
+    memcpy(ptr, &link, sizeof link);
     return KNHK_POOL_OK;
 }
 

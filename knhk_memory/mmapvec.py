@@ -158,6 +158,7 @@ class MmapVec:
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self._room = 0
+        self._fields: set[str] = set()
         self.dtype: np.dtype = np.dtype("u1")
         self.path = Path(path)
         if mode not in _MODES:
@@ -332,6 +333,7 @@ class MmapVec:
         # it keep it alive, and it maps the same (never shrinking) file bytes.
         self._mm = mm
         self._room = 0 if self.mode == "r" else self._cap  # append's one compare covers read-only too
+        self._fields = set(self.dtype.names or ())
         self._data = np.frombuffer(mm, dtype=self.dtype, count=self._cap, offset=HEADER_SIZE)
         if self.mode == "r":
             self._ro = self._data
@@ -416,6 +418,43 @@ class MmapVec:
         if n + k > self._cap:
             self._grow_to(n + k)
         self._data[n:n + k] = arr
+        self._len = n + k
+
+    def extend_columns(self, **columns: Any) -> None:
+        """Add records given field by field (a structured dtype): ``extend_columns(kind=k, task=t,
+        case=c)``, one 1-D array per field, all of one length. Each column is copied straight into
+        the mapping, with no structured array in between."""
+        n = self._len
+        if columns.keys() == self._fields and n < self._room:  # the common case, checked cheaply
+            cols = [np.asarray(c) for c in columns.values()]
+            k = cols[0].shape[0] if cols[0].ndim == 1 else -1
+            if k >= 0 and n + k <= self._room and all(c.ndim == 1 and c.shape[0] == k for c in cols):
+                block = self._data[n:n + k]
+                for name, c in zip(columns, cols):
+                    block[name] = c
+                self._len = n + k
+                return
+        self._writable("extend")
+        names = self.dtype.names
+        if names is None:
+            raise TypeError(f"{self.path}: extend_columns needs a structured dtype; this vector holds {self.dtype}")
+        if set(columns) != set(names):
+            missing, extra = sorted(set(names) - set(columns)), sorted(set(columns) - set(names))
+            raise ValueError(f"{self.path}: extend_columns takes exactly the fields {', '.join(names)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(extra)}" if extra else ""))
+        cols = {k: np.asarray(v) for k, v in columns.items()}
+        lengths = {k: (c.shape[0] if c.ndim == 1 else None) for k, c in cols.items()}
+        if None in lengths.values() or len(set(lengths.values())) != 1:
+            raise ValueError(f"{self.path}: extend_columns takes 1-D columns of one length, got "
+                             + ", ".join(f"{k} {cols[k].shape}" for k in names))
+        k = next(iter(lengths.values()))
+        n = self._len
+        if n + k > self._cap:
+            self._grow_to(n + k)
+        block = self._data[n:n + k]
+        for name in names:
+            block[name] = cols[name]
         self._len = n + k
 
     def sync(self) -> None:

@@ -413,6 +413,34 @@ class FixedPool(_Pool):
         if done != a.size:
             self._raise(self._problem[0], f"free_many (after {done} of {a.size} were freed)", int(a[done]))
 
+    def alloc_indices(self, n: int) -> np.ndarray:
+        """As :meth:`alloc_many`, but block numbers (int64, 0..capacity-1): the rows of
+        :meth:`records` the new blocks are."""
+        raw = self._usable("alloc")
+        n = _int_arg(n, "n")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        out = np.empty(n, dtype=np.int64)
+        buf = ffi.from_buffer("int64_t[]", out)
+        got = lib.knhk_pool_alloc_many_index(raw, buf, n, self._problem)
+        if got != n:
+            problem = self._problem[0]
+            lib.knhk_pool_free_many_index(raw, buf, got, ffi.NULL)
+            self._raise(problem, f"alloc_indices({n})")
+        return out
+
+    def free_indices(self, indices: Any) -> None:
+        """As :meth:`free_many`, by block number; a number outside 0..capacity-1 is a
+        :class:`PoolForeignPointerError`."""
+        raw = self._usable("free")
+        a = np.ascontiguousarray(indices, dtype=np.int64)
+        if a.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {a.shape}")
+        done = lib.knhk_pool_free_many_index(raw, ffi.from_buffer("int64_t[]", a), a.size, self._problem)
+        if done != a.size:
+            self._raise(self._problem[0], f"free_indices (after {done} of {a.size} were freed) of block "
+                        f"number {int(a[done])}")
+
     def is_allocated(self, index: int) -> bool:
         """Whether block number ``index`` is handed out."""
         i = _int_arg(index, "index")

@@ -876,6 +876,10 @@ uint64_t knhk_pool_alloc_many(knhk_pool *p, uint64_t *out, uint64_t n, int *prob
 /* Frees addrs[0..n); stops at the first bad one: returns how many were freed,
    *problem says why it stopped. */
 uint64_t knhk_pool_free_many(knhk_pool *p, const uint64_t *addrs, uint64_t n, int *problem);
+/* The same by block number (0..capacity-1) instead of address: for callers
+   that keep one record per block in an array over the region. */
+uint64_t knhk_pool_alloc_many_index(knhk_pool *p, int64_t *out, uint64_t n, int *problem);
+uint64_t knhk_pool_free_many_index(knhk_pool *p, const int64_t *index, uint64_t n, int *problem);
 /* The block number of ptr (0..capacity-1), or -1 when it is not a block start. */
 int64_t knhk_pool_index(const knhk_pool *p, const void *ptr);
 /* 1 when block i is allocated, 0 when free, -1 when i is out of range. */

@@ -374,6 +374,35 @@ uint64_t knhk_pool_free_many(knhk_pool *p, const uint64_t *addrs, uint64_t n, in
     return n;
 }
 
+uint64_t knhk_pool_alloc_many_index(knhk_pool *p, int64_t *out, uint64_t n, int *problem) {
+    int local;
+    if (problem == NULL) problem = &local;
+    *problem = KNHK_POOL_OK;
+    for (uint64_t k = 0; k < n; k++) {
+        char *b = fixed_alloc(p, problem);
+        if (b == NULL) return k;
+        out[k] = (int64_t)((uint64_t)(b - p->base) / p->stride);
+    }
+    return n;
+}
+
+uint64_t knhk_pool_free_many_index(knhk_pool *p, const int64_t *index, uint64_t n, int *problem) {
+    int local;
+    if (problem == NULL) problem = &local;
+    *problem = KNHK_POOL_OK;
+    for (uint64_t k = 0; k < n; k++) {
+        /* An index out of range becomes an address outside the region: FOREIGN. */
+        uint64_t i = (uint64_t)index[k];
+        void *ptr = i < p->capacity ? (void *)(p->base + i * p->stride) : (void *)(p->base - 1);
+        int r = fixed_free(p, ptr);
+        if (r != KNHK_POOL_OK) {
+            *problem = r;
+            return k;
+        }
+    }
+    return n;
+}
+
 int64_t knhk_pool_index(const knhk_pool *p, const void *ptr) { return geometry_index(&p->g, ptr); }
 
 int knhk_pool_is_allocated(const knhk_pool *p, uint64_t i) {

@@ -25,12 +25,12 @@ import numpy as np
 
 from ..config import Config, validate
 from ..errors import CheckFailedError, HostError
-from .engine import Engine, RunTally
+from .engine import Engine, RunTally, tally_event_log
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
 from .workflows import SUPPORTED_PATTERNS, case_seed_one, generate_definitions, workflow_choice_one
 
-__all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path",
+__all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path", "event_log_paths", "default_event_log_path",
            "ensure_store", "measure_store", "run_demo", "format_summary", "main_check", "add_demo_command"]
 
 DEFAULT_CASES = 100_000
@@ -50,6 +50,18 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "knhk-memory"
+
+
+def default_event_log_path() -> Path:
+    """Where the demo writes its event log unless told otherwise (``--event-log``, ``--no-event-log``);
+    the cache directory is made if missing."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HostError(f"cannot create the directory {d} for the demo's event log ({exc.strerror}); pass "
+                        f"--event-log PATH or --no-event-log, or set {CACHE_ENV}") from None
+    return d / "demo-events.kvec"
 
 
 def default_store_path() -> Path:
@@ -107,21 +119,29 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
 
 # ---------------------------------------------------------------- workers
 
+def event_log_paths(path: str | os.PathLike[str], workers: int) -> list[Path]:
+    """The event log file(s) of a run: ``path`` itself for one worker, else ``path.w0`` ...
+    (one writer per file)."""
+    p = Path(path)
+    return [p] if workers == 1 else [p.with_name(f"{p.name}.w{w}") for w in range(workers)]
+
+
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
     config = Config(validate(job["config"], job["source"]), source=job["source"], origin=job["origin"])
-    with Engine(config, counters_from=job["counters_from"]) as engine:
+    log = job["event_logs"][job["worker"]] if job["event_logs"] else None
+    with Engine(config, counters_from=job["counters_from"], event_log=log) as engine:
         return engine.run(np.arange(job["cases"], dtype=np.int64), seed=job["seed"],
                           sample=frozenset(job["sample"]), partition=(job["worker"], job["workers"]))
 
 
 def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed: int, sample: frozenset[int],
-                 progress: Any) -> RunTally:
+                 progress: Any, event_logs: list[str] | None = None) -> RunTally:
     ctx = multiprocessing.get_context("spawn")
     # Each worker takes the cases of every workers-th workflow, so no batch is split.
     base = {"config": config.as_dict(), "source": config.source, "origin": config.origin, "seed": seed,
             "counters_from": (engine.counters.name, engine.pattern_stats.name), "cases": cases,
-            "workers": workers, "sample": sorted(sample)}
+            "workers": workers, "sample": sorted(sample), "event_logs": event_logs}
     jobs = [dict(base, worker=w) for w in range(workers)]
     done_idx = engine.counters.index("cases_completed")
     start = engine.counters.get(done_idx)
@@ -157,9 +177,14 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
 
 
 def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
-             seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True) -> dict[str, Any]:
+             seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
+             event_log: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
-    :class:`HostError` for bad parameters; failed checks are in the result."""
+    :class:`HostError` for bad parameters; failed checks are in the result.
+
+    ``event_log``: write every event to that MmapVec file (with workers, one
+    file per worker: ``event_log_paths``), reopen it after the run and check
+    its tallies against the run's."""
     if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
         raise HostError(f"--cases must be a positive integer, got {cases!r}")
     cpus = os.cpu_count() or 1
@@ -181,7 +206,13 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     if workers > 1:
         config = config.replace(counters={"shared": True, "shared_name": ""})
     sample = _sample(cases)
-    with Engine(config) as engine:
+    logs = None
+    if event_log is not None:
+        logs = [str(p) for p in event_log_paths(event_log, workers)]
+        for p in logs:
+            if Path(p).is_dir():
+                raise HostError(f"--event-log {p} is a directory; give a file path")
+    with Engine(config, event_log=logs[0] if logs and workers == 1 else None) as engine:
         before_counters = engine.counters.snapshot()
         before_patterns = engine.pattern_stats.as_dict()
         bar = _progress_bar(cases, progress)
@@ -190,7 +221,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
             if workers == 1:
                 tally = engine.run(np.arange(cases, dtype=np.int64), seed=seed, progress=step, sample=sample)
             else:
-                tally = _run_workers(engine, config, cases, workers, seed, sample, step)
+                tally = _run_workers(engine, config, cases, workers, seed, sample, step, logs)
         finally:
             if bar is not None:
                 bar.close()
@@ -206,6 +237,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
         simd_level = engine.pm.hook.knhk_simd_level(config=engine.config)
         report = _budgets(engine) if budgets else None
+    log_figures = _check_event_log(checks, logs, tally) if logs else None
     per_pattern = []
     for p in SUPPORTED_PATTERNS:
         row = pattern_rows.get(p, {})
@@ -221,6 +253,8 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         "patterns": per_pattern,
         "counters": counters,
         "arena": _arena_figures(tally),
+        "case_records": {"records": tally.case_records, "pool": stats.get("pools", {}).get("cases", {}).get("stats")},
+        "event_log": log_figures,
         "store": {**built, "from": store_from, **store_figures},
         "allocator": {"backend": backend.name, "configured": config.allocator.backend,
                       "numpy_routed": bool(config.allocator.numpy), "counts": stats.get("allocator", {}).get("counts")},
@@ -229,6 +263,26 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         "budgets": report.as_dict() if report is not None else None,
         "_budget_table": _table(report) if report is not None else None,
     }
+
+
+def _check_event_log(checks: list[dict[str, Any]], logs: list[str], tally: RunTally) -> dict[str, Any]:
+    """Reopen the event log(s) the run wrote and check their tallies against the run's."""
+    t0 = time.perf_counter()
+    got = tally_event_log(logs)
+    seconds = time.perf_counter() - t0
+    want = {"events": int(tally.events.sum()), "tasks": int(tally.events[TASK]),
+            "cases_started": int(tally.events[CASE_START]), "cases_completed": int(tally.events[CASE_END]),
+            # the in-memory SIMD tally of the same events: this check is about the file keeping them
+            # (whether the executors' own counts agree is the pattern statistics check)
+            "executions": {p: int(tally.events[p]) for p in range(1, 44) if tally.events[p]}}
+    diff = [k for k in want if got[k] != want[k]]
+    _check(checks, "the event log reopens with the run's tallies",
+           not diff and got["distinct_cases"] == tally.cases,
+           f"{got['events']:,} events in {len(logs)} file(s) reopened and verified in {seconds * 1000:.0f} ms; "
+           + (f"differ: {', '.join(diff)}" if diff else
+              f"events, tasks, cases started/completed and executions of {len(got['executions'])} patterns agree"))
+    sizes = sum(Path(p).stat().st_size for p in logs)
+    return {"paths": logs, "events": got["events"], "bytes": sizes, "reopen_seconds": seconds}
 
 
 def _arena_figures(t: RunTally) -> dict[str, Any]:
@@ -275,6 +329,10 @@ def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns:
     _check(checks, "sampled cases match the one-case reference interpreter, event for event",
            not mismatched and len(tally.samples) == len(_sample(cases)),
            f"{len(tally.samples)} cases compared" + (f"; differ: {mismatched[:10]}" if mismatched else ""))
+    _check(checks, "every case had a record in the cases pool, agreeing with the log, and all were returned",
+           tally.case_records == cases and tally.record_mismatches == 0 and engine.case_pool.stats().in_use == 0,
+           f"{tally.case_records} records taken, {tally.record_mismatches} batches disagreed, "
+           f"{engine.case_pool.stats().in_use} still in use")
     arena = engine.arena.stats()
     _check(checks, "batch memory all returned to the arena",
            arena.live_blocks == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
@@ -329,6 +387,15 @@ def format_summary(r: dict[str, Any]) -> str:
     a = r["arena"]
     out.append(f"arena:      {a['allocations']:,} batch arrays served with {a['backend_calls']:,} backend calls "
                f"(without the arena: {a['backend_calls_without_arena']:,}; saved {a['saved']:,})")
+    cr = r.get("case_records") or {}
+    pool = cr.get("pool") or {}
+    if pool:
+        out.append(f"cases pool: {cr['records']:,} case records through a FixedPool of {pool['capacity']:,} x "
+                   f"{pool['stride']} bytes (high-water {pool['high_water']:,}, failed {pool['failed']})")
+    el = r.get("event_log")
+    if el:
+        out.append(f"event log:  {', '.join(el['paths'])} ({el['events']:,} events, {el['bytes']:,} bytes, synced; "
+                   f"reopened in {el['reopen_seconds'] * 1000:.0f} ms)")
     out.append("pattern executions:")
     for p in r["patterns"]:
         out.append(f"  WCP-{p['id']:<3} {p['name']:<40} {p['executions']:>12,}   mean {p['mean_ticks']:>8.1f} ticks")
@@ -374,7 +441,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
-                      progress=args.progress, budgets=args.budgets)
+                      progress=args.progress, budgets=args.budgets,
+                      event_log=(default_event_log_path() if args.event_log is None else args.event_log or None))
     if args.json:
         result.pop("_budget_table", None)
         print(json.dumps(result, indent=2, sort_keys=True))
@@ -397,6 +465,13 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                    "definitions if missing; default: [store] path, else a file in the cache directory)")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",
                    help=f"seed of the cases' workflows and paths (default {DEFAULT_SEED})")
+    lg = p.add_mutually_exclusive_group()
+    lg.add_argument("--event-log", metavar="PATH", default=None,
+                    help="write every event to PATH, a persistent MmapVec (emptied first; with --workers N, "
+                         "PATH.w0 ... PATH.wN-1), and check that it reopens with the run's tallies (default: "
+                         "demo-events.kvec in the cache directory)")
+    lg.add_argument("--no-event-log", dest="event_log", action="store_const", const="",
+                    help="run without the persistent event log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-budgets", dest="budgets", action="store_false",
                    help="skip measuring the hot-path budget table")

@@ -150,6 +150,7 @@ extern "C" {
 #define KNHK_POOL_BENCH_LOCKFREE 2
 #define KNHK_POOL_BENCH_THREADLOCAL 3
 #define KNHK_POOL_BENCH_BACKEND 4
+#define KNHK_POOL_BENCH_EMPTY 5
 /* NUMA placement modes (knhk_numa_mbind; the kernel's MPOL_* values). */
 #define KNHK_NUMA_DEFAULT 0
 #define KNHK_NUMA_PREFERRED 1
@@ -967,6 +968,15 @@ int knhk_tlpool_stress(knhk_tlpool *p, uint32_t threads, uint64_t iterations, ui
    the wall time from the first thread's start to the last one's end. */
 int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uint64_t iterations,
                     size_t block_size, uint64_t capacity, double *seconds);
+/* Latency of single allocations (benches: the "deterministic" figure):
+   `rounds` times, allocate n blocks of block_size one at a time from a fresh
+   FixedPool (kind KNHK_POOL_BENCH_FIXED, capacity n) or the backend (kind
+   KNHK_POOL_BENCH_BACKEND), reading knhk_ticks_now() before and after each,
+   then free them all (untimed). ticks[r * n + i] gets each allocation's
+   ticks, timer included; kind KNHK_POOL_BENCH_EMPTY times nothing, which
+   gives the timer's own cost. */
+int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, uint64_t n, uint32_t rounds,
+                      uint64_t *ticks);
 
 /* Install the CPython fast path of knhk_memory.pools (pool_py.c) into that
    module (which must be importable): the builtin _make_fast(kind,

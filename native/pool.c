@@ -1554,6 +1554,42 @@ int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uin
     return KNHK_OK;
 }
 
+int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, uint64_t n, uint32_t rounds,
+                      uint64_t *ticks) {
+    if (ticks == NULL || n == 0 || n > KNHK_POOL_MAX_CAPACITY || rounds == 0 ||
+        (kind != KNHK_POOL_BENCH_FIXED && kind != KNHK_POOL_BENCH_BACKEND && kind != KNHK_POOL_BENCH_EMPTY) ||
+        (kind == KNHK_POOL_BENCH_BACKEND && backend == NULL)) {
+        _knhk_set_error("knhk_pool_latency: kind fixed, backend (with a backend) or empty; n and rounds >= 1");
+        return KNHK_ERR_INVALID;
+    }
+    void **held = malloc(n * sizeof *held);
+    if (held == NULL) return KNHK_ERR_NOMEM;
+    knhk_pool *pool = NULL;
+    int st = KNHK_OK;
+    for (uint32_t r = 0; r < rounds && st == KNHK_OK; r++) {
+        if (kind == KNHK_POOL_BENCH_FIXED && (st = knhk_pool_create(block_size, n, 8, NULL, &pool)) != KNHK_OK) break;
+        for (uint64_t i = 0; i < n; i++) {
+            uint64_t t0 = knhk_ticks_now();
+            void *b = kind == KNHK_POOL_BENCH_FIXED ? knhk_pool_alloc(pool, NULL)
+                      : kind == KNHK_POOL_BENCH_BACKEND ? knhk_malloc(backend, block_size) : (void *)&held[i];
+            uint64_t t1 = knhk_ticks_now();
+            __asm__ volatile("" : : "r"(b) : "memory");
+            ticks[(uint64_t)r * n + i] = t1 - t0;
+            held[i] = b;
+            if (b == NULL) st = KNHK_ERR_NOMEM;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            if (held[i] == NULL) continue;
+            if (kind == KNHK_POOL_BENCH_FIXED) knhk_pool_free(pool, held[i]);
+            else if (kind == KNHK_POOL_BENCH_BACKEND) knhk_free(backend, held[i]);
+        }
+        if (pool != NULL) knhk_pool_destroy(pool);
+        pool = NULL;
+    }
+    free(held);
+    return st;
+}
+
 /* ------------------------------------------------------------------ integer-address forms */
 
 uint64_t knhk_pool_alloc_addr(knhk_pool *p, int *problem) { return (uint64_t)(uintptr_t)knhk_pool_alloc(p, problem); }

@@ -137,3 +137,19 @@ def test_numa_calls_on_this_machine() -> None:
 
 def test_pool_py_install_idempotent() -> None:
     assert lib.knhk_pool_py_install() == lib.KNHK_OK
+
+
+def test_latency_helper() -> None:
+    import numpy as np
+
+    from knhk_memory.allocator import get_backend
+
+    out = np.zeros(64 * 2, dtype=np.uint64)
+    buf = ffi.from_buffer("uint64_t[]", out)
+    for kind, backend in ((lib.KNHK_POOL_BENCH_FIXED, ffi.NULL), (lib.KNHK_POOL_BENCH_EMPTY, ffi.NULL),
+                          (lib.KNHK_POOL_BENCH_BACKEND, get_backend("system").cdata)):
+        out[:] = 0
+        assert lib.knhk_pool_latency(kind, backend, 64, 64, 2, buf) == lib.KNHK_OK
+        assert out.sum() > 0  # ticks per allocation, timer included
+    assert lib.knhk_pool_latency(lib.KNHK_POOL_BENCH_BACKEND, ffi.NULL, 64, 64, 2, buf) == lib.KNHK_ERR_INVALID
+    assert lib.knhk_pool_latency(lib.KNHK_POOL_BENCH_MUTEX, ffi.NULL, 64, 64, 2, buf) == lib.KNHK_ERR_INVALID

@@ -150,7 +150,8 @@ class MmapVec:
         doubles the capacity.
 
     ``len(vec)`` is the number of records (synced or not); ``vec.synced_length`` the length a
-    reopen after a crash would show.
+    reopen after a crash would show. ``close()`` (or leaving a ``with`` block) syncs; a vector
+    dropped without ``close()`` keeps only what was synced (no I/O in a finaliser).
     """
 
     def __init__(self, path: str | os.PathLike[str], dtype: Any = None, *, mode: str = "a",

@@ -481,7 +481,12 @@ class ThreadLocalPool(_Pool):
     shared lock-free list. The owner's alloc and free touch only its cache; a block freed by
     another thread goes onto its owner's remote-free list (one CAS, no lock); a thread's cache
     goes back to the shared list when the thread exits (or at :meth:`flush`). Other parameters
-    as :class:`FixedPool`. Up to 256 threads get a cache; more use the shared list directly."""
+    as :class:`FixedPool`. Up to 256 threads get a cache; more use the shared list directly.
+
+    The exit flush runs in a pthread key destructor, when the OS thread ends: CPython's
+    ``Thread.join()`` returns a moment before that, so ``stats().cached`` may still count the
+    thread's blocks just after a join. ``high_water`` counts blocks out of the shared list
+    (cached ones included): the memory the pool's users kept busy."""
 
     kind = "ThreadLocalPool"
     _c = {"type": "knhk_tlpool", "destroy": lib.knhk_tlpool_destroy, "close": lib.knhk_tlpool_close,

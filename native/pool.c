@@ -588,8 +588,7 @@ static inline int64_t lf_take(knhk_lfpool *p) {
 static inline int lf_claim(knhk_lfpool *p, int64_t i) {
     uint8_t was = atomic_exchange_explicit(&p->state[i], 1, memory_order_relaxed);
     if (_knhk_unlikely(was != 0)) return KNHK_POOL_CORRUPT;
-    atomic_fetch_add_explicit(&my_cell(p)->allocations, 1, memory_order_relaxed);
-    note_in_use(p, 1);
+    note_in_use(p, 1); /* allocations are frees + in_use: one locked operation fewer */
     return KNHK_POOL_OK;
 }
 
@@ -658,6 +657,7 @@ void knhk_lfpool_stats_get(const knhk_lfpool *p, knhk_pool_stats *out) {
     }
     int64_t n = atomic_load_explicit(&p->in_use, memory_order_relaxed);
     out->in_use = n > 0 ? (uint64_t)n : 0;
+    out->allocations = out->frees + out->in_use;
     out->high_water = atomic_load_explicit(&p->high_water, memory_order_relaxed);
     out->closed = atomic_load_explicit(&p->closed, memory_order_relaxed);
 }

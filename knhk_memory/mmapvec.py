@@ -299,9 +299,12 @@ class MmapVec:
         s = max(good, key=lambda x: x.seq)
         try:
             stored = _descr_dtype(s.descr)
-        except (ValueError, TypeError, UnicodeDecodeError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to rebuild the dtype: the header is bad
             raise StoreCorruptError(f"the header's dtype description {s.descr[:80]!r} is not a dtype ({exc})",
                                     path=self.path, problem="corrupt") from None
+        if stored.hasobject or stored.itemsize == 0:
+            raise StoreCorruptError(f"the header's dtype {stored} holds Python objects or has no size: no MmapVec "
+                                    "writes that", path=self.path, problem="corrupt")
         if stored.itemsize != s.itemsize:
             raise StoreCorruptError(f"the header says {s.itemsize}-byte records but its dtype {stored} has "
                                     f"{stored.itemsize}", path=self.path, problem="corrupt")

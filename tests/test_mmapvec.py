@@ -369,6 +369,9 @@ def test_kill_9_reopens_at_last_synced_length(tmp_path: Path, batch: int) -> Non
                 break
         os.kill(proc.pid, signal.SIGKILL)  # somewhere in the next batch, sync or growth
         proc.wait()
+        # the child may have run ahead of our reading: lines still in the pipe count too
+        reported += [int(line) for line in proc.stdout.read().splitlines() if line.strip()]
+        proc.stdout.close()
         last = reported[-1]
         with MmapVec(p, mode="r") as v:
             n = len(v)
@@ -379,3 +382,33 @@ def test_kill_9_reopens_at_last_synced_length(tmp_path: Path, batch: int) -> Non
             assert got["task"].tolist() == list(range(n))
             assert got["case"].tolist() == [3 * j for j in range(n)]
             assert got["kind"].tolist() == [j % 7 for j in range(n)]
+
+
+@pytest.mark.parametrize(("descr", "itemsize", "message"), [
+    (b'"|O"', 8, "holds Python objects or has no size"),
+    (b'"<f8"', 4, "the header says 4-byte records but its dtype float64 has 8"),
+    (b'{"not": "a dtype"}', 8, "is not a dtype"),
+    (b'[["a", "<f8", [100000000]]]', 8, "the header says 8-byte records"),
+    (b'[["a", "<f8", [1000000000000]]]', 8, "is not a dtype"),
+    (b"\xff\xfe", 8, "is not a dtype"),
+])
+def test_crafted_header_dtypes_are_refused(tmp_path: Path, descr: bytes, itemsize: int, message: str) -> None:
+    """A header with a valid checksum but a dtype no MmapVec writes: a StoreCorruptError, never a crash."""
+    from knhk_memory.mmapvec import _encode_slot
+
+    p = tmp_path / "v"
+    slot = _encode_slot(5, 0, itemsize, 0, descr)
+    p.write_bytes(slot + slot + b"\0" * 64)
+    with pytest.raises(StoreCorruptError) as info:
+        MmapVec(p, mode="r")
+    assert str(p) in str(info.value) and message in str(info.value)
+
+
+def test_huge_length_in_a_valid_header_is_truncation(tmp_path: Path) -> None:
+    from knhk_memory.mmapvec import _encode_slot
+
+    p = tmp_path / "v"
+    slot = _encode_slot(2, 1 << 62, 8, 0, b'"<u8"')
+    p.write_bytes(slot + slot + b"\0" * 80)
+    with pytest.raises(StoreTruncatedError, match="its header says 4611686018427387904 records of 8 bytes"):
+        MmapVec(p, mode="r")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 from knhk_memory import Lazy, OnceLock, PatternRegistry
 
@@ -39,7 +40,7 @@ holder = Holder()
 holder.table  # noqa: B018
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_table() -> dict:
     return {"table": 1}
 
@@ -124,7 +125,8 @@ CASES = [loop_only, read_global, read_cached_property, read_lru_cache, read_once
 _GROUPS = {
     "read_global": "once: read an initialised value", "read_cached_property": "once: read an initialised value",
     "read_lru_cache": "once: read an initialised value", "read_oncelock_get": "once: read an initialised value",
-    "read_oncelock_get_or_init": "once: read an initialised value", "read_lazy_value": "once: read an initialised value",
+    "read_oncelock_get_or_init": "once: read an initialised value",
+    "read_lazy_value": "once: read an initialised value",
     "lookup_dict": "registry: look a pattern up by number",
     "lookup_registry_by_number": "registry: look a pattern up by number",
     "lookup_registry_getitem": "registry: look a pattern up by number",
@@ -174,7 +176,7 @@ def report(*paths: str) -> None:
     add time), then the median of those over the runs given."""
     import statistics
 
-    runs = [{b["name"].removeprefix("test_"): b["stats"]["min"] for b in json.load(open(p))["benchmarks"]}
+    runs = [{b["name"].removeprefix("test_"): b["stats"]["min"] for b in json.loads(Path(p).read_text())["benchmarks"]}
             for p in paths]
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     per = {k: (v - med["loop_only"]) / N * 1e9 for k, v in med.items()}

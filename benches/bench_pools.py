@@ -40,7 +40,7 @@ RECORD = np.dtype([("kind", "u1"), ("task", "<u4"), ("case", "<u8")])  # 13 byte
 def _backend(name: str):
     try:
         return get_backend(name)
-    except Exception:  # noqa: BLE001 - a bench runs with what is installed
+    except Exception:
         return None
 
 
@@ -49,7 +49,7 @@ def _backend(name: str):
 @pytest.mark.parametrize("kind", ["bytearray", "FixedPool", "LockFreePool", "ThreadLocalPool"])
 def test_py_alloc_free(benchmark, kind):
     benchmark.group = "pools: one 64 B block from Python (alloc + free)"
-    benchmark.extra_info.update(label=f"bytearray(64)" if kind == "bytearray" else f"{kind} free(alloc())",
+    benchmark.extra_info.update(label="bytearray(64)" if kind == "bytearray" else f"{kind} free(alloc())",
                                 peer=kind == "bytearray")
     if kind == "bytearray":
         benchmark(lambda: bytearray(64))  # a lambda as the pools have: the same call overhead on both sides

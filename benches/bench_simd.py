@@ -108,9 +108,11 @@ def cases() -> list[tuple[str, int, dict[str, Callable[[], Any]]]]:
     u32 = id_column(BIG // 4, np.uint32)
     u8 = id_column(BIG, np.uint8)
     out.append(("count_eq uint32, 64 MiB", BIG,
-                {**ours(lambda: simd.count_eq(u32, 7)), "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u32 == 7)}))
+                {**ours(lambda: simd.count_eq(u32, 7)),
+                 "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u32 == 7)}))
     out.append(("count_eq uint8, 64 MiB", BIG,
-                {**ours(lambda: simd.count_eq(u8, 7)), "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u8 == 7)}))
+                {**ours(lambda: simd.count_eq(u8, 7)),
+                 "numpy count_nonzero(a == v)": lambda: np.count_nonzero(u8 == 7)}))
     out.append(("find_eq uint32, 64 MiB (1/43 match)", BIG,
                 {**ours(lambda: simd.find_eq(u32, 7)), "numpy flatnonzero(a == v)": lambda: np.flatnonzero(u32 == 7)}))
     out.append(("histogram 43 ids, uint8, 64 MiB", BIG,

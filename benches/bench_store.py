@@ -131,7 +131,7 @@ def open_reader(name: str, path: Path):
     if name == "cdb":
         import cdblib
 
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - stays open under the mmap until the close callback
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         r = cdblib.Reader64(m)
         return r.get, lambda: (f.close())

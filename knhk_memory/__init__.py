@@ -6,38 +6,78 @@ engine through pluggy hooks (see :mod:`knhk_memory.hookspecs`).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("knhk-memory")
-except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
-    __version__ = "0+unknown"
-
-from .allocator import (
-    Backend,
-    Block,
-    apply_numpy_handler,
-    available_backends,
-    get_backend,
-    install_numpy_handler,
-    numpy_handler,
-    select_backend,
-    selected_backend,
-)
-from .budgets import BudgetReport, run_budgets
-from .config import Config, load_config
 from . import errors
+from ._version import __version__
 from .errors import *  # noqa: F403 - every exception class, see errors.__all__
-from .hotpath import HotOp, PyHotOp
-from .counters import CounterWriter, Counters, PatternStats
-from .arena import Arena, ArenaStats, ThreadLocalArena
-from .pools import FixedPool, LockFreePool, PoolStats, ThreadLocalPool
-from .mmapvec import MmapVec
-from .host import get_plugin_manager
-from .once import Lazy, OnceLock
-from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
-from . import simd
-from .store import WorkflowStore, WorkflowStoreWriter, open_store
+
+# Everything else is imported on first use (PEP 562): `import knhk_memory`
+# costs a few milliseconds and imports neither numpy nor pluggy; the name
+# tells which submodule to load. `import knhk_memory.store` (or .counters)
+# likewise loads only what the store (or the counters) need.
+_LAZY: dict[str, str] = {
+    "Backend": "allocator", "Block": "allocator", "apply_numpy_handler": "allocator",
+    "available_backends": "allocator", "get_backend": "allocator", "install_numpy_handler": "allocator",
+    "numpy_handler": "allocator", "select_backend": "allocator", "selected_backend": "allocator",
+    "BudgetReport": "budgets", "run_budgets": "budgets",
+    "Config": "config", "load_config": "config",
+    "HotOp": "hotpath", "PyHotOp": "hotpath",
+    "CounterWriter": "counters", "Counters": "counters", "PatternStats": "counters",
+    "Arena": "arena", "ArenaStats": "arena", "ThreadLocalArena": "arena",
+    "FixedPool": "pools", "LockFreePool": "pools", "ThreadLocalPool": "pools", "PoolStats": "pools",
+    "MmapVec": "mmapvec",
+    "get_plugin_manager": "host",
+    "Lazy": "once", "OnceLock": "once",
+    "GlobalResourceRegistry": "registry", "Pattern": "registry", "PatternRegistry": "registry",
+    "start_registries": "registry",
+    "WorkflowStore": "store", "WorkflowStoreWriter": "store", "open_store": "store",
+}
+_SUBMODULES = ("simd",)
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    value: Any
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
+    from . import simd
+    from .allocator import (
+        Backend,
+        Block,
+        apply_numpy_handler,
+        available_backends,
+        get_backend,
+        install_numpy_handler,
+        numpy_handler,
+        select_backend,
+        selected_backend,
+    )
+    from .arena import Arena, ArenaStats, ThreadLocalArena
+    from .budgets import BudgetReport, run_budgets
+    from .config import Config, load_config
+    from .counters import Counters, CounterWriter, PatternStats
+    from .host import get_plugin_manager
+    from .hotpath import HotOp, PyHotOp
+    from .mmapvec import MmapVec
+    from .once import Lazy, OnceLock
+    from .pools import FixedPool, LockFreePool, PoolStats, ThreadLocalPool
+    from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
+    from .store import WorkflowStore, WorkflowStoreWriter, open_store
 
 __all__ = [
     "__version__",

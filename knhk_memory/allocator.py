@@ -26,19 +26,25 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ._core import check, ffi, last_error, lib
+from . import _fast
+from ._core import check, check_as, ffi, lib
 from .errors import BackendUnavailableError, KnhkMemoryError
 
 __all__ = [
-    "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats", "NativeStats", "Backend", "Block",
+    "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats",
+    "NativeStats", "Backend", "Block",
     "get_backend", "available_backends", "resolve_backend", "select_backend", "selected_backend",
     "numpy_handler", "install_numpy_handler", "apply_numpy_handler", "numpy_routing_enabled", "set_numpy_routing",
 ]
 
-BACKENDS = ("system", "jemalloc", "mimalloc")
-AUTO_ORDER = ("mimalloc", "jemalloc", "system")
+# A backend's name; what ``[allocator] backend`` accepts besides: ``auto``.
+BackendName = Literal["system", "jemalloc", "mimalloc"]
+BackendSetting = Literal["auto", "system", "jemalloc", "mimalloc"]
+
+BACKENDS: tuple[BackendName, ...] = ("system", "jemalloc", "mimalloc")
+AUTO_ORDER: tuple[BackendName, ...] = ("mimalloc", "jemalloc", "system")
 DEBIAN_PACKAGES = {"jemalloc": "libjemalloc2", "mimalloc": "libmimalloc2.0"}
 SONAMES = {"jemalloc": "libjemalloc.so.2", "mimalloc": "libmimalloc.so.2"}
 STATIC_TLS_TUNABLE = "glibc.rtld.optional_static_tls=16384"
@@ -72,13 +78,27 @@ class AllocStats:
 
 @dataclass(frozen=True)
 class NativeStats:
-    """The allocator's own figures; None where the allocator has no such figure."""
+    """The allocator's own figures, in bytes; None where the allocator has no such figure.
+
+    ``allocated``: handed out to the program (jemalloc ``stats.allocated``,
+    glibc ``uordblks + hblkhd``); ``active``: in pages holding live blocks
+    (jemalloc); ``resident``: resident in RAM (jemalloc ``stats.resident``,
+    mimalloc's RSS); ``mapped``: mapped or committed (jemalloc, mimalloc
+    commit, glibc ``arena + hblkhd``); ``peak_resident`` (mimalloc);
+    ``metadata`` and ``retained`` (jemalloc ``stats.metadata``,
+    ``stats.retained``: address space kept but already given back);
+    ``free_bytes``: free inside glibc's heaps, not given back (``fordblks``,
+    what ``malloc_trim`` can return).
+    """
 
     allocated: int | None
     active: int | None
     resident: int | None
     mapped: int | None
     peak_resident: int | None
+    metadata: int | None = None
+    retained: int | None = None
+    free_bytes: int | None = None
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -103,24 +123,30 @@ def _valid_align(align: Any) -> int:
     return align
 
 
-class Backend:
-    """One allocator backend. Obtain it with :func:`get_backend`; never build it."""
+class Backend(_fast.BackendBase):
+    """One allocator backend. Obtain it with :func:`get_backend`; never build it.
+
+    ``malloc(nbytes)`` (a :class:`Block` of ``nbytes``, uninitialised, aligned to
+    16) is a C method of the base class (native/cpython/block_py.c) for an int
+    size; anything else goes to :meth:`_malloc_slow`, which checks or raises.
+    """
 
     __slots__ = ("name", "id", "_ptr", "path", "version", "__weakref__")
 
-    def __init__(self, name: str, ptr: Any) -> None:
-        self.name = name
+    def __init__(self, name: BackendName, ptr: Any) -> None:
+        self.name: BackendName = name
         self.id = _IDS[name]
         self._ptr = ptr
         self.path = ffi.string(lib.knhk_backend_path(ptr)).decode()
         self.version = ffi.string(lib.knhk_backend_version(ptr)).decode()
+        self._fast_bind(int(ffi.cast("uintptr_t", ptr)), Block)
 
     def __repr__(self) -> str:
         return f"<Backend {self.name} {self.version} from {self.path}>"
 
     # -- allocation: every Block owns its memory and frees it through this backend
-    def malloc(self, nbytes: int) -> Block:
-        """A block of ``nbytes`` (uninitialised), aligned to 16."""
+    def _malloc_slow(self, nbytes: int) -> Block:
+        """``malloc`` for what the C method does not take: checks, or raises."""
         n = _valid_size(nbytes)
         return Block._adopt(self, lib.knhk_malloc(self._ptr, n), n, lib.KNHK_DEFAULT_ALIGN)
 
@@ -151,7 +177,8 @@ class Backend:
         mimalloc ``mi_process_info``, glibc ``mallinfo2``)."""
         out = ffi.new("knhk_native_stats *")
         check(lib.knhk_backend_native_stats(self._ptr, out), f"{self.name}: native statistics")
-        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident")]
+        vals = [getattr(out, f) for f in ("allocated", "active", "resident", "mapped", "peak_resident", "metadata",
+                                          "retained", "free_bytes")]
         return NativeStats(*(None if v < 0 else v for v in vals))
 
     def release_unused(self) -> None:
@@ -160,7 +187,7 @@ class Backend:
 
     def numpy_handler_name(self) -> str:
         """The name numpy reports (``get_handler_name``) for arrays allocated here."""
-        return ffi.string(lib.knhk_numpy_handler_name(self._ptr)).decode()
+        return f"knhk_memory.{self.name}"
 
     @property
     def cdata(self) -> Any:
@@ -168,29 +195,25 @@ class Backend:
         return self._ptr
 
 
-class Block:
+class Block(_fast.BlockBase):
     """Memory from one backend, freed by that backend.
 
-    ``view()`` gives a writable memoryview. The memory lives until the block
-    *and* every view of it are gone, so a view never dangles; ``free()`` and
-    ``realloc()`` refuse while views are alive rather than invalidate them.
+    ``view()`` gives a writable memoryview (the block exports its memory through
+    the buffer protocol and counts the views). The memory lives until the block
+    is freed or collected; ``free()`` and ``realloc()`` refuse with BufferError
+    while views are alive rather than invalidate them, so a view never dangles.
+    ``free()`` (idempotent) is a C method of the base class
+    (native/cpython/block_py.c).
     """
 
-    __slots__ = ("backend", "_ptr", "_size", "_align")
-
-    def __init__(self) -> None:
-        raise TypeError("Blocks come from Backend.malloc/calloc/aligned")
+    __slots__ = ()
 
     @classmethod
     def _adopt(cls, backend: Backend, ptr: Any, size: int, align: int) -> Block:
         if ptr == ffi.NULL:
             raise MemoryError(f"{backend.name}: allocation of {size} bytes failed")
-        self = object.__new__(cls)
-        self.backend = backend
-        self._ptr = ffi.gc(ptr, _freer(backend), size=size)
-        self._size = size
-        self._align = align
-        return self
+        block: Block = backend._adopt(int(ffi.cast("uintptr_t", ptr)), size, align)
+        return block
 
     @property
     def size(self) -> int:
@@ -201,20 +224,20 @@ class Block:
     @property
     def address(self) -> int:
         self._alive()
-        return int(ffi.cast("uintptr_t", self._ptr))
+        return self._address  # type: ignore[return-value]
 
     @property
     def closed(self) -> bool:
-        return self._ptr is None
+        return self._address is None
 
     def usable_size(self) -> int:
         self._alive()
-        return lib.knhk_usable_size(self.backend._ptr, self._ptr)
+        return int(lib.knhk_usable_size(self.backend._ptr, ffi.cast("void *", self._address)))
 
     def view(self) -> memoryview:
         """A writable, zero-copy view of the block's ``size`` bytes."""
         self._alive()
-        return memoryview(ffi.buffer(self._ptr, self._size))
+        return memoryview(self)
 
     def realloc(self, nbytes: int, align: int | None = None) -> None:
         """Resize in place or move; contents up to the smaller size are kept.
@@ -223,22 +246,8 @@ class Block:
         n = _valid_size(nbytes)
         a = self._align if align is None else max(_valid_align(align), lib.KNHK_DEFAULT_ALIGN)
         self._no_views("realloc")
-        new = lib.knhk_realloc(self.backend._ptr, self._ptr, n, a if a > lib.KNHK_DEFAULT_ALIGN else 0)
-        if new == ffi.NULL:
+        if not self._realloc(n, a if a > lib.KNHK_DEFAULT_ALIGN else 0, a):
             raise MemoryError(f"{self.backend.name}: realloc to {n} bytes failed; the block is unchanged")
-        # The C call already moved or resized the memory: detach the old
-        # destructor before adopting the new pointer.
-        ffi.gc(self._ptr, None)
-        self._ptr = ffi.gc(new, _freer(self.backend), size=n)
-        self._size, self._align = n, a
-
-    def free(self) -> None:
-        """Free now (otherwise the block is freed when it is collected). Idempotent."""
-        if self._ptr is None:
-            return
-        self._no_views("free")
-        ptr, self._ptr = self._ptr, None
-        ffi.release(ptr)
 
     def __enter__(self) -> Block:
         return self
@@ -247,27 +256,20 @@ class Block:
         self.free()
 
     def __repr__(self) -> str:
-        if self._ptr is None:
+        if self._address is None:
             return f"<Block {self.backend.name} freed>"
-        return f"<Block {self.backend.name} {self._size} bytes at {self.address:#x}>"
+        return f"<Block {self.backend.name} {self._size} bytes at {self._address:#x}>"
 
     def _alive(self) -> None:
-        if self._ptr is None:
+        if self._address is None:
             raise KnhkMemoryError(f"this {self.backend.name} block has been freed")
 
     def _no_views(self, what: str) -> None:
         self._alive()
-        # ffi.buffer objects hold the gc'd pointer; the block itself holds one
-        # reference and getrefcount's argument another.
-        extra = sys.getrefcount(self._ptr) - 2
+        extra = self._exports
         if extra > 0:
             raise BufferError(f"cannot {what} a {self.backend.name} block of {self._size} bytes while "
                               f"{extra} view(s) of it are alive; release the memoryviews first")
-
-
-def _freer(backend: Backend) -> Any:
-    b = backend._ptr
-    return lambda p: lib.knhk_free(b, p)
 
 
 # ---------------------------------------------------------------- loading and selection
@@ -291,7 +293,7 @@ def _load_error(name: str, message: str) -> BackendUnavailableError:
     return BackendUnavailableError(f"{name} backend: {lib_name} cannot be used: {message}")
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: BackendName) -> Backend:
     """The backend called ``name``, loading its library on first use.
 
     Raises ValueError for an unknown name and BackendUnavailableError, saying
@@ -309,16 +311,15 @@ def get_backend(name: str) -> Backend:
         err = ffi.new("char[1024]")
         override = library_override(name)
         library = ffi.new("char[]", override.encode()) if override else ffi.NULL
-        status = lib.knhk_backend_load(_IDS[name], library, out, err, len(err))
-        if status != lib.KNHK_OK:
-            raise _load_error(name, ffi.string(err).decode("utf-8", "replace") or last_error())
+        check_as(lib.knhk_backend_load(_IDS[name], library, out, err, len(err)),
+                 lambda detail: _load_error(name, ffi.string(err).decode("utf-8", "replace") or detail))
         backend = _backends[name] = Backend(name, out[0])
         return backend
 
 
-def available_backends() -> dict[str, Backend | BackendUnavailableError]:
+def available_backends() -> dict[BackendName, Backend | BackendUnavailableError]:
     """Every backend, loaded, or the error that says why it cannot be."""
-    result: dict[str, Backend | BackendUnavailableError] = {}
+    result: dict[BackendName, Backend | BackendUnavailableError] = {}
     for name in BACKENDS:
         try:
             result[name] = get_backend(name)
@@ -327,12 +328,12 @@ def available_backends() -> dict[str, Backend | BackendUnavailableError]:
     return result
 
 
-def resolve_backend(name: str) -> tuple[Backend, list[str]]:
+def resolve_backend(name: BackendSetting) -> tuple[Backend, list[str]]:
     """The backend for a configured name. ``auto`` tries mimalloc, jemalloc,
     system in turn; the list says why each skipped one was skipped."""
     if name != "auto":
         return get_backend(name), []
-    skipped = []
+    skipped: list[str] = []
     for candidate in AUTO_ORDER:
         try:
             return get_backend(candidate), skipped
@@ -344,7 +345,7 @@ def resolve_backend(name: str) -> tuple[Backend, list[str]]:
 _selected: Backend | None = None
 
 
-def select_backend(backend: Backend | str) -> Backend:
+def select_backend(backend: Backend | BackendName) -> Backend:
     """Make ``backend`` the process's selected backend (arenas and
     :func:`apply_numpy_handler` use it). Blocks from the previous one stay valid."""
     global _selected
@@ -360,37 +361,29 @@ def selected_backend() -> Backend:
 # ---------------------------------------------------------------- numpy (NEP 49)
 
 class _HandlerToken:
-    """The previous numpy handler, held until it is restored or dropped."""
+    """The previous numpy handler (numpy's ``mem_handler`` capsule), held until
+    it is restored; dropping the token without restoring leaves the new one."""
 
-    __slots__ = ("_token",)
+    __slots__ = ("_previous",)
 
-    def __init__(self, token: Any) -> None:
-        self._token = token
+    def __init__(self, previous: object) -> None:
+        self._previous: object | None = previous
 
     def restore(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            check(lib.knhk_numpy_handler_restore(token), "restoring numpy's previous data handler")
-
-    def __del__(self) -> None:
-        token, self._token = self._token, None
-        if token is not None:
-            lib.knhk_numpy_handler_discard(token)
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            _fast.numpy_handler_set(previous)
 
 
-def install_numpy_handler(backend: Backend | str | None = None) -> _HandlerToken:
+def install_numpy_handler(backend: Backend | BackendName | None = None) -> _HandlerToken:
     """Route numpy's array data through ``backend`` (default: the selected one)
     in the calling thread's context. ``.restore()`` on the result undoes it."""
     b = selected_backend() if backend is None else get_backend(backend) if isinstance(backend, str) else backend
-    status = ffi.new("int *")
-    token = lib.knhk_numpy_handler_push(b._ptr, status)
-    if token == ffi.NULL:
-        check(status[0], f"installing the {b.name} numpy data handler")
-    return _HandlerToken(token)
+    return _HandlerToken(_fast.numpy_handler_push(int(ffi.cast("uintptr_t", b._ptr))))
 
 
 @contextlib.contextmanager
-def numpy_handler(backend: Backend | str | None = None) -> Iterator[Backend]:
+def numpy_handler(backend: Backend | BackendName | None = None) -> Iterator[Backend]:
     """``with numpy_handler("mimalloc"):`` arrays made inside take their data
     from that backend; the previous handler is back afterwards. Arrays keep
     the handler they were made with, so they may outlive the block."""
@@ -422,13 +415,13 @@ def apply_numpy_handler() -> str:
 
     Use it as ``ThreadPoolExecutor(initializer=knhk_memory.apply_numpy_handler)``.
     Without configured routing it leaves numpy's default in place."""
-    import numpy
+    from numpy._core.multiarray import get_handler_name
 
     if _numpy_routing:
         # For the thread's life: the token is dropped, which releases (does not
         # restore) the handler it replaced.
         install_numpy_handler(selected_backend())
-    return numpy._core.multiarray.get_handler_name()
+    return str(get_handler_name())
 
 
 # ---------------------------------------------------------------- hot paths
@@ -446,10 +439,6 @@ def hot_ops() -> list[Any]:
         description="one 64-byte malloc + free pair through the selected backend, with statistics",
         fn=ffi.addressof(lib, "knhk_backend_hotop_malloc_free"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 100-127 ticks (median) for glibc, jemalloc and mimalloc alike on a 2-core "
-                      "2.5 GHz KVM guest, statistics included; 250 leaves a noisy neighbour room while "
-                      "still catching a lock, a syscall or a page fault added to the path",
     )]
 
 
@@ -471,16 +460,7 @@ def py_hot_ops() -> list[Any]:
 
     return [
         PyHotOp("py_malloc_free", "Backend.malloc(64) + Block.free() on the selected backend",
-                malloc_free, default_budget=15000,
-                budget_reason="measured 4.1-4.8 us on a 2-core 2.5 GHz VM: argument checks, ffi.gc, the Block "
-                              "object, the C pair and the release; 15 us leaves a noisy neighbour room and "
-                              "still catches a lock, a copy or a syscall added to the path"),
-        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup,
-                default_budget=1500,
-                budget_reason="measured ~0.2 us: argument check and one dict lookup after the first load; "
-                              "1.5 us catches a lock or a dlopen put on the fast path"),
-        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats,
-                default_budget=15000,
-                budget_reason="measured 3.7-4.3 us: a C walk of the used slots, six cdata reads and the "
-                              "AllocStats dataclass; 15 us leaves a noisy neighbour room"),
+                malloc_free),
+        PyHotOp("py_get_backend", "get_backend(name) of an already loaded backend", lookup),
+        PyHotOp("py_backend_stats", "Backend.stats(): sum the per-thread statistics slots", stats),
     ]

@@ -10,8 +10,11 @@ a handful of backend calls, and a repeat batch none.
 that makes the arrays. Arrays may outlive the scope: every block handed out is
 counted, and
 
-- ``reset()`` while blocks are alive raises :class:`ArenaBusyError` (it never
-  recycles memory an array still uses);
+- ``reset()`` never waits for live blocks and never recycles memory an array
+  still uses: a chunk holding a live block is *pinned* (set aside, untouched)
+  and comes back once its last block is freed; every other chunk is reused.
+  A straggler array pins its own chunk, not the arena (``stats()`` shows
+  ``pinned_chunks`` and ``pinned_bytes``);
 - ``close()`` never fails for live blocks: the arena stops allocating and
   returns its memory to the backend when the last block is freed.
 
@@ -22,7 +25,8 @@ An arena belongs to the thread that created it: allocation, ``reset()``,
 
 What this module is not: a general-purpose allocator. Blocks are not reused
 individually (except the most recent one, so temporaries made and dropped in a
-loop reuse the same bytes); the memory comes back at ``reset()``.
+loop reuse the same bytes); the memory comes back at ``reset()``, chunk by
+chunk (see native/arena.c).
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ import math
 import operator
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from ._core import ffi, last_error, lib, raise_status
-from .allocator import Backend, _HandlerToken, get_backend, selected_backend
-from .errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from . import _fast
+from ._core import check, check_as, ffi, lib
+from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
+from .errors import ArenaClosedError, ArenaThreadError
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]
@@ -73,6 +78,8 @@ class ArenaStats:
     resets: int
     huge_page_chunks: int
     next_chunk_size: int
+    pinned_chunks: int = 0
+    pinned_bytes: int = 0
     closed: bool = False
 
     def as_dict(self) -> dict[str, int | bool]:
@@ -80,7 +87,8 @@ class ArenaStats:
 
 
 _STAT_FIELDS = ("allocations", "reallocations", "bytes_requested", "bytes_reserved", "bytes_used", "high_water",
-                "chunks", "backend_calls", "live_blocks", "resets", "huge_page_chunks", "next_chunk_size")
+                "chunks", "backend_calls", "live_blocks", "resets", "huge_page_chunks", "next_chunk_size",
+                "pinned_chunks", "pinned_bytes")
 
 
 def huge_pages_available() -> bool:
@@ -117,7 +125,7 @@ def _align_arg(align: Any) -> int:
     return a
 
 
-def _backend_arg(backend: Backend | str | None) -> Backend:
+def _backend_arg(backend: Backend | BackendName | None) -> Backend:
     if backend is None:
         return selected_backend()
     if isinstance(backend, str):
@@ -127,7 +135,7 @@ def _backend_arg(backend: Backend | str | None) -> Backend:
     raise TypeError(f"backend must be a Backend, a backend name or None, got {type(backend).__name__}")
 
 
-class Arena:
+class Arena(_fast.ArenaBase):
     """A bump allocator over chunks from a backend (default: the selected backend).
 
     :param chunk_size: The first chunk's size in bytes; each new chunk doubles
@@ -145,8 +153,8 @@ class Arena:
                  "_owner", "_status", "_final", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None, numa: str | int | None = None,
-                 node: int | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None,
+                 numa: str | int | None = None, node: int | None = None) -> None:
         self._raw: Any = None
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
@@ -163,12 +171,14 @@ class Arena:
             check_placement(self.placement)  # the kernel accepts it: a refusal is an error here, not a count later
         self.chunk_size, self.max_chunk_size, self.huge_pages = cs, mcs, huge_pages
         out = ffi.new("knhk_arena **")
-        status = lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "creating an arena")
+        check(lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out), "creating an arena")
         self._raw = out[0]
         # The owner's reference, dropped by close() or when the Arena is collected.
         self._ptr = ffi.gc(out[0], lib.knhk_arena_close)
+        # alloc() and array() are C methods of the base class
+        # (native/cpython/arena_py.c) for the common call; they fall back to
+        # _alloc_slow and _array_slow below for everything else.
+        self._fast_bind(int(ffi.cast("uintptr_t", out[0])))
         self._free = functools.partial(lib.knhk_arena_block_free, self._raw)
         self._owner = threading.get_ident()
         self._status = ffi.new("int *")
@@ -179,15 +189,12 @@ class Arena:
             spec, keep = placement_spec(self.placement)
             status = lib.knhk_arena_set_numa(self._raw, spec)
             del keep
-            if status != lib.KNHK_OK:
-                raise_status(status, "setting the arena's NUMA placement")
+            check(status, "setting the arena's NUMA placement")
 
     def numa_counts(self) -> tuple[int, int]:
         """``(placed, refused)``: chunks put under the NUMA placement, and chunks the kernel refused."""
         placed, refused = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        status = lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused)
-        if status != lib.KNHK_OK:
-            raise_status(status, "arena NUMA counts")
+        check(lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused), "arena NUMA counts")
         return int(placed[0]), int(refused[0])
 
     # -- state checks
@@ -206,16 +213,12 @@ class Arena:
         return raw
 
     def _failed(self, what: str) -> None:
-        status = self._status[0]
-        if status == lib.KNHK_ERR_NOMEM:
-            raise MemoryError(f"{what}: {last_error()}")
-        raise_status(status, what)
+        check_as(self._status[0], what=what, special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{what}: {d}")})
 
     # -- allocation
-    def alloc(self, nbytes: int, align: int = 16) -> memoryview:
-        """A writable, zero-copy buffer of ``nbytes`` (uninitialised) aligned to ``align``.
-
-        The block is live while the memoryview (or anything made from it) is."""
+    def _alloc_slow(self, nbytes: int, align: int = 16) -> memoryview:
+        """``alloc`` for what the C method does not take: checks, converts
+        (numpy integers), allocates through cffi, or raises."""
         raw = self._raw
         if raw is None or _get_ident() != self._owner:
             raw = self._usable("allocate")
@@ -227,10 +230,10 @@ class Arena:
             self._failed(f"arena allocation of {n} bytes aligned to {a}")
         return memoryview(ffi.buffer(ffi.gc(ptr, self._free), n))
 
-    def array(self, shape: int | tuple[int, ...], dtype: Any = "float64", *, align: int | None = None) -> Any:
-        """An uninitialised C-ordered numpy array whose data lives in the arena.
-
-        ``align`` defaults to 16 or the dtype's alignment if larger."""
+    def _array_slow(self, shape: int | tuple[int, ...], dtype: Any = None, *, align: int | None = None) -> Any:
+        """``array`` for what the C method does not take (dtype None is numpy's
+        default, float64): checks, converts or raises; a dtype that passes is
+        remembered so the next call with it takes the C method."""
         import numpy as np
 
         self._usable("allocate an array")
@@ -250,7 +253,9 @@ class Arena:
             raise ValueError(f"shape {dims} of {dt} needs {nbytes} bytes, beyond what an arena serves "
                              f"(at most {MAX_REQUEST} bytes)")
         a = max(16, dt.alignment) if align is None else _align_arg(align)
-        buf = self.alloc(max(nbytes, 1), a)
+        if align is None and (dtype is None or isinstance(dtype, str | type | np.dtype)):
+            self._fast_cache_dtype(dtype, dt)
+        buf = self._alloc_slow(max(nbytes, 1), a)
         return np.frombuffer(buf, dtype=dt, count=count).reshape(dims)
 
     @contextlib.contextmanager
@@ -260,10 +265,11 @@ class Arena:
         Only the calling thread's context is affected; the previous handler is
         back afterwards. Arrays keep working after the scope (see the module)."""
         raw = self._usable("open a numpy scope")
-        token = lib.knhk_numpy_arena_handler_push(raw, self._status)
-        if token == ffi.NULL:
+        previous = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
+        if isinstance(previous, int):  # the core refused the arena: its status
+            self._status[0] = previous
             self._failed("installing the arena's numpy data handler")
-        handler = _HandlerToken(token)
+        handler = _HandlerToken(previous)
         try:
             yield self
         finally:
@@ -271,17 +277,15 @@ class Arena:
 
     # -- batches
     def reset(self) -> None:
-        """Make all the arena's memory available for the next batch, keeping its chunks.
+        """Make the arena's memory available for the next batch, keeping its chunks.
 
-        Raises :class:`ArenaBusyError` while blocks or arrays made from it are alive."""
+        Blocks or arrays still alive keep their bytes: the chunks holding them
+        are pinned (``stats().pinned_chunks``/``pinned_bytes``) until their last
+        block is freed, then reused; everything else is reused at once. Spare
+        chunks beyond twice the batch's peak go back to the backend.
+        Raises :class:`ArenaClosedError` and :class:`ArenaThreadError`."""
         raw = self._usable("reset")
-        status = lib.knhk_arena_reset(raw)
-        if status != lib.KNHK_OK:
-            live = self.stats().live_blocks
-            raise ArenaBusyError(
-                f"cannot reset the arena: {live} block(s) made from it (arrays or buffers) are still alive; "
-                "drop every reference to them first (del), or close() the arena, which returns its memory "
-                "once they are gone")
+        check(lib.knhk_arena_reset(raw), "resetting the arena")
 
     def close(self) -> None:
         """Stop allocating and give the owner's hold on the memory up. Idempotent.
@@ -291,18 +295,17 @@ class Arena:
             return
         if threading.get_ident() == self._owner:
             self._final = self.stats()
+        self._fast_bind(None)
         self._raw = None
         ffi.release(self._ptr)
 
     def stats(self) -> ArenaStats:
         """The arena's figures; after close(), the figures as they were at close()."""
         if self._raw is None and self._final is not None:
-            return ArenaStats(*(getattr(self._final, f) for f in _STAT_FIELDS), closed=True)
+            return replace(self._final, closed=True)
         raw = self._usable("read statistics")
         out = ffi.new("knhk_arena_stats *")
-        status = lib.knhk_arena_stats_get(raw, out)
-        if status != lib.KNHK_OK:
-            raise_status(status, "arena statistics")
+        check(lib.knhk_arena_stats_get(raw, out), "arena statistics")
         return ArenaStats(*(getattr(out, f) for f in _STAT_FIELDS))
 
     @property
@@ -325,6 +328,7 @@ class Arena:
 def _shape_arg(shape: Any) -> tuple[int, ...]:
     if isinstance(shape, bool):
         raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    dims: tuple[int, ...]
     try:
         dims = (operator.index(shape),)
     except TypeError:
@@ -335,7 +339,7 @@ def _shape_arg(shape: Any) -> tuple[int, ...]:
                             f"{shape!r}") from None
         for d in dims:
             if isinstance(d, bool):
-                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}")
+                raise TypeError(f"shape must hold ints, got {d!r} in {shape!r}") from None
             try:
                 operator.index(d)
             except TypeError:
@@ -357,14 +361,15 @@ class ThreadLocalArena:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | str | None = None, numa: str | int | None = None,
-                 node: int | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None,
+                 numa: str | int | None = None, node: int | None = None) -> None:
         # Check the parameters once, here, rather than in each thread.
         probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend,
                       numa=numa, node=node)
         probe.close()
-        self._kwargs = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size, "huge_pages": huge_pages,
-                        "backend": probe.backend, "numa": numa, "node": node}
+        self._kwargs: dict[str, Any] = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size,
+                                        "huge_pages": huge_pages, "backend": probe.backend, "numa": numa,
+                                        "node": node}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._closed = False
@@ -425,7 +430,4 @@ def hot_ops() -> list[Any]:
                     "(a reset per 64 KiB chunk, amortised over ~1000 allocations)",
         fn=ffi.addressof(lib, "knhk_arena_hotop_alloc"),
         setup=setup,
-        default_budget=8,
-        budget_reason="align, compare and store the cursor, two counter increments: ~4-6 ticks on a "
-                      "modern x86_64; 8 catches a lock, a call out of line or a cache miss on the path",
     )]

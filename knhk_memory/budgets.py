@@ -13,10 +13,12 @@ Both are timed the same way: many short batches, the cost of an empty
 operation measured beside each batch and taken off, the median over batches
 as the figure, and one retry before a budget is declared broken.
 
-Operations come from the modules in :data:`PROVIDERS` (each has
-``hot_ops()`` and may have ``py_hot_ops()``) and from engine plugins through
-the ``knhk_hot_ops`` hook. Budgets default to each operation's
-``default_budget`` and are overridden in the ``[budgets]`` config section.
+Operations come through the ``knhk_hot_ops`` hook of the plugin manager the
+caller passes: the memory plugin gives the built-in ones (their default
+budgets and the measurements behind them are in
+``knhk_memory/data/budgets.toml``), engine plugins add theirs. Budgets default
+to each operation's ``default_budget`` and are overridden in the
+``[budgets]`` config section.
 
 When the tick counter is not trustworthy (an x86 TSC that is not invariant,
 so the harness falls back to clock_gettime and converts at a nominal rate)
@@ -25,45 +27,36 @@ verdicts are *advisory*: reported, never failing.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import gc
-import importlib
-import json
 import os
 import platform
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ._core import check, ffi, lib
 from .config import Config
-from .errors import ConfigError, HotOpError, UnknownOperationError
-from .hotpath import HotOp, PyHotOp
+from .errors import ConfigError, HotOpError, UnknownOperationError, did_you_mean
+from .hotpath import BudgetUnit, HotOp, PyHotOp
 
 __all__ = [
-    "PROVIDERS", "COUNTERS", "CounterInfo", "Settings", "Measurement", "OpResult", "BudgetReport",
-    "counter_info", "choose_counter", "use_counter", "builtin_ops", "gather_ops", "resolve_budgets",
-    "measure_native", "measure_python", "check_op", "run_budgets", "format_table", "add_budget_commands",
+    "COUNTERS", "TickSource", "Verdict", "OpKind", "BudgetSource",
+    "CounterInfo", "Settings", "Measurement", "OpResult", "BudgetReport",
+    "counter_info", "choose_counter", "use_counter", "gather_ops", "resolve_budgets",
+    "measure_native", "measure_python", "check_op", "run_budgets", "format_table",
 ]
 
-# Modules whose hot paths are held to budgets. Each defines hot_ops() -> list[HotOp]
-# and may define py_hot_ops() -> list[PyHotOp]. A module listed here that fails to
-# import is an error, never skipped: a budget nobody checks is no budget.
-PROVIDERS: tuple[str, ...] = (
-    "knhk_memory.allocator",
-    "knhk_memory.registry",
-    "knhk_memory.counters",
-    "knhk_memory.arena",
-    "knhk_memory.store",
-    "knhk_memory.simd",
-    "knhk_memory.pools",
-)
+# The tick counters a caller may ask for (``--counter``, ``[budgets]`` runs).
+TickSource = Literal["auto", "rdtscp", "rdtsc", "cntvct", "clock_gettime"]
+# An operation's verdict (OpResult.status); OpResult.verdict is the same for people:
+# "ok", "OVER +12%", with " (advisory)" when the counter is not trusted.
+Verdict = Literal["ok", "over", "unchecked"]
+OpKind = Literal["native", "python", "test"]
+BudgetSource = Literal["default", "config", "marker"]
 
-COUNTERS = {
+COUNTERS: dict[TickSource, int] = {
     "auto": lib.KNHK_TICKS_AUTO,
     "rdtscp": lib.KNHK_TICKS_RDTSCP,
     "rdtsc": lib.KNHK_TICKS_RDTSC_LFENCE,
@@ -119,7 +112,7 @@ class CounterInfo:
         return text + (f"; {self.note}" if self.note else "")
 
 
-def choose_counter(facts: dict[str, Any], requested: str = "auto") -> tuple[int, bool, str]:
+def choose_counter(facts: dict[str, Any], requested: TickSource = "auto") -> tuple[int, bool, str]:
     """The counter to use on a machine with these ``facts`` (the fields of
     ``knhk_tick_counter``): ``(source, trusted, note)``.
 
@@ -159,7 +152,7 @@ def choose_counter(facts: dict[str, Any], requested: str = "auto") -> tuple[int,
     return source, True, ""
 
 
-def use_counter(requested: str = "auto", facts: dict[str, Any] | None = None) -> CounterInfo:
+def use_counter(requested: TickSource = "auto", facts: dict[str, Any] | None = None) -> CounterInfo:
     """Select the counter for C operations (process-wide) and describe it.
 
     ``facts`` stands in for the machine's own (tests use it to play a machine
@@ -168,9 +161,7 @@ def use_counter(requested: str = "auto", facts: dict[str, Any] | None = None) ->
     real = _facts()
     facts = real if facts is None else {**real, **facts}
     source, trusted, note = choose_counter(facts, requested)
-    status = lib.knhk_ticks_select(source)
-    if status != lib.KNHK_OK:
-        check(status, f"selecting tick counter {requested!r}", HotOpError)
+    check(lib.knhk_ticks_select(source), f"selecting tick counter {requested!r}", HotOpError)
     now = _facts()
     if source == lib.KNHK_TICKS_CLOCK_GETTIME:
         tick_hz = float(facts["tsc_hz"]) if facts["has_tsc"] else 0.0
@@ -273,34 +264,18 @@ def measure_python(call: Callable[[], Any], settings: Settings = Settings()) -> 
 
 # ---------------------------------------------------------------- gathering
 
-def builtin_ops(providers: Iterable[str] = PROVIDERS) -> list[HotOp | PyHotOp]:
-    """The operations of the modules in ``providers``, C ones first."""
-    ops: list[HotOp | PyHotOp] = []
-    for name in providers:
-        try:
-            module = importlib.import_module(name)
-        except Exception as exc:
-            raise HotOpError(f"hot-path provider {name!r} (listed in knhk_memory.budgets.PROVIDERS) "
-                             f"failed to import: {type(exc).__name__}: {exc}") from exc
-        if not hasattr(module, "hot_ops"):
-            raise HotOpError(f"hot-path provider {name!r} has no hot_ops() function; a provider defines "
-                             "hot_ops() -> list[HotOp] (and may define py_hot_ops() -> list[PyHotOp])")
-        ops.extend(module.hot_ops())
-        if hasattr(module, "py_hot_ops"):
-            ops.extend(module.py_hot_ops())
-    return ops
-
-
-def gather_ops(config: Config | None = None, pm: Any = None,
-               providers: Iterable[str] = PROVIDERS) -> list[HotOp | PyHotOp]:
-    """Built-in operations plus those engine plugins return from ``knhk_hot_ops``.
+def gather_ops(config: Config | None, pm: Any) -> list[HotOp | PyHotOp]:
+    """Every operation the plugins registered with ``pm`` return from
+    ``knhk_hot_ops``: the memory plugin's built-in ones and the engine's own.
 
     Every operation must be a HotOp or PyHotOp with a positive integer
     default budget, and names must be unique."""
-    ops = builtin_ops(providers)
-    if pm is not None:
-        for plugin_ops in pm.hook.knhk_hot_ops(config=config):
-            ops.extend(plugin_ops or ())
+    if pm is None or not hasattr(pm, "hook"):
+        raise TypeError(f"the budgets need the engine's plugin manager (knhk_memory.get_plugin_manager()), "
+                        f"got {pm!r}; the built-in hot paths come from the memory plugin's knhk_hot_ops")
+    ops: list[HotOp | PyHotOp] = []
+    for plugin_ops in pm.hook.knhk_hot_ops(config=config):
+        ops.extend(plugin_ops or ())
     seen: set[str] = set()
     for op in ops:
         if not isinstance(op, (HotOp, PyHotOp)):
@@ -315,21 +290,16 @@ def gather_ops(config: Config | None = None, pm: Any = None,
     return ops
 
 
-def _did_you_mean(name: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def resolve_budgets(config: Config | None, ops: Sequence[HotOp | PyHotOp]) -> dict[str, tuple[int, str]]:
+def resolve_budgets(config: Config | None, ops: Sequence[HotOp | PyHotOp]) -> dict[str, tuple[int, BudgetSource]]:
     """``{name: (budget, "default" | "config")}``. A ``[budgets]`` key that
     names no operation is a ConfigError (the types were checked on load)."""
     names = [op.name for op in ops]
-    result = {op.name: (op.default_budget, "default") for op in ops}
+    result: dict[str, tuple[int, BudgetSource]] = {op.name: (op.default_budget, "default") for op in ops}
     overrides = dict(config.values.get("budgets", {})) if config is not None else {}
     for key, value in overrides.items():
         if key not in result:
             raise ConfigError(f"unknown hot-path operation {key!r}; operations with budgets: "
-                              f"{', '.join(names)}{_did_you_mean(key, names)}",
+                              f"{', '.join(names)}{did_you_mean(key, names)}",
                               source=config.source if config is not None else None, key=f"budgets.{key}", value=value)
         result[key] = (value, "config")
     return result
@@ -357,11 +327,11 @@ class OpResult:
     """One operation against its budget."""
 
     name: str
-    kind: str                   # "native" (ticks), "python" or "test" (nanoseconds)
+    kind: OpKind                # "native" (ticks), "python" or "test" (nanoseconds)
     description: str
-    unit: str                   # the budget's unit: "ticks" or "ns"
+    unit: BudgetUnit            # the budget's unit: "ticks" or "ns"
     budget: int
-    budget_source: str          # "default", "config" or "marker"
+    budget_source: BudgetSource  # "default", "config" or "marker"
     median_ns: float
     min_ns: float
     median_ticks: float | None  # None for Python calls, or when no tick rate is known
@@ -387,6 +357,13 @@ class OpResult:
         return self.over and self.trusted
 
     @property
+    def status(self) -> Verdict:
+        """``"ok"``, ``"over"`` (failing only when :attr:`trusted`) or ``"unchecked"`` (no tick rate)."""
+        if self.value is None:
+            return "unchecked"
+        return "over" if self.over else "ok"
+
+    @property
     def verdict(self) -> str:
         if self.value is None:
             return "unchecked"
@@ -401,7 +378,7 @@ class OpResult:
         return d
 
 
-def _native_result(op: HotOp, budget: int, source: str, counter: CounterInfo, m: Measurement,
+def _native_result(op: HotOp, budget: int, source: BudgetSource, counter: CounterInfo, m: Measurement,
                    attempts: int) -> OpResult:
     if counter.source == lib.KNHK_TICKS_CLOCK_GETTIME:
         med_ns, min_ns = m.median, m.min
@@ -415,7 +392,7 @@ def _native_result(op: HotOp, budget: int, source: str, counter: CounterInfo, m:
                     counter.name, counter.trusted, attempts, m.iterations, m.batches, op.budget_reason)
 
 
-def check_op(op: HotOp | PyHotOp, budget: int, budget_source: str, counter: CounterInfo,
+def check_op(op: HotOp | PyHotOp, budget: int, budget_source: BudgetSource, counter: CounterInfo,
              settings: Settings = Settings()) -> OpResult:
     """Measure ``op``; when it is over budget, measure once more and keep the
     better median (a neighbour's burst gets one excuse, a regression does not)."""
@@ -464,15 +441,16 @@ def select_ops(ops: Sequence[HotOp | PyHotOp], only: Sequence[str] | None) -> li
     for name in only:
         if name not in by_name:
             raise UnknownOperationError(f"unknown hot-path operation {name!r}; known operations: "
-                                        f"{', '.join(by_name)}{_did_you_mean(name, list(by_name))}")
+                                        f"{', '.join(by_name)}{did_you_mean(name, by_name)}")
     return [by_name[name] for name in dict.fromkeys(only)]
 
 
-def run_budgets(config: Config | None = None, *, pm: Any = None, only: Sequence[str] | None = None,
-                counter: str = "auto", facts: dict[str, Any] | None = None, settings: Settings = Settings(),
-                providers: Iterable[str] = PROVIDERS) -> BudgetReport:
-    """Gather, check names, then measure every (or every ``only``) operation."""
-    ops = gather_ops(config, pm, providers)
+def run_budgets(config: Config | None = None, *, pm: Any, only: Sequence[str] | None = None,
+                counter: TickSource = "auto", facts: dict[str, Any] | None = None,
+                settings: Settings = Settings()) -> BudgetReport:
+    """Gather the operations of ``pm``'s plugins (:func:`gather_ops`), check
+    names, then measure every (or every ``only``) operation."""
+    ops = gather_ops(config, pm)
     budgets = resolve_budgets(config, ops)
     chosen = select_ops(ops, only)
     info = use_counter(counter, facts)
@@ -514,72 +492,3 @@ def format_table(report: BudgetReport) -> str:
                   if broken else f"all {len(report.results)} budgets kept")
                  + (f" ({unchecked} unchecked: no tick rate on this counter)" if unchecked else ""))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the CLI command
-
-def _cmd_budget(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .host import get_plugin_manager
-
-    config = load_config(args.config)
-    only = [n for item in (args.only or []) for n in item.split(",") if n]
-    settings = Settings(batches=args.batches) if args.batches else Settings()
-    pm = get_plugin_manager()
-    with configured(pm, config):
-        report = run_budgets(config, pm=pm, only=only, counter=args.counter, settings=settings)
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        print(format_table(report))
-    return 1 if report.failed else 0
-
-
-class configured:
-    """Configure the engine's plugins for a measurement and undo it after,
-    including the process's selected backend (which knhk_unconfigure keeps)."""
-
-    def __init__(self, pm: Any, config: Config) -> None:
-        self.pm, self.config = pm, config
-
-    def __enter__(self) -> configured:
-        from . import allocator
-
-        self._selected = allocator._selected
-        self.pm.hook.knhk_configure(config=self.config)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from . import allocator
-
-        try:
-            self.pm.hook.knhk_unconfigure(config=self.config)
-        finally:
-            allocator._selected = self._selected
-
-
-def _batches_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer number of batches, got {text!r}") from None
-    if not 3 <= n <= lib.KNHK_TICKS_MAX_BATCHES:
-        raise argparse.ArgumentTypeError(f"must be from 3 to {lib.KNHK_TICKS_MAX_BATCHES}, got {n}")
-    return n
-
-
-def add_budget_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("budget", parents=[common],
-                       help="measure every hot path and hold it to its budget (exit 1 when one is broken)",
-                       description="Measure every hot-path operation (C ones in ticks, Python calls in "
-                                   "nanoseconds) and compare with its budget from [budgets] or the default. "
-                                   "Exit status: 0 all kept, 1 a budget broken, 2 a usage or config error.")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--only", action="append", metavar="NAME",
-                   help="measure only this operation (repeat, or separate with commas)")
-    p.add_argument("--counter", choices=list(COUNTERS), default="auto",
-                   help="tick counter for C operations (default: the best this machine has)")
-    p.add_argument("--batches", type=_batches_arg, metavar="N",
-                   help=f"batches per C operation (default {Settings.batches})")
-    p.set_defaults(func=_cmd_budget)
-

@@ -18,7 +18,6 @@ the plugin's job.
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -26,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 ENV_VAR = "KNHK_MEMORY_CONFIG"
 PYPROJECT_TABLE = "knhk-memory"
 
-__all__ = ["Config", "Field", "SCHEMA", "ENV_VAR", "load_config", "find_config_file"]
+__all__ = ["Config", "Field", "SCHEMA", "BACKEND_OPTIONS", "ENV_VAR", "load_config", "find_config_file"]
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,7 @@ def _describe(value: Any) -> str:
 
 
 def _nearest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return did_you_mean(word, candidates)
 
 
 def positive_int(limit: int | None = None) -> Callable[[Any], str | None]:
@@ -191,6 +189,77 @@ def _chunk_bytes(v: int) -> str | None:
     return None
 
 
+# Options passed to each backend when it is the process allocator (``knhk-memory
+# run``): name -> (type, check or choices). jemalloc takes them as MALLOC_CONF
+# pairs (jemalloc(3) "TUNING"), mimalloc as MIMALLOC_<NAME> variables
+# (mimalloc's docs/environment options), glibc as glibc.malloc.* tunables
+# (glibc manual, "Memory Allocation Tunables").
+_DECAY = "must be -1 (never purge) or a number of milliseconds >= 0"
+BACKEND_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
+    "jemalloc": {
+        "background_thread": (bool, None),
+        "max_background_threads": (int, lambda v: None if v >= 1 else "must be >= 1"),
+        "dirty_decay_ms": (int, lambda v: None if v >= -1 else _DECAY),
+        "muzzy_decay_ms": (int, lambda v: None if v >= -1 else _DECAY),
+        "narenas": (int, lambda v: None if 1 <= v <= 4096 else "must be from 1 to 4096"),
+        "tcache": (bool, None),
+        "lg_tcache_max": (int, lambda v: None if 0 <= v <= 23 else "must be from 0 to 23"),
+        "percpu_arena": (str, ("disabled", "percpu", "phycpu")),
+        "thp": (str, ("default", "always", "never")),
+        "metadata_thp": (str, ("disabled", "auto", "always")),
+        "retain": (bool, None),
+        "oversize_threshold": (int, lambda v: None if v >= 0 else "must be a number of bytes >= 0"),
+    },
+    "mimalloc": {
+        "purge_delay": (int, lambda v: None if v >= -1 else _DECAY),
+        "eager_commit": (bool, None),
+        "eager_commit_delay": (int, lambda v: None if v >= 0 else "must be >= 0"),
+        "large_os_pages": (bool, None),
+        "reserve_huge_os_pages": (int, lambda v: None if v >= 0 else "must be a number of 1 GiB pages >= 0"),
+        "use_numa_nodes": (int, lambda v: None if v >= 0 else "must be >= 0"),
+        "show_stats": (bool, None),
+        "show_errors": (bool, None),
+        "verbose": (bool, None),
+    },
+    "system": {
+        "arena_max": (int, lambda v: None if 1 <= v <= 1 << 20 else "must be from 1 to 1048576"),
+        "trim_threshold": (int, lambda v: None if v >= 0 else "must be a number of bytes >= 0"),
+        "mmap_threshold": (int, lambda v: None if 0 <= v <= 1 << 25 else
+                           "must be a number of bytes from 0 to 33554432 (32 MiB, glibc's cap)"),
+        "top_pad": (int, lambda v: None if v >= 0 else "must be a number of bytes >= 0"),
+    },
+}
+
+
+def _backend_options(backend: str) -> Callable[[Any], str | None]:
+    accepted = BACKEND_OPTIONS[backend]
+
+    def check(table: dict[str, Any]) -> str | None:
+        for name, value in table.items():
+            if name not in accepted:
+                return (f"unknown {backend} option {name!r}; accepted options: {', '.join(accepted)}"
+                        f"{_nearest(name, list(accepted))}")
+            kind, rule = accepted[name]
+            if not _is_type(value, kind):
+                return f"option {name!r}: expected {_type_name(kind)}, got {_describe(value)}"
+            if isinstance(rule, tuple):
+                if value not in rule:
+                    return (f"option {name!r}: {value!r} is not one of {', '.join(map(repr, rule))}"
+                            f"{_nearest(str(value), list(rule))}")
+            elif rule is not None:
+                problem = rule(value)
+                if problem is not None:
+                    return f"option {name!r}: {problem}, got {value!r}"
+        return None
+    return check
+
+
+def _purge_interval(v: float) -> str | None:
+    if v != 0 and not 0.01 <= v <= 86400:
+        return f"must be 0 (off) or from 0.01 to 86400 seconds, got {v}"
+    return None
+
+
 # The schema: one entry per section. Later capabilities add their sections here.
 SCHEMA: dict[str, Mapping[str, Field]] = {
     "allocator": {
@@ -198,6 +267,19 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
                          "(first available of mimalloc, jemalloc, system).",
                          choices=("auto", "system", "jemalloc", "mimalloc")),
         "numpy": Field(bool, False, "Route numpy's array data through the backend (NEP 49 handler)."),
+        "scope": Field(str, "arrays", "What the backend serves: arrays (the memory knhk asks for: numpy data "
+                       "with numpy = true, arenas, blocks) or process (every allocation of the engine "
+                       "process, Python objects included; start it with knhk-memory run).",
+                       choices=("arrays", "process")),
+        "purge_interval_s": Field(float, 0.0, "Seconds between calls of the backend's release_unused() "
+                                  "(malloc_trim, jemalloc purge, mi_collect) from a daemon thread; "
+                                  "0: never.", check=_purge_interval),
+        "jemalloc": Field(dict, {}, "jemalloc options for scope = process, as MALLOC_CONF pairs: "
+                          + ", ".join(BACKEND_OPTIONS["jemalloc"]) + ".", check=_backend_options("jemalloc")),
+        "mimalloc": Field(dict, {}, "mimalloc options for scope = process, as MIMALLOC_<NAME> variables: "
+                          + ", ".join(BACKEND_OPTIONS["mimalloc"]) + ".", check=_backend_options("mimalloc")),
+        "system": Field(dict, {}, "glibc malloc options for scope = process, as glibc.malloc.* tunables: "
+                        + ", ".join(BACKEND_OPTIONS["system"]) + ".", check=_backend_options("system")),
     },
     # One key per hot-path operation: ticks for C operations, nanoseconds for
     # Python calls (py_*). Unknown names are refused by knhk_memory.budgets.
@@ -337,12 +419,13 @@ class Config:
 
 
 def defaults() -> dict[str, dict[str, Any]]:
+    # Copies, so no configuration shares a mutable default with another.
     out: dict[str, dict[str, Any]] = {}
     for s, fields in SCHEMA.items():
         if isinstance(fields, NamedTables):
             out[s] = {k: dict(v) for k, v in fields.default_tables.items()}
         else:
-            out[s] = {k: f.default for k, f in fields.items()}
+            out[s] = {k: dict(f.default) if isinstance(f.default, dict) else f.default for k, f in fields.items()}
     return out
 
 
@@ -440,6 +523,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, mapping: Mapping[
         if path is not None:
             raise TypeError("give either a path or a mapping, not both")
         return Config(validate(mapping, "<argument>"), source="<argument>", origin="mapping")
+    found: Path | None
     if path is not None:
         found, origin = Path(path), "explicit path"
     else:

@@ -22,18 +22,20 @@ striped counter can, but a read is then only a bracket), or histograms.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import mmap
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from importlib import resources
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from numbers import Integral
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from ._core import check, ffi, last_error, lib, raise_status
+
+from . import _fast
+from ._core import check, check_as, ffi, lib
 from .errors import (
     CounterIncrementError,
     CounterIndexError,
@@ -42,7 +44,9 @@ from .errors import (
     KnhkMemoryError,
     SharedBlockError,
     SharedBlockNotFoundError,
+    did_you_mean,
 )
+from .patterns import builtin_patterns
 
 try:  # POSIX shared memory without multiprocessing's resource tracker
     import _posixshmem
@@ -52,18 +56,16 @@ except ImportError:  # pragma: no cover - non-POSIX platforms
 __all__ = ["Counters", "CounterWriter", "PatternStats", "PATTERNS", "pattern_names", "hot_ops"]
 
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+# The statuses with an exception of their own (_core.check_as), made once, not per call.
+_BAD_INDEX = {lib.KNHK_ERR_INVALID: CounterIndexError}
+_NOT_OWNER = {lib.KNHK_ERR_STATE: CounterWriterError}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def pattern_names() -> dict[int, str]:
-    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list."""
-    text = resources.files("knhk_memory").joinpath("data/wcp-control-flow-patterns.tsv").read_text("utf-8")
-    out: dict[int, str] = {}
-    for line in text.splitlines()[1:]:
-        if line.strip():
-            pid, name, *_ = line.split("\t")
-            out[int(pid)] = name
-    return out
+    """Workflow control-flow pattern ids (1..43) and their names, from the WCP list
+    (read by :func:`knhk_memory.patterns.builtin_patterns`)."""
+    return {p.number: p.name for p in builtin_patterns()}
 
 
 PATTERNS: dict[int, str] = pattern_names()
@@ -91,6 +93,8 @@ class _Mapping:
 
     def unlink(self) -> None:
         self.unlink_pid = None
+        if self.name is None:  # private memory: nothing to remove
+            return
         with contextlib.suppress(FileNotFoundError):
             if self.kind == "shm":
                 _posixshmem.shm_unlink("/" + self.name)
@@ -183,6 +187,11 @@ class _Block:
             raise
 
     @classmethod
+    def attach(cls, name: str | os.PathLike[str]) -> Any:
+        """Open a shared block by name (each kind narrows the type; __reduce__ needs it here)."""
+        return cls._attach(name)
+
+    @classmethod
     def _attach(cls, name: str | os.PathLike[str]) -> Any:
         mapping = _attach_mapping(name)
         self = cls.__new__(cls)
@@ -196,10 +205,9 @@ class _Block:
 
     def _open(self, mapping: _Mapping) -> None:
         out = ffi.new("knhk_counters **")
-        status = lib.knhk_counters_open(mapping.buf, len(mapping.mm), out)
-        if status != lib.KNHK_OK:
-            where = f"{mapping.name!r}" if mapping.name else "the block"
-            raise SharedBlockError(f"{where} is not a counter block this build can use: {last_error()}")
+        where = f"{mapping.name!r}" if mapping.name else "the block"
+        check_as(lib.knhk_counters_open(mapping.buf, len(mapping.mm), out),
+                 lambda d: SharedBlockError(f"{where} is not a counter block this build can use: {d}"))
         raw = out[0]
         flavor = lib.knhk_counters_flavor(raw)
         if flavor != self._flavor:
@@ -253,6 +261,9 @@ class _Block:
         """Drop this handle: its threads' slots go back to the block, and the mapping is
         unmapped once no call is using it. The creator of a named block also unlinks
         the name (processes already attached keep counting)."""
+        state = self.__dict__.pop("_fast_state", None)
+        if state is not None:  # before the handle goes: the builtins take their slow paths
+            _fast.detach_counters(state)
         self._h = None
 
     def unlink(self) -> None:
@@ -273,7 +284,7 @@ class _Block:
 
 
 def _as_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise CounterIncrementError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
     v = int(value)
     if not _I64_MIN <= v <= _I64_MAX:
@@ -282,7 +293,10 @@ def _as_int(value: object, what: str) -> int:
     return v
 
 
-def _int_array(values: Any, what: str, dtype: type = np.int64) -> np.ndarray:
+def _int_array(values: Any, what: str, dtype: Any = None) -> np.ndarray:
+    import numpy as np
+
+    dtype = np.int64 if dtype is None else dtype
     arr = np.asarray(values)
     if arr.size == 0:
         return np.zeros(0, dtype=dtype)
@@ -330,6 +344,13 @@ class Counters(_Block):
         super()._open(mapping)
         self._index = {n: i for i, n in enumerate(self._names)}
         self._count = len(self._names)
+        # add and get as METH_FASTCALL builtins (native/cpython/counters_py.c):
+        # a known name or an in-range int index and an int increment are one
+        # vectorcall; everything else goes to the methods below, which convert
+        # or raise. They shadow the methods on this instance.
+        self._fast_state = _fast.counters_state(int(ffi.cast("uintptr_t", self._h)), self._index, self._count)
+        self.add = _fast.counters_method(0, self._fast_state, self._add)  # type: ignore[method-assign]
+        self.get = _fast.counters_method(1, self._fast_state, self._get)  # type: ignore[method-assign]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -344,11 +365,10 @@ class Counters(_Block):
             try:
                 return self._index[key]
             except KeyError:
-                near = difflib.get_close_matches(key, self._names, n=3, cutoff=0.5)
-                hint = f"; nearest: {', '.join(map(repr, near))}" if near else ""
+                hint = did_you_mean(key, self._names, cutoff=0.5, template="; nearest: {}", sep=", ")
                 shown = ", ".join(map(repr, self._names[:8])) + (", ..." if len(self._names) > 8 else "")
                 raise CounterNameError(f"no counter named {key!r}{hint} (counters: {shown})") from None
-        if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        if isinstance(key, bool) or not isinstance(key, Integral):
             raise TypeError(f"a counter is named by a string or an integer index, got {type(key).__name__} {key!r}")
         if not 0 <= key < len(self._names):
             raise CounterIndexError(f"counter index {key} is out of range [0, {len(self._names)})")
@@ -359,7 +379,11 @@ class Counters(_Block):
 
         From any thread: C finds the thread's slot through a thread-local
         cache. A worker thread that adds in a loop is a little faster with its
-        own :meth:`writer`."""
+        own :meth:`writer`. (On an open block this is a C builtin with the same
+        arguments, errors and messages; see ``_open``.)"""
+        self._add(key, n)
+
+    def _add(self, key: str | int, n: int = 1) -> None:
         # The common cases (a known name or a valid int index, a plain int n)
         # take no function call before the C one: this is the hot path.
         if key.__class__ is str:
@@ -390,6 +414,8 @@ class Counters(_Block):
         """Add ``n`` to the counter of every index in ``keys`` (an integer array, or a
         sequence of names), in one C call. Every index is checked before anything is
         added: a bad one raises and changes nothing."""
+        import numpy as np
+
         step = _as_int(n, "increment")
         arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
         if arr.dtype.kind in "UO" and arr.size:
@@ -397,19 +423,23 @@ class Counters(_Block):
         idx = _int_array(arr, "counter indices")
         if idx.size == 0:
             return
-        status = lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "adding to counters")
+        check_as(lib.knhk_counters_add_indices(self._handle, ffi.from_buffer("int64_t[]", idx), idx.size, step),
+                 what="adding to counters", special=_BAD_INDEX)
 
     def get(self, key: str | int) -> int:
         """One counter's value: exact when no add is running, else see the module docstring."""
+        return self._get(key)
+
+    def _get(self, key: str | int) -> int:
         return int(lib.knhk_counters_get(self._handle, self.index(key)))
 
-    __getitem__ = get
+    def __getitem__(self, key: str | int) -> int:
+        return self.get(key)
 
     def values(self) -> np.ndarray:
         """Every counter's value as an int64 array, in :attr:`names` order."""
+        import numpy as np
+
         out = np.empty(len(self._names), dtype=np.int64)
         check(lib.knhk_counters_snapshot(self._handle, ffi.from_buffer("int64_t[]", out), out.size),
               "reading the counters")
@@ -443,7 +473,12 @@ class CounterWriter:
     - after the block is closed, :meth:`add` raises :class:`KnhkMemoryError`.
     """
 
-    __slots__ = ("_block", "_h", "_w", "_index", "_count", "__weakref__")
+    __slots__ = ("_block", "_h", "_w", "_index", "_count", "add", "__weakref__")
+
+    #: ``add(key, n=1)``: add ``n`` (an integer; negative subtracts) to one
+    #: counter, as :meth:`Counters.add`. A C builtin (native/cpython/counters_py.c)
+    #: falling back to :meth:`_add` for anything but the common call.
+    add: Callable[..., None]
 
     def __init__(self, block: Counters, w: Any) -> None:
         self._block = block
@@ -451,8 +486,9 @@ class CounterWriter:
         self._w = w
         self._index = block._index
         self._count = block._count
+        self.add = _fast.counters_method(2, block._fast_state, self._add, int(ffi.cast("uintptr_t", w)))
 
-    def add(self, key: str | int, n: int = 1) -> None:
+    def _add(self, key: str | int, n: int = 1) -> None:
         """Add ``n`` (an integer; negative subtracts) to one counter, as :meth:`Counters.add`."""
         if key.__class__ is str:
             i = self._index.get(key)
@@ -472,9 +508,7 @@ class CounterWriter:
 
     @staticmethod
     def _refused(status: int) -> None:
-        if status == lib.KNHK_ERR_STATE:
-            raise CounterWriterError(last_error())
-        check(status, "adding through a counter writer")
+        check_as(status, what="adding through a counter writer", special=_NOT_OWNER)
 
     @property
     def counters(self) -> Counters:
@@ -521,12 +555,13 @@ class PatternStats(_Block):
 
     @staticmethod
     def _pattern(pattern: object) -> int:
-        if isinstance(pattern, bool) or not isinstance(pattern, (int, np.integer)):
+        if isinstance(pattern, bool) or not isinstance(pattern, Integral):
             raise TypeError(f"a pattern id is an integer 1..{lib.KNHK_PATTERN_COUNT}, got "
                             f"{type(pattern).__name__} {pattern!r}")
-        if not 1 <= pattern <= lib.KNHK_PATTERN_COUNT:
-            raise CounterIndexError(f"pattern id {pattern} is out of range [1, {lib.KNHK_PATTERN_COUNT}]")
-        return int(pattern)
+        number = int(pattern)
+        if not 1 <= number <= lib.KNHK_PATTERN_COUNT:
+            raise CounterIndexError(f"pattern id {number} is out of range [1, {lib.KNHK_PATTERN_COUNT}]")
+        return number
 
     @staticmethod
     def ticks() -> int:
@@ -557,8 +592,19 @@ class PatternStats(_Block):
             return inner  # type: ignore[return-value]
         return wrap
 
+    def _open(self, mapping: _Mapping) -> None:
+        super()._open(mapping)
+        # record as a METH_FASTCALL builtin (native/cpython/counters_py.c): exact
+        # ints the core accepts are one vectorcall; the rest goes to _record.
+        self._fast_state = _fast.counters_state(int(ffi.cast("uintptr_t", self._h)), {}, 0)
+        self.record = _fast.counters_method(3, self._fast_state, self._record)  # type: ignore[method-assign]
+
     def record(self, pattern: int, ticks: int) -> None:
-        """Record one execution of ``pattern`` that took ``ticks``."""
+        """Record one execution of ``pattern`` (1..43) that took ``ticks`` (0..2**63-1).
+        (On an open block a C builtin with the same errors; see ``_open``.)"""
+        self._record(pattern, ticks)
+
+    def _record(self, pattern: int, ticks: int) -> None:
         t = _as_int(ticks, "ticks")
         if t < 0:
             raise CounterIncrementError(f"ticks must be >= 0, got {t}")
@@ -568,18 +614,20 @@ class PatternStats(_Block):
         """Record ``len(patterns)`` executions in one C call: ``patterns[i]`` took
         ``ticks[i]``. All ids are checked first."""
         p = _int_array(patterns, "pattern ids")
+        import numpy as np
+
         t = _int_array(ticks, "ticks", np.uint64)
         if p.shape != t.shape:
             raise ValueError(f"patterns and ticks differ in length: {p.size} and {t.size}")
         if p.size == 0:
             return
-        status = lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
-                                                       ffi.from_buffer("uint64_t[]", t), p.size)
-        if status == lib.KNHK_ERR_INVALID:
-            raise CounterIndexError(last_error())
-        check(status, "recording patterns")
+        check_as(lib.knhk_counters_pattern_record_many(self._handle, ffi.from_buffer("int64_t[]", p),
+                                                       ffi.from_buffer("uint64_t[]", t), p.size),
+                 what="recording patterns", special=_BAD_INDEX)
 
     def _raw(self) -> np.ndarray:
+        import numpy as np
+
         out = np.empty((lib.KNHK_PATTERN_COUNT, 4), dtype=np.uint64)
         check(lib.knhk_counters_pattern_snapshot(self._handle, ffi.from_buffer("uint64_t[]", out), out.size),
               "reading pattern statistics")
@@ -599,8 +647,8 @@ class PatternStats(_Block):
         """A readable table of the executed patterns, with mean time in microseconds."""
         rows = self.as_dict()
         per_us = self.ticks_per_second() / 1e6
-        head = f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} " \
-               f"{'max':>10} {'mean us':>9}"
+        head = (f"{'id':>3}  {'pattern':<36} {'execs':>10} {'total ticks':>14} {'min':>10} {'mean':>10} "
+                f"{'max':>10} {'mean us':>9}")
         lines = [head, "-" * len(head)]
         for pid, r in rows.items():
             lines.append(f"{pid:>3}  {r['name'][:36]:<36} {r['executions']:>10} {r['total_ticks']:>14} "
@@ -635,9 +683,6 @@ def hot_ops() -> list[Any]:
                         "inlined as in a caller inside the library",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add"),
             setup=setup,
-            default_budget=8,
-            budget_reason="the issue's target; measured 1.2-2.4 ticks on a 2-core VM, quiet or with both "
-                          "cores busy (docs/counters.md)",
         ),
         HotOp(
             name="counter_add_call",
@@ -645,10 +690,6 @@ def hot_ops() -> list[Any]:
                         "function pointer as a caller in another shared object calls it",
             fn=ffi.addressof(lib, "knhk_counters_hotop_writer_add_call"),
             setup=setup,
-            default_budget=16,
-            budget_reason="the call and return come on top of the add: 4.0-4.3 ticks in most processes "
-                          "on this 2-core VM, 7.7-10.5 in others (the same code, the VM's state), so 16 as "
-                          "for counter_add_lookup; counter_add holds the add itself to 8",
         ),
         HotOp(
             name="counter_add_lookup",
@@ -656,10 +697,5 @@ def hot_ops() -> list[Any]:
                         "(__tls_get_addr) on every add, then the same load+add+store",
             fn=ffi.addressof(lib, "knhk_counters_hotop_add"),
             setup=setup,
-            default_budget=32,
-            budget_reason="the __tls_get_addr call of a dlopen'ed module's TLS is on every add: 5-12 ticks "
-                          "quiet (bimodal per process), 10-18 loaded on a 2-core VM, and CI has run 2.2x "
-                          "slower than quiet on every op (11.5 there); 32 keeps that and still fails a "
-                          "contended lock or a shared line bounced between cores",
         ),
     ]

@@ -6,6 +6,27 @@ accepted. All of them derive from :class:`KnhkMemoryError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+
+def did_you_mean(word: str, candidates: Iterable[str], *, cutoff: float = 0.6,
+                 template: str = " (did you mean {}?)", sep: str = " or ",
+                 normalise: Callable[[str], str] | None = None) -> str:
+    """The one "did you mean" suggestion of every error message: up to three of
+    ``candidates`` close to ``word`` (:func:`difflib.get_close_matches`, ratio
+    at least ``cutoff``), each ``repr``'d, joined by ``sep`` and put into
+    ``template``; ``""`` when none is close. With ``normalise``, a word with no
+    close match is compared again in normalised form (the candidates given
+    back as they were spelled)."""
+    import difflib  # on an error path only: not paid by `import knhk_memory`
+
+    names = list(candidates)
+    close = difflib.get_close_matches(word, names, n=3, cutoff=cutoff)
+    if not close and normalise is not None:
+        spelled = {normalise(c): c for c in names}
+        close = [spelled[c] for c in difflib.get_close_matches(normalise(word), list(spelled), n=3, cutoff=cutoff)]
+    return template.format(sep.join(repr(c) for c in close)) if close else ""
+
 
 class KnhkMemoryError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -46,6 +67,8 @@ class UnknownOperationError(KnhkMemoryError, LookupError):
 
 class _KeyMessage:
     """For errors that are also KeyError: str() is the message, not its repr."""
+
+    args: tuple[object, ...]  # from the exception class it is mixed into
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
@@ -270,6 +293,31 @@ class SimdTypeError(KnhkMemoryError, TypeError):
 
 class SimdValueError(KnhkMemoryError, ValueError):
     """An input to a SIMD scan has an acceptable type but a bad value or layout."""
+
+
+# ---------------------------------------------------------------- process-wide state
+
+class ProcessStateError(KnhkMemoryError, RuntimeError):
+    """An engine asked for process-wide settings (allocator backend, numpy
+    routing, SIMD level) that differ from those another engine in the process
+    holds (:mod:`knhk_memory.process`). ``key`` is the config key of the first
+    setting that differs."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class AlreadyConfiguredError(KnhkMemoryError, RuntimeError):
+    """``knhk_configure`` was called again on a configuration that is still
+    configured (call ``knhk_unconfigure`` first)."""
+
+
+# ---------------------------------------------------------------- the process allocator
+
+
+class ProcessInspectError(KnhkMemoryError, LookupError):
+    """Another process's memory cannot be read: no such process, not ours, or no /proc."""
 
 
 # ---------------------------------------------------------------- reference host

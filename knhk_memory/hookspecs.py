@@ -16,11 +16,12 @@ import pluggy
 if TYPE_CHECKING:
     from .allocator import Backend
     from .arena import Arena
-    from .pools import FixedPool, LockFreePool, ThreadLocalPool
     from .config import Config
-    from .hotpath import HotOp, PyHotOp
-    from .registry import GlobalResourceRegistry, PatternRegistry
     from .counters import Counters, PatternStats
+    from .hotpath import HotOp, PyHotOp
+    from .pools import FixedPool, LockFreePool, ThreadLocalPool
+    from .registry import GlobalResourceRegistry, PatternRegistry
+    from .simd import SimdLevel
     from .store import WorkflowStore
 
 PROJECT = "knhk"
@@ -160,7 +161,7 @@ def knhk_pool(config: Config, name: str) -> FixedPool | LockFreePool | ThreadLoc
 
 
 @hookspec(firstresult=True)
-def knhk_simd_level(config: Config) -> str | None:
+def knhk_simd_level(config: Config) -> SimdLevel | None:
     """Return the SIMD level the engine's scans run at (``"scalar"``, ``"avx2"``, ``"avx512"``).
 
     :param config: The engine's configuration (``[simd] level`` chooses it).
@@ -172,6 +173,19 @@ def knhk_simd_level(config: Config) -> str | None:
 # -------------------------------------------------------------------------
 # Reporting
 # -------------------------------------------------------------------------
+
+
+@hookspec
+def knhk_release_unused(config: Config) -> dict[str, Any] | None:
+    """Give memory the plugin's allocator holds but does not use back to the OS, now.
+
+    :param config: The engine's configuration.
+
+    Returns what was done (the memory plugin: the backend, the process's RSS
+    before and after in bytes, and the seconds it took); the engine gets one
+    dict per plugin. ``[allocator] purge_interval_s`` makes the memory plugin
+    do the same periodically.
+    """
 
 
 @hookspec

@@ -299,7 +299,7 @@ class MmapVec:
         s = max(good, key=lambda x: x.seq)
         try:
             stored = _descr_dtype(s.descr)
-        except Exception as exc:  # noqa: BLE001 - any failure to rebuild the dtype: the header is bad
+        except Exception as exc:
             raise StoreCorruptError(f"the header's dtype description {s.descr[:80]!r} is not a dtype ({exc})",
                                     path=self.path, problem="corrupt") from None
         if stored.hasobject or stored.itemsize == 0:
@@ -430,11 +430,11 @@ class MmapVec:
         the mapping, with no structured array in between."""
         n = self._len
         if columns.keys() == self._fields and n < self._room:  # the common case, checked cheaply
-            cols = [np.asarray(c) for c in columns.values()]
-            k = cols[0].shape[0] if cols[0].ndim == 1 else -1
-            if k >= 0 and n + k <= self._room and all(c.ndim == 1 and c.shape[0] == k for c in cols):
+            arrays = [np.asarray(c) for c in columns.values()]
+            k = arrays[0].shape[0] if arrays[0].ndim == 1 else -1
+            if k >= 0 and n + k <= self._room and all(c.ndim == 1 and c.shape[0] == k for c in arrays):
                 block = self._data[n:n + k]
-                for name, c in zip(columns, cols):
+                for name, c in zip(columns, arrays):
                     block[name] = c
                 self._len = n + k
                 return
@@ -448,11 +448,11 @@ class MmapVec:
                              + (f"; missing {', '.join(missing)}" if missing else "")
                              + (f"; unknown {', '.join(extra)}" if extra else ""))
         cols = {k: np.asarray(v) for k, v in columns.items()}
-        lengths = {k: (c.shape[0] if c.ndim == 1 else None) for k, c in cols.items()}
-        if None in lengths.values() or len(set(lengths.values())) != 1:
+        lengths = {int(c.shape[0]) if c.ndim == 1 else -1 for c in cols.values()}
+        if -1 in lengths or len(lengths) != 1:
             raise ValueError(f"{self.path}: extend_columns takes 1-D columns of one length, got "
-                             + ", ".join(f"{k} {cols[k].shape}" for k in names))
-        k = next(iter(lengths.values()))
+                             + ", ".join(f"{f} {cols[f].shape}" for f in names))
+        k = lengths.pop()
         n = self._len
         if n + k > self._cap:
             self._grow_to(n + k)
@@ -469,7 +469,7 @@ class MmapVec:
             return
         os.fdatasync(self._fd)
         lo, hi = self._synced * self._itemsize, self._len * self._itemsize
-        crc = zlib.crc32(self._data.view(np.uint8)[lo:hi], self._crc)
+        crc = zlib.crc32(self._data.view(np.uint8)[lo:hi].data, self._crc)
         seq = self._seq + 1
         self._write_slot(self._len, crc, seq=seq)
         os.fdatasync(self._fd)
@@ -522,7 +522,7 @@ class MmapVec:
         """Recompute the CRC-32 of the synced records against the header's; returns how many were
         checked. Raises :class:`StoreCorruptError` naming the file when they differ."""
         data = self._readable()
-        crc = zlib.crc32(data.view(np.uint8)[:self._synced * self._itemsize])
+        crc = zlib.crc32(data.view(np.uint8)[:self._synced * self._itemsize].data)
         if crc != self._crc:
             raise StoreCorruptError(f"the {self._synced} synced records fail their CRC-32 (stored {self._crc:#010x}, "
                                     f"computed {crc:#010x}): the records were changed on disk", path=self.path,

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from . import _fast
 from .errors import AlreadySetError, ReentrantInitError
 
 T = TypeVar("T")
@@ -61,13 +62,12 @@ if hasattr(os, "register_at_fork"):  # POSIX
                         after_in_child=_reset_after_fork)
 
 
-class OnceLock(Generic[T]):
+class OnceLock(_fast.OnceBase, Generic[T]):
     """A cell written once, then read without locking.
 
-    ``get()`` is one slot read in a method CPython 3.11+ inlines: the slot
-    holds None until the value is published, so the read needs no flag and no
-    lock. (A C-level constant getter, ``itertools.repeat(v).__next__``, measured
-    slower than the inlined method on 3.11.)
+    ``get()`` is a C method of the base class (native/cpython/cells_py.c): a
+    field read, no Python frame, no lock; the field holds None until the value
+    is published.
 
     ``set(value)`` raises :class:`AlreadySetError` when the cell is full (Rust
     returns ``Err(value)``; the exception carries the rejected value as
@@ -75,7 +75,7 @@ class OnceLock(Generic[T]):
     from an empty cell.
     """
 
-    __slots__ = ("_value", "_full", "_lock", "_owner", "_name", "__weakref__")
+    __slots__ = ("_lock", "_owner", "_name", "__weakref__")  # _value and _full: the C base's fields
 
     def __init__(self, name: str | None = None) -> None:
         self._value: T | None = None
@@ -84,8 +84,10 @@ class OnceLock(Generic[T]):
         self._owner: int | None = None  # thread ident running the initialiser
         self._name = name
 
-    def get(self) -> T | None:
-        """The value, or None while the cell is empty or being initialised. Never blocks."""
+    # get() -> T | None: the value, or None while the cell is empty or being
+    # initialised; never blocks. The base class's C method; while the cell is
+    # empty it asks _get_slow.
+    def _get_slow(self) -> T | None:
         return self._value
 
     def is_set(self) -> bool:
@@ -151,7 +153,7 @@ class OnceLock(Generic[T]):
         return f"<OnceLock{' ' + repr(self._name) if self._name else ''} {state}>"
 
 
-class Lazy(Generic[T]):
+class Lazy(_fast.OnceBase, Generic[T]):
     """A value computed by ``f()`` on first access of ``.value``, with OnceLock's guarantees.
 
     Before the first access ``value`` is a property that initialises through a
@@ -165,7 +167,9 @@ class Lazy(Generic[T]):
     1
     """
 
-    __slots__ = ("_value", "_cell", "_f")
+    __slots__ = ("_cell", "_f")  # _value and _full: the C base's fields
+    _cell: OnceLock[T]
+    _f: Callable[[], T]
 
     def __init__(self, f: Callable[[], T], name: str | None = None) -> None:
         if not callable(f):
@@ -176,16 +180,18 @@ class Lazy(Generic[T]):
     @property
     def value(self) -> T:
         value = self._cell.get_or_init(self._f)
-        # Slot first, class second: a reader that sees the new class finds the slot set.
+        # Slot first, flag and class second: a reader that sees either finds the slot set.
         object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_full", True)
         object.__setattr__(self, "__class__", _ReadyLazy)
         return value
 
     def __setattr__(self, attr: str, value: Any) -> None:
         raise AttributeError("a Lazy value is computed once and read-only")
 
-    def get(self) -> T:
-        """The value (computing it on first call); same as ``.value``."""
+    # get() -> T: the value (computing it on the first call), as ``.value``.
+    # The base class's C method; before the value exists it asks _get_slow.
+    def _get_slow(self) -> T:
         return self.value
 
     def is_set(self) -> bool:
@@ -199,4 +205,4 @@ class _ReadyLazy(Lazy[Any]):
     """A Lazy whose value is computed: ``value`` is the ``_value`` slot itself."""
 
     __slots__ = ()
-    value = Lazy.__dict__["_value"]  # type: ignore[assignment]
+    value = _fast.OnceBase.__dict__["_value"]

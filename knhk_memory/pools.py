@@ -33,18 +33,20 @@ even after ``close()``.
 
 Blocks come in size classes 2^k and 3 * 2^k (k >= 3) at least ``block_size``
 and a multiple of ``align``: ``stride`` is the class (8, 16, 24, 32, 48, 64,
-96, ...), at most a third of it padding for blocks above 16 bytes. What this module is not: a general allocator (one block size per
-pool; see :mod:`knhk_memory.allocator` and :mod:`knhk_memory.arena`).
+96, ...), at most a third of it padding for blocks above 16 bytes. What this
+module is not: a general allocator (one block size per pool; see
+:mod:`knhk_memory.allocator` and :mod:`knhk_memory.arena`).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from . import _fast
 from ._core import ffi, lib, raise_status
 from .errors import (
     PoolClosedError,
@@ -172,7 +174,7 @@ class _Pool:
     """What the three pools share; see the module docstring."""
 
     kind = ""
-    _c: dict[str, Any] = {}
+    _c: ClassVar[dict[str, Any]] = {}
 
     # No __slots__: alloc and free are replaced per instance by the C builtins (pool_py.c).
     _fast_kind = 0
@@ -214,7 +216,8 @@ class _Pool:
         self._final: PoolStats | None = None
         # The per-call path: METH_FASTCALL builtins (pool_py.c), which keep
         # this object (and so the C pool) alive.
-        self.alloc, self.free = _make_fast(self._fast_kind, int(ffi.cast("uintptr_t", raw)), self)
+        self.alloc, self.free = _make_fast(  # type: ignore[method-assign,assignment]
+            self._fast_kind, int(ffi.cast("uintptr_t", raw)), self)
 
     # -- errors
     def _label(self) -> str:
@@ -379,7 +382,8 @@ class FixedPool(_Pool):
     """
 
     kind = "FixedPool"
-    _c = {"type": "knhk_pool", "create": lib.knhk_pool_create, "destroy": lib.knhk_pool_destroy,
+    _c: ClassVar[dict[str, Any]] = {
+          "type": "knhk_pool", "create": lib.knhk_pool_create, "destroy": lib.knhk_pool_destroy,
           "close": lib.knhk_pool_close, "alloc": lib.knhk_pool_alloc_addr, "free": lib.knhk_pool_free_addr,
           "stats": lib.knhk_pool_stats_get, "base": lib.knhk_pool_base}
 
@@ -456,7 +460,8 @@ class LockFreePool(_Pool):
     kept beside the blocks. Parameters as :class:`FixedPool`."""
 
     kind = "LockFreePool"
-    _c = {"type": "knhk_lfpool", "create": lib.knhk_lfpool_create, "destroy": lib.knhk_lfpool_destroy,
+    _c: ClassVar[dict[str, Any]] = {
+          "type": "knhk_lfpool", "create": lib.knhk_lfpool_create, "destroy": lib.knhk_lfpool_destroy,
           "close": lib.knhk_lfpool_close, "alloc": lib.knhk_lfpool_alloc_addr, "free": lib.knhk_lfpool_free_addr,
           "stats": lib.knhk_lfpool_stats_get, "base": lib.knhk_lfpool_base}
     _fast_kind = 1
@@ -489,7 +494,8 @@ class ThreadLocalPool(_Pool):
     (cached ones included): the memory the pool's users kept busy."""
 
     kind = "ThreadLocalPool"
-    _c = {"type": "knhk_tlpool", "destroy": lib.knhk_tlpool_destroy, "close": lib.knhk_tlpool_close,
+    _c: ClassVar[dict[str, Any]] = {
+          "type": "knhk_tlpool", "destroy": lib.knhk_tlpool_destroy, "close": lib.knhk_tlpool_close,
           "alloc": lib.knhk_tlpool_alloc_addr, "free": lib.knhk_tlpool_free_addr,
           "stats": lib.knhk_tlpool_stats_get, "base": lib.knhk_tlpool_base}
     _fast_kind = 2
@@ -521,7 +527,8 @@ class ThreadLocalPool(_Pool):
         return {"allocations": int(ops[0]), "frees": int(ops[1])}
 
 
-KINDS: dict[str, type[_Pool]] = {"fixed": FixedPool, "lockfree": LockFreePool, "threadlocal": ThreadLocalPool}
+KINDS: dict[str, type[FixedPool] | type[LockFreePool] | type[ThreadLocalPool]] = {
+    "fixed": FixedPool, "lockfree": LockFreePool, "threadlocal": ThreadLocalPool}
 
 
 def model_check(seed: int, *, threads: int = 3, ops: int = 200, capacity: int = 3, untagged: bool = False) -> int:
@@ -553,9 +560,6 @@ def hot_ops() -> list[Any]:
                     "stride, state byte)",
         fn=ffi.addressof(lib, "knhk_pool_hotop_alloc_free"),
         setup=setup,
-        default_budget=8,
-        budget_reason="issue 19 asks for <= 8 ticks per pair; a pop and a push with their checks are ~15 "
-                      "instructions, none of them a lock, an atomic or a division",
     )]
 
 
@@ -576,14 +580,9 @@ def py_hot_ops() -> list[Any]:
         name="py_pool_alloc_free",
         description="FixedPool.alloc() + FixedPool.free(addr) from Python (two METH_FASTCALL builtins)",
         setup=setup,
-        default_budget=250,
-        budget_reason="two vectorcalls of ~40 ns plus an int conversion each on the 2-core VM; 250 ns "
-                      "catches a fall back to cffi (~700 ns a pair) or a lock on the path",
     )]
 
 
 _ = threading  # threads are the C core's; the module needs no lock of its own
 
-if lib.knhk_pool_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(f"knhk_memory.pools: {ffi.string(lib.knhk_last_error()).decode()}")
-_make_fast: Any = globals()["_make_fast"]
+_make_fast = _fast.make_pool_fast

@@ -3,7 +3,8 @@
 Registered through the ``pytest11`` entry point, so installing knhk-memory
 is enough. Nothing happens unless ``--knhk-budgets`` is given; then
 
-- every hot-path operation (``knhk_memory.budgets``) becomes a test item,
+- every hot-path operation (the memory plugin's and other plugins'
+  ``knhk_hot_ops``, see ``knhk_memory.budgets``) becomes a test item,
   ``knhk-budget[<name>]``, that fails when its budget is broken (after one
   retry); ``-k`` selects among them like any test;
 - a test marked ``@pytest.mark.knhk_budget(ns=N)`` is run once as usual, then
@@ -43,10 +44,10 @@ class _State:
         """Load the config, gather operations and resolve budgets (collection time)."""
         from .budgets import gather_ops, resolve_budgets, use_counter
         from .config import load_config
-        from .host import get_plugin_manager
+        from .host import get_plugin_manager, with_memory_plugin
 
         self.config = load_config(self.pytest_config.getoption("knhk_config"))
-        self.pm = get_plugin_manager()
+        self.pm = with_memory_plugin(get_plugin_manager())
         self.ops = gather_ops(self.config, self.pm)
         self.budgets = resolve_budgets(self.config, self.ops)
         self.counter = use_counter(self.pytest_config.getoption("knhk_counter"))
@@ -84,7 +85,8 @@ class BudgetItem(pytest.Item):
         self.state = state
 
     def runtest(self) -> None:
-        from .budgets import check_op, configured
+        from .budgets import check_op
+        from .host import configured
 
         st = self.state
         budget, source = st.budgets[self.op.name]

@@ -17,19 +17,16 @@ state (it belongs to the workflow), or values that change after start.
 from __future__ import annotations
 
 import atexit
-import csv
-import difflib
 import functools
-import io
 import re
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from . import _fast
 from ._core import check, ffi, lib
 from .errors import (
     DuplicateNameError,
@@ -38,8 +35,10 @@ from .errors import (
     ResourceFactoryError,
     UnknownPatternError,
     UnknownResourceError,
+    did_you_mean,
 )
 from .once import OnceLock
+from .patterns import Pattern, builtin_patterns, read_table
 
 if TYPE_CHECKING:
     import pluggy
@@ -48,38 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries"]
 
-PATTERN_TABLE = "wcp-control-flow-patterns.tsv"
-
-
-@dataclass(frozen=True, slots=True)
-class Pattern:
-    """One workflow control-flow pattern: ``number`` (WCP-n), ``name``, ``group``."""
-
-    number: int
-    name: str
-    group: str
-
-    @property
-    def code(self) -> str:
-        return f"WCP-{self.number}"
-
-
 def _normalise(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.strip()).casefold()
-
-
-def _read_table(text: str, source: str) -> list[Pattern]:
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
-    if not rows or [c.strip() for c in rows[0]] != ["id", "name", "group"]:
-        raise ValueError(f"{source}: the header must be 'id<TAB>name<TAB>group', got {rows[:1]!r}")
-    patterns = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != 3 or not row[0].strip().isdigit():
-            raise ValueError(f"{source}:{line}: expected 'number<TAB>name<TAB>group', got {row!r}")
-        patterns.append(Pattern(int(row[0]), row[1].strip(), row[2].strip()))
-    return patterns
 
 
 class _Table:
@@ -102,7 +71,7 @@ class _Table:
                                         p.name.encode()), f"adding pattern {p.number} to the native table")
 
 
-class PatternRegistry:
+class PatternRegistry(_fast.LookupBase):
     """The workflow control-flow patterns, their executors, built on first use.
 
     ``registry[7]`` and ``registry["Structured Synchronizing Merge"]`` return a
@@ -126,9 +95,8 @@ class PatternRegistry:
 
     def _load(self) -> _Table:
         if self._text is not None:
-            return _Table(_read_table(self._text, "<table_text>"))
-        text = resources.files("knhk_memory").joinpath("data", PATTERN_TABLE).read_text(encoding="utf-8")
-        return _Table(_read_table(text, f"knhk_memory/data/{PATTERN_TABLE}"))
+            return _Table(read_table(self._text, "<table_text>"))
+        return _Table(list(builtin_patterns()))
 
     @property
     def _t(self) -> _Table:
@@ -169,20 +137,16 @@ class PatternRegistry:
             return t.by_name[_normalise(name)]
         except KeyError:
             pass
-        names = [p.name for p in t.patterns]
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5) or difflib.get_close_matches(
-            _normalise(name), [_normalise(n) for n in names], n=3, cutoff=0.5)
-        close = [t.by_name[_normalise(c)].name for c in close]
-        hint = f"; nearest names: {', '.join(repr(c) for c in close)}" if close else ""
+        hint = did_you_mean(name, [p.name for p in t.patterns], cutoff=0.5, template="; nearest names: {}",
+                            sep=", ", normalise=_normalise)
         raise UnknownPatternError(f"no workflow pattern named {name!r}{hint} "
                                   f"(numbers {self._range(t)} also work)")
 
-    def __getitem__(self, key: int | str) -> Pattern:
+    # registry[key]: the base class's C subscript finds an exact int in the
+    # loaded index (native/cpython/cells_py.c); every other key comes here.
+    def _getitem_slow(self, key: int | str) -> Pattern:
         if key.__class__ is int:
-            try:
-                return self._by_number[key]  # type: ignore[index]
-            except KeyError:
-                return self._by_number_slow(key)
+            return self._by_number_slow(key)
         if isinstance(key, str):
             return self.by_name(key)
         return self._by_number_slow(key)
@@ -200,7 +164,7 @@ class PatternRegistry:
 
     def __contains__(self, key: object) -> bool:
         try:
-            self[key]  # type: ignore[index]
+            self[key]
         except (KeyError, TypeError):
             return False
         return True
@@ -282,7 +246,8 @@ class PatternRegistry:
     def __repr__(self) -> str:
         if not self.loaded:
             return "<PatternRegistry (not loaded)>"
-        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{', frozen' if self._frozen else ''}>"
+        frozen = ", frozen" if self._frozen else ""
+        return f"<PatternRegistry {len(self)} patterns, {len(self._executors)} executors{frozen}>"
 
 
 # ---------------------------------------------------------------- resources
@@ -379,8 +344,7 @@ class GlobalResourceRegistry:
 
     def _unknown(self, name: object) -> Exception:
         names = sorted(self._resources)
-        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(str(name), names, template="; did you mean {}?")
         return UnknownResourceError(f"no resource named {name!r}{hint} (registered: "
                                     f"{', '.join(map(repr, names)) or 'none'})")
 
@@ -465,12 +429,8 @@ def hot_ops() -> list[Any]:
     return [
         HotOp(name="once_read",
               description="knhk_once_get of a full C once-cell: one acquire load and the value",
-              fn=ffi.addressof(lib, "knhk_once_hotop_read"), setup=once_setup, default_budget=8,
-              budget_reason="an acquire load is a plain mov on x86_64 and ldar on aarch64: ~1-2 ticks "
-                            "with the loop; 8 catches a lock, a fence or a call that sneaks in"),
+              fn=ffi.addressof(lib, "knhk_once_hotop_read"), setup=once_setup),
         HotOp(name="registry_lookup",
               description="knhk_registry_lookup by pattern number in the frozen C table (1..43 cycling)",
-              fn=ffi.addressof(lib, "knhk_registry_hotop_lookup"), setup=registry_setup, default_budget=8,
-              budget_reason="a bounds check and an indexed load from an L1-resident 43-entry table: ~2-3 "
-                            "ticks; 8 catches hashing, a lock or a cache miss per lookup"),
+              fn=ffi.addressof(lib, "knhk_registry_hotop_lookup"), setup=registry_setup),
     ]

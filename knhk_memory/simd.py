@@ -3,7 +3,7 @@
 Single-pass C kernels (scalar, AVX2, AVX-512BW; chosen once at run time, see
 docs/simd.md) over memory the caller already has: nothing is copied. The
 common calls of find, count and the id scans are METH_FASTCALL builtins
-(native/simd_py.c) that read the buffer directly and keep the GIL for scans
+(native/cpython/simd_py.c) that read the buffer directly and keep the GIL for scans
 under 64 KiB; every other call goes through the Python functions here, which
 pass buffers to C with ``ffi.from_buffer`` and release the GIL for the whole
 call. Results equal the obvious Python/numpy reference for every input
@@ -20,23 +20,29 @@ import contextlib
 import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
-from ._core import ffi, last_error, lib
-from .errors import SimdLevelError, SimdTypeError, SimdValueError
+from . import _fast
+from ._core import ErrorFactory, check_as, ffi, last_error, lib
+from .errors import KnhkMemoryError, SimdLevelError, SimdTypeError, SimdValueError
 
 __all__ = [
-    "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
+    "SimdLevel", "SimdSetting", "LEVELS", "PORTABLE_BUILD", "level", "set_level", "forced_level", "supported_levels",
     "find", "rfind", "count", "find_all", "find_many", "FindMany", "Needle",
     "count_eq", "find_eq", "mask_eq", "isin", "histogram",
     "Reduction", "reduce", "column_min", "column_max", "column_sum",
     "median_ticks", "hot_ops",
 ]
 
-LEVELS: tuple[str, ...] = tuple(ffi.string(lib.knhk_simd_level_name(i)).decode()
-                                for i in range(lib.KNHK_SIMD_LEVELS))
+# The level names, as the C core spells them (knhk_simd_level_name), and what
+# ``[simd] level`` / set_level() accept besides: ``auto``.
+SimdLevel = Literal["scalar", "avx2", "avx512"]
+SimdSetting = Literal["auto", "scalar", "avx2", "avx512"]
+
+LEVELS: tuple[SimdLevel, ...] = tuple(cast(SimdLevel, ffi.string(lib.knhk_simd_level_name(i)).decode())
+                                      for i in range(lib.KNHK_SIMD_LEVELS))
 # True in a KNHK_PORTABLE=1 build (native/build_native.py): portable C only,
 # so ``scalar`` is the one level whatever the CPU.
 PORTABLE_BUILD: bool = bool(lib.KNHK_PORTABLE_BUILD)
@@ -56,13 +62,13 @@ def _ready() -> None:
 
 # ---------------------------------------------------------------- levels
 
-def supported_levels() -> list[str]:
+def supported_levels() -> list[SimdLevel]:
     """The levels this CPU and OS can run, lowest first (``scalar`` always;
     only ``scalar`` in a portable build, see :data:`PORTABLE_BUILD`)."""
     return [name for i, name in enumerate(LEVELS) if lib.knhk_simd_level_supported(i)]
 
 
-def auto_level() -> tuple[str, str | None]:
+def auto_level() -> tuple[SimdLevel, str | None]:
     """The level ``auto`` picks here, and why it is not the highest supported
     one (``None`` when it is): on a core that lowers its clock after 512-bit
     instructions (Skylake-SP, Cascade Lake, Cooper Lake) ``auto`` is avx2."""
@@ -73,7 +79,7 @@ def auto_level() -> tuple[str, str | None]:
                   "around every call; KNHK_SIMD=avx512 uses it")
 
 
-def level() -> str:
+def level() -> SimdLevel:
     """The active SIMD level: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
     _ready()
     return LEVELS[lib.knhk_simd_level()]
@@ -91,22 +97,21 @@ def _level_id(name: str) -> int:
     return LEVELS.index(key)
 
 
-def set_level(name: str) -> str:
+def set_level(name: SimdSetting) -> str:
     """Make ``name`` (``auto``, ``scalar``, ``avx2``, ``avx512``) the active level
     for the whole process; returns the previous one. A level this machine lacks
     is a :class:`SimdLevelError`."""
     global _init_error
     lid = _level_id(name)
     previous = LEVELS[lib.knhk_simd_level()] if lib.knhk_simd_level() >= 0 else "none"
-    if lib.knhk_simd_set_level(lid) != lib.KNHK_OK:
-        raise SimdLevelError(f"cannot use SIMD level {name!r}: {last_error()}; "
-                             f"this machine supports: {', '.join(supported_levels())}")
+    check_as(lib.knhk_simd_set_level(lid), lambda d: SimdLevelError(
+        f"cannot use SIMD level {name!r}: {d}; this machine supports: {', '.join(supported_levels())}"))
     _init_error = None
     return previous
 
 
 @contextlib.contextmanager
-def forced_level(name: str) -> Iterator[str]:
+def forced_level(name: SimdSetting) -> Iterator[SimdLevel]:
     """``with forced_level("scalar"):`` runs the block at that level (process-wide)."""
     previous = set_level(name)
     try:
@@ -233,15 +238,13 @@ def find_all(haystack: Any, needle: Any, start: Any = None, end: Any = None, *,
         h + lo, hi - lo, s, len(s), bool(overlapping), frm, out, cap, nxt), lo)
 
 
-# find and count as METH_FASTCALL builtins (native/simd_py.c): bytes or any
+# find and count as METH_FASTCALL builtins (native/cpython/simd_py.c): bytes or any
 # C-contiguous buffer, a bytes needle and int/None bounds are one vectorcall
 # (~60 ns instead of ~350 through cffi); every other call goes to the Python
 # functions above, which convert or raise.
 _find_py, _count_py = find, count
-if lib.knhk_simd_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(last_error())
-find = _make_fast(0, _find_py)  # type: ignore[name-defined]  # noqa: F821
-count = _make_fast(1, _count_py)  # type: ignore[name-defined]  # noqa: F821
+find = _fast.make_scan(0, _find_py)
+count = _fast.make_scan(1, _count_py)
 
 
 def _collect(call: Any, offset: int, cap: int = 1024) -> np.ndarray:
@@ -318,18 +321,20 @@ class Needle:
         self.needle: bytes = _needle(needle)
         lid = -1 if level is None else _level_id(level)
         out = ffi.new("knhk_simd_needle **")
-        status = lib.knhk_simd_needle_new(self.needle, len(self.needle), lid, out)
-        if status != lib.KNHK_OK:
-            err = SimdLevelError if status in (lib.KNHK_ERR_UNAVAILABLE, lib.KNHK_ERR_INVALID) else SimdValueError
-            raise err(f"cannot prepare the needle at level {level!r}: {last_error()}; "
-                      f"this machine supports: {', '.join(supported_levels())}")
+        def failed(err: type[KnhkMemoryError]) -> ErrorFactory:
+            return lambda d: err(f"cannot prepare the needle at level {level!r}: {d}; "
+                                 f"this machine supports: {', '.join(supported_levels())}")
+
+        check_as(lib.knhk_simd_needle_new(self.needle, len(self.needle), lid, out), failed(SimdValueError),
+                 special={lib.KNHK_ERR_UNAVAILABLE: failed(SimdLevelError),
+                          lib.KNHK_ERR_INVALID: failed(SimdLevelError)})
         nd = self._nd = ffi.gc(out[0], lib.knhk_simd_needle_free)
         self.level: str = LEVELS[nd.level]
         # The builtins hold the needle's memory (nd), not this object: no cycle.
         addr = int(ffi.cast("uintptr_t", nd))
-        self.find: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+        self.find: Callable[..., int] = _fast.make_needle_method(
             0, addr, nd, functools.partial(_needle_find, nd))
-        self.count: Callable[..., int] = _make_needle_method(  # type: ignore[name-defined]  # noqa: F821
+        self.count: Callable[..., int] = _fast.make_needle_method(
             1, addr, nd, functools.partial(_needle_count, nd))
 
     def __repr__(self) -> str:
@@ -420,7 +425,7 @@ _LIMITS = {1: 1 << 8, 2: 1 << 16, 4: 1 << 32, 8: 1 << 64}
 
 def _value(v: Any, width: int, what: str) -> int | None:
     """The id as an int, or None when no element of that width can equal it."""
-    if isinstance(v, bool) or isinstance(v, np.bool_):
+    if isinstance(v, (bool, np.bool_)):
         raise SimdTypeError(f"{what}: the id must be an integer, got bool {v!r}")
     try:
         x = operator.index(v)
@@ -562,7 +567,7 @@ def column_sum(a: np.ndarray) -> int:
     return 0 if n == 0 else reduce(a).sum
 
 
-# The id scans as METH_FASTCALL builtins (native/simd_py.c): an exact
+# The id scans as METH_FASTCALL builtins (native/cpython/simd_py.c): an exact
 # numpy.ndarray of uint8/16/32/64 in native byte order, C-contiguous, with an
 # exact int (or numpy integer) id in the dtype's range is one vectorcall (0.26-
 # 2.8 us on 4096 ids, against 3.6-12.4 through cffi); histogram also takes nbins
@@ -572,15 +577,15 @@ def column_sum(a: np.ndarray) -> int:
 # reachable as _<name>_py.
 _count_eq_py, _find_eq_py, _mask_eq_py, _isin_py, _histogram_py = count_eq, find_eq, mask_eq, isin, histogram
 _reduce_py, _column_min_py, _column_max_py, _column_sum_py = reduce, column_min, column_max, column_sum
-count_eq = _make_ids_fast("count_eq", _count_eq_py)  # type: ignore[name-defined]  # noqa: F821
-find_eq = _make_ids_fast("find_eq", _find_eq_py)  # type: ignore[name-defined]  # noqa: F821
-mask_eq = _make_ids_fast("mask_eq", _mask_eq_py)  # type: ignore[name-defined]  # noqa: F821
-isin = _make_ids_fast("isin", _isin_py)  # type: ignore[name-defined]  # noqa: F821
-histogram = _make_ids_fast("histogram", _histogram_py)  # type: ignore[name-defined]  # noqa: F821
-reduce = _make_ids_fast("reduce", _reduce_py, Reduction)  # type: ignore[name-defined]  # noqa: F821
-column_min = _make_ids_fast("column_min", _column_min_py)  # type: ignore[name-defined]  # noqa: F821
-column_max = _make_ids_fast("column_max", _column_max_py)  # type: ignore[name-defined]  # noqa: F821
-column_sum = _make_ids_fast("column_sum", _column_sum_py)  # type: ignore[name-defined]  # noqa: F821
+count_eq = _fast.make_id_scan("count_eq", _count_eq_py)
+find_eq = _fast.make_id_scan("find_eq", _find_eq_py)
+mask_eq = _fast.make_id_scan("mask_eq", _mask_eq_py)
+isin = _fast.make_id_scan("isin", _isin_py)
+histogram = _fast.make_id_scan("histogram", _histogram_py)
+reduce = _fast.make_id_scan("reduce", _reduce_py, Reduction)
+column_min = _fast.make_id_scan("column_min", _column_min_py)
+column_max = _fast.make_id_scan("column_max", _column_max_py)
+column_sum = _fast.make_id_scan("column_sum", _column_sum_py)
 
 
 # ---------------------------------------------------------------- hot paths
@@ -598,8 +603,8 @@ def _search64_setup(level: str | None = None) -> tuple[Any, Any]:
     ffi.memmove(ctx.window, window.tobytes(), 64)
     ffi.memmove(ctx.needle, needle, 16)
     out = ffi.new("knhk_simd_needle **")
-    if lib.knhk_simd_needle_new(ctx.needle, 16, lid, out) != lib.KNHK_OK:  # pragma: no cover - NOMEM
-        raise SimdValueError(f"search_64: cannot prepare the needle: {last_error()}")
+    check_as(lib.knhk_simd_needle_new(ctx.needle, 16, lid, out),  # only on NOMEM
+             lambda d: SimdValueError(f"search_64: cannot prepare the needle: {d}"))
     ctx.prepared = out[0]
     holder = [ctx]
 
@@ -651,23 +656,11 @@ def hot_ops() -> list[Any]:
                         "direct call a search",
             fn=ffi.addressof(lib, "knhk_simd_hotop_search_64"),
             setup=_search64_setup,
-            default_budget=32,
-            budget_reason="measured medians at avx512: 11.2-11.9 ticks quiet (harness 9-10 after the "
-                          "empty-op overhead), 22-24 with the other core busy; avx2 16.1; CI ran 2.2x "
-                          "slower than this VM on every op (38.5 there for the old 17.6-tick search), which "
-                          "puts avx512 at ~22-26. 32 keeps that with room, and fails a lost dispatch "
-                          "(scalar: 67). The issue's 16-tick goal is met quiet, not under load. See "
-                          "docs/simd.md",
         ),
         HotOp(
             name="count_eq_4k",
             description="knhk_simd_count_eq over 1024 uint32 ids (4 KiB, L1-resident)",
             fn=ffi.addressof(lib, "knhk_simd_hotop_count_eq_4k"),
             setup=_count4k_setup,
-            default_budget=400,
-            budget_reason="measured medians 78-100 ticks at avx512 and 98-126 at avx2 quiet, 130-150 "
-                          "loaded (64 blocks of compare + lane add from L1, ~1.2 cycles a block); a 2.2x "
-                          "slower CI machine gives ~220-280, ~330 if also loaded; 400 still fails a fall "
-                          "to the scalar kernels (545-1730 ticks here). See docs/simd.md",
         ),
     ]

@@ -28,11 +28,15 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from ._core import ffi, lib
+
+from . import _fast
+from ._core import check_as, ffi, lib
+from ._core import last_error as _last_error
 from .errors import (
     DuplicateKeyError,
     StoreClosedError,
@@ -85,10 +89,6 @@ _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
-
-
-def _last_error() -> str:
-    return ffi.string(lib.knhk_last_error()).decode("utf-8", "replace")
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -191,16 +191,18 @@ class WorkflowStore:
         cbuf = ffi.from_buffer(buf)
         out = ffi.new(_T_HANDLE_OUT)
         problem = ffi.new(_T_INT_OUT)
-        status = lib.knhk_store_open(cbuf, size, out, problem)
-        if status != lib.KNHK_OK:
-            message = _last_error()
+        def refused(message: str) -> StoreError:
+            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
+            return exc_type(message, path=path, problem=tag)
+
+        try:
+            check_as(lib.knhk_store_open(cbuf, size, out, problem), refused,
+                     special={lib.KNHK_ERR_NOMEM: lambda d: MemoryError(f"{path}: {d}")})
+        except BaseException:
             ffi.release(cbuf)
             if mapped is not None:
                 mapped.close()
-            if status == lib.KNHK_ERR_NOMEM:
-                raise MemoryError(f"{path}: {message}")
-            exc_type, tag = _PROBLEM.get(problem[0], (StoreCorruptError, "corrupt"))
-            raise exc_type(message, path=path, problem=tag)
+            raise
         info = ffi.new(_T_INFO)
         lib.knhk_store_get_info(out[0], info)
         self._handle = out[0]
@@ -217,14 +219,15 @@ class WorkflowStore:
 
             d = self._info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(bytes(self._view[d["dict_offset"]:d["dict_offset"] + d["dict_length"]]))
+                start = d["dict_offset"]
+                zdict = zstandard.ZstdCompressionDict(bytes(self._view[start:start + d["dict_length"]]))
                 self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
             else:
                 self._dctx = zstandard.ZstdDecompressor()
             self.get = self._get_decompressed  # type: ignore[method-assign]
         else:
-            # The fast path: get is a C builtin bound to this handle (store_py.c).
-            self.get = _make_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
+            # The fast path: get is a C builtin bound to this handle (native/cpython/store_py.c).
+            self.get = _fast.make_store_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
                                     _slow_path(self), self)
 
     def _release(self) -> None:
@@ -297,11 +300,11 @@ class WorkflowStore:
 
     # -- lookups
 
-    def get(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The value of ``key`` as a read-only memoryview into the file, or ``default``.
 
         (An open uncompressed store replaces this method on the instance by the
-        C builtin from store_py.c, which does the same in one call.)
+        C builtin from native/cpython/store_py.c, which does the same in one call.)
         """
         if key.__class__ is not bytes:
             key = _key_bytes(key)
@@ -322,11 +325,11 @@ class WorkflowStore:
             return self._slow(key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def get_raw(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         return WorkflowStore.get(self, key, default)
 
-    def _get_decompressed(self, key: str | bytes, default: Any = None) -> memoryview | Any:
+    def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         raw = WorkflowStore.get(self, key, _MISSING)
         if raw is _MISSING:
             return default
@@ -385,6 +388,8 @@ class WorkflowStore:
         return self._info["count"]
 
     def _record_offsets(self) -> np.ndarray:
+        import numpy as np
+
         self._check_open()
         n = self._info["count"]
         offsets = np.zeros(max(n, 1), dtype=np.uint64)
@@ -399,9 +404,11 @@ class WorkflowStore:
     def _records(self) -> Iterator[tuple[memoryview, memoryview]]:
         spans = ffi.new("uint64_t[4]")
         view = self._view
+
+        def corrupt(d: str) -> StoreError:
+            return StoreCorruptError(d, path=self.path, problem="corrupt")
         for off in self._record_offsets().tolist():
-            if lib.knhk_store_record_at(self._handle, off, spans) != lib.KNHK_OK:
-                raise StoreCorruptError(_last_error(), path=self.path, problem="corrupt")
+            check_as(lib.knhk_store_record_at(self._handle, off, spans), corrupt)
             yield view[spans[0]:spans[0] + spans[1]], view[spans[2]:spans[2] + spans[3]]
 
     def keys(self) -> Iterator[bytes]:
@@ -427,8 +434,8 @@ class WorkflowStore:
         """
         self._check_open()
         checked = ffi.new("uint64_t *")
-        if lib.knhk_store_verify(self._handle, checked) != lib.KNHK_OK:
-            raise StoreCorruptError(f"verify: {_last_error()}", path=self.path, problem="corrupt")
+        check_as(lib.knhk_store_verify(self._handle, checked),
+                 lambda d: StoreCorruptError(f"verify: {d}", path=self.path, problem="corrupt"))
         if self._compressed:
             for k, v in self._records():
                 try:
@@ -498,15 +505,11 @@ def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
 
 def _detach_getter(getter: Any) -> None:
     if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
-        _detach(getter)
+        _fast.detach_store_getter(getter)
 
 
 def _closed_find(handle: Any, key: bytes, n: int) -> int:
     raise StoreClosedError("the store is closed")
-
-
-if lib.knhk_store_py_install() != lib.KNHK_OK:  # pragma: no cover - only on a broken interpreter
-    raise ImportError(_last_error())
 
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:
@@ -550,6 +553,8 @@ class WorkflowStoreWriter:
     def __init__(self, path: str | os.PathLike[str], *, last_wins: bool = False, compress: int | None = None,
                  zstd_dict: bytes | None = None, load_factor: float = 0.875,
                  seed: int = DEFAULT_SEED) -> None:
+        import numpy as np
+
         if not 0 < load_factor <= 0.95:
             raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
         if zstd_dict is not None and compress is None:
@@ -565,7 +570,7 @@ class WorkflowStoreWriter:
 
             if not 1 <= compress <= 22:
                 raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
-            params = {"level": compress, "write_content_size": True, "write_checksum": False}
+            params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
             self._cctx = zstandard.ZstdCompressor(**params)
@@ -607,7 +612,7 @@ class WorkflowStoreWriter:
                 raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
             value = bytes(value)
         if self._cctx is not None:
-            value = self._cctx.compress(value)
+            value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
         index = self._index
         n = len(index)
         slot = index.setdefault(key, n)
@@ -623,6 +628,8 @@ class WorkflowStoreWriter:
             self._flush()
 
     def _flush(self) -> None:
+        import numpy as np
+
         keys, vals, slots = self._pk, self._pv, self._pslot
         n = len(keys)
         if not n:
@@ -668,6 +675,8 @@ class WorkflowStoreWriter:
 
     def commit(self) -> Path:
         """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        import numpy as np
+
         if self._file is None:
             raise StoreClosedError("the writer is already committed or discarded", path=self.path,
                                    problem="closed")
@@ -695,8 +704,7 @@ class WorkflowStoreWriter:
                 ffi.from_buffer("uint64_t[]", offsets) if n else ffi.NULL,
                 n, slots, ffi.from_buffer("uint64_t[]", table), ffi.from_buffer("uint64_t[]", blocksums),
                 max_disp)
-            if status != lib.KNHK_OK:
-                raise StoreError(f"building the index: {_last_error()}", path=self.path, problem="build")
+            check_as(status, lambda d: StoreError(f"building the index: {d}", path=self.path, problem="build"))
             table_bytes = table.tobytes()
             sums_bytes = blocksums.tobytes()
             f.write(table_bytes)
@@ -842,96 +850,6 @@ def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLi
             "file_size": Path(output).stat().st_size}
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def add_store_commands(sub: Any, common: Any) -> None:
-    """The ``knhk-memory store ...`` commands."""
-    store = sub.add_parser("store", parents=[common], help="build and read workflow store files")
-    ssub = store.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
-
-    b = ssub.add_parser("build", help="build a store from a directory of workflow definition files")
-    b.add_argument("source", metavar="SOURCE", help="directory of definition files (any extension)")
-    b.add_argument("-o", "--output", required=True, metavar="FILE", help="the store file to write")
-    kg = b.add_mutually_exclusive_group()
-    kg.add_argument("--key-regex", metavar="REGEX", help="take the key from the file: the first group "
-                    "of REGEX (default: the path relative to SOURCE without extension)")
-    kg.add_argument("--key-field", metavar="FIELD", help="take the key from a JSON file's top-level FIELD")
-    b.add_argument("--last-wins", action="store_true", help="a repeated key keeps the last file")
-    b.add_argument("--zstd", type=int, metavar="LEVEL", help="compress values with zstd at LEVEL")
-    pg = b.add_mutually_exclusive_group()
-    pg.add_argument("--progress", dest="progress", action="store_true", default=None,
-                    help="always show a progress bar (default: for 2000+ files on a terminal)")
-    pg.add_argument("--no-progress", dest="progress", action="store_false")
-    b.set_defaults(func=_cmd_build)
-
-    g = ssub.add_parser("get", help="write the value of KEY to standard output")
-    g.add_argument("file", metavar="FILE")
-    g.add_argument("key", metavar="KEY")
-    g.set_defaults(func=_cmd_get)
-
-    ls = ssub.add_parser("list", help="list the keys")
-    ls.add_argument("file", metavar="FILE")
-    ls.add_argument("-l", "--long", action="store_true", help="also the value size in bytes")
-    ls.set_defaults(func=_cmd_list)
-
-    v = ssub.add_parser("verify", help="check every checksum and index entry")
-    v.add_argument("file", metavar="FILE")
-    v.set_defaults(func=_cmd_verify)
-
-    s = ssub.add_parser("stats", help="file size, keys, index load and overhead")
-    s.add_argument("file", metavar="FILE")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.set_defaults(func=_cmd_stats)
-
-
-def _cmd_build(args: Any) -> int:
-    summary = build_from_directory(args.source, args.output, key_regex=args.key_regex,
-                                   key_field=args.key_field, last_wins=args.last_wins,
-                                   compress=args.zstd, progress=args.progress)
-    print(f"wrote {summary['output']}: {summary['keys']} keys from {summary['files']} files, "
-          f"{summary['file_size']} bytes")
-    return 0
-
-
-def _cmd_get(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        value = s.get(args.key)
-        if value is None:
-            print(f"knhk-memory: {args.file}: key {args.key!r} not found", file=sys.stderr)
-            return 1
-        sys.stdout.flush()
-        sys.stdout.buffer.write(value)
-        sys.stdout.buffer.flush()
-    return 0
-
-
-def _cmd_list(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        for k, v in s.items():
-            key = k.decode("utf-8", "backslashreplace")
-            print(f"{len(v)}\t{key}" if args.long else key)
-    return 0
-
-
-def _cmd_verify(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        n = s.verify()
-        print(f"{args.file}: ok, {n} records checked ({len(s)} keys)")
-    return 0
-
-
-def _cmd_stats(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        st = s.stats(deep=True)
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        for k, v in st.items():
-            print(f"{k:<20} {v}")
-    return 0
-
-
 # ---------------------------------------------------------------- hot path
 
 
@@ -963,9 +881,4 @@ def hot_ops() -> list[Any]:
                     "the key, multiply-shift home slot, tag compare, record bounds check, key memcmp",
         fn=ffi.addressof(lib, "knhk_store_hotop_probe"),
         setup=setup,
-        default_budget=250,
-        budget_reason="measured 33-40 ns per probe (~85 ticks at 2.5 GHz) on the 2-core shared VM "
-                      "with index and record hot in cache (XXH64 of 15 bytes, ~1.2 slots, memcmp); 250 "
-                      "leaves room for a cold L2 line and a noisy neighbour but fails on a second "
-                      "cache-missing probe chain or a checksum on every read",
     )]

@@ -8,6 +8,15 @@
  * next chunk size gets a chunk of its own, so it neither wastes the room left
  * in the current chunk nor inflates the growth sequence.
  *
+ * Every chunk counts the counted blocks alive in it. reset() never waits for
+ * them: a chunk that still holds a live block is *pinned* -- set aside, never
+ * bumped into, its bytes untouched -- and every other chunk is recycled; a
+ * pinned chunk goes back to the spares (or to the backend, past the retention
+ * below) once its last block is freed, which the owner notices at its next
+ * slow-path allocation, reset or statistics call. So a straggler array pins
+ * its own chunk, not the arena (one such array used to stop every reset and
+ * let resident memory grow without bound).
+ *
  * reset() keeps the memory for the next batch. When the batch took several
  * chunks and its bytes fit under the growth cap, they are consolidated into
  * one chunk sized for the whole batch (as Zig's ArenaAllocator does with
@@ -35,13 +44,19 @@
 
 typedef struct chunk {
     struct chunk *next;
-    size_t size; /* whole chunk, header included */
+    size_t size;          /* whole chunk, header included */
+    _Atomic int64_t live; /* counted blocks alive in it (freed from any thread) */
 } chunk;
 
+/* 16 bytes in front of every counted block. The chunk is found from the
+   block: `chunk_off` is the header's distance from its chunk in 16-byte
+   units, split over two fields (48 bits: chunks are at most 2**40 bytes). */
 typedef struct {
-    uint64_t size;  /* the size asked for */
-    uint32_t magic; /* BLOCK_MAGIC while live: a stray or repeated free is ignored */
-    uint32_t align;
+    uint64_t size : 44;      /* the size asked for (<= KNHK_ARENA_MAX_REQUEST = 2**44) */
+    uint64_t align_log2 : 4; /* log2 of the alignment (<= KNHK_MAX_ALIGN = 2**12) */
+    uint64_t chunk_off_hi : 16;
+    uint32_t magic;          /* BLOCK_MAGIC while live: a stray or repeated free is ignored */
+    uint32_t chunk_off_lo;
 } block_header;
 
 _Static_assert(sizeof(block_header) == KNHK_ARENA_BLOCK_HEADER, "block header size");
@@ -50,15 +65,18 @@ _Static_assert(sizeof(chunk) <= CHUNK_HEADER, "chunk header size");
 struct knhk_arena {
     _knhk_arena_head head; /* first: the fast path touches one cache line */
     chunk *current;        /* the chunk head.cur points into, or NULL */
+    chunk *last_taken;     /* the chunk alloc_slow served its last request from */
     chunk *taken;          /* every chunk taken this batch (current included), in order */
     chunk **taken_tail;
-    chunk *spare; /* chunks kept by reset for the next batch */
+    chunk *spare;  /* chunks kept by reset for the next batch */
+    chunk *pinned; /* chunks set aside by reset while blocks in them live */
     const knhk_backend *backend;
     pthread_t owner;
     size_t chunk_size, max_chunk_size, next_chunk_size;
     uint64_t used_before; /* bytes bumped this batch in chunks that are not current */
     uint64_t batch_high;  /* the most bytes in use at once this batch (blocks given back included) */
     uint64_t reserved, chunks, backend_calls, high_water, reallocations, resets, huge_page_chunks;
+    uint64_t pinned_chunks, pinned_bytes; /* the pinned list's length and bytes */
     int huge_pages;
     int numa_mode; /* KNHK_NUMA_*: the placement of new chunks (issue 19) */
     size_t numa_words;
@@ -68,6 +86,11 @@ struct knhk_arena {
     _Atomic int64_t refs; /* owner + numpy handlers + live counted blocks */
     _Atomic int64_t live; /* live counted blocks */
 };
+
+/* Spare bytes reset() keeps for the next batch beyond what that batch is
+   expected to need: twice the batch's peak (or the first chunk size); the
+   rest goes back to the backend. */
+#define RETAIN_FACTOR 2
 
 /* The cursor stays a multiple of 16 (see _knhk_arena_bump). */
 static inline uintptr_t round16(uintptr_t x) { return (x + 15) & ~(uintptr_t)15; }
@@ -145,6 +168,7 @@ static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
     }
     c->next = NULL;
     c->size = size;
+    atomic_init(&c->live, 0);
     a->reserved += size;
     a->chunks++;
     place_numa(a, c);
@@ -154,8 +178,11 @@ static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
 
 /* A chunk of at least min_size bytes for this batch: the first spare one
    that fits, else a new one of new_size bytes from the backend. */
+static void reclaim_pinned(knhk_arena *a);
+
 static chunk *take_chunk(knhk_arena *a, size_t min_size, size_t new_size, int *status) {
     chunk *c = NULL;
+    reclaim_pinned(a);
     for (chunk **pp = &a->spare; *pp != NULL; pp = &(*pp)->next) {
         if ((*pp)->size >= min_size) {
             c = *pp;
@@ -184,7 +211,59 @@ static void release_list(knhk_arena *a, chunk *c) {
 static void destroy(knhk_arena *a) {
     release_list(a, a->taken);
     release_list(a, a->spare);
+    release_list(a, a->pinned);
     free(a);
+}
+
+/* Owner only: pinned chunks whose blocks are all gone become spares. */
+static void reclaim_pinned(knhk_arena *a) {
+    chunk **pp = &a->pinned;
+    while (*pp != NULL) {
+        chunk *c = *pp;
+        if (atomic_load_explicit(&c->live, memory_order_acquire) == 0) {
+            *pp = c->next;
+            a->pinned_chunks--;
+            a->pinned_bytes -= c->size;
+            c->next = a->spare;
+            a->spare = c;
+        } else {
+            pp = &c->next;
+        }
+    }
+}
+
+/* Owner only: move the chunks of *list that hold live blocks to the pinned list. */
+static void pin_live(knhk_arena *a, chunk **list) {
+    chunk **pp = list;
+    while (*pp != NULL) {
+        chunk *c = *pp;
+        if (atomic_load_explicit(&c->live, memory_order_acquire) != 0) {
+            *pp = c->next;
+            c->next = a->pinned;
+            a->pinned = c;
+            a->pinned_chunks++;
+            a->pinned_bytes += c->size;
+        } else {
+            pp = &c->next;
+        }
+    }
+}
+
+/* Owner only: give spares beyond `keep` bytes back to the backend (the
+   largest first kept: they serve any request the small ones do). */
+static void trim_spares(knhk_arena *a, uint64_t keep) {
+    uint64_t have = 0;
+    for (chunk *c = a->spare; c != NULL; c = c->next) have += c->size;
+    while (have > keep && a->spare != NULL) {
+        chunk **smallest = &a->spare;
+        for (chunk **pp = &a->spare; *pp != NULL; pp = &(*pp)->next)
+            if ((*pp)->size < (*smallest)->size) smallest = pp;
+        chunk *c = *smallest;
+        *smallest = c->next;
+        have -= c->size;
+        c->next = NULL;
+        release_list(a, c);
+    }
 }
 
 static void unref(knhk_arena *a) {
@@ -247,7 +326,19 @@ void knhk_arena_close(knhk_arena *a) {
     if (a == NULL) return;
     /* Only the owner may touch the cursor; any later allocation then takes
        the slow path, which sees the flag. Another thread sets the flag only. */
-    if (is_owner(a)) a->head.end = a->head.cur;
+    if (is_owner(a)) {
+        a->head.end = a->head.cur;
+        /* Chunks no live block uses go back now; the rest when their blocks go. */
+        a->current = NULL;
+        a->head.cur = a->head.end = 0;
+        pin_live(a, &a->taken);
+        release_list(a, a->taken);
+        a->taken = NULL;
+        a->taken_tail = &a->taken;
+        reclaim_pinned(a);
+        release_list(a, a->spare);
+        a->spare = NULL;
+    }
     atomic_store_explicit(&a->closed, 1, memory_order_relaxed);
     unref(a);
 }
@@ -292,11 +383,15 @@ static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, si
     if (c == NULL) return NULL;
     uintptr_t p = (data_start(c) + pre + (align - 1)) & ~(uintptr_t)(align - 1);
     _knhk_assert(p + size <= (uintptr_t)c + c->size);
+    a->last_taken = c;
     if (own) {
         /* A chunk of its own: the current chunk keeps its room. */
         a->used_before += p + size - data_start(c);
     } else {
-        if (a->backend_calls != calls) { /* a new chunk: the next one is twice as large, up to the cap */
+        /* A new chunk: the next one is twice as large, up to the cap -- unless
+           it is a batch's first chunk while chunks are pinned: taken because
+           the spares are in use, it says nothing of the batch's size. */
+        if (a->backend_calls != calls && (a->current != NULL || a->pinned == NULL)) {
             size_t grown = a->next_chunk_size * 2;
             a->next_chunk_size = grown < a->max_chunk_size ? grown : a->max_chunk_size;
         }
@@ -328,6 +423,11 @@ void *knhk_arena_alloc(knhk_arena *a, size_t size, size_t align, int *status) {
 
 static inline block_header *header_of(void *p) { return (block_header *)((char *)p - sizeof(block_header)); }
 
+static inline chunk *chunk_of(const block_header *h) {
+    uint64_t off = ((uint64_t)h->chunk_off_hi << 32) | h->chunk_off_lo;
+    return (chunk *)((uintptr_t)h - (off << 4));
+}
+
 void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *status) {
     int st_local;
     if (status == NULL) status = &st_local;
@@ -341,18 +441,25 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
     /* The fast path with room for the header in front of the block. */
     uintptr_t cur = a->head.cur, end = a->head.end;
     uintptr_t p = (cur + sizeof(block_header) + (align - 1)) & ~(uintptr_t)(align - 1);
+    chunk *c;
     if (_knhk_likely(cur != 0 && p <= end && size <= end - p)) {
         a->head.cur = round16(p + size);
         a->head.allocations++;
         a->head.bytes_requested += size;
+        c = a->current;
     } else {
         p = (uintptr_t)alloc_slow(a, size, align, sizeof(block_header), status);
         if (p == 0) return NULL;
+        c = a->last_taken;
     }
     block_header *h = header_of((void *)p);
+    uint64_t off = ((uintptr_t)h - (uintptr_t)c) >> 4;
     h->size = size;
+    h->align_log2 = (uint64_t)__builtin_ctzll(align);
+    h->chunk_off_hi = off >> 32;
+    h->chunk_off_lo = (uint32_t)off;
     h->magic = BLOCK_MAGIC;
-    h->align = (uint32_t)align;
+    atomic_fetch_add_explicit(&c->live, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&a->refs, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&a->live, 1, memory_order_relaxed);
     *status = KNHK_OK;
@@ -364,13 +471,15 @@ void knhk_arena_block_free(knhk_arena *a, void *ptr) {
     block_header *h = header_of(ptr);
     if (_knhk_unlikely(h->magic != BLOCK_MAGIC)) return; /* not live: never count a block twice */
     h->magic = 0;
-    if (is_owner(a) && a->current != NULL && round16((uintptr_t)ptr + h->size) == a->head.cur &&
-        (uintptr_t)h >= data_start(a->current)) {
+    chunk *c = chunk_of(h);
+    if (is_owner(a) && a->current == c && round16((uintptr_t)ptr + h->size) == a->head.cur) {
         /* The last block bumped: give its bytes back, so temporaries made and
            dropped in a loop reuse the same memory. */
         note_high_water(a);
         a->head.cur = (uintptr_t)h;
     }
+    /* Release: the owner that sees the chunk's count at 0 (acquire) reuses it. */
+    atomic_fetch_sub_explicit(&c->live, 1, memory_order_release);
     atomic_fetch_sub_explicit(&a->live, 1, memory_order_relaxed);
     unref(a);
 }
@@ -397,8 +506,7 @@ void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *statu
     if (size == 0) size = 1;
     if (!request_ok(size, KNHK_DEFAULT_ALIGN, status)) return NULL;
     uintptr_t p = (uintptr_t)ptr;
-    bool last = a->current != NULL && round16(p + h->size) == a->head.cur &&
-                (uintptr_t)h >= data_start(a->current);
+    bool last = a->current != NULL && a->current == chunk_of(h) && round16(p + h->size) == a->head.cur;
     if (size <= h->size || (last && size <= a->head.end - p)) {
         /* In place: a shrink, or growth of the last block into the room after it. */
         if (last) {
@@ -411,7 +519,7 @@ void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *statu
         *status = KNHK_OK;
         return ptr;
     }
-    void *q = knhk_arena_block_alloc(a, size, h->align, status);
+    void *q = knhk_arena_block_alloc(a, size, (size_t)1 << h->align_log2, status);
     if (q == NULL) return NULL;
     memcpy(q, ptr, h->size);
     a->reallocations++;
@@ -427,15 +535,15 @@ int knhk_arena_reset(knhk_arena *a) {
         _knhk_set_error("reset of a closed arena");
         return KNHK_ERR_STATE;
     }
-    int64_t live = atomic_load_explicit(&a->live, memory_order_acquire);
-    if (live != 0) {
-        _knhk_set_error("cannot reset an arena while %lld of its blocks are alive", (long long)live);
-        return KNHK_ERR_STATE;
-    }
     note_high_water(a);
     /* The batch's peak, not what is in use now: freed last blocks gave bytes back. */
     uint64_t used = a->batch_high;
     size_t ntaken = 0;
+    /* Chunks with live blocks are set aside (pinned) with their bytes as they
+       are; pinned chunks whose blocks have all gone come back as spares. */
+    a->current = NULL;
+    pin_live(a, &a->taken);
+    reclaim_pinned(a);
     for (chunk *c = a->taken; c != NULL; c = c->next) ntaken++;
     /* Room for the batch plus an eighth: the same batch may pad differently
        in one chunk than it did across several. */
@@ -444,6 +552,7 @@ int knhk_arena_reset(knhk_arena *a) {
     chunk *taken = a->taken;
     a->taken = NULL;
     a->taken_tail = &a->taken;
+    a->last_taken = NULL;
     if (ntaken > 1 && target <= a->max_chunk_size) {
         release_list(a, taken);
         release_list(a, a->spare);
@@ -457,7 +566,9 @@ int knhk_arena_reset(knhk_arena *a) {
         last->next = a->spare;
         a->spare = taken;
     }
-    a->current = NULL;
+    /* What the next batch may need, twice over; the rest goes back. */
+    uint64_t keep = RETAIN_FACTOR * (target > a->next_chunk_size ? target : a->next_chunk_size);
+    trim_spares(a, keep);
     a->head.cur = a->head.end = 0;
     a->used_before = 0;
     a->batch_high = 0;
@@ -468,6 +579,7 @@ int knhk_arena_reset(knhk_arena *a) {
 int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out) {
     if (!is_owner(a)) return not_owner("arena statistics");
     note_high_water(a);
+    reclaim_pinned(a);
     knhk_arena_stats st = {
         .allocations = a->head.allocations,
         .reallocations = a->reallocations,
@@ -481,6 +593,8 @@ int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out) {
         .resets = a->resets,
         .huge_page_chunks = a->huge_page_chunks,
         .next_chunk_size = a->next_chunk_size,
+        .pinned_chunks = a->pinned_chunks,
+        .pinned_bytes = a->pinned_bytes,
     };
     *out = st;
     return KNHK_OK;
@@ -503,10 +617,9 @@ void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations) {
     }
 }
 
-/* ------------------------------------------------------------------ numpy glue helpers */
+/* ------------------------------------------------------------------ references for other holders */
 
-/* Take a reference for a numpy handler (owner thread, open arena only). */
-int _knhk_arena_ref(knhk_arena *a) {
+int knhk_arena_retain(knhk_arena *a) {
     if (!is_owner(a)) return not_owner("arena numpy scope");
     if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
         _knhk_set_error("numpy scope on a closed arena");
@@ -516,7 +629,7 @@ int _knhk_arena_ref(knhk_arena *a) {
     return KNHK_OK;
 }
 
-void _knhk_arena_unref(knhk_arena *a) { unref(a); }
+void knhk_arena_release(knhk_arena *a) { unref(a); }
 
 /* ------------------------------------------------------------------ NUMA placement */
 
@@ -527,8 +640,8 @@ int knhk_arena_set_numa(knhk_arena *a, const knhk_numa_spec *spec) {
         a->numa_words = 0;
         return KNHK_OK;
     }
-    if (spec->mode < KNHK_NUMA_DEFAULT || spec->mode > KNHK_NUMA_LOCAL ||
-        spec->mask_words > KNHK_NUMA_MAX_NODES / 64 || (spec->mask_words && spec->mask == NULL)) {
+    if (spec->mode < KNHK_NUMA_DEFAULT || spec->mode > KNHK_NUMA_LOCAL || spec->mask_words > KNHK_NUMA_MAX_NODES / 64 ||
+        (spec->mask_words && spec->mask == NULL)) {
         _knhk_set_error("arena NUMA placement: mode %d with %zu mask words is not a placement", spec->mode,
                         spec->mask_words);
         return KNHK_ERR_INVALID;

@@ -473,7 +473,7 @@ static int64_t je_size(knhk_backend *b, const char *name) {
 
 int knhk_backend_native_stats(const knhk_backend *cb, knhk_native_stats *out) {
     knhk_backend *b = (knhk_backend *)cb;
-    knhk_native_stats st = {-1, -1, -1, -1, -1};
+    knhk_native_stats st = {-1, -1, -1, -1, -1, -1, -1, -1};
     switch (b->id) {
     case KNHK_BACKEND_JEMALLOC: {
         /* jemalloc caches its statistics; writing "epoch" refreshes them. */
@@ -484,6 +484,8 @@ int knhk_backend_native_stats(const knhk_backend *cb, knhk_native_stats *out) {
         st.active = je_size(b, "stats.active");
         st.resident = je_size(b, "stats.resident");
         st.mapped = je_size(b, "stats.mapped");
+        st.metadata = je_size(b, "stats.metadata");
+        st.retained = je_size(b, "stats.retained");
         break;
     }
     case KNHK_BACKEND_MIMALLOC: {
@@ -498,6 +500,7 @@ int knhk_backend_native_stats(const knhk_backend *cb, knhk_native_stats *out) {
         struct mallinfo2 mi = mallinfo2();
         st.allocated = (int64_t)mi.uordblks + (int64_t)mi.hblkhd;
         st.mapped = (int64_t)mi.arena + (int64_t)mi.hblkhd;
+        st.free_bytes = (int64_t)mi.fordblks;
         break;
     }
     }

@@ -1,6 +1,20 @@
-"""Build script for the C core: joins native/knhk.h (the cdef) and native/*.c.
+"""Build script: the C core, its cffi binding and the CPython fast-path module.
 
-cffi out-of-line API mode. The module is ``knhk_memory._native``.
+Three binaries, one per layer, each linking only the one below it:
+
+- ``knhk_memory/libknhk*.so``: the C core, native/*.c, a plain shared library
+  with no Python in it. It exports what knhk.h and knhk_hotops.h declare and
+  nothing else (-fvisibility=hidden, the headers' visibility pragmas), so the
+  process has one copy of its state (backends, SIMD level, stripes) whoever
+  calls it.
+- ``knhk_memory._native``: the cffi binding (out-of-line API mode) of those two
+  headers' cdef regions. Python reaches the core through it (``_core.py``).
+- ``knhk_memory._fast``: the CPython fast paths, native/cpython/*.c
+  (METH_FASTCALL builtins, numpy's NEP 49 handlers), on the public C API only.
+
+Both modules find the core beside them (RUNPATH ``$ORIGIN``); setup.py's
+``build_ext`` builds the core first (:func:`core_extension`,
+:func:`fast_extension`, :func:`link_to_core`).
 
 Switches are environment variables, read here and nowhere else:
 
@@ -23,12 +37,28 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-import numpy
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent
 HEADER = NATIVE / "knhk.h"
+HEADERS = (HEADER, NATIVE / "knhk_hotops.h")
+CORE_NAME = "knhk_memory.libknhk"
+FAST_NAME = "knhk_memory._fast"
+CORE_LIBRARIES = ["dl", "pthread", "m"]
+
+
+def version() -> str:
+    """The package version, written once: ``__version__`` in knhk_memory/_version.py
+    (pyproject.toml reads the same through ``[tool.setuptools.dynamic]``)."""
+    import ast
+
+    tree = ast.parse((NATIVE.parent / "knhk_memory" / "_version.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return str(ast.literal_eval(node.value))
+    raise RuntimeError("knhk_memory/_version.py does not assign __version__")
 
 
 def cdef_text(header: str) -> str:
@@ -39,7 +69,7 @@ def cdef_text(header: str) -> str:
     """
     match = re.search(r"/\* KNHK_CDEF_BEGIN \*/(.*?)/\* KNHK_CDEF_END \*/", header, re.S)
     if match is None:
-        raise SystemExit(f"{HEADER}: KNHK_CDEF_BEGIN/END markers not found")
+        raise SystemExit("a native/ header lacks its KNHK_CDEF_BEGIN/END markers")
     macros = sorted(set(re.findall(r"^#define (KNHK_[A-Z0-9_]+)[ \t]+\S", header, re.M)))
     return match.group(1) + "".join(f"#define {name} ...\n" for name in macros)
 
@@ -78,7 +108,8 @@ def portable() -> bool:
 
 
 def compile_args() -> list[str]:
-    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+    args = ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden",
+            f'-DKNHK_VERSION_STRING="{version()}"']
     if portable():
         args.append("-DKNHK_PORTABLE=1")
     if _accepted(JCC_FLAG):
@@ -99,27 +130,56 @@ def link_args() -> list[str]:
     return [f"-fsanitize={sanitize}"] if sanitize else []
 
 
-# numpy's C headers need the full C API, which cffi's default Py_LIMITED_API
-# would hide. (Module-level, like compile_args(), so scripts/cross_check.sh
-# compiles with exactly these.)
-DEFINE_MACROS = [("_CFFI_NO_LIMITED_API", None), ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
-                 ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")]
-INCLUDE_DIRS = [str(NATIVE), numpy.get_include()]
+def _relative(paths: list[Path]) -> list[str]:
+    cwd = Path.cwd()
+    return [str(p.relative_to(cwd)) if p.is_relative_to(cwd) else str(p) for p in paths]
+
+
+CORE_SOURCES = sorted(NATIVE.glob("*.c"))
+FAST_SOURCES = sorted((NATIVE / "cpython").glob("*.c"))
+# numpy's C headers, for the fast-path module only (the core has no Python).
+# (Module-level, like compile_args(), so scripts/cross_check.sh compiles with exactly these.)
+FAST_DEFINE_MACROS = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                      ("NPY_TARGET_VERSION", "NPY_2_0_API_VERSION")]
+INCLUDE_DIRS = [str(NATIVE)]
+
+
+def core_extension() -> Any:
+    """The C core as a shared library (built like an extension; never imported)."""
+    from setuptools import Extension
+
+    return Extension(CORE_NAME, sources=_relative(CORE_SOURCES), include_dirs=INCLUDE_DIRS,
+                     libraries=CORE_LIBRARIES, extra_compile_args=compile_args(), extra_link_args=link_args())
+
+
+def fast_extension() -> Any:
+    """knhk_memory._fast, linked to the core by :func:`link_to_core`."""
+    import numpy
+    from setuptools import Extension
+
+    return Extension(FAST_NAME, sources=_relative(FAST_SOURCES), include_dirs=[*INCLUDE_DIRS, numpy.get_include()],
+                     define_macros=FAST_DEFINE_MACROS, extra_compile_args=compile_args(),
+                     extra_link_args=link_args())
+
+
+def link_to_core(ext: Any, core_file: str) -> None:
+    """Make ``ext`` (built into the same directory) load the core beside it."""
+    folder, name = os.path.split(core_file)
+    ext.library_dirs = [*ext.library_dirs, folder]
+    ext.extra_link_args = [*ext.extra_link_args, f"-l:{name}", "-Wl,-rpath,$ORIGIN"]
+
+
+def core_soname(ext: Any, core_file: str) -> None:
+    ext.extra_link_args = [*ext.extra_link_args, f"-Wl,-soname,{os.path.basename(core_file)}"]
+
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_text(HEADER.read_text()))
+ffibuilder.cdef("".join(cdef_text(h.read_text()) for h in HEADERS))
 ffibuilder.set_source(
     "knhk_memory._native",
-    '#include "knhk.h"\n',
-    sources=[str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
-             for p in sorted(NATIVE.glob("*.c"))],
+    '#include "knhk.h"\n#include "knhk_hotops.h"\n',
     include_dirs=INCLUDE_DIRS,
-    define_macros=DEFINE_MACROS,
     py_limited_api=False,
-    libraries=["dl", "pthread", "m"],
     extra_compile_args=compile_args(),
     extra_link_args=link_args(),
 )
-
-if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(NATIVE.parent / "build" / "cffi"), verbose=True)

@@ -1,10 +1,13 @@
 /*
  * knhk.h -- the public C API of knhk-memory.
  *
- * One header, one prefix (knhk_). The text between the KNHK_CDEF markers is
- * read verbatim by native/build_native.py as the cffi cdef, so it must stay
- * plain declarations: no preprocessor conditionals, no inline functions.
- * Internal helpers live in knhk_internal.h with the _knhk_ prefix.
+ * One header, one prefix (knhk_), no Python: what an engine written in C, or
+ * any language's FFI, calls. The text between the KNHK_CDEF markers is read
+ * verbatim by native/build_native.py as the cffi cdef, so it must stay plain
+ * declarations: no preprocessor conditionals, no inline functions. Internal
+ * helpers live in knhk_internal.h with the _knhk_ prefix; the tick harness's
+ * operations and the benchmarks' fixtures in knhk_hotops.h. The CPython
+ * fast-path module (knhk_memory._fast, native/cpython/) uses this API only.
  */
 #ifndef KNHK_H
 #define KNHK_H
@@ -160,6 +163,9 @@ extern "C" {
 /* Most nodes a mask passed to the NUMA calls may name (64-bit words x 64). */
 #define KNHK_NUMA_MAX_NODES 1024
 
+/* Everything declared between the markers is exported from the core's shared
+   library; everything else in native/ is built hidden (-fvisibility=hidden). */
+#pragma GCC visibility push(default)
 /* KNHK_CDEF_BEGIN */
 
 /* ---------------------------------------------------------------- status */
@@ -235,6 +241,9 @@ typedef struct {
     int64_t resident;      /* bytes resident for the allocator (or process RSS), or -1 */
     int64_t mapped;        /* bytes mapped or committed, or -1 */
     int64_t peak_resident; /* peak RSS / peak commit, or -1 */
+    int64_t metadata;      /* bytes of the allocator's own bookkeeping (jemalloc stats.metadata), or -1 */
+    int64_t retained;      /* bytes of address space kept but given back to the OS (jemalloc stats.retained), or -1 */
+    int64_t free_bytes;    /* bytes free inside the allocator's heaps, not given back (glibc fordblks), or -1 */
 } knhk_native_stats;
 
 /* Load a backend once and for all (libraries are never unloaded, so a block
@@ -273,23 +282,6 @@ int knhk_backend_native_stats(const knhk_backend *b, knhk_native_stats *out);
 /* Return unused memory to the OS: malloc_trim, jemalloc purge, mi_collect. */
 int knhk_backend_release_unused(const knhk_backend *b);
 
-/* Hot-path operation: one 64-byte knhk_malloc + knhk_free pair.
-   ctx: the const knhk_backend *. */
-void knhk_backend_hotop_malloc_free(void *ctx, uint64_t iterations);
-
-/* ---------------------------------------------------------------- numpy (NEP 49) */
-
-/* Make `b` numpy's data-memory handler in the calling thread's context
-   (numpy keeps it in a contextvar). Returns a token holding the previous
-   handler, to give to knhk_numpy_handler_restore, or NULL with *status set.
-   Takes the GIL itself. */
-void *knhk_numpy_handler_push(const knhk_backend *b, int *status);
-/* Put back the handler a token holds, and release the token. */
-int knhk_numpy_handler_restore(void *token);
-/* Release a token without restoring it. */
-void knhk_numpy_handler_discard(void *token);
-/* The handler name numpy reports for arrays allocated through `b`. */
-const char *knhk_numpy_handler_name(const knhk_backend *b);
 
 /* ---------------------------------------------------------------- ticks */
 
@@ -340,7 +332,6 @@ uint64_t knhk_ticks_now(void);
 /* Time fn(ctx, iterations) in params->batches batches; see knhk_ticks_result. */
 int knhk_ticks_measure(knhk_hotop_fn fn, void *ctx, const knhk_ticks_params *params, knhk_ticks_result *out);
 /* Hot-path operation: nothing, in the loop every hot op has (the harness's baseline). */
-void knhk_ticks_hotop_empty(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- once */
 
 /* A once-cell: a value set exactly once, read with one acquire load.
@@ -371,8 +362,6 @@ int knhk_once_set(knhk_once *o, void *value);
    deadlocking. A cell whose initialiser ran in a thread that fork() left
    behind is reset in the child, so the child does not hang. */
 int knhk_once_run(knhk_once *o, knhk_once_init_fn init, void *arg, void **value_out);
-/* Hot-path operation: one knhk_once_get of a full cell. ctx: the knhk_once *. */
-void knhk_once_hotop_read(void *ctx, uint64_t iterations);
 
 /* ---------------------------------------------------------------- registry */
 
@@ -404,9 +393,6 @@ int knhk_registry_is_frozen(const knhk_registry *r);
 uint32_t knhk_registry_count(const knhk_registry *r);
 /* The pattern numbered id, or NULL (unknown or out of range). */
 const knhk_pattern *knhk_registry_lookup(const knhk_registry *r, uint32_t id);
-/* Hot-path operation: knhk_registry_lookup of ids cycling over [1, max_id].
-   ctx: a frozen knhk_registry *. */
-void knhk_registry_hotop_lookup(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- counters */
 
 /* A counter block lives in memory the caller provides (private, a file or
@@ -494,19 +480,6 @@ int knhk_counters_pattern_record_many(knhk_counters *c, const int64_t *patterns,
    is 0 for a pattern never recorded. out must hold 4*KNHK_PATTERN_COUNT. */
 int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t len);
 
-/* Hot-path operation: knhk_counters_add(ctx, 0, 1). ctx: a knhk_counters *. */
-void knhk_counters_hotop_add(void *ctx, uint64_t iterations);
-/* Hot-path operations: knhk_counters_writer_add(w, 0, 1) with w the calling
-   thread's writer for ctx (a knhk_counters *), fetched once per call; the
-   add inlined as in a caller inside the library, and (_call) through a
-   function pointer, as a caller in another shared object pays for it. */
-void knhk_counters_hotop_writer_add(void *ctx, uint64_t iterations);
-void knhk_counters_hotop_writer_add_call(void *ctx, uint64_t iterations);
-/* False-sharing benchmark: two threads each add 1 `iterations` times to
-   their own counter, the two counters KNHK_CACHE_LINE apart (padded != 0)
-   or adjacent. atomic_rmw != 0 uses lock-prefixed adds instead of the
-   owner's load+store. Wall time in ns into *elapsed_ns. */
-int knhk_counters_bench_false_sharing(uint64_t iterations, int padded, int atomic_rmw, uint64_t *elapsed_ns);
 /* ------------------------------------------------ arena */
 
 /* A bump allocator over chunks taken from a backend. Allocation, reset and
@@ -529,6 +502,8 @@ typedef struct {
     uint64_t resets;
     uint64_t huge_page_chunks; /* chunks madvise(MADV_HUGEPAGE) accepted */
     uint64_t next_chunk_size;  /* size of the next chunk taken from the backend */
+    uint64_t pinned_chunks;    /* chunks a reset set aside because blocks in them live */
+    uint64_t pinned_bytes;     /* their bytes */
 } knhk_arena_stats;
 
 /* chunk_size: first chunk, in [KNHK_ARENA_MIN_CHUNK, KNHK_ARENA_MAX_CHUNK];
@@ -537,8 +512,10 @@ typedef struct {
    The calling thread becomes the owner. No backend call is made yet. */
 int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk_size, int huge_pages,
                       knhk_arena **out);
-/* Drop the owner's reference: no allocation succeeds afterwards; the memory
-   is returned when the last numpy handler and counted block are gone too. */
+/* Drop the owner's reference: no allocation succeeds afterwards. Called by
+   the owner, chunks without a live counted block go back to the backend at
+   once (uncounted blocks die with the close); the rest, and the arena, when
+   the last numpy handler and counted block are gone too. */
 void knhk_arena_close(knhk_arena *a);
 /* A block of size bytes (0 is served as 1) aligned to align (a power of two
    up to KNHK_MAX_ALIGN), or NULL with *status set (status may be NULL).
@@ -552,23 +529,23 @@ void *knhk_arena_block_alloc(knhk_arena *a, size_t size, size_t align, int *stat
 void *knhk_arena_block_realloc(knhk_arena *a, void *ptr, size_t size, int *status);
 /* Release a counted block; any thread. May return the arena's memory. */
 void knhk_arena_block_free(knhk_arena *a, void *ptr);
-/* Make every byte available again, keeping the chunks (KNHK_ERR_STATE while
-   counted blocks are live or from another thread than the owner). */
+/* Start the next batch: every chunk without a live counted block is
+   recycled (spares beyond twice the batch's need go back to the backend);
+   a chunk with live blocks is pinned -- kept, untouched, never bumped into
+   -- until its last block is freed. Uncounted blocks (knhk_arena_alloc) are
+   dead after a reset. KNHK_ERR_STATE from another thread than the owner or
+   on a closed arena. */
 int knhk_arena_reset(knhk_arena *a);
 int knhk_arena_stats_get(knhk_arena *a, knhk_arena_stats *out);
+/* Take a reference on an open arena for a holder other than its owner (a
+   numpy data handler, say): owner thread only, KNHK_ERR_STATE once closed.
+   The arena's memory stays until every reference is released. */
+int knhk_arena_retain(knhk_arena *a);
+/* Drop a reference taken with knhk_arena_retain; any thread. */
+void knhk_arena_release(knhk_arena *a);
 /* Whether the kernel offers madvise(MADV_HUGEPAGE) (THP not "never"). */
 int knhk_arena_huge_pages_available(void);
 
-/* Hot-path operation: one 64-byte, 16-aligned allocation from an arena with
-   room (a reset, amortised, whenever the current chunk is full).
-   ctx: a knhk_arena * owned by the calling thread. */
-void knhk_arena_hotop_alloc(void *ctx, uint64_t iterations);
-
-/* Make numpy allocate array data from the arena in the calling thread's
-   context (a NEP 49 handler holding a reference on the arena). Returns the
-   previous handler as a token for knhk_numpy_handler_restore, or NULL with
-   *status set. Takes the GIL itself. */
-void *knhk_numpy_arena_handler_push(knhk_arena *a, int *status);
 /* ---------------------------------------------------------------- workflow store */
 
 /* A read-only view of a store file the caller has mapped (or read) at
@@ -594,12 +571,6 @@ typedef struct {
     uint64_t seed;
 } knhk_store_info;
 
-/* For knhk_store_hotop_probe: one present key of an open store. */
-typedef struct {
-    knhk_store *store;
-    const char *key;
-    size_t key_len;
-} knhk_store_probe_ctx;
 
 /* XXH64 of data[0, len). The store's key hash and every checksum. */
 uint64_t knhk_store_hash(const void *data, size_t len, uint64_t seed);
@@ -618,6 +589,9 @@ void knhk_store_get_info(const knhk_store *s, knhk_store_info *out);
    bounds or checksum (knhk_last_error() says where). A record's checksum is
    checked the first time it is read. Thread-safe. */
 int64_t knhk_store_find(knhk_store *s, const char *key, size_t len);
+/* As knhk_store_find, the span unpacked: 0 with *off and *vlen set (the value
+   is base[*off, *off + *vlen)), or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
+int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *off, uint64_t *vlen);
 /* The same, with the span in span[0] (offset) and span[1] (length). */
 int64_t knhk_store_find_span(knhk_store *s, const char *key, size_t len, uint64_t *span);
 
@@ -654,17 +628,6 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
 int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
                            uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
 
-/* Install the CPython fast path into the module knhk_memory.store (which must
-   be importable): the builtins _make_getter(handle_address, view, slow, owner) and
-   _detach(getter). A getter (which keeps owner alive) is a METH_FASTCALL builtin get(key, default=None)
-   that runs the probe with the GIL held (it is shorter than a GIL round trip)
-   and returns view[off:off + len]; misses on anything but an absent key go to
-   slow(key, code, default). Takes the GIL itself. */
-int knhk_store_py_install(void);
-
-/* Hot-path operation: one lookup of a present key (hash, probe, bounds
-   check, key compare). ctx: a knhk_store_probe_ctx *. */
-void knhk_store_hotop_probe(void *ctx, uint64_t iterations);
 /* ---------------------------------------------------------------- simd */
 
 /* Levels of the SIMD dispatch table. Every operation has a kernel per level;
@@ -685,6 +648,8 @@ int knhk_simd_init(void);
 /* The active level, or -1 when knhk_simd_init has failed. (Operations called
    in that state run the scalar kernels; the Python layer refuses them.) */
 int knhk_simd_level(void);
+/* 1 once a level is active (scans may run), 0 while none is (a bad KNHK_SIMD). */
+int knhk_simd_ready(void);
 /* The level "auto" means here: the highest this machine supports, except
    that avx512 is passed over on a core with KNHK_CPU_AVX512_DOWNCLOCK (there
    a 512-bit kernel costs the rest of the program more than it saves; force
@@ -776,44 +741,16 @@ uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, 
 size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
                                  size_t from, int64_t *out, size_t cap, size_t *next);
 
-/* Hot-path operations (knhk_hotop_fn). search_64: a 16-byte needle in a
-   64-byte window (match in the last candidate) through a needle prepared at
-   setup (`prepared`, from knhk_simd_needle_new on `needle`): the kernel
-   pointer is fetched once per batch, every iteration is a full search. */
-typedef struct {
-    uint8_t window[64];
-    uint8_t needle[16];
-    int64_t result;
-    knhk_simd_needle *prepared;
-} knhk_simd_search64_ctx;
-void knhk_simd_hotop_search_64(void *ctx, uint64_t iterations);
-/* The same search through the dispatched knhk_simd_find (needle not
-   prepared), for comparison; same ctx (`prepared` unused). */
-void knhk_simd_hotop_search_64_dispatch(void *ctx, uint64_t iterations);
 
-/* count_eq_4k: knhk_simd_count_eq over 1024 uint32 ids (4 KiB). */
-typedef struct {
-    uint32_t ids[1024];
-    uint32_t value;
-    uint64_t result;
-} knhk_simd_count4k_ctx;
-void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
+/* ---------------------------------------------------------------- the process allocator (issue 21) */
 
-/* Install the CPython fast paths of knhk_memory.simd (simd_py.c) into that
-   module (which must be importable): the builtins _make_fast(kind, slow) and
-   _make_needle_method(kind, needle_address, owner, slow), kind 0 = find and
-   1 = count. They are METH_FASTCALL builtins that take bytes, bytearray or any
-   C-contiguous buffer and int/None bounds, scan with the GIL held below
-   64 KiB (a GIL round trip costs more) and without it above; any other
-   argument goes to slow(*args, **kwargs) (conversions, errors). Takes the
-   GIL itself. */
-int knhk_simd_py_install(void);
-
-/* The median over `reps` batches of the ticks one call of fn(ctx, 1) costs,
-   each batch timing fn(ctx, batch) with knhk_ticks_now (the TSC on x86_64,
-   nanoseconds in a KNHK_PORTABLE build). reps is clamped to [1, 1001];
-   batch 0 counts as 1. */
-double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
+/* The path of the shared object whose malloc this process calls: an
+   allocator preloaded by knhk-memory run (LD_PRELOAD), else libc. The path is
+   as the loader recorded it (not resolved through symlinks), truncated to
+   len - 1 bytes. KNHK_ERR_INVALID for a NULL or empty buffer,
+   KNHK_ERR_UNSUPPORTED when the loader cannot say. */
+int knhk_process_malloc_owner(char *buf, size_t len);
+/* ---------------------------------------------------------------- end of issue 21 */
 
 /* ---------------------------------------------------------------- pools (issue 19, native/pool.c) */
 
@@ -862,8 +799,7 @@ uint64_t knhk_pool_size_class(size_t block_size, size_t align);
    block, kept beside the region so a write after free cannot forge it). */
 typedef struct knhk_pool knhk_pool;
 
-int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa,
-                     knhk_pool **out);
+int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa, knhk_pool **out);
 /* Stop serving blocks (alloc and free then return KNHK_POOL_CLOSED). The
    memory stays until knhk_pool_destroy, so views into it never dangle. */
 void knhk_pool_close(knhk_pool *p);
@@ -891,8 +827,6 @@ void knhk_pool_stats_get(const knhk_pool *p, knhk_pool_stats *out);
    Python layer, where an integer converts faster than a pointer. */
 uint64_t knhk_pool_alloc_addr(knhk_pool *p, int *problem);
 int knhk_pool_free_addr(knhk_pool *p, uint64_t addr);
-/* Hot-path operation: one knhk_pool_alloc + knhk_pool_free pair. ctx: knhk_pool * (owner thread). */
-void knhk_pool_hotop_alloc_free(void *ctx, uint64_t iterations);
 
 /* LockFreePool: the same geometry and checks (but any thread may use it), the
    free list a Treiber stack (R. K. Treiber, "Systems Programming: Coping with
@@ -961,30 +895,6 @@ void knhk_tlpool_stats_get(const knhk_tlpool *p, knhk_pool_stats *out);
    to the next thread's blocks (cross-thread); checks as knhk_lfpool_stress. */
 int knhk_tlpool_stress(knhk_tlpool *p, uint32_t threads, uint64_t iterations, uint64_t *ops);
 
-/* Throughput comparison in C (benches/bench_pools.py): `threads` pthreads
-   each run `iterations` rounds of 8 allocations then 8 frees of block_size
-   bytes from one shared allocator of `kind` (KNHK_POOL_BENCH_*; `backend`
-   for KNHK_POOL_BENCH_BACKEND), capacity blocks for the pools. *seconds gets
-   the wall time from the first thread's start to the last one's end. */
-int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uint64_t iterations,
-                    size_t block_size, uint64_t capacity, double *seconds);
-/* Latency of single allocations (benches: the "deterministic" figure):
-   `rounds` times, allocate n blocks of block_size one at a time from a fresh
-   FixedPool (kind KNHK_POOL_BENCH_FIXED, capacity n) or the backend (kind
-   KNHK_POOL_BENCH_BACKEND), reading knhk_ticks_now() before and after each,
-   then free them all (untimed). ticks[r * n + i] gets each allocation's
-   ticks, timer included; kind KNHK_POOL_BENCH_EMPTY times nothing, which
-   gives the timer's own cost. */
-int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, uint64_t n, uint32_t rounds,
-                      uint64_t *ticks);
-
-/* Install the CPython fast path of knhk_memory.pools (pool_py.c) into that
-   module (which must be importable): the builtin _make_fast(kind,
-   pool_address, owner) -> (alloc, free), METH_FASTCALL builtins calling the
-   *_addr functions with the GIL held; failures call owner._raise(problem,
-   what[, addr]), non-int addresses owner._slow_free(addr). Takes the GIL itself. */
-int knhk_pool_py_install(void);
-
 /* ---------------------------------------------------------------- NUMA (issue 19, native/numa.c) */
 
 /* mbind(2) on [addr, addr + len) (addr page-aligned): mode KNHK_NUMA_*, mask
@@ -1009,6 +919,7 @@ int knhk_arena_set_numa(knhk_arena *a, const knhk_numa_spec *spec);
 int knhk_arena_numa_counts(knhk_arena *a, uint64_t *placed, uint64_t *refused);
 
 /* KNHK_CDEF_END */
+#pragma GCC visibility pop
 
 #ifdef __cplusplus
 }

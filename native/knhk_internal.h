@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "knhk.h"
+#include "knhk_hotops.h"
 
 #define _knhk_likely(x) __builtin_expect(!!(x), 1)
 #define _knhk_unlikely(x) __builtin_expect(!!(x), 0)
@@ -39,12 +40,6 @@ static inline void _knhk_copy_message(char *buf, size_t len, const char *msg) {
 
 /* Record a message for knhk_last_error() in the calling thread. */
 void _knhk_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-/* py_install.c: set `count` METH_FASTCALL builtins from `defs` on the Python
-   module `module` (store_py.c, simd_py.c); `what` names the fast path in the
-   error. The struct is CPython's PyMethodDef; this header does not include Python.h. */
-struct PyMethodDef;
-int _knhk_py_install(const char *module, struct PyMethodDef *defs, size_t count, const char *what);
 
 /* ---- striping
  * A thread gets a stripe index on first use, round-robin, and keeps it. Cells
@@ -100,31 +95,11 @@ static inline void *_knhk_arena_bump(_knhk_arena_head *h, size_t size, size_t al
     return (void *)(cur + pad);
 }
 
-/* Arena references held by numpy handlers (arena.c, used by numpy_handler.c). */
-int _knhk_arena_ref(knhk_arena *a);
-void _knhk_arena_unref(knhk_arena *a);
-/* ---- workflow store
- * The probe behind knhk_store_find, for store_py.c's getter: 0 with the value
- * span in voff and vlen, or KNHK_STORE_ABSENT / KNHK_STORE_BROKEN. */
-int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen);
-
-/* ---- simd
- * Whether the SIMD dispatch table is set (initialised, or a level forced), for
- * simd_py.c: when it is not, the Python layer must raise, not scan. */
-bool _knhk_simd_ready(void);
-
 /* ticks.c: the median of v[0..n) (sorts v in place; the mean of the middle
    two when n is even). */
 double _knhk_median_of(double *v, size_t n);
 
-/* ---- numpy
- * Import numpy's C API table (_knhk_numpy_array_api, filled in by
- * numpy_handler.c, the one file that includes numpy without NO_IMPORT_ARRAY);
- * 0 or -1 with a Python exception set. Call with the GIL held. */
-int _knhk_numpy_ready(void);
-
 /* ---- NUMA (numa.c): knhk_numa_mbind with mbind(2) flags (MPOL_MF_MOVE = 2). */
-int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words,
-                           unsigned flags);
+int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words, unsigned flags);
 
 #endif /* KNHK_INTERNAL_H */

@@ -64,9 +64,10 @@ static int check_policy(int mode, const uint64_t *mask, size_t mask_words, unsig
 
 static int refused(const char *what, int mode, int err) {
     _knhk_set_error("%s(%s) refused by the kernel: %s (errno %d)%s", what, mode_name(mode), strerror(err), err,
-                    err == ENOSYS ? ": this kernel has no NUMA support"
-                    : err == EPERM ? ": not permitted here (a seccomp filter, or CAP_SYS_NICE missing)"
-                    : err == EINVAL ? ": a node in the mask is not online" : "");
+                    err == ENOSYS   ? ": this kernel has no NUMA support"
+                    : err == EPERM  ? ": not permitted here (a seccomp filter, or CAP_SYS_NICE missing)"
+                    : err == EINVAL ? ": a node in the mask is not online"
+                                    : "");
     return err == EINVAL ? KNHK_ERR_INVALID : KNHK_ERR_UNAVAILABLE;
 }
 
@@ -74,8 +75,7 @@ int knhk_numa_mbind(void *addr, size_t len, int mode, const uint64_t *mask, size
     return _knhk_numa_mbind_flags(addr, len, mode, mask, mask_words, 0);
 }
 
-int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words,
-                           unsigned flags) {
+int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words, unsigned flags) {
     unsigned long maxnode;
     int st = check_policy(mode, mask, mask_words, &maxnode, "mbind");
     if (st != KNHK_OK) return st;

@@ -38,9 +38,7 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void on_fork_child(void) { atomic_fetch_add_explicit(&fork_generation, 1, memory_order_relaxed); }
 static void register_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
 
-static inline uint64_t current_generation(void) {
-    return atomic_load_explicit(&fork_generation, memory_order_relaxed);
-}
+static inline uint64_t current_generation(void) { return atomic_load_explicit(&fork_generation, memory_order_relaxed); }
 
 /* The address of a thread-local byte identifies the thread: one TLS address
    computation, no call (pthread_self is a call into libc). */
@@ -82,8 +80,8 @@ uint64_t knhk_pool_size_class(size_t block_size, size_t align) {
     return 0;
 }
 
-static int geometry_init(geometry *g, size_t block_size, uint64_t capacity, size_t align,
-                         const knhk_numa_spec *numa, const char *what) {
+static int geometry_init(geometry *g, size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa,
+                         const char *what) {
     memset(g, 0, sizeof *g);
     uint64_t stride = knhk_pool_size_class(block_size, align);
     if (stride == 0) return KNHK_ERR_INVALID;
@@ -93,9 +91,8 @@ static int geometry_init(geometry *g, size_t block_size, uint64_t capacity, size
         return KNHK_ERR_INVALID;
     }
     if (capacity > KNHK_POOL_MAX_BYTES / stride) {
-        _knhk_set_error("%s of %llu blocks of %llu bytes (size class of %zu) needs more than the %zu-byte limit",
-                        what, (unsigned long long)capacity, (unsigned long long)stride, block_size,
-                        KNHK_POOL_MAX_BYTES);
+        _knhk_set_error("%s of %llu blocks of %llu bytes (size class of %zu) needs more than the %zu-byte limit", what,
+                        (unsigned long long)capacity, (unsigned long long)stride, block_size, KNHK_POOL_MAX_BYTES);
         return KNHK_ERR_INVALID;
     }
     long page = sysconf(_SC_PAGESIZE);
@@ -205,8 +202,7 @@ struct knhk_pool {
     geometry g;
 };
 
-int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa,
-                     knhk_pool **out) {
+int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa, knhk_pool **out) {
     if (out == NULL) return KNHK_ERR_INVALID;
     *out = NULL;
     knhk_pool *p = calloc(1, sizeof *p);
@@ -445,9 +441,9 @@ typedef struct {
     int me;
 } vthread;
 static void yield_point(vthread *y);
-#define YIELD(y)                                                                                               \
-    do {                                                                                                       \
-        if ((y) != NULL) yield_point(y);                                                                       \
+#define YIELD(y)                         \
+    do {                                 \
+        if ((y) != NULL) yield_point(y); \
     } while (0)
 
 /* The Treiber stack: head = tag << 32 | (block + 1), links in a side array. */
@@ -475,8 +471,7 @@ static inline __attribute__((always_inline)) int64_t treiber_pop(treiber *t, vth
     }
 }
 
-static inline __attribute__((always_inline)) void treiber_push(treiber *t, uint64_t i, vthread *y,
-                                                               uint64_t taginc) {
+static inline __attribute__((always_inline)) void treiber_push(treiber *t, uint64_t i, vthread *y, uint64_t taginc) {
     uint64_t h = atomic_load_explicit(&t->head, memory_order_relaxed);
     YIELD(y);
     for (;;) {
@@ -568,9 +563,8 @@ static inline void note_in_use(knhk_lfpool *p, int64_t delta) {
     int64_t n = atomic_fetch_add_explicit(&p->in_use, delta, memory_order_relaxed) + delta;
     if (delta > 0) {
         uint64_t hw = atomic_load_explicit(&p->high_water, memory_order_relaxed);
-        while ((uint64_t)n > hw &&
-               !atomic_compare_exchange_weak_explicit(&p->high_water, &hw, (uint64_t)n, memory_order_relaxed,
-                                                      memory_order_relaxed)) {
+        while ((uint64_t)n > hw && !atomic_compare_exchange_weak_explicit(&p->high_water, &hw, (uint64_t)n,
+                                                                          memory_order_relaxed, memory_order_relaxed)) {
         }
     }
 }
@@ -699,8 +693,8 @@ static void *lf_stress_thread(void *arg) {
             if (stamp != want && !a->fault[0])
                 snprintf(a->fault, sizeof a->fault,
                          "thread %u round %llu: block %p was overwritten while held (stamp %llx, expected %llx): "
-                         "handed to two threads at once", a->id, (unsigned long long)r, held[k],
-                         (unsigned long long)stamp, (unsigned long long)want);
+                         "handed to two threads at once",
+                         a->id, (unsigned long long)r, held[k], (unsigned long long)stamp, (unsigned long long)want);
             int rc = knhk_lfpool_free(a->lf, held[k]);
             if (rc != KNHK_POOL_OK && !a->fault[0])
                 snprintf(a->fault, sizeof a->fault, "thread %u: free failed: %s", a->id, problem_text(rc));
@@ -826,8 +820,10 @@ static void *model_thread(void *arg) {
         }
         int h = atomic_load_explicit(&a->holder[i], memory_order_relaxed);
         if (h != 0) {
-            snprintf(a->fault, sizeof a->fault, "block %lld handed to virtual thread %d while thread %d held it "
-                     "(step %llu)", (long long)i, a->v.me, h - 1, (unsigned long long)s->steps);
+            snprintf(a->fault, sizeof a->fault,
+                     "block %lld handed to virtual thread %d while thread %d held it "
+                     "(step %llu)",
+                     (long long)i, a->v.me, h - 1, (unsigned long long)s->steps);
             break;
         }
         atomic_store_explicit(&a->holder[i], a->v.me + 1, memory_order_relaxed);
@@ -907,7 +903,8 @@ int knhk_lfpool_model_check(uint64_t seed, uint32_t threads, uint32_t ops, uint3
         while (top != 0 && count <= capacity) {
             if (top > capacity || seen[top - 1]) {
                 _knhk_set_error("seed %llu: the free list is corrupt at block %u after the run (a cycle or a "
-                                "block listed twice)", (unsigned long long)seed, top - 1);
+                                "block listed twice)",
+                                (unsigned long long)seed, top - 1);
                 st = KNHK_ERR_STATE;
                 break;
             }
@@ -1078,8 +1075,10 @@ int knhk_tlpool_create(size_t block_size, uint64_t capacity, size_t align, uint3
     p->rnext = side_table(capacity * sizeof(uint32_t), "ThreadLocalPool");
     p->owner = p->rnext ? side_table(capacity * sizeof(uint16_t), "ThreadLocalPool") : NULL;
     if (p->owner == NULL || pthread_key_create(&p->key, cache_exit) != 0) {
-        if (p->owner == NULL) _knhk_set_error("ThreadLocalPool: no memory for its side tables");
-        else _knhk_set_error("ThreadLocalPool: no pthread key left (the process has too many)");
+        if (p->owner == NULL)
+            _knhk_set_error("ThreadLocalPool: no memory for its side tables");
+        else
+            _knhk_set_error("ThreadLocalPool: no pthread key left (the process has too many)");
         if (p->rnext) munmap((void *)p->rnext, capacity * sizeof(uint32_t));
         if (p->owner) munmap((void *)p->owner, capacity * sizeof(uint16_t));
         knhk_lfpool_destroy(p->shared);
@@ -1200,8 +1199,11 @@ int knhk_tlpool_free(knhk_tlpool *p, void *ptr) {
                        !atomic_compare_exchange_strong_explicit(&lf->state[i], &expect, 0, memory_order_relaxed,
                                                                 memory_order_relaxed))) {
         atomic_fetch_add_explicit(&my_cell(lf)->bad_frees, 1, memory_order_relaxed);
-        return report("ThreadLocalPool free", u != KNHK_POOL_OK ? u : i < 0 ? KNHK_POOL_FOREIGN
-                                                                             : KNHK_POOL_DOUBLE_FREE, ptr);
+        return report("ThreadLocalPool free",
+                      u != KNHK_POOL_OK ? u
+                      : i < 0           ? KNHK_POOL_FOREIGN
+                                        : KNHK_POOL_DOUBLE_FREE,
+                      ptr);
     }
     tlcache *c = my_cache(p);
     uint16_t o = atomic_load_explicit(&p->owner[i], memory_order_relaxed);
@@ -1369,8 +1371,8 @@ int knhk_tlpool_stress(knhk_tlpool *p, uint32_t threads, uint64_t iterations, ui
         return KNHK_ERR_NOMEM;
     }
     for (uint32_t k = 0; k < threads; k++)
-        args[k] = (tl_arg){.p = p, .id = k, .threads = threads, .iterations = iterations, .mailbox = mailbox,
-                           .ready = &ready};
+        args[k] = (tl_arg){
+            .p = p, .id = k, .threads = threads, .iterations = iterations, .mailbox = mailbox, .ready = &ready};
     pthread_t tid[64];
     uint32_t started = 0;
     for (; started < threads; started++)
@@ -1399,7 +1401,8 @@ int knhk_tlpool_stress(knhk_tlpool *p, uint32_t threads, uint64_t iterations, ui
     if (after.allocations - before.allocations != ops[0] || after.frees - before.frees != ops[1] ||
         after.in_use != before.in_use || ops[0] != ops[1]) {
         _knhk_set_error("accounting: the pool counted %llu allocations, %llu frees, %llu in use (before %llu); the "
-                        "threads made %llu and %llu", (unsigned long long)(after.allocations - before.allocations),
+                        "threads made %llu and %llu",
+                        (unsigned long long)(after.allocations - before.allocations),
                         (unsigned long long)(after.frees - before.frees), (unsigned long long)after.in_use,
                         (unsigned long long)before.in_use, (unsigned long long)ops[0], (unsigned long long)ops[1]);
         return KNHK_ERR_STATE;
@@ -1488,8 +1491,8 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uint64_t iterations,
-                    size_t block_size, uint64_t capacity, double *seconds) {
+int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uint64_t iterations, size_t block_size,
+                    uint64_t capacity, double *seconds) {
     if (threads == 0 || threads > 64 || seconds == NULL || kind < 0 || kind > KNHK_POOL_BENCH_BACKEND ||
         (kind == KNHK_POOL_BENCH_BACKEND && backend == NULL) || (kind == KNHK_POOL_BENCH_FIXED && threads != 1)) {
         _knhk_set_error("knhk_pool_bench: kind 0..4 (a backend for 4; one thread for the FixedPool), threads 1..64");
@@ -1520,8 +1523,12 @@ int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uin
     uint32_t started = 0;
     int fixed_inline = kind == KNHK_POOL_BENCH_FIXED; /* the FixedPool belongs to this thread: run it here */
     for (uint32_t k = 0; k < threads; k++)
-        args[k] = (bench_arg){.kind = kind, .target = target, .backend = backend, .block_size = block_size,
-                              .iterations = iterations, .go = &go};
+        args[k] = (bench_arg){.kind = kind,
+                              .target = target,
+                              .backend = backend,
+                              .block_size = block_size,
+                              .iterations = iterations,
+                              .go = &go};
     if (!fixed_inline)
         for (; started < threads; started++)
             if (pthread_create(&tid[started], NULL, bench_thread, &args[started]) != 0) break;
@@ -1570,8 +1577,9 @@ int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, 
         if (kind == KNHK_POOL_BENCH_FIXED && (st = knhk_pool_create(block_size, n, 8, NULL, &pool)) != KNHK_OK) break;
         for (uint64_t i = 0; i < n; i++) {
             uint64_t t0 = knhk_ticks_now();
-            void *b = kind == KNHK_POOL_BENCH_FIXED ? knhk_pool_alloc(pool, NULL)
-                      : kind == KNHK_POOL_BENCH_BACKEND ? knhk_malloc(backend, block_size) : (void *)&held[i];
+            void *b = kind == KNHK_POOL_BENCH_FIXED     ? knhk_pool_alloc(pool, NULL)
+                      : kind == KNHK_POOL_BENCH_BACKEND ? knhk_malloc(backend, block_size)
+                                                        : (void *)&held[i];
             uint64_t t1 = knhk_ticks_now();
             __asm__ volatile("" : : "r"(b) : "memory");
             ticks[(uint64_t)r * n + i] = t1 - t0;
@@ -1580,8 +1588,10 @@ int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, 
         }
         for (uint64_t i = 0; i < n; i++) {
             if (held[i] == NULL) continue;
-            if (kind == KNHK_POOL_BENCH_FIXED) knhk_pool_free(pool, held[i]);
-            else if (kind == KNHK_POOL_BENCH_BACKEND) knhk_free(backend, held[i]);
+            if (kind == KNHK_POOL_BENCH_FIXED)
+                knhk_pool_free(pool, held[i]);
+            else if (kind == KNHK_POOL_BENCH_BACKEND)
+                knhk_free(backend, held[i]);
         }
         if (pool != NULL) knhk_pool_destroy(pool);
         pool = NULL;

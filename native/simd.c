@@ -502,6 +502,7 @@ ATTR_AVX512 static size_t find_eq_avx512_u64(const void *base, size_t n, uint64_
 /* nibble_offsets[j][b]: the offsets in a block of the set bits of 4-bit
    piece b at place j (4j + bit), lowest first; unused entries are 0.
    (Generated: [4 * j + bit for bit in range(4) if b >> bit & 1].) */
+/* clang-format off: four rows of four entries read as the table they are */
 static const int64_t nibble_offsets[4][16][4] __attribute__((aligned(32))) = {
     {
      {0, 0, 0, 0}, {0, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0},
@@ -528,6 +529,7 @@ static const int64_t nibble_offsets[4][16][4] __attribute__((aligned(32))) = {
      {14, 15, 0, 0}, {12, 14, 15, 0}, {13, 14, 15, 0}, {12, 13, 14, 15},
     },
 };
+/* clang-format on */
 
 #define NIBBLE_FIND_EQ(T, W, PIECES)                                                                    \
     ATTR_AVX2 static size_t find_eq_avx2_u##W(const void *base, size_t n, uint64_t v64, size_t from,    \
@@ -973,7 +975,7 @@ int knhk_simd_set_level(int level) {
     return KNHK_OK;
 }
 
-bool _knhk_simd_ready(void) { return atomic_load_explicit(&active, memory_order_acquire) != NULL; }
+int knhk_simd_ready(void) { return atomic_load_explicit(&active, memory_order_acquire) != NULL; }
 
 __attribute__((noinline, cold)) static const simd_table *table_slow(void) {
     knhk_simd_init();

@@ -361,7 +361,7 @@ static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_
     return KNHK_STORE_ABSENT;
 }
 
-int64_t _knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
+int64_t knhk_store_lookup(knhk_store *s, const char *key, size_t len, uint64_t *voff, uint64_t *vlen) {
     return lookup(s, key, len, voff, vlen);
 }
 

@@ -3,38 +3,52 @@
 Registered in the ``knhk.plugins`` entry-point group under the name
 ``memory``. State lives in ``config.stash[STASH_KEY]``, one
 :class:`MemoryServices` per configured engine; this module keeps none.
+Process-wide settings (selected backend, numpy routing, SIMD level) are not
+set here: each engine claims them from :mod:`knhk_memory.process`, their one
+owner, and releases the claim in ``knhk_unconfigure``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from knhk_memory.allocator import (
-    Backend,
-    install_numpy_handler,
-    resolve_backend,
-    select_backend,
-    set_numpy_routing,
-)
-from knhk_memory import numa, pools, simd
+from knhk_memory import allocator, arena, counters, launcher, numa, pools, process, registry, simd
+from knhk_memory import store as store_module
+from knhk_memory.allocator import Backend, resolve_backend
 from knhk_memory.arena import Arena
 from knhk_memory.config import Config
 from knhk_memory.counters import Counters, PatternStats
 from knhk_memory.errors import (
+    AlreadyConfiguredError,
     BackendUnavailableError,
     ConfigError,
     KnhkMemoryError,
     NumaError,
-    SimdLevelError,
+    ProcessStateError,
     StoreError,
 )
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.hotpath import HotOp, PyHotOp, with_default_budgets
 from knhk_memory.registry import GlobalResourceRegistry, PatternRegistry
 from knhk_memory.store import WorkflowStore
 
 STASH_KEY = "knhk_memory.memory"
+
+# The capabilities' hot paths, held to budgets through knhk_hot_ops; their
+# default budgets and the measurements behind them are in knhk_memory/data/budgets.toml.
+BUILTIN_HOT_OPS: Sequence[Callable[[], list[Any]]] = (
+    allocator.hot_ops, allocator.py_hot_ops, registry.hot_ops, counters.hot_ops, arena.hot_ops,
+    store_module.hot_ops, simd.hot_ops, pools.hot_ops, pools.py_hot_ops,
+)
+
+
+def builtin_hot_ops() -> list[HotOp | PyHotOp]:
+    """The built-in operations as the capabilities declare them (no budgets yet)."""
+    return [op for provider in BUILTIN_HOT_OPS for op in provider()]
 
 
 class MemoryServices:
@@ -43,18 +57,28 @@ class MemoryServices:
     def __init__(self, config: Config) -> None:
         # Resolve everything first: nothing is applied if any of it fails.
         name = config.allocator.backend
+        if name == "auto" and config.allocator.scope == "process":
+            # auto in a process whose malloc is already a backend's means that
+            # backend: loading another one beside it would serve nothing.
+            name = launcher.malloc_backend_name() or name
         try:
             self.backend, self.auto_skipped = resolve_backend(name)
         except BackendUnavailableError as exc:
             raise config.error("allocator.backend", str(exc)) from None
+        # scope = "process" is checked against what the process really runs
+        # with; a mismatch refuses the configuration, it never falls back.
+        self.scope = config.allocator.scope
+        if self.scope == "process":
+            launcher.check_process_scope(config, self.backend.name, self.backend.path)
+        self.purger = Purger(self.backend, config.allocator.purge_interval_s)
         self.numpy = bool(config.allocator.numpy)
-        self._numpy_token: Any = None
-        self.simd_level = config.simd.level
+        self.simd_level: simd.SimdSetting = config.simd.level
         if self.simd_level != "auto" and self.simd_level not in simd.supported_levels():
             missing = (f"this build has no {self.simd_level} kernels (built with KNHK_PORTABLE=1: portable C only)"
                        if simd.PORTABLE_BUILD else f"this CPU does not support the {self.simd_level} level")
             raise config.error("simd.level", f"{missing}; supported: {', '.join(simd.supported_levels())}, or auto")
-        self._simd_previous: str | None = None
+        self._config = config
+        self._claim: process.Claim | None = None
         self.arena_settings = {"chunk_size": config.arena.chunk_size,
                                "max_chunk_size": config.arena.max_chunk_size,
                                "huge_pages": config.arena.huge_pages}
@@ -186,38 +210,43 @@ class MemoryServices:
         return {"settings": dict(self.arena_settings), "made": self.arenas_made, "open": open_names}
 
     def apply(self) -> None:
-        select_backend(self.backend)
-        if self.numpy:
-            self._numpy_token = install_numpy_handler(self.backend)
-        set_numpy_routing(self.numpy)
-        if self.simd_level != "auto":
-            self._simd_previous = simd.set_level(self.simd_level)
+        """Claim the process-wide settings (see :mod:`knhk_memory.process`): the
+        first engine applies them, an engine asking for the same shares them,
+        one asking for different ones gets a ConfigError naming the key."""
+        settings = process.ProcessSettings(self.backend, self.numpy, self.simd_level)
+        try:
+            self._claim = process.claim(settings, f"the engine configured from {self._config.source}")
+        except ProcessStateError as exc:
+            raise self._config.error(exc.key or "allocator.backend", str(exc)) from None
+        # The process keeps its allocator; commands the engine starts from now
+        # on do not inherit the launcher's preload (unless it ran with --inherit).
+        launcher.strip_launcher_environment()
+        self.purger.start()
 
     def close(self) -> None:
-        previous, self._simd_previous = self._simd_previous, None
-        if previous is not None:
-            try:
-                simd.set_level(previous)
-            except SimdLevelError:  # the process started with a bad KNHK_SIMD; leave ours
-                pass
+        self.purger.stop()
         try:
             # Resources first, newest first: they may still use the allocator.
             self.resources.close()
         finally:
-            token, self._numpy_token = self._numpy_token, None
-            if token is not None:
-                token.restore()
-            set_numpy_routing(False)
-            self.counters.close()
-            if self.pattern_stats is not None:
-                self.pattern_stats.close()
-            store, self.store = self.store, None
-            if store is not None:
-                store.close()
-            with self._pool_lock:
-                made, self._pools = self._pools, {}
-            for p in made.values():
-                p.close()
+            claim, self._claim = self._claim, None
+            try:
+                if claim is not None:
+                    claim.release()  # the last engine out puts back what was there before the first
+            finally:
+                self._close_blocks()
+
+    def _close_blocks(self) -> None:
+        self.counters.close()
+        if self.pattern_stats is not None:
+            self.pattern_stats.close()
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
+        with self._pool_lock:
+            made, self._pools = self._pools, {}
+        for p in made.values():
+            p.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -225,13 +254,74 @@ class MemoryServices:
             "numpy": self.numpy,
             "counts": self.backend.stats().as_dict(),
             "native": self.backend.native_stats().as_dict(),
+            "scope": self.scope,
+            "process": launcher.process_stats(),
+            "purge": self.purger.stats(),
         }
+
+    def release_unused(self) -> dict[str, Any]:
+        """Give the backend's unused memory back to the OS now (see Backend.release_unused);
+        returns the process's RSS before and after, in bytes."""
+        return self.purger.purge_now()
 
     def counter_stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"shared_name": self.counters.name, "values": self.counters.snapshot()}
         if self.pattern_stats is not None:
             out["patterns"] = self.pattern_stats.as_dict()
         return out
+
+
+class Purger:
+    """Calls ``backend.release_unused()`` every ``interval`` seconds from a daemon
+    thread (``[allocator] purge_interval_s``; 0: no thread). Started by
+    ``knhk_configure``, stopped and joined by ``knhk_unconfigure``."""
+
+    def __init__(self, backend: Backend, interval: float) -> None:
+        self.backend = backend
+        self.interval = float(interval)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.purges = 0
+        self.seconds = 0.0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        if self.interval <= 0 or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="knhk-memory-purge", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.purge_now()
+            except KnhkMemoryError as exc:  # reported in stats(); the next round tries again
+                self.last_error = str(exc)
+
+    def purge_now(self) -> dict[str, Any]:
+        with self._lock:
+            before = launcher.rss_bytes()
+            t0 = time.perf_counter()
+            self.backend.release_unused()
+            took = time.perf_counter() - t0
+            self.purges += 1
+            self.seconds += took
+        after = launcher.rss_bytes()
+        return {"backend": self.backend.name, "rss_before_bytes": before, "rss_after_bytes": after,
+                "seconds": took}
+
+    def stats(self) -> dict[str, Any]:
+        thread = self._thread
+        return {"interval_s": self.interval, "running": thread is not None and thread.is_alive(),
+                "purges": self.purges, "seconds": self.seconds, "last_error": self.last_error}
 
 
 def services(config: Config) -> MemoryServices:
@@ -244,8 +334,17 @@ def services(config: Config) -> MemoryServices:
 
 @hookimpl
 def knhk_configure(config: Config) -> None:
+    if STASH_KEY in config.stash:
+        raise AlreadyConfiguredError(
+            f"the memory plugin is already configured for this config (from {config.source}): "
+            "knhk_configure was called twice; call knhk_unconfigure first, or configure a copy "
+            "(config.replace()) for a second engine")
     svc = MemoryServices(config)
-    svc.apply()
+    try:
+        svc.apply()
+    except BaseException:
+        svc.close()  # the counters and store it opened; nothing process-wide was applied
+        raise
     config.stash[STASH_KEY] = svc
 
 
@@ -282,6 +381,11 @@ def knhk_memory_stats(config: Config) -> dict[str, Any]:
 
 
 @hookimpl
+def knhk_release_unused(config: Config) -> dict[str, Any]:
+    return services(config).release_unused()
+
+
+@hookimpl
 def knhk_pattern_registry(config: Config) -> PatternRegistry:
     return services(config).patterns
 
@@ -307,6 +411,12 @@ def knhk_workflow_store(config: Config) -> WorkflowStore | None:
 
 
 @hookimpl
-def knhk_simd_level(config: Config) -> str:
+def knhk_simd_level(config: Config) -> simd.SimdLevel:
     services(config)
     return simd.level()
+
+
+@hookimpl
+def knhk_hot_ops(config: Config) -> list[HotOp | PyHotOp]:
+    # Needs no configured services: the engine is configured before any setup() runs.
+    return with_default_budgets(builtin_hot_ops())

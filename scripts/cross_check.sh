@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile the C core for another architecture: every native/*.c and the cffi
-# module's generated source, in the normal build and with KNHK_PORTABLE=1,
+# Compile the C core for another architecture: every native/*.c, the CPython
+# module's native/cpython/*.c and the cffi module's generated source, in the normal build and with KNHK_PORTABLE=1,
 # with native/build_native.py's flags plus -Werror. A compile check only
 # (nothing is linked or run); Python's and numpy's headers are the host's.
 # Not part of CI. Needs the Debian cross compiler, e.g.
@@ -40,14 +40,16 @@ import build_native as b
 with contextlib.redirect_stdout(io.StringIO()):  # cffi says "generating ..."; stdout is for the flags
     b.ffibuilder.emit_c_code(f"{sys.argv[1]}/_native.c")
 flags = b.compile_args() + ["-fPIC", "-Werror", "-I" + sysconfig.get_paths()["include"]]
-flags += ["-I" + d for d in b.INCLUDE_DIRS]
-flags += [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in b.DEFINE_MACROS]
+import numpy
+
+flags += ["-I" + d for d in [*b.INCLUDE_DIRS, numpy.get_include()]]
+flags += [f"-D{name}" if value is None else f"-D{name}={value}" for name, value in b.FAST_DEFINE_MACROS]
 print("\n".join(flags))
 EOF
   )
   mapfile -t flags <<< "$flags"
   n=0
-  for src in native/*.c "$out/_native.c"; do
+  for src in native/*.c native/cpython/*.c "$out/_native.c"; do
     n=$((n + 1))
     if ! "$CROSS_CC" "${flags[@]}" -c "$src" -o "$out/$(basename "$src" .c).o"; then
       echo "cross_check: $TRIPLET, KNHK_PORTABLE=$portable: $src does not compile" >&2

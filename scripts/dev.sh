@@ -3,7 +3,7 @@
 # machine or an old one. Every step checks before it acts, so it can run twice.
 #
 #   bash scripts/dev.sh run     # set up, then run the main job
-#   bash scripts/dev.sh test    # set up, then run the test suite
+#   bash scripts/dev.sh test    # set up, run the static checks (scripts/check.sh), then the test suite
 #   bash scripts/dev.sh bench   # set up, then run the benchmarks (benches/)
 #   bash scripts/dev.sh setup   # set up only
 #
@@ -54,17 +54,21 @@ setup_venv() {
   fi
   # Reinstall only when the build inputs changed since the last install.
   local stamp="$VENV/.knhk-setup-stamp" digest
-  digest=$(cat pyproject.toml setup.py native/*.h native/*.c native/build_native.py \
+  digest=$(cat pyproject.toml setup.py knhk_memory/_version.py native/*.h native/*.c native/cpython/*.h native/cpython/*.c native/build_native.py \
            <(printf '%s|' "${KNHK_SANITIZE:-}" "${KNHK_DEBUG:-}" "${KNHK_CFLAGS:-}" "${KNHK_PORTABLE:-}") | sha256sum | cut -d' ' -f1)
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import knhk_memory._native' 2>/dev/null; then
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && "$VENV/bin/python" -c 'import knhk_memory._native, knhk_memory._fast' 2>/dev/null; then
     return
   fi
   say "installing knhk-memory and its test extras into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # Build requirements first, then build against them (no isolated build env,
   # so the extension compiles against the numpy it will run with).
-  "$VENV/bin/python" -m pip install -q "setuptools>=68" wheel "cffi>=1.17" "numpy>=2.0"
-  "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
+  "$VENV/bin/python" -m pip install -q "setuptools>=77" wheel "cffi>=1.17" "numpy>=2.0"
+  # setuptools prints an "Editable installation" information box for every
+  # editable install of a package-dir mapping (plugins/ -> knhk_memory.plugins);
+  # it is information, not a problem, and is the only box left.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test]"
   echo "$digest" > "$stamp"
 }
 
@@ -79,6 +83,8 @@ case "$cmd" in
     exec "$VENV/bin/knhk-memory" demo "$@" ;;
   test)
     setup
+    # Fail fast: lint, types, the layer contract and the C format before the tests.
+    VENV="$VENV" bash "$ROOT/scripts/check.sh"
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache
     # --knhk-budgets: the hot-path budgets are part of the run (see docs/budgets.md).
     exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;
@@ -86,7 +92,8 @@ case "$cmd" in
     setup
     if ! "$VENV/bin/python" -c 'import matplotlib, pytest_benchmark, lmdb, cdblib, stringzilla, atomics' 2>/dev/null; then
       say "installing the bench extra (pytest-benchmark, matplotlib and the peers: lmdb, pure-cdb, stringzilla, atomics)"
-      "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,bench]"
+      PYTHONWARNINGS="ignore:Editable installation" \
+        "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[test,bench]"
     fi
     # Every benches/bench_*.py, short rounds (the machine is shared), one
     # results file, then docs/performance.md and its charts from it.

@@ -134,6 +134,11 @@ def render(doc: dict[str, Any], results: Path, out: Path, charts: Path) -> str:
         "  is shared, and its neighbours show up as outliers, which the median ignores.",
         "",
     ]
+    # The goals table of the Python-facing cost, made by its own interleaved
+    # run (benches/bench_python_cost.py --out ...), goes first when present.
+    cost = ROOT / "benches" / "results" / "python_cost.md"
+    if cost.exists():
+        lines += [cost.read_text().rstrip(), ""]
     for group, benches in comparisons(doc).items():
         peer, rows, note = analyse(benches)
         lines += [f"## {group}", ""]

@@ -250,7 +250,7 @@ def test_bad_sizes(backend, size, exc, msg):
 
 def test_absurd_size_is_memory_error_not_crash(backend):
     with pytest.raises(MemoryError, match=f"{backend.name}: allocation of"):
-        backend.malloc((1 << 62))
+        backend.malloc(1 << 62)
 
 
 def test_calloc_overflow(backend):
@@ -280,6 +280,17 @@ def test_native_stats_and_release_unused(backend):
         pytest.skip("mallinfo2 describes glibc's malloc, which the preloaded allocator replaces")
     stats = backend.native_stats()
     assert any(v is not None and v > 0 for v in stats.as_dict().values())
+    # Which figures each allocator has (None: it has no such figure).
+    have = {k for k, v in stats.as_dict().items() if v is not None}
+    assert have == {"system": {"allocated", "mapped", "free_bytes"},
+                    "jemalloc": {"allocated", "active", "resident", "mapped", "metadata", "retained"},
+                    "mimalloc": {"resident", "mapped", "peak_resident"}}[backend.name]
+    if backend.name == "jemalloc":
+        # jemalloc(3): active >= allocated; resident and mapped >= active.
+        assert stats.allocated <= stats.active <= min(stats.resident, stats.mapped)
+        assert stats.metadata > 0
+    if backend.name == "system":
+        assert 0 <= stats.free_bytes <= stats.mapped
     backend.release_unused()
 
 
@@ -296,7 +307,8 @@ def test_missing_library_names_the_debian_package(run_python):
         "try:\n    get_backend('mimalloc')\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
         env={"KNHK_MEMORY_MIMALLOC_LIBRARY": "/nonexistent/libmimalloc.so.2"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: /nonexistent/libmimalloc.so.2 is not installed")
+    assert r.stdout.startswith("BackendUnavailableError mimalloc backend: "
+                               "/nonexistent/libmimalloc.so.2 is not installed")
     assert "apt-get install libmimalloc2.0" in r.stdout
 
 
@@ -408,18 +420,26 @@ def test_nested_handlers_unwind_in_order():
     assert handler_name() == "default_allocator"
 
 
-def test_handler_restore_and_discard_in_c():
+def test_handler_push_and_set_in_the_fast_module():
+    from knhk_memory import _fast
+
     b = get_backend("system")
-    status = ffi.new("int *")
-    token = lib.knhk_numpy_handler_push(b.cdata, status)
-    assert status[0] == lib.KNHK_OK and token != ffi.NULL
+    address = int(ffi.cast("uintptr_t", b.cdata))
+    previous = _fast.numpy_handler_push(address)
     assert handler_name() == "knhk_memory.system"
-    token2 = lib.knhk_numpy_handler_push(b.cdata, status)
-    lib.knhk_numpy_handler_discard(token2)  # drop without restoring: still routed
+    _fast.numpy_handler_push(address)  # its result dropped without restoring: still routed
     assert handler_name() == "knhk_memory.system"
-    assert lib.knhk_numpy_handler_restore(token) == lib.KNHK_OK
+    replaced = _fast.numpy_handler_set(previous)
     assert handler_name() == "default_allocator"
-    assert lib.knhk_numpy_handler_restore(ffi.NULL) == lib.KNHK_ERR_INVALID
+    _fast.numpy_handler_set(replaced)
+    assert handler_name() == "knhk_memory.system"
+    _fast.numpy_handler_set(previous)
+    with pytest.raises(TypeError, match=r"numpy_handler_set\(handler: the capsule a push returned\)"):
+        _fast.numpy_handler_set(None)
+    with pytest.raises(TypeError, match="numpy_handler_push: expected an int address, got str"):
+        _fast.numpy_handler_push("x")
+    with pytest.raises(ValueError, match="numpy_handler_push: NULL address"):
+        _fast.numpy_handler_push(0)
 
 
 def test_hot_op_runs():

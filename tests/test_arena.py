@@ -9,13 +9,14 @@ import weakref
 import numpy as np
 import pytest
 
-# A failed assertion in a worker thread fails the test, not just warns.
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-
-from knhk_memory import get_backend
+from knhk_memory import _fast, get_backend
 from knhk_memory._core import ffi, lib
 from knhk_memory.arena import Arena, ThreadLocalArena, hot_ops, huge_pages_available
-from knhk_memory.errors import ArenaBusyError, ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from knhk_memory.errors import ArenaClosedError, ArenaThreadError, KnhkMemoryError
+from knhk_memory.hotpath import default_budgets
+
+# A failed assertion in a worker thread fails the test, not just warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 KIB = 1024
 
@@ -229,16 +230,22 @@ def test_huge_page_hint_on_large_chunks():
 
 # ---------------------------------------------------------------- live blocks, reset and close
 
-def test_reset_with_live_blocks_raises_and_changes_nothing():
+def test_reset_with_live_blocks_pins_their_chunk_and_keeps_their_bytes():
     a = Arena()
     v = a.alloc(64)
     v[:4] = b"keep"
-    with pytest.raises(ArenaBusyError, match=r"cannot reset the arena: 1 block\(s\) made from it .* still alive"):
-        a.reset()
-    assert bytes(v[:4]) == b"keep" and a.stats().resets == 0
-    del v
     a.reset()
-    a.close()
+    st = a.stats()
+    assert bytes(v[:4]) == b"keep" and st.resets == 1 and st.live_blocks == 1
+    assert st.pinned_chunks == 1 and st.pinned_bytes == a.chunk_size
+    w = a.alloc(64)  # never from the pinned chunk
+    w[:4] = b"next"
+    assert bytes(v[:4]) == b"keep"
+    del w
+    del v
+    st = a.stats()
+    assert st.live_blocks == 0 and st.pinned_chunks == 0 and st.pinned_bytes == 0
+    a.reset()
 
 
 def test_close_with_live_blocks_defers_the_release():
@@ -451,14 +458,15 @@ def test_arrays_survive_scope_reset_refusal_and_close():
     a = Arena(backend=backend)
     with a.scope():
         x = np.ones((64, 64))
-    with pytest.raises(ArenaBusyError, match="still alive"):
-        a.reset()
-    frees, chunks = backend.stats().frees, a.stats().chunks
-    a.close()
+    a.reset()  # x's chunk is pinned, not recycled
+    st = a.stats()
+    assert st.pinned_chunks == 1
+    frees, chunks = backend.stats().frees, st.chunks
+    a.close()  # chunks no live block uses go back now
+    assert backend.stats().frees == frees + chunks - 1
     x += 1  # the arena is closed, the array still valid
     assert x.sum() == 2 * 64 * 64
-    assert backend.stats().frees == frees
-    del x
+    del x  # the pinned chunk goes with it
     assert backend.stats().frees == frees + chunks
 
 
@@ -553,11 +561,12 @@ def test_c_layer_refuses_other_threads():
         results["alloc"] = lib.knhk_arena_block_alloc(raw, 8, 16, status) == ffi.NULL and status[0]
         results["reset"] = lib.knhk_arena_reset(raw)
         results["stats"] = lib.knhk_arena_stats_get(raw, ffi.new("knhk_arena_stats *"))
-        results["push"] = lib.knhk_numpy_arena_handler_push(raw, status) == ffi.NULL and status[0]
+        results["retain"] = lib.knhk_arena_retain(raw)
+        results["push"] = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
     t = threading.Thread(target=other)
     t.start()
     t.join()
-    assert results == dict.fromkeys(("alloc", "reset", "stats", "push"), lib.KNHK_ERR_STATE)
+    assert results == dict.fromkeys(("alloc", "reset", "stats", "retain", "push"), lib.KNHK_ERR_STATE)
     a.close()
 
 
@@ -651,7 +660,7 @@ def test_thread_local_arena_close_and_bad_parameters():
 
 def test_hot_op_runs_the_real_allocation():
     (op,) = hot_ops()
-    assert op.name == "arena_alloc" and op.default_budget == 8
+    assert op.name == "arena_alloc" and default_budgets()[op.name].budget == 8
     ctx, cleanup = op.setup()
     lib.knhk_arena_hotop_alloc(ctx, 100_000)  # 64 KiB chunk: about a hundred resets, one chunk
     arena = ffi.cast("knhk_arena *", ctx)

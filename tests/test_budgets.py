@@ -12,7 +12,6 @@ from knhk_memory._core import ffi, lib
 from knhk_memory.allocator import get_backend
 from knhk_memory.budgets import (
     Settings,
-    builtin_ops,
     choose_counter,
     gather_ops,
     resolve_budgets,
@@ -21,10 +20,18 @@ from knhk_memory.budgets import (
 )
 from knhk_memory.cli import main
 from knhk_memory.config import load_config
-from knhk_memory.errors import ConfigError, HotOpError, NativeError, UnknownOperationError
+from knhk_memory.errors import ConfigError, HotOpError, UnknownOperationError
 from knhk_memory.hookspecs import hookimpl
 from knhk_memory.host import get_plugin_manager
-from knhk_memory.hotpath import HotOp, PyHotOp
+from knhk_memory.hotpath import (
+    DefaultBudget,
+    HotOp,
+    PyHotOp,
+    default_budgets,
+    parse_default_budgets,
+    with_default_budgets,
+)
+from knhk_memory.plugins import memory
 
 pytest_plugins = ("pytester",)
 
@@ -36,6 +43,11 @@ INVARIANT = {"has_tsc": 1, "has_rdtscp": 1, "invariant_tsc": 1, "has_cntvct": 0,
 def _auto_counter():
     yield
     lib.knhk_ticks_select(lib.KNHK_TICKS_AUTO)
+
+
+def memory_pm(*plugins):
+    """A plugin manager with the memory plugin (the built-in hot paths) and ``plugins``."""
+    return get_plugin_manager([memory, *plugins], autoload=False)
 
 
 # ---------------------------------------------------------------- the C counter and harness
@@ -143,8 +155,8 @@ def test_a_broken_budget_without_invariant_tsc_is_advisory_not_a_failure():
     config = load_config(mapping={"budgets": {"backend_malloc_free": 1}})
     # The whole played machine (its TSC rate too), so it plays the same on a
     # machine without a TSC or in a KNHK_PORTABLE build.
-    report = run_budgets(config, only=["backend_malloc_free"], facts={**INVARIANT, "invariant_tsc": 0},
-                         settings=FAST)
+    report = run_budgets(config, pm=memory_pm(), only=["backend_malloc_free"],
+                         facts={**INVARIANT, "invariant_tsc": 0}, settings=FAST)
     (r,) = report.results
     assert r.counter == "clock_gettime" and not r.trusted
     assert r.over and not r.failed and r.verdict.endswith("(advisory)") and r.attempts == 2
@@ -178,12 +190,12 @@ def test_unknown_operation_in_budgets_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"budgets.backend_malloc_fre: unknown hot-path operation "
                                           r"'backend_malloc_fre'; operations with budgets: backend_malloc_free, "
                                           r".*\(did you mean 'backend_malloc_free'"):
-        resolve_budgets(config, gather_ops(config))
+        resolve_budgets(config, gather_ops(config, memory_pm()))
 
 
 def test_config_overrides_default_budgets(tmp_path):
     config = load_config(write(tmp_path, "[budgets]\nbackend_malloc_free = 400\npy_get_backend = 900\n"))
-    resolved = resolve_budgets(config, gather_ops(config))
+    resolved = resolve_budgets(config, gather_ops(config, memory_pm()))
     assert resolved["backend_malloc_free"] == (400, "config")
     assert resolved["py_get_backend"] == (900, "config")
     assert resolved["py_malloc_free"][1] == "default"
@@ -192,19 +204,60 @@ def test_config_overrides_default_budgets(tmp_path):
 
 # ---------------------------------------------------------------- gathering
 
-def test_every_provider_gives_named_ops_with_budgets():
-    ops = builtin_ops()
+def test_the_memory_plugin_gives_the_built_in_ops_with_budgets():
+    ops = gather_ops(None, memory_pm())
     names = [op.name for op in ops]
     assert "backend_malloc_free" in names and "py_malloc_free" in names
     assert len(set(names)) == len(names)
+    by = {op.name: op for op in ops}
+    assert by["backend_malloc_free"].default_budget == 250 and "measured" in by["backend_malloc_free"].budget_reason
+    assert by["py_get_backend"].default_budget == 1500
 
 
-def test_a_provider_that_fails_to_import_is_an_error_not_skipped():
-    with pytest.raises(HotOpError, match="hot-path provider 'knhk_memory.no_such' .* failed to import: "
-                                         "ModuleNotFoundError"):
-        builtin_ops(("knhk_memory.allocator", "knhk_memory.no_such"))
-    with pytest.raises(HotOpError, match="'knhk_memory.errors' has no hot_ops\\(\\) function"):
-        builtin_ops(("knhk_memory.errors",))
+def test_every_built_in_op_has_a_default_budget_and_every_budget_an_op():
+    ops = memory.builtin_hot_ops()
+    table = default_budgets()
+    assert sorted(op.name for op in ops) == sorted(table)
+    for op in ops:
+        assert op.default_budget == 0 and op.budget_reason == ""  # the numbers live in the data file only
+        entry = table[op.name]
+        assert entry.unit == ("ticks" if isinstance(op, HotOp) else "ns"), op.name
+        assert entry.budget > 0 and len(entry.reason) > 20, op.name
+
+
+def test_budgets_need_a_plugin_manager():
+    with pytest.raises(TypeError, match=r"the budgets need the engine's plugin manager "
+                                        r"\(knhk_memory.get_plugin_manager\(\)\), got None"):
+        gather_ops(None, None)
+    # Without the memory plugin there are no built-in operations.
+    assert gather_ops(None, get_plugin_manager(autoload=False)) == []
+
+
+def test_a_built_in_op_without_a_default_budget_is_an_error():
+    op = empty_op("brand_new_op", budget=0)
+    with pytest.raises(HotOpError, match=r"built-in hot-path operation 'brand_new_op' has no default budget in "
+                                         r"knhk_memory/data/budgets.toml; add a \[brand_new_op\] table"):
+        with_default_budgets([op])
+    with pytest.raises(HotOpError, match=r"budgets.toml: \[brand_new_op\]: unit is 'ns', but the operation is "
+                                         r"a C hot path \(ticks\)"):
+        with_default_budgets([op], {"brand_new_op": DefaultBudget(5, "ns", "measured")})
+    (filled,) = with_default_budgets([op], {"brand_new_op": DefaultBudget(5, "ticks", "measured 1-2 ticks")})
+    assert (filled.default_budget, filled.budget_reason) == (5, "measured 1-2 ticks")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[a]\nbudget = 0\nunit = 'ticks'\nreason = 'x'\n", r"\[a\]: budget must be a positive integer, got 0"),
+    ("[a]\nbudget = true\nunit = 'ticks'\nreason = 'x'\n", r"\[a\]: budget must be a positive integer, got True"),
+    ("[a]\nbudget = 5\nunit = 'cycles'\nreason = 'x'\n", r"\[a\]: unit must be 'ticks' or 'ns', got 'cycles'"),
+    ("[a]\nbudget = 5\nunit = 'ns'\nreason = ' '\n", r"\[a\]: reason must say what was measured, got ' '"),
+    ("[a]\nbudget = 5\nunits = 'ns'\n", (r"\[a\]: expected the keys budget, unit and reason; unknown: units; "
+                                          r"missing: unit, reason")),
+    ("a = 5\n", r"\[a\]: expected a table of budget, unit and reason, got 5"),
+    ("[a\n", r"budgets.toml is not valid TOML"),
+])
+def test_a_malformed_budgets_file_is_refused(text, message):
+    with pytest.raises(HotOpError, match=message):
+        parse_default_budgets(text)
 
 
 class EnginePlugin:
@@ -230,7 +283,7 @@ def py_op(name="engine_py", budget=10**6):
 
 def test_knhk_hot_ops_hook_adds_a_plugins_operations():
     pop, cleaned = py_op()
-    pm = get_plugin_manager([EnginePlugin([empty_op(), pop])], autoload=False)
+    pm = memory_pm(EnginePlugin([empty_op(), pop]))
     config = load_config(mapping={"budgets": {"engine_empty": 5}})
     report = run_budgets(config, pm=pm, only=["engine_empty", "engine_py"], settings=FAST)
     by = {r.name: r for r in report.results}
@@ -251,7 +304,7 @@ def test_knhk_hot_ops_hook_adds_a_plugins_operations():
     ([empty_op(budget=2.5)], "'engine_empty': default_budget must be a positive integer, got 2.5"),
 ])
 def test_malformed_plugin_operations_are_refused(ops, message):
-    pm = get_plugin_manager([EnginePlugin(ops)], autoload=False)
+    pm = memory_pm(EnginePlugin(ops))
     with pytest.raises(HotOpError, match=message):
         gather_ops(load_config(mapping={}), pm)
 
@@ -259,7 +312,7 @@ def test_malformed_plugin_operations_are_refused(ops, message):
 def test_unknown_only_name_is_refused_before_measuring():
     with pytest.raises(UnknownOperationError, match="unknown hot-path operation 'malloc'; known operations: "
                                                     "backend_malloc_free"):
-        run_budgets(load_config(mapping={}), only=["malloc"])
+        run_budgets(load_config(mapping={}), pm=memory_pm(), only=["malloc"])
 
 
 def test_settings_are_checked():
@@ -275,6 +328,21 @@ def test_cli_budget_passes_with_default_budgets(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "tick counter:" in out and "all 2 budgets kept" in out
     assert "backend_malloc_free" in out and "250 ticks" in out and "1500 ns" in out
+
+
+def test_cli_budget_registers_the_memory_plugin_when_autoload_is_off(capsys, tmp_path, monkeypatch):
+    from knhk_memory.host import DISABLE_AUTOLOAD_ENV, with_memory_plugin
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    assert main(["budget", "--only", "py_get_backend", "--batches", "3", "--json"]) == 0
+    (op,) = json.loads(capsys.readouterr().out)["operations"]
+    assert op["name"] == "py_get_backend" and op["budget"] == 1500
+    pm = with_memory_plugin(get_plugin_manager())
+    assert pm.get_plugin("memory") is memory and with_memory_plugin(pm) is pm  # once only
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV)
+    pm = get_plugin_manager()
+    assert with_memory_plugin(pm).get_plugin("memory") is memory and len(pm.get_plugins()) == 1
 
 
 def test_cli_budget_fails_on_a_deliberately_broken_budget(capsys, tmp_path):

@@ -22,6 +22,7 @@ from knhk_memory.errors import (
     SharedBlockError,
     SharedBlockNotFoundError,
 )
+from knhk_memory.hotpath import default_budgets
 
 M = 20_000
 
@@ -111,7 +112,7 @@ def test_bad_names():
         Counters(["a", "b", "a"])
     with pytest.raises(TypeError, match="non-empty strings"):
         Counters(["a", ""])
-    with pytest.raises(ValueError, match="0 counters .* out of range"):
+    with pytest.raises(ValueError, match=r"0 counters .* out of range"):
         Counters([])
 
 
@@ -126,7 +127,7 @@ def test_closed_block_refuses():
 def test_attach_missing_block():
     with pytest.raises(SharedBlockNotFoundError, match="shared-memory block 'knhk_no_such_block' does not exist"):
         Counters.attach("knhk_no_such_block")
-    with pytest.raises(FileNotFoundError, match="file '/nonexistent/x.ctr' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"file '/nonexistent/x.ctr' does not exist"):
         Counters.attach("/nonexistent/x.ctr")
 
 
@@ -326,7 +327,7 @@ def test_pattern_bad_input():
         s.record(44, 1)
     with pytest.raises(CounterIndexError, match=r"pattern id 0 is out of range"):
         s.time(0)
-    with pytest.raises(TypeError, match="a pattern id is an integer 1..43, got str"):
+    with pytest.raises(TypeError, match=r"a pattern id is an integer 1..43, got str"):
         s.timed("1")
     with pytest.raises(CounterIndexError, match=r"pattern id 99 \(at position 1\)"):
         s.record_many([1, 99], [1, 1])
@@ -397,7 +398,7 @@ def test_native_calls_directly():
 
 def test_hot_op_runs_the_real_add():
     op = hot_ops()[0]
-    assert op.name == "counter_add" and op.default_budget == 8
+    assert op.name == "counter_add" and default_budgets()[op.name].budget == 8
     ctx, cleanup = op.setup()
     op.fn(ctx, 1000)
     lib.knhk_counters_hotop_add(ctx, 24)

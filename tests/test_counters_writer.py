@@ -19,6 +19,7 @@ from knhk_memory.errors import (
     CounterWriterError,
     KnhkMemoryError,
 )
+from knhk_memory.hotpath import default_budgets
 
 from .test_counters import run_more_threads_than_slots
 
@@ -180,7 +181,7 @@ def test_writer_bad_input():
         w.add(-1)
     with pytest.raises(TypeError, match="a counter is named by a string or an integer index, got float"):
         w.add(1.0)
-    with pytest.raises(CounterIncrementError, match="increment must be an integer, got float 1.5"):
+    with pytest.raises(CounterIncrementError, match=r"increment must be an integer, got float 1.5"):
         w.add(0, 1.5)
     with pytest.raises(CounterIncrementError, match="does not fit a signed 64-bit counter"):
         w.add(0, 2**63)
@@ -244,7 +245,7 @@ def test_writer_memory_is_reused_across_thread_generations():
 def test_hot_ops_run_the_real_adds():
     ops = {op.name: op for op in hot_ops()}
     assert set(ops) == {"counter_add", "counter_add_call", "counter_add_lookup"}
-    assert ops["counter_add"].default_budget == 8
+    assert default_budgets()["counter_add"].budget == 8
     ctx, cleanup = ops["counter_add"].setup()
     for name in ("counter_add", "counter_add_call", "counter_add_lookup"):
         ops[name].fn(ctx, 1000)

@@ -17,7 +17,7 @@ from knhk_memory.cli import build_parser
 from knhk_memory.config import SCHEMA, OpenKeys, defaults, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 BLOCK = re.compile(r"(<!-- not run: (?P<why>[^>]*) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
 REQUIRED_DOCS = ("architecture.md", "configuration.md", "engine-guide.md", "performance.md", "troubleshooting.md",
                  "hooks.md", "budgets.md")

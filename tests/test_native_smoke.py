@@ -8,13 +8,16 @@ from pathlib import Path
 
 from knhk_memory._core import ffi, lib
 
-HEADER = Path(__file__).resolve().parent.parent / "native" / "knhk.h"
+NATIVE = Path(__file__).resolve().parent.parent / "native"
+HEADERS = (NATIVE / "knhk.h", NATIVE / "knhk_hotops.h")
 
 
 def exported_functions() -> set[str]:
-    text = HEADER.read_text()
-    region = text.split("/* KNHK_CDEF_BEGIN */")[1].split("/* KNHK_CDEF_END */")[0]
-    return set(re.findall(r"\b(knhk_[a-z0-9_]+)\s*\(", region))
+    names: set[str] = set()
+    for header in HEADERS:
+        region = header.read_text().split("/* KNHK_CDEF_BEGIN */")[1].split("/* KNHK_CDEF_END */")[0]
+        names.update(re.findall(r"\b(knhk_[a-z0-9_]+)\s*\(", region))
+    return names
 
 
 def test_every_exported_function_is_in_the_module():
@@ -32,6 +35,42 @@ def test_every_exported_function_is_called_by_some_test():
     uncalled = sorted(name for name in exported_functions()
                       if f"lib.{name}(" not in source and f'addressof(lib, "{name}")' not in source)
     assert uncalled == [], "exported C functions no Python code calls"
+
+
+def test_the_core_is_one_shared_library_with_only_the_public_api():
+    """The cffi binding and the fast-path module both load the same core (one
+    copy of its state), which exports knhk_ names only."""
+    import subprocess
+
+    from knhk_memory import _fast, _native
+
+    maps = Path("/proc/self/maps").read_text()
+    cores = {line.split()[-1] for line in maps.splitlines() if "libknhk" in line}
+    assert len(cores) == 1, cores
+    assert ffi.string(lib.knhk_version()).decode() == _fast.CORE_VERSION
+    assert Path(_native.__file__).parent == Path(next(iter(cores))).parent
+    nm = subprocess.run(["nm", "-D", "--defined-only", next(iter(cores))], capture_output=True, text=True)
+    if nm.returncode == 0:
+        names = [line.split()[-1] for line in nm.stdout.splitlines() if line.strip()]
+        assert names and all(n.startswith("knhk_") for n in names), [n for n in names if not n.startswith("knhk_")]
+        assert set(names) == exported_functions()
+
+
+def test_fast_path_support_functions():
+    assert lib.knhk_simd_ready() == 1
+    arena = ffi.new("knhk_arena **")
+    assert lib.knhk_arena_create(lib.knhk_backend_get(lib.KNHK_BACKEND_SYSTEM) or _system(), 4096, 4096, 0,
+                                 arena) == lib.KNHK_OK
+    assert lib.knhk_arena_retain(arena[0]) == lib.KNHK_OK
+    lib.knhk_arena_close(arena[0])
+    assert lib.knhk_arena_retain(arena[0]) == lib.KNHK_ERR_STATE  # closed: refused
+    lib.knhk_arena_release(arena[0])  # the last reference: memory returned
+
+
+def _system():
+    out = ffi.new("knhk_backend **")
+    assert lib.knhk_backend_load(lib.KNHK_BACKEND_SYSTEM, ffi.NULL, out, ffi.NULL, 0) == lib.KNHK_OK
+    return out[0]
 
 
 def test_core_functions():

@@ -31,7 +31,7 @@ def test_parse_cpulist() -> None:
     assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
     assert parse_cpulist("") == []
     for bad in ("a", "3-1", "1-", "-1", "0,,2"):
-        with pytest.raises(NumaError, match=f"is not a kernel list \\(like '0-3,8'\\)"):
+        with pytest.raises(NumaError, match="is not a kernel list \\(like '0-3,8'\\)"):
             parse_cpulist(bad, "x")
 
 
@@ -58,7 +58,7 @@ def test_sparse_online_nodes_and_missing_node_dir(tmp_path: Path) -> None:
     with pytest.raises(NumaError, match="numa=1: no such node online; online nodes: 0, 2"):
         resolve(1, root=root)
     (root / "devices/system/node/online").write_text("0-2\n")
-    with pytest.raises(NumaError, match="lists node 1, but .*node1 does not exist"):
+    with pytest.raises(NumaError, match=r"lists node 1, but .*node1 does not exist"):
         nodes(root)
     (root / "devices/system/node/online").write_text("0-x\n")
     with pytest.raises(NumaError, match="online: '0-x' is not a kernel list"):

@@ -26,7 +26,8 @@ def test_get_is_none_until_set_then_value():
 def test_set_on_full_cell_raises_with_the_rejected_value():
     cell: OnceLock[int] = OnceLock("answer")
     cell.set(1)
-    with pytest.raises(AlreadySetError, match=r"OnceLock 'answer' already holds 1; set\(2\) is accepted only on an empty cell") as info:
+    with pytest.raises(AlreadySetError,
+                       match=r"OnceLock 'answer' already holds 1; set\(2\) is accepted only on an empty cell") as info:
         cell.set(2)
     assert info.value.args[1] == 2
     assert cell.get() == 1

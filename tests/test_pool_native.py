@@ -135,8 +135,15 @@ def test_numa_calls_on_this_machine() -> None:
     m.close()
 
 
-def test_pool_py_install_idempotent() -> None:
-    assert lib.knhk_pool_py_install() == lib.KNHK_OK
+def test_pool_fast_path_argument_errors() -> None:
+    from knhk_memory import _fast
+    from knhk_memory.pools import FixedPool
+
+    with FixedPool(8, 2) as p:
+        with pytest.raises(ValueError, match="make_pool_fast: kind must be 0, 1 or 2, got 7"):
+            _fast.make_pool_fast(7, int(ffi.cast("uintptr_t", p.cdata)), p)
+        with pytest.raises(TypeError, match="make_pool_fast"):
+            _fast.make_pool_fast("x", 1, p)
 
 
 def test_latency_helper() -> None:

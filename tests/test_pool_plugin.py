@@ -93,9 +93,9 @@ def test_arena_numa_from_config(engine) -> None:
     ({"pools": {"x": {"cache_size": 1}}}, "pools.x.cache_size", "must be from 2 to 65536 blocks, got 1"),
     ({"pools": {"x": {"numa": "far"}}}, "pools.x.numa", "must be \"local\", \"interleave\", a node number"),
     ({"pools": {"x": {"numa": -1}}}, "pools.x.numa", "got the integer -1"),
-    ({"pools": {"x": {"capcity": 5}}}, "pools.x.capcity", "unknown key 'capcity' in [pools.x]; accepted keys: kind, "
-                                                          "block_size, capacity, align, cache_size, numa (did you "
-                                                          "mean 'capacity'?)"),
+    ({"pools": {"x": {"capcity": 5}}}, "pools.x.capcity", ("unknown key 'capcity' in [pools.x]; accepted keys: "
+                                                           "kind, block_size, capacity, align, cache_size, numa "
+                                                           "(did you mean 'capacity'?)")),
     ({"pools": {"x": 5}}, "pools.x", "expected a table, got the integer 5"),
     ({"arena": {"numa": 1.5}}, "arena.numa", "got the number 1.5"),
 ])

@@ -12,14 +12,13 @@ import pytest
 
 from knhk_memory import pools
 from knhk_memory.errors import (
+    NumaError,
     PoolClosedError,
     PoolCorruptError,
     PoolDoubleFreeError,
-    NumaError,
     PoolError,
     PoolExhaustedError,
     PoolForeignPointerError,
-    PoolForkedError,
     PoolThreadError,
 )
 from knhk_memory.pools import FixedPool, LockFreePool, ThreadLocalPool, model_check, size_class
@@ -57,8 +56,8 @@ def test_size_classes(size: int, align: int, stride: int) -> None:
     ({"align": -8}, ValueError, "align must be a power of two from 1 to 4096, got -8"),
     ({"align": 8192}, ValueError, "align must be a power of two from 1 to 4096, got 8192"),
     ({"block_size": 1 << 20, "capacity": 1 << 21}, ValueError,
-     "capacity 2097152 x 1048576-byte blocks (the size class of 1048576 bytes) is 2199023255552 bytes, beyond "
-     "the limit of 1099511627776 bytes (1 TiB)"),
+     ("capacity 2097152 x 1048576-byte blocks (the size class of 1048576 bytes) is 2199023255552 bytes, beyond "
+      "the limit of 1099511627776 bytes (1 TiB)")),
     ({"name": ""}, TypeError, "name must be a non-empty string or None, got ''"),
     ({"numa": "far"}, ValueError, "numa must be 'local', 'interleave' or a node number, got 'far'"),
     ({"node": 4000}, NumaError, "node=4000: no such node online; online nodes: 0"),
@@ -75,7 +74,7 @@ def test_thread_local_cache_size_checked() -> None:
     for bad in (0, 1, 65537):
         with pytest.raises(ValueError, match=f"cache_size must be from 2 to 65536 blocks, got {bad}"):
             ThreadLocalPool(64, 16, cache_size=bad)
-    with pytest.raises(TypeError, match="cache_size must be an int, got float 2.0"):
+    with pytest.raises(TypeError, match=r"cache_size must be an int, got float 2\.0"):
         ThreadLocalPool(64, 16, cache_size=2.0)
 
 
@@ -167,13 +166,13 @@ def test_records_view_and_dtype_errors() -> None:
         a = p.alloc()
         r[p.index(a)]["case"] = 77
         assert int.from_bytes(bytes(p.view(a)[:8]), "little") == 77
-        with pytest.raises(ValueError, match="dtype .* has 48 bytes per record; a block of this pool holds 1 to 40"):
+        with pytest.raises(ValueError, match=r"dtype .* has 48 bytes per record; a block of this pool holds 1 to 40"):
             p.records(np.dtype(("u8", 6)))
         with pytest.raises(TypeError, match="holds Python objects"):
             p.records(object)
         with pytest.raises(TypeError, match="is not a numpy dtype"):
             p.records("nonsense-dtype")
-        with pytest.raises(IndexError, match="block index 6 is out of range 0..5"):
+        with pytest.raises(IndexError, match=r"block index 6 is out of range 0\.\.5"):
             p.address(6)
         with pytest.raises(PoolForeignPointerError, match="is not the start of one of its blocks"):
             p.index(a + 1)
@@ -205,7 +204,7 @@ def test_fixed_pool_refuses_other_threads() -> None:
         for call in (p.alloc, lambda: p.free(a)):
             try:
                 call()
-            except BaseException as exc:  # noqa: BLE001 - collected for the assert
+            except BaseException as exc:
                 errors.append(exc)
 
     t = threading.Thread(target=other)
@@ -307,7 +306,7 @@ def test_lock_free_pool_python_threads_exact() -> None:
 
     def work(k: int) -> None:
         held = []
-        for i in range(n):
+        for _ in range(n):
             a = p.alloc()
             p.view(a)[:1] = bytes([k])
             held.append(a)
@@ -349,7 +348,7 @@ def test_model_check_finds_aba_without_the_tag() -> None:
 
 
 def test_model_check_bad_arguments() -> None:
-    with pytest.raises(PoolError, match="threads 1..16, capacity 1..4096"):
+    with pytest.raises(PoolError, match=r"threads 1\.\.16, capacity 1\.\.4096"):
         model_check(1, threads=0)
 
 

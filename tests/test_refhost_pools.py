@@ -77,8 +77,8 @@ def test_a_lockfree_cases_pool_works_too(store: Path) -> None:
 
 
 @pytest.mark.parametrize(("pools", "message"), [
-    ({"cases": {"capacity": 100}}, "pools.cases.capacity in <argument> is 100; a batch of 4096 cases needs that "
-                                   "many records"),
+    ({"cases": {"capacity": 100}}, ("pools.cases.capacity in <argument> is 100; a batch of 4096 cases needs "
+                                    "that many records")),
     ({"cases": {"block_size": 16}}, "pools.cases.block_size in <argument> is 16; a case record needs 24 bytes"),
 ])
 def test_cases_pool_too_small_is_a_host_error(store: Path, pools: dict, message: str) -> None:

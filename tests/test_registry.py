@@ -22,6 +22,7 @@ from knhk_memory import (
 )
 from knhk_memory._core import ffi, lib
 from knhk_memory.hookspecs import hookimpl
+from knhk_memory.hotpath import default_budgets
 from knhk_memory.registry import hot_ops
 
 # ---------------------------------------------------------------- patterns
@@ -53,7 +54,8 @@ def test_unknown_number_names_the_valid_range(number):
 
 def test_unknown_name_names_the_nearest_names_and_the_range():
     with pytest.raises(UnknownPatternError,
-                       match=r"no workflow pattern named 'Paralel Splt'; nearest names: 'Parallel Split'.*numbers 1\.\.43"):
+                       match=r"no workflow pattern named 'Paralel Splt'; nearest names: 'Parallel Split'"
+                             r".*numbers 1\.\.43"):
         PatternRegistry()["Paralel Splt"]
     with pytest.raises(KeyError):  # UnknownPatternError is a KeyError
         PatternRegistry()["Deferred Choise"]
@@ -82,13 +84,15 @@ def test_executors_register_lookup_duplicate_and_freeze():
     other = object()
     reg.register_executor(1, other, replace=True)
     assert reg.executor("sequence") is other
-    with pytest.raises(UnknownPatternError, match=r"no executor is registered for WCP-2 'Parallel Split'; registered: \[1\]"):
+    with pytest.raises(UnknownPatternError,
+                       match=r"no executor is registered for WCP-2 'Parallel Split'; registered: \[1\]"):
         reg.executor(2)
     with pytest.raises(UnknownPatternError, match="numbered 99"):
         reg.register_executor(99, other)
     reg.freeze()
     assert reg.frozen and lib.knhk_registry_is_frozen(reg.native) == 1
-    with pytest.raises(RegistryFrozenError, match=r"cannot register an executor for WCP-2 'Parallel Split': the pattern registry is frozen"):
+    with pytest.raises(RegistryFrozenError, match=r"cannot register an executor for WCP-2 'Parallel Split': "
+                                                  r"the pattern registry is frozen"):
         reg.register_executor(2, other)
     assert reg.executors() == {1: other}
 
@@ -150,7 +154,7 @@ def test_hot_ops_run():
         ctx, cleanup = op.setup()
         op.fn(ctx, 10_000)
         cleanup()
-        assert op.default_budget == 8
+        assert default_budgets()[op.name].budget == 8
     reg = PatternRegistry()  # keep it alive: it owns the C table
     lib.knhk_registry_hotop_lookup(ffi.cast("void *", reg.native), 100)
 
@@ -240,7 +244,8 @@ def test_duplicate_unknown_and_bad_registrations():
     res.register("store", lambda: 1)
     with pytest.raises(DuplicateNameError, match="resource 'store' is already registered"):
         res.register("store", lambda: 2)
-    with pytest.raises(UnknownResourceError, match=r"no resource named 'stor'; did you mean 'store'\? \(registered: 'store'\)"):
+    with pytest.raises(UnknownResourceError,
+                       match=r"no resource named 'stor'; did you mean 'store'\? \(registered: 'store'\)"):
         res.get("stor")
     with pytest.raises(TypeError, match="a resource name is a non-empty str, got ''"):
         res.register("", lambda: 1)

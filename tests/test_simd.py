@@ -8,9 +8,9 @@ end; see docs/development.md for the ASan command.
 from __future__ import annotations
 
 import mmap
-import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from knhk_memory import simd
 from knhk_memory._core import ffi, lib
 from knhk_memory.errors import KnhkMemoryError, SimdLevelError, SimdTypeError, SimdValueError
+from knhk_memory.hotpath import default_budgets
 
 LEVELS = simd.supported_levels()
 ID_DTYPES = [np.uint8, np.uint16, np.uint32, np.uint64]
@@ -86,10 +87,9 @@ def test_downclock_flag_names_only_those_cores():
     bits = lib.knhk_cpu_features()
     if bits & lib.KNHK_CPU_AVX512_DOWNCLOCK:
         assert bits & lib.KNHK_CPU_AVX512F  # only AVX-512 cores can have it
-    model = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("model\t")), "") if sys.platform == "linux" \
-        else ""
-    vendor = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("vendor_id")), "") if sys.platform == "linux" \
-        else ""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if sys.platform == "linux" else []
+    model = next((ln for ln in cpuinfo if ln.startswith("model\t")), "")
+    vendor = next((ln for ln in cpuinfo if ln.startswith("vendor_id")), "")
     if "GenuineIntel" in vendor and model.split(":")[-1].strip() == "85" and bits & lib.KNHK_CPU_AVX512F:
         assert bits & lib.KNHK_CPU_AVX512_DOWNCLOCK  # family 6 model 0x55 is Skylake-SP/Cascade/Cooper Lake
 
@@ -198,7 +198,7 @@ def test_find_every_alignment_and_length(level):
 
 def test_matches_at_start_end_and_vector_edges(level):
     rng = random.Random(7)
-    for n in list(range(0, 300)) + EDGE_LENGTHS:
+    for n in list(range(300)) + EDGE_LENGTHS:
         body = bytes(rng.randrange(1, 200) for _ in range(n))
         for s in (b"\xfe", b"\xfe\xfd", b"\xfe" * 16, bytes(range(250, 256)) + b"\xfe" * 10):
             for hb in (s + body, body + s, s + body + s):
@@ -404,7 +404,7 @@ def test_uint8_histogram_every_length_and_bin_count(nbins):
     # The 8-bit kernel has a slot per byte value and no range check: ids past
     # nbins are counted apart, whatever the length (8-id steps plus a tail).
     rng = np.random.default_rng(nbins)
-    for n in [*range(0, 40), 255, 256, 257, 4095, 100_003]:
+    for n in [*range(40), 255, 256, 257, 4095, 100_003]:
         a = rng.integers(0, 256, n, dtype=np.uint8)
         want = np.bincount(a, minlength=max(nbins, 256))
         assert np.array_equal(simd.histogram(a, nbins, out_of_range="ignore"), want[:nbins]), n
@@ -417,7 +417,8 @@ def test_uint8_histogram_every_length_and_bin_count(nbins):
 
 
 def test_bad_id_arrays():
-    with pytest.raises(SimdTypeError, match=r"count_eq: expected a numpy array of uint8, uint16, uint32, uint64, got list"):
+    with pytest.raises(SimdTypeError,
+                       match=r"count_eq: expected a numpy array of uint8, uint16, uint32, uint64, got list"):
         simd.count_eq([1, 2, 3], 1)
     with pytest.raises(SimdTypeError, match=r"find_eq: dtype int32 is not supported; accepted: uint8, uint16, "
                                             r"uint32, uint64 in native byte order; a signed array can be viewed "
@@ -491,7 +492,7 @@ def test_hot_ops_run_the_real_operation():
     ids = np.random.default_rng(4096).integers(0, 43, 1024, dtype=np.uint32)
     assert ffi.cast("knhk_simd_count4k_ctx *", ctx).result == np.count_nonzero(ids == 7)
     cleanup()
-    assert ops["search_64"].default_budget == 32 and ops["count_eq_4k"].default_budget == 400
+    assert default_budgets()["search_64"].budget == 32 and default_budgets()["count_eq_4k"].budget == 400
 
 
 def test_median_ticks_measures_in_c():

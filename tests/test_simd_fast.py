@@ -88,9 +88,9 @@ def test_needle_methods_keep_the_needle_alive():
 
 
 def test_factories_reject_bad_arguments():
-    with pytest.raises(TypeError, match=r"_make_fast\(kind: 0 \(find\) or 1 \(count\), slow: callable\)"):
-        simd._make_fast(2, print)
-    with pytest.raises(TypeError, match=r"_make_needle_method\(kind: 0 or 1, needle_address: int"):
-        simd._make_needle_method(0, "x", None, print)
+    with pytest.raises(TypeError, match=r"make_scan\(kind: 0 \(find\) or 1 \(count\), slow: callable\)"):
+        simd._fast.make_scan(2, print)
+    with pytest.raises(TypeError, match=r"make_needle_method\(kind: 0 or 1, needle_address: int"):
+        simd._fast.make_needle_method(0, "x", None, print)
     with pytest.raises(ValueError, match=r"NULL needle"):
-        simd._make_needle_method(0, 0, None, print)
+        simd._fast.make_needle_method(0, 0, None, print)

@@ -192,7 +192,7 @@ def test_zstd_values(store_path):
         assert s.stats()["compression"] == "zstd"
         assert all(s[k] == v for k, v in data.items())
         assert bytes(s.get_raw("flows/00001"))[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame
-        assert dict((k.decode(), bytes(v)) for k, v in s.items()) == data
+        assert {k.decode(): bytes(v) for k, v in s.items()} == data
         assert s.verify() == 50
 
 
@@ -209,7 +209,7 @@ def test_zstd_with_dictionary(store_path):
         assert all(s[str(i)] == v for i, v in enumerate(samples))
     with pytest.raises(ValueError, match="zstd_dict needs compress"):
         WorkflowStoreWriter(store_path, zstd_dict=zdict)
-    with pytest.raises(ValueError, match="zstd level in 1..22, got 40"):
+    with pytest.raises(ValueError, match=r"zstd level in 1..22, got 40"):
         WorkflowStoreWriter(store_path, compress=40)
 
 
@@ -218,7 +218,7 @@ def test_threads_read_concurrently(store_path):
     errors = []
     with WorkflowStore(store_path, mmap_threshold=0) as s:
         def reader(offset: int) -> None:
-            for r in range(4):
+            for _r in range(4):
                 for i in range(offset, 500, 3):
                     k = f"flows/{i:05d}"
                     if s.get(k) != data[k]:
@@ -412,7 +412,7 @@ def test_random_garbage(store_path):
     with pytest.raises(StoreMagicError, match="wrong magic"):
         WorkflowStore(store_path)
     store_path.write_bytes(MAGIC + os.urandom(4096))
-    with pytest.raises(StoreError, match="flows.kst: "):
+    with pytest.raises(StoreError, match=r"flows.kst: "):
         WorkflowStore(store_path)
 
 
@@ -436,6 +436,9 @@ def _exercise(data: bytes, keys: list[str]) -> None:
             if r >= 0:
                 assert (r >> 24) + (r & 0xFFFFFF) <= len(data)
             r = lib.knhk_store_find_span(s, kb, len(kb), span)
+            if r >= 0:
+                assert span[0] + span[1] <= len(data)
+            r = lib.knhk_store_lookup(s, kb, len(kb), span, span + 1)  # the fast get's probe
             if r >= 0:
                 assert span[0] + span[1] <= len(data)
         offs = ffi.new("uint64_t[64]")
@@ -487,7 +490,8 @@ def test_fuzz_mutated_valid_files(valid_image, data):
             off = data.draw(st.sampled_from(range(16, 112, 8)))
             struct.pack_into("<Q", b, off, data.draw(st.sampled_from(
                 [0, 1, 7, 128, len(b), len(b) - 8, 2**47, 2**63, 2**64 - 1])))
-            struct.pack_into("<Q", b, HEADER_SIZE - 8, lib.knhk_store_hash(bytes(b[:HEADER_SIZE - 8]), HEADER_SIZE - 8, 0))
+            struct.pack_into("<Q", b, HEADER_SIZE - 8,
+                             lib.knhk_store_hash(bytes(b[:HEADER_SIZE - 8]), HEADER_SIZE - 8, 0))
     _exercise(bytes(b), _FUZZ_KEYS)
 
 
@@ -500,7 +504,7 @@ def test_fuzzed_index_entries_with_resealed_checksums(valid_image):
     img = valid_image
     slots, index_off = struct.unpack_from("<Q", img, 32)[0], struct.unpack_from("<Q", img, 80)[0]
     seed = struct.unpack_from("<Q", img, 104)[0]
-    for trial in range(300):
+    for _trial in range(300):
         b = bytearray(img)
         for _ in range(rng.randint(1, 8)):
             j = rng.randrange(slots)
@@ -676,7 +680,7 @@ def test_c_getter_lifetime_and_arguments(store_path):
     s = WorkflowStore(store_path)
     saved = s.get
     s.close()
-    with pytest.raises(StoreClosedError, match="flows.kst: the store is closed"):
+    with pytest.raises(StoreClosedError, match=r"flows.kst: the store is closed"):
         saved("flows/00001")
     ref = weakref.ref(WorkflowStore(store_path))
     gc.collect()

@@ -11,8 +11,6 @@ fails, 2 for a usage or configuration error.
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -25,13 +23,15 @@ import numpy as np
 
 from ..config import Config, validate
 from ..errors import CheckFailedError, HostError
+from ..launcher import launched_environment
 from .engine import Engine, RunTally, tally_event_log
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
 from .workflows import SUPPORTED_PATTERNS, case_seed_one, generate_definitions, workflow_choice_one
 
-__all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path", "event_log_paths", "default_event_log_path",
-           "ensure_store", "measure_store", "run_demo", "format_summary", "main_check", "add_demo_command"]
+__all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path",
+           "default_event_log_path", "event_log_paths", "ensure_store", "measure_store", "run_demo", "format_summary",
+           "main_check"]
 
 DEFAULT_CASES = 100_000
 DEFAULT_WORKFLOWS = 3000
@@ -108,9 +108,9 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
             for k in probe:
                 get(k)
             per.append((time.perf_counter_ns() - t0) / max(1, len(probe)))
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         records = s.verify()
-        verify_s = time.perf_counter() - t0
+        verify_s = time.perf_counter() - start
         info = s.stats()
     return {"open_ns": statistics.median(opens), "lookup_ns": statistics.median(per), "verified_records": records,
             "verify_seconds": verify_s, "keys": info["keys"], "file_size": info["file_size"],
@@ -124,6 +124,37 @@ def event_log_paths(path: str | os.PathLike[str], workers: int) -> list[Path]:
     (one writer per file)."""
     p = Path(path)
     return [p] if workers == 1 else [p.with_name(f"{p.name}.w{w}") for w in range(workers)]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker ends when the process that started it does.
+
+    A worker mid-batch never reads its task pipe, so it would not notice a
+    parent killed with SIGKILL and would run to the end of its cases (issue
+    22). Two guards: the kernel's parent-death signal (Linux prctl
+    PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
+    pid every 0.2 s -- for platforms without prctl, and for the race where
+    the parent died before the prctl took effect.
+    """
+    import ctypes
+    import signal
+    import threading
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="knhk-parent-watch", daemon=True).start()
 
 
 def _worker(job: dict[str, Any]) -> RunTally:
@@ -147,7 +178,11 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     start = engine.counters.get(done_idx)
     tally = RunTally(arenas=0)
     t0 = time.perf_counter()
-    with ctx.Pool(workers) as pool:
+    # Under knhk-memory run the workers are the engine too: they get the
+    # launcher's variables back (knhk_configure took them out of os.environ).
+    with launched_environment():
+        pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():
@@ -209,9 +244,9 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     logs = None
     if event_log is not None:
         logs = [str(p) for p in event_log_paths(event_log, workers)]
-        for p in logs:
-            if Path(p).is_dir():
-                raise HostError(f"--event-log {p} is a directory; give a file path")
+        for lp in logs:
+            if Path(lp).is_dir():
+                raise HostError(f"--event-log {lp} is a directory; give a file path")
     with Engine(config, event_log=logs[0] if logs and workers == 1 else None) as engine:
         before_counters = engine.counters.snapshot()
         before_patterns = engine.pattern_stats.as_dict()
@@ -231,7 +266,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         pattern_rows = engine.pattern_stats.as_dict()
         names = {p.number: p.name for p in (engine.patterns.by_number(n) for n in SUPPORTED_PATTERNS)}
         checks = _checks(engine, tally, counters, patterns, cases, seed)
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in engine.pm.hook.knhk_memory_stats(config=engine.config):
             stats.update(part or {})
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
@@ -410,76 +445,6 @@ def format_summary(r: dict[str, Any]) -> str:
     npass = sum(ch["ok"] for ch in r["checks"])
     out.append(f"{npass} of {len(r['checks'])} checks passed" + ("" if r["ok"] else " -- DEMO FAILED"))
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------- the command
-
-def _positive(name: str) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {v}")
-        return v
-    return parse
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {text!r}") from None
-    if not 0 <= v < 1 << 64:
-        raise argparse.ArgumentTypeError(f"--seed must be in 0..2**64-1, got {v}")
-    return v
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ..config import load_config
-
-    config = load_config(args.config)
-    result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
-                      progress=args.progress, budgets=args.budgets,
-                      event_log=(default_event_log_path() if args.event_log is None else args.event_log or None))
-    if args.json:
-        result.pop("_budget_table", None)
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        print(format_summary(result))
-    return 0 if result["ok"] else 1
-
-
-def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[common], help="run cases on the reference host and check the results",
-                       description="Build (once) a store of generated workflow definitions, run cases of them "
-                                   "on the reference host over the memory plugin, check every result and print "
-                                   "a summary. Exit status: 0 all checks passed, 1 a check failed, 2 a usage or "
-                                   "configuration error.")
-    p.add_argument("--cases", type=_positive("--cases"), default=DEFAULT_CASES, metavar="N",
-                   help=f"cases to run (default {DEFAULT_CASES:,})")
-    p.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
-                   help="worker processes sharing the store and the counters (default 1: this process)")
-    p.add_argument("--store", metavar="PATH", help="workflow store to run (built there with the generated "
-                   "definitions if missing; default: [store] path, else a file in the cache directory)")
-    p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",
-                   help=f"seed of the cases' workflows and paths (default {DEFAULT_SEED})")
-    lg = p.add_mutually_exclusive_group()
-    lg.add_argument("--event-log", metavar="PATH", default=None,
-                    help="write every event to PATH, a persistent MmapVec (emptied first; with --workers N, "
-                         "PATH.w0 ... PATH.wN-1), and check that it reopens with the run's tallies (default: "
-                         "demo-events.kvec in the cache directory)")
-    lg.add_argument("--no-event-log", dest="event_log", action="store_const", const="",
-                    help="run without the persistent event log")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--no-budgets", dest="budgets", action="store_false",
-                   help="skip measuring the hot-path budget table")
-    pg = p.add_mutually_exclusive_group()
-    pg.add_argument("--progress", dest="progress", action="store_true", default=None,
-                    help="always show the progress bar (default: on a terminal)")
-    pg.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=_cmd_demo)
 
 
 def main_check(result: dict[str, Any]) -> None:

@@ -44,11 +44,11 @@ import numpy as np
 
 from .. import simd
 from ..config import Config, load_config
-from ..mmapvec import MmapVec
 from ..counters import Counters, PatternStats
-from ..errors import ArenaBusyError, HostError, StoreError, StoreKeyError
+from ..errors import HostError, StoreError, StoreKeyError
 from ..hookspecs import hookimpl
 from ..host import get_plugin_manager
+from ..mmapvec import MmapVec
 from ..registry import start_registries
 from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
@@ -132,7 +132,7 @@ class _CompiledWorkflows:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        self.keys = sorted(k.decode() for k in store.keys())
+        self.keys = sorted(k.decode() for k in store.keys())  # noqa: SIM118 - a WorkflowStore has no __iter__
         self._cache: dict[str, Workflow] = {}
 
     def get(self, key: str) -> Workflow:
@@ -214,11 +214,10 @@ class Engine:
             if not self.workflows.keys:
                 raise HostError(f"the workflow store {self.store.path} holds no definitions")
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
-            self._retired_arenas: list[dict[str, int]] = []
             self.case_pool = self._case_pool(config)
             recs = self.case_pool.records(CASE_RECORD)
             # one view per field, made once: the batch fills them by block number
-            self._rec = {name: recs[name] for name in CASE_RECORD.names}
+            self._rec = {name: recs[name] for name in CASE_RECORD.names or ()}
             if event_log is not None:
                 self.event_log = MmapVec(event_log, EVENT_RECORD, mode="w", capacity=1 << 16)
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
@@ -286,15 +285,10 @@ class Engine:
             self.event_log.sync()  # part of the run: its events are durable when it returns
         tally.seconds = time.perf_counter() - t0
         end_stats = self.arena.stats()
-        retired = self._retired_arenas
-        tally.arena_allocations = end_stats.allocations - start_stats.allocations + sum(
-            r["allocations"] for r in retired)
-        tally.arena_backend_calls = end_stats.backend_calls - start_stats.backend_calls + sum(
-            r["backend_calls"] for r in retired)
-        tally.arena_bytes = end_stats.bytes_requested - start_stats.bytes_requested + sum(
-            r["bytes_requested"] for r in retired)
-        tally.arenas = 1 + len(retired)
-        self._retired_arenas = []
+        tally.arena_allocations = end_stats.allocations - start_stats.allocations
+        tally.arena_backend_calls = end_stats.backend_calls - start_stats.backend_calls
+        tally.arena_bytes = end_stats.bytes_requested - start_stats.bytes_requested
+        tally.arenas = 1
         return tally
 
     def _run_batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
@@ -312,16 +306,9 @@ class Engine:
             self._reset_arena()
 
     def _reset_arena(self) -> None:
-        try:
-            self.arena.reset()
-        except ArenaBusyError:
-            # Something (a traceback, a caller's reference) still holds a batch
-            # array: retire this arena, which frees itself once they are gone.
-            st = self.arena.stats()
-            self._retired_arenas.append({"allocations": st.allocations, "backend_calls": st.backend_calls,
-                                         "bytes_requested": st.bytes_requested})
-            self.arena.close()
-            self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
+        # A batch array something still holds (a traceback, a caller's
+        # reference) pins only its own chunk; the rest is reused.
+        self.arena.reset()
 
     def _batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
                sample: set[int] | frozenset[int]) -> None:

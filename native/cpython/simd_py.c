@@ -1,5 +1,5 @@
 /*
- * simd_py.c -- find and count on small buffers as CPython builtins.
+ * simd_py.c -- find and count, and the id scans, as CPython builtins (knhk_memory._fast).
  *
  * Through cffi a call costs ~350 ns here (argument conversion, a GIL release
  * and re-acquire, ffi.from_buffer for anything but bytes) around a scan that
@@ -20,12 +20,12 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-/* numpy's C API table is numpy_handler.c's (imported by _knhk_numpy_ready). */
-#define PY_ARRAY_UNIQUE_SYMBOL _knhk_numpy_array_api
+/* numpy's C API table is numpy_handler.c's (imported by fast_numpy_ready). */
+#define PY_ARRAY_UNIQUE_SYMBOL fast_numpy_api
 #define NO_IMPORT_ARRAY
 #include <numpy/arrayobject.h>
 
-#include "knhk_internal.h"
+#include "fast.h"
 
 #define NEEDLE_CAPSULE "knhk_memory.simd.needle"
 /* Scans of more bytes than this release the GIL (and so run concurrently). */
@@ -146,8 +146,8 @@ static PyObject *call_slow(PyObject *slow, PyObject *const *args, size_t nargsf,
 /* self: the tuple (kind, slow). */
 static PyObject *fast_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 1);
-    if (_knhk_likely(kwnames == NULL && nargs >= 2 && nargs <= 4 && PyBytes_CheckExact(args[1]) &&
-                     _knhk_simd_ready())) {
+    if (fast_likely(kwnames == NULL && nargs >= 2 && nargs <= 4 && PyBytes_CheckExact(args[1]) &&
+                     knhk_simd_ready())) {
         scan sc = {(int)PyLong_AsLong(PyTuple_GET_ITEM(self, 0)), NULL, (const uint8_t *)PyBytes_AS_STRING(args[1]),
                    (size_t)PyBytes_GET_SIZE(args[1])};
         int slow_path;
@@ -172,9 +172,9 @@ static PyMethodDef count_def = {
 /* self: the tuple (kind, capsule of the knhk_simd_needle *, owner, slow). */
 static PyObject *needle_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 3);
-    if (_knhk_likely(kwnames == NULL && nargs >= 1 && nargs <= 3)) {
+    if (fast_likely(kwnames == NULL && nargs >= 1 && nargs <= 3)) {
         const knhk_simd_needle *nd = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 1), NEEDLE_CAPSULE);
-        if (_knhk_unlikely(nd == NULL)) return NULL;
+        if (fast_unlikely(nd == NULL)) return NULL;
         scan sc = {(int)PyLong_AsLong(PyTuple_GET_ITEM(self, 0)), nd, nd->bytes, nd->len};
         int slow_path;
         PyObject *r = run_scan(&sc, args[0], nargs > 1 ? args[1] : NULL, nargs > 2 ? args[2] : NULL, &slow_path);
@@ -282,7 +282,7 @@ static int id_get(PyObject *v, int width, uint64_t *x) {
             PyErr_Clear(); /* OverflowError: >= 2**64, out of range */
         }
     }
-    if (_knhk_unlikely(PyErr_Occurred())) { /* never for an int; so that no error can leak */
+    if (fast_unlikely(PyErr_Occurred())) { /* never for an int; so that no error can leak */
         PyErr_Clear();
         r = ID_SLOW;
     }
@@ -295,14 +295,14 @@ static int id_get(PyObject *v, int width, uint64_t *x) {
 /* The common (a, v) call: 1 with the column and the id, 0 for the slow path. */
 static inline int ids_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, idcol *c, uint64_t *v) {
     return kwnames == NULL && nargs == 2 && idcol_get(args[0], c) && id_get(args[1], c->width, v) == ID_OK &&
-           _knhk_simd_ready();
+           knhk_simd_ready();
 }
 
 /* self of every id builtin: the tuple (slow, result_type or None). */
 static PyObject *ids_count_eq(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
     uint64_t v, count = 0;
-    if (_knhk_likely(ids_args(args, nargs, kwnames, &c, &v))) {
+    if (fast_likely(ids_args(args, nargs, kwnames, &c, &v))) {
         IDS_SCAN(&c, knhk_simd_count_eq(c.p, c.n, c.width, v, &count));
         return PyLong_FromUnsignedLongLong(count);
     }
@@ -314,7 +314,7 @@ static PyObject *int64_array(npy_intp n) { return PyArray_SimpleNew(1, &n, NPY_I
 static PyObject *ids_find_eq(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
     uint64_t v;
-    if (_knhk_likely(ids_args(args, nargs, kwnames, &c, &v) && c.n <= FIND_EQ_FAST_MAX)) {
+    if (fast_likely(ids_args(args, nargs, kwnames, &c, &v) && c.n <= FIND_EQ_FAST_MAX)) {
         int64_t first[FIND_EQ_STACK];
         size_t k = 0, next = 0;
         IDS_SCAN(&c, knhk_simd_find_eq(c.p, c.n, c.width, v, 0, first, FIND_EQ_STACK, &k, &next));
@@ -352,7 +352,7 @@ static PyObject *ids_find_eq(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *ids_mask_eq(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
     uint64_t v;
-    if (_knhk_likely(ids_args(args, nargs, kwnames, &c, &v))) {
+    if (fast_likely(ids_args(args, nargs, kwnames, &c, &v))) {
         PyObject *out = PyArray_SimpleNew(PyArray_NDIM(c.arr), PyArray_DIMS(c.arr), NPY_BOOL);
         if (out != NULL && c.n) {
             uint8_t *o = PyArray_DATA((PyArrayObject *)out);
@@ -368,9 +368,9 @@ static PyObject *ids_mask_eq(PyObject *self, PyObject *const *args, Py_ssize_t n
    the Python path does). */
 static PyObject *ids_isin(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
-    if (_knhk_likely(kwnames == NULL && nargs == 2 && (PyList_CheckExact(args[1]) || PyTuple_CheckExact(args[1])) &&
+    if (fast_likely(kwnames == NULL && nargs == 2 && (PyList_CheckExact(args[1]) || PyTuple_CheckExact(args[1])) &&
                      PySequence_Fast_GET_SIZE(args[1]) <= KNHK_SIMD_ISIN_MAX && idcol_get(args[0], &c) &&
-                     _knhk_simd_ready())) {
+                     knhk_simd_ready())) {
         uint64_t set[KNHK_SIMD_ISIN_MAX];
         size_t k = 0;
         const Py_ssize_t m = PySequence_Fast_GET_SIZE(args[1]);
@@ -412,7 +412,7 @@ static inline int str_is(PyObject *s, const char *ascii) { return PyUnicode_Comp
 static PyObject *ids_histogram(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
     PyObject *nbins_obj = nargs > 1 ? args[1] : NULL, *oor_obj = NULL;
-    int ok = nargs >= 1 && nargs <= 2 && idcol_get(args[0], &c) && _knhk_simd_ready();
+    int ok = nargs >= 1 && nargs <= 2 && idcol_get(args[0], &c) && knhk_simd_ready();
     if (ok && kwnames != NULL) {
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames) && ok; i++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, i);
@@ -492,7 +492,7 @@ static PyObject *reduction_new(PyTypeObject *cls, const knhk_simd_reduction *r) 
 
 static PyObject *ids_reduction(int what, PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
-    if (_knhk_likely(kwnames == NULL && nargs == 1 && idcol_get(args[0], &c) && _knhk_simd_ready())) {
+    if (fast_likely(kwnames == NULL && nargs == 1 && idcol_get(args[0], &c) && knhk_simd_ready())) {
         if (c.n == 0 && what == RED_SUM) return PyLong_FromLong(0);
         if (c.n > 0) { /* empty: the Python path raises */
             knhk_simd_reduction r;
@@ -546,9 +546,11 @@ static PyMethodDef ids_defs[] = {
 };
 #define IDS_COUNT (sizeof ids_defs / sizeof ids_defs[0])
 
-/* _make_ids_fast(name, slow, result_type=None): the builtin `name` (one of
+/* make_id_scan(name, slow, result_type=None): the builtin `name` (one of
    ids_defs) falling back to slow; reduce needs result_type, its Reduction. */
-static PyObject *make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fast_simd_make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    /* The id scans use numpy's C API: import it before any of them exists. */
+    if (fast_numpy_ready() < 0) return NULL;
     const PyMethodDef *def = NULL;
     if (nargs >= 2 && nargs <= 3 && PyUnicode_Check(args[0]) && PyCallable_Check(args[1])) {
         for (size_t i = 0; i < IDS_COUNT && def == NULL; i++)
@@ -561,7 +563,7 @@ static PyObject *make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t 
                                         ((PyTypeObject *)extra)->tp_basicsize == PyTuple_Type.tp_basicsize &&
                                         ((PyTypeObject *)extra)->tp_dictoffset == 0))) {
         PyErr_SetString(PyExc_TypeError,
-                        "_make_ids_fast(name: count_eq, find_eq, mask_eq, isin, histogram, reduce, column_min, "
+                        "make_id_scan(name: count_eq, find_eq, mask_eq, isin, histogram, reduce, column_min, "
                         "column_max or column_sum, slow: callable, result_type: for reduce, a NamedTuple class)");
         return NULL;
     }
@@ -583,10 +585,10 @@ static int kind_of(PyObject *obj) {
     return -1;
 }
 
-static PyObject *make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fast_simd_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     int kind = nargs == 2 ? kind_of(args[0]) : -1;
     if (kind < 0 || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "_make_fast(kind: 0 (find) or 1 (count), slow: callable)");
+        PyErr_SetString(PyExc_TypeError, "make_scan(kind: 0 (find) or 1 (count), slow: callable)");
         return NULL;
     }
     PyObject *self = PyTuple_Pack(2, args[0], args[1]);
@@ -598,16 +600,16 @@ static PyObject *make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     return fn;
 }
 
-static PyObject *make_needle_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fast_simd_make_needle_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     int kind = nargs == 4 ? kind_of(args[0]) : -1;
     if (kind < 0 || !PyLong_Check(args[1]) || !PyCallable_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
-                        "_make_needle_method(kind: 0 or 1, needle_address: int, owner, slow: callable)");
+                        "make_needle_method(kind: 0 or 1, needle_address: int, owner, slow: callable)");
         return NULL;
     }
     void *nd = PyLong_AsVoidPtr(args[1]);
     if (nd == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_make_needle_method: NULL needle");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "make_needle_method: NULL needle");
         return NULL;
     }
     /* No destructor: the owner (which holds the needle and frees it) is kept
@@ -622,32 +624,3 @@ static PyObject *make_needle_method(PyObject *mod, PyObject *const *args, Py_ssi
     return fn;
 }
 
-static PyMethodDef module_defs[] = {
-    {"_make_fast", (PyCFunction)(void (*)(void))make_fast, METH_FASTCALL, "Make a fast find or count."},
-    {"_make_needle_method", (PyCFunction)(void (*)(void))make_needle_method, METH_FASTCALL,
-     "Make a fast Needle.find or Needle.count."},
-    {"_make_ids_fast", (PyCFunction)(void (*)(void))make_ids_fast, METH_FASTCALL,
-     "Make a fast id scan (count_eq, find_eq, ...)."},
-};
-
-int knhk_simd_py_install(void) {
-    /* The id scans use numpy's C API: import it before any of them exists. */
-    PyGILState_STATE g = PyGILState_Ensure();
-    int ready = _knhk_numpy_ready();
-    if (ready < 0) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *s = value ? PyObject_Str(value) : NULL;
-        const char *msg = s ? PyUnicode_AsUTF8(s) : NULL;
-        _knhk_set_error("installing the simd fast path: numpy's C API could not be imported: %s",
-                        msg ? msg : "unknown error");
-        PyErr_Clear();
-        Py_XDECREF(s);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-    }
-    PyGILState_Release(g);
-    if (ready < 0) return KNHK_ERR_PYTHON;
-    return _knhk_py_install("knhk_memory.simd", module_defs, sizeof module_defs / sizeof module_defs[0], "simd");
-}

@@ -1,16 +1,13 @@
 /*
- * store_py.c -- the workflow store's lookup as a CPython builtin.
+ * store_py.c -- the workflow store's lookup as a CPython builtin (knhk_memory._fast).
  *
  * Through cffi a get costs a foreign call, a GIL release and re-acquire and
  * an int conversion around a ~50 ns probe; as a METH_FASTCALL builtin it is
  * one vectorcall. The getter holds the GIL throughout (the probe is shorter
- * than a GIL hand-off), which also orders it against close(): _detach runs
+ * than a GIL hand-off), which also orders it against close(): detach_store_getter runs
  * under the GIL too, so a getter never sees a freed store.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "knhk_internal.h"
+#include "fast.h"
 
 #define CAPSULE_NAME "knhk_memory.store.getter"
 
@@ -44,15 +41,15 @@ static inline getter_state *state_of(PyObject *self) {
 
 static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     getter_state *st = state_of(self);
-    if (_knhk_unlikely(st == NULL)) return NULL;
-    if (_knhk_unlikely(nargs < 1 || nargs > 2)) {
+    if (fast_unlikely(st == NULL)) return NULL;
+    if (fast_unlikely(nargs < 1 || nargs > 2)) {
         PyErr_Format(PyExc_TypeError, "get() takes a key and an optional default (%zd arguments given)", nargs);
         return NULL;
     }
     PyObject *key = args[0], *dflt = nargs == 2 ? args[1] : Py_None;
     const char *kp;
     Py_ssize_t kl;
-    if (_knhk_likely(PyBytes_CheckExact(key))) {
+    if (fast_likely(PyBytes_CheckExact(key))) {
         kp = PyBytes_AS_STRING(key);
         kl = PyBytes_GET_SIZE(key);
     } else if (PyUnicode_CheckExact(key)) {
@@ -61,10 +58,10 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     } else {
         return call_slow(st, key, 0, dflt); /* bytearray, memoryview, or a TypeError */
     }
-    if (_knhk_unlikely(st->store == NULL)) return call_slow(st, key, KNHK_STORE_BROKEN - 1, dflt);
+    if (fast_unlikely(st->store == NULL)) return call_slow(st, key, KNHK_STORE_BROKEN - 1, dflt);
     uint64_t off, len;
-    int64_t r = _knhk_store_lookup(st->store, kp, (size_t)kl, &off, &len);
-    if (_knhk_likely(r == 0)) return PySequence_GetSlice(st->view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
+    int64_t r = knhk_store_lookup(st->store, kp, (size_t)kl, &off, &len);
+    if (fast_likely(r == 0)) return PySequence_GetSlice(st->view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
     if (r == KNHK_STORE_ABSENT) {
         Py_INCREF(dflt);
         return dflt;
@@ -76,15 +73,15 @@ static PyMethodDef getter_def = {"get", (PyCFunction)(void (*)(void))fast_get, M
                                  "get(key, default=None): the value of key as a read-only memoryview "
                                  "into the file, or default."};
 
-static PyObject *make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fast_store_make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 4 || !PyLong_Check(args[0]) || !PyMemoryView_Check(args[1]) || !PyCallable_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError,
-                        "_make_getter(handle_address: int, view: memoryview, slow: callable, owner)");
+                        "make_store_getter(handle_address: int, view: memoryview, slow: callable, owner)");
         return NULL;
     }
     void *handle = PyLong_AsVoidPtr(args[0]);
     if (handle == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "_make_getter: NULL store handle");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "make_store_getter: NULL store handle");
         return NULL;
     }
     getter_state *st = PyMem_Calloc(1, sizeof *st);
@@ -109,26 +106,18 @@ static PyObject *make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t na
     return fn;
 }
 
-static PyObject *detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 1 || !PyCFunction_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "_detach(getter)");
+        PyErr_SetString(PyExc_TypeError, "detach_store_getter(getter)");
         return NULL;
     }
     PyObject *self = PyCFunction_GET_SELF(args[0]);
     getter_state *st = self && PyTuple_CheckExact(self) && PyTuple_GET_SIZE(self) == 2 ? state_of(self) : NULL;
     if (st == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "_detach: not a store getter");
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "detach_store_getter: not a store getter");
         return NULL;
     }
     st->store = NULL;
     Py_RETURN_NONE;
 }
 
-static PyMethodDef module_defs[] = {
-    {"_make_getter", (PyCFunction)(void (*)(void))make_getter, METH_FASTCALL, "Make a store getter."},
-    {"_detach", (PyCFunction)(void (*)(void))detach, METH_FASTCALL, "Detach a getter from its store."},
-};
-
-int knhk_store_py_install(void) {
-    return _knhk_py_install("knhk_memory.store", module_defs, sizeof module_defs / sizeof module_defs[0], "store");
-}

@@ -1,10 +1,4 @@
-"""The ``knhk-memory`` command.
-
-``main(argv) -> int`` does the work, so tests call it directly.
-``console_main`` is the installed script: it first makes sure the process can
-load jemalloc (see :data:`knhk_memory.allocator.STATIC_TLS_TUNABLE`), by
-re-executing itself once with the glibc tunable set.
-"""
+"""``knhk-memory info``: versions, backends, numpy routing, CPU features, config source."""
 
 from __future__ import annotations
 
@@ -12,47 +6,21 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-REEXEC_GUARD = "KNHK_MEMORY_REEXECED"
+__all__ = ["collect_info", "add_info_command"]
 
-
-def console_main() -> None:
-    _ensure_static_tls()
-    sys.exit(main())
-
-
-def _ensure_static_tls() -> None:
-    """Restart once with room in static TLS for jemalloc, unless there already is."""
-    from .allocator import STATIC_TLS_TUNABLE
-
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.rtld.optional_static_tls" in tunables or os.environ.get(REEXEC_GUARD):
-        return
-    env = dict(os.environ)
-    env["GLIBC_TUNABLES"] = f"{tunables}:{STATIC_TLS_TUNABLE}" if tunables else STATIC_TLS_TUNABLE
-    env[REEXEC_GUARD] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, "-m", "knhk_memory", *sys.argv[1:]], env)
-    except OSError as exc:  # pragma: no cover - exec of our own interpreter failing
-        print(f"knhk-memory: could not restart with GLIBC_TUNABLES set ({exc}); "
-              "jemalloc may not load", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- info
 
 def collect_info(config_path: str | None) -> dict[str, Any]:
     """Everything ``knhk-memory info`` reports, as a JSON-ready dict."""
     import numpy
+    from numpy._core.multiarray import get_handler_name
 
-    from . import __version__
-    from ._core import ffi, lib
-    from .allocator import available_backends
-    from .config import load_config
-    from .host import get_plugin_manager
+    from .. import __version__
+    from .._core import ffi, lib
+    from ..allocator import available_backends
+    from ..config import load_config
+    from ..host import get_plugin_manager
 
     config = load_config(config_path)
     pm = get_plugin_manager()
@@ -68,12 +36,12 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
         probe = numpy.empty(16)
         numpy_info = {
             "routed": bool(config.allocator.numpy),
-            "current_handler": numpy._core.multiarray.get_handler_name(),
-            "new_array_handler": numpy._core.multiarray.get_handler_name(probe),
+            "current_handler": get_handler_name(),
+            "new_array_handler": get_handler_name(probe),
             "numpy_version": numpy.__version__,
         }
         del probe
-        stats = {}
+        stats: dict[str, Any] = {}
         for part in pm.hook.knhk_memory_stats(config=config):
             stats.update(part or {})
     finally:
@@ -102,8 +70,8 @@ def collect_info(config_path: str | None) -> dict[str, Any]:
 
 
 def _simd_info() -> dict[str, Any]:
-    from . import simd
-    from .errors import SimdLevelError
+    from .. import simd
+    from ..errors import SimdLevelError
 
     try:
         active: str | None = simd.level()
@@ -143,11 +111,40 @@ def _print_info(info: dict[str, Any]) -> None:
                f"supported: {', '.join(sd['supported'])})")
     if sd["auto_note"]:
         out.append(f"          auto is {sd['auto']}: {sd['auto_note']}")
+    proc = info["stats"].get("allocator", {}).get("process")
+    if proc:
+        serves = proc["malloc_backend"] or "not a knhk backend"
+        out.append(f"process:  malloc from {proc['malloc_library']} ({serves}); "
+                   f"CPython objects: {proc['python_allocator']}; RSS {proc['rss_bytes'] or 0:,} B "
+                   f"(peak {proc['peak_rss_bytes'] or 0:,} B)")
     out.append(f"plugins:  {', '.join(info['plugins'])}")
     print("\n".join(out))
 
 
+def _memory_of(pid: int, as_json: bool) -> int:
+    from ..launcher import inspect_process
+
+    try:
+        info = inspect_process(pid)
+    except ValueError as exc:
+        print(f"knhk-memory info: error: --memory: {exc}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    mib = lambda v: "?" if v is None else f"{v / 2**20:.1f} MiB"  # noqa: E731
+    launched = (f"started by knhk-memory run with {info['launched_backend']}" if info["launched_backend"]
+                else "not started by knhk-memory run")
+    print(f"pid {info['pid']} ({info['name']}): RSS {mib(info['rss_bytes'])}, peak {mib(info['peak_rss_bytes'])}\n"
+          f"allocator libraries mapped: {', '.join(info['allocator_libraries']) or 'none (glibc malloc)'}\n"
+          f"{launched}; PYTHONMALLOC at start: {info['initial_pythonmalloc'] or 'unset (pymalloc)'}\n"
+          "(the allocator's own figures: the knhk_memory_stats hook inside the process)")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.memory is not None:
+        return _memory_of(args.memory, args.json)
     info = collect_info(args.config)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -156,38 +153,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- entry
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knhk-memory", description="knhk-memory: the memory subsystem "
-                                     "of a knhk-style workflow engine.")
-    config_help = ("configuration file (TOML); default: $KNHK_MEMORY_CONFIG, ./knhk.toml, "
-                   "[tool.knhk-memory] in ./pyproject.toml, built-in defaults")
-    parser.add_argument("--config", metavar="PATH", help=config_help)
-    # --config is accepted after the command too; there it overrides.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def add_info_command(sub: Any, common: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", parents=[common],
                           help="versions, backends, numpy handler, CPU features, config source")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--memory", metavar="PID", type=int, default=None,
+                      help="another process's RSS, peak RSS, allocator libraries and how it was started")
     info.set_defaults(func=_cmd_info)
-    from .budgets import add_budget_commands
-    add_budget_commands(sub, common)
-    from .store import add_store_commands
-    add_store_commands(sub, common)
-    from .refhost.demo import add_demo_command
-    add_demo_command(sub, common)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import KnhkMemoryError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except KnhkMemoryError as exc:
-        print(f"knhk-memory: error: {exc}", file=sys.stderr)
-        return 2

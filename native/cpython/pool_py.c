@@ -1,5 +1,5 @@
 /*
- * pool_py.c -- the pools' alloc and free as CPython builtins.
+ * pool_py.c -- the pools' alloc and free as CPython builtins (knhk_memory._fast.make_pool_fast).
  *
  * Through cffi an alloc or free costs a foreign call with a GIL release and
  * re-acquire (~300 ns on the 2-core VM) around a ~3 ns pop or push; as a
@@ -10,10 +10,7 @@
  * the C pool outlives every builtin made for it (a closed pool answers
  * KNHK_POOL_CLOSED).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
-#include "knhk_internal.h"
+#include "fast.h"
 
 /* The capsule has no name: PyCapsule_GetPointer then compares two NULLs
    instead of running strcmp on every call. The capsule never leaves the
@@ -58,34 +55,34 @@ static PyObject *fail(PyObject *self, int problem, const char *what, PyObject *a
 
 static PyObject *fast_alloc(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     fast_state *st = state_of(self);
-    if (_knhk_unlikely(st == NULL)) return NULL;
-    if (_knhk_unlikely(nargs != 0)) {
+    if (fast_unlikely(st == NULL)) return NULL;
+    if (fast_unlikely(nargs != 0)) {
         PyErr_Format(PyExc_TypeError, "alloc() takes no arguments (%zd given)", nargs);
         return NULL;
     }
     int problem;
     uint64_t a = st->alloc(st->pool, &problem);
-    if (_knhk_likely(a != 0)) return PyLong_FromUnsignedLongLong(a);
+    if (fast_likely(a != 0)) return PyLong_FromUnsignedLongLong(a);
     return fail(self, problem, "alloc", NULL);
 }
 
 static PyObject *fast_free(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     fast_state *st = state_of(self);
-    if (_knhk_unlikely(st == NULL)) return NULL;
-    if (_knhk_unlikely(nargs != 1)) {
+    if (fast_unlikely(st == NULL)) return NULL;
+    if (fast_unlikely(nargs != 1)) {
         PyErr_Format(PyExc_TypeError, "free() takes one address (%zd given)", nargs);
         return NULL;
     }
     PyObject *owner = PyTuple_GET_ITEM(self, 1);
-    if (_knhk_unlikely(!PyLong_CheckExact(args[0])))
+    if (fast_unlikely(!PyLong_CheckExact(args[0])))
         return PyObject_CallMethod(owner, "_slow_free", "O", args[0]); /* conversions, TypeError */
     uint64_t a = PyLong_AsUnsignedLongLong(args[0]);
-    if (_knhk_unlikely(a == (uint64_t)-1 && PyErr_Occurred())) {
+    if (fast_unlikely(a == (uint64_t)-1 && PyErr_Occurred())) {
         PyErr_Clear();
         return PyObject_CallMethod(owner, "_slow_free", "O", args[0]); /* negative or too large */
     }
     int r = st->free(st->pool, a);
-    if (_knhk_likely(r == KNHK_POOL_OK)) Py_RETURN_NONE;
+    if (fast_likely(r == KNHK_POOL_OK)) Py_RETURN_NONE;
     return fail(self, r, "free", args[0]);
 }
 
@@ -94,25 +91,23 @@ static PyMethodDef alloc_def = {"alloc", (PyCFunction)(void (*)(void))fast_alloc
 static PyMethodDef free_def = {"free", (PyCFunction)(void (*)(void))fast_free, METH_FASTCALL,
                                "free(addr): give the block at addr back (see knhk_memory.pools)."};
 
-/* _make_fast(kind, pool_address, owner) -> (alloc, free); kind 0 FixedPool, 1 LockFreePool, 2 ThreadLocalPool. */
-static PyObject *make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyLong_Check(args[0]) || !PyLong_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "_make_fast(kind, pool_address, owner)");
+/* make_pool_fast(kind, pool_address, owner) -> (alloc, free); kind 0 FixedPool, 1 LockFreePool, 2 ThreadLocalPool. */
+PyObject *fast_pool_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 3 || !PyLong_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "make_pool_fast(kind, pool_address, owner)");
         return NULL;
     }
     long kind = PyLong_AsLong(args[0]);
-    void *pool = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred()) return NULL;
+    if (kind == -1 && PyErr_Occurred()) return NULL;
+    void *pool = fast_address(args[1], "make_pool_fast: pool_address");
+    if (pool == NULL) return NULL;
     fast_state tmpl;
     switch (kind) {
     case 0: tmpl = (fast_state){pool, (alloc_fn)knhk_pool_alloc_addr, (free_fn)knhk_pool_free_addr}; break;
     case 1: tmpl = (fast_state){pool, (alloc_fn)knhk_lfpool_alloc_addr, (free_fn)knhk_lfpool_free_addr}; break;
     case 2: tmpl = (fast_state){pool, (alloc_fn)knhk_tlpool_alloc_addr, (free_fn)knhk_tlpool_free_addr}; break;
-    default: PyErr_Format(PyExc_ValueError, "_make_fast: kind must be 0, 1 or 2, got %ld", kind); return NULL;
-    }
-    if (pool == NULL) {
-        PyErr_SetString(PyExc_ValueError, "_make_fast: NULL pool");
-        return NULL;
+    default: PyErr_Format(PyExc_ValueError, "make_pool_fast: kind must be 0, 1 or 2, got %ld", kind); return NULL;
     }
     fast_state *st = PyMem_Malloc(sizeof *st);
     if (st == NULL) return PyErr_NoMemory();
@@ -137,10 +132,3 @@ static PyObject *make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     Py_DECREF(f);
     return pair;
 }
-
-static PyMethodDef defs[] = {
-    {"_make_fast", (PyCFunction)(void (*)(void))make_fast, METH_FASTCALL,
-     "_make_fast(kind, pool_address, owner) -> (alloc, free) builtins."},
-};
-
-int knhk_pool_py_install(void) { return _knhk_py_install("knhk_memory.pools", defs, 1, "pool"); }

@@ -1,0 +1,49 @@
+/*
+ * fast.h -- shared by the files of the CPython fast-path module
+ * knhk_memory._fast (fast.c joins them). Everything here is the module's own:
+ * it calls the C core through the public API in knhk.h only, and no C code
+ * of the core or of this module writes into another Python module.
+ */
+#ifndef KNHK_FAST_H
+#define KNHK_FAST_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "knhk.h"
+
+#define fast_likely(x) __builtin_expect(!!(x), 1)
+#define fast_unlikely(x) __builtin_expect(!!(x), 0)
+
+/* numpy_handler.c: import numpy's C API table (fast_numpy_api) on first use,
+   so importing the module does not import numpy. 0, or -1 with a Python
+   exception set. GIL held. */
+int fast_numpy_ready(void);
+
+/* The module's functions (METH_FASTCALL), by file. */
+PyObject *fast_store_make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_simd_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_simd_make_needle_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_simd_make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_state(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_numpy_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_pool_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
+/* The module's types (fast.c readies them and adds them to the module). */
+extern PyTypeObject fast_ArenaBlock_Type; /* arena_py.c: knhk_memory._fast.ArenaBlock */
+extern PyTypeObject fast_ArenaBase_Type; /* arena_py.c: knhk_memory._fast.ArenaBase */
+extern PyTypeObject fast_BlockBase_Type; /* block_py.c: knhk_memory._fast.BlockBase */
+extern PyTypeObject fast_BackendBase_Type; /* block_py.c: knhk_memory._fast.BackendBase */
+extern PyTypeObject fast_OnceBase_Type; /* cells_py.c: knhk_memory._fast.OnceBase */
+extern PyTypeObject fast_LookupBase_Type; /* cells_py.c: knhk_memory._fast.LookupBase */
+
+/* A C pointer passed from Python as an int address (cffi's
+   int(ffi.cast("uintptr_t", p))). NULL with a Python error for anything else. */
+void *fast_address(PyObject *obj, const char *what);
+
+#endif /* KNHK_FAST_H */

@@ -1,0 +1,327 @@
+"""The METH_FASTCALL builtins of knhk_memory._fast against the Python paths
+they stand in for: same results, same exception types and messages, for
+every kind of argument (issue 14: "tests run every bad-input case through
+both paths")."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from knhk_memory import _fast
+from knhk_memory.counters import Counters
+from knhk_memory.errors import KnhkMemoryError
+
+BAD_ADDS = [
+    (("nope",), {}),                      # unknown name: CounterNameError with nearest names
+    (("alpah",), {}),
+    ((5,), {}),                           # index out of range
+    ((-1,), {}),
+    ((True,), {}),                        # bool is not an index
+    ((1.0,), {}),                         # float key
+    ((None,), {}),
+    (("alpha", 1.5), {}),                 # float increment
+    (("alpha", "1"), {}),
+    (("alpha", 2**63), {}),               # does not fit int64
+    (("alpha", -(2**63) - 1), {}),
+    (("alpha", True), {}),
+    ((), {}),                             # arity
+    (("alpha", 1, 2), {}),
+    (("alpha",), {"m": 1}),               # unknown keyword
+]
+
+
+def outcome(fn, args, kwargs):
+    try:
+        return ("ok", fn(*args, **kwargs))
+    except Exception as exc:
+        return (type(exc), str(exc))
+
+
+@pytest.fixture
+def block():
+    c = Counters(["alpha", "beta", "gamma"])
+    yield c
+    c.close()
+
+
+def test_counter_add_is_a_builtin_on_an_open_block(block):
+    assert type(block.add).__name__ == "builtin_function_or_method"
+    assert type(block.writer().add).__name__ == "builtin_function_or_method"
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ADDS)
+def test_counter_add_errors_match_the_python_path(block, args, kwargs):
+    fast = outcome(block.add, args, kwargs)
+    slow = outcome(block._add, args, kwargs)
+    assert fast[0] is not str and fast == slow
+    assert fast[0] != "ok"
+    assert block.values().tolist() == [0, 0, 0]  # a refused add changes nothing
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ADDS)
+def test_writer_add_errors_match_the_python_path(block, args, kwargs):
+    w = block.writer()
+    assert outcome(w.add, args, kwargs) == outcome(w._add, args, kwargs)
+    assert block.values().tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("key", ["nope", 3, -1, True, 1.0, None])
+def test_counter_get_errors_match_the_python_path(block, key):
+    assert outcome(block.get, (key,), {}) == outcome(block._get, (key,), {})
+    assert outcome(block.__getitem__, (key,), {})[0] is outcome(block._get, (key,), {})[0]
+
+
+def test_counter_fast_and_slow_adds_agree_on_every_accepted_form(block):
+    w = block.writer()
+    forms = [("alpha",), ("alpha", 5), ("beta", -2), (2, 7), (np.int64(1), np.int32(3)), ("gamma", np.uint8(4)),
+             ("alpha", 2**63 - 1), ("alpha", -(2**63) + 1)]
+    for fn in (block.add, block._add, w.add, w._add):
+        for args in forms:
+            fn(*args)
+    # every form four times, through both paths of both handles
+    assert block.get("alpha") == 4 * (1 + 5 + (2**63 - 1) + (-(2**63) + 1))
+    assert block.get("beta") == 4 * (-2 + 3)  # np.int64(1) names beta
+    assert block.get("gamma") == 4 * (7 + 4)
+    assert block.get(0) == block._get("alpha") == block["alpha"]
+
+
+def test_closed_block_refuses_through_both_paths(block):
+    w = block.writer()
+    add, get = block.add, block.get  # builtins held across the close
+    block.close()
+    for fn in (add, block.add, block._add):
+        with pytest.raises(KnhkMemoryError, match="this Counters block is closed"):
+            fn("alpha", 1)
+    with pytest.raises(KnhkMemoryError, match="this Counters block is closed"):
+        get("alpha")
+    with pytest.raises(KnhkMemoryError, match="its writers are dead"):
+        w.add("alpha")
+
+
+def test_writer_from_another_thread_refused_and_nothing_added(block):
+    w = block.writer()
+    seen = []
+
+    def other():
+        seen.append(outcome(w.add, ("alpha", 1), {}))
+        seen.append(outcome(w._add, ("alpha", 1), {}))
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0] == seen[1] and seen[0][0].__name__ == "CounterWriterError"
+    assert block.get("alpha") == 0
+
+
+def test_fast_adds_are_exact_across_threads(block):
+    n, threads = 20_000, 4
+
+    def work():
+        w = block.writer()
+        for _ in range(n):
+            block.add("alpha")
+            w.add(1, 2)
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert block.get("alpha") == n * threads and block.get("beta") == 2 * n * threads
+
+
+def test_factory_refuses_bad_arguments():
+    with pytest.raises(TypeError, match=r"counters_method\(kind: 0 add, 1 get, 2 writer add or 3 record, state, slow"):
+        _fast.counters_method(4, None, print)
+    with pytest.raises(TypeError, match=r"counters_state\(handle_address, index: dict, count: int\)"):
+        _fast.counters_state(1, [], 1)
+    with pytest.raises(TypeError, match=r"detach_counters\(state\)"):
+        _fast.detach_counters(object())
+
+
+# ---------------------------------------------------------------- arenas
+
+BAD_ALLOCS = [
+    ((0,), {}), ((-1,), {}), ((2**44 + 1,), {}), ((2**80,), {}), ((1.0,), {}), (("64",), {}), ((True,), {}),
+    ((None,), {}), ((64, 3), {}), ((64, 0), {}), ((64, 8192), {}), ((64, 16.0), {}), ((64,), {"align": 3}),
+    ((), {}), ((64, 16, 1), {}), ((64,), {"nope": 1}),
+]
+
+
+@pytest.fixture
+def arena():
+    from knhk_memory.arena import Arena
+
+    a = Arena(4096)
+    yield a
+    a.close()
+
+
+def test_arena_alloc_and_array_are_c_methods(arena):
+    from knhk_memory import _fast
+
+    assert isinstance(arena, _fast.ArenaBase)
+    assert type(arena.alloc).__name__ == "builtin_function_or_method"
+    view = arena.alloc(64)
+    assert isinstance(view, memoryview) and view.nbytes == 64 and not view.readonly
+    assert type(view.obj).__name__ == "ArenaBlock"
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ALLOCS)
+def test_arena_alloc_errors_match_the_python_path(arena, args, kwargs):
+    fast, slow = outcome(arena.alloc, args, kwargs), outcome(arena._alloc_slow, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+    assert arena.stats().live_blocks == 0
+
+
+BAD_ARRAYS = [
+    ((-1,), {}), (((2, -1),), {}), ((1.5,), {}), ((True,), {}), (((2, "3"),), {}), (("4",), {}),
+    ((4, object), {}), ((4, "nope"), {}), ((4, "V0"), {}), (((2**40, 2**40),), {}), ((4, "u1"), {"align": 3}),
+    ((tuple(range(1, 70)),), {}),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), BAD_ARRAYS)
+def test_arena_array_errors_match_the_python_path(arena, args, kwargs):
+    slow = outcome(arena._array_slow, args, kwargs)
+    fast = outcome(arena.array, args, kwargs)
+    assert fast == slow and fast[0] != "ok"
+
+
+def test_arena_array_fast_and_slow_agree(arena):
+    for args, kwargs in [((64, np.uint8), {}), ((64, "uint8"), {}), (((3, 4), np.dtype("<u4")), {}), ((5,), {}),
+                         ((0, "f8"), {}), (((2, 0, 3), np.int16), {}), ((np.int64(3), "u2"), {}),
+                         ((7, "f8"), {"align": 64}), ((4, [("a", "u1"), ("b", "<f8")]), {})]:
+        for _ in range(2):  # the second call takes the C method once the dtype is cached
+            a, b = arena.array(*args, **kwargs), arena._array_slow(*args, **kwargs)
+            assert a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous and a.flags.writeable
+            assert a.ctypes.data % max(16, a.dtype.alignment, kwargs.get("align", 1)) == 0
+            a.view(np.uint8)[...] = 1
+            assert (a.view(np.uint8) == 1).all()
+
+
+def test_arena_blocks_live_as_long_as_their_views_and_arrays(arena):
+    import gc
+
+    view = arena.alloc(32)
+    arr = arena.array(8, np.uint32)
+    sub = arr[2:4]
+    assert arena.stats().live_blocks == 2
+    del arr
+    gc.collect()
+    assert arena.stats().live_blocks == 2  # sub keeps the array's block
+    del sub, view
+    gc.collect()
+    assert arena.stats().live_blocks == 0
+    arena.reset()
+
+
+def test_arena_closed_and_foreign_thread_refused_by_both_paths(arena):
+    seen = []
+
+    def other():
+        seen.append(outcome(arena.alloc, (64,), {}))
+        seen.append(outcome(arena._alloc_slow, (64,), {}))
+        seen.append(outcome(arena.array, (4, "u1"), {}))
+
+    arena.array(4, "u1")  # cached dtype: the foreign thread reaches the C method
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen[0] == seen[1] and seen[0][0].__name__ == "ArenaThreadError"
+    assert seen[2][0].__name__ == "ArenaThreadError"
+    keep = arena.alloc(16)
+    arena.close()
+    for fn, args in ((arena.alloc, (64,)), (arena._alloc_slow, (64,)), (arena.array, (4, "u1"))):
+        assert outcome(fn, args, {})[0].__name__ == "ArenaClosedError"
+    keep[0] = 7  # a block made before the close stays usable until it goes
+    assert keep[0] == 7
+
+
+# ---------------------------------------------------------------- once-cells and the registry
+
+def test_once_get_is_a_c_method_and_matches_the_cell_state():
+    from knhk_memory.once import Lazy, OnceLock
+
+    c: OnceLock[object] = OnceLock("c")
+    assert type(c.get).__name__ == "builtin_function_or_method"
+    assert c.get() is None and not c.is_set()
+    c.set(None)
+    assert c.get() is None and c.is_set()
+    d: OnceLock[list[int]] = OnceLock()
+    value = [1]
+    assert d.get_or_init(lambda: value) is value and d.get() is value
+    calls = []
+    lz = Lazy(lambda: calls.append(1) or "v")
+    assert lz.get() == "v" and lz.get() == "v" and lz.value == "v" and calls == [1]
+    none = Lazy(lambda: None)
+    assert none.get() is None and none.is_set() and none.get() is None
+
+
+def test_once_get_from_many_threads_sees_one_value():
+    from knhk_memory.once import Lazy
+
+    made = []
+    lz = Lazy(lambda: made.append(object()) or made[-1])
+    seen = []
+    ts = [threading.Thread(target=lambda: seen.append(lz.get())) for _ in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(made) == 1 and all(s is made[0] for s in seen)
+
+
+@pytest.mark.parametrize("key", [0, 44, -1, 2**70, True, 1.0, None, "nope", "sequence", "Sequence", b"1", (1,)])
+def test_registry_lookup_matches_the_python_path(key):
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    r[1]  # loaded: the C subscript has its index
+    assert outcome(r.__getitem__, (key,), {}) == outcome(r._getitem_slow, (key,), {})
+    assert (key in r) == (outcome(r._getitem_slow, (key,), {})[0] == "ok")
+
+
+def test_registry_first_lookup_loads_the_table():
+    from knhk_memory.registry import PatternRegistry
+
+    r = PatternRegistry()
+    assert not r.loaded
+    assert r[43].number == 43 and r.loaded
+    assert r[7] is r[7] and r["sequence"] is r[1]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [
+    ((0, 5), {}), ((44, 5), {}), ((-1, 5), {}), ((True, 5), {}), ((1.0, 5), {}), ((1, -1), {}), ((1, 2**63), {}),
+    ((1, 1.5), {}), ((1, None), {}), ((1,), {}), ((1, 2, 3), {}), ((1,), {"tick": 2}),
+])
+def test_pattern_record_errors_match_the_python_path(args, kwargs):
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    try:
+        assert type(p.record).__name__ == "builtin_function_or_method"
+        fast, slow = outcome(p.record, args, kwargs), outcome(p._record, args, kwargs)
+        assert fast == slow and fast[0] != "ok"
+        assert p.as_dict() == PatternStats().as_dict()  # nothing recorded
+    finally:
+        p.close()
+
+
+def test_pattern_record_fast_and_slow_agree():
+    from knhk_memory.counters import PatternStats
+
+    p = PatternStats()
+    for fn in (p.record, p._record):
+        fn(4, 100)
+        fn(np.int64(4), np.uint32(300))
+        fn(43, 2**63 - 1)
+    d = p.as_dict()
+    p.close()
+    assert d[4]["executions"] == 4 and d[4]["total_ticks"] == 2 * (100 + 300)
+    assert d[4]["min_ticks"] == 100 and d[4]["max_ticks"] == 300
+    assert d[43]["executions"] == 2 and d[43]["max_ticks"] == 2**63 - 1
+    assert set(d) == {4, 43}

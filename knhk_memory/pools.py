@@ -176,7 +176,7 @@ class _Pool:
     kind = ""
     _c: ClassVar[dict[str, Any]] = {}
 
-    # No __slots__: alloc and free are replaced per instance by the C builtins (pool_py.c).
+    # No __slots__: alloc and free are replaced per instance by the C builtins (native/cpython/pool_py.c).
     _fast_kind = 0
 
     def _setup(self, block_size: Any, capacity: Any, align: Any, numa: Any, node: Any, name: str | None,
@@ -214,7 +214,7 @@ class _Pool:
         self._alloc = self._c["alloc"]
         self._free = self._c["free"]
         self._final: PoolStats | None = None
-        # The per-call path: METH_FASTCALL builtins (pool_py.c), which keep
+        # The per-call path: METH_FASTCALL builtins (native/cpython/pool_py.c), which keep
         # this object (and so the C pool) alive.
         self.alloc, self.free = _make_fast(  # type: ignore[method-assign,assignment]
             self._fast_kind, int(ffi.cast("uintptr_t", raw)), self)

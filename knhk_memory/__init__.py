@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "HotOp": "hotpath", "PyHotOp": "hotpath",
     "CounterWriter": "counters", "Counters": "counters", "PatternStats": "counters",
     "Arena": "arena", "ArenaStats": "arena", "ThreadLocalArena": "arena",
+    "FixedPool": "pools", "LockFreePool": "pools", "ThreadLocalPool": "pools", "PoolStats": "pools",
+    "MmapVec": "mmapvec",
     "get_plugin_manager": "host",
     "Lazy": "once", "OnceLock": "once",
     "GlobalResourceRegistry": "registry", "Pattern": "registry", "PatternRegistry": "registry",
@@ -76,7 +78,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .counters import Counters, CounterWriter, PatternStats
     from .host import get_plugin_manager
     from .hotpath import HotOp, PyHotOp
+    from .mmapvec import MmapVec
     from .once import Lazy, OnceLock
+    from .pools import FixedPool, LockFreePool, PoolStats, ThreadLocalPool
     from .registry import GlobalResourceRegistry, Pattern, PatternRegistry, start_registries
     from .store import WorkflowStore, WorkflowStoreWriter, open_store
 
@@ -90,6 +94,7 @@ __all__ = [
     "BudgetReport", "HotOp", "PyHotOp", "run_budgets",
     "OnceLock", "Lazy", "Pattern", "PatternRegistry", "GlobalResourceRegistry", "start_registries",
     "Arena", "ArenaStats", "ThreadLocalArena",
+    "FixedPool", "LockFreePool", "ThreadLocalPool", "PoolStats", "MmapVec",
     "WorkflowStore", "WorkflowStoreWriter", "open_store",
     "simd",
 ]

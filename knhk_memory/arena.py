@@ -45,6 +45,8 @@ from ._core import check, check_as, ffi, lib
 from ._forksafe import renew_in_child
 from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
 from .errors import ArenaClosedError, ArenaThreadError
+from .numa import check_placement, placement_spec
+from .numa import resolve as resolve_placement
 
 __all__ = ["Arena", "ArenaStats", "ThreadLocalArena", "DEFAULT_CHUNK_SIZE", "DEFAULT_MAX_CHUNK_SIZE",
            "huge_pages_available", "hot_ops"]
@@ -149,13 +151,18 @@ class Arena(_fast.ArenaBase):
     :param max_chunk_size: The growth cap (default: 16 MiB, or ``chunk_size`` if larger).
     :param huge_pages: Hint ``MADV_HUGEPAGE`` on chunks of 2 MiB or more.
     :param backend: A :class:`Backend`, its name, or None for the selected one.
+    :param numa: ``"local"``, ``"interleave"`` or a node number: the NUMA placement of every chunk
+        (whole pages, moved if the allocator had touched them; :mod:`knhk_memory.numa`). ``node=N``
+        is the same as ``numa=N``. Checked against the machine's nodes and the kernel at creation
+        (:class:`~knhk_memory.errors.NumaError`); later refusals are counted in :meth:`numa_counts`.
     """
 
-    __slots__ = ("backend", "chunk_size", "max_chunk_size", "huge_pages", "_ptr", "_raw", "_free", "_owner",
-                 "_status", "_final", "__weakref__")
+    __slots__ = ("backend", "chunk_size", "max_chunk_size", "huge_pages", "placement", "_ptr", "_raw", "_free",
+                 "_owner", "_status", "_final", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None,
+                 numa: str | int | None = None, node: int | None = None) -> None:
         self._raw: Any = None
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
@@ -165,6 +172,9 @@ class Arena(_fast.ArenaBase):
         if not isinstance(huge_pages, bool):
             raise TypeError(f"huge_pages must be a bool, got {type(huge_pages).__name__} {huge_pages!r}")
         self.backend = _backend_arg(backend)
+        self.placement = resolve_placement(numa, node)
+        if self.placement is not None:
+            check_placement(self.placement)  # the kernel accepts it: a refusal is an error here, not a count later
         self.chunk_size, self.max_chunk_size, self.huge_pages = cs, mcs, huge_pages
         out = ffi.new("knhk_arena **")
         check(lib.knhk_arena_create(self.backend.cdata, cs, mcs, int(huge_pages), out), "creating an arena")
@@ -179,6 +189,17 @@ class Arena(_fast.ArenaBase):
         self._owner = threading.get_ident()
         self._status = ffi.new("int *")
         self._final: ArenaStats | None = None
+        if self.placement is not None:
+            spec, keep = placement_spec(self.placement)
+            status = lib.knhk_arena_set_numa(self._raw, spec)
+            del keep
+            check(status, "setting the arena's NUMA placement")
+
+    def numa_counts(self) -> tuple[int, int]:
+        """``(placed, refused)``: chunks put under the NUMA placement, and chunks the kernel refused."""
+        placed, refused = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        check(lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused), "arena NUMA counts")
+        return int(placed[0]), int(refused[0])
 
     # -- state checks
     @property
@@ -350,12 +371,15 @@ class ThreadLocalArena:
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
-                 huge_pages: bool = True, backend: Backend | BackendName | None = None) -> None:
+                 huge_pages: bool = True, backend: Backend | BackendName | None = None,
+                 numa: str | int | None = None, node: int | None = None) -> None:
         # Check the parameters once, here, rather than in each thread.
-        probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend)
+        probe = Arena(chunk_size, max_chunk_size=max_chunk_size, huge_pages=huge_pages, backend=backend,
+                      numa=numa, node=node)
         probe.close()
         self._kwargs: dict[str, Any] = {"chunk_size": chunk_size, "max_chunk_size": max_chunk_size,
-                                        "huge_pages": huge_pages, "backend": probe.backend}
+                                        "huge_pages": huge_pages, "backend": probe.backend, "numa": numa,
+                                        "node": node}
         self._local = threading.local()
         self._lock = threading.Lock()
         renew_in_child(self, "_lock")

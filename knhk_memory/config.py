@@ -49,6 +49,9 @@ class Field:
     doc: str
     check: Callable[[Any], str | None] | None = None
     choices: tuple[Any, ...] | None = None
+    # For a value that is itself a table (``[pools.<name>]``): its keys, each
+    # checked like a section's, with errors naming the full dotted key.
+    table: Mapping[str, Field] | None = None
 
     def validate(self, value: Any) -> str | None:
         if not _is_type(value, self.type):
@@ -117,6 +120,60 @@ class OpenKeys(Mapping[str, Field]):
 
     def __len__(self) -> int:
         return 0
+class NamedTables(OpenKeys):
+    """A section of named sub-tables (``[pools.cases]``, ``[pools.tokens]``): any name, each
+    table checked against one set of fields; ``default_tables`` are present unless overridden
+    (a file's ``[pools.cases]`` replaces the default ``cases`` table, keys it omits at their
+    field defaults)."""
+
+    def __init__(self, field: Field, default_tables: Mapping[str, Mapping[str, Any]]) -> None:
+        super().__init__(field)
+        self.default_tables = {k: dict(v) for k, v in default_tables.items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.default_tables)
+
+    def __len__(self) -> int:
+        return len(self.default_tables)
+
+
+def _numa_value(v: Any) -> str | None:
+    if v in ("", "local", "interleave") or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1024):
+        return None
+    return (f"must be \"local\", \"interleave\", a node number (an integer from 0 to 1023) or \"\" (the "
+            f"kernel's default placement), got {_describe(v)}")
+
+
+def _range(lo: int, hi: int, unit: str) -> Callable[[Any], str | None]:
+    def check(v: int) -> str | None:
+        return None if lo <= v <= hi else f"must be from {lo} to {hi} {unit}, got {v}"
+    return check
+
+
+def _pow2_align(v: int) -> str | None:
+    if v <= 0 or v > 4096 or v & (v - 1):
+        return f"must be a power of two from 1 to 4096, got {v}"
+    return None
+
+
+POOL_KINDS = ("fixed", "lockfree", "threadlocal")
+POOL_FIELDS: dict[str, Field] = {
+    "kind": Field(str, "fixed", "fixed (FixedPool: one owner thread, no atomics), lockfree (LockFreePool: "
+                  "any thread, a tagged Treiber stack) or threadlocal (ThreadLocalPool: per-thread caches).",
+                  choices=POOL_KINDS),
+    "block_size": Field(int, 32, "Bytes per block, 1 to 2**30 (served from the size class: 8, 16, 24, 32, "
+                        "48, 64, 96, ...).", check=_range(1, 1 << 30, "bytes")),
+    "capacity": Field(int, 4096, "Blocks, 1 to 2**32 - 2; the pool never grows past it (a full pool "
+                      "raises PoolExhaustedError naming this key).", check=_range(1, 4294967294, "blocks")),
+    "align": Field(int, 8, "Block alignment in bytes, a power of two from 1 to 4096.", check=_pow2_align),
+    "cache_size": Field(int, 64, "Blocks each thread's cache holds (threadlocal only), 2 to 65536.",
+                        check=_range(2, 65536, "blocks")),
+    "numa": Field(object, "", "NUMA placement of the pool's region: \"local\", \"interleave\", a node "
+                  "number, or \"\" for the kernel's default.", check=_numa_value),
+}
+DEFAULT_POOLS = {"cases": {k: f.default for k, f in POOL_FIELDS.items()}}
+
+
 def _counter_names(v: list[Any]) -> str | None:
     bad = [n for n in v if not isinstance(n, str) or not n or "\0" in n]
     if bad:
@@ -262,7 +319,13 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "max_chunk_size": Field(int, 16 * 1024 * 1024, "Growth cap for arena chunks, in bytes (at least "
                                 "chunk_size, at most 2**40).", check=lambda v: _chunk_bytes(v)),
         "huge_pages": Field(bool, True, "Hint madvise(MADV_HUGEPAGE) on arena chunks of 2 MiB or more."),
+        "numa": Field(object, "", "NUMA placement of arena chunks: \"local\", \"interleave\", a node number, "
+                      "or \"\" for the kernel's default.", check=_numa_value),
     },
+    # One table per named pool ([pools.cases], [pools.tokens], ...), handed out
+    # by the knhk_pool hook; the reference host keeps its case records in "cases".
+    "pools": NamedTables(Field(dict, None, "A named block pool (knhk_pool hook).", table=POOL_FIELDS),
+                         DEFAULT_POOLS),
     "store": {
         "path": Field(str, "", "Workflow store file the plugin opens and hands to the engine through "
                       "knhk_workflow_store (relative paths are relative to the working directory); "
@@ -353,8 +416,12 @@ class Config:
         raise AttributeError(f"config has no section [{name}]; sections: {', '.join(SCHEMA)}")
 
     def get(self, dotted: str) -> Any:
-        section, _, key = dotted.partition(".")
-        return self.values[section][key]
+        """The value at a dotted key: ``"arena.chunk_size"``, ``"pools.cases.capacity"``."""
+        section, _, rest = dotted.partition(".")
+        value: Any = self.values[section]
+        for part in rest.split(".") if rest else ():
+            value = value[part]
+        return value
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dict(v) for s, v in self.values.items()}
@@ -378,8 +445,28 @@ class Config:
 
 def defaults() -> dict[str, dict[str, Any]]:
     # Copies, so no configuration shares a mutable default with another.
-    return {s: {k: dict(f.default) if isinstance(f.default, dict) else f.default for k, f in fields.items()}
-            for s, fields in SCHEMA.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for s, fields in SCHEMA.items():
+        if isinstance(fields, NamedTables):
+            out[s] = {k: dict(v) for k, v in fields.default_tables.items()}
+        else:
+            out[s] = {k: dict(f.default) if isinstance(f.default, dict) else f.default for k, f in fields.items()}
+    return out
+
+
+def _validate_table(value: Mapping[str, Any], table: Mapping[str, Field], dotted: str,
+                    source: str) -> dict[str, Any]:
+    merged = {k: f.default for k, f in table.items()}
+    for key, v in value.items():
+        sub = f"{dotted}.{key}"
+        if key not in table:
+            raise ConfigError(f"unknown key {key!r} in [{dotted}]; accepted keys: {', '.join(table)}"
+                              f"{_nearest(key, list(table))}", source=source, key=sub, value=v)
+        problem = table[key].validate(v)
+        if problem is not None:
+            raise ConfigError(problem, source=source, key=sub, value=v)
+        merged[key] = v
+    return merged
 
 
 def validate(data: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
@@ -405,6 +492,9 @@ def validate(data: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
             problem = fields[key].validate(value)
             if problem is not None:
                 raise ConfigError(problem, source=source, key=dotted, value=value)
+            table = fields[key].table
+            if table is not None:
+                value = _validate_table(value, table, dotted, source)
             merged[section][key] = value
     return merged
 

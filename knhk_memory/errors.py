@@ -308,6 +308,69 @@ class EngineVersionError(StoreError, RuntimeError):
 class UnknownProcessError(StoreKeyError):
     """An engine adapter was asked for a process id the store does not hold."""
 
+
+# ---------------------------------------------------------------- pools (issue 19)
+
+
+class PoolError(KnhkMemoryError):
+    """A block pool (FixedPool, LockFreePool, ThreadLocalPool) refused a call."""
+
+
+class PoolExhaustedError(PoolError, RuntimeError):
+    """Every block of a pool is in use; the message names the capacity and the config key."""
+
+
+class PoolDoubleFreeError(PoolError, ValueError):
+    """A block was freed that is not allocated (freed twice, or never handed out)."""
+
+
+class PoolForeignPointerError(PoolError, ValueError):
+    """free() of an address that is not the start of one of this pool's blocks."""
+
+
+class PoolClosedError(PoolError, ValueError):
+    """A pool was used after close(), as with a closed file."""
+
+
+class PoolForkedError(PoolError, RuntimeError):
+    """A pool made before fork() was used in the child (its blocks are the parent's)."""
+
+
+class PoolThreadError(PoolError, RuntimeError):
+    """A FixedPool was used from a thread other than the one that created it."""
+
+
+class PoolCorruptError(PoolError, RuntimeError):
+    """A freed block was written to and its free-list link no longer makes sense."""
+
+
+class NumaError(KnhkMemoryError, OSError):
+    """A NUMA placement was refused by the kernel, or names a node this machine lacks."""
+
+
+# ---------------------------------------------------------------- memory-mapped vectors (issue 19)
+
+
+class StoreDtypeError(StoreFormatError):
+    """An MmapVec file holds records of another dtype than the one asked for."""
+
+
+class StoreLockedError(StoreError, BlockingIOError):
+    """Another MmapVec (in this or another process) has the file open for writing."""
+
+
+class StoreNotRegularError(StoreError, ValueError):
+    """The path names a directory, device, FIFO or socket, not a regular file."""
+
+
+class StoreFullError(StoreError, OSError):
+    """The file could not grow (disk full, file size limit); its length is unchanged."""
+
+
+class StoreReadOnlyError(StoreError, ValueError):
+    """A write to an MmapVec opened read-only."""
+
+
 # ---------------------------------------------------------------- simd
 
 class SimdLevelError(KnhkMemoryError, RuntimeError):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .counters import Counters, PatternStats
     from .hotpath import HotOp, PyHotOp
     from .metrics import Metrics
+    from .pools import FixedPool, LockFreePool, ThreadLocalPool
     from .registry import GlobalResourceRegistry, PatternRegistry
     from .simd import SimdLevel
     from .store import WorkflowStore
@@ -141,6 +142,29 @@ def knhk_arena(config: Config, name: str) -> Arena | None:
 
     The engine calls ``reset()`` on the arena between batches of the same
     kind, and ``close()`` when the case is done.
+
+    Stops at first non-None result, see :ref:`firstresult`.
+    """
+
+
+# -------------------------------------------------------------------------
+# Pools
+# -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def knhk_pool(config: Config, name: str) -> FixedPool | LockFreePool | ThreadLocalPool | None:
+    """Return the block pool configured as ``[pools.<name>]``, or None when there is no such section.
+
+    :param config: The engine's configuration (``[pools.<name>]`` sets the kind, block size,
+        capacity, alignment, per-thread cache size and NUMA placement).
+    :param name: The pool's name; the default configuration has ``cases``, which the
+        reference host keeps its per-case records in.
+
+    The pool is made on the first call and the same one returned after; it is
+    closed at :func:`knhk_unconfigure`. A ``fixed`` pool belongs to the thread
+    that made it (the first caller); ``lockfree`` and ``threadlocal`` pools
+    serve any thread.
 
     Stops at first non-None result, see :ref:`firstresult`.
     """

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-from . import _fast
+from . import _fast, records
 from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
 from ._forksafe import renew_in_child
@@ -400,8 +400,6 @@ class WorkflowStore:
         span = ffi.new("uint64_t[2]")
         r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
         if r == _ABSENT:
-            from . import records
-
             try:
                 kb = records.resolve(self, kb)  # an alias, in a store of typed records
             except AmbiguousKeyError:
@@ -496,22 +494,16 @@ class WorkflowStore:
         else the one record the alias ``name`` names. Raises
         :class:`~knhk_memory.errors.StoreKeyError` (nearest names in the message)
         or :class:`~knhk_memory.errors.AmbiguousKeyError` (every record listed)."""
-        from . import records
-
         return records.resolve(self, name)
 
     def meta(self, name: str | bytes) -> Any:
         """The :class:`~knhk_memory.records.RecordMeta` of a key or alias
         (``codec``, ``content_type``, ``producer``, ``meta``); ``raw`` for a
         record written without metadata."""
-        from . import records
-
         return records.meta_of(self, records.resolve(self, name))
 
     def aliases(self) -> dict[str, list[str]]:
         """``{alias: [key, ...]}`` for every alias in the store (reads every record)."""
-        from . import records
-
         return records.aliases_of(self)
 
     def get_object(self, name: str | bytes) -> Any:
@@ -525,8 +517,6 @@ class WorkflowStore:
         ``trust_pickle=True``; :class:`~knhk_memory.errors.StoreCorruptError`
         for a value its codec cannot decode.
         """
-        from . import records
-
         ck = (_key_bytes(name), records.get_object)
         if self.cache_size:
             with self._cache_lock:
@@ -859,8 +849,6 @@ class WorkflowStoreWriter:
                        aliases: Any, producer: str | None) -> None:
         if self._file is None:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
-        from . import records
-
         if self._layer is None:
             self._layer = records.LayerWriter()
         key = _key_bytes(key)
@@ -1249,14 +1237,11 @@ def build_from_directory(source: str | os.PathLike[str], output: str | os.PathLi
         raise StoreError("source must be a directory of workflow definition files", path=src,
                          problem="not-a-directory")
     if key_template is not None:
-        from .records import check_template
-
-        check_template(key_template, have_id=bool(key_regex or key_field))
+        records.check_template(key_template, have_id=bool(key_regex or key_field))
     files = list(iter_source(src, key_regex=key_regex, key_field=key_field, exclude=(out,)))
     if key_template is not None:
-        from .records import template_fields
-
-        files = [(key_template.format_map(template_fields(p, src, key if (key_regex or key_field) else None)), p)
+        with_id = bool(key_regex or key_field)
+        files = [(key_template.format_map(records.template_fields(p, src, key if with_id else None)), p)
                  for key, p in files]
     try:
         out_st = out.stat()

@@ -78,6 +78,10 @@ struct knhk_arena {
     uint64_t reserved, chunks, backend_calls, high_water, reallocations, resets, huge_page_chunks;
     uint64_t pinned_chunks, pinned_bytes; /* the pinned list's length and bytes */
     int huge_pages;
+    int numa_mode; /* KNHK_NUMA_*: the placement of new chunks (issue 19) */
+    size_t numa_words;
+    uint64_t numa_mask[KNHK_NUMA_MAX_NODES / 64];
+    uint64_t numa_placed, numa_refused;
     _Atomic int closed;
     _Atomic int64_t refs; /* owner + numpy handlers + live counted blocks */
     _Atomic int64_t live; /* live counted blocks */
@@ -138,6 +142,20 @@ static void advise_huge(knhk_arena *a, chunk *c) {
 #endif
 }
 
+/* Put the chunk's whole pages under the arena's NUMA policy. A refusal is
+   counted (knhk_arena_numa_counts), not fatal: the memory is still good. */
+static void place_numa(knhk_arena *a, chunk *c) {
+    if (a->numa_mode == KNHK_NUMA_DEFAULT) return;
+    uintptr_t start = ((uintptr_t)c + 4095) & ~(uintptr_t)4095;
+    uintptr_t stop = ((uintptr_t)c + c->size) & ~(uintptr_t)4095;
+    if (stop <= start) return;
+    if (_knhk_numa_mbind_flags((void *)start, stop - start, a->numa_mode, a->numa_words ? a->numa_mask : NULL,
+                               a->numa_words, 2u /* MPOL_MF_MOVE */) == KNHK_OK)
+        a->numa_placed++;
+    else
+        a->numa_refused++;
+}
+
 static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
     /* Large chunks are page-aligned so the huge-page hint covers all of them. */
     size_t align = size >= KNHK_ARENA_HUGE_MIN ? 4096 : CHUNK_ALIGN;
@@ -155,6 +173,7 @@ static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
     atomic_init(&c->live, 0);
     a->reserved += size;
     a->chunks++;
+    place_numa(a, c);
     advise_huge(a, c);
     return c;
 }
@@ -618,3 +637,32 @@ int knhk_arena_retain(knhk_arena *a) {
 }
 
 void knhk_arena_release(knhk_arena *a) { unref(a); }
+
+/* ------------------------------------------------------------------ NUMA placement */
+
+int knhk_arena_set_numa(knhk_arena *a, const knhk_numa_spec *spec) {
+    if (!is_owner(a)) return not_owner("arena NUMA placement");
+    if (spec == NULL || spec->mode == KNHK_NUMA_DEFAULT) {
+        a->numa_mode = KNHK_NUMA_DEFAULT;
+        a->numa_words = 0;
+        return KNHK_OK;
+    }
+    if (spec->mode < KNHK_NUMA_DEFAULT || spec->mode > KNHK_NUMA_LOCAL || spec->mask_words > KNHK_NUMA_MAX_NODES / 64 ||
+        (spec->mask_words && spec->mask == NULL)) {
+        _knhk_set_error("arena NUMA placement: mode %d with %zu mask words is not a placement", spec->mode,
+                        spec->mask_words);
+        return KNHK_ERR_INVALID;
+    }
+    memset(a->numa_mask, 0, sizeof a->numa_mask);
+    if (spec->mask_words) memcpy(a->numa_mask, spec->mask, spec->mask_words * sizeof(uint64_t));
+    a->numa_words = spec->mask_words;
+    a->numa_mode = spec->mode;
+    return KNHK_OK;
+}
+
+int knhk_arena_numa_counts(knhk_arena *a, uint64_t *placed, uint64_t *refused) {
+    if (!is_owner(a)) return not_owner("arena NUMA counts");
+    *placed = a->numa_placed;
+    *refused = a->numa_refused;
+    return KNHK_OK;
+}

@@ -160,6 +160,44 @@ extern "C" {
 #define KNHK_METRICS_FULL_TABLE 5
 /* ---- end metrics constants */
 
+/* ---- pools, memory-mapped vectors, NUMA (issue 19: native/pool.c, numa.c;
+   knhk_memory/pools.py, mmapvec.py, numa.py). */
+/* Blocks: at least KNHK_POOL_MIN_BLOCK bytes (the intrusive free link), at
+   most KNHK_POOL_MAX_BLOCK; capacity 1..KNHK_POOL_MAX_CAPACITY; the region
+   (capacity x block stride) at most KNHK_POOL_MAX_BYTES. */
+#define KNHK_POOL_MIN_BLOCK 8
+#define KNHK_POOL_MAX_BLOCK ((size_t)1 << 30)
+#define KNHK_POOL_MAX_CAPACITY 4294967294ULL
+#define KNHK_POOL_MAX_BYTES ((size_t)1 << 40)
+/* What a pool call found wrong (the return value of alloc/free calls; 0 is fine). */
+#define KNHK_POOL_OK 0
+#define KNHK_POOL_EXHAUSTED 1  /* every block is in use */
+#define KNHK_POOL_DOUBLE_FREE 2 /* the block is not allocated (freed twice, or never handed out) */
+#define KNHK_POOL_FOREIGN 3    /* the pointer is not a block start of this pool */
+#define KNHK_POOL_CLOSED 4     /* the pool was closed */
+#define KNHK_POOL_FORKED 5     /* the pool was made before a fork(), used in the child */
+#define KNHK_POOL_WRONG_THREAD 6 /* a FixedPool used from a thread other than its owner */
+#define KNHK_POOL_CORRUPT 7    /* a free-list link was overwritten (a write after free) */
+/* Thread-local pools: the most threads with a cache of their own (others use
+   the shared free list directly) and the largest per-thread cache. */
+#define KNHK_TLPOOL_MAX_THREADS 256
+#define KNHK_TLPOOL_MAX_CACHE 65536
+/* knhk_pool_bench kinds: a mutex-guarded free list, the three pools, a backend's malloc/free. */
+#define KNHK_POOL_BENCH_MUTEX 0
+#define KNHK_POOL_BENCH_FIXED 1
+#define KNHK_POOL_BENCH_LOCKFREE 2
+#define KNHK_POOL_BENCH_THREADLOCAL 3
+#define KNHK_POOL_BENCH_BACKEND 4
+#define KNHK_POOL_BENCH_EMPTY 5
+/* NUMA placement modes (knhk_numa_mbind; the kernel's MPOL_* values). */
+#define KNHK_NUMA_DEFAULT 0
+#define KNHK_NUMA_PREFERRED 1
+#define KNHK_NUMA_BIND 2
+#define KNHK_NUMA_INTERLEAVE 3
+#define KNHK_NUMA_LOCAL 4
+/* Most nodes a mask passed to the NUMA calls may name (64-bit words x 64). */
+#define KNHK_NUMA_MAX_NODES 1024
+
 /* Everything declared between the markers is exported from the core's shared
    library; everything else in native/ is built hidden (-fvisibility=hidden). */
 #pragma GCC visibility push(default)
@@ -897,6 +935,172 @@ int knhk_metrics_values(const knhk_metrics *m, int64_t *out, size_t cap, size_t 
 int knhk_metrics_observe(knhk_counters *c, uint32_t cell, const double *bounds, uint32_t nbounds, double value,
                          int64_t sum_units);
 /* ---------------------------------------------------------------- end metrics */
+
+/* ---------------------------------------------------------------- pools (issue 19, native/pool.c) */
+
+/* Where a pool's region is placed: mode is KNHK_NUMA_* and mask (words of 64
+   node bits, may be NULL when mode is DEFAULT or LOCAL) the nodes it names. */
+typedef struct {
+    int mode;
+    const uint64_t *mask;
+    size_t mask_words;
+} knhk_numa_spec;
+
+/* Geometry and figures of a pool (every pool kind). */
+typedef struct {
+    uint64_t block_size;    /* bytes asked for */
+    uint64_t stride;        /* the size class: bytes between block starts */
+    uint64_t align;
+    uint64_t capacity;      /* blocks */
+    uint64_t region_bytes;  /* capacity * stride rounded up to pages */
+    uint64_t in_use;        /* blocks handed out and not freed (exact) */
+    uint64_t high_water;    /* the most in use at once (exact for FixedPool; for the
+                               thread-safe pools the largest in_use some call saw) */
+    uint64_t allocations;   /* successful allocations */
+    uint64_t frees;         /* successful frees */
+    uint64_t failed;        /* allocations refused because the pool was exhausted */
+    uint64_t bad_frees;     /* frees refused: double, foreign, after close, forked */
+    uint64_t cached;        /* blocks held in per-thread caches (ThreadLocalPool) */
+    uint64_t remote_frees;  /* frees handed to another thread's cache (ThreadLocalPool) */
+    int numa_mode;          /* the placement applied to the region */
+    int closed;
+} knhk_pool_stats;
+
+/* The size class a pool serves block_size bytes aligned to align from: the
+   smallest of 2^k and 3 * 2^k (k >= 3) >= block_size and a multiple of align.
+   0 when the arguments are out of range (knhk_last_error() says which). */
+uint64_t knhk_pool_size_class(size_t block_size, size_t align);
+
+/* FixedPool: capacity blocks carved from one anonymous mapping, handed out in
+   O(1) from an intrusive free list (a free block's first 4 bytes hold the
+   next free block's number); the pool never grows. It belongs to the thread
+   that made it (use LockFreePool or ThreadLocalPool to share).
+
+   Checks, in release and debug builds alike (each is a compare or two): the
+   owner thread, closed, a fork since creation (a generation counter bumped by
+   a pthread_atfork child handler), and on free that the pointer is a block
+   start of the region and that the block is allocated (a one-byte state per
+   block, kept beside the region so a write after free cannot forge it). */
+typedef struct knhk_pool knhk_pool;
+
+int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa, knhk_pool **out);
+/* Stop serving blocks (alloc and free then return KNHK_POOL_CLOSED). The
+   memory stays until knhk_pool_destroy, so views into it never dangle. */
+void knhk_pool_close(knhk_pool *p);
+void knhk_pool_destroy(knhk_pool *p);
+/* NULL with *problem = KNHK_POOL_* when no block is given (problem may be NULL). */
+void *knhk_pool_alloc(knhk_pool *p, int *problem);
+int knhk_pool_free(knhk_pool *p, void *ptr);
+/* Up to n blocks into out (addresses); returns how many (fewer when exhausted,
+   with *problem set). */
+uint64_t knhk_pool_alloc_many(knhk_pool *p, uint64_t *out, uint64_t n, int *problem);
+/* Frees addrs[0..n); stops at the first bad one: returns how many were freed,
+   *problem says why it stopped. */
+uint64_t knhk_pool_free_many(knhk_pool *p, const uint64_t *addrs, uint64_t n, int *problem);
+/* The same by block number (0..capacity-1) instead of address: for callers
+   that keep one record per block in an array over the region. */
+uint64_t knhk_pool_alloc_many_index(knhk_pool *p, int64_t *out, uint64_t n, int *problem);
+uint64_t knhk_pool_free_many_index(knhk_pool *p, const int64_t *index, uint64_t n, int *problem);
+/* The block number of ptr (0..capacity-1), or -1 when it is not a block start. */
+int64_t knhk_pool_index(const knhk_pool *p, const void *ptr);
+/* 1 when block i is allocated, 0 when free, -1 when i is out of range. */
+int knhk_pool_is_allocated(const knhk_pool *p, uint64_t i);
+void *knhk_pool_base(const knhk_pool *p);
+void knhk_pool_stats_get(const knhk_pool *p, knhk_pool_stats *out);
+/* The same calls with the block as an integer address (0: none), for the
+   Python layer, where an integer converts faster than a pointer. */
+uint64_t knhk_pool_alloc_addr(knhk_pool *p, int *problem);
+int knhk_pool_free_addr(knhk_pool *p, uint64_t addr);
+
+/* LockFreePool: the same geometry and checks (but any thread may use it), the
+   free list a Treiber stack (R. K. Treiber, "Systems Programming: Coping with
+   Parallelism", IBM RJ 5118, 1986) whose head packs a 32-bit block number
+   with a 32-bit generation tag bumped on every change, so a stalled pop's CAS
+   fails if the head went A -> B -> A meanwhile (ABA). The links live in a side
+   array, not in the blocks, so a caller's writes never race with a pop. Head
+   and counters sit on their own cache lines. */
+typedef struct knhk_lfpool knhk_lfpool;
+
+int knhk_lfpool_create(size_t block_size, uint64_t capacity, size_t align, const knhk_numa_spec *numa,
+                       knhk_lfpool **out);
+void knhk_lfpool_close(knhk_lfpool *p);
+void knhk_lfpool_destroy(knhk_lfpool *p);
+void *knhk_lfpool_alloc(knhk_lfpool *p, int *problem);
+int knhk_lfpool_free(knhk_lfpool *p, void *ptr);
+uint64_t knhk_lfpool_alloc_addr(knhk_lfpool *p, int *problem);
+int knhk_lfpool_free_addr(knhk_lfpool *p, uint64_t addr);
+int64_t knhk_lfpool_index(const knhk_lfpool *p, const void *ptr);
+void *knhk_lfpool_base(const knhk_lfpool *p);
+void knhk_lfpool_stats_get(const knhk_lfpool *p, knhk_pool_stats *out);
+
+/* Stress: `threads` pthreads (1..64) each run `iterations` rounds of taking
+   up to `hold` blocks (1..64), stamping each with (thread, round), checking
+   the stamps, and freeing them. Returns KNHK_OK when every block was held by
+   one thread at a time and the pool's counts add up exactly; else
+   KNHK_ERR_STATE with knhk_last_error() naming the first fault. ops[0] gets
+   the allocations made, ops[1] the frees, ops[2] the exhausted attempts. */
+int knhk_lfpool_stress(knhk_lfpool *p, uint32_t threads, uint64_t iterations, uint32_t hold, uint64_t *ops);
+/* Randomised-schedule check of the push and pop routines (the same code the
+   pool runs, instantiated with a yield at every shared-memory step): threads
+   virtual threads on real pthreads, one running at a time, the next chosen
+   by a PRNG seeded with seed at every step, each doing ops alloc/free pairs
+   on a fresh pool of capacity blocks. untagged != 0 checks a variant whose
+   tag never changes (it must fail: the ABA the tag prevents). KNHK_OK, or
+   KNHK_ERR_STATE naming the fault (a block handed out twice, a lost block). */
+int knhk_lfpool_model_check(uint64_t seed, uint32_t threads, uint32_t ops, uint32_t capacity, int untagged,
+                            uint64_t *steps);
+
+/* ThreadLocalPool: a LockFreePool shared by every thread, plus a bounded
+   cache of free blocks per thread (up to cache_size; refilled with
+   cache_size / 2 blocks from the shared list, half returned when full). The
+   owner's alloc and free touch only its cache (no atomic operation). A block
+   freed by another thread is pushed onto its owner's remote-free list (one
+   CAS, no lock), which the owner takes whole when its cache runs dry
+   (mimalloc's thread-free list). At thread exit (a pthread key destructor)
+   the cache and remote list go back to the shared list. */
+typedef struct knhk_tlpool knhk_tlpool;
+
+int knhk_tlpool_create(size_t block_size, uint64_t capacity, size_t align, uint32_t cache_size,
+                       const knhk_numa_spec *numa, knhk_tlpool **out);
+/* Close: the calling thread's cache is flushed; others flush at their exit.
+   The memory goes when the last thread's cache is gone and destroy was called. */
+void knhk_tlpool_close(knhk_tlpool *p);
+void knhk_tlpool_destroy(knhk_tlpool *p);
+void *knhk_tlpool_alloc(knhk_tlpool *p, int *problem);
+int knhk_tlpool_free(knhk_tlpool *p, void *ptr);
+uint64_t knhk_tlpool_alloc_addr(knhk_tlpool *p, int *problem);
+int knhk_tlpool_free_addr(knhk_tlpool *p, uint64_t addr);
+/* Return the calling thread's cache to the shared list now. */
+void knhk_tlpool_flush(knhk_tlpool *p);
+int64_t knhk_tlpool_index(const knhk_tlpool *p, const void *ptr);
+void *knhk_tlpool_base(const knhk_tlpool *p);
+void knhk_tlpool_stats_get(const knhk_tlpool *p, knhk_pool_stats *out);
+/* threads pthreads each alloc/free iterations blocks, every other free going
+   to the next thread's blocks (cross-thread); checks as knhk_lfpool_stress. */
+int knhk_tlpool_stress(knhk_tlpool *p, uint32_t threads, uint64_t iterations, uint64_t *ops);
+
+/* ---------------------------------------------------------------- NUMA (issue 19, native/numa.c) */
+
+/* mbind(2) on [addr, addr + len) (addr page-aligned): mode KNHK_NUMA_*, mask
+   words of node bits. Raw syscalls: no libnuma. KNHK_ERR_INVALID for a bad
+   mode or mask, KNHK_ERR_UNAVAILABLE when the kernel refuses (ENOSYS, EPERM:
+   no NUMA support or a seccomp filter), with the errno in the message. */
+int knhk_numa_mbind(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words);
+/* set_mempolicy(2) for the calling thread. */
+int knhk_numa_set_thread_policy(int mode, const uint64_t *mask, size_t mask_words);
+/* get_mempolicy(2): the calling thread's mode, or with addr the node the page
+   at addr is on (*node, -1 when it is not faulted in yet). */
+int knhk_numa_thread_policy(int *mode);
+int knhk_numa_node_of(void *addr, int *node);
+
+/* NUMA placement of an arena's chunks (issue 19): every chunk taken from
+   the backend after this call gets the policy on its whole pages (mbind with
+   MPOL_MF_MOVE, so pages the allocator had touched before move too). spec
+   NULL or mode KNHK_NUMA_DEFAULT turns it off. Owner thread only. */
+int knhk_arena_set_numa(knhk_arena *a, const knhk_numa_spec *spec);
+/* Chunks placed, and chunks whose placement the kernel refused (each refusal
+   also leaves its message in knhk_last_error of the allocating thread). */
+int knhk_arena_numa_counts(knhk_arena *a, uint64_t *placed, uint64_t *refused);
 
 /* KNHK_CDEF_END */
 #pragma GCC visibility pop

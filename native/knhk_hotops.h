@@ -91,6 +91,28 @@ void knhk_simd_hotop_count_eq_4k(void *ctx, uint64_t iterations);
    batch 0 counts as 1. */
 double knhk_simd_median_ticks(knhk_hotop_fn fn, void *ctx, uint64_t batch, uint32_t reps);
 
+/* ---- pools (issue 19, native/pool.c) */
+
+/* Hot-path operation: one knhk_pool_alloc + knhk_pool_free pair. ctx: knhk_pool * (owner thread). */
+void knhk_pool_hotop_alloc_free(void *ctx, uint64_t iterations);
+
+/* Throughput comparison in C (benches/bench_pools.py): `threads` pthreads
+   each run `iterations` rounds of 8 allocations then 8 frees of block_size
+   bytes from one shared allocator of `kind` (KNHK_POOL_BENCH_*; `backend`
+   for KNHK_POOL_BENCH_BACKEND), capacity blocks for the pools. *seconds gets
+   the wall time from the first thread's start to the last one's end. */
+int knhk_pool_bench(int kind, const knhk_backend *backend, uint32_t threads, uint64_t iterations, size_t block_size,
+                    uint64_t capacity, double *seconds);
+/* Latency of single allocations (benches: the "deterministic" figure):
+   `rounds` times, allocate n blocks of block_size one at a time from a fresh
+   FixedPool (kind KNHK_POOL_BENCH_FIXED, capacity n) or the backend (kind
+   KNHK_POOL_BENCH_BACKEND), reading knhk_ticks_now() before and after each,
+   then free them all (untimed). ticks[r * n + i] gets each allocation's
+   ticks, timer included; kind KNHK_POOL_BENCH_EMPTY times nothing, which
+   gives the timer's own cost. */
+int knhk_pool_latency(int kind, const knhk_backend *backend, size_t block_size, uint64_t n, uint32_t rounds,
+                      uint64_t *ticks);
+
 /* KNHK_CDEF_END */
 #pragma GCC visibility pop
 

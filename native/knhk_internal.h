@@ -125,4 +125,7 @@ int _knhk_fault_guard_install(void);
  * (for knhk_store_unwatch), or -1 when every slot is taken. */
 int _knhk_watch_range(const void *base, uint64_t size, _Atomic int **changed);
 
+/* ---- NUMA (numa.c): knhk_numa_mbind with mbind(2) flags (MPOL_MF_MOVE = 2). */
+int _knhk_numa_mbind_flags(void *addr, size_t len, int mode, const uint64_t *mask, size_t mask_words, unsigned flags);
+
 #endif /* KNHK_INTERNAL_H */

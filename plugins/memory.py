@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from knhk_memory import allocator, arena, counters, launcher, process, registry, simd
+from knhk_memory import allocator, arena, counters, launcher, numa, pools, process, registry, simd
 from knhk_memory import store as store_module
 from knhk_memory.allocator import Backend, resolve_backend
 from knhk_memory.arena import Arena
@@ -25,7 +25,9 @@ from knhk_memory.counters import Counters, PatternStats
 from knhk_memory.errors import (
     AlreadyConfiguredError,
     BackendUnavailableError,
+    ConfigError,
     KnhkMemoryError,
+    NumaError,
     ProcessStateError,
     StoreError,
 )
@@ -41,7 +43,7 @@ STASH_KEY = "knhk_memory.memory"
 # default budgets and the measurements behind them are in knhk_memory/data/budgets.toml.
 BUILTIN_HOT_OPS: Sequence[Callable[[], list[Any]]] = (
     allocator.hot_ops, allocator.py_hot_ops, registry.hot_ops, counters.hot_ops, arena.hot_ops,
-    store_module.hot_ops, simd.hot_ops,
+    store_module.hot_ops, simd.hot_ops, pools.hot_ops, pools.py_hot_ops,
 )
 
 
@@ -84,6 +86,13 @@ class MemoryServices:
         if self.arena_settings["max_chunk_size"] < self.arena_settings["chunk_size"]:
             raise config.error("arena.max_chunk_size", f"must be at least arena.chunk_size "
                                f"({config.arena.chunk_size}), got {config.arena.max_chunk_size}")
+        arena_numa = config.arena.numa
+        if arena_numa != "":
+            self._placement(config, "arena.numa", arena_numa)
+            self.arena_settings["numa"] = arena_numa
+        self.pool_specs = self._pool_specs(config)
+        self._pools: dict[str, Any] = {}
+        self._pool_lock = threading.Lock()
         self._arenas: weakref.WeakValueDictionary[int, Arena] = weakref.WeakValueDictionary()
         self._arena_names: dict[int, str] = {}
         self._arena_lock = threading.Lock()
@@ -110,6 +119,61 @@ class MemoryServices:
                 if self.pattern_stats is not None:
                     self.pattern_stats.close()
                 raise config.error("store.path", str(exc)) from None
+
+    @staticmethod
+    def _placement(config: Config, key: str, value: Any) -> None:
+        """Check a NUMA placement against this machine's nodes and the kernel, naming the key."""
+        try:
+            placement = numa.resolve(value, what=key.rsplit(".", 1)[-1])
+            if placement is not None:
+                numa.check_placement(placement)
+        except (NumaError, ValueError, TypeError) as exc:
+            raise ConfigError(str(exc), source=config.source, key=key, value=value) from None
+
+    def _pool_specs(self, config: Config) -> dict[str, dict[str, Any]]:
+        specs = {}
+        for name, t in config.pools.items():
+            key = f"pools.{name}"
+            try:
+                pools._check_geometry(t["block_size"], t["capacity"], t["align"])
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc), source=config.source, key=f"{key}.capacity",
+                                  value=t["capacity"]) from None
+            if t["cache_size"] != 64 and t["kind"] != "threadlocal":
+                raise ConfigError(f"cache_size applies to kind 'threadlocal' only; this pool is kind {t['kind']!r}",
+                                  source=config.source, key=f"{key}.cache_size", value=t["cache_size"])
+            if t["numa"] != "":
+                self._placement(config, f"{key}.numa", t["numa"])
+            specs[name] = dict(t)
+        return specs
+
+    def pool(self, name: str) -> Any:
+        """The pool ``[pools.<name>]`` configures (made on the first call), or None."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"pool name must be a non-empty string, got {name!r}")
+        with self._pool_lock:
+            p = self._pools.get(name)
+            if p is not None:
+                return p
+            spec = self.pool_specs.get(name)
+            if spec is None:
+                return None
+            kwargs: dict[str, Any] = {"align": spec["align"], "numa": spec["numa"] if spec["numa"] != "" else None,
+                                      "name": name, "config_key": f"pools.{name}.capacity"}
+            if spec["kind"] == "threadlocal":
+                kwargs["cache_size"] = spec["cache_size"]
+            p = self._pools[name] = pools.KINDS[spec["kind"]](spec["block_size"], spec["capacity"], **kwargs)
+            return p
+
+    def pool_stats(self) -> dict[str, Any]:
+        with self._pool_lock:
+            made = dict(self._pools)
+        out: dict[str, Any] = {}
+        for name, spec in self.pool_specs.items():
+            p = made.get(name)
+            out[name] = {"settings": dict(spec), "made": p is not None,
+                         **({"stats": p.stats().as_dict()} if p is not None else {})}
+        return out
 
     @staticmethod
     def _make_counters(config: Config) -> tuple[Counters, PatternStats | None]:
@@ -199,6 +263,10 @@ class MemoryServices:
         store, self.store = self.store, None
         if store is not None:
             store.close()
+        with self._pool_lock:
+            made, self._pools = self._pools, {}
+        for p in made.values():
+            p.close()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -318,9 +386,15 @@ def knhk_arena(config: Config, name: str) -> Arena:
 
 
 @hookimpl
+def knhk_pool(config: Config, name: str) -> Any:
+    return services(config).pool(name)
+
+
+@hookimpl
 def knhk_memory_stats(config: Config) -> dict[str, Any]:
     svc = services(config)
-    out: dict[str, Any] = {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats()}
+    out: dict[str, Any] = {"allocator": svc.stats(), "counters": svc.counter_stats(), "arena": svc.arena_stats(),
+                           "pools": svc.pool_stats()}
     if svc.store is not None:
         out["store"] = svc.store.stats()
     if svc._metrics is not None and not svc._metrics.closed:

@@ -276,8 +276,10 @@ def test_demo_unsearchable_cache_dir_whoever_runs_it(isolated, capsys, monkeypat
 def test_demo_unwritable_cache_dir_as_root_too(isolated, capsys, monkeypatch):
     """Whoever runs it: an OSError from the cache directory is a message, not a traceback."""
     monkeypatch.setenv("KNHK_MEMORY_CACHE", "/proc/self/knhk-cache")  # mkdir fails even for root
-    assert main(["demo", "--no-budgets", "--no-progress", "--cases", "10"]) == 2
+    assert main(["demo", "--no-budgets", "--no-progress", "--cases", "10", "--no-event-log"]) == 2
     assert "cannot create the directory /proc/self/knhk-cache for the demo store" in err_of(capsys)
+    assert main(["demo", "--no-budgets", "--no-progress", "--cases", "10"]) == 2  # the event log's default too
+    assert "cannot create the directory /proc/self/knhk-cache for the demo's event log" in err_of(capsys)
 
 
 # ---------------------------------------------------------------- #16 library overrides

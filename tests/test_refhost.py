@@ -339,7 +339,7 @@ def test_demo_builds_its_store_once_and_passes_its_checks(isolated, capsys):
     assert code == 0 and first["ok"]
     assert first["store"]["built"] and first["store"]["path"].startswith(str(isolated / "cache"))
     assert first["store"]["keys"] == demo_mod.DEFAULT_WORKFLOWS
-    assert [c["ok"] for c in first["checks"]] == [True] * 7
+    assert [c["ok"] for c in first["checks"]] == [True] * 9
     code, second = demo_json(capsys, "--cases", "3000")
     assert code == 0 and not second["store"]["built"]
     assert second["counters"] == first["counters"] and second["events"] == first["events"]
@@ -364,7 +364,8 @@ def test_demo_text_summary_and_budget_table(isolated, capsys):
     for text in ("knhk-memory demo: 500 cases, 1 worker(s), seed 1", "throughput: 500 cases in ",
                  "arena:      ", "backend calls", "WCP-9   Structured Discriminator",
                  "[ok] sampled cases match the one-case reference interpreter",
-                 "tick counter: ", "7 of 7 checks passed"):
+                 "tick counter: ", "cases pool: 500 case records through a FixedPool", "event log:  ",
+                 "9 of 9 checks passed"):
         assert text in out, text
 
 

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Any
 
-from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, MAX_CASES, format_summary, run_demo
+from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, MAX_CASES, default_event_log_path, format_summary, run_demo
 
 __all__ = ["add_demo_command"]
 
@@ -87,7 +87,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(config, cases=args.cases, workers=args.workers, store=args.store, seed=args.seed,
                       progress=args.progress, budgets=args.budgets, build=args.build, cluster=args.cluster,
                       batch_cases=args.batch_cases, ship_store=args.ship_store, cluster_timeout=args.cluster_timeout,
-                      metrics_hook=hook if want else None)
+                      metrics_hook=hook if want else None,
+                      event_log=_event_log(args))
     if not served:
         _print(result, args.json)
     if scrape:
@@ -129,6 +130,13 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                    "(or [store] path) when no file is there; the directory must exist")
     p.add_argument("--seed", type=_seed, default=DEFAULT_SEED, metavar="N",
                    help=f"seed of the cases' workflows and paths (default {DEFAULT_SEED})")
+    lg = p.add_mutually_exclusive_group()
+    lg.add_argument("--event-log", metavar="PATH", default=None,
+                    help="write every event to PATH, a persistent MmapVec (emptied first; with --workers N, "
+                         "PATH.w0 ... PATH.wN-1), and check that it reopens with the run's tallies (default: "
+                         "demo-events.kvec in the cache directory)")
+    lg.add_argument("--no-event-log", dest="event_log", action="store_const", const="",
+                    help="run without the persistent event log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-budgets", dest="budgets", action="store_false",
                    help="skip measuring the hot-path budget table")
@@ -145,3 +153,11 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="address --metrics-serve listens on (default 127.0.0.1)")
     p.add_argument("--openmetrics", action="store_true", help="print the --metrics scrape as OpenMetrics 1.0")
     p.set_defaults(func=_cmd_demo)
+
+
+def _event_log(args: argparse.Namespace) -> str | None:
+    """The event log file: --event-log, none with --no-event-log, else the cache
+    directory's (but none with --cluster: Dask workers may be on other machines)."""
+    if args.event_log is None:
+        return None if args.cluster else str(default_event_log_path())
+    return args.event_log or None

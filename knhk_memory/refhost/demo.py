@@ -25,13 +25,14 @@ import numpy as np
 from ..config import CACHE_ENV, Config, cache_dir, validate
 from ..errors import CheckFailedError, ClusterError, HostError
 from ..launcher import launched_environment
-from .engine import Engine, RunTally
+from .engine import Engine, RunTally, tally_event_log
 from .executors import CASE_END, CASE_START, TASK
 from .reference import run_case
 from .workflows import SUPPORTED_PATTERNS, case_seed_one, generate_definitions, workflow_choice_one
 
 __all__ = ["DEFAULT_CASES", "DEFAULT_WORKFLOWS", "DEFAULT_SEED", "cache_dir", "default_store_path",
-           "ensure_store", "measure_store", "run_demo", "format_summary", "main_check", "metric_sources"]
+           "default_event_log_path", "event_log_paths", "ensure_store", "measure_store", "run_demo", "format_summary",
+           "main_check", "metric_sources"]
 
 DEFAULT_CASES = 100_000
 DEFAULT_WORKFLOWS = 3000
@@ -45,6 +46,18 @@ MAX_CASES = 100_000_000
 
 
 # ---------------------------------------------------------------- the store
+
+def default_event_log_path() -> Path:
+    """Where the demo writes its event log unless told otherwise (``--event-log``, ``--no-event-log``);
+    the cache directory is made if missing."""
+    d = cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HostError(f"cannot create the directory {d} for the demo's event log ({exc.strerror}); pass "
+                        f"--event-log PATH or --no-event-log, or set {CACHE_ENV}") from None
+    return d / "demo-events.kvec"
+
 
 def default_store_path() -> Path:
     return cache_dir() / f"demo-workflows-{STORE_FORMAT}-{DEFAULT_WORKFLOWS}-{GENERATOR_SEED}.knhk"
@@ -122,6 +135,13 @@ def measure_store(path: Path, lookups: int = 2000, repeats: int = 15) -> dict[st
 
 # ---------------------------------------------------------------- workers
 
+def event_log_paths(path: str | os.PathLike[str], workers: int) -> list[Path]:
+    """The event log file(s) of a run: ``path`` itself for one worker, else ``path.w0`` ...
+    (one writer per file)."""
+    p = Path(path)
+    return [p] if workers == 1 else [p.with_name(f"{p.name}.w{w}") for w in range(workers)]
+
+
 def _die_with_parent(parent: int) -> None:
     """Pool initializer: this worker ends when the process that started it does.
 
@@ -156,19 +176,20 @@ def _die_with_parent(parent: int) -> None:
 def _worker(job: dict[str, Any]) -> RunTally:
     """One worker process: its own engine over the shared store, counting into the parent's blocks."""
     config = Config(validate(job["config"], job["source"]), source=job["source"], origin=job["origin"])
-    with Engine(config, counters_from=job["counters_from"], metrics=job["metrics_from"]) as engine:
+    log = job["event_logs"][job["worker"]] if job["event_logs"] else None
+    with Engine(config, counters_from=job["counters_from"], metrics=job["metrics_from"], event_log=log) as engine:
         return engine.run(np.arange(job["cases"], dtype=np.int64), seed=job["seed"],
                           sample=frozenset(job["sample"]), partition=(job["worker"], job["workers"]))
 
 
 def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed: int, sample: frozenset[int],
-                 progress: Any) -> RunTally:
+                 progress: Any, event_logs: list[str] | None = None) -> RunTally:
     ctx = multiprocessing.get_context("spawn")
     # Each worker takes the cases of every workers-th workflow, so no batch is split.
     base = {"config": config.as_dict(), "source": config.source, "origin": config.origin, "seed": seed,
             "counters_from": (engine.counters.name, engine.pattern_stats.name), "cases": cases,
             "metrics_from": engine.metrics.name if engine.metrics is not None else False,
-            "workers": workers, "sample": sorted(sample)}
+            "workers": workers, "sample": sorted(sample), "event_logs": event_logs}
     jobs = [dict(base, worker=w) for w in range(workers)]
     done_idx = engine.counters.index("cases_completed")
     start = engine.counters.get(done_idx)
@@ -211,7 +232,8 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
              seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
              build: bool = False, cluster: str | None = None, batch_cases: int | None = None,
              ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None,
-             metrics_hook: Callable[[list[Any], dict[str, Any]], None] | None = None) -> dict[str, Any]:
+             metrics_hook: Callable[[list[Any], dict[str, Any]], None] | None = None,
+             event_log: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
     :class:`HostError` for bad parameters; failed checks are in the result.
 
@@ -228,7 +250,11 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     (:class:`~knhk_memory.metrics.Metrics`, shared with the ``workers``), and the
     hook is called with the sources to export (:func:`metric_sources`) and the
     result while the engine is still open (to print or serve a scrape). Not with
-    ``cluster``: Dask workers may be on other machines, outside the shared block."""
+    ``cluster``: Dask workers may be on other machines, outside the shared block.
+
+    ``event_log``: write every event to that MmapVec file (with workers, one
+    file per worker: ``event_log_paths``), reopen it after the run and check
+    its tallies against the run's."""
     if isinstance(cases, bool) or not isinstance(cases, int) or not 1 <= cases <= MAX_CASES:
         raise HostError(f"--cases must be an integer from 1 to {MAX_CASES:,}, got {cases!r}")
     cpus = os.cpu_count() or 1
@@ -274,7 +300,17 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     sample = _sample(cases)
     if metrics_hook is not None and workers > 1 and not config.metrics.shared_name:
         config = config.replace(metrics={"shared": True})
-    with Engine(config, metrics=metrics_hook is not None) as engine:
+    logs = None
+    if event_log is not None and cluster is not None:
+        raise HostError("--event-log cannot be used with --cluster: the Dask workers may be on other machines; "
+                        "drop --event-log (or pass --no-event-log)")
+    if event_log is not None:
+        logs = [str(p) for p in event_log_paths(event_log, workers)]
+        for lp in logs:
+            if Path(lp).is_dir():
+                raise HostError(f"--event-log {lp} is a directory; give a file path")
+    with Engine(config, metrics=metrics_hook is not None,
+                event_log=logs[0] if logs and workers == 1 else None) as engine:
         before_counters = engine.counters.snapshot()
         before_patterns = engine.pattern_stats.as_dict()
         bar = _progress_bar(cases, progress)
@@ -292,7 +328,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
             elif workers == 1:
                 tally = engine.run(np.arange(cases, dtype=np.int64), seed=seed, progress=step, sample=sample)
             else:
-                tally = _run_workers(engine, config, cases, workers, seed, sample, step)
+                tally = _run_workers(engine, config, cases, workers, seed, sample, step, logs)
         finally:
             if bar is not None:
                 bar.close()
@@ -318,6 +354,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         backend = engine.pm.hook.knhk_allocator(config=engine.config)
         simd_level = engine.pm.hook.knhk_simd_level(config=engine.config)
         report = _budgets(engine) if budgets else None
+        log_figures = _check_event_log(checks, logs, tally) if logs else None
         per_pattern = []
         for p in SUPPORTED_PATTERNS:
             row = pattern_rows.get(p, {})
@@ -334,6 +371,9 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
             "patterns": per_pattern,
             "counters": counters,
             "arena": _arena_figures(tally),
+            "case_records": {"records": tally.case_records,
+                             "pool": stats.get("pools", {}).get("cases", {}).get("stats")},
+            "event_log": log_figures,
             "store": {**built, "from": store_from, **store_figures},
             "allocator": {"backend": backend.name, "configured": config.allocator.backend,
                           "numpy_routed": bool(config.allocator.numpy),
@@ -417,6 +457,26 @@ def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
            not differ, f"{asked} worker block(s) compared" + (f"; differ: {', '.join(differ)}" if differ else ""))
 
 
+def _check_event_log(checks: list[dict[str, Any]], logs: list[str], tally: RunTally) -> dict[str, Any]:
+    """Reopen the event log(s) the run wrote and check their tallies against the run's."""
+    t0 = time.perf_counter()
+    got = tally_event_log(logs)
+    seconds = time.perf_counter() - t0
+    want = {"events": int(tally.events.sum()), "tasks": int(tally.events[TASK]),
+            "cases_started": int(tally.events[CASE_START]), "cases_completed": int(tally.events[CASE_END]),
+            # the in-memory SIMD tally of the same events: this check is about the file keeping them
+            # (whether the executors' own counts agree is the pattern statistics check)
+            "executions": {p: int(tally.events[p]) for p in range(1, 44) if tally.events[p]}}
+    diff = [k for k in want if got[k] != want[k]]
+    _check(checks, "the event log reopens with the run's tallies",
+           not diff and got["distinct_cases"] == tally.cases,
+           f"{got['events']:,} events in {len(logs)} file(s) reopened and verified in {seconds * 1000:.0f} ms; "
+           + (f"differ: {', '.join(diff)}" if diff else
+              f"events, tasks, cases started/completed and executions of {len(got['executions'])} patterns agree"))
+    sizes = sum(Path(p).stat().st_size for p in logs)
+    return {"paths": logs, "events": got["events"], "bytes": sizes, "reopen_seconds": seconds}
+
+
 def _arena_figures(t: RunTally) -> dict[str, Any]:
     # Without the arena each array of a batch would be one malloc and one free.
     without = 2 * t.arena_allocations
@@ -461,6 +521,10 @@ def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns:
     _check(checks, "sampled cases match the one-case reference interpreter, event for event",
            not mismatched and len(tally.samples) == len(_sample(cases)),
            f"{len(tally.samples)} cases compared" + (f"; differ: {mismatched[:10]}" if mismatched else ""))
+    _check(checks, "every case had a record in the cases pool, agreeing with the log, and all were returned",
+           tally.case_records == cases and tally.record_mismatches == 0 and engine.case_pool.stats().in_use == 0,
+           f"{tally.case_records} records taken, {tally.record_mismatches} batches disagreed, "
+           f"{engine.case_pool.stats().in_use} still in use")
     arena = engine.arena.stats()
     _check(checks, "batch memory all returned to the arena",
            arena.live_blocks == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
@@ -515,6 +579,15 @@ def format_summary(r: dict[str, Any]) -> str:
     a = r["arena"]
     out.append(f"arena:      {a['allocations']:,} batch arrays served with {a['backend_calls']:,} backend calls "
                f"(without the arena: {a['backend_calls_without_arena']:,}; saved {a['saved']:,})")
+    cr = r.get("case_records") or {}
+    pool = cr.get("pool") or {}
+    if pool:
+        out.append(f"cases pool: {cr['records']:,} case records through a FixedPool of {pool['capacity']:,} x "
+                   f"{pool['stride']} bytes (high-water {pool['high_water']:,}, failed {pool['failed']})")
+    el = r.get("event_log")
+    if el:
+        out.append(f"event log:  {', '.join(el['paths'])} ({el['events']:,} events, {el['bytes']:,} bytes, synced; "
+                   f"reopened in {el['reopen_seconds'] * 1000:.0f} ms)")
     cl = r.get("cluster")
     if cl:
         out.append(f"cluster:    {cl['cluster']}: {cl['workers']} worker(s), {cl['batches']:,} batches of up to "

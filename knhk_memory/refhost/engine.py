@@ -19,6 +19,13 @@ each memory service:
   per-pattern statistics (``knhk_pattern_stats``);
 - the batch's event log is tallied by the SIMD kernels
   (:func:`knhk_memory.simd.histogram`, :func:`~knhk_memory.simd.count_eq`);
+- each case of a batch has a fixed-size record (:data:`CASE_RECORD`: case
+  number, workflow, blocks completed, events, done) in the ``cases``
+  :class:`~knhk_memory.pools.FixedPool` (``knhk_pool``, ``[pools.cases]``),
+  taken in one C call at the start of the batch and given back at its end;
+- with ``event_log=PATH`` every event goes to a persistent
+  :class:`~knhk_memory.mmapvec.MmapVec` of :data:`EVENT_RECORD` (synced at the
+  end of each run), which :func:`tally_event_log` reads back;
 - the allocator backend is whatever ``[allocator]`` in the config file says.
 
 In several processes (see :mod:`.demo`), each worker runs an Engine that
@@ -39,19 +46,27 @@ import numpy as np
 from .. import simd
 from ..config import Config, load_config
 from ..counters import Counters, PatternStats
-from ..errors import HostError, StoreKeyError
+from ..errors import HostError, StoreError, StoreKeyError
 from ..hookspecs import hookimpl
 from ..host import get_plugin_manager
 from ..metrics import Metrics, PatternHistograms
+from ..mmapvec import MmapVec
 from ..registry import start_registries
-from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, BlockEvents
+from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
 
-__all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE"]
+__all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE", "CASE_RECORD",
+           "EVENT_RECORD", "CASE_POOL", "tally_event_log"]
 
 REQUIRED_COUNTERS = ("cases_started", "cases_completed", "tasks_fired", "errors")
 DEFAULT_BATCH_SIZE = 4096
 PATTERN_SLOTS = 44  # index = pattern id, 0 unused
+# A case's record in the ``cases`` pool while its batch runs (24 bytes: a 32-byte size class).
+CASE_RECORD = np.dtype([("case", "<u8"), ("workflow", "<u4"), ("blocks", "<u4"), ("events", "<u4"),
+                        ("done", "u1")], align=True)
+# One event of the persistent log: the kind (see .executors), its task or detail, the case number.
+EVENT_RECORD = np.dtype([("kind", "u1"), ("task", "<u4"), ("case", "<u8")])
+CASE_POOL = "cases"
 
 
 class HostPlugin:
@@ -84,6 +99,8 @@ class RunTally:
     arena_backend_calls: int = 0
     arena_bytes: int = 0
     arenas: int = 1
+    case_records: int = 0       # records taken from the cases pool (one per case run)
+    record_mismatches: int = 0  # batches whose records disagreed with the log (a check, never expected)
     samples: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def merge(self, other: RunTally) -> None:
@@ -98,6 +115,8 @@ class RunTally:
         self.arena_backend_calls += other.arena_backend_calls
         self.arena_bytes += other.arena_bytes
         self.arenas += other.arenas
+        self.case_records += other.case_records
+        self.record_mismatches += other.record_mismatches
         self.samples.update(other.samples)
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,7 +125,8 @@ class RunTally:
                 "events": {int(k): int(v) for k, v in enumerate(self.events) if v},
                 "executions": {int(p): int(v) for p, v in enumerate(self.executions) if v},
                 "arena": {"allocations": self.arena_allocations, "backend_calls": self.arena_backend_calls,
-                          "bytes": self.arena_bytes, "arenas": self.arenas}}
+                          "bytes": self.arena_bytes, "arenas": self.arenas},
+                "case_records": self.case_records}
 
 
 class _CompiledWorkflows:
@@ -148,12 +168,16 @@ class Engine:
     :param batch_size: Most cases run as one batch.
     :param arena_scopes: Run each batch in an arena scope (the point of the
         host); False runs batches on the ordinary allocator, for comparisons.
+    :param event_log: A file to write every event to (an :class:`MmapVec` of
+        :data:`EVENT_RECORD`, emptied first, synced after each :meth:`run`);
+        None: no log.
     """
 
     def __init__(self, config: Config | str | os.PathLike[str] | None = None, *,
                  store: str | os.PathLike[str] | None = None, plugins: Sequence[Any] = (),
                  counters_from: tuple[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 arena_scopes: bool = True, metrics: bool | str = False) -> None:
+                 arena_scopes: bool = True, metrics: bool | str = False,
+                 event_log: str | os.PathLike[str] | None = None) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise HostError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
@@ -180,6 +204,7 @@ class Engine:
         self.pm.hook.knhk_configure(config=config)
         self._configured = True
         self._attached: list[Any] = []
+        self.event_log: MmapVec | None = None
         try:
             self.patterns, self.resources = start_registries(self.pm, config)
             self.store = self.pm.hook.knhk_workflow_store(config=config)
@@ -198,6 +223,12 @@ class Engine:
                 raise HostError(f"the workflow store {self.store.path} holds no definitions")
             self.arena = self.pm.hook.knhk_arena(config=config, name="reference-host batches")
             self._arena_thread = threading.get_ident()
+            self.case_pool = self._case_pool(config)
+            recs = self.case_pool.records(CASE_RECORD)
+            # one view per field, made once: the batch fills them by block number
+            self._rec = {name: recs[name] for name in CASE_RECORD.names or ()}
+            if event_log is not None:
+                self.event_log = MmapVec(event_log, EVENT_RECORD, mode="w", capacity=1 << 16)
             self.executors = {p: self.patterns.executor(p) for p in EXECUTORS}
             self.metrics: Metrics | None = None
             self._done_child: Any = None
@@ -232,7 +263,32 @@ class Engine:
         self.arena = self.pm.hook.knhk_arena(config=self.config, name="reference-host batches")
         self._arena_thread = me
         old.close()  # allowed from any thread; a batch ran in it only on its own thread
+        # The case records' FixedPool is its thread's alone too: one of the same
+        # shape and placement (`describe()` gives the config form back) for this thread.
+        old_pool = self.case_pool
+        if old_pool.kind == "FixedPool":
+            self.case_pool = type(old_pool)(
+                old_pool.block_size, old_pool.capacity, align=old_pool.align, name=old_pool.name,
+                config_key=old_pool.config_key,
+                numa=old_pool.placement.describe() if old_pool.placement is not None else None)
+            recs = self.case_pool.records(CASE_RECORD)
+            self._rec = {name: recs[name] for name in CASE_RECORD.names or ()}
+            self._own_case_pool = True
         apply_numpy_handler()
+
+    def _case_pool(self, config: Config) -> Any:
+        pool = self.pm.hook.knhk_pool(config=config, name=CASE_POOL)
+        if pool is None:
+            raise HostError(f"no [pools.{CASE_POOL}] pool: the reference host keeps its case records there; "
+                            f"add a [pools.{CASE_POOL}] table to {config.source}")
+        key = f"pools.{CASE_POOL}"
+        if pool.block_size < CASE_RECORD.itemsize:
+            raise HostError(f"{key}.block_size in {config.source} is {pool.block_size}; a case record needs "
+                            f"{CASE_RECORD.itemsize} bytes (set it to {CASE_RECORD.itemsize} or more)")
+        if pool.capacity < self.batch_size:
+            raise HostError(f"{key}.capacity in {config.source} is {pool.capacity}; a batch of "
+                            f"{self.batch_size} cases needs that many records (raise it, or lower batch_size)")
+        return pool
 
     # ---------------------------------------------------------------- running
 
@@ -277,6 +333,8 @@ class Engine:
                 self._run_batch(wf, wf_index, chunk, seed, tally, sample)
                 if progress is not None:
                     progress(int(chunk.size))
+        if self.event_log is not None:
+            self.event_log.sync()  # part of the run: its events are durable when it returns
         tally.seconds = time.perf_counter() - t0
         end_stats = self.arena.stats()
         tally.arena_allocations = end_stats.allocations - start_stats.allocations
@@ -307,6 +365,26 @@ class Engine:
     def _batch(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int, tally: RunTally,
                sample: set[int] | frozenset[int]) -> None:
         rows = int(case_numbers.size)
+        pool = self.case_pool
+        if hasattr(pool, "alloc_indices"):  # a FixedPool: the block numbers in one C call
+            slots = pool.alloc_indices(rows)
+        else:  # a lockfree or threadlocal [pools.cases]
+            slots = np.array([pool.index(pool.alloc()) for _ in range(rows)], dtype=np.int64)
+        try:
+            self._batch_with_records(wf, wf_index, case_numbers, seed, tally, sample, slots)
+        finally:
+            if hasattr(pool, "free_indices"):
+                pool.free_indices(slots)
+            else:
+                for i in slots.tolist():
+                    pool.free(pool.address(i))
+
+    def _batch_with_records(self, wf: Workflow, wf_index: int, case_numbers: np.ndarray, seed: int,
+                            tally: RunTally, sample: set[int] | frozenset[int], slots: np.ndarray) -> None:
+        rows = int(case_numbers.size)
+        rec = self._rec
+        rec["case"][slots] = case_numbers
+        rec["workflow"][slots] = wf_index
         seeds = case_seeds(seed, case_numbers)
         capacity = rows * _events_per_case(wf)
         kinds = np.empty(capacity, dtype=np.uint8)
@@ -362,6 +440,17 @@ class Engine:
         pos += rows
         log = kinds[:pos]
         tally.events += simd.histogram(log, EVENT_KINDS)
+        # The cases' records: blocks completed, events logged, done. Read back, they must
+        # still name this batch's cases (no block was handed out twice) and agree with the log.
+        rec["blocks"][slots] = position
+        rec["events"][slots] = np.bincount(where[:pos], minlength=rows)
+        done_flags = position == len(wf.blocks)
+        rec["done"][slots] = done_flags
+        if not np.array_equal(rec["case"][slots], case_numbers) or int(rec["done"][slots].sum()) != done:
+            tally.record_mismatches += 1
+        tally.case_records += rows
+        if self.event_log is not None:
+            self.event_log.extend_columns(kind=log, task=tasks[:pos], case=case_numbers[where[:pos]])
         tally.completed += done
         self.counters.add(self._idx["cases_completed"], done)
         if self._done_child is not None:
@@ -399,11 +488,18 @@ class Engine:
     # ---------------------------------------------------------------- shutting down
 
     def close(self) -> None:
-        """Close attached blocks, then unconfigure the plugins (which closes the
-        store, the counters it made and the resources). Idempotent."""
+        """Sync and close the event log, close attached blocks, then unconfigure the
+        plugins (which closes the store, the counters it made, the pools and the
+        resources). Idempotent."""
+        log, self.event_log = getattr(self, "event_log", None), None
+        if log is not None:
+            log.close()
         for block in self._attached:
             block.close()
         self._attached = []
+        if getattr(self, "_own_case_pool", False):  # bind_thread's pool (the plugin closes its own)
+            self.case_pool.close()
+            self._own_case_pool = False
         if self._configured:
             self._configured = False
             arena = getattr(self, "arena", None)
@@ -416,6 +512,31 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tally_event_log(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Reopen event log file(s) written by :class:`Engine` (read-only, checksum verified) and tally
+    them as a run reports itself: events, tasks, cases started and completed, executions per
+    pattern. Raises :class:`~knhk_memory.errors.StoreError` (naming the file) for a damaged log."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    events = np.zeros(EVENT_KINDS, dtype=np.int64)
+    cases: set[int] = set()
+    records = 0
+    for path in paths:
+        with MmapVec(path, mode="r") as log:
+            if log.dtype != EVENT_RECORD:
+                raise StoreError(f"holds {log.dtype} records, not reference-host events ({EVENT_RECORD})",
+                                 path=path, problem="dtype")
+            log.verify()
+            arr = log.array()
+            records += len(arr)
+            events += np.bincount(np.ascontiguousarray(arr["kind"]), minlength=EVENT_KINDS)[:EVENT_KINDS]
+            starts = arr["case"][arr["kind"] == CASE_START]
+            cases.update(np.unique(starts).tolist())
+    return {"events": records, "tasks": int(events[TASK]), "cases_started": int(events[CASE_START]),
+            "cases_completed": int(events[CASE_END]), "distinct_cases": len(cases),
+            "executions": {p: int(events[p]) for p in range(1, 44) if events[p]}}
 
 
 def _events_per_case(wf: Workflow) -> int:

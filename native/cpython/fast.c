@@ -13,6 +13,7 @@
  *   metrics_py.c     a labelled family child's add, a histogram child's observe
  *   simd_py.c        find/count and the id scans (builtins bound to a slow path)
  *   numpy_handler.c  backend and arena data-memory handlers for numpy
+ *   pool_py.c        FixedPool / LockFreePool / ThreadLocalPool alloc and free
  *
  * The module is private: knhk_memory.store, .simd, .allocator and .arena
  * import what they need from it by name (knhk_memory/_fast.pyi types it). It
@@ -71,6 +72,9 @@ static PyMethodDef methods[] = {
              "numpy_arena_scope_fallbacks(scope_address) -> blocks the scope sent to the previous handler."),
     FASTCALL("numpy_handler_set", fast_numpy_handler_set,
              "numpy_handler_set(handler) -> the handler it replaced."),
+    FASTCALL("make_pool_fast", fast_pool_make_fast,
+             "make_pool_fast(kind, pool_address, owner) -> (alloc, free) builtins of one pool (kind 0 FixedPool, "
+             "1 LockFreePool, 2 ThreadLocalPool); failures go to owner._raise, non-int addresses to owner._slow_free."),
     {NULL, NULL, 0, NULL},
 };
 

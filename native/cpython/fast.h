@@ -37,6 +37,7 @@ PyObject *fast_numpy_arena_handler_push(PyObject *mod, PyObject *const *args, Py
 PyObject *fast_numpy_handler_set(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_arena_scope_end(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_numpy_arena_scope_fallbacks(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fast_pool_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
 /* The module's types (fast.c readies them and adds them to the module). */
 extern PyTypeObject fast_ArenaBlock_Type; /* arena_py.c: knhk_memory._fast.ArenaBlock */

@@ -101,7 +101,8 @@ bool _knhk_arena_is_owner(const knhk_arena *a) { return is_owner(a); }
 
 static int not_owner(const char *what) {
     _knhk_set_error("%s: the arena belongs to the thread that created it; use one arena per thread "
-                    "(ThreadLocalArena)", what);
+                    "(ThreadLocalArena)",
+                    what);
     return KNHK_ERR_STATE;
 }
 
@@ -163,8 +164,8 @@ static chunk *new_chunk(knhk_arena *a, size_t size, int *status) {
     chunk *c = knhk_aligned_alloc(a->backend, align, size, &st);
     a->backend_calls++;
     if (c == NULL) {
-        _knhk_set_error("the %s backend could not provide an arena chunk of %zu bytes",
-                        knhk_backend_name(a->backend), size);
+        _knhk_set_error("the %s backend could not provide an arena chunk of %zu bytes", knhk_backend_name(a->backend),
+                        size);
         *status = st == KNHK_OK ? KNHK_ERR_NOMEM : st;
         return NULL;
     }
@@ -299,8 +300,8 @@ int knhk_arena_create(const knhk_backend *b, size_t chunk_size, size_t max_chunk
     }
     if (!chunk_size_ok(chunk_size) || !chunk_size_ok(max_chunk_size) || max_chunk_size < chunk_size) {
         _knhk_set_error("arena chunk_size %zu and max_chunk_size %zu must lie in [%d, %zu] with "
-                        "chunk_size <= max_chunk_size", chunk_size, max_chunk_size, KNHK_ARENA_MIN_CHUNK,
-                        KNHK_ARENA_MAX_CHUNK);
+                        "chunk_size <= max_chunk_size",
+                        chunk_size, max_chunk_size, KNHK_ARENA_MIN_CHUNK, KNHK_ARENA_MAX_CHUNK);
         return KNHK_ERR_INVALID;
     }
     knhk_arena *a = calloc(1, sizeof *a);
@@ -354,8 +355,7 @@ static bool request_ok(size_t size, size_t align, int *status) {
         return false;
     }
     if (_knhk_unlikely(size > KNHK_ARENA_MAX_REQUEST)) {
-        _knhk_set_error("arena request of %zu bytes exceeds the limit of %zu bytes", size,
-                        KNHK_ARENA_MAX_REQUEST);
+        _knhk_set_error("arena request of %zu bytes exceeds the limit of %zu bytes", size, KNHK_ARENA_MAX_REQUEST);
         *status = KNHK_ERR_INVALID;
         return false;
     }
@@ -365,8 +365,7 @@ static bool request_ok(size_t size, size_t align, int *status) {
 /* The current chunk has no room (or there is none): take another chunk and
    bump from it. `pre` bytes must precede the aligned block inside the chunk
    (a counted block's header). request_ok bounds the sizes: no sum overflows. */
-static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, size_t align, size_t pre,
-                                                 int *status) {
+static __attribute__((noinline)) void *alloc_slow(knhk_arena *a, size_t size, size_t align, size_t pre, int *status) {
     if (atomic_load_explicit(&a->closed, memory_order_relaxed)) {
         _knhk_set_error("allocation from a closed arena");
         *status = KNHK_ERR_STATE;

@@ -261,8 +261,8 @@ static __attribute__((noinline)) stat_slot *claim_slot(knhk_backend *b) {
     if (_knhk_once_run(&slot_key_once, make_slot_key, NULL) == KNHK_OK) {
         for (int i = 0; i < OVERFLOW_SLOT; i++) {
             int expected = SLOT_FREE;
-            if (atomic_compare_exchange_strong_explicit(&b->slots[i].state, &expected, SLOT_OWNED,
-                                                        memory_order_acquire, memory_order_relaxed)) {
+            if (atomic_compare_exchange_strong_explicit(&b->slots[i].state, &expected, SLOT_OWNED, memory_order_acquire,
+                                                        memory_order_relaxed)) {
                 s = &b->slots[i];
                 pthread_setspecific(slot_key, (void *)1); /* non-NULL, so the destructor runs */
                 raise_used(b, i + 1);
@@ -282,11 +282,11 @@ static inline stat_slot *my_slot(knhk_backend *b) {
 
 /* The owner is the only writer of an owned slot: a plain load and store
    suffices. The shared overflow slot needs the atomic add. */
-#define SLOT_ADD(s, field, v)                                                                          \
-    (_knhk_unlikely(atomic_load_explicit(&(s)->state, memory_order_relaxed) == SLOT_SHARED)            \
-         ? atomic_fetch_add_explicit(&(s)->field, (v), memory_order_relaxed) + (v)                     \
+#define SLOT_ADD(s, field, v)                                                                                 \
+    (_knhk_unlikely(atomic_load_explicit(&(s)->state, memory_order_relaxed) == SLOT_SHARED)                   \
+         ? atomic_fetch_add_explicit(&(s)->field, (v), memory_order_relaxed) + (v)                            \
          : (atomic_store_explicit(&(s)->field, atomic_load_explicit(&(s)->field, memory_order_relaxed) + (v), \
-                                  memory_order_relaxed),                                               \
+                                  memory_order_relaxed),                                                      \
             atomic_load_explicit(&(s)->field, memory_order_relaxed)))
 
 static int64_t total_live(knhk_backend *b) {
@@ -450,9 +450,7 @@ void knhk_free(const knhk_backend *cb, void *ptr) {
     b->fn_free(ptr);
 }
 
-size_t knhk_usable_size(const knhk_backend *b, const void *ptr) {
-    return ptr ? b->fn_usable((void *)ptr) : 0;
-}
+size_t knhk_usable_size(const knhk_backend *b, const void *ptr) { return ptr ? b->fn_usable((void *)ptr) : 0; }
 
 void knhk_backend_hotop_malloc_free(void *ctx, uint64_t iterations) {
     const knhk_backend *b = ctx;

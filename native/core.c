@@ -72,8 +72,8 @@ static int cpu_detect(void *unused) {
     if (__builtin_cpu_supports("avx512vl")) bits |= KNHK_CPU_AVX512VL;
     /* Cores that take a lower clock licence for any 512-bit instruction
        (light integer ones included), for ~2 ms after the last one. */
-    if ((bits & KNHK_CPU_AVX512F) && (__builtin_cpu_is("skylake-avx512") || __builtin_cpu_is("cascadelake") ||
-                                      __builtin_cpu_is("cooperlake")))
+    if ((bits & KNHK_CPU_AVX512F) &&
+        (__builtin_cpu_is("skylake-avx512") || __builtin_cpu_is("cascadelake") || __builtin_cpu_is("cooperlake")))
         bits |= KNHK_CPU_AVX512_DOWNCLOCK;
 #elif defined(__aarch64__) && !defined(KNHK_PORTABLE)
     bits |= KNHK_CPU_NEON; /* Advanced SIMD is mandatory on AArch64. */

@@ -157,8 +157,7 @@ static bool names_ok(const char *names, size_t len, uint32_t count) {
     return n == count;
 }
 
-int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count, const char *names,
-                         size_t names_len) {
+int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count, const char *names, size_t names_len) {
     block_header h;
     if (mem == NULL || ((uintptr_t)mem & (KNHK_CACHE_LINE - 1)) != 0) {
         _knhk_set_error("block memory must be aligned to %d bytes", KNHK_CACHE_LINE);
@@ -166,8 +165,8 @@ int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count
     }
     if (!layout(&h, flavor, count, names_len)) {
         _knhk_set_error("flavor %u with %u counters and %zu bytes of names is out of range (1..%d counters, "
-                        "names up to %d bytes)", flavor, count, names_len, KNHK_COUNTERS_MAX,
-                        KNHK_COUNTERS_NAMES_MAX);
+                        "names up to %d bytes)",
+                        flavor, count, names_len, KNHK_COUNTERS_MAX, KNHK_COUNTERS_NAMES_MAX);
         return KNHK_ERR_INVALID;
     }
     if (names == NULL || !names_ok(names, names_len, count)) {
@@ -310,7 +309,8 @@ static knhk_counters_writer *new_writer(knhk_counters *c, uintptr_t self) {
     }
     if (w == NULL && (w = malloc(sizeof *w)) == NULL) return NULL;
     int slot = SHARED_SLOT;
-    uint64_t tok = ((uint64_t)(uint32_t)getpid() << 32) | atomic_fetch_add_explicit(&next_claim, 1, memory_order_relaxed);
+    uint64_t tok =
+        ((uint64_t)(uint32_t)getpid() << 32) | atomic_fetch_add_explicit(&next_claim, 1, memory_order_relaxed);
     for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++)
         if (try_claim(c, s, 0, tok)) slot = s;
     for (int s = 0; s < SHARED_SLOT && slot == SHARED_SLOT; s++) {
@@ -378,8 +378,8 @@ static inline void cell_max(tls_entry *e, uint32_t i, uint64_t v) {
     if (_knhk_likely(!e->shared)) {
         atomic_store_explicit(p, v, memory_order_relaxed);
     } else {
-        while (v > cur && !atomic_compare_exchange_weak_explicit(p, &cur, v, memory_order_relaxed,
-                                                                 memory_order_relaxed)) {
+        while (v > cur &&
+               !atomic_compare_exchange_weak_explicit(p, &cur, v, memory_order_relaxed, memory_order_relaxed)) {
         }
     }
 }
@@ -436,8 +436,8 @@ int knhk_counters_open(void *mem, size_t size, knhk_counters **out) {
         const char *name;
         size_t off;
     } fields[] = {
-        {"slots", offsetof(block_header, slots)},         {"slot_stride", offsetof(block_header, slot_stride)},
-        {"names_off", offsetof(block_header, names_off)}, {"base_off", offsetof(block_header, base_off)},
+        {"slots", offsetof(block_header, slots)},           {"slot_stride", offsetof(block_header, slot_stride)},
+        {"names_off", offsetof(block_header, names_off)},   {"base_off", offsetof(block_header, base_off)},
         {"owners_off", offsetof(block_header, owners_off)}, {"cells_off", offsetof(block_header, cells_off)},
         {"total_size", offsetof(block_header, total_size)},
     };
@@ -448,8 +448,8 @@ int knhk_counters_open(void *mem, size_t size, knhk_counters **out) {
         memcpy(&exp, (const char *)&want + fields[f].off, width);
         if (got != exp) {
             _knhk_set_error("counter block header is inconsistent: %s is %llu, the layout of %u counters with %u "
-                            "bytes of names puts it at %llu (corrupt or foreign block)", fields[f].name,
-                            (unsigned long long)got, hc.count, hc.names_len, (unsigned long long)exp);
+                            "bytes of names puts it at %llu (corrupt or foreign block)",
+                            fields[f].name, (unsigned long long)got, hc.count, hc.names_len, (unsigned long long)exp);
             return KNHK_ERR_INVALID;
         }
     }
@@ -548,8 +548,8 @@ static int shared_add(const knhk_counters *c, _Atomic uint64_t *p, uint32_t inde
     uint64_t cur = atomic_load_explicit(p, memory_order_relaxed);
     do {
         if (_knhk_unlikely(!slot_ok(cur + (uint64_t)n))) return overflow(c, index, cur, n);
-    } while (!atomic_compare_exchange_weak_explicit(p, &cur, cur + (uint64_t)n, memory_order_relaxed,
-                                                    memory_order_relaxed));
+    } while (
+        !atomic_compare_exchange_weak_explicit(p, &cur, cur + (uint64_t)n, memory_order_relaxed, memory_order_relaxed));
     return KNHK_OK;
 }
 
@@ -609,8 +609,8 @@ static __attribute__((noinline)) int writer_slow(knhk_counters_writer *w, uint32
     }
     if (owner != self) {
         _knhk_set_error("this counter writer belongs to thread 0x%llx, not to the calling thread 0x%llx; each "
-                        "thread gets its own with knhk_counters_writer_get", (unsigned long long)owner,
-                        (unsigned long long)self);
+                        "thread gets its own with knhk_counters_writer_get",
+                        (unsigned long long)owner, (unsigned long long)self);
         return KNHK_ERR_STATE;
     }
     if (_knhk_likely(index < w->c->add_limit)) {
@@ -626,8 +626,7 @@ static inline int writer_add(knhk_counters_writer *w, uint32_t index, int64_t n)
     /* One load and compare proves the caller is the live owner, one more
        that it owns a slot and the index is in range (both off the add's
        dependency chain); then the plain load+add+store. */
-    if (_knhk_unlikely(atomic_load_explicit(&w->thread, memory_order_relaxed) != self_thread() ||
-                       index >= w->limit))
+    if (_knhk_unlikely(atomic_load_explicit(&w->thread, memory_order_relaxed) != self_thread() || index >= w->limit))
         return writer_slow(w, index, n);
     _Atomic uint64_t *p = &w->cells[index];
     uint64_t v = atomic_load_explicit(p, memory_order_relaxed) + (uint64_t)n;

@@ -443,8 +443,7 @@ size_t knhk_counters_layout_size(uint32_t flavor, uint32_t count, size_t names_l
 /* Write an empty block into mem (which must be zeroed and at least
    knhk_counters_layout_size bytes, aligned to KNHK_CACHE_LINE). names holds
    `count` names, each ended by a NUL, names_len bytes in all. */
-int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count, const char *names,
-                         size_t names_len);
+int knhk_counters_format(void *mem, size_t size, uint32_t flavor, uint32_t count, const char *names, size_t names_len);
 /* Check the header of the block at mem and return a process-local handle.
    KNHK_ERR_INVALID names what does not match (magic, version, cache line,
    size, names checksum) in knhk_last_error(). */
@@ -522,8 +521,7 @@ int knhk_counters_pattern_record(knhk_counters *c, int64_t pattern, uint64_t tic
 /* Record the execution that started at `start_ticks` and ends now. */
 int knhk_counters_pattern_stop(knhk_counters *c, int64_t pattern, uint64_t start_ticks);
 /* Record len executions: patterns[i] took ticks[i]. All checked first. */
-int knhk_counters_pattern_record_many(knhk_counters *c, const int64_t *patterns, const uint64_t *ticks,
-                                      size_t len);
+int knhk_counters_pattern_record_many(knhk_counters *c, const int64_t *patterns, const uint64_t *ticks, size_t len);
 /* out[4*(p-1) + 0..3] = executions, total, min, max ticks of pattern p; min
    is 0 for a pattern never recorded. out must hold 4*KNHK_PATTERN_COUNT. */
 int knhk_counters_pattern_snapshot(const knhk_counters *c, uint64_t *out, size_t len);
@@ -662,8 +660,8 @@ int knhk_store_verify(knhk_store *s, uint64_t *checked);
 /* Writer side. Encode one record into out[0, cap): header, key, value,
    checksum. Returns the encoded length (0 if cap is too small: the length
    needed is at most key_len + value_len + 28); *key_hash gets the key's hash. */
-size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len,
-                                uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash);
+size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len, uint64_t seed,
+                                uint8_t *out, size_t cap, uint64_t *key_hash);
 /* Encode n records back to back into out[0, cap): record i has the key
    keys[sum of key_lens before i, + key_lens[i]) and likewise its value.
    hashes[i] gets its XXH64 key hash (hashes may be NULL: the version-2 writer
@@ -671,15 +669,14 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
    its position in out.
    Returns the bytes written, or 0 (with knhk_last_error()) when the lengths
    overrun keys_size / values_size or the records do not fit in cap. */
-size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
-                               const uint8_t *values, uint64_t values_size, const uint64_t *value_lens,
-                               uint64_t n, uint64_t seed, uint64_t base_offset, uint8_t *out, size_t cap,
-                               uint64_t *hashes, uint64_t *offsets);
+size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens, const uint8_t *values,
+                               uint64_t values_size, const uint64_t *value_lens, uint64_t n, uint64_t seed,
+                               uint64_t base_offset, uint8_t *out, size_t cap, uint64_t *hashes, uint64_t *offsets);
 /* Build the Robin Hood index of n records: table[0, slots) (zeroed by the
    caller) and blocksums[ceil(slots / 512)]. Returns KNHK_OK, or
    KNHK_ERR_INVALID when slots < n or an offset does not fit in 48 bits. */
-int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
-                           uint64_t *table, uint64_t *blocksums, uint64_t *max_disp);
+int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots, uint64_t *table,
+                           uint64_t *blocksums, uint64_t *max_disp);
 
 /* ---- issue 15: keyed hash, watched readers (native/store.c, store_guard.c) */
 
@@ -756,8 +753,8 @@ uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, si
 /* Match positions >= from, in order, up to cap of them into out. Returns the
    number written; fewer than cap means the scan is complete, otherwise resume
    with from = *next. */
-size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
-                          size_t from, int64_t *out, size_t cap, size_t *next);
+size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping, size_t from,
+                          int64_t *out, size_t cap, size_t *next);
 /* k needles at once: *first is the smallest match position of any needle
    (-1 if none) and *which the needle found there (the lowest index on a tie,
    -1 if none); counts (may be NULL) receives each needle's non-overlapping
@@ -780,8 +777,7 @@ int knhk_simd_mask_eq(const void *a, size_t n, int width, uint64_t v, uint8_t *o
 int knhk_simd_isin(const void *a, size_t n, int width, const uint64_t *set, size_t k, uint8_t *out);
 /* counts[id] += occurrences for id < nbins (counts is zeroed first); ids >=
    nbins are not stored, their number goes to *out_of_range. nbins >= 1. */
-int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins,
-                        uint64_t *out_of_range);
+int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins, uint64_t *out_of_range);
 
 /* One pass: min, max and the sum modulo 2**64. For n == 0, min and max are 0
    and the call returns KNHK_ERR_INVALID. */
@@ -822,8 +818,8 @@ void knhk_simd_needle_free(knhk_simd_needle *nd);
 int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, size_t n);
 /* As knhk_simd_count and knhk_simd_find_all, with a prepared needle. */
 uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping);
-size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
-                                 size_t from, int64_t *out, size_t cap, size_t *next);
+size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping, size_t from,
+                                 int64_t *out, size_t cap, size_t *next);
 
 
 /* ---------------------------------------------------------------- the process allocator (issue 21) */

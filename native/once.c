@@ -85,9 +85,7 @@ void knhk_once_init(knhk_once *o) {
 
 void *knhk_once_get(const knhk_once *o) { return once_get(o); }
 
-int knhk_once_is_set(const knhk_once *o) {
-    return __atomic_load_n(&o->state, __ATOMIC_ACQUIRE) == KNHK_ONCE_READY;
-}
+int knhk_once_is_set(const knhk_once *o) { return __atomic_load_n(&o->state, __ATOMIC_ACQUIRE) == KNHK_ONCE_READY; }
 
 static void publish(uint64_t *state, uint64_t value) {
     __atomic_store_n(state, value, __ATOMIC_RELEASE);

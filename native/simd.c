@@ -110,47 +110,47 @@ static int64_t needle_find_empty(const knhk_simd_needle *nd, const uint8_t *h, s
     return 0;
 }
 
-#define SERIAL_ID_KERNELS(T, W)                                                                         \
-    static uint64_t count_eq_serial_u##W(const void *base, size_t n, uint64_t v64) {                  \
-        const T *a = base;                                                                              \
-        const T v = (T)v64;                                                                             \
-        uint64_t c = 0;                                                                                 \
-        for (size_t i = 0; i < n; i++) c += a[i] == v;                                                  \
-        return c;                                                                                       \
-    }                                                                                                   \
-    static size_t find_eq_serial_u##W(const void *base, size_t n, uint64_t v64, size_t from, int64_t *out, \
-                                      size_t cap, size_t *next) {                                       \
-        const T *a = base;                                                                              \
-        const T v = (T)v64;                                                                             \
-        size_t k = 0, i = from;                                                                         \
-        for (; i < n && k < cap; i++)                                                                   \
-            if (a[i] == v) out[k++] = (int64_t)i;                                                       \
-        *next = i;                                                                                      \
-        return k;                                                                                       \
-    }                                                                                                   \
-    static void mask_eq_serial_u##W(const void *base, size_t n, uint64_t v64, uint8_t *out) {          \
-        const T *a = base;                                                                              \
-        const T v = (T)v64;                                                                             \
-        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                              \
-    }                                                                                                   \
-    static void isin_serial_u##W(const void *base, size_t n, const uint64_t *set, size_t k, uint8_t *out) { \
-        const T *a = base;                                                                              \
-        for (size_t i = 0; i < n; i++) {                                                                \
-            uint8_t r = 0;                                                                              \
-            for (size_t j = 0; j < k; j++) r |= a[i] == (T)set[j];                                      \
-            out[i] = r;                                                                                 \
-        }                                                                                               \
-    }                                                                                                   \
-    static void reduce_serial_u##W(const void *base, size_t n, knhk_simd_reduction *r) {               \
-        const T *a = base;                                                                              \
-        T mn = (T)~(T)0, mx = 0;                                                                        \
-        uint64_t sum = 0;                                                                               \
-        for (size_t i = 0; i < n; i++) {                                                                \
-            mn = a[i] < mn ? a[i] : mn;                                                                 \
-            mx = a[i] > mx ? a[i] : mx;                                                                 \
-            sum += a[i];                                                                                \
-        }                                                                                               \
-        r->min = mn, r->max = mx, r->sum = sum;                                                         \
+#define SERIAL_ID_KERNELS(T, W)                                                                                        \
+    static uint64_t count_eq_serial_u##W(const void *base, size_t n, uint64_t v64) {                                   \
+        const T *a = base;                                                                                             \
+        const T v = (T)v64;                                                                                            \
+        uint64_t c = 0;                                                                                                \
+        for (size_t i = 0; i < n; i++) c += a[i] == v;                                                                 \
+        return c;                                                                                                      \
+    }                                                                                                                  \
+    static size_t find_eq_serial_u##W(const void *base, size_t n, uint64_t v64, size_t from, int64_t *out, size_t cap, \
+                                      size_t *next) {                                                                  \
+        const T *a = base;                                                                                             \
+        const T v = (T)v64;                                                                                            \
+        size_t k = 0, i = from;                                                                                        \
+        for (; i < n && k < cap; i++)                                                                                  \
+            if (a[i] == v) out[k++] = (int64_t)i;                                                                      \
+        *next = i;                                                                                                     \
+        return k;                                                                                                      \
+    }                                                                                                                  \
+    static void mask_eq_serial_u##W(const void *base, size_t n, uint64_t v64, uint8_t *out) {                          \
+        const T *a = base;                                                                                             \
+        const T v = (T)v64;                                                                                            \
+        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                                             \
+    }                                                                                                                  \
+    static void isin_serial_u##W(const void *base, size_t n, const uint64_t *set, size_t k, uint8_t *out) {            \
+        const T *a = base;                                                                                             \
+        for (size_t i = 0; i < n; i++) {                                                                               \
+            uint8_t r = 0;                                                                                             \
+            for (size_t j = 0; j < k; j++) r |= a[i] == (T)set[j];                                                     \
+            out[i] = r;                                                                                                \
+        }                                                                                                              \
+    }                                                                                                                  \
+    static void reduce_serial_u##W(const void *base, size_t n, knhk_simd_reduction *r) {                               \
+        const T *a = base;                                                                                             \
+        T mn = (T) ~(T)0, mx = 0;                                                                                      \
+        uint64_t sum = 0;                                                                                              \
+        for (size_t i = 0; i < n; i++) {                                                                               \
+            mn = a[i] < mn ? a[i] : mn;                                                                                \
+            mx = a[i] > mx ? a[i] : mx;                                                                                \
+            sum += a[i];                                                                                               \
+        }                                                                                                              \
+        r->min = mn, r->max = mx, r->sum = sum;                                                                        \
     }
 
 SERIAL_ID_KERNELS(uint8_t, 8)
@@ -163,37 +163,37 @@ SERIAL_ID_KERNELS(uint64_t, 64)
  * clang vectorise them well once the ISA is enabled, so the AVX2 and AVX-512
  * kernels are these bodies compiled under each target attribute. */
 
-#define VECTORISED_ID_KERNELS(ISA, ATTR, T, W)                                                          \
+#define VECTORISED_ID_KERNELS(ISA, ATTR, T, W)                                                               \
     ATTR static void mask_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64, uint8_t *restrict out) { \
-        const T *restrict a = base;                                                                     \
-        const T v = (T)v64;                                                                             \
-        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                              \
-    }                                                                                                   \
-    /* Chunked so each set value sweeps a block that stays in L1. */                                    \
-    ATTR static void isin_##ISA##_u##W(const void *base, size_t n, const uint64_t *set, size_t k,       \
-                                       uint8_t *restrict out) {                                         \
-        const T *restrict a = base;                                                                     \
-        for (size_t c = 0; c < n; c += 2048) {                                                          \
-            size_t len = n - c < 2048 ? n - c : 2048;                                                   \
-            const T *restrict ac = a + c;                                                               \
-            uint8_t *restrict oc = out + c;                                                             \
-            for (size_t i = 0; i < len; i++) oc[i] = 0;                                                 \
-            for (size_t j = 0; j < k; j++) {                                                            \
-                const T v = (T)set[j];                                                                  \
-                for (size_t i = 0; i < len; i++) oc[i] |= ac[i] == v;                                   \
-            }                                                                                           \
-        }                                                                                               \
-    }                                                                                                   \
-    ATTR static void reduce_##ISA##_u##W(const void *base, size_t n, knhk_simd_reduction *r) {         \
-        const T *restrict a = base;                                                                     \
-        T mn = (T)~(T)0, mx = 0;                                                                        \
-        uint64_t sum = 0;                                                                               \
-        for (size_t i = 0; i < n; i++) {                                                                \
-            mn = a[i] < mn ? a[i] : mn;                                                                 \
-            mx = a[i] > mx ? a[i] : mx;                                                                 \
-            sum += a[i];                                                                                \
-        }                                                                                               \
-        r->min = mn, r->max = mx, r->sum = sum;                                                         \
+        const T *restrict a = base;                                                                          \
+        const T v = (T)v64;                                                                                  \
+        for (size_t i = 0; i < n; i++) out[i] = a[i] == v;                                                   \
+    }                                                                                                        \
+    /* Chunked so each set value sweeps a block that stays in L1. */                                         \
+    ATTR static void isin_##ISA##_u##W(const void *base, size_t n, const uint64_t *set, size_t k,            \
+                                       uint8_t *restrict out) {                                              \
+        const T *restrict a = base;                                                                          \
+        for (size_t c = 0; c < n; c += 2048) {                                                               \
+            size_t len = n - c < 2048 ? n - c : 2048;                                                        \
+            const T *restrict ac = a + c;                                                                    \
+            uint8_t *restrict oc = out + c;                                                                  \
+            for (size_t i = 0; i < len; i++) oc[i] = 0;                                                      \
+            for (size_t j = 0; j < k; j++) {                                                                 \
+                const T v = (T)set[j];                                                                       \
+                for (size_t i = 0; i < len; i++) oc[i] |= ac[i] == v;                                        \
+            }                                                                                                \
+        }                                                                                                    \
+    }                                                                                                        \
+    ATTR static void reduce_##ISA##_u##W(const void *base, size_t n, knhk_simd_reduction *r) {               \
+        const T *restrict a = base;                                                                          \
+        T mn = (T) ~(T)0, mx = 0;                                                                            \
+        uint64_t sum = 0;                                                                                    \
+        for (size_t i = 0; i < n; i++) {                                                                     \
+            mn = a[i] < mn ? a[i] : mn;                                                                      \
+            mx = a[i] > mx ? a[i] : mx;                                                                      \
+            sum += a[i];                                                                                     \
+        }                                                                                                    \
+        r->min = mn, r->max = mx, r->sum = sum;                                                              \
     }
 
 /* ==================================================================== explicit SIMD kernels */
@@ -218,22 +218,26 @@ ATTR_AVX2 static inline uint64_t eqmask_avx2_u16(const uint16_t *p, uint16_t v) 
 }
 ATTR_AVX2 static inline uint64_t eqmask_avx2_u32(const uint32_t *p, uint32_t v) {
     __m256i vv = _mm256_set1_epi32((int)v);
-    unsigned lo = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)p), vv)));
-    unsigned hi = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)(p + 8)), vv)));
+    unsigned lo =
+        (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)p), vv)));
+    unsigned hi = (unsigned)_mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_loadu_si256((const void *)(p + 8)), vv)));
     return lo | (hi << 8);
 }
 ATTR_AVX2 static inline uint64_t eqmask_avx2_u64(const uint64_t *p, uint64_t v) {
     __m256i vv = _mm256_set1_epi64x((long long)v);
-    unsigned lo = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)p), vv)));
-    unsigned hi = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)(p + 4)), vv)));
+    unsigned lo =
+        (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)p), vv)));
+    unsigned hi = (unsigned)_mm256_movemask_pd(
+        _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_loadu_si256((const void *)(p + 4)), vv)));
     return lo | (hi << 4);
 }
 /* AVX2 tails: the last partial block, element by element. */
-#define AVX2_TAIL(T, W)                                                                                 \
-    ATTR_AVX2 static inline uint64_t eqmask_tail_avx2_u##W(const T *p, size_t r, T v) {                \
-        uint64_t m = 0;                                                                                 \
-        for (size_t j = 0; j < r; j++) m |= (uint64_t)(p[j] == v) << j;                                 \
-        return m;                                                                                       \
+#define AVX2_TAIL(T, W)                                                                 \
+    ATTR_AVX2 static inline uint64_t eqmask_tail_avx2_u##W(const T *p, size_t r, T v) { \
+        uint64_t m = 0;                                                                 \
+        for (size_t j = 0; j < r; j++) m |= (uint64_t)(p[j] == v) << j;                 \
+        return m;                                                                       \
     }
 AVX2_TAIL(uint8_t, 8)
 AVX2_TAIL(uint16_t, 16)
@@ -272,62 +276,62 @@ ATTR_AVX512 static inline uint64_t eqmask_tail_avx512_u64(const uint64_t *p, siz
 
 /* count_eq and find_eq over 64-byte blocks of equality masks. count_eq keeps
    four independent counters so the popcount chain is not the bottleneck. */
-#define MASK_ID_KERNELS(ISA, ATTR, T, W)                                                                \
-    ATTR static uint64_t count_eq_pop_##ISA##_u##W(const void *base, size_t n, uint64_t v64) {        \
-        const T *a = base;                                                                              \
-        const T v = (T)v64;                                                                             \
-        enum { E = 64 / sizeof(T) };                                                                    \
-        uint64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                                        \
-        size_t i = 0;                                                                                   \
-        for (; i + 4 * E <= n; i += 4 * E) {                                                            \
-            c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v));                        \
-            c1 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + E, v));                    \
-            c2 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 2 * E, v));                \
-            c3 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 3 * E, v));                \
-        }                                                                                               \
-        for (; i + E <= n; i += E) c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v)); \
-        if (i < n) c0 += (uint64_t)__builtin_popcountll(eqmask_tail_##ISA##_u##W(a + i, n - i, v));    \
-        return c0 + c1 + c2 + c3;                                                                       \
-    }                                                                                                   \
-    ATTR static size_t find_eq_bits_##ISA##_u##W(const void *base, size_t n, uint64_t v64, size_t from, \
-                                                 int64_t *out, size_t cap, size_t *next) {              \
-        const T *a = base;                                                                              \
-        const T v = (T)v64;                                                                             \
-        enum { E = 64 / sizeof(T) };                                                                    \
-        size_t k = 0, i = from;                                                                         \
+#define MASK_ID_KERNELS(ISA, ATTR, T, W)                                                                              \
+    ATTR static uint64_t count_eq_pop_##ISA##_u##W(const void *base, size_t n, uint64_t v64) {                        \
+        const T *a = base;                                                                                            \
+        const T v = (T)v64;                                                                                           \
+        enum { E = 64 / sizeof(T) };                                                                                  \
+        uint64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                                                      \
+        size_t i = 0;                                                                                                 \
+        for (; i + 4 * E <= n; i += 4 * E) {                                                                          \
+            c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v));                                      \
+            c1 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + E, v));                                  \
+            c2 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 2 * E, v));                              \
+            c3 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i + 3 * E, v));                              \
+        }                                                                                                             \
+        for (; i + E <= n; i += E) c0 += (uint64_t)__builtin_popcountll(eqmask_##ISA##_u##W(a + i, v));               \
+        if (i < n) c0 += (uint64_t)__builtin_popcountll(eqmask_tail_##ISA##_u##W(a + i, n - i, v));                   \
+        return c0 + c1 + c2 + c3;                                                                                     \
+    }                                                                                                                 \
+    ATTR static size_t find_eq_bits_##ISA##_u##W(const void *base, size_t n, uint64_t v64, size_t from, int64_t *out, \
+                                                 size_t cap, size_t *next) {                                          \
+        const T *a = base;                                                                                            \
+        const T v = (T)v64;                                                                                           \
+        enum { E = 64 / sizeof(T) };                                                                                  \
+        size_t k = 0, i = from;                                                                                       \
         /* While a whole block's results fit, write four positions per block \
            unconditionally and advance by the popcount: at the id densities of \
-           workflow logs a "while (mask)" loop mispredicts on most blocks. */ \
-        while (i + E <= n && k + E <= cap) {                                                            \
-            uint64_t m = eqmask_##ISA##_u##W(a + i, v);                                                  \
-            size_t cnt = (size_t)__builtin_popcountll(m);                                               \
-            int64_t *o = out + k;                                                                       \
-            for (int j = 0; j < 4; j++) {                                                               \
-                o[j] = (int64_t)(i + (size_t)(m ? __builtin_ctzll(m) : 0));                             \
-                m &= m - 1;                                                                             \
-            }                                                                                           \
-            for (int j = 4; _knhk_unlikely(m != 0); j++) {                                              \
-                o[j] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                       \
-                m &= m - 1;                                                                             \
-            }                                                                                           \
-            k += cnt;                                                                                   \
-            i += E;                                                                                     \
-        }                                                                                               \
-        while (i < n) {                                                                                 \
-            size_t r = n - i;                                                                           \
-            uint64_t m = r >= E ? eqmask_##ISA##_u##W(a + i, v) : eqmask_tail_##ISA##_u##W(a + i, r, v); \
-            while (m) {                                                                                 \
-                if (k == cap) {                                                                         \
-                    *next = i + (size_t)__builtin_ctzll(m);                                             \
-                    return k;                                                                           \
-                }                                                                                       \
-                out[k++] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                   \
-                m &= m - 1;                                                                             \
-            }                                                                                           \
-            i += r >= E ? (size_t)E : r;                                                                \
-        }                                                                                               \
-        *next = n;                                                                                      \
-        return k;                                                                                       \
+           workflow logs a "while (mask)" loop mispredicts on most blocks. */                                        \
+        while (i + E <= n && k + E <= cap) {                                                                          \
+            uint64_t m = eqmask_##ISA##_u##W(a + i, v);                                                               \
+            size_t cnt = (size_t)__builtin_popcountll(m);                                                             \
+            int64_t *o = out + k;                                                                                     \
+            for (int j = 0; j < 4; j++) {                                                                             \
+                o[j] = (int64_t)(i + (size_t)(m ? __builtin_ctzll(m) : 0));                                           \
+                m &= m - 1;                                                                                           \
+            }                                                                                                         \
+            for (int j = 4; _knhk_unlikely(m != 0); j++) {                                                            \
+                o[j] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                                     \
+                m &= m - 1;                                                                                           \
+            }                                                                                                         \
+            k += cnt;                                                                                                 \
+            i += E;                                                                                                   \
+        }                                                                                                             \
+        while (i < n) {                                                                                               \
+            size_t r = n - i;                                                                                         \
+            uint64_t m = r >= E ? eqmask_##ISA##_u##W(a + i, v) : eqmask_tail_##ISA##_u##W(a + i, r, v);              \
+            while (m) {                                                                                               \
+                if (k == cap) {                                                                                       \
+                    *next = i + (size_t)__builtin_ctzll(m);                                                           \
+                    return k;                                                                                         \
+                }                                                                                                     \
+                out[k++] = (int64_t)(i + (size_t)__builtin_ctzll(m));                                                 \
+                m &= m - 1;                                                                                           \
+            }                                                                                                         \
+            i += r >= E ? (size_t)E : r;                                                                              \
+        }                                                                                                             \
+        *next = n;                                                                                                    \
+        return k;                                                                                                     \
     }
 
 MASK_ID_KERNELS(avx2, ATTR_AVX2, uint8_t, 8)
@@ -355,36 +359,36 @@ MASK_ID_KERNELS(avx512, ATTR_AVX512, uint64_t, 64)
    the add has a latency of one cycle, the compare port is the limit anyway,
    and GCC copies merge-masked accumulators when there are several. The rest
    (< 4 blocks) goes to the popcount kernel. (Inside the x86 section.) */
-#define LANE_COUNT_KERNEL(ISA, ATTR, T, W, VEC, SET1, LOAD, STEP, HSUM)                            \
-    ATTR static uint64_t count_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64) {            \
-        const T *a = base;                                                                              \
-        enum { E = 64 / sizeof(T), CHUNK = E << 24 };                                                  \
-        const VEC vv = SET1(v64);                                                                       \
-        uint64_t total = 0;                                                                             \
-        size_t i = 0;                                                                                   \
-        while (n - i >= 4 * E) {                                                                        \
-            const size_t stop = n - i > CHUNK ? i + CHUNK : n;                                          \
-            VEC c = SET1(0);                                                                            \
+#define LANE_COUNT_KERNEL(ISA, ATTR, T, W, VEC, SET1, LOAD, STEP, HSUM)                                        \
+    ATTR static uint64_t count_eq_##ISA##_u##W(const void *base, size_t n, uint64_t v64) {                     \
+        const T *a = base;                                                                                     \
+        enum { E = 64 / sizeof(T), CHUNK = E << 24 };                                                          \
+        const VEC vv = SET1(v64);                                                                              \
+        uint64_t total = 0;                                                                                    \
+        size_t i = 0;                                                                                          \
+        while (n - i >= 4 * E) {                                                                               \
+            const size_t stop = n - i > CHUNK ? i + CHUNK : n;                                                 \
+            VEC c = SET1(0);                                                                                   \
             /* Large inputs come from DRAM: prefetch 2 KiB ahead (lines inside \
-               the array only). Small ones are in cache, where the hints cost. */ \
-            if (stop - i >= PREFETCH_MIN / sizeof(T))                                                   \
-                for (; i + 4 * E + PREFETCH_AHEAD / sizeof(T) <= stop; i += 4 * E) {                    \
-                    for (int q = 0; q < 4; q++)                                                         \
+               the array only). Small ones are in cache, where the hints cost. */                               \
+            if (stop - i >= PREFETCH_MIN / sizeof(T))                                                          \
+                for (; i + 4 * E + PREFETCH_AHEAD / sizeof(T) <= stop; i += 4 * E) {                           \
+                    for (int q = 0; q < 4; q++)                                                                \
                         _mm_prefetch((const char *)(a + i + PREFETCH_AHEAD / sizeof(T) + q * E), _MM_HINT_T0); \
-                    c = STEP(c, LOAD(a + i), vv);                                                       \
-                    c = STEP(c, LOAD(a + i + E), vv);                                                   \
-                    c = STEP(c, LOAD(a + i + 2 * E), vv);                                               \
-                    c = STEP(c, LOAD(a + i + 3 * E), vv);                                               \
-                }                                                                                       \
-            for (; i + 4 * E <= stop; i += 4 * E) {                                                     \
-                c = STEP(c, LOAD(a + i), vv);                                                           \
-                c = STEP(c, LOAD(a + i + E), vv);                                                       \
-                c = STEP(c, LOAD(a + i + 2 * E), vv);                                                   \
-                c = STEP(c, LOAD(a + i + 3 * E), vv);                                                   \
-            }                                                                                           \
-            total += HSUM(c);                                                                           \
-        }                                                                                               \
-        return total + count_eq_pop_##ISA##_u##W(a + i, n - i, v64);                                  \
+                    c = STEP(c, LOAD(a + i), vv);                                                              \
+                    c = STEP(c, LOAD(a + i + E), vv);                                                          \
+                    c = STEP(c, LOAD(a + i + 2 * E), vv);                                                      \
+                    c = STEP(c, LOAD(a + i + 3 * E), vv);                                                      \
+                }                                                                                              \
+            for (; i + 4 * E <= stop; i += 4 * E) {                                                            \
+                c = STEP(c, LOAD(a + i), vv);                                                                  \
+                c = STEP(c, LOAD(a + i + E), vv);                                                              \
+                c = STEP(c, LOAD(a + i + 2 * E), vv);                                                          \
+                c = STEP(c, LOAD(a + i + 3 * E), vv);                                                          \
+            }                                                                                                  \
+            total += HSUM(c);                                                                                  \
+        }                                                                                                      \
+        return total + count_eq_pop_##ISA##_u##W(a + i, n - i, v64);                                           \
     }
 
 /* Software prefetch for the streaming id scans: with several uops per block
@@ -505,51 +509,99 @@ ATTR_AVX512 static size_t find_eq_avx512_u64(const void *base, size_t n, uint64_
 /* clang-format off: four rows of four entries read as the table they are */
 static const int64_t nibble_offsets[4][16][4] __attribute__((aligned(32))) = {
     {
-     {0, 0, 0, 0}, {0, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0},
-     {2, 0, 0, 0}, {0, 2, 0, 0}, {1, 2, 0, 0}, {0, 1, 2, 0},
-     {3, 0, 0, 0}, {0, 3, 0, 0}, {1, 3, 0, 0}, {0, 1, 3, 0},
-     {2, 3, 0, 0}, {0, 2, 3, 0}, {1, 2, 3, 0}, {0, 1, 2, 3},
+        {0, 0, 0, 0},
+        {0, 0, 0, 0},
+        {1, 0, 0, 0},
+        {0, 1, 0, 0},
+        {2, 0, 0, 0},
+        {0, 2, 0, 0},
+        {1, 2, 0, 0},
+        {0, 1, 2, 0},
+        {3, 0, 0, 0},
+        {0, 3, 0, 0},
+        {1, 3, 0, 0},
+        {0, 1, 3, 0},
+        {2, 3, 0, 0},
+        {0, 2, 3, 0},
+        {1, 2, 3, 0},
+        {0, 1, 2, 3},
     },
     {
-     {0, 0, 0, 0}, {4, 0, 0, 0}, {5, 0, 0, 0}, {4, 5, 0, 0},
-     {6, 0, 0, 0}, {4, 6, 0, 0}, {5, 6, 0, 0}, {4, 5, 6, 0},
-     {7, 0, 0, 0}, {4, 7, 0, 0}, {5, 7, 0, 0}, {4, 5, 7, 0},
-     {6, 7, 0, 0}, {4, 6, 7, 0}, {5, 6, 7, 0}, {4, 5, 6, 7},
+        {0, 0, 0, 0},
+        {4, 0, 0, 0},
+        {5, 0, 0, 0},
+        {4, 5, 0, 0},
+        {6, 0, 0, 0},
+        {4, 6, 0, 0},
+        {5, 6, 0, 0},
+        {4, 5, 6, 0},
+        {7, 0, 0, 0},
+        {4, 7, 0, 0},
+        {5, 7, 0, 0},
+        {4, 5, 7, 0},
+        {6, 7, 0, 0},
+        {4, 6, 7, 0},
+        {5, 6, 7, 0},
+        {4, 5, 6, 7},
     },
     {
-     {0, 0, 0, 0}, {8, 0, 0, 0}, {9, 0, 0, 0}, {8, 9, 0, 0},
-     {10, 0, 0, 0}, {8, 10, 0, 0}, {9, 10, 0, 0}, {8, 9, 10, 0},
-     {11, 0, 0, 0}, {8, 11, 0, 0}, {9, 11, 0, 0}, {8, 9, 11, 0},
-     {10, 11, 0, 0}, {8, 10, 11, 0}, {9, 10, 11, 0}, {8, 9, 10, 11},
+        {0, 0, 0, 0},
+        {8, 0, 0, 0},
+        {9, 0, 0, 0},
+        {8, 9, 0, 0},
+        {10, 0, 0, 0},
+        {8, 10, 0, 0},
+        {9, 10, 0, 0},
+        {8, 9, 10, 0},
+        {11, 0, 0, 0},
+        {8, 11, 0, 0},
+        {9, 11, 0, 0},
+        {8, 9, 11, 0},
+        {10, 11, 0, 0},
+        {8, 10, 11, 0},
+        {9, 10, 11, 0},
+        {8, 9, 10, 11},
     },
     {
-     {0, 0, 0, 0}, {12, 0, 0, 0}, {13, 0, 0, 0}, {12, 13, 0, 0},
-     {14, 0, 0, 0}, {12, 14, 0, 0}, {13, 14, 0, 0}, {12, 13, 14, 0},
-     {15, 0, 0, 0}, {12, 15, 0, 0}, {13, 15, 0, 0}, {12, 13, 15, 0},
-     {14, 15, 0, 0}, {12, 14, 15, 0}, {13, 14, 15, 0}, {12, 13, 14, 15},
+        {0, 0, 0, 0},
+        {12, 0, 0, 0},
+        {13, 0, 0, 0},
+        {12, 13, 0, 0},
+        {14, 0, 0, 0},
+        {12, 14, 0, 0},
+        {13, 14, 0, 0},
+        {12, 13, 14, 0},
+        {15, 0, 0, 0},
+        {12, 15, 0, 0},
+        {13, 15, 0, 0},
+        {12, 13, 15, 0},
+        {14, 15, 0, 0},
+        {12, 14, 15, 0},
+        {13, 14, 15, 0},
+        {12, 13, 14, 15},
     },
 };
 /* clang-format on */
 
-#define NIBBLE_FIND_EQ(T, W, PIECES)                                                                    \
-    ATTR_AVX2 static size_t find_eq_avx2_u##W(const void *base, size_t n, uint64_t v64, size_t from,    \
-                                              int64_t *out, size_t cap, size_t *next) {                 \
-        const T *a = base;                                                                              \
-        enum { E = 4 * PIECES };                                                                        \
-        size_t k = 0, i = from;                                                                         \
-        for (; i + E <= n && k + E <= cap; i += E) {                                                    \
-            _mm_prefetch((const char *)(a + (i + PREFETCH_AHEAD / W * 8 < n ? i + PREFETCH_AHEAD / W * 8 : i)), \
-                         _MM_HINT_T0);                                                                  \
-            const unsigned m = (unsigned)eqmask_avx2_u##W(a + i, (T)v64);                               \
-            const __m256i b = _mm256_set1_epi64x((long long)i);                                        \
-            for (int j = 0; j < PIECES; j++) {                                                          \
-                const unsigned piece = (m >> (4 * j)) & 15;                                             \
-                _mm256_storeu_si256((void *)(out + k),                                                  \
+#define NIBBLE_FIND_EQ(T, W, PIECES)                                                                                 \
+    ATTR_AVX2 static size_t find_eq_avx2_u##W(const void *base, size_t n, uint64_t v64, size_t from, int64_t *out,   \
+                                              size_t cap, size_t *next) {                                            \
+        const T *a = base;                                                                                           \
+        enum { E = 4 * PIECES };                                                                                     \
+        size_t k = 0, i = from;                                                                                      \
+        for (; i + E <= n && k + E <= cap; i += E) {                                                                 \
+            _mm_prefetch((const char *)(a + (i + PREFETCH_AHEAD / W * 8 < n ? i + PREFETCH_AHEAD / W * 8 : i)),      \
+                         _MM_HINT_T0);                                                                               \
+            const unsigned m = (unsigned)eqmask_avx2_u##W(a + i, (T)v64);                                            \
+            const __m256i b = _mm256_set1_epi64x((long long)i);                                                      \
+            for (int j = 0; j < PIECES; j++) {                                                                       \
+                const unsigned piece = (m >> (4 * j)) & 15;                                                          \
+                _mm256_storeu_si256((void *)(out + k),                                                               \
                                     _mm256_add_epi64(b, _mm256_load_si256((const void *)nibble_offsets[j][piece]))); \
-                k += (size_t)__builtin_popcount(piece);                                                 \
-            }                                                                                           \
-        }                                                                                               \
-        return k + find_eq_bits_avx2_u##W(base, n, v64, i, out + k, cap - k, next);                    \
+                k += (size_t)__builtin_popcount(piece);                                                              \
+            }                                                                                                        \
+        }                                                                                                            \
+        return k + find_eq_bits_avx2_u##W(base, n, v64, i, out + k, cap - k, next);                                  \
     }
 NIBBLE_FIND_EQ(uint32_t, 32, 4)
 NIBBLE_FIND_EQ(uint64_t, 64, 2)
@@ -571,8 +623,8 @@ VECTORISED_ID_KERNELS(avx512, ATTR_AVX512, uint64_t, 64)
 
 /* Candidates of one block, lowest first. Out of line so the scanning loops
    keep few registers live (no spills, no frame) while masks come back empty. */
-__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask,
-                                                        const uint8_t *s, size_t m) {
+__attribute__((noinline)) static int64_t verify_forward(const uint8_t *h, size_t i, uint64_t mask, const uint8_t *s,
+                                                        size_t m) {
     do {
         size_t p = i + (size_t)__builtin_ctzll(mask);
         if (same_bytes(h + p, s, m)) return (int64_t)p;
@@ -598,17 +650,18 @@ ATTR_AVX2 static inline uint32_t probe_avx2(const uint8_t *h, size_t i, size_t m
    candidates take at most two more blocks, the last one re-loaded over the
    final 32 candidates (candidate cands - 1 ends at h[n - 1]: no read past the
    end). */
-ATTR_AVX2 static inline __attribute__((always_inline)) int64_t
-find_avx2_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __m256i f, __m256i c, __m256i l) {
+ATTR_AVX2 static inline __attribute__((always_inline)) int64_t find_avx2_core(const uint8_t *h, size_t n,
+                                                                              const uint8_t *s, size_t m, __m256i f,
+                                                                              __m256i c, __m256i l) {
     const size_t mid = m / 2, cands = n - m + 1;
     size_t i = 0;
-#define FIND_AVX2_TWO_BLOCKS()                                                                          \
-    do {                                                                                                \
+#define FIND_AVX2_TWO_BLOCKS()                                                                                      \
+    do {                                                                                                            \
         uint64_t mask = probe_avx2(h, i, mid, m, f, c, l) | (uint64_t)probe_avx2(h, i + 32, mid, m, f, c, l) << 32; \
-        if (_knhk_unlikely(mask != 0)) {                                                                \
-            int64_t p = verify_forward(h, i, mask, s, m);                                               \
-            if (p >= 0) return p;                                                                       \
-        }                                                                                               \
+        if (_knhk_unlikely(mask != 0)) {                                                                            \
+            int64_t p = verify_forward(h, i, mask, s, m);                                                           \
+            if (p >= 0) return p;                                                                                   \
+        }                                                                                                           \
     } while (0)
     if (n >= PREFETCH_MIN) /* from DRAM: prefetch ahead, as the AVX-512 loop */
         for (; i + 64 + PREFETCH_AHEAD <= cands; i += 64) {
@@ -620,8 +673,8 @@ find_avx2_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __m256i f
     if (i < cands) {
         const size_t r = cands - i; /* 1..63 candidates left */
         const uint32_t tail = probe_avx2(h, cands - 32, mid, m, f, c, l); /* candidates i + r - 32 + t */
-        uint64_t mask = r > 32 ? probe_avx2(h, i, mid, m, f, c, l) | (uint64_t)tail << (r - 32)
-                               : (uint64_t)(tail >> (32 - r));
+        uint64_t mask =
+            r > 32 ? probe_avx2(h, i, mid, m, f, c, l) | (uint64_t)tail << (r - 32) : (uint64_t)(tail >> (32 - r));
         if (mask) return verify_forward(h, i, mask, s, m);
     }
     return -1;
@@ -637,25 +690,27 @@ __attribute__((noinline)) static int64_t find_few(const uint8_t *h, size_t n, co
    third compare costs more uops (2 loads, 2 compares, 2 ANDs) than the
    verifications it saves, each two 8-byte compares. */
 ATTR_AVX2 static inline uint32_t probe2_avx2(const uint8_t *h, size_t i, size_t m, __m256i f, __m256i l) {
-    return (uint32_t)_mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
-                                                           _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1)))));
+    return (uint32_t)_mm256_movemask_epi8(
+        _mm256_and_si256(_mm256_cmpeq_epi8(f, _mm256_loadu_si256((const void *)(h + i))),
+                         _mm256_cmpeq_epi8(l, _mm256_loadu_si256((const void *)(h + i + m - 1)))));
 }
 
-ATTR_AVX2 static inline __attribute__((always_inline)) int64_t
-find_avx2_window(const uint8_t *h, size_t cands, const uint8_t *s, size_t m, __m256i f, __m256i l) {
+ATTR_AVX2 static inline __attribute__((always_inline)) int64_t find_avx2_window(const uint8_t *h, size_t cands,
+                                                                                const uint8_t *s, size_t m, __m256i f,
+                                                                                __m256i l) {
     const uint32_t tail = probe2_avx2(h, cands - 32, m, f, l); /* candidates cands - 32 + t */
     const uint64_t mask = cands > 32 ? probe2_avx2(h, 0, m, f, l) | (uint64_t)tail << (cands - 32) : tail;
     return mask ? verify_forward(h, 0, mask, s, m) : -1;
 }
 
 ATTR_AVX2 __attribute__((noinline)) static int64_t find_avx2_long(const uint8_t *h, size_t n, const uint8_t *s,
-                                                                   size_t m) {
+                                                                  size_t m) {
     return find_avx2_core(h, n, s, m, _mm256_set1_epi8((char)s[0]), _mm256_set1_epi8((char)s[m / 2]),
                           _mm256_set1_epi8((char)s[m - 1]));
 }
 
 ATTR_AVX2 __attribute__((noinline)) static int64_t needle_find_avx2_long(const knhk_simd_needle *nd, const uint8_t *h,
-                                                                          size_t n) {
+                                                                         size_t n) {
     return find_avx2_core(h, n, nd->bytes, nd->len, _mm256_loadu_si256((const void *)nd->first),
                           _mm256_loadu_si256((const void *)nd->middle), _mm256_loadu_si256((const void *)nd->last));
 }
@@ -717,7 +772,7 @@ ATTR_AVX2 static int64_t rfind_avx2(const uint8_t *h, size_t n, const uint8_t *s
 }
 
 ATTR_AVX512 static inline uint64_t probe_avx512(const uint8_t *h, size_t i, size_t mid, size_t m, __mmask64 k,
-                                                 __m512i f, __m512i c, __m512i l) {
+                                                __m512i f, __m512i c, __m512i l) {
     /* Three independent compares, then one AND: no chain through the masks.
        The compares are masked too: a masked-off lane loads 0, which may
        equal a needle byte. */
@@ -729,23 +784,25 @@ ATTR_AVX512 static inline uint64_t probe_avx512(const uint8_t *h, size_t i, size
 
 /* More than 64 candidates, or a needle longer than 64 bytes (0 < m <= n).
    Out of line (the two callers below), so the one-block paths keep no frame. */
-ATTR_AVX512 static inline __attribute__((always_inline)) int64_t
-find_avx512_long_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __m512i f, __m512i c, __m512i l) {
+ATTR_AVX512 static inline __attribute__((always_inline)) int64_t find_avx512_long_core(const uint8_t *h, size_t n,
+                                                                                       const uint8_t *s, size_t m,
+                                                                                       __m512i f, __m512i c,
+                                                                                       __m512i l) {
     const size_t mid = m / 2, cands = n - m + 1;
     size_t i = 0;
     /* Whole blocks: plain loads, two blocks per iteration so two cache lines
        are in flight and the loop branch is taken half as often. A haystack
        large enough to come from DRAM is prefetched PREFETCH_AHEAD bytes
        ahead (lines inside it only). */
-#define FIND_AVX512_TWO_BLOCKS()                                                                        \
-    do {                                                                                                \
-        uint64_t m0 = probe_avx512(h, i, mid, m, ~0ULL, f, c, l);                                       \
-        uint64_t m1 = probe_avx512(h, i + 64, mid, m, ~0ULL, f, c, l);                                  \
-        if (_knhk_unlikely((m0 | m1) != 0)) {                                                           \
-            int64_t p = m0 ? verify_forward(h, i, m0, s, m) : -1;                                       \
-            if (p < 0 && m1) p = verify_forward(h, i + 64, m1, s, m);                                   \
-            if (p >= 0) return p;                                                                       \
-        }                                                                                               \
+#define FIND_AVX512_TWO_BLOCKS()                                       \
+    do {                                                               \
+        uint64_t m0 = probe_avx512(h, i, mid, m, ~0ULL, f, c, l);      \
+        uint64_t m1 = probe_avx512(h, i + 64, mid, m, ~0ULL, f, c, l); \
+        if (_knhk_unlikely((m0 | m1) != 0)) {                          \
+            int64_t p = m0 ? verify_forward(h, i, m0, s, m) : -1;      \
+            if (p < 0 && m1) p = verify_forward(h, i + 64, m1, s, m);  \
+            if (p >= 0) return p;                                      \
+        }                                                              \
     } while (0)
     if (n >= PREFETCH_MIN)
         for (; i + 128 + PREFETCH_AHEAD <= cands; i += 128) {
@@ -769,13 +826,13 @@ find_avx512_long_core(const uint8_t *h, size_t n, const uint8_t *s, size_t m, __
 }
 
 ATTR_AVX512 __attribute__((noinline)) static int64_t find_avx512_long(const uint8_t *h, size_t n, const uint8_t *s,
-                                                                       size_t m) {
+                                                                      size_t m) {
     return find_avx512_long_core(h, n, s, m, _mm512_set1_epi8((char)s[0]), _mm512_set1_epi8((char)s[m / 2]),
                                  _mm512_set1_epi8((char)s[m - 1]));
 }
 
 ATTR_AVX512 __attribute__((noinline)) static int64_t needle_find_avx512_long(const knhk_simd_needle *nd,
-                                                                              const uint8_t *h, size_t n) {
+                                                                             const uint8_t *h, size_t n) {
     return find_avx512_long_core(h, n, nd->bytes, nd->len, _mm512_loadu_si512((const void *)nd->first),
                                  _mm512_loadu_si512((const void *)nd->middle),
                                  _mm512_loadu_si512((const void *)nd->last));
@@ -817,8 +874,8 @@ ATTR_AVX512 static int64_t needle_find_avx512(const knhk_simd_needle *nd, const 
     const size_t cands = n - m + 1;
     if (cands > 64 || m > 64) return needle_find_avx512_long(nd, h, n);
     const __mmask64 k = _bzhi_u64(~0ULL, (unsigned)cands);
-    __mmask64 x = _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h),
-                                              _mm512_loadu_si512((const void *)nd->first));
+    __mmask64 x =
+        _mm512_mask_cmpeq_epi8_mask(k, _mm512_maskz_loadu_epi8(k, h), _mm512_loadu_si512((const void *)nd->first));
     x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + m - 1),
                                     _mm512_loadu_si512((const void *)nd->last));
     x = _mm512_mask_cmpeq_epi8_mask(x, _mm512_maskz_loadu_epi8(k, h + nd->mid),
@@ -826,7 +883,8 @@ ATTR_AVX512 static int64_t needle_find_avx512(const knhk_simd_needle *nd, const 
     const __mmask64 km = nd->head_mask;
     for (uint64_t mask = _cvtmask64_u64(x); mask; mask &= mask - 1) {
         size_t p = (size_t)__builtin_ctzll(mask);
-        if (_mm512_cmpneq_epi8_mask(_mm512_maskz_loadu_epi8(km, h + p), _mm512_loadu_si512((const void *)nd->head)) == 0)
+        if (_mm512_cmpneq_epi8_mask(_mm512_maskz_loadu_epi8(km, h + p), _mm512_loadu_si512((const void *)nd->head)) ==
+            0)
             return (int64_t)p;
     }
     return -1;
@@ -860,17 +918,38 @@ ATTR_AVX512 static int64_t rfind_avx512(const uint8_t *h, size_t n, const uint8_
 #define ID_TABLE(FIELD, ISA) {FIELD##_##ISA##_u8, FIELD##_##ISA##_u16, FIELD##_##ISA##_u32, FIELD##_##ISA##_u64}
 
 static const simd_table table_serial = {
-    KNHK_SIMD_SCALAR, find_serial, rfind_serial, needle_find_serial, ID_TABLE(count_eq, serial), ID_TABLE(find_eq, serial),
-    ID_TABLE(mask_eq, serial), ID_TABLE(isin, serial), ID_TABLE(reduce, serial),
+    KNHK_SIMD_SCALAR,
+    find_serial,
+    rfind_serial,
+    needle_find_serial,
+    ID_TABLE(count_eq, serial),
+    ID_TABLE(find_eq, serial),
+    ID_TABLE(mask_eq, serial),
+    ID_TABLE(isin, serial),
+    ID_TABLE(reduce, serial),
 };
 #if KNHK_SIMD_X86
 static const simd_table table_avx2 = {
-    KNHK_SIMD_AVX2, find_avx2, rfind_avx2, needle_find_avx2, ID_TABLE(count_eq, avx2), ID_TABLE(find_eq, avx2),
-    ID_TABLE(mask_eq, avx2), ID_TABLE(isin, avx2), ID_TABLE(reduce, avx2),
+    KNHK_SIMD_AVX2,
+    find_avx2,
+    rfind_avx2,
+    needle_find_avx2,
+    ID_TABLE(count_eq, avx2),
+    ID_TABLE(find_eq, avx2),
+    ID_TABLE(mask_eq, avx2),
+    ID_TABLE(isin, avx2),
+    ID_TABLE(reduce, avx2),
 };
 static const simd_table table_avx512 = {
-    KNHK_SIMD_AVX512, find_avx512, rfind_avx512, needle_find_avx512, ID_TABLE(count_eq, avx512), ID_TABLE(find_eq, avx512),
-    ID_TABLE(mask_eq, avx512), ID_TABLE(isin, avx512), ID_TABLE(reduce, avx512),
+    KNHK_SIMD_AVX512,
+    find_avx512,
+    rfind_avx512,
+    needle_find_avx512,
+    ID_TABLE(count_eq, avx512),
+    ID_TABLE(find_eq, avx512),
+    ID_TABLE(mask_eq, avx512),
+    ID_TABLE(isin, avx512),
+    ID_TABLE(reduce, avx512),
 };
 static const simd_table *const tables[KNHK_SIMD_LEVELS] = {&table_serial, &table_avx2, &table_avx512};
 #else
@@ -890,8 +969,7 @@ static void set_unsupported_error(const char *prefix, int level) {
     _knhk_set_error("%sthis build has no %s kernels (built with KNHK_PORTABLE=1: portable C only)", prefix,
                     level_names[level]);
 #else
-    _knhk_set_error("%sthis build has no %s kernels (they are built on x86_64 only)", prefix,
-                    level_names[level]);
+    _knhk_set_error("%sthis build has no %s kernels (they are built on x86_64 only)", prefix, level_names[level]);
 #endif
 }
 
@@ -1028,8 +1106,8 @@ static uint64_t count_matches(const finder *f, const uint8_t *hay, size_t n, int
     return c;
 }
 
-static size_t list_matches(const finder *f, const uint8_t *hay, size_t n, int overlapping, size_t from,
-                           int64_t *out, size_t cap, size_t *next) {
+static size_t list_matches(const finder *f, const uint8_t *hay, size_t n, int overlapping, size_t from, int64_t *out,
+                           size_t cap, size_t *next) {
     const size_t m = f->m;
     size_t k = 0, pos = from;
     if (m == 0) {
@@ -1055,8 +1133,8 @@ uint64_t knhk_simd_count(const uint8_t *hay, size_t n, const uint8_t *needle, si
     return count_matches(&f, hay, n, overlapping);
 }
 
-size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping,
-                          size_t from, int64_t *out, size_t cap, size_t *next) {
+size_t knhk_simd_find_all(const uint8_t *hay, size_t n, const uint8_t *needle, size_t m, int overlapping, size_t from,
+                          int64_t *out, size_t cap, size_t *next) {
     const finder f = {table()->find, needle, NULL, m};
     return list_matches(&f, hay, n, overlapping, from, out, cap, next);
 }
@@ -1080,10 +1158,10 @@ int knhk_simd_find_many(const uint8_t *hay, size_t n, const uint8_t *const *need
     }
     const find_fn find = table()->find;
     int64_t best = -1, best_j = -1;
-#define FIND_MANY_TAKE(pos, j)                                                                          \
-    do {                                                                                                \
-        if (best < 0 || (int64_t)(pos) < best || ((int64_t)(pos) == best && (int64_t)(j) < best_j))     \
-            best = (int64_t)(pos), best_j = (int64_t)(j);                                               \
+#define FIND_MANY_TAKE(pos, j)                                                                      \
+    do {                                                                                            \
+        if (best < 0 || (int64_t)(pos) < best || ((int64_t)(pos) == best && (int64_t)(j) < best_j)) \
+            best = (int64_t)(pos), best_j = (int64_t)(j);                                           \
     } while (0)
     for (size_t g = 0; g < k; g += FIND_MANY_GROUP) {
         const size_t gk = k - g < FIND_MANY_GROUP ? k - g : FIND_MANY_GROUP;
@@ -1148,7 +1226,8 @@ int knhk_simd_needle_new(const uint8_t *needle, size_t m, int level, knhk_simd_n
     } else {
         if (level < 0 || level >= KNHK_SIMD_LEVELS) {
             _knhk_set_error("knhk_simd_needle_new: SIMD level %d is out of range; accepted: -1 (the active "
-                            "level), 0 (scalar), 1 (avx2), 2 (avx512)", level);
+                            "level), 0 (scalar), 1 (avx2), 2 (avx512)",
+                            level);
             return KNHK_ERR_INVALID;
         }
         if (!knhk_simd_level_supported(level)) {
@@ -1190,28 +1269,26 @@ int knhk_simd_needle_new(const uint8_t *needle, size_t m, int level, knhk_simd_n
 
 void knhk_simd_needle_free(knhk_simd_needle *nd) { free(nd); }
 
-int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, size_t n) {
-    return nd->find(nd, hay, n);
-}
+int64_t knhk_simd_needle_find(const knhk_simd_needle *nd, const uint8_t *hay, size_t n) { return nd->find(nd, hay, n); }
 
 uint64_t knhk_simd_needle_count(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping) {
     const finder f = {NULL, nd->bytes, nd, nd->len};
     return count_matches(&f, hay, n, overlapping);
 }
 
-size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping,
-                                 size_t from, int64_t *out, size_t cap, size_t *next) {
+size_t knhk_simd_needle_find_all(const knhk_simd_needle *nd, const uint8_t *hay, size_t n, int overlapping, size_t from,
+                                 int64_t *out, size_t cap, size_t *next) {
     const finder f = {NULL, nd->bytes, nd, nd->len};
     return list_matches(&f, hay, n, overlapping, from, out, cap, next);
 }
 
 /* ==================================================================== id scans */
 
-#define WIDTH_OR_FAIL(wi, width, what)                                                                  \
-    int wi = width_index(width);                                                                        \
-    if (wi < 0) {                                                                                       \
+#define WIDTH_OR_FAIL(wi, width, what)                                                                     \
+    int wi = width_index(width);                                                                           \
+    if (wi < 0) {                                                                                          \
         _knhk_set_error("%s: element width %d bytes is not supported; accepted: 1, 2, 4, 8", what, width); \
-        return KNHK_ERR_INVALID;                                                                        \
+        return KNHK_ERR_INVALID;                                                                           \
     }
 
 int knhk_simd_count_eq(const void *a, size_t n, int width, uint64_t v, uint64_t *count) {
@@ -1265,35 +1342,53 @@ int knhk_simd_reduce(const void *a, size_t n, int width, knhk_simd_reduction *ou
    time over an L1-sized chunk; AVX2 the same with vector compares): for 43
    bins they ran 0.9-1.3x the 8-bit kernel below on Cascade Lake, where the
    compares all queue on one port, so they are not kept. */
-#define HIST_KERNEL(T, W)                                                                               \
-    static void histogram_u##W(const T *a, size_t n, uint64_t *counts, size_t nbins, uint64_t *oor) {  \
-        uint64_t bad = 0;                                                                               \
-        if (nbins <= KNHK_SIMD_HIST_FAST_BINS) {                                                        \
-            uint32_t sub[4][KNHK_SIMD_HIST_FAST_BINS];                                                  \
-            size_t i = 0;                                                                               \
-            while (i < n) {                                                                             \
-                /* uint32 sub-counts: flush before any can overflow. */                                 \
-                size_t stop = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;                    \
-                for (int s = 0; s < 4; s++) memset(sub[s], 0, nbins * sizeof(uint32_t));                \
-                for (; i + 4 <= stop; i += 4) {                                                         \
-                    T x0 = a[i], x1 = a[i + 1], x2 = a[i + 2], x3 = a[i + 3];                           \
-                    if (_knhk_likely(x0 < nbins)) sub[0][x0]++; else bad++;                             \
-                    if (_knhk_likely(x1 < nbins)) sub[1][x1]++; else bad++;                             \
-                    if (_knhk_likely(x2 < nbins)) sub[2][x2]++; else bad++;                             \
-                    if (_knhk_likely(x3 < nbins)) sub[3][x3]++; else bad++;                             \
-                }                                                                                       \
-                for (; i < stop; i++) {                                                                 \
-                    if (a[i] < nbins) sub[0][a[i]]++; else bad++;                                       \
-                }                                                                                       \
-                for (size_t b = 0; b < nbins; b++)                                                      \
-                    counts[b] += (uint64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];              \
-            }                                                                                           \
-        } else {                                                                                        \
-            for (size_t i = 0; i < n; i++) {                                                            \
-                if (a[i] < nbins) counts[a[i]]++; else bad++;                                           \
-            }                                                                                           \
-        }                                                                                               \
-        *oor = bad;                                                                                     \
+#define HIST_KERNEL(T, W)                                                                             \
+    static void histogram_u##W(const T *a, size_t n, uint64_t *counts, size_t nbins, uint64_t *oor) { \
+        uint64_t bad = 0;                                                                             \
+        if (nbins <= KNHK_SIMD_HIST_FAST_BINS) {                                                      \
+            uint32_t sub[4][KNHK_SIMD_HIST_FAST_BINS];                                                \
+            size_t i = 0;                                                                             \
+            while (i < n) {                                                                           \
+                /* uint32 sub-counts: flush before any can overflow. */                               \
+                size_t stop = n - i > ((size_t)1 << 30) ? i + ((size_t)1 << 30) : n;                  \
+                for (int s = 0; s < 4; s++) memset(sub[s], 0, nbins * sizeof(uint32_t));              \
+                for (; i + 4 <= stop; i += 4) {                                                       \
+                    T x0 = a[i], x1 = a[i + 1], x2 = a[i + 2], x3 = a[i + 3];                         \
+                    if (_knhk_likely(x0 < nbins))                                                     \
+                        sub[0][x0]++;                                                                 \
+                    else                                                                              \
+                        bad++;                                                                        \
+                    if (_knhk_likely(x1 < nbins))                                                     \
+                        sub[1][x1]++;                                                                 \
+                    else                                                                              \
+                        bad++;                                                                        \
+                    if (_knhk_likely(x2 < nbins))                                                     \
+                        sub[2][x2]++;                                                                 \
+                    else                                                                              \
+                        bad++;                                                                        \
+                    if (_knhk_likely(x3 < nbins))                                                     \
+                        sub[3][x3]++;                                                                 \
+                    else                                                                              \
+                        bad++;                                                                        \
+                }                                                                                     \
+                for (; i < stop; i++) {                                                               \
+                    if (a[i] < nbins)                                                                 \
+                        sub[0][a[i]]++;                                                               \
+                    else                                                                              \
+                        bad++;                                                                        \
+                }                                                                                     \
+                for (size_t b = 0; b < nbins; b++)                                                    \
+                    counts[b] += (uint64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];             \
+            }                                                                                         \
+        } else {                                                                                      \
+            for (size_t i = 0; i < n; i++) {                                                          \
+                if (a[i] < nbins)                                                                     \
+                    counts[a[i]]++;                                                                   \
+                else                                                                                  \
+                    bad++;                                                                            \
+            }                                                                                         \
+        }                                                                                             \
+        *oor = bad;                                                                                   \
     }
 HIST_KERNEL(uint16_t, 16)
 HIST_KERNEL(uint32_t, 32)
@@ -1325,15 +1420,16 @@ static void histogram_u8(const uint8_t *a, size_t n, uint64_t *counts, size_t nb
         for (; i < stop; i++) sub[0][a[i]]++;
         for (size_t b = 0; b < 256; b++) {
             const uint64_t c = (uint64_t)sub[0][b] + sub[1][b] + sub[2][b] + sub[3][b];
-            if (b < nbins) counts[b] += c;
-            else bad += c;
+            if (b < nbins)
+                counts[b] += c;
+            else
+                bad += c;
         }
     }
     *oor = bad;
 }
 
-int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins,
-                        uint64_t *out_of_range) {
+int knhk_simd_histogram(const void *a, size_t n, int width, uint64_t *counts, size_t nbins, uint64_t *out_of_range) {
     WIDTH_OR_FAIL(wi, width, "histogram")
     if (nbins == 0) {
         _knhk_set_error("histogram: nbins is 0; it must be at least 1");

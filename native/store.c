@@ -235,12 +235,12 @@ static inline size_t write_varint(uint8_t *p, uint64_t v) {
 
 /* Parse the record at off into key (k, kl) and value (v, vl) spans and its end
    (after the checksum) rend. Bounds only; the checksum is check_record's. */
-static bool parse_record(const knhk_store *s, uint64_t off, uint64_t *k, uint64_t *kl, uint64_t *v,
-                         uint64_t *vl, uint64_t *rend) {
+static bool parse_record(const knhk_store *s, uint64_t off, uint64_t *k, uint64_t *kl, uint64_t *v, uint64_t *vl,
+                         uint64_t *rend) {
     const uint64_t lo = s->info.records_offset, hi = s->info.records_end;
     if (off < lo || off >= hi) {
-        _knhk_set_error("record offset %llu is outside the records region [%llu, %llu)",
-                        (unsigned long long)off, (unsigned long long)lo, (unsigned long long)hi);
+        _knhk_set_error("record offset %llu is outside the records region [%llu, %llu)", (unsigned long long)off,
+                        (unsigned long long)lo, (unsigned long long)hi);
         return false;
     }
     const uint8_t *p = s->base + off, *end = s->base + hi;
@@ -253,8 +253,8 @@ static bool parse_record(const knhk_store *s, uint64_t off, uint64_t *k, uint64_
     uint64_t room = (uint64_t)(end - p);
     if (klen > room || vlen > room - klen || room - klen - vlen < 8) {
         _knhk_set_error("record at offset %llu: key length %llu and value length %llu run past the "
-                        "records region", (unsigned long long)off, (unsigned long long)klen,
-                        (unsigned long long)vlen);
+                        "records region",
+                        (unsigned long long)off, (unsigned long long)klen, (unsigned long long)vlen);
         return false;
     }
     *k = (uint64_t)(p - s->base);
@@ -280,8 +280,8 @@ static bool check_block(knhk_store *s, uint64_t b) {
     uint64_t want = ld64(s->base + s->info.blocksum_offset + b * 8);
     if (block_sum(s->index, s->info.slots, b) != want) {
         _knhk_set_error("index block %llu (slots %llu..): checksum mismatch (flipped bit or overwritten "
-                        "bytes)", (unsigned long long)b,
-                        (unsigned long long)(b * KNHK_STORE_BLOCK_ENTRIES));
+                        "bytes)",
+                        (unsigned long long)b, (unsigned long long)(b * KNHK_STORE_BLOCK_ENTRIES));
         return false;
     }
     atomic_store_explicit(&s->block_ok[b], 1, memory_order_relaxed);
@@ -323,11 +323,11 @@ static int store_open(const void *base_, uint64_t size, knhk_store **out, int *p
     if (size == 0) return fail(problem, KNHK_STORE_EMPTY, "the file is empty (0 bytes)");
     uint64_t m = size < 8 ? size : 8;
     if (memcmp(b, MAGIC, (size_t)m) != 0)
-        return fail(problem, KNHK_STORE_BAD_MAGIC, "wrong magic: not a knhk workflow store "
+        return fail(problem, KNHK_STORE_BAD_MAGIC,
+                    "wrong magic: not a knhk workflow store "
                     "(expected the bytes 'KNHKSTOR' at offset 0)");
     if (size < HDR) {
-        _knhk_set_error("truncated: %llu bytes, shorter than the %d-byte header",
-                        (unsigned long long)size, HDR);
+        _knhk_set_error("truncated: %llu bytes, shorter than the %d-byte header", (unsigned long long)size, HDR);
         if (problem) *problem = KNHK_STORE_TRUNCATED;
         return KNHK_ERR_INVALID;
     }
@@ -390,25 +390,26 @@ static int store_open(const void *base_, uint64_t size, knhk_store **out, int *p
         if (problem) *problem = KNHK_STORE_CORRUPT;
         return KNHK_ERR_INVALID;
     }
-    if (in.flags & ~(uint32_t)KNHK_STORE_FLAG_ZSTD)
-        return fail(problem, KNHK_STORE_CORRUPT, "unknown header flags");
+    if (in.flags & ~(uint32_t)KNHK_STORE_FLAG_ZSTD) return fail(problem, KNHK_STORE_CORRUPT, "unknown header flags");
     /* Regions in order, each inside the file; subtraction keeps it overflow-free. */
-    bool ok = in.records_offset == HDR && in.records_end >= in.records_offset &&
-              in.records_end <= size && in.dict_offset >= in.records_end && in.dict_offset <= size &&
-              in.dict_length <= size - in.dict_offset && in.index_offset >= in.dict_offset + in.dict_length &&
-              in.index_offset <= size && in.index_offset % 8 == 0 && in.slots >= 1 &&
-              in.slots <= (size - in.index_offset) / 8 && in.count <= in.slots &&
-              in.count <= in.records_total && in.max_disp < in.slots &&
+    bool ok = in.records_offset == HDR && in.records_end >= in.records_offset && in.records_end <= size &&
+              in.dict_offset >= in.records_end && in.dict_offset <= size && in.dict_length <= size - in.dict_offset &&
+              in.index_offset >= in.dict_offset + in.dict_length && in.index_offset <= size &&
+              in.index_offset % 8 == 0 && in.slots >= 1 && in.slots <= (size - in.index_offset) / 8 &&
+              in.count <= in.slots && in.count <= in.records_total && in.max_disp < in.slots &&
               (in.dict_length == 0 || (in.flags & KNHK_STORE_FLAG_ZSTD));
     uint64_t nblocks = ok ? nblocks_of(in.slots) : 0;
     if (ok) {
         in.blocksum_offset = in.index_offset + in.slots * 8;
         ok = size - in.blocksum_offset == nblocks * 8;
     }
-    if (!ok) return fail(problem, KNHK_STORE_CORRUPT, "header fields are inconsistent (regions out of "
-                         "order or outside the file)");
+    if (!ok)
+        return fail(problem, KNHK_STORE_CORRUPT,
+                    "header fields are inconsistent (regions out of "
+                    "order or outside the file)");
     if (knhk_store_hash(b + in.blocksum_offset, (size_t)(nblocks * 8), in.seed) != index_sum)
-        return fail(problem, KNHK_STORE_CORRUPT, "index checksum mismatch (the table of index block "
+        return fail(problem, KNHK_STORE_CORRUPT,
+                    "index checksum mismatch (the table of index block "
                     "sums is damaged)");
     if (in.dict_length && knhk_store_hash(b + in.dict_offset, (size_t)in.dict_length, in.seed) != dict_sum)
         return fail(problem, KNHK_STORE_CORRUPT, "compression dictionary checksum mismatch");
@@ -425,8 +426,7 @@ static int store_open(const void *base_, uint64_t size, knhk_store **out, int *p
             free((void *)s->record_ok);
             free(s);
         }
-        _knhk_set_error("out of memory for the verification flags of %llu slots",
-                        (unsigned long long)in.slots);
+        _knhk_set_error("out of memory for the verification flags of %llu slots", (unsigned long long)in.slots);
         if (problem) *problem = KNHK_STORE_OK;
         return KNHK_ERR_NOMEM;
     }
@@ -464,8 +464,7 @@ static inline int64_t lookup(knhk_store *s, const char *key, size_t len, uint64_
         if (e == 0) return KNHK_STORE_ABSENT;
         if ((e >> 48) == tag) {
             uint64_t k, kl, v, vl, rend;
-            if (_knhk_unlikely(!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend)))
-                return KNHK_STORE_BROKEN;
+            if (_knhk_unlikely(!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend))) return KNHK_STORE_BROKEN;
             if (kl == len && memcmp(s->base + k, key, len) == 0) {
                 const uint8_t bit = (uint8_t)(1u << (j & 7));
                 if (_knhk_unlikely(!(atomic_load_explicit(&s->record_ok[j >> 3], memory_order_relaxed) & bit))) {
@@ -630,8 +629,7 @@ static int64_t live_offsets(knhk_store *s, uint64_t *out, uint64_t cap) {
 
 static int record_at(knhk_store *s, uint64_t offset, uint64_t *spans) {
     uint64_t k, kl, v, vl, rend;
-    if (!parse_record(s, offset, &k, &kl, &v, &vl, &rend) || !check_record(s, offset, v + vl))
-        return KNHK_ERR_INVALID;
+    if (!parse_record(s, offset, &k, &kl, &v, &vl, &rend) || !check_record(s, offset, v + vl)) return KNHK_ERR_INVALID;
     spans[0] = k;
     spans[1] = kl;
     spans[2] = v;
@@ -669,16 +667,15 @@ static int verify(knhk_store *s, uint64_t *checked) {
     for (uint64_t j = 0; j < in->slots; j++) {
         uint64_t e = ld64(s->index + j * 8), k, kl, v, vl, rend;
         if (e == 0) continue;
-        if (!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend) ||
-            !check_record(s, e & OFFSET_MASK, v + vl))
+        if (!parse_record(s, e & OFFSET_MASK, &k, &kl, &v, &vl, &rend) || !check_record(s, e & OFFSET_MASK, v + vl))
             return KNHK_ERR_INVALID;
         uint64_t h = key_hash(s, s->base + k, (size_t)kl);
         uint64_t home = home_slot(h, in->slots);
         uint64_t d = j >= home ? j - home : j + in->slots - home;
         if ((e >> 48) != (h & 0xffff) || d > in->max_disp) {
             _knhk_set_error("index slot %llu: its record's key does not hash there (tag or displacement "
-                            "%llu > %llu wrong)", (unsigned long long)j, (unsigned long long)d,
-                            (unsigned long long)in->max_disp);
+                            "%llu > %llu wrong)",
+                            (unsigned long long)j, (unsigned long long)d, (unsigned long long)in->max_disp);
             return KNHK_ERR_INVALID;
         }
         if (d > maxd) maxd = d;
@@ -697,25 +694,23 @@ static int verify(knhk_store *s, uint64_t *checked) {
     uint64_t off = in->records_offset;
     while (off < in->records_end) {
         uint64_t k, kl, v, vl, rend;
-        if (!parse_record(s, off, &k, &kl, &v, &vl, &rend) || !check_record(s, off, v + vl))
-            return KNHK_ERR_INVALID;
+        if (!parse_record(s, off, &k, &kl, &v, &vl, &rend) || !check_record(s, off, v + vl)) return KNHK_ERR_INVALID;
         off = rend;
         n++;
         if (checked) *checked = n;
     }
     if (n != in->records_total) {
-        _knhk_set_error("the records region holds %llu records, the header says %llu",
-                        (unsigned long long)n, (unsigned long long)in->records_total);
+        _knhk_set_error("the records region holds %llu records, the header says %llu", (unsigned long long)n,
+                        (unsigned long long)in->records_total);
         return KNHK_ERR_INVALID;
     }
     return KNHK_OK;
 }
 
-size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len,
-                                uint64_t seed, uint8_t *out, size_t cap, uint64_t *key_hash) {
+size_t knhk_store_encode_record(const char *key, size_t key_len, const char *value, size_t value_len, uint64_t seed,
+                                uint8_t *out, size_t cap, uint64_t *key_hash) {
     if (key_hash) *key_hash = knhk_store_hash(key, key_len, seed);
-    if (key_len > SIZE_MAX - 28 || value_len > SIZE_MAX - 28 - key_len || cap < key_len + value_len + 28)
-        return 0;
+    if (key_len > SIZE_MAX - 28 || value_len > SIZE_MAX - 28 - key_len || cap < key_len + value_len + 28) return 0;
     size_t n = write_varint(out, key_len);
     n += write_varint(out + n, value_len);
     memcpy(out + n, key, key_len);
@@ -726,10 +721,9 @@ size_t knhk_store_encode_record(const char *key, size_t key_len, const char *val
     return n + 8;
 }
 
-size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens,
-                               const uint8_t *values, uint64_t values_size, const uint64_t *value_lens,
-                               uint64_t n, uint64_t seed, uint64_t base_offset, uint8_t *out, size_t cap,
-                               uint64_t *hashes, uint64_t *offsets) {
+size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const uint64_t *key_lens, const uint8_t *values,
+                               uint64_t values_size, const uint64_t *value_lens, uint64_t n, uint64_t seed,
+                               uint64_t base_offset, uint8_t *out, size_t cap, uint64_t *hashes, uint64_t *offsets) {
     uint64_t ko = 0, vo = 0;
     size_t pos = 0;
     for (uint64_t i = 0; i < n; i++) {
@@ -752,11 +746,11 @@ size_t knhk_store_encode_batch(const uint8_t *keys, uint64_t keys_size, const ui
     return pos;
 }
 
-int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots,
-                           uint64_t *table, uint64_t *blocksums, uint64_t *max_disp) {
+int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint64_t n, uint64_t slots, uint64_t *table,
+                           uint64_t *blocksums, uint64_t *max_disp) {
     if (slots < n || slots == 0 || slots > SIZE_MAX / 8) {
-        _knhk_set_error("slots %llu must be at least the record count %llu and nonzero",
-                        (unsigned long long)slots, (unsigned long long)n);
+        _knhk_set_error("slots %llu must be at least the record count %llu and nonzero", (unsigned long long)slots,
+                        (unsigned long long)n);
         return KNHK_ERR_INVALID;
     }
     uint64_t *th = malloc((size_t)slots * 8); /* full hash of each placed entry */
@@ -768,8 +762,7 @@ int knhk_store_build_index(const uint64_t *hashes, const uint64_t *offsets, uint
     for (uint64_t i = 0; i < n; i++) {
         if (offsets[i] > OFFSET_MASK || offsets[i] == 0) {
             free(th);
-            _knhk_set_error("record offset %llu does not fit the 48-bit index field",
-                            (unsigned long long)offsets[i]);
+            _knhk_set_error("record offset %llu does not fit the 48-bit index field", (unsigned long long)offsets[i]);
             return KNHK_ERR_INVALID;
         }
         uint64_t h = hashes[i], e = ((h & 0xffff) << 48) | offsets[i];

@@ -97,13 +97,16 @@ static double calibrate(int source) {
         unsigned cpu;
         uint64_t n0 = clock_ns(), t0 = read_counter(source, &cpu);
         uint64_t n1;
-        do n1 = clock_ns(); while (n1 - n0 < 2000000u);
+        do n1 = clock_ns();
+        while (n1 - n0 < 2000000u);
         uint64_t t1 = read_counter(source, &cpu);
         rates[r] = (double)(t1 - t0) * 1e9 / (double)(n1 - n0);
     }
     for (int i = 1; i < 5; i++) /* insertion sort of five */
         for (int j = i; j > 0 && rates[j] < rates[j - 1]; j--) {
-            double t = rates[j]; rates[j] = rates[j - 1]; rates[j - 1] = t;
+            double t = rates[j];
+            rates[j] = rates[j - 1];
+            rates[j - 1] = t;
         }
     return rates[2];
 }
@@ -213,9 +216,15 @@ int knhk_ticks_select(int source) {
     const char *why = NULL;
     switch (source) {
     case KNHK_TICKS_AUTO: break;
-    case KNHK_TICKS_RDTSCP: if (!facts.has_tsc || !facts.has_rdtscp) why = "this CPU has no rdtscp"; break;
-    case KNHK_TICKS_RDTSC_LFENCE: if (!facts.has_tsc) why = "this CPU has no TSC (x86 only)"; break;
-    case KNHK_TICKS_CNTVCT: if (!facts.has_cntvct) why = "cntvct_el0 exists on aarch64 only"; break;
+    case KNHK_TICKS_RDTSCP:
+        if (!facts.has_tsc || !facts.has_rdtscp) why = "this CPU has no rdtscp";
+        break;
+    case KNHK_TICKS_RDTSC_LFENCE:
+        if (!facts.has_tsc) why = "this CPU has no TSC (x86 only)";
+        break;
+    case KNHK_TICKS_CNTVCT:
+        if (!facts.has_cntvct) why = "cntvct_el0 exists on aarch64 only";
+        break;
     case KNHK_TICKS_CLOCK_GETTIME: break;
     default:
         _knhk_set_error("tick source %d is not one of KNHK_TICKS_AUTO..KNHK_TICKS_CLOCK_GETTIME (0..4)", source);

@@ -25,8 +25,7 @@
 /* ---------------------------------------------------------------- ArenaBlock */
 
 typedef struct {
-    PyObject_HEAD
-    knhk_arena *arena;
+    PyObject_HEAD knhk_arena *arena;
     void *ptr;
     Py_ssize_t len;
 } ArenaBlock;
@@ -54,8 +53,7 @@ PyTypeObject fast_ArenaBlock_Type = {
 /* ---------------------------------------------------------------- ArenaBase */
 
 typedef struct {
-    PyObject_HEAD
-    knhk_arena *raw;    /* NULL while unbound (closed) */
+    PyObject_HEAD knhk_arena *raw;    /* NULL while unbound (closed) */
     PyObject *dtypes;   /* dict: dtype argument -> validated numpy descr (array's cache) */
 } ArenaBase;
 
@@ -202,8 +200,8 @@ static PyObject *base_array(ArenaBase *self, PyObject *const *args, Py_ssize_t n
         goto slow_path;
     }
     Py_INCREF(descr); /* PyArray_NewFromDescr steals it */
-    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ((ArenaBlock *)block)->ptr,
-                                         NPY_ARRAY_CARRAY, NULL);
+    PyObject *arr =
+        PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, NULL, ((ArenaBlock *)block)->ptr, NPY_ARRAY_CARRAY, NULL);
     if (arr == NULL) {
         Py_DECREF(block);
         return NULL;
@@ -267,4 +265,3 @@ PyTypeObject fast_ArenaBase_Type = {
     .tp_clear = (inquiry)base_clear,
     .tp_methods = base_methods,
 };
-

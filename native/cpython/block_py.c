@@ -22,8 +22,7 @@
 /* ---------------------------------------------------------------- BlockBase */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *backend;        /* the Backend object (for messages and realloc) */
+    PyObject_HEAD PyObject *backend;        /* the Backend object (for messages and realloc) */
     const knhk_backend *b;
     void *ptr;                /* NULL once freed */
     Py_ssize_t size;          /* bytes requested */
@@ -164,8 +163,7 @@ static PyObject *adopt(PyTypeObject *type, PyObject *backend, const knhk_backend
 /* ---------------------------------------------------------------- BackendBase */
 
 typedef struct {
-    PyObject_HEAD
-    const knhk_backend *b;
+    PyObject_HEAD const knhk_backend *b;
     PyTypeObject *block_type; /* Block, a subclass of BlockBase */
 } BackendBase;
 
@@ -257,4 +255,3 @@ PyTypeObject fast_BackendBase_Type = {
     .tp_clear = (inquiry)backend_clear,
     .tp_methods = backend_methods,
 };
-

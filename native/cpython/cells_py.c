@@ -20,8 +20,7 @@
 /* ---------------------------------------------------------------- OnceBase */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *value;
+    PyObject_HEAD PyObject *value;
     char full;
 } OnceBase;
 
@@ -83,8 +82,7 @@ PyTypeObject fast_OnceBase_Type = {
 static PyObject *slow_name; /* "_getitem_slow", interned on first use (under the GIL) */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *by_number; /* dict int -> value, or NULL/None before the first load */
+    PyObject_HEAD PyObject *by_number; /* dict int -> value, or NULL/None before the first load */
 } LookupBase;
 
 static int lookup_traverse(LookupBase *self, visitproc visit, void *arg) {
@@ -138,4 +136,3 @@ PyTypeObject fast_LookupBase_Type = {
     .tp_as_mapping = &lookup_as_mapping,
     .tp_members = lookup_members,
 };
-

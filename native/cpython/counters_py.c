@@ -182,8 +182,7 @@ static PyMethodDef add_def = {"add", (PyCFunction)(void (*)(void))counters_add, 
                               "(a name or an index)."};
 static PyMethodDef get_def = {"get", (PyCFunction)(void (*)(void))counters_get, METH_FASTCALL | METH_KEYWORDS,
                               "get(key) -> int: one counter's value."};
-static PyMethodDef record_def = {"record", (PyCFunction)(void (*)(void))pattern_record,
-                                 METH_FASTCALL | METH_KEYWORDS,
+static PyMethodDef record_def = {"record", (PyCFunction)(void (*)(void))pattern_record, METH_FASTCALL | METH_KEYWORDS,
                                  "record(pattern, ticks): one execution of pattern (1..43) that took ticks."};
 static PyMethodDef writer_add_def = {"add", (PyCFunction)(void (*)(void))writer_add, METH_FASTCALL | METH_KEYWORDS,
                                      "add(key, n=1): add n to one counter through this thread's slot."};

@@ -70,8 +70,7 @@ static PyMethodDef methods[] = {
              "handler from now on, wherever numpy copied it."),
     FASTCALL("numpy_arena_scope_fallbacks", fast_numpy_arena_scope_fallbacks,
              "numpy_arena_scope_fallbacks(scope_address) -> blocks the scope sent to the previous handler."),
-    FASTCALL("numpy_handler_set", fast_numpy_handler_set,
-             "numpy_handler_set(handler) -> the handler it replaced."),
+    FASTCALL("numpy_handler_set", fast_numpy_handler_set, "numpy_handler_set(handler) -> the handler it replaced."),
     FASTCALL("make_pool_fast", fast_pool_make_fast,
              "make_pool_fast(kind, pool_address, owner) -> (alloc, free) builtins of one pool (kind 0 FixedPool, "
              "1 LockFreePool, 2 ThreadLocalPool); failures go to owner._raise, non-int addresses to owner._slow_free."),
@@ -82,9 +81,8 @@ static const struct {
     const char *name;
     PyTypeObject *type;
 } types[] = {
-    {"ArenaBlock", &fast_ArenaBlock_Type}, {"ArenaBase", &fast_ArenaBase_Type},
-    {"BlockBase", &fast_BlockBase_Type},   {"BackendBase", &fast_BackendBase_Type},
-    {"OnceBase", &fast_OnceBase_Type},     {"LookupBase", &fast_LookupBase_Type},
+    {"ArenaBlock", &fast_ArenaBlock_Type},   {"ArenaBase", &fast_ArenaBase_Type}, {"BlockBase", &fast_BlockBase_Type},
+    {"BackendBase", &fast_BackendBase_Type}, {"OnceBase", &fast_OnceBase_Type},   {"LookupBase", &fast_LookupBase_Type},
 };
 
 static struct PyModuleDef module = {
@@ -102,7 +100,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     if (strcmp(core, KNHK_VERSION_STRING) != 0) {
         PyErr_Format(PyExc_ImportError,
                      "knhk_memory._fast was built for C core %s but the loaded core is %s: rebuild the package "
-                     "(pip install ., or bash scripts/dev.sh setup)", KNHK_VERSION_STRING, core);
+                     "(pip install ., or bash scripts/dev.sh setup)",
+                     KNHK_VERSION_STRING, core);
         return NULL;
     }
     PyObject *m = PyModule_Create(&module);

@@ -121,11 +121,9 @@ static PyObject *run_scan(const scan *sc, PyObject *hay_obj, PyObject *start_obj
     const size_t n = (size_t)(end - start);
     int64_t r;
     if (n > (size_t)GIL_RELEASE_BYTES) {
-        Py_BEGIN_ALLOW_THREADS
-        if (sc->kind == KIND_FIND)
-            r = sc->nd ? sc->nd->find(sc->nd, p, n) : knhk_simd_find(p, n, sc->s, m);
-        else
-            r = (int64_t)(sc->nd ? knhk_simd_needle_count(sc->nd, p, n, 0) : knhk_simd_count(p, n, sc->s, m, 0));
+        Py_BEGIN_ALLOW_THREADS if (sc->kind == KIND_FIND) r =
+            sc->nd ? sc->nd->find(sc->nd, p, n) : knhk_simd_find(p, n, sc->s, m);
+        else r = (int64_t)(sc->nd ? knhk_simd_needle_count(sc->nd, p, n, 0) : knhk_simd_count(p, n, sc->s, m, 0));
         Py_END_ALLOW_THREADS
     } else if (sc->kind == KIND_FIND) {
         r = sc->nd ? sc->nd->find(sc->nd, p, n) : knhk_simd_find(p, n, sc->s, m);
@@ -146,8 +144,7 @@ static PyObject *call_slow(PyObject *slow, PyObject *const *args, size_t nargsf,
 /* self: the tuple (kind, slow). */
 static PyObject *fast_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 1);
-    if (fast_likely(kwnames == NULL && nargs >= 2 && nargs <= 4 && PyBytes_CheckExact(args[1]) &&
-                     knhk_simd_ready())) {
+    if (fast_likely(kwnames == NULL && nargs >= 2 && nargs <= 4 && PyBytes_CheckExact(args[1]) && knhk_simd_ready())) {
         scan sc = {(int)PyLong_AsLong(PyTuple_GET_ITEM(self, 0)), NULL, (const uint8_t *)PyBytes_AS_STRING(args[1]),
                    (size_t)PyBytes_GET_SIZE(args[1])};
         int slow_path;
@@ -157,10 +154,9 @@ static PyObject *fast_scan(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return call_slow(slow, args, (size_t)nargs, kwnames);
 }
 
-static PyMethodDef find_def = {
-    "find", (PyCFunction)(void (*)(void))fast_scan, METH_FASTCALL | METH_KEYWORDS,
-    "find($module, haystack, needle, start=None, end=None, /)\n--\n\n"
-    "Lowest index of needle in haystack[start:end], or -1 (as bytes.find)."};
+static PyMethodDef find_def = {"find", (PyCFunction)(void (*)(void))fast_scan, METH_FASTCALL | METH_KEYWORDS,
+                               "find($module, haystack, needle, start=None, end=None, /)\n--\n\n"
+                               "Lowest index of needle in haystack[start:end], or -1 (as bytes.find)."};
 static PyMethodDef count_def = {
     "count", (PyCFunction)(void (*)(void))fast_scan, METH_FASTCALL | METH_KEYWORDS,
     "count($module, haystack, needle, start=None, end=None, /, *, overlapping=False)\n--\n\n"
@@ -183,15 +179,13 @@ static PyObject *needle_scan(PyObject *self, PyObject *const *args, Py_ssize_t n
     return call_slow(slow, args, (size_t)nargs, kwnames);
 }
 
-static PyMethodDef needle_find_def = {
-    "find", (PyCFunction)(void (*)(void))needle_scan, METH_FASTCALL | METH_KEYWORDS,
-    "find(haystack, start=None, end=None, /)\n--\n\n"
-    "Lowest index of the needle in haystack[start:end], or -1 (as bytes.find)."};
-static PyMethodDef needle_count_def = {
-    "count", (PyCFunction)(void (*)(void))needle_scan, METH_FASTCALL | METH_KEYWORDS,
-    "count(haystack, start=None, end=None, /, *, overlapping=False)\n--\n\n"
-    "Non-overlapping occurrences (as bytes.count), or every match position\n"
-    "with overlapping=True."};
+static PyMethodDef needle_find_def = {"find", (PyCFunction)(void (*)(void))needle_scan, METH_FASTCALL | METH_KEYWORDS,
+                                      "find(haystack, start=None, end=None, /)\n--\n\n"
+                                      "Lowest index of the needle in haystack[start:end], or -1 (as bytes.find)."};
+static PyMethodDef needle_count_def = {"count", (PyCFunction)(void (*)(void))needle_scan, METH_FASTCALL | METH_KEYWORDS,
+                                       "count(haystack, start=None, end=None, /, *, overlapping=False)\n--\n\n"
+                                       "Non-overlapping occurrences (as bytes.count), or every match position\n"
+                                       "with overlapping=True."};
 
 /* ================================================================ id scans */
 
@@ -235,17 +229,15 @@ static inline int idcol_get(PyObject *obj, idcol *c) {
 
 /* Scans of more bytes than GIL_RELEASE_BYTES run without the GIL; the array
    is referenced meanwhile, so ndarray.resize (refcheck) refuses to move it. */
-#define IDS_SCAN(c, ...)                                                                                  \
-    do {                                                                                                  \
-        if ((c)->n * (size_t)(c)->width > (size_t)GIL_RELEASE_BYTES) {                                   \
-            Py_INCREF((c)->arr);                                                                          \
-            Py_BEGIN_ALLOW_THREADS                                                                        \
-            __VA_ARGS__;                                                                                  \
-            Py_END_ALLOW_THREADS                                                                          \
-            Py_DECREF((c)->arr);                                                                          \
-        } else {                                                                                          \
-            __VA_ARGS__;                                                                                  \
-        }                                                                                                 \
+#define IDS_SCAN(c, ...)                                               \
+    do {                                                               \
+        if ((c)->n * (size_t)(c)->width > (size_t)GIL_RELEASE_BYTES) { \
+            Py_INCREF((c)->arr);                                       \
+            Py_BEGIN_ALLOW_THREADS __VA_ARGS__;                        \
+            Py_END_ALLOW_THREADS Py_DECREF((c)->arr);                  \
+        } else {                                                       \
+            __VA_ARGS__;                                               \
+        }                                                              \
     } while (0)
 
 enum { ID_SLOW = -1, ID_OUT = 0, ID_OK = 1 };
@@ -369,8 +361,8 @@ static PyObject *ids_mask_eq(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *ids_isin(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     idcol c;
     if (fast_likely(kwnames == NULL && nargs == 2 && (PyList_CheckExact(args[1]) || PyTuple_CheckExact(args[1])) &&
-                     PySequence_Fast_GET_SIZE(args[1]) <= KNHK_SIMD_ISIN_MAX && idcol_get(args[0], &c) &&
-                     knhk_simd_ready())) {
+                    PySequence_Fast_GET_SIZE(args[1]) <= KNHK_SIMD_ISIN_MAX && idcol_get(args[0], &c) &&
+                    knhk_simd_ready())) {
         uint64_t set[KNHK_SIMD_ISIN_MAX];
         size_t k = 0;
         const Py_ssize_t m = PySequence_Fast_GET_SIZE(args[1]);
@@ -523,23 +515,27 @@ static PyObject *ids_column_sum(PyObject *self, PyObject *const *args, Py_ssize_
 
 /* The docstrings are the Python functions' (tests/test_simd_fast_ids.py
    checks that they stay equal). */
-#define IDS_DEF(name, sig, doc) {#name, (PyCFunction)(void (*)(void))ids_##name, METH_FASTCALL | METH_KEYWORDS, \
-                                 #name "($module, " sig ")\n--\n\n" doc}
+#define IDS_DEF(name, sig, doc)                                                     \
+    {#name, (PyCFunction)(void (*)(void))ids_##name, METH_FASTCALL | METH_KEYWORDS, \
+     #name "($module, " sig ")\n--\n\n" doc}
 static PyMethodDef ids_defs[] = {
-    IDS_DEF(count_eq, "a, v", "``numpy.count_nonzero(a == v)`` in one pass. An id outside the dtype's\n"
-                              "range matches nothing (as numpy compares it)."),
+    IDS_DEF(count_eq, "a, v",
+            "``numpy.count_nonzero(a == v)`` in one pass. An id outside the dtype's\n"
+            "range matches nothing (as numpy compares it)."),
     IDS_DEF(find_eq, "a, v", "``numpy.flatnonzero(a == v)``: flat (C-order) indices as int64, one pass."),
     IDS_DEF(mask_eq, "a, v", "``a == v`` as a bool array of ``a``'s shape."),
-    IDS_DEF(isin, "a, ids", "``numpy.isin(a, ids)`` for a small set (at most ``KNHK_SIMD_ISIN_MAX`` =\n"
-                            "256 distinct ids in the dtype's range; ids outside it match nothing)."),
+    IDS_DEF(isin, "a, ids",
+            "``numpy.isin(a, ids)`` for a small set (at most ``KNHK_SIMD_ISIN_MAX`` =\n"
+            "256 distinct ids in the dtype's range; ids outside it match nothing)."),
     IDS_DEF(histogram, "a, nbins=None, *, out_of_range='raise'",
             "Counts per id (``numpy.bincount(a, minlength=nbins)``), int64, length ``nbins``.\n\n"
             "``nbins=None`` means ``max(a) + 1`` (0 bins for an empty array), as bincount.\n"
             "Ids ``>= nbins``: ``out_of_range=\"raise\"`` (default) raises\n"
             ":class:`SimdValueError` saying how many and the largest; ``\"ignore\"``\n"
             "leaves them out of the counts."),
-    IDS_DEF(reduce, "a", "min, max and sum of ``a`` in one pass. An empty array raises\n"
-                         ":class:`SimdValueError` (as ``numpy.min`` does); use :func:`column_sum` for 0."),
+    IDS_DEF(reduce, "a",
+            "min, max and sum of ``a`` in one pass. An empty array raises\n"
+            ":class:`SimdValueError` (as ``numpy.min`` does); use :func:`column_sum` for 0."),
     IDS_DEF(column_min, "a", "``int(a.min())``; an empty array raises :class:`SimdValueError`."),
     IDS_DEF(column_max, "a", "``int(a.max())``; an empty array raises :class:`SimdValueError`."),
     IDS_DEF(column_sum, "a", "``int(a.sum(dtype=numpy.uint64))``: the sum modulo 2**64; 0 for an empty array."),
@@ -623,4 +619,3 @@ PyObject *fast_simd_make_needle_method(PyObject *mod, PyObject *const *args, Py_
     Py_DECREF(self);
     return fn;
 }
-

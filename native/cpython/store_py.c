@@ -120,4 +120,3 @@ PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nar
     st->store = NULL;
     Py_RETURN_NONE;
 }
-

@@ -1,8 +1,10 @@
 /* core.c -- status names, version, thread stripes, the native once-cell, CPU features. */
 #include "knhk_internal.h"
 
+/* The version is written once, in knhk_memory/_version.py; native/build_native.py
+   passes it to every binary (-DKNHK_VERSION_STRING="x.y.z"). */
 #ifndef KNHK_VERSION_STRING
-#define KNHK_VERSION_STRING "0.1.0"
+#error "KNHK_VERSION_STRING is defined by native/build_native.py from knhk_memory/_version.py"
 #endif
 
 const char *knhk_version(void) { return KNHK_VERSION_STRING; }

@@ -453,7 +453,9 @@ class WorkflowStore:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
             return False
-        return WorkflowStore.get(self, key, _MISSING) is not _MISSING
+        if self._compressed:  # the raw frame is enough to know: no decompression
+            return WorkflowStore.get(self, key, _MISSING) is not _MISSING
+        return self.get(key, _MISSING) is not _MISSING  # the C getter (native/cpython/store_py.c)
 
     def get_decoded(self, key: str | bytes, decoder: Callable[[bytes], Any] = json.loads) -> Any:
         """``decoder(value)``, cached in a bounded LRU keyed by (key, decoder).

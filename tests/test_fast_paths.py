@@ -327,3 +327,21 @@ def test_pattern_record_fast_and_slow_agree():
     assert d[4]["min_ticks"] == 100 and d[4]["max_ticks"] == 300
     assert d[43]["executions"] == 2 and d[43]["max_ticks"] == 2**63 - 1
     assert set(d) == {4, 43}
+
+
+# ---------------------------------------------------------------- the store's `in`
+
+@pytest.mark.parametrize("compress", [None, 3])
+def test_store_membership_takes_the_c_getter_and_keeps_its_answers(tmp_path, compress):
+    from knhk_memory.errors import StoreClosedError
+    from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
+
+    path = tmp_path / "s.kst"
+    with WorkflowStoreWriter(path, compress=compress) as w:
+        w.add("present", b'{"a": 1}')
+    s = WorkflowStore(path)
+    assert "present" in s and b"present" in s and bytearray(b"present") in s and memoryview(b"present") in s
+    assert "absent" not in s and 3 not in s and None not in s and "" not in s
+    s.close()
+    with pytest.raises(StoreClosedError, match="the store is closed"):
+        "present" in s  # noqa: B015 - the check raises

@@ -81,8 +81,8 @@ LINEMARKER = re.compile(r'^# \d+ "([^"]+)"')
 def preprocess(source: Path, *defines: str) -> str:
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
     # The build defines the version (native/build_native.py); core.c refuses to compile without it.
-    cmd = [*cc, "-E", "-std=gnu11", '-DKNHK_VERSION_STRING="0"', *defines, "-I", str(NATIVE), "-I", sysconfig.get_paths()["include"],
-           "-I", numpy.get_include(), str(source)]
+    cmd = [*cc, "-E", "-std=gnu11", '-DKNHK_VERSION_STRING="0"', *defines, "-I", str(NATIVE),
+           "-I", sysconfig.get_paths()["include"], "-I", numpy.get_include(), str(source)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr}"
     return r.stdout

@@ -338,6 +338,10 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
                                 f"must be >= 0, got {v}"),
         "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
                           "(MADV_WILLNEED)."),
+        "max_value_bytes": Field(int, 64 * 1024 * 1024, "Largest size in bytes a compressed value may "
+                                 "decompress to: a frame claiming more is a store error, checked before "
+                                 "anything is allocated.", check=lambda v: None if 1 <= v <= 1 << 40 else
+                                 f"must be in 1..{1 << 40}, got {v}"),
     },
     "metrics": {
         "shared": Field(bool, False, "Put the metrics block (labelled counter families and histograms, "

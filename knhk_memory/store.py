@@ -108,6 +108,10 @@ _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
 HUGE_PAGE_THRESHOLD = 1 << 30
+# The largest value a compressed record may decompress to, unless the reader says otherwise
+# (WorkflowStore(max_value_bytes=...), [store] max_value_bytes): a small frame must not make
+# every get() allocate gigabytes (a decompression bomb, issue 22).
+MAX_VALUE_BYTES = 64 * 1024 * 1024
 
 
 def _key_bytes(key: Any) -> bytes:
@@ -162,9 +166,14 @@ class WorkflowStore:
 
     def __init__(self, path: str | os.PathLike[str], *, mmap_threshold: int = MMAP_THRESHOLD,
                  cache_size: int = 1024, prefetch: bool = False,
-                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False) -> None:
+                 huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False,
+                 max_value_bytes: int = MAX_VALUE_BYTES) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or max_value_bytes < 1:
+            raise ValueError(f"max_value_bytes must be a positive number of bytes, got {max_value_bytes!r}")
+        # The decompression cap (issue 22): a compressed value may not grow past this.
+        self.max_value_bytes = max_value_bytes
         self.path = Path(path)
         self.mmap_threshold = mmap_threshold
         self.huge_page_threshold = huge_page_threshold
@@ -436,8 +445,33 @@ class WorkflowStore:
         raise StoreCorruptError(f"{doing}: {_last_error()}", path=self.path, problem="corrupt")
 
     def _decompress(self, key: bytes, frame: bytes) -> bytes:
+        """The value of ``key`` from its zstd ``frame``, checked against the cap before a
+        byte is allocated: the frame header records the value's size (the writer
+        stores it, ``write_content_size``), and zstd checks the output against it; a
+        frame without a recorded size is decompressed to at most the cap."""
+        import zstandard
+
+        cap = self.max_value_bytes
         try:
+            size = zstandard.frame_content_size(frame)
+        except Exception:  # not even a frame header: the decompressor below says so
+            size = -1
+        if size > cap:
+            raise StoreCorruptError(f"the value of key {key!r} would decompress to {size:,} bytes, past the "
+                                    f"cap of {cap:,} (max_value_bytes, [store] max_value_bytes); a store that "
+                                    "holds such a value needs a larger cap", path=self.path, problem="too-large")
+        try:
+            if size < 0:  # no recorded size: stream it, never reading past the cap
+                with self._dctx.stream_reader(frame) as reader:
+                    data = reader.read(cap + 1)
+                if len(data) > cap:
+                    raise StoreCorruptError(f"the value of key {key!r} decompresses to more than the cap of "
+                                            f"{cap:,} bytes (max_value_bytes, [store] max_value_bytes)",
+                                            path=self.path, problem="too-large")
+                return data
             return self._dctx.decompress(frame)
+        except StoreCorruptError:
+            raise
         except Exception as exc:  # zstandard.ZstdError, and anything else the codec raises
             raise StoreCorruptError(f"the value of key {key!r} is not a valid zstd frame ({type(exc).__name__}: "
                                     f"{exc}); the header says values are compressed", path=self.path,

@@ -113,7 +113,8 @@ class MemoryServices:
             try:
                 self.store = WorkflowStore(config.store.path, cache_size=config.store.cache_size,
                                            mmap_threshold=config.store.mmap_threshold,
-                                           prefetch=config.store.prefetch)
+                                           prefetch=config.store.prefetch,
+                                           max_value_bytes=config.store.max_value_bytes)
             except StoreError as exc:
                 self.counters.close()
                 if self.pattern_stats is not None:

@@ -58,11 +58,15 @@ _IDS = {"system": lib.KNHK_BACKEND_SYSTEM, "jemalloc": lib.KNHK_BACKEND_JEMALLOC
 def library_override(name: str) -> str | None:
     """The shared object named by ``KNHK_MEMORY_<NAME>_LIBRARY``, if set.
 
-    It must be an absolute path to a regular file (a relative one would be
-    resolved against whatever the working directory happens to be, or searched
-    for by the dynamic loader); anything else raises
+    Loading a library runs its code in this process, so the file is checked
+    before anything loads it. It must be an absolute path (a relative one would
+    be resolved against whatever the working directory happens to be, or
+    searched for by the dynamic loader) to an existing regular file, owned by
+    root or by this process's user, not writable by group or others, in a
+    directory no other user may write to (a world-writable one, /tmp say, lets
+    anyone replace it). Anything else raises
     :class:`~knhk_memory.errors.BackendUnavailableError` naming the variable,
-    the value and what is accepted.
+    the value, what is wrong and what is accepted.
     """
     var = f"KNHK_MEMORY_{name.upper()}_LIBRARY"
     value = os.environ.get(var)
@@ -75,16 +79,36 @@ def library_override(name: str) -> str | None:
         try:
             st = os.stat(value)
         except FileNotFoundError:
-            return value  # the loader says it is not installed, with the package to install
+            problem = "a file that does not exist"
         except OSError as exc:
             problem = f"not usable ({exc.strerror})"
         else:
+            real = os.path.realpath(value)
+            me = os.getuid()
             if not stat.S_ISREG(st.st_mode):
                 problem = "not a regular file"
+            elif st.st_uid not in (0, me):
+                problem = f"owned by uid {st.st_uid}, neither root nor this user (uid {me}): it may not be trusted"
+            elif st.st_mode & 0o022:
+                who = "group and others" if st.st_mode & 0o002 else "its group"
+                problem = (f"writable by {who} (mode {stat.S_IMODE(st.st_mode):o}): they could replace the code "
+                           "loaded here")
+            else:
+                try:
+                    dst = os.stat(os.path.dirname(real))
+                except OSError as exc:
+                    problem = f"in a directory that cannot be checked ({exc.strerror})"
+                else:
+                    if dst.st_mode & 0o002:
+                        problem = (f"in the world-writable directory {os.path.dirname(real)}: any user could put "
+                                   "a library there")
+                    elif dst.st_uid not in (0, me):
+                        problem = (f"in the directory {os.path.dirname(real)}, owned by uid {dst.st_uid}, "
+                                   "neither root nor this user")
     if problem is not None:
         raise BackendUnavailableError(f"{name} backend: {var}={value!r} is {problem}; it must be the absolute "
                                       f"path of the {name} shared object, e.g. /usr/lib/x86_64-linux-gnu/"
-                                      f"{SONAMES[name]}, or unset")
+                                      f"{SONAMES[name]} (Debian package {DEBIAN_PACKAGES[name]}), or unset")
     return value
 
 

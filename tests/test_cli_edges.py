@@ -343,3 +343,47 @@ def test_store_files_honour_the_umask_and_keep_a_replaced_mode(isolated):
         assert stat.S_IMODE((isolated / "a.kst").stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("setup, problem", [
+    ("world_writable_dir", "in the world-writable directory"),
+    ("group_writable_file", "writable by its group (mode 664)"),
+    ("other_writable_file", "writable by group and others (mode 666)"),
+    ("foreign_owner", "owned by uid 4242, neither root nor this user"),
+])
+def test_library_override_refuses_untrusted_files_before_loading_them(tmp_path, run_python, setup, problem):
+    """Issue 22, item 6: a library is code; it is checked before anything loads it (its
+    constructor would run even if the load were refused afterwards)."""
+    d = tmp_path / "libs"
+    d.mkdir(mode=0o755)
+    lib_file = d / "libmimalloc.so.2"
+    # A library whose constructor would leave a mark, to show nothing loaded it.
+    mark = tmp_path / "constructor-ran"
+    src = tmp_path / "evil.c"
+    src.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void ran(void) {{ '
+                   f'FILE *f = fopen("{mark}", "w"); if (f) fclose(f); }}\n')
+    import shutil
+    import subprocess
+
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to build the probe library")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib_file), str(src)], check=True)
+    lib_file.chmod(0o644)
+    if setup == "world_writable_dir":
+        d.chmod(0o777)
+    elif setup == "group_writable_file":
+        lib_file.chmod(0o664)
+    elif setup == "other_writable_file":
+        lib_file.chmod(0o666)
+    elif setup == "foreign_owner":
+        if os.getuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        os.chown(lib_file, 4242, 4242)
+    r = run_python("from knhk_memory.allocator import get_backend\n"
+                   "try:\n    get_backend('mimalloc')\nexcept Exception as e:\n    print(type(e).__name__, e)\n",
+                   env={"KNHK_MEMORY_MIMALLOC_LIBRARY": str(lib_file)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"BackendUnavailableError mimalloc backend: KNHK_MEMORY_MIMALLOC_LIBRARY="
+                               f"{str(lib_file)!r} is "), r.stdout
+    assert problem in r.stdout
+    assert not mark.exists()  # refused before the loader ran its constructor

@@ -165,8 +165,8 @@ def test_find_library_missing_names_the_debian_package(monkeypatch):
     # auto falls to system when neither library is there
     assert process.resolve_launch_backend("auto") == ("system", None)
     monkeypatch.setenv("KNHK_MEMORY_JEMALLOC_LIBRARY", "/nope/libjemalloc.so.2")
-    with pytest.raises(BackendUnavailableError, match=r"/nope/libjemalloc.so.2 \(from KNHK_MEMORY_JEMALLOC_LIBRARY\) "
-                       r"does not exist.*Debian package libjemalloc2"):
+    with pytest.raises(BackendUnavailableError, match=r"KNHK_MEMORY_JEMALLOC_LIBRARY='/nope/libjemalloc.so.2' is a "
+                       r"file that does not exist.*Debian package libjemalloc2"):
         process.find_library("jemalloc")
     with pytest.raises(ValueError, match="only jemalloc and mimalloc have a library to preload, got 'system'"):
         process.find_library("system")
@@ -300,8 +300,9 @@ def test_run_with_the_backend_library_missing_exits_2_naming_the_debian_package(
                env={f"KNHK_MEMORY_{backend.upper()}_LIBRARY": "/nonexistent/lib.so"})
     assert r.returncode == 2
     assert r.stderr.startswith(f"knhk-memory: error: {cfg}: allocator.backend: cannot start 'true': {backend} backend: "
-                               "/nonexistent/lib.so (from ")
-    assert f"Debian package {package}: apt-get install {package}" in r.stderr
+                               f"KNHK_MEMORY_{backend.upper()}_LIBRARY='/nonexistent/lib.so' is a file that does "
+                               "not exist")
+    assert f"(Debian package {package}), or unset" in r.stderr
 
 
 def test_run_with_a_bad_config_exits_2(isolated):

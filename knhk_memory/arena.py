@@ -43,7 +43,7 @@ from typing import Any
 from . import _fast
 from ._core import check, check_as, ffi, lib
 from ._forksafe import renew_in_child
-from .allocator import Backend, BackendName, _HandlerToken, get_backend, selected_backend
+from .allocator import Backend, BackendName, _HandlerToken, _index_arg, get_backend, selected_backend
 from .errors import ArenaClosedError, ArenaThreadError
 from .numa import check_placement, placement_spec
 from .numa import resolve as resolve_placement
@@ -99,26 +99,15 @@ def huge_pages_available() -> bool:
     return bool(lib.knhk_arena_huge_pages_available())
 
 
-def _int_arg(value: Any, what: str) -> int:
-    """An integer argument: int or any type with __index__ (numpy integers), never bool."""
-    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # numpy's bool has __index__ too
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (a bool is not a size)")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r} (accepted: int, numpy "
-                        "integers, any type with __index__)") from None
-
-
 def _chunk_arg(value: Any, what: str) -> int:
-    n = _int_arg(value, what)
+    n = _index_arg(value, what)
     if not MIN_CHUNK <= n <= MAX_CHUNK:
         raise ValueError(f"{what} must be from {MIN_CHUNK} to {MAX_CHUNK} bytes, got {n}")
     return n
 
 
 def _size_arg(nbytes: Any) -> int:
-    n = _int_arg(nbytes, "nbytes")
+    n = _index_arg(nbytes, "nbytes")
     if n <= 0:
         raise ValueError(f"nbytes must be a positive number of bytes, got {n}")
     if n > MAX_REQUEST:
@@ -127,7 +116,7 @@ def _size_arg(nbytes: Any) -> int:
 
 
 def _align_arg(align: Any) -> int:
-    a = _int_arg(align, "align")
+    a = _index_arg(align, "align")
     if a <= 0 or a > MAX_ALIGN or a & (a - 1):
         raise ValueError(f"align must be a power of two from 1 to {MAX_ALIGN}, got {a}")
     return a

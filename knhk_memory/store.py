@@ -498,12 +498,9 @@ class WorkflowStore:
         """
         kb = _key_bytes(key)
         ck = (kb, decoder)
-        if self.cache_size:
-            with self._cache_lock:
-                hit = self._cache.get(ck, _MISSING)
-                if hit is not _MISSING:
-                    self._cache.move_to_end(ck)
-                    return hit
+        hit = self._cached(ck)
+        if hit is not _MISSING:
+            return hit
         raw = bytes(self[kb])
         try:
             obj = decoder(raw)
@@ -511,6 +508,20 @@ class WorkflowStore:
             name = getattr(decoder, "__qualname__", type(decoder).__name__)
             raise StoreDecodeError(f"the value of key {kb!r} ({len(raw)} bytes) cannot be decoded by {name}: "
                                    f"{type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
+        return self._remember(ck, obj)
+
+    def _cached(self, ck: Any) -> Any:
+        """The LRU's entry for ``ck`` (made most recent), or _MISSING."""
+        if not self.cache_size:
+            return _MISSING
+        with self._cache_lock:
+            hit = self._cache.get(ck, _MISSING)
+            if hit is not _MISSING:
+                self._cache.move_to_end(ck)
+            return hit
+
+    def _remember(self, ck: Any, obj: Any) -> Any:
+        """Put ``obj`` in the LRU under ``ck`` (oldest entries out past cache_size); returns obj."""
         if self.cache_size:
             with self._cache_lock:
                 self._cache[ck] = obj
@@ -554,20 +565,11 @@ class WorkflowStore:
         for a value its codec cannot decode.
         """
         ck = (_key_bytes(name), records.get_object)
-        if self.cache_size:
-            with self._cache_lock:
-                hit = self._cache.get(ck, _MISSING)
-                if hit is not _MISSING:
-                    self._cache.move_to_end(ck)
-                    return hit
+        hit = self._cached(ck)
+        if hit is not _MISSING:
+            return hit
         obj = records.get_object(self, name, trust_pickle=self.trust_pickle)
-        if self.cache_size:
-            with self._cache_lock:
-                self._cache[ck] = obj
-                self._cache.move_to_end(ck)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return obj
+        return self._remember(ck, obj)
 
     # -- whole-store operations
 

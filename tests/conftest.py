@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A test in its own working directory, with no config from the environment and its
+    own cache directory (the demo's store and event log land there). Test modules that
+    need another setup define their own `isolated`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KNHK_MEMORY_CONFIG", raising=False)
+    monkeypatch.setenv("KNHK_MEMORY_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
 def run_python():
     """Run Python code in a fresh interpreter; returns CompletedProcess."""
 

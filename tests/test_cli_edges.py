@@ -20,12 +20,8 @@ from knhk_memory.errors import BackendUnavailableError, StoreError
 EXE = [sys.executable, "-m", "knhk_memory"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KNHK_MEMORY_CONFIG", raising=False)
-    monkeypatch.setenv("KNHK_MEMORY_CACHE", str(tmp_path / "cache"))
-    return tmp_path
+# Every test in a fresh working directory and cache (the `isolated` fixture, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def run(*args: str, cwd: Path, stdin=None, stdout=subprocess.PIPE, env: dict | None = None, timeout: float = 60):

@@ -11,14 +11,6 @@ from knhk_memory.cli import main
 prom_parser = pytest.importorskip("prometheus_client.parser")
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KNHK_MEMORY_CONFIG", raising=False)
-    monkeypatch.setenv("KNHK_MEMORY_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_demo_metrics_prints_a_scrape_that_agrees_with_the_run(isolated, capsys, workers):
     code = main(["demo", "--no-budgets", "--no-progress", "--json", "--metrics", "--cases", "1500", "--workers",

@@ -20,13 +20,8 @@ from knhk_memory.refhost.executors import CASE_END, CASE_START, TASK
 from knhk_memory.refhost.workflows import generate_definitions
 from knhk_memory.store import WorkflowStoreWriter
 
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("KNHK_MEMORY_CONFIG", raising=False)
-    monkeypatch.setenv("KNHK_MEMORY_CACHE", str(tmp_path / "cache"))
-    return tmp_path
+# Every test in a fresh working directory and cache (the `isolated` fixture, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.fixture

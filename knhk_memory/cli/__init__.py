@@ -12,7 +12,7 @@ import argparse
 import errno
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REEXEC_GUARD = "KNHK_MEMORY_REEXECED"
 
@@ -120,6 +120,19 @@ def closed_pipe_exit() -> int:
     finally:
         os.close(devnull)
     return 141
+
+
+def port_arg(option: str) -> Callable[[str], int]:
+    """An argparse type for ``option``: a TCP port number, 0..65535 (0: any free port)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be a TCP port number, got {text!r}") from None
+        if not 0 <= v <= 65535:
+            raise argparse.ArgumentTypeError(f"{option} must be a port in 0..65535 (0: any free port), got {v}")
+        return v
+    return parse
 
 
 def write_all(data: bytes | memoryview) -> None:

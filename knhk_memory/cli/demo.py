@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..refhost.demo import DEFAULT_CASES, DEFAULT_SEED, MAX_CASES, default_event_log_path, format_summary, run_demo
+from . import port_arg
 
 __all__ = ["add_demo_command"]
 
@@ -25,16 +26,6 @@ def _positive(name: str, limit: int | None = None) -> Any:
             raise argparse.ArgumentTypeError(f"{name} must be at most {limit:,}, got {v:,}")
         return v
     return parse
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--metrics-serve must be a TCP port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"--metrics-serve must be a port in 0..65535 (0: any free port), got {v}")
-    return v
 
 
 def _seed(text: str) -> int:
@@ -147,7 +138,7 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", action="store_true",
                    help="record metrics too (labelled counters, per-pattern latency histograms) and print a "
                         "scrape of them, the counters, allocator and arena figures after the summary")
-    p.add_argument("--metrics-serve", type=_port, metavar="PORT",
+    p.add_argument("--metrics-serve", type=port_arg("--metrics-serve"), metavar="PORT",
                    help="after the run, serve that scrape over HTTP on PORT (0: any free port) until interrupted")
     p.add_argument("--metrics-bind", default="127.0.0.1", metavar="ADDR",
                    help="address --metrics-serve listens on (default 127.0.0.1)")

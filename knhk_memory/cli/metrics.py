@@ -15,17 +15,9 @@ import signal
 import sys
 from typing import Any
 
+from . import port_arg
+
 __all__ = ["add_metrics_command", "sources_from_config"]
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--serve must be a TCP port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"--serve must be a port in 0..65535 (0: any free port), got {v}")
-    return v
 
 
 def sources_from_config(config: Any) -> tuple[list[Any], list[Any]]:
@@ -93,7 +85,7 @@ def add_metrics_command(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "blocks named by [counters] shared_name, when they exist) and print one scrape "
                                    "in the Prometheus text format 0.0.4, or serve scrapes over HTTP.")
     p.add_argument("--openmetrics", action="store_true", help="print OpenMetrics 1.0 instead (ends with # EOF)")
-    p.add_argument("--serve", type=_port, metavar="PORT",
+    p.add_argument("--serve", type=port_arg("--serve"), metavar="PORT",
                    help="serve scrapes on PORT until interrupted (0: any free port, printed); the format follows "
                         "the scraper's Accept header")
     p.add_argument("--bind", default="127.0.0.1", metavar="ADDR",

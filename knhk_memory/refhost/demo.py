@@ -603,8 +603,10 @@ def format_summary(r: dict[str, Any]) -> str:
                        f"{w['cases']:>10,} cases  busy {w['busy_seconds']:>7.2f} s  "
                        f"{w['cases_per_second']:>10,.0f} cases/s{state}")
     out.append("pattern executions:")
+    width = max((len(p["name"]) for p in r["patterns"]), default=0)
     for p in r["patterns"]:
-        out.append(f"  WCP-{p['id']:<3} {p['name']:<40} {p['executions']:>12,}   mean {p['mean_ticks']:>8.1f} ticks")
+        out.append(f"  WCP-{p['id']:<3} {p['name']:<{width}} {p['executions']:>12,}   "
+                   f"mean {p['mean_ticks']:>8.1f} ticks")
     c = r["counters"]
     out.append("counters:   " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
     out.append("checks:")

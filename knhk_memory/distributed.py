@@ -223,6 +223,8 @@ class StoreArtifact:
                     _count("stores_reused")
                     return target
                 # missing, or damaged since it was written: fetch the bytes and (re)write the file
+                for stale in directory.glob(f".{self.sha256}.*.tmp"):  # a writer killed mid-write left it
+                    stale.unlink(missing_ok=True)
                 data = self._content(fetch, address)
                 tmp = directory / f".{self.sha256}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
                 try:

@@ -40,6 +40,7 @@ from knhk_memory.distributed import (  # noqa: E402
     parse_cluster,
     register,
     stage_store,
+    unstage_store,
     worker_state,
 )
 from knhk_memory.errors import (  # noqa: E402
@@ -226,8 +227,10 @@ def test_store_by_content_is_fetched_once_per_node_and_verified(tmp_path, store)
     assert after["stores_written"] - before["stores_written"] == 1
     assert after["stores_reused"] - before["stores_reused"] == 1
     first.write_bytes(b"damaged")  # a damaged cached copy is fetched again and replaced
+    stale = tmp_path / "stores" / f".{art.sha256}.99999.dead.tmp"
+    stale.write_bytes(b"half")  # what a worker killed mid-write leaves: removed under the lock
     assert shipped.resolve(cache=tmp_path, address="w", fetch=fetch).read_bytes() == store.read_bytes()
-    assert len(fetched) == 2
+    assert len(fetched) == 2 and not stale.exists()
     # fetched bytes that do not hash to the client's checksum: refused, nothing written
     first.unlink()
     wrong = b"not the store" * 10
@@ -516,6 +519,20 @@ def test_workers_refuse_another_store_or_another_version_by_name(cluster, store,
     with pytest.raises(WorkerVersionError, match=r"worker tcp://127\.0\.0\.1:\d+ runs knhk-memory \S+, the client "
                                                  r"0\.0\.0\+other; refused"):
         register(client, KnhkWorkerPlugin(config, real, client_version="0.0.0+other"))
+    # shipped by content: the bytes staged under the client's checksum are another store's
+    other = (tmp_path / "other.knhk").read_bytes()
+    lying = StoreArtifact(str(store), real.sha256, real.size, "content", other)
+    stage_store(client, lying)
+    try:
+        with pytest.raises(WorkerStoreError) as info:
+            register(client, KnhkWorkerPlugin(config, lying, cache=tmp_path / "cache"))
+    finally:
+        unstage_store(client, lying)
+    assert info.value.address in client.scheduler_info()["workers"]
+    assert str(info.value) == (f"worker {info.value.address}: the store content fetched for {real.sha256} hashes to "
+                               f"{hashlib.sha256(other).hexdigest()} ({len(other):,} bytes, {real.size:,} expected); "
+                               "refusing it")
+    assert not (tmp_path / "cache" / "stores" / f"{real.sha256}.knhk").exists()  # nothing written
     assert all(s["open"] == 0 for s in client.run(worker_state).values())
 
 

@@ -461,9 +461,9 @@ def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
                          f"{un.get('cases_started', 0):,} cases started by runs whose results were lost")
         else:
             ok = n["exact"]
+            repeats = " + dropped repeats" if any(n["dropped_counters"].values()) else ""
             parts.append(f"node {n['node']} ({len(n['workers'])} worker(s)): block = merged "
-                         f"{n['merged_batches']} batches" + (" + dropped repeats" if any(n["dropped_counters"].values())
-                                                             else "") + (", exactly" if ok else ""))
+                         f"{n['merged_batches']} batch(es){repeats}" + (", exactly" if ok else ""))
         if not ok:
             bad.append(f"node {n['node']}: unreported {un}")
     _check(checks, "each node's shared counters equal its merged batches (plus the lost runs on a node that "

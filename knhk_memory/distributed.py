@@ -335,15 +335,20 @@ async def _pull_store(worker: Any, sha256: str, address: str) -> bytes:
 
 # ---------------------------------------------------------------- counters shared by a node's workers
 
-def node_id() -> str:
-    """This machine, as its workers share ``/dev/shm``: 12 hex digits of the SHA-256
-    of the host name and the kernel's boot id."""
+def node_id(cache: str | os.PathLike[str] | None = None) -> str:
+    """The node a worker belongs to: 12 hex digits of the SHA-256 of the host name,
+    the kernel's boot id and the real path of its cache directory (default
+    :func:`~knhk_memory.config.cache_dir`). Workers of one machine that share a
+    cache directory share a node's blocks and its copy of the store; workers
+    given different cache directories are different nodes, so the lock files
+    that guard a node's blocks are always the same files for all its workers."""
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
             boot = f.read().strip()
     except OSError:
         boot = b""
-    return hashlib.sha256(socket.gethostname().encode() + b"\0" + boot).hexdigest()[:12]
+    where = os.path.realpath(cache if cache is not None else cache_dir())
+    return hashlib.sha256(b"\0".join([socket.gethostname().encode(), boot, os.fsencode(where)])).hexdigest()[:12]
 
 
 class NodeBlocks:
@@ -351,7 +356,7 @@ class NodeBlocks:
     share for one run, in POSIX shared memory.
 
     Named ``knhk_dask_<run>_<node>_c`` and ``..._p`` (``run``: the plugin's
-    run id; ``node``: :func:`node_id`). Under the node's lock
+    run id; ``node``: :func:`node_id`, the machine and the cache directory). Under the node's lock
     (``<cache>/nodes/<base>.lock``), a worker attaches to them, or makes them
     if they do not exist yet, and takes a shared ``flock`` on
     ``<base>.holders`` for as long as it uses them. :meth:`close` (under the
@@ -372,10 +377,12 @@ class NodeBlocks:
                  cache: str | os.PathLike[str] | None = None, node: str | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run):
             raise ClusterError(f"a run id is 1 to 64 letters, digits, '-' or '_', got {run!r}")
-        self.node = node or node_id()
+        root = Path(cache if cache is not None else cache_dir())
+        root.mkdir(parents=True, exist_ok=True)
+        self.node = node or node_id(root)
         self.base = f"knhk_dask_{run}_{self.node}"
         self.counters_name, self.patterns_name = f"{self.base}_c", f"{self.base}_p"
-        self.directory = Path(cache if cache is not None else cache_dir()) / "nodes"
+        self.directory = root / "nodes"
         self.created = False
         self.removed = False
         self._holders: Any = None

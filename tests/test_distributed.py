@@ -75,18 +75,20 @@ def worker_cache(tmp_path_factory):
 def cluster(worker_cache):
     """Two one-thread worker processes on 127.0.0.1; their cache dir is worker_cache."""
     saved = os.environ.get("KNHK_MEMORY_CACHE")
-    os.environ["KNHK_MEMORY_CACHE"] = str(worker_cache)  # the spawned workers inherit it
+    # The spawned workers inherit it, and so do the replacements the nannies (in this process)
+    # start after a kill: it stays set for the module, or a replacement would be another node.
+    os.environ["KNHK_MEMORY_CACHE"] = str(worker_cache)
     try:
         client, local = connect("local:2", timeout=30)
+        client.wait_for_workers(2, timeout=30)
+        yield client, local
+        client.close()
+        local.close()
     finally:
         if saved is None:
             del os.environ["KNHK_MEMORY_CACHE"]
         else:
             os.environ["KNHK_MEMORY_CACHE"] = saved
-    client.wait_for_workers(2, timeout=30)
-    yield client, local
-    client.close()
-    local.close()
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +252,42 @@ def test_store_by_content_is_fetched_once_per_node_and_verified(tmp_path, store)
         StoreArtifact.from_path(store, shipping="nfs")
     with pytest.raises(ClusterError, match=f"the store artifact {art.sha256} holds no content to stage"):
         stage_store(None, shipped)
+
+
+def test_concurrent_workers_of_a_node_fetch_the_store_once(tmp_path, store):
+    """Four workers' set-ups at once (threads: each opens the lock file itself, so the flocks
+    exclude each other as between processes): one fetch, four verified uses of one file."""
+    import threading
+
+    art = pickle.loads(pickle.dumps(StoreArtifact.from_path(store, shipping="content")))
+    fetched, paths, go = [], [], threading.Barrier(4)
+
+    def fetch():
+        fetched.append(1)
+        time.sleep(0.2)  # the others arrive meanwhile and wait on the lock
+        return store.read_bytes()
+
+    def worker(i):
+        go.wait()
+        paths.append(art.resolve(cache=tmp_path, address=f"w{i}", fetch=fetch))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fetched) == 1 and len(paths) == 4 and len(set(paths)) == 1
+    assert paths[0].read_bytes() == store.read_bytes()
+
+
+def test_node_id_is_the_machine_and_the_cache_directory(tmp_path):
+    from knhk_memory.distributed import node_id
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    assert node_id(tmp_path / "a") == node_id(tmp_path / "link") != node_id(tmp_path / "b")
+    assert len(node_id(tmp_path / "a")) == 12 and int(node_id(tmp_path / "a"), 16) >= 0
 
 
 class _FakeScheduler:

@@ -616,3 +616,40 @@ def test_a_worker_killed_mid_run_has_its_batches_rerun_and_counted_once(cluster,
     assert 0 <= un["cases_completed"] <= un["cases_started"] and un["errors"] == 0
     check = next(ch for ch in r["checks"] if ch["check"].startswith("each node's shared counters"))
     assert check["ok"] and f"lost {killed['address']}" in check["detail"]
+
+
+def test_node_rows_set_each_node_block_against_its_merged_dropped_and_lost_runs():
+    """The client's per-node accounting, on made-up results: block = merged + dropped + unreported."""
+    from knhk_memory.refhost.cluster import node_rows
+
+    def res(batch, node, started, worker="w"):
+        e = np.zeros(44, dtype=np.int64)
+        e[1] = started
+        return {"batch": batch, "node": node, "worker": worker, "counters": {"cases_started": started},
+                "pattern_executions": e, "pattern_ticks": e * 10}
+
+    def fig(node, started, execs):
+        e = [0] * 44
+        e[1] = execs
+        return {"node": node, "host": "h", "node_blocks": f"b_{node}", "counters": {"cases_started": started},
+                "pattern_executions": e, "pattern_ticks": [v * 10 for v in e], "store_bytes_fetched": 5}
+
+    merged = BatchResults(range(4))
+    for b, node, n in ((0, "A", 10), (1, "A", 20), (2, "B", 30), (3, "C", 40)):
+        merged.add(b, res(b, node, n, worker=f"w{node}"))
+    dropped = [res(1, "A", 20)]  # a repeat of batch 1, run on A again: in A's block, not in the totals
+    live = {"a1": fig("A", 50, 50), "a2": fig("A", 50, 50), "b1": fig("B", 37, 37)}  # C's workers are all gone
+    per = {"wB": {"node": "B"}}
+    rows = {n["node"]: n for n in node_rows(merged, dropped, live, ["wB"], per)}
+    assert sorted(rows) == ["A", "B"]
+    a, b = rows["A"], rows["B"]
+    assert a["workers"] == ["a1", "a2"] and a["store_bytes_fetched"] == 10 and a["lost_workers"] == []
+    assert a["merged_counters"] == {"cases_started": 30} and a["dropped_counters"] == {"cases_started": 20}
+    assert a["unreported_counters"] == {"cases_started": 0} and a["exact"] and a["merged_batches"] == 2
+    # B lost worker wB: 7 cases started by runs whose results died with it
+    assert b["lost_workers"] == ["wB"] and b["unreported_counters"] == {"cases_started": 7}
+    assert not b["exact"] and b["never_negative"] and b["unreported_pattern_executions"] == 7
+    # a block below its merged batches is never right: flagged
+    live["b1"] = fig("B", 29, 29)
+    [bad] = [n for n in node_rows(merged, dropped, live, ["wB"], per) if n["node"] == "B"]
+    assert not bad["never_negative"] and bad["unreported_counters"] == {"cases_started": -1}

@@ -256,6 +256,9 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
         "per_worker": rows,
         "nodes": node_rows(results, dropped, live, lost, per),
     }
+    read = {n["node"] for n in report["nodes"]}
+    # nodes that ran merged batches but had no live worker at the end: their blocks could not be read
+    report["nodes_unread"] = sorted({r["node"] for r in results.results.values()} - read - {None})
     return ClusterRun(tally, counters, execs, ticks, report)
 
 

@@ -466,6 +466,8 @@ def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
                          f"{n['merged_batches']} batch(es){repeats}" + (", exactly" if ok else ""))
         if not ok:
             bad.append(f"node {n['node']}: unreported {un}")
+    for node in r.get("nodes_unread", []):
+        parts.append(f"node {node}: not read (no live worker of it at the end; its blocks stay in /dev/shm)")
     _check(checks, "each node's shared counters equal its merged batches (plus the lost runs on a node that "
            "lost a worker)", not bad and bool(r["nodes"]), "; ".join(bad or parts or ["no node blocks were read"]))
 

@@ -30,10 +30,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import numpy as np
-
-
 from . import _fast, records
 from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
@@ -403,8 +399,7 @@ class WorkflowStore(_fast.StoreBase):
 
     @property
     def _compressed(self) -> bool:
-        g = self._gen
-        return g is not None and g.compressed
+        return self._open()[0].compressed  # closed: StoreClosedError, never a guess
 
     def _open(self) -> tuple[_Open]:
         """(the open generation,) -- a reference the caller keeps for the whole read
@@ -474,9 +469,8 @@ class WorkflowStore(_fast.StoreBase):
         of an uncompressed store, a value up to 1 MiB, copied with the GIL held --
         and comes here for everything else.
         """
-        kb = _key_bytes(key)
         (g,) = self._open()
-        return self._bytes(g, kb, default)
+        return self._bytes(g, _key_bytes(key), default)
 
     def _bytes(self, g: _Open, kb: bytes, default: Any) -> bytes | Any:
         span = ffi.new("uint64_t[2]")
@@ -668,7 +662,7 @@ class WorkflowStore(_fast.StoreBase):
                                     path=self.path, problem="corrupt")
         offsets = offsets[:n]
         offsets.sort()  # insertion order
-        return offsets.tolist()  # type: ignore[no-any-return]
+        return offsets.tolist()
 
     def _spans(self, g: _Open) -> Iterator[tuple[int, int, int, int]]:
         """(key offset, key length, value offset, value length) of every record of ``g``.
@@ -782,6 +776,12 @@ class WorkflowStore(_fast.StoreBase):
         g = self._gen
         state = "closed" if g is None else f"{g.info['count']} keys, {g.size} bytes"
         return f"WorkflowStore({str(self.path)!r}, {state})"
+
+
+# The C get and get_bytes hand keyword and wrong-arity calls to these: a TypeError
+# about the call names the public method.
+WorkflowStore._get_slow.__qualname__ = "WorkflowStore.get"
+WorkflowStore._get_bytes_slow.__qualname__ = "WorkflowStore.get_bytes"
 
 
 def _unwatch(slot: int) -> None:

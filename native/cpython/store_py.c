@@ -117,22 +117,32 @@ static inline int64_t probe(StoreBase *self, PyObject *key, uint64_t *off, uint6
     return knhk_store_lookup(self->store, kp, (size_t)kl, off, len);
 }
 
-static PyObject *call_slow(StoreBase *self, int which, PyObject *const *args, Py_ssize_t nargs) {
+/* self._<which>_slow(*args, **kwnames), one vectorcall. */
+static PyObject *call_slow_kw(StoreBase *self, int which, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *name = slow_interned[which];
     if (fast_unlikely(name == NULL)) {
         name = PyUnicode_InternFromString(slow_names[which]);
         if (name == NULL) return NULL;
         slow_interned[which] = name;
     }
-    PyObject *argv[3] = {(PyObject *)self, nargs > 0 ? args[0] : NULL, nargs > 1 ? args[1] : NULL};
-    return PyObject_VectorcallMethod(name, argv, 1 + (size_t)nargs, NULL);
+    Py_ssize_t n = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[5], **argv = small;
+    if (n + 1 > 5 && (argv = PyMem_Malloc((size_t)(n + 1) * sizeof *argv)) == NULL) return PyErr_NoMemory();
+    argv[0] = (PyObject *)self;
+    for (Py_ssize_t i = 0; i < n; i++) argv[i + 1] = args[i];
+    PyObject *r = PyObject_VectorcallMethod(name, argv, (size_t)(nargs + 1), kwnames);
+    if (argv != small) PyMem_Free(argv);
+    return r;
 }
 
-static PyObject *sb_get(StoreBase *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (fast_unlikely(nargs < 1 || nargs > 2)) {
-        PyErr_Format(PyExc_TypeError, "get() takes a key and an optional default (%zd arguments given)", nargs);
-        return NULL;
-    }
+static inline PyObject *call_slow(StoreBase *self, int which, PyObject *const *args, Py_ssize_t nargs) {
+    return call_slow_kw(self, which, args, nargs, NULL);
+}
+
+static PyObject *sb_get(StoreBase *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    /* Keywords and wrong arities: the Python path, for its signature's messages. */
+    if (fast_unlikely(nargs < 1 || nargs > 2 || kwnames != NULL))
+        return call_slow_kw(self, SLOW_GET, args, nargs, kwnames);
     uint64_t off, len;
     int64_t r = probe(self, args[0], &off, &len);
     if (fast_likely(r == 0)) return view_span(self->view, off, len);
@@ -145,12 +155,9 @@ static PyObject *sb_get(StoreBase *self, PyObject *const *args, Py_ssize_t nargs
     return call_slow(self, SLOW_GET, args, nargs);
 }
 
-static PyObject *sb_get_bytes(StoreBase *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (fast_unlikely(nargs < 1 || nargs > 2)) {
-        PyErr_Format(PyExc_TypeError, "get_bytes() takes a key and an optional default (%zd arguments given)",
-                     nargs);
-        return NULL;
-    }
+static PyObject *sb_get_bytes(StoreBase *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (fast_unlikely(nargs < 1 || nargs > 2 || kwnames != NULL))
+        return call_slow_kw(self, SLOW_GET_BYTES, args, nargs, kwnames);
     uint64_t off, len;
     int64_t r = probe(self, args[0], &off, &len);
     if (r == PROBE_PY_ERROR) return NULL;
@@ -223,9 +230,9 @@ static PyObject *sb_detach(StoreBase *self, PyObject *unused) {
 }
 
 static PyMethodDef sb_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))sb_get, METH_FASTCALL,
+    {"get", (PyCFunction)(void (*)(void))sb_get, METH_FASTCALL | METH_KEYWORDS,
      "get(key, default=None) -> the value of key as a read-only memoryview into the file, or default."},
-    {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL,
+    {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL | METH_KEYWORDS,
      "get_bytes(key, default=None) -> the value of key (or of the record an alias names) as a bytes copy, "
      "or default."},
     {"_attach", (PyCFunction)(void (*)(void))sb_attach, METH_FASTCALL,

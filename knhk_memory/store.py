@@ -22,7 +22,6 @@ import re
 import stat
 import struct
 import sys
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -100,6 +99,7 @@ _T_HANDLE_OUT = ffi.typeof("knhk_store **")
 _T_INT_OUT = ffi.typeof("int *")
 _T_INFO = ffi.typeof("knhk_store_info *")
 _T_UINTPTR = ffi.typeof("uintptr_t")
+_T_U64_ARRAY = ffi.typeof("uint64_t[]")
 _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
@@ -649,20 +649,17 @@ class WorkflowStore(_fast.StoreBase):
         return self._open()[0].info["count"]
 
     def _record_offsets(self, g: _Open) -> list[int]:
-        """The offset of every live record of ``g``, in insertion order."""
-        import numpy as np
-
+        """The offset of every live record of ``g``, in insertion order (no numpy: this
+        runs on reader threads, where a first import could be caught by a fork)."""
         n = g.info["count"]
-        offsets = np.zeros(max(n, 1), dtype=np.uint64)
-        got = lib.knhk_store_live_offsets(g.handle, ffi.from_buffer("uint64_t[]", offsets), n)
+        offsets = ffi.new(_T_U64_ARRAY, max(n, 1))
+        got = lib.knhk_store_live_offsets(g.handle, offsets, n)
         if got == _CHANGED:
             self._raise(got, "listing keys")
         if got < 0 or got != n:
             raise StoreCorruptError(f"listing keys: {_last_error() if got < 0 else f'{got} keys, header says {n}'}",
                                     path=self.path, problem="corrupt")
-        offsets = offsets[:n]
-        offsets.sort()  # insertion order
-        return offsets.tolist()
+        return sorted(ffi.unpack(offsets, n))  # insertion order
 
     def _spans(self, g: _Open) -> Iterator[tuple[int, int, int, int]]:
         """(key offset, key length, value offset, value length) of every record of ``g``.
@@ -879,10 +876,10 @@ class WorkflowStoreWriter:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         _remove_stale_temporaries(directory, self.path.name)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+            fd, tmp = _create_temporary(directory, f".{self.path.name}.{os.getpid()}.")
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
-        # mkstemp makes the file 0600; a store gets the mode of the file it
+        # The temporary is made 0600; a store gets the mode of the file it
         # replaces, else what open() would give: 0666 less the umask.
         try:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
@@ -1131,6 +1128,20 @@ class WorkflowStoreWriter:
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             self.discard()
+
+
+def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:
+    """Create ``directory/PREFIX<12 random hex digits>.tmp``, new and only ours (``O_EXCL``,
+    mode 0600, no symlink followed): what ``tempfile.mkstemp`` does, without importing
+    tempfile (and shutil, random, bz2, lzma with it) into every reader's ``import``."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name after 100 tries", str(directory))
 
 
 def _random_key() -> int:
@@ -1401,6 +1412,8 @@ def _is_store_file(path: Path) -> bool:
 
 def hot_ops() -> list[Any]:
     """The store's hot path for the tick harness (see knhk_memory.hotpath)."""
+    import tempfile
+
     from .hotpath import HotOp
 
     def setup() -> tuple[Any, Callable[[], None]]:

@@ -1171,7 +1171,8 @@ def _umask() -> int:
     return mask
 
 
-_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp")
+# A writer's temporary; compiled by the first writer (re's cache), not by every reader's import.
+_TEMP_PATTERN = r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp"
 
 
 def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
@@ -1184,8 +1185,9 @@ def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
         entries = os.listdir(directory)
     except OSError:
         return removed
+    pattern = re.compile(_TEMP_PATTERN)
     for entry in entries:
-        m = _TEMP_RE.fullmatch(entry)
+        m = pattern.fullmatch(entry)
         if m is None or m["name"] != name:
             continue
         pid = int(m["pid"])

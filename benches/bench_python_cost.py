@@ -302,11 +302,22 @@ def import_cost(runs: int = 9) -> dict[str, float]:
     return {"bare": bare, **{k: statistics.median(v) - bare for k, v in got.items() if k != "bare"}}
 
 
+def _machine() -> str:
+    """The CPU model and count (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def table(rounds: int) -> str:
     ns, ratios = interleaved(rounds)
     imp = import_cost()
-    intro = (f"`benches/bench_python_cost.py --rounds {rounds}`: {platform.processor() or platform.machine()}, "
-             f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. Rounds interleave every case in a "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    intro = (f"`benches/bench_python_cost.py --rounds {rounds}`: {_machine()}, Python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d')}, load average {load:.1f} at the end. Rounds interleave every case in a "
              f"new order; ns per call = median over rounds of (loop - empty loop) / {N}; ratio = median of the "
              "per-round ratios.")
     lines = ["## The Python-facing cost (issue 14 goals)", "", intro, "",

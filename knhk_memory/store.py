@@ -27,7 +27,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from . import _fast, records
 from ._core import check_as, ffi, lib
@@ -51,6 +50,10 @@ from .errors import (
     StoreTruncatedError,
     StoreVersionError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (~2 ms of every import); type checkers read True
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["WorkflowStore", "WorkflowStoreWriter", "open_store", "hot_ops",
            "HEADER_SIZE", "FORMAT_VERSION", "MAGIC", "DEFAULT_SEED"]

@@ -358,7 +358,7 @@ class WorkflowStore(_fast.StoreBase):
         :class:`~knhk_memory.errors.StoreClosedError`. A read still running on another
         thread finishes first: the file is unmapped when the last one is done."""
         self._detach()  # drops the store's reference; the generation goes with the last reader's
-        self._clear_cache()
+        self._forget_generation()
 
     def reopen(self) -> None:
         """Open the file at :attr:`path` again, picking up an atomic replacement.
@@ -368,6 +368,13 @@ class WorkflowStore(_fast.StoreBase):
         """
         g = self._open_file()
         self._attach_gen(g)  # the old generation goes with its last reader
+        self._forget_generation()
+
+    def _forget_generation(self) -> None:
+        """Drop what was read from the previous generation: the decode cache, and
+        records' note of the view whose layer manifest it checked (a view keeps
+        the old mapping mapped)."""
+        self.__dict__.pop("_layer_checked", None)
         self._clear_cache()
 
     def __enter__(self) -> WorkflowStore:

@@ -136,3 +136,23 @@ def test_an_iteration_begun_before_a_reopen_lists_the_file_it_began_on(path, tmp
     rest = list(it)
     assert len(rest) == len(s) - 1
     s.close()
+
+
+def test_close_unmaps_the_file_once_no_view_is_left(path):
+    """Nothing the store keeps (the decode cache, the typed-record layer's note) holds the
+    mapping after close: with no view handed out, close unmaps it."""
+    import mmap
+    import weakref
+
+    s = WorkflowStore(path, mmap_threshold=0)
+    assert s.get_object("alias0008") == {"i": 8} and s.get_decoded("k0001", bytes) == expected(1)
+    mapped = weakref.ref(s._map)
+    assert isinstance(mapped(), mmap.mmap)
+    s.close()
+    assert mapped() is None
+    s = WorkflowStore(path, mmap_threshold=0)
+    s.get_object("alias0008")
+    first = weakref.ref(s._map)
+    s.reopen()
+    assert first() is None and s.get_object("alias0016") == {"i": 16}
+    s.close()

@@ -156,3 +156,18 @@ def test_close_unmaps_the_file_once_no_view_is_left(path):
     s.reopen()
     assert first() is None and s.get_object("alias0016") == {"i": 16}
     s.close()
+
+
+@pytest.mark.parametrize("compress", [None, 3], ids=["plain", "zstd"])
+def test_close_racing_copies_of_a_large_value(tmp_path, compress):
+    """A value over 1 MiB is copied (or decompressed) with the GIL released: the longest
+    window for a close on another thread."""
+    big = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB
+    p = tmp_path / "big.kst"
+    with WorkflowStoreWriter(p, compress=compress) as w:
+        w.add("big", big)
+        w.add("small", b"s")
+    report = close_race(lambda: WorkflowStore(p, mmap_threshold=0), lambda s: s.get_bytes("big"),
+                        lambda s: s.close(), closed_errors=(StoreClosedError,), check=lambda v: v == big,
+                        rounds=max(ROUNDS // 3, 5), readers=3, max_reads=6)
+    assert report.reads > 0

@@ -71,6 +71,11 @@ static void sb_dealloc(StoreBase *self) {
    str with lone surrogates). */
 static inline int key_span(PyObject *key, const char **kp, Py_ssize_t *kl) {
     if (fast_likely(PyUnicode_CheckExact(key))) {
+        if (fast_likely(PyUnicode_IS_COMPACT_ASCII(key))) { /* its characters are its UTF-8 */
+            *kp = (const char *)PyUnicode_DATA(key);
+            *kl = PyUnicode_GET_LENGTH(key);
+            return 1;
+        }
         *kp = PyUnicode_AsUTF8AndSize(key, kl);
         return *kp == NULL ? -1 : 1;
     }

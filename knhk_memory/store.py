@@ -405,19 +405,19 @@ class WorkflowStore(_fast.StoreBase):
 
     @property
     def _info(self) -> dict[str, Any]:
-        return self._open()[0].info
+        return self._open().info
 
     @property
     def _compressed(self) -> bool:
-        return self._open()[0].compressed  # closed: StoreClosedError, never a guess
+        return self._open().compressed  # closed: StoreClosedError, never a guess
 
-    def _open(self) -> tuple[_Open]:
-        """(the open generation,) -- a reference the caller keeps for the whole read
-        -- or :class:`~knhk_memory.errors.StoreClosedError`."""
+    def _open(self) -> _Open:
+        """The open generation -- a reference the caller keeps in a local variable for the
+        whole read -- or :class:`~knhk_memory.errors.StoreClosedError`."""
         g = self._gen
         if g is None:
             raise StoreClosedError("the store is closed", path=self.path, problem="closed")
-        return (g,)
+        return g
 
     _check_open = _open
 
@@ -426,7 +426,7 @@ class WorkflowStore(_fast.StoreBase):
     def _get_slow(self, key: Any, default: Any = None) -> memoryview | Any:
         """get() for what the C path does not do: a compressed store, a key that is
         neither str nor bytes, a closed store, a changed or damaged file."""
-        (g,) = self._open()
+        g = self._open()
         kb = key if key.__class__ is bytes else _key_bytes(key)
         if g.compressed:
             value = self._bytes(g, kb, _MISSING)
@@ -479,7 +479,7 @@ class WorkflowStore(_fast.StoreBase):
         of an uncompressed store, a value up to 1 MiB, copied with the GIL held --
         and comes here for everything else.
         """
-        (g,) = self._open()
+        g = self._open()
         return self._bytes(g, _key_bytes(key), default)
 
     def _bytes(self, g: _Open, kb: bytes, default: Any) -> bytes | Any:
@@ -502,7 +502,7 @@ class WorkflowStore(_fast.StoreBase):
 
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
-        (g,) = self._open()
+        g = self._open()
         return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), default)
 
     def _copy(self, g: _Open, offset: int, length: int) -> bytes:
@@ -559,7 +559,7 @@ class WorkflowStore(_fast.StoreBase):
     def _contains_slow(self, key: object) -> bool:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
             return False
-        (g,) = self._open()
+        g = self._open()
         # The raw frame is enough to know in a compressed store: no decompression.
         return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), _MISSING) is not _MISSING
 
@@ -652,11 +652,11 @@ class WorkflowStore(_fast.StoreBase):
     def changed(self) -> bool:
         """True when the file under this (mapped) reader no longer reads as it did
         at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
-        (g,) = self._open()
+        g = self._open()
         return lib.knhk_store_check_changed(g.handle) != lib.KNHK_OK
 
     def __len__(self) -> int:
-        return self._open()[0].info["count"]
+        return self._open().info["count"]
 
     def _record_offsets(self, g: _Open) -> list[int]:
         """The offset of every live record of ``g``, in insertion order (no numpy: this
@@ -687,7 +687,7 @@ class WorkflowStore(_fast.StoreBase):
     def keys(self) -> Iterator[bytes]:
         """Every key, as bytes, in the order they were added (copied under the
         SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
-        (g,) = self._open()
+        g = self._open()
         return self._keys(g)
 
     def _keys(self, g: _Open) -> Iterator[bytes]:
@@ -702,7 +702,7 @@ class WorkflowStore(_fast.StoreBase):
         A close while iterating ends the iteration at the next step with
         :class:`~knhk_memory.errors.StoreClosedError`; an iteration begun before a
         reopen lists the file it began on."""
-        (g,) = self._open()
+        g = self._open()
         return self._items(g)
 
     def _items(self, g: _Open) -> Iterator[tuple[bytes, memoryview]]:
@@ -721,7 +721,7 @@ class WorkflowStore(_fast.StoreBase):
         :class:`~knhk_memory.errors.StoreClosedError` when the store is closed
         (before or while it runs).
         """
-        (g,) = self._open()
+        g = self._open()
         checked = ffi.new("uint64_t *")
         r = lib.knhk_store_verify(g.handle, checked)
         if r != lib.KNHK_OK:
@@ -742,7 +742,7 @@ class WorkflowStore(_fast.StoreBase):
 
     def prefetch(self) -> None:
         """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``)."""
-        (g,) = self._open()
+        g = self._open()
         if g.map is not None:
             try:
                 _advise(g.map, "MADV_WILLNEED")
@@ -751,7 +751,7 @@ class WorkflowStore(_fast.StoreBase):
 
     def stats(self, *, deep: bool = False) -> dict[str, Any]:
         """Figures about the file; ``deep=True`` also sums key and value bytes (reads every record)."""
-        (g,) = self._open()
+        g = self._open()
         d = g.info
         out: dict[str, Any] = {
             "path": str(self.path),

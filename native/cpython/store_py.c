@@ -236,10 +236,17 @@ static PyObject *sb_detach(StoreBase *self, PyObject *unused) {
 
 static PyMethodDef sb_methods[] = {
     {"get", (PyCFunction)(void (*)(void))sb_get, METH_FASTCALL | METH_KEYWORDS,
-     "get(key, default=None) -> the value of key as a read-only memoryview into the file, or default."},
+     "get($self, key, default=None)\n--\n\nThe value of key (str, UTF-8 encoded, or bytes-like) as a read-only "
+     "memoryview into the file (zero-copy; decompressed into memory in a compressed store), or default "
+     "when key is absent. Raises StoreChangedError once the mapped file was rewritten or truncated in "
+     "place, StoreCorruptError for a damaged record, StoreClosedError after close(), TypeError for a key "
+     "of another type."},
     {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL | METH_KEYWORDS,
-     "get_bytes(key, default=None) -> the value of key (or of the record an alias names) as a bytes copy, "
-     "or default."},
+     "get_bytes($self, key, default=None)\n--\n\nThe value of key -- or of the record an alias names (typed records) "
+     "-- as a bytes copy (decompressed in a compressed store), or default when it is neither. The copy is "
+     "taken under the SIGBUS guard and the header re-read after it: the value of one version of the file, "
+     "or StoreChangedError, even while the file is rewritten in place. Raises AmbiguousKeyError for an "
+     "alias of several records, StoreClosedError after close(), and as get()."},
     {"_attach", (PyCFunction)(void (*)(void))sb_attach, METH_FASTCALL,
      "_attach(gen, handle_address, view): read this generation (handle_address 0: no C fast path)."},
     {"_detach", (PyCFunction)sb_detach, METH_NOARGS, "_detach() -> the generation read until now, or None."},

@@ -22,17 +22,11 @@ import re
 import stat
 import struct
 import sys
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import numpy as np
-
 
 from . import _fast, records
 from ._core import check_as, ffi, lib
@@ -56,6 +50,10 @@ from .errors import (
     StoreTruncatedError,
     StoreVersionError,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (~2 ms of every import); type checkers read True
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["WorkflowStore", "WorkflowStoreWriter", "open_store", "hot_ops",
            "HEADER_SIZE", "FORMAT_VERSION", "MAGIC", "DEFAULT_SEED"]
@@ -104,6 +102,7 @@ _T_HANDLE_OUT = ffi.typeof("knhk_store **")
 _T_INT_OUT = ffi.typeof("int *")
 _T_INFO = ffi.typeof("knhk_store_info *")
 _T_UINTPTR = ffi.typeof("uintptr_t")
+_T_U64_ARRAY = ffi.typeof("uint64_t[]")
 _INFO_FIELDS = tuple(name for name, _ in ffi.typeof("knhk_store_info").fields)
 
 MMAP_THRESHOLD = 64 * 1024
@@ -146,7 +145,69 @@ def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
 # ---------------------------------------------------------------- reader
 
 
-class WorkflowStore:
+class _Open:
+    """One opened file: the C handle, the cffi buffer over the bytes it reads, the
+    mapping (None for a file read into memory), the view over the whole file, and
+    the header. A *generation*: a reopen makes a new one.
+
+    It frees the handle, releases the buffer and unmaps the file when its last
+    reference goes, never before. A :class:`WorkflowStore` holds one reference and
+    every read holds its own for as long as it reads (the C read paths under the
+    GIL, the Python ones in a local variable across the cffi calls that release
+    the GIL), so ``close()`` or ``reopen()`` on another thread only drops the
+    store's: a reader in the middle of a read finishes on the file it started
+    with (issue 22). Views handed out by ``get`` keep the mapping (not the
+    handle) alive on their own, as memoryviews do.
+    """
+
+    __slots__ = ("handle", "cbuf", "map", "view", "info", "size", "compressed", "zstd", "zdict", "local",
+                 "__weakref__")
+
+    def __init__(self, handle: Any, cbuf: Any, mapped: mmap.mmap | None, buf: Any, size: int) -> None:
+        self.handle, self.cbuf, self.map, self.size = handle, cbuf, mapped, size
+        self.view = memoryview(buf)
+        info = ffi.new(_T_INFO)
+        lib.knhk_store_get_info(handle, info)
+        self.info = {name: getattr(info, name) for name in _INFO_FIELDS}
+        self.compressed = bool(self.info["flags"] & lib.KNHK_STORE_FLAG_ZSTD)
+        self.zstd: Any = None
+        self.zdict: Any = None
+        self.local: Any = None
+
+    def dctx(self) -> Any:
+        """This thread's zstd decompressor (python-zstandard's are not to be shared by
+        threads running at once), made on the thread's first use."""
+        d = getattr(self.local, "d", None)
+        if d is None:
+            d = self.zstd.ZstdDecompressor(dict_data=self.zdict) if self.zdict is not None else \
+                self.zstd.ZstdDecompressor()
+            self.local.d = d
+        return d
+
+    def release(self) -> None:
+        handle, self.handle = self.handle, ffi.NULL
+        if handle != ffi.NULL:
+            lib.knhk_store_close(handle)
+        cbuf, self.cbuf = self.cbuf, None
+        if cbuf is not None:
+            ffi.release(cbuf)
+        self.view = memoryview(b"")
+        mapped, self.map = self.map, None
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:
+                pass  # views handed out still use it; it is unmapped when the last one goes
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", ffi.NULL) != ffi.NULL:
+            self.release()
+
+
+_CLOSED_VIEW = memoryview(b"")
+
+
+class WorkflowStore(_fast.StoreBase):
     """A read-only workflow store file.
 
     :param path: The store file.
@@ -159,9 +220,19 @@ class WorkflowStore:
     :param trust_pickle: Let :meth:`get_object` unpickle ``pickle5`` records.
         Unpickling runs code chosen by whoever wrote the file: pass True only
         for a store your own engine built (see knhk_memory.records).
+    :param max_value_bytes: The largest size a compressed value may decompress
+        to, in bytes (a decompression bomb is refused, issue 22).
 
-    ``get`` and ``in`` are thread-safe; :meth:`close` and :meth:`reopen` must
-    not race with other calls on the same object.
+    Every method is thread-safe, :meth:`close` and :meth:`reopen` included: a
+    read running on another thread while the store closes finishes on the file
+    it started with, and the next read raises
+    :class:`~knhk_memory.errors.StoreClosedError`; a read racing a reopen
+    answers from the old file or the new one, never a mix. The mapping is
+    unmapped once the last read and the last view handed out are done.
+
+    ``get``, ``get_bytes``, ``store[key]`` and ``key in store`` are C
+    (native/cpython/store_py.c); anything unusual goes to the Python methods
+    below, which hold every message.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, mmap_threshold: int = MMAP_THRESHOLD,
@@ -182,17 +253,15 @@ class WorkflowStore:
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         renew_in_child(self, "_cache_lock")
-        self._handle: Any = ffi.NULL
-        self._map: mmap.mmap | None = None
-        self._cbuf: Any = None
-        self._find: Callable[..., int] = _closed_find
-        self._load()
+        self._find = lib.knhk_store_find
+        self._attach_gen(self._open_file())
         if prefetch:
             self.prefetch()
 
     # -- opening
 
-    def _load(self) -> None:
+    def _open_file(self) -> _Open:
+        """Open the file at :attr:`path` as a new generation (the store's current one untouched)."""
         path = self.path
         try:  # stat first: opening a FIFO would block, a device may act on open
             st = os.stat(path)
@@ -268,83 +337,44 @@ class WorkflowStore:
                 raise StoreError(_last_error(), path=path, problem="os-error")
             if slot >= 0:  # forget the range when the mapping itself goes (views may outlive the store)
                 weakref.finalize(mapped, _unwatch, slot)
-        info = ffi.new(_T_INFO)
-        lib.knhk_store_get_info(out[0], info)
-        self._handle = out[0]
-        self._cbuf = cbuf
-        self._map = mapped
-        self._view = memoryview(buf)
-        self._info = {name: getattr(info, name) for name in _INFO_FIELDS}
-        self._size = size
-        self._find = lib.knhk_store_find
-        self._compressed = bool(self._info["flags"] & lib.KNHK_STORE_FLAG_ZSTD)
-        self._dctx: Any = None
-        if self._compressed:
+        g = _Open(out[0], cbuf, mapped, buf, size)  # from here on, g frees all three
+        if g.compressed:
             import zstandard
 
-            d = self._info
+            g.zstd, g.local = zstandard, threading.local()
+            d = g.info
             if d["dict_length"]:
-                zdict = zstandard.ZstdCompressionDict(self._copy(d["dict_offset"], d["dict_length"]))
-                self._dctx = zstandard.ZstdDecompressor(dict_data=zdict)
-            else:
-                self._dctx = zstandard.ZstdDecompressor()
-            self.get = self._get_decompressed  # type: ignore[method-assign]
-        else:
-            # The fast path: get is a C builtin bound to this handle (native/cpython/store_py.c).
-            self.get = _fast.make_store_getter(int(ffi.cast(_T_UINTPTR, self._handle)), self._view,  # type: ignore[method-assign]
-                                    _slow_path(self), self)
+                g.zdict = zstandard.ZstdCompressionDict(self._copy(g, d["dict_offset"], d["dict_length"]))
+            g.dctx()  # the first decompressor prepares the dictionary, here rather than in a reader thread
+        return g
 
-    def _release(self) -> None:
-        _detach_getter(self.__dict__.get("get"))
-        handle, self._handle = self._handle, ffi.NULL
-        self._find = _closed_find
-        if handle != ffi.NULL:
-            lib.knhk_store_close(handle)
-        if self._cbuf is not None:
-            ffi.release(self._cbuf)
-            self._cbuf = None
-        mapped, self._map = self._map, None
-        self._view = memoryview(b"")
-        if mapped is not None:
-            try:
-                mapped.close()
-            except BufferError:
-                pass  # views handed out still use it; it is unmapped when the last one goes
+    def _attach_gen(self, g: _Open) -> None:
+        # The C read paths probe this generation's handle; a compressed store has none
+        # (its values need the Python decompression path).
+        self._attach(g, 0 if g.compressed else int(ffi.cast(_T_UINTPTR, g.handle)), g.view)
 
     def close(self) -> None:
-        """Release the store. Views already handed out stay valid; saved ``get``
-        callables raise :class:`~knhk_memory.errors.StoreClosedError`."""
-        self._release()
-        self._clear_cache()
+        """Release the store. Views already handed out stay valid; later reads raise
+        :class:`~knhk_memory.errors.StoreClosedError`. A read still running on another
+        thread finishes first: the file is unmapped when the last one is done."""
+        self._detach()  # drops the store's reference; the generation goes with the last reader's
+        self._forget_generation()
 
     def reopen(self) -> None:
         """Open the file at :attr:`path` again, picking up an atomic replacement.
 
-        On failure the store keeps its current file.
+        On failure the store keeps its current file. Reads racing the reopen answer
+        from the old file or the new one.
         """
-        old = (self._handle, self._cbuf, self._map, self._view, self._info, self._size, self._find,
-               self._compressed, self._dctx, self.__dict__.get("get"))
-        self._handle, self._cbuf, self._map = ffi.NULL, None, None
-        self.__dict__.pop("get", None)
-        try:
-            self._load()
-        except BaseException:
-            (self._handle, self._cbuf, self._map, self._view, self._info, self._size, self._find,
-             self._compressed, self._dctx, get) = old
-            if get is not None:
-                self.get = get  # type: ignore[method-assign]
-            raise
-        handle, cbuf, mapped = old[0], old[1], old[2]
-        _detach_getter(old[9])
-        if handle != ffi.NULL:
-            lib.knhk_store_close(handle)
-        if cbuf is not None:
-            ffi.release(cbuf)
-        if mapped is not None:
-            try:
-                mapped.close()
-            except BufferError:
-                pass
+        g = self._open_file()
+        self._attach_gen(g)  # the old generation goes with its last reader
+        self._forget_generation()
+
+    def _forget_generation(self) -> None:
+        """Drop what was read from the previous generation: the decode cache, and
+        records' note of the view whose layer manifest it checked (a view keeps
+        the old mapping mapped)."""
+        self.__dict__.pop("_layer_checked", None)
         self._clear_cache()
 
     def __enter__(self) -> WorkflowStore:
@@ -353,49 +383,90 @@ class WorkflowStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if getattr(self, "_handle", ffi.NULL) != ffi.NULL:
-            self._release()
-            self.__dict__.pop("get", None)  # break the getter cycle
-
     @property
     def closed(self) -> bool:
-        return self._handle == ffi.NULL
+        return self._gen is None
 
-    # -- lookups
+    # The open generation's parts, for code that does not race close() (records, tests).
+    @property
+    def _handle(self) -> Any:
+        g = self._gen
+        return ffi.NULL if g is None else g.handle
 
-    def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
-        """The value of ``key`` as a read-only memoryview into the file, or ``default``.
+    @property
+    def _view(self) -> memoryview:
+        g = self._gen
+        return _CLOSED_VIEW if g is None else g.view
 
-        (An open uncompressed store replaces this method on the instance by the
-        C builtin from native/cpython/store_py.c, which does the same in one call.)
-        """
-        if key.__class__ is not bytes:
-            key = _key_bytes(key)
-        r = self._find(self._handle, key, len(key))
+    @property
+    def _map(self) -> mmap.mmap | None:
+        g = self._gen
+        return None if g is None else g.map
+
+    @property
+    def _info(self) -> dict[str, Any]:
+        return self._open().info
+
+    @property
+    def _compressed(self) -> bool:
+        return self._open().compressed  # closed: StoreClosedError, never a guess
+
+    def _open(self) -> _Open:
+        """The open generation -- a reference the caller keeps in a local variable for the
+        whole read -- or :class:`~knhk_memory.errors.StoreClosedError`."""
+        g = self._gen
+        if g is None:
+            raise StoreClosedError("the store is closed", path=self.path, problem="closed")
+        return g
+
+    _check_open = _open
+
+    # -- lookups (the C methods of StoreBase come here for anything unusual)
+
+    def _get_slow(self, key: Any, default: Any = None) -> memoryview | Any:
+        """get() for what the C path does not do: a compressed store, a key that is
+        neither str nor bytes, a closed store, a changed or damaged file."""
+        g = self._open()
+        kb = key if key.__class__ is bytes else _key_bytes(key)
+        if g.compressed:
+            value = self._bytes(g, kb, _MISSING)
+            return default if value is _MISSING else memoryview(value)
+        return self._raw(g, kb, default)
+
+    def _raw(self, g: _Open, key: bytes, default: Any) -> memoryview | Any:
+        """The stored bytes of ``key`` in generation ``g``, zero-copy."""
+        r = self._find(g.handle, key, len(key))
         if r >= 0:
             o = r >> 24
-            return self._view[o:o + (r & _PACK_MASK)]
-        return self._slow(key, r, default)
+            return g.view[o:o + (r & _PACK_MASK)]
+        return self._slow(g, key, r, default)
 
-    def _slow(self, key: bytes, r: int, default: Any) -> Any:
+    def _slow(self, g: _Open, key: bytes, r: int, default: Any) -> Any:
         if r == _ABSENT:
             return default
         if r == _CHANGED:
             raise StoreChangedError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="changed")
         if r == _WIDE:
             span = ffi.new("uint64_t[2]")
-            r = lib.knhk_store_find_span(self._handle, key, len(key), span)
+            r = lib.knhk_store_find_span(g.handle, key, len(key), span)
             if r >= 0:
-                return self._view[span[0]:span[0] + span[1]]
-            return self._slow(key, r, default)
+                return g.view[span[0]:span[0] + span[1]]
+            return self._slow(g, key, r, default)
         raise StoreCorruptError(f"reading key {key!r}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def get_bytes(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> bytes | Any:
-        """The value of ``key`` -- or of the record an alias names (typed records,
-        :mod:`knhk_memory.records`) -- as a ``bytes`` copy (what ``json.loads``
-        and engine decoders accept; decompressed in a compressed store), or
-        ``default`` when it is neither a key nor an alias.
+    if TYPE_CHECKING:  # the C methods (native/cpython/store_py.c), documented here
+        def get(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
+            """The value of ``key`` as a read-only memoryview into the file, or ``default``
+            (decompressed into memory in a compressed store)."""
+
+        def get_bytes(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> bytes | Any:
+            """The value of ``key`` as a ``bytes`` copy; see :meth:`_get_bytes_slow`."""
+
+    def _get_bytes_slow(self, key: Any, default: Any = None) -> bytes | Any:
+        """``get_bytes(key, default=None)``: the value of ``key`` -- or of the record an
+        alias names (typed records, :mod:`knhk_memory.records`) -- as a ``bytes`` copy
+        (what ``json.loads`` and engine decoders accept; decompressed in a compressed
+        store), or ``default`` when it is neither a key nor an alias.
 
         The copy is taken under the SIGBUS guard and the header is re-read
         after it, so it is the value of one version of the file, or
@@ -403,11 +474,17 @@ class WorkflowStore:
         rewrites the file in place. (A memoryview from :meth:`get` reads the
         live mapping whenever it is read.) An alias naming several records
         raises :class:`~knhk_memory.errors.AmbiguousKeyError`.
+
+        The C method (native/cpython/store_py.c) does the common case -- a key
+        of an uncompressed store, a value up to 1 MiB, copied with the GIL held --
+        and comes here for everything else.
         """
-        kb = _key_bytes(key)
-        self._check_open()
+        g = self._open()
+        return self._bytes(g, _key_bytes(key), default)
+
+    def _bytes(self, g: _Open, kb: bytes, default: Any) -> bytes | Any:
         span = ffi.new("uint64_t[2]")
-        r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
+        r = lib.knhk_store_find_span(g.handle, kb, len(kb), span)
         if r == _ABSENT:
             try:
                 kb = records.resolve(self, kb)  # an alias, in a store of typed records
@@ -415,26 +492,23 @@ class WorkflowStore:
                 raise
             except StoreKeyError:
                 return default
-            r = lib.knhk_store_find_span(self._handle, kb, len(kb), span)
+            r = lib.knhk_store_find_span(g.handle, kb, len(kb), span)
         if r < 0:
             if r == _ABSENT:
                 return default
-            return self._slow(kb, r, default)
-        raw = self._copy(span[0], span[1])
-        return self._decompress(kb, raw) if self._compressed else raw
+            return self._slow(g, kb, r, default)
+        raw = self._copy(g, span[0], span[1])
+        return self._decompress(g, kb, raw) if g.compressed else raw
 
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
-        return WorkflowStore.get(self, key, default)
+        g = self._open()
+        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), default)
 
-    def _get_decompressed(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
-        value = self.get_bytes(key, _MISSING)
-        return default if value is _MISSING else memoryview(value)
-
-    def _copy(self, offset: int, length: int) -> bytes:
-        """bytes of the file at [offset, offset + length), copied under the SIGBUS guard."""
+    def _copy(self, g: _Open, offset: int, length: int) -> bytes:
+        """bytes of generation ``g``'s file at [offset, offset + length), copied under the SIGBUS guard."""
         out = bytearray(length)
-        r = lib.knhk_store_copy(self._handle, offset, length, ffi.from_buffer("uint8_t[]", out))
+        r = lib.knhk_store_copy(g.handle, offset, length, ffi.from_buffer("uint8_t[]", out))
         if r != lib.KNHK_OK:
             self._raise(r, "reading")
         return bytes(out)
@@ -444,16 +518,14 @@ class WorkflowStore:
             raise StoreChangedError(f"{doing}: {_last_error()}", path=self.path, problem="changed")
         raise StoreCorruptError(f"{doing}: {_last_error()}", path=self.path, problem="corrupt")
 
-    def _decompress(self, key: bytes, frame: bytes) -> bytes:
+    def _decompress(self, g: _Open, key: bytes, frame: bytes) -> bytes:
         """The value of ``key`` from its zstd ``frame``, checked against the cap before a
         byte is allocated: the frame header records the value's size (the writer
         stores it, ``write_content_size``), and zstd checks the output against it; a
         frame without a recorded size is decompressed to at most the cap."""
-        import zstandard
-
         cap = self.max_value_bytes
         try:
-            size = zstandard.frame_content_size(frame)
+            size = g.zstd.frame_content_size(frame)
         except Exception:  # not even a frame header: the decompressor below says so
             size = -1
         if size > cap:
@@ -462,14 +534,14 @@ class WorkflowStore:
                                     "holds such a value needs a larger cap", path=self.path, problem="too-large")
         try:
             if size < 0:  # no recorded size: stream it, never reading past the cap
-                with self._dctx.stream_reader(frame) as reader:
+                with g.dctx().stream_reader(frame) as reader:
                     data = reader.read(cap + 1)
                 if len(data) > cap:
                     raise StoreCorruptError(f"the value of key {key!r} decompresses to more than the cap of "
                                             f"{cap:,} bytes (max_value_bytes, [store] max_value_bytes)",
                                             path=self.path, problem="too-large")
                 return data
-            return self._dctx.decompress(frame)
+            return g.dctx().decompress(frame)
         except StoreCorruptError:
             raise
         except Exception as exc:  # zstandard.ZstdError, and anything else the codec raises
@@ -477,25 +549,27 @@ class WorkflowStore:
                                     f"{exc}); the header says values are compressed", path=self.path,
                                     problem="corrupt") from None
 
-    def __getitem__(self, key: str | bytes) -> memoryview:
-        value = self.get(key, _MISSING)
+    def _getitem_slow(self, key: Any) -> memoryview:
+        value = self._get_slow(key, _MISSING)
         if value is _MISSING:
             raise StoreKeyError(f"key {key!r} is not in the store ({len(self)} keys)", path=self.path,
                                 problem="missing-key")
         return value
 
-    def __contains__(self, key: object) -> bool:
+    def _contains_slow(self, key: object) -> bool:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
             return False
-        if self._compressed:  # the raw frame is enough to know: no decompression
-            return WorkflowStore.get(self, key, _MISSING) is not _MISSING
-        return self.get(key, _MISSING) is not _MISSING  # the C getter (native/cpython/store_py.c)
+        g = self._open()
+        # The raw frame is enough to know in a compressed store: no decompression.
+        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), _MISSING) is not _MISSING
 
     def get_decoded(self, key: str | bytes, decoder: Callable[[bytes], Any] = json.loads) -> Any:
         """``decoder(value)``, cached in a bounded LRU keyed by (key, decoder).
 
-        Raises :class:`~knhk_memory.errors.StoreKeyError` for a missing key.
+        Raises :class:`~knhk_memory.errors.StoreKeyError` for a missing key,
+        :class:`~knhk_memory.errors.StoreClosedError` once the store is closed.
         """
+        self._open()
         kb = _key_bytes(key)
         ck = (kb, decoder)
         hit = self._cached(ck)
@@ -562,8 +636,10 @@ class WorkflowStore:
         Raises as :meth:`resolve`; :class:`~knhk_memory.errors.UntrustedPickleError`
         for a pickled record when the store was not opened with
         ``trust_pickle=True``; :class:`~knhk_memory.errors.StoreCorruptError`
-        for a value its codec cannot decode.
+        for a value its codec cannot decode; :class:`~knhk_memory.errors.StoreClosedError`
+        once the store is closed (cached objects included).
         """
+        self._open()
         ck = (_key_bytes(name), records.get_object)
         hit = self._cached(ck)
         if hit is not _MISSING:
@@ -573,41 +649,37 @@ class WorkflowStore:
 
     # -- whole-store operations
 
-    def _check_open(self) -> None:
-        if self._handle == ffi.NULL:
-            raise StoreClosedError("the store is closed", path=self.path, problem="closed")
-
     def changed(self) -> bool:
         """True when the file under this (mapped) reader no longer reads as it did
         at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
-        self._check_open()
-        return lib.knhk_store_check_changed(self._handle) != lib.KNHK_OK
+        g = self._open()
+        return lib.knhk_store_check_changed(g.handle) != lib.KNHK_OK
 
     def __len__(self) -> int:
-        self._check_open()
-        return self._info["count"]
+        return self._open().info["count"]
 
-    def _record_offsets(self) -> np.ndarray:
-        import numpy as np
-
-        self._check_open()
-        n = self._info["count"]
-        offsets = np.zeros(max(n, 1), dtype=np.uint64)
-        got = lib.knhk_store_live_offsets(self._handle, ffi.from_buffer("uint64_t[]", offsets), n)
+    def _record_offsets(self, g: _Open) -> list[int]:
+        """The offset of every live record of ``g``, in insertion order (no numpy: this
+        runs on reader threads, where a first import could be caught by a fork)."""
+        n = g.info["count"]
+        offsets = ffi.new(_T_U64_ARRAY, max(n, 1))
+        got = lib.knhk_store_live_offsets(g.handle, offsets, n)
         if got == _CHANGED:
             self._raise(got, "listing keys")
         if got < 0 or got != n:
             raise StoreCorruptError(f"listing keys: {_last_error() if got < 0 else f'{got} keys, header says {n}'}",
                                     path=self.path, problem="corrupt")
-        offsets = offsets[:n]
-        offsets.sort()  # insertion order
-        return offsets
+        return sorted(ffi.unpack(offsets, n))  # insertion order
 
-    def _spans(self) -> Iterator[tuple[int, int, int, int]]:
+    def _spans(self, g: _Open) -> Iterator[tuple[int, int, int, int]]:
+        """(key offset, key length, value offset, value length) of every record of ``g``.
+        The generator holds ``g``: a close meanwhile makes the next step raise
+        StoreClosedError; after a reopen it goes on listing the file it began on."""
         spans = ffi.new("uint64_t[4]")
-        for off in self._record_offsets().tolist():
-            self._check_open()
-            r = lib.knhk_store_record_at(self._handle, off, spans)
+        for off in self._record_offsets(g):
+            if self._gen is None:  # closed meanwhile: stop here (a reopen: go on listing the file begun)
+                self._open()
+            r = lib.knhk_store_record_at(g.handle, off, spans)
             if r != lib.KNHK_OK:
                 self._raise(r, f"reading the record at offset {off}")
             yield spans[0], spans[1], spans[2], spans[3]
@@ -615,115 +687,112 @@ class WorkflowStore:
     def keys(self) -> Iterator[bytes]:
         """Every key, as bytes, in the order they were added (copied under the
         SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
-        for k, kl, _, _ in self._spans():
-            yield self._copy(k, kl)
+        g = self._open()
+        return self._keys(g)
+
+    def _keys(self, g: _Open) -> Iterator[bytes]:
+        for k, kl, _, _ in self._spans(g):
+            yield self._copy(g, k, kl)
 
     __iter__ = keys
 
     def items(self) -> Iterator[tuple[bytes, memoryview]]:
-        """(key, value) pairs in the order they were added; values as :meth:`get` returns them."""
-        view = self._view
-        for k, kl, v, vl in self._spans():
-            key = self._copy(k, kl)
-            if self._compressed:
-                yield key, memoryview(self._decompress(key, self._copy(v, vl)))
+        """(key, value) pairs in the order they were added; values as :meth:`get` returns them.
+
+        A close while iterating ends the iteration at the next step with
+        :class:`~knhk_memory.errors.StoreClosedError`; an iteration begun before a
+        reopen lists the file it began on."""
+        g = self._open()
+        return self._items(g)
+
+    def _items(self, g: _Open) -> Iterator[tuple[bytes, memoryview]]:
+        view = g.view
+        for k, kl, v, vl in self._spans(g):
+            key = self._copy(g, k, kl)
+            if g.compressed:
+                yield key, memoryview(self._decompress(g, key, self._copy(g, v, vl)))
             else:
                 yield key, view[v:v + vl]
 
     def verify(self) -> int:
         """Check every checksum and every index entry; return the number of records checked.
 
-        Raises :class:`~knhk_memory.errors.StoreCorruptError` naming the first fault.
+        Raises :class:`~knhk_memory.errors.StoreCorruptError` naming the first fault,
+        :class:`~knhk_memory.errors.StoreClosedError` when the store is closed
+        (before or while it runs).
         """
-        self._check_open()
+        g = self._open()
         checked = ffi.new("uint64_t *")
-        r = lib.knhk_store_verify(self._handle, checked)
+        r = lib.knhk_store_verify(g.handle, checked)
         if r != lib.KNHK_OK:
             self._raise(r, "verify")
-        if self._compressed:  # the header's compression flag: every value must be a frame
-            for k, kl, v, vl in self._spans():
-                key = self._copy(k, kl)
+        if g.compressed:  # the header's compression flag: every value must be a frame
+            for k, kl, v, vl in self._spans(g):
+                key = self._copy(g, k, kl)
                 try:
-                    self._dctx.decompress(self._copy(v, vl))
+                    g.dctx().decompress(self._copy(g, v, vl))
                 except Exception as exc:
                     raise StoreCorruptError(f"verify: the header says values are zstd frames, but the value of key "
                                             f"{key!r} is not one ({type(exc).__name__}: {exc})", path=self.path,
                                             problem="corrupt") from None
-        r = lib.knhk_store_check_changed(self._handle)
+        r = lib.knhk_store_check_changed(g.handle)
         if r != lib.KNHK_OK:
             self._raise(r, "verify")
         return int(checked[0])
 
     def prefetch(self) -> None:
         """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``)."""
-        self._check_open()
-        if self._map is not None:
-            _advise(self._map, "MADV_WILLNEED")
+        g = self._open()
+        if g.map is not None:
+            try:
+                _advise(g.map, "MADV_WILLNEED")
+            except ValueError:  # pragma: no cover - unmapped by a close racing this call
+                pass
 
     def stats(self, *, deep: bool = False) -> dict[str, Any]:
         """Figures about the file; ``deep=True`` also sums key and value bytes (reads every record)."""
-        self._check_open()
-        d = self._info
+        g = self._open()
+        d = g.info
         out: dict[str, Any] = {
             "path": str(self.path),
-            "file_size": self._size,
+            "file_size": g.size,
             "format_version": d["version"],
-            "access": "mmap" if self._map is not None else "read",
-            "compression": ("zstd+dict" if d["dict_length"] else "zstd") if self._compressed else "none",
+            "access": "mmap" if g.map is not None else "read",
+            "compression": ("zstd+dict" if d["dict_length"] else "zstd") if g.compressed else "none",
             "keys": d["count"],
             "records": d["records_total"],
             "superseded_records": d["records_total"] - d["count"],
             "index_slots": d["slots"],
             "load_factor": round(d["count"] / d["slots"], 4) if d["slots"] else 0.0,
             "max_displacement": d["max_disp"],
-            "index_bytes": self._size - d["index_offset"],
+            "index_bytes": g.size - d["index_offset"],
             "records_bytes": d["records_end"] - d["records_offset"],
             "dictionary_bytes": d["dict_length"],
         }
         if deep:
             kb = vb = 0
-            for _, kl, _, vl in self._spans():
+            for _, kl, _, vl in self._spans(g):
                 kb += kl
                 vb += vl
             out["key_bytes"] = kb
             out["value_bytes"] = vb
-            out["overhead"] = round(self._size / (kb + vb) - 1, 4) if kb + vb else None
+            out["overhead"] = round(g.size / (kb + vb) - 1, 4) if kb + vb else None
         return out
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self._info['count']} keys, {self._size} bytes"
+        g = self._gen
+        state = "closed" if g is None else f"{g.info['count']} keys, {g.size} bytes"
         return f"WorkflowStore({str(self.path)!r}, {state})"
 
 
-def _slow_path(store: WorkflowStore) -> Callable[[Any, int, Any], Any]:
-    """The getter's way back into Python; holds the store weakly (capsules are not
-    followed by the cycle collector)."""
-    ref = weakref.ref(store)
-    closed = lib.KNHK_STORE_BROKEN - 1
-
-    def slow(key: Any, code: int, default: Any) -> Any:
-        s = ref()
-        if s is None or code == closed:
-            raise StoreClosedError("the store is closed", path=None if s is None else s.path, problem="closed")
-        if code == 0:  # not str/bytes: convert (or raise TypeError) and go the cffi way
-            return WorkflowStore.get(s, _key_bytes(key), default)
-        return s._slow(_key_bytes(key), code, default)
-
-    return slow
+# The C get and get_bytes hand keyword and wrong-arity calls to these: a TypeError
+# about the call names the public method.
+WorkflowStore._get_slow.__qualname__ = "WorkflowStore.get"
+WorkflowStore._get_bytes_slow.__qualname__ = "WorkflowStore.get_bytes"
 
 
 def _unwatch(slot: int) -> None:
     lib.knhk_store_unwatch(slot)
-
-
-def _detach_getter(getter: Any) -> None:
-    if getter is not None and isinstance(getattr(getter, "__self__", None), tuple):
-        _fast.detach_store_getter(getter)
-
-
-def _closed_find(handle: Any, key: bytes, n: int) -> int:
-    raise StoreClosedError("the store is closed")
-
 
 def _advise(mapped: mmap.mmap, name: str) -> bool:
     """madvise the whole mapping if the platform has the advice; False when not applied."""
@@ -817,10 +886,10 @@ class WorkflowStoreWriter:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         _remove_stale_temporaries(directory, self.path.name)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+            fd, tmp = _create_temporary(directory, f".{self.path.name}.{os.getpid()}.")
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
-        # mkstemp makes the file 0600; a store gets the mode of the file it
+        # The temporary is made 0600; a store gets the mode of the file it
         # replaces, else what open() would give: 0666 less the umask.
         try:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
@@ -1071,6 +1140,20 @@ class WorkflowStoreWriter:
             self.discard()
 
 
+def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:
+    """Create ``directory/PREFIX<12 random hex digits>.tmp``, new and only ours (``O_EXCL``,
+    mode 0600, no symlink followed): what ``tempfile.mkstemp`` does, without importing
+    tempfile (and shutil, random, bz2, lzma with it) into every reader's ``import``."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(name, flags, 0o600), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name after 100 tries", str(directory))
+
+
 def _random_key() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
@@ -1098,7 +1181,8 @@ def _umask() -> int:
     return mask
 
 
-_TEMP_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp")
+# A writer's temporary; compiled by the first writer (re's cache), not by every reader's import.
+_TEMP_PATTERN = r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp"
 
 
 def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
@@ -1111,8 +1195,9 @@ def _remove_stale_temporaries(directory: Path, name: str) -> list[Path]:
         entries = os.listdir(directory)
     except OSError:
         return removed
+    pattern = re.compile(_TEMP_PATTERN)
     for entry in entries:
-        m = _TEMP_RE.fullmatch(entry)
+        m = pattern.fullmatch(entry)
         if m is None or m["name"] != name:
             continue
         pid = int(m["pid"])
@@ -1339,6 +1424,8 @@ def _is_store_file(path: Path) -> bool:
 
 def hot_ops() -> list[Any]:
     """The store's hot path for the tick harness (see knhk_memory.hotpath)."""
+    import tempfile
+
     from .hotpath import HotOp
 
     def setup() -> tuple[Any, Callable[[], None]]:

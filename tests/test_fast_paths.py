@@ -13,7 +13,7 @@ import pytest
 from knhk_memory import _fast
 from knhk_memory._core import lib
 from knhk_memory.counters import Counters
-from knhk_memory.errors import KnhkMemoryError
+from knhk_memory.errors import KnhkMemoryError, StoreClosedError, StoreKeyError
 
 BAD_ADDS = [
     (("nope",), {}),                      # unknown name: CounterNameError with nearest names
@@ -345,3 +345,89 @@ def test_store_membership_takes_the_c_getter_and_keeps_its_answers(tmp_path, com
     s.close()
     with pytest.raises(StoreClosedError, match="the store is closed"):
         "present" in s  # noqa: B015 - the check raises
+
+
+# ---------------------------------------------------------------- the store's get, get_bytes, [] and in
+
+STORE_KEYS = ["present", b"present", bytearray(b"present"), memoryview(b"present"), "absent", b"absent", "",
+              "pr\x00esent", "\u00e9t\u00e9", "\u00e9t\u00e9".encode(), "\ud800", 3, None, 1.5, True, ("present",),
+              ["present"], object]
+
+
+@pytest.fixture(params=[None, 3], ids=["plain", "zstd"])
+def store(tmp_path, request):
+    from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
+
+    path = tmp_path / "s.kst"
+    with WorkflowStoreWriter(path, compress=request.param) as w:
+        w.add("present", b'{"a": 1}')
+        w.add("\u00e9t\u00e9", b"summer")
+        w.add("empty", b"")
+    s = WorkflowStore(path, mmap_threshold=0)
+    yield s
+    s.close()
+
+
+def both(fast, slow, *args, **kwargs):
+    a, b = outcome(fast, args, kwargs), outcome(slow, args, kwargs)
+    assert a == b, (args, kwargs, a, b)
+    return a
+
+
+@pytest.mark.parametrize("key", STORE_KEYS, ids=repr)
+def test_store_reads_match_the_python_paths(store, key):
+    assert type(store).get.__class__.__name__ == "method_descriptor"  # C methods on StoreBase
+    both(store.get, store._get_slow, key)
+    both(store.get, store._get_slow, key, "dflt")
+    both(store.get_bytes, store._get_bytes_slow, key)
+    both(store.get_bytes, store._get_bytes_slow, key, "dflt")
+    got = both(store.__getitem__, store._getitem_slow, key)
+    has = both(store.__contains__, store._contains_slow, key)
+    if got[0] == "ok" or got[0] is StoreKeyError:
+        assert has == ("ok", got[0] == "ok")
+    elif got[0] is UnicodeEncodeError:  # a str with a lone surrogate has no UTF-8 form: refused, never a miss
+        assert has[0] is UnicodeEncodeError
+    else:  # not a key type at all: `in` says no, as a dict does for a key it cannot hold
+        assert got[0] is TypeError and has == ("ok", False)
+
+
+def test_store_read_answers(store):
+    assert store.get("present") == b'{"a": 1}' and store.get_bytes(b"present") == b'{"a": 1}'
+    assert type(store.get_bytes("present")) is bytes and isinstance(store.get("present"), memoryview)
+    assert store["\u00e9t\u00e9"] == b"summer" and store.get_bytes("\u00e9t\u00e9".encode()) == b"summer"
+    assert store.get("empty") == b"" and store.get_bytes("empty") == b"" and "empty" in store
+    assert store.get("absent") is None and store.get("absent", 7) == 7 and store.get_bytes("absent", 7) == 7
+    assert store.get("present", default=1) == b'{"a": 1}' and store.get(key="absent", default=2) == 2
+    with pytest.raises(StoreKeyError, match=r"key 'absent' is not in the store \(3 keys\)"):
+        store["absent"]
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [((), {}), (("present", 1, 2), {}), (("present",), {"dflt": 1}),
+                                              ((), {"default": 1}), (("present",), {"key": "x"})])
+def test_store_get_call_errors_name_the_public_method(store, args, kwargs):
+    for fast, slow, name in ((store.get, store._get_slow, "get"),
+                             (store.get_bytes, store._get_bytes_slow, "get_bytes")):
+        kind, message = both(fast, slow, *args, **kwargs)
+        assert kind is TypeError and message.startswith(f"WorkflowStore.{name}()"), message
+
+
+def test_store_closed_refuses_through_both_paths(store):
+    store.close()
+    for key in ("present", "absent", 3):
+        for fast, slow in ((store.get, store._get_slow), (store.get_bytes, store._get_bytes_slow),
+                           (store.__getitem__, store._getitem_slow)):
+            kind, message = both(fast, slow, key)
+            assert kind is StoreClosedError and "the store is closed" in message
+    with pytest.raises(StoreClosedError, match="the store is closed"):
+        "present" in store  # noqa: B015 - the check raises
+    assert 3 not in store  # not a key type: False, as before, open or closed
+
+
+def test_store_get_bytes_of_a_large_value_takes_the_released_gil_path(tmp_path):
+    from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
+
+    big = bytes(range(256)) * 8193  # just over 2 MiB: copied by the Python path, the GIL released
+    with WorkflowStoreWriter(tmp_path / "s.kst") as w:
+        w.add("big", big)
+    with WorkflowStore(tmp_path / "s.kst", mmap_threshold=0) as s:
+        assert s.get_bytes("big") == big and s["big"] == big

@@ -40,9 +40,9 @@ def test_a_frame_without_a_recorded_size_stops_at_the_cap(tmp_path):
         frame = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(5000))
         assert zstandard.frame_content_size(frame) == -1
         with pytest.raises(StoreCorruptError, match=r"decompresses to more than the cap of 1,000 bytes"):
-            s._decompress(b"k", frame)
+            s._decompress(s._gen, b"k", frame)
         small = zstandard.ZstdCompressor(write_content_size=False).compress(b"abc")
-        assert s._decompress(b"k", small) == b"abc"
+        assert s._decompress(s._gen, b"k", small) == b"abc"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "64"])

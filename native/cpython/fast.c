@@ -5,7 +5,7 @@
  * GIL release and re-acquire, ffi.from_buffer) is many times the C work they
  * wrap, as METH_FASTCALL builtins, plus numpy's NEP 49 handler glue:
  *
- *   store_py.c       the workflow store's get (a getter bound to one store)
+ *   store_py.c       the workflow store's get, get_bytes, [] and in (the StoreBase class)
  *   counters_py.c    Counters.add/get and CounterWriter.add
  *   arena_py.c       Arena.alloc/array (the ArenaBase class) and ArenaBlock
  *   block_py.c       Backend.malloc (BackendBase) and Block (BlockBase, a buffer exporter)
@@ -32,12 +32,6 @@
 #define FASTCALL(name, fn, doc) {name, (PyCFunction)(void (*)(void))(fn), METH_FASTCALL, doc}
 
 static PyMethodDef methods[] = {
-    FASTCALL("make_store_getter", fast_store_make_getter,
-             "make_store_getter(handle_address, view, slow, owner) -> get(key, default=None): a builtin bound to "
-             "one open store that probes with the GIL held and returns view[off:off + len]; any miss but an "
-             "absent key goes to slow(key, code, default)."),
-    FASTCALL("detach_store_getter", fast_store_detach,
-             "detach_store_getter(getter): the getter's store is closing; later calls go to its slow path."),
     FASTCALL("make_scan", fast_simd_make_fast,
              "make_scan(kind, slow) -> find (kind 0) or count (kind 1) over bytes or any C-contiguous buffer; "
              "anything else goes to slow(*args, **kwargs)."),
@@ -83,6 +77,7 @@ static const struct {
 } types[] = {
     {"ArenaBlock", &fast_ArenaBlock_Type},   {"ArenaBase", &fast_ArenaBase_Type}, {"BlockBase", &fast_BlockBase_Type},
     {"BackendBase", &fast_BackendBase_Type}, {"OnceBase", &fast_OnceBase_Type},   {"LookupBase", &fast_LookupBase_Type},
+    {"StoreBase", &fast_StoreBase_Type},
 };
 
 static struct PyModuleDef module = {

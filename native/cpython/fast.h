@@ -21,8 +21,6 @@
 int fast_numpy_ready(void);
 
 /* The module's functions (METH_FASTCALL), by file. */
-PyObject *fast_store_make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
-PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_simd_make_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_simd_make_needle_method(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fast_simd_make_ids_fast(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
@@ -46,6 +44,7 @@ extern PyTypeObject fast_BlockBase_Type; /* block_py.c: knhk_memory._fast.BlockB
 extern PyTypeObject fast_BackendBase_Type; /* block_py.c: knhk_memory._fast.BackendBase */
 extern PyTypeObject fast_OnceBase_Type; /* cells_py.c: knhk_memory._fast.OnceBase */
 extern PyTypeObject fast_LookupBase_Type; /* cells_py.c: knhk_memory._fast.LookupBase */
+extern PyTypeObject fast_StoreBase_Type; /* store_py.c: knhk_memory._fast.StoreBase */
 
 /* A C pointer passed from Python as an int address (cffi's
    int(ffi.cast("uintptr_t", p))). NULL with a Python error for anything else. */

@@ -1,122 +1,277 @@
 /*
- * store_py.c -- the workflow store's lookup as a CPython builtin (knhk_memory._fast).
+ * store_py.c -- the workflow store's read paths as C (knhk_memory._fast).
  *
- * Through cffi a get costs a foreign call, a GIL release and re-acquire and
- * an int conversion around a ~50 ns probe; as a METH_FASTCALL builtin it is
- * one vectorcall. The getter holds the GIL throughout (the probe is shorter
- * than a GIL hand-off), which also orders it against close(): detach_store_getter runs
- * under the GIL too, so a getter never sees a freed store.
+ * StoreBase is the C base of knhk_memory.store.WorkflowStore. Through cffi a
+ * get costs a foreign call, a GIL release and re-acquire and an int
+ * conversion around a ~50 ns probe; here get, get_bytes, store[key] and
+ * `key in store` are C methods and slots: one vectorcall, the probe with the
+ * GIL held (it is shorter than a GIL hand-off), the value a memoryview made
+ * straight from the store's own view (no slice object).
+ *
+ * Lifetime (issue 22): the open file is a Python object, the generation
+ * (store.py's _Open: the knhk_store handle, the cffi buffer over the mapping,
+ * the mapping), which frees all three when its last reference goes. StoreBase
+ * holds one reference; every read takes its own for the length of the read
+ * (these methods under the GIL, the Python paths that release the GIL in a
+ * local variable), and close()/reopen() only drop StoreBase's. So a close
+ * from another thread never frees a mapping under a reader: the reader
+ * finishes on the generation it started with, and its next call sees the
+ * store closed (StoreClosedError) or reopened.
+ *
+ * Anything but the common case -- a compressed or closed store, a key that
+ * is neither str nor bytes, a missing key for [] and get_bytes (aliases,
+ * messages), a changed or damaged file, a value too large to copy with the
+ * GIL held -- goes to the subclass's Python method (_get_slow,
+ * _getitem_slow, _get_bytes_slow, _contains_slow), so every message has one
+ * source.
  */
 #include "fast.h"
 
-#define CAPSULE_NAME "knhk_memory.store.getter"
+#include <structmember.h>
+
+/* get_bytes copies values up to this size with the GIL held; larger ones go to
+   the Python path, which releases it for the copy. */
+#define COPY_WITH_GIL_MAX (1 << 20)
 
 typedef struct {
-    knhk_store *store; /* NULL once detached */
-    PyObject *view;    /* memoryview over the whole file */
-    PyObject *slow;    /* slow(key, code, default): conversions, errors, closed store */
-} getter_state;
+    PyObject_HEAD knhk_store *store; /* the generation's handle; NULL: closed or compressed */
+    PyObject *view;                   /* memoryview over the whole file (the generation's) */
+    PyObject *gen;                    /* the generation: owns store and the mapping */
+} StoreBase;
 
-static void state_free(PyObject *capsule) {
-    getter_state *st = PyCapsule_GetPointer(capsule, CAPSULE_NAME);
-    if (st == NULL) {
-        PyErr_Clear();
-        return;
+/* The subclass's Python paths, by the C method that falls back to them. */
+enum { SLOW_GET, SLOW_GETITEM, SLOW_GET_BYTES, SLOW_CONTAINS, SLOW_N };
+static const char *const slow_names[SLOW_N] = {"_get_slow", "_getitem_slow", "_get_bytes_slow", "_contains_slow"};
+static PyObject *slow_interned[SLOW_N]; /* interned on first use, under the GIL */
+
+static int sb_traverse(StoreBase *self, visitproc visit, void *arg) {
+    Py_VISIT(self->view);
+    Py_VISIT(self->gen);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int sb_clear(StoreBase *self) {
+    self->store = NULL;
+    Py_CLEAR(self->view);
+    Py_CLEAR(self->gen);
+    return 0;
+}
+
+static void sb_dealloc(StoreBase *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    sb_clear(self);
+    tp->tp_free((PyObject *)self);
+}
+
+/* The key's bytes without a copy: exact bytes, or exact str (its UTF-8 form,
+   which CPython keeps on the str; ASCII strs are their own UTF-8). 1, 0 for
+   any other type (the slow path converts or refuses it), -1 with an error (a
+   str with lone surrogates). */
+static inline int key_span(PyObject *key, const char **kp, Py_ssize_t *kl) {
+    if (fast_likely(PyUnicode_CheckExact(key))) {
+        if (fast_likely(PyUnicode_IS_COMPACT_ASCII(key))) { /* its characters are its UTF-8 */
+            *kp = (const char *)PyUnicode_DATA(key);
+            *kl = PyUnicode_GET_LENGTH(key);
+            return 1;
+        }
+        *kp = PyUnicode_AsUTF8AndSize(key, kl);
+        return *kp == NULL ? -1 : 1;
     }
-    Py_XDECREF(st->view);
-    Py_XDECREF(st->slow);
-    PyMem_Free(st);
-}
-
-static PyObject *call_slow(getter_state *st, PyObject *key, long long code, PyObject *dflt) {
-    return PyObject_CallFunction(st->slow, "OLO", key, code, dflt);
-}
-
-/* The getter's self is the tuple (capsule, owner): a tuple, unlike a capsule,
-   is followed by the cycle collector, so owner.get -> getter -> owner is a
-   collectable cycle and a getter keeps its store alive. */
-static inline getter_state *state_of(PyObject *self) {
-    return PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), CAPSULE_NAME);
-}
-
-static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    getter_state *st = state_of(self);
-    if (fast_unlikely(st == NULL)) return NULL;
-    if (fast_unlikely(nargs < 1 || nargs > 2)) {
-        PyErr_Format(PyExc_TypeError, "get() takes a key and an optional default (%zd arguments given)", nargs);
-        return NULL;
+    if (PyBytes_CheckExact(key)) {
+        *kp = PyBytes_AS_STRING(key);
+        *kl = PyBytes_GET_SIZE(key);
+        return 1;
     }
-    PyObject *key = args[0], *dflt = nargs == 2 ? args[1] : Py_None;
+    return 0;
+}
+
+/* view[off:off + len] as a new memoryview: the same managed buffer as the
+   store's view (so the mapping lives while it does), with its span narrowed.
+   What memoryview slicing does, less the slice object and its parsing. */
+static inline PyObject *view_span(PyObject *view, uint64_t off, uint64_t len) {
+    /* Allocating the new view may run the cycle collector, and a finalizer may close
+       the store and drop its view: hold it until the new one is made. */
+    Py_INCREF(view);
+    PyObject *mv = PyMemoryView_FromObject(view); /* registers with view's managed buffer */
+    Py_DECREF(view);
+    if (fast_unlikely(mv == NULL)) return NULL;
+    Py_buffer *b = PyMemoryView_GET_BUFFER(mv);
+    if (fast_unlikely(b->ndim != 1 || b->itemsize != 1 || b->shape == NULL || (uint64_t)b->len < off ||
+                      (uint64_t)b->len - off < len)) {
+        Py_DECREF(mv);
+        return PySequence_GetSlice(view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
+    }
+    b->buf = (char *)b->buf + off;
+    b->len = (Py_ssize_t)len;
+    b->shape[0] = (Py_ssize_t)len;
+    return mv;
+}
+
+/* One probe: 0 with the span, KNHK_STORE_ABSENT, another negative store code,
+   or 1 when the fast path does not apply (closed, compressed, key type);
+   PROBE_PY_ERROR with a Python error set. */
+#define PROBE_PY_ERROR (-1000000)
+static inline int64_t probe(StoreBase *self, PyObject *key, uint64_t *off, uint64_t *len) {
+    if (fast_unlikely(self->store == NULL)) return 1;
     const char *kp;
     Py_ssize_t kl;
-    if (fast_likely(PyBytes_CheckExact(key))) {
-        kp = PyBytes_AS_STRING(key);
-        kl = PyBytes_GET_SIZE(key);
-    } else if (PyUnicode_CheckExact(key)) {
-        kp = PyUnicode_AsUTF8AndSize(key, &kl); /* cached on the str after the first call */
-        if (kp == NULL) return NULL;
-    } else {
-        return call_slow(st, key, 0, dflt); /* bytearray, memoryview, or a TypeError */
+    int k = key_span(key, &kp, &kl);
+    if (fast_unlikely(k <= 0)) return k == 0 ? 1 : PROBE_PY_ERROR;
+    return knhk_store_lookup(self->store, kp, (size_t)kl, off, len);
+}
+
+/* self._<which>_slow(*args, **kwnames), one vectorcall. */
+static PyObject *call_slow_kw(StoreBase *self, int which, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *name = slow_interned[which];
+    if (fast_unlikely(name == NULL)) {
+        name = PyUnicode_InternFromString(slow_names[which]);
+        if (name == NULL) return NULL;
+        slow_interned[which] = name;
     }
-    if (fast_unlikely(st->store == NULL)) return call_slow(st, key, KNHK_STORE_BROKEN - 1, dflt);
+    Py_ssize_t n = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[5], **argv = small;
+    if (n + 1 > 5 && (argv = PyMem_Malloc((size_t)(n + 1) * sizeof *argv)) == NULL) return PyErr_NoMemory();
+    argv[0] = (PyObject *)self;
+    for (Py_ssize_t i = 0; i < n; i++) argv[i + 1] = args[i];
+    PyObject *r = PyObject_VectorcallMethod(name, argv, (size_t)(nargs + 1), kwnames);
+    if (argv != small) PyMem_Free(argv);
+    return r;
+}
+
+static inline PyObject *call_slow(StoreBase *self, int which, PyObject *const *args, Py_ssize_t nargs) {
+    return call_slow_kw(self, which, args, nargs, NULL);
+}
+
+static PyObject *sb_get(StoreBase *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    /* Keywords and wrong arities: the Python path, for its signature's messages. */
+    if (fast_unlikely(nargs < 1 || nargs > 2 || kwnames != NULL))
+        return call_slow_kw(self, SLOW_GET, args, nargs, kwnames);
     uint64_t off, len;
-    int64_t r = knhk_store_lookup(st->store, kp, (size_t)kl, &off, &len);
-    if (fast_likely(r == 0)) return PySequence_GetSlice(st->view, (Py_ssize_t)off, (Py_ssize_t)(off + len));
+    int64_t r = probe(self, args[0], &off, &len);
+    if (fast_likely(r == 0)) return view_span(self->view, off, len);
     if (r == KNHK_STORE_ABSENT) {
-        Py_INCREF(dflt);
-        return dflt;
+        PyObject *d = nargs == 2 ? args[1] : Py_None;
+        Py_INCREF(d);
+        return d;
     }
-    return call_slow(st, key, r, dflt);
+    if (r == PROBE_PY_ERROR) return NULL;
+    return call_slow(self, SLOW_GET, args, nargs);
 }
 
-static PyMethodDef getter_def = {"get", (PyCFunction)(void (*)(void))fast_get, METH_FASTCALL,
-                                 "get(key, default=None): the value of key as a read-only memoryview "
-                                 "into the file, or default."};
+static PyObject *sb_get_bytes(StoreBase *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (fast_unlikely(nargs < 1 || nargs > 2 || kwnames != NULL))
+        return call_slow_kw(self, SLOW_GET_BYTES, args, nargs, kwnames);
+    uint64_t off, len;
+    int64_t r = probe(self, args[0], &off, &len);
+    if (r == PROBE_PY_ERROR) return NULL;
+    if (fast_likely(r == 0 && len <= COPY_WITH_GIL_MAX)) {
+        /* The copy is taken under the SIGBUS guard and the header re-read after it
+           (knhk_store_copy): the value of one version of the file, or the slow path
+           raises StoreChangedError. The bytes object is not tracked by the cycle
+           collector, so allocating it runs no Python code: self->store is still
+           this generation's. */
+        knhk_store *store = self->store;
+        PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)len);
+        if (out == NULL) return NULL;
+        if (fast_likely(knhk_store_copy(store, off, len, (uint8_t *)PyBytes_AS_STRING(out)) == KNHK_OK)) return out;
+        Py_DECREF(out);
+    }
+    /* Absent (an alias? the default?), large, changed, damaged, compressed, closed. */
+    return call_slow(self, SLOW_GET_BYTES, args, nargs);
+}
 
-PyObject *fast_store_make_getter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyLong_Check(args[0]) || !PyMemoryView_Check(args[1]) || !PyCallable_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "make_store_getter(handle_address: int, view: memoryview, slow: callable, owner)");
+static PyObject *sb_subscript(StoreBase *self, PyObject *key) {
+    uint64_t off, len;
+    int64_t r = probe(self, key, &off, &len);
+    if (fast_likely(r == 0)) return view_span(self->view, off, len);
+    if (r == PROBE_PY_ERROR) return NULL;
+    return call_slow(self, SLOW_GETITEM, &key, 1);
+}
+
+static int sb_contains(StoreBase *self, PyObject *key) {
+    uint64_t off, len;
+    int64_t r = probe(self, key, &off, &len);
+    if (fast_likely(r == 0)) return 1;
+    if (r == KNHK_STORE_ABSENT) return 0;
+    if (r == PROBE_PY_ERROR) return -1;
+    PyObject *got = call_slow(self, SLOW_CONTAINS, &key, 1);
+    if (got == NULL) return -1;
+    int truth = PyObject_IsTrue(got);
+    Py_DECREF(got);
+    return truth;
+}
+
+/* _attach(gen, handle_address, view): reads go to this generation from now on.
+   handle_address 0: no C fast path (a compressed store); gen and view are still
+   held. */
+static PyObject *sb_attach(StoreBase *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyLong_Check(args[1]) || !PyMemoryView_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "_attach(gen, handle_address: int, view: memoryview)");
         return NULL;
     }
-    void *handle = PyLong_AsVoidPtr(args[0]);
-    if (handle == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "make_store_getter: NULL store handle");
-        return NULL;
-    }
-    getter_state *st = PyMem_Calloc(1, sizeof *st);
-    if (st == NULL) return PyErr_NoMemory();
-    st->store = handle;
-    Py_INCREF(args[1]);
-    st->view = args[1];
+    void *handle = PyLong_AsVoidPtr(args[1]);
+    if (handle == NULL && PyErr_Occurred()) return NULL;
+    PyObject *old_gen = self->gen, *old_view = self->view;
+    Py_INCREF(args[0]);
     Py_INCREF(args[2]);
-    st->slow = args[2];
-    PyObject *capsule = PyCapsule_New(st, CAPSULE_NAME, state_free);
-    if (capsule == NULL) {
-        Py_DECREF(st->view);
-        Py_DECREF(st->slow);
-        PyMem_Free(st);
-        return NULL;
-    }
-    PyObject *self = PyTuple_Pack(2, capsule, args[3]);
-    Py_DECREF(capsule);
-    if (self == NULL) return NULL;
-    PyObject *fn = PyCFunction_New(&getter_def, self);
-    Py_DECREF(self);
-    return fn;
-}
-
-PyObject *fast_store_detach(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 1 || !PyCFunction_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "detach_store_getter(getter)");
-        return NULL;
-    }
-    PyObject *self = PyCFunction_GET_SELF(args[0]);
-    getter_state *st = self && PyTuple_CheckExact(self) && PyTuple_GET_SIZE(self) == 2 ? state_of(self) : NULL;
-    if (st == NULL) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "detach_store_getter: not a store getter");
-        return NULL;
-    }
-    st->store = NULL;
+    self->gen = args[0];
+    self->view = args[2];
+    self->store = handle;
+    Py_XDECREF(old_view);
+    Py_XDECREF(old_gen); /* last: may free the old generation (runs its __del__) */
     Py_RETURN_NONE;
 }
+
+/* _detach() -> the generation (or None): the store reads nothing from now on. */
+static PyObject *sb_detach(StoreBase *self, PyObject *unused) {
+    PyObject *gen = self->gen, *view = self->view;
+    self->store = NULL;
+    self->gen = NULL;
+    self->view = NULL;
+    Py_XDECREF(view);
+    return gen != NULL ? gen : Py_NewRef(Py_None);
+}
+
+static PyMethodDef sb_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))sb_get, METH_FASTCALL | METH_KEYWORDS,
+     "get($self, key, default=None)\n--\n\nThe value of key (str, UTF-8 encoded, or bytes-like) as a read-only "
+     "memoryview into the file (zero-copy; decompressed into memory in a compressed store), or default "
+     "when key is absent. Raises StoreChangedError once the mapped file was rewritten or truncated in "
+     "place, StoreCorruptError for a damaged record, StoreClosedError after close(), TypeError for a key "
+     "of another type."},
+    {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "get_bytes($self, key, default=None)\n--\n\nThe value of key -- or of the record an alias names (typed records) "
+     "-- as a bytes copy (decompressed in a compressed store), or default when it is neither. The copy is "
+     "taken under the SIGBUS guard and the header re-read after it: the value of one version of the file, "
+     "or StoreChangedError, even while the file is rewritten in place. Raises AmbiguousKeyError for an "
+     "alias of several records, StoreClosedError after close(), and as get()."},
+    {"_attach", (PyCFunction)(void (*)(void))sb_attach, METH_FASTCALL,
+     "_attach(gen, handle_address, view): read this generation (handle_address 0: no C fast path)."},
+    {"_detach", (PyCFunction)sb_detach, METH_NOARGS, "_detach() -> the generation read until now, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef sb_members[] = {
+    {"_gen", T_OBJECT, offsetof(StoreBase, gen), READONLY, "the open file's generation, None when closed"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMappingMethods sb_as_mapping = {.mp_subscript = (binaryfunc)sb_subscript};
+static PySequenceMethods sb_as_sequence = {.sq_contains = (objobjproc)sb_contains};
+
+PyTypeObject fast_StoreBase_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "knhk_memory._fast.StoreBase",
+    .tp_basicsize = sizeof(StoreBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of WorkflowStore: get, get_bytes, store[key] and key in store on the open generation.",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)sb_dealloc,
+    .tp_traverse = (traverseproc)sb_traverse,
+    .tp_clear = (inquiry)sb_clear,
+    .tp_methods = sb_methods,
+    .tp_members = sb_members,
+    .tp_as_mapping = &sb_as_mapping,
+    .tp_as_sequence = &sb_as_sequence,
+};

@@ -150,12 +150,15 @@ def _die_with_parent(parent: int) -> None:
     22). Two guards: the kernel's parent-death signal (Linux prctl
     PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
     pid every 0.2 s -- for platforms without prctl, and for the race where
-    the parent died before the prctl took effect.
+    the parent died before the prctl took effect. Ctrl-C (SIGINT to the whole
+    foreground process group) is ignored here: the parent decides, and
+    terminates the pool (SIGTERM) as it unwinds.
     """
     import ctypes
     import signal
     import threading
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1

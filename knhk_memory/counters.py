@@ -21,6 +21,7 @@ striped counter can, but a read is then only a bracket), or histograms.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import mmap
@@ -28,6 +29,7 @@ import os
 import secrets
 import shlex
 import stat
+import weakref
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -214,7 +216,24 @@ def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int 
             os.unlink(name) if kind == "file" else _posixshmem.shm_unlink("/" + name)
         raise
     os.close(fd)
-    return _Mapping(mm, name, kind, os.getpid())
+    made = _Mapping(mm, name, kind, os.getpid())
+    _CREATED.add(made)
+    return made
+
+
+#: Named blocks this process created and has not unlinked: their names are removed at
+#: exit even when the blocks were never closed (a handle kept by a cycle, a global, a
+#: traceback), so a normal exit leaves nothing in /dev/shm (issue 22).
+_CREATED: weakref.WeakSet[_Mapping] = weakref.WeakSet()
+
+
+@atexit.register
+def _unlink_at_exit() -> None:
+    pid = os.getpid()
+    for m in list(_CREATED):
+        if m.unlink_pid == pid:
+            with contextlib.suppress(OSError):
+                m.unlink()
 
 
 def _attach_mapping(name: str | os.PathLike[str]) -> _Mapping:

@@ -343,3 +343,22 @@ def test_metrics_block_with_names_that_are_not_utf8_never_raises_unicode_errors(
     finally:
         other.close()
         m.close()
+
+
+def test_a_creator_that_exits_without_closing_leaves_no_segment():
+    # Blocks never closed, held by a daemon thread still running at exit (so never
+    # collected: before, their names stayed in /dev/shm), are unlinked at a normal
+    # exit; a forked child's exit does not unlink its parent's blocks.
+    code = ("import os, sys\nfrom knhk_memory import Counters, PatternStats\nfrom knhk_memory.metrics import Metrics\n"
+            "keep = [Counters(['a'], shared=True), PatternStats(shared=True), Metrics(shared=True, max_cells=8)]\n"
+            "import threading, time\n"
+            "threading.Thread(target=lambda k=keep: time.sleep(60), daemon=True).start()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n    sys.exit(0)\n"
+            "os.waitpid(pid, 0)\n"
+            "print(os.getpid(), all(os.path.exists('/dev/shm/' + b.name) for b in keep[:3]), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid, after_child = out.stdout.split()
+    assert after_child == "True"
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"knhk_counters_{pid}_")] == []

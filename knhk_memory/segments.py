@@ -37,7 +37,7 @@ import stat
 from dataclasses import dataclass, field
 
 __all__ = ["SHM_DIR", "Segment", "inspect", "list_segments", "reclaim", "reclaim_for_create",
-           "process_start_time", "creator_stamp", "mapped_by"]
+           "process_start_time", "creator_stamp", "mapped_by", "maps_all"]
 
 SHM_DIR = "/dev/shm"
 COUNTERS_MAGIC = b"KNHCNTR1"
@@ -121,6 +121,23 @@ def mapped_by(st: os.stat_result) -> list[int]:
         except OSError:  # gone meanwhile, or another user's
             continue
     return found
+
+
+def maps_all(pid: int, files: list[os.stat_result]) -> bool:
+    """Does process ``pid`` map every one of ``files`` (by device and inode, so a file
+    already unlinked still counts)? False when its maps cannot be read."""
+    want = {(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", str(st.st_ino)) for st in files}
+    try:
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) >= 5:
+                    want.discard((parts[3], parts[4]))
+                    if not want:
+                        return True
+    except OSError:
+        return False
+    return not want
 
 
 @dataclass

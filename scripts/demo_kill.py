@@ -1,21 +1,23 @@
 """Kill ``knhk-memory demo --workers N`` mid-run and count what it leaves behind.
 
 Each round starts the demo in a session of its own, waits until its N worker
-processes exist and every one of them maps the run's shared counter block,
-then sends the signal: SIGKILL and SIGTERM to the demo process (``kill -9 PID``,
-``kill PID``), SIGINT to its process group (what Ctrl-C at a terminal does).
-Then, within ``--timeout`` seconds:
+processes exist and every one of them maps all of the run's shared blocks, and
+until the demo has unlinked the blocks' generated names (it does once every
+worker maps them), then sends the signal: SIGKILL and SIGTERM to the demo
+process (``kill -9 PID``, ``kill PID``), SIGINT to its process group (what
+Ctrl-C at a terminal does). With ``--early`` it signals as soon as the blocks
+exist, before the workers attach. Then, within ``--timeout`` seconds:
 
 - processes left: every process of the demo's session still running (zombies
   count as gone), after the demo itself was reaped. Goal 0.
 - segments left: /dev/shm entries named ``knhk_counters_<demo pid>_*`` (the
-  generated names of the run's counter, pattern and metrics blocks). Goal 0
-  after SIGTERM and SIGINT. A process killed with SIGKILL cannot remove its
-  own, so after SIGKILL the round also runs ``knhk-memory shm gc --prefix
-  knhk_counters_<demo pid>_`` and counts what it removed and what is left
-  (goal: all removed, 0 left).
+  generated names of the run's counter, pattern and metrics blocks). Goal 0.
+  A SIGKILL in the early window (before every worker attached) leaves them, as
+  nothing in a SIGKILLed process runs; the round then runs ``knhk-memory shm gc
+  --prefix knhk_counters_<demo pid>_`` and counts what it removed and what is
+  left (goal: all removed, 0 left).
 
-Usage: ``python scripts/demo_kill.py [--rounds 10] [--signals KILL,TERM,INT] [--workers 2] [--metrics]``;
+Usage: ``python scripts/demo_kill.py [--rounds 10] [--signals KILL,TERM,INT] [--workers 2] [--metrics] [--early]``;
 prints one JSON object per signal. docs/reliability.md quotes it;
 tests/test_demo_signals.py runs one round of each.
 """
@@ -31,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "HUP": signal.SIGHUP}
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -68,18 +70,26 @@ def _segments(pid: int) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"knhk_counters_{pid}_"))
 
 
-def _maps(pid: int, path: str) -> bool:
+def _mapped(pid: int, demo: int) -> set[str]:
+    """Names of the demo's generated blocks that process ``pid`` maps (unlinked ones too)."""
+    prefix = f"/dev/shm/knhk_counters_{demo}_"
+    out = set()
     try:
-        ino = str(os.stat(path).st_ino)
         with open(f"/proc/{pid}/maps") as f:
-            return any(line.split(None, 5)[4:5] == [ino] for line in f)
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith(prefix):
+                    out.add(parts[5].strip().removesuffix(" (deleted)")[len("/dev/shm/"):])
     except OSError:
-        return False
+        pass
+    return out
 
 
 def one_round(sig: str, workers: int = 2, metrics: bool = False, cases: int = 20_000_000,
-              timeout: float = 30.0, start_timeout: float = 120.0) -> dict[str, Any]:
-    """Start the demo, wait for its workers, send ``sig``; what is left."""
+              timeout: float = 30.0, start_timeout: float = 120.0, early: bool = False) -> dict[str, Any]:
+    """Start the demo, wait for its workers and for the demo to unlink its blocks'
+    names once they are attached (``early``: only until its blocks exist, before
+    the workers attach), send ``sig``; what is left."""
     cmd = [sys.executable, "-m", "knhk_memory", "demo", "--workers", str(workers), "--cases", str(cases),
            "--no-budgets", "--no-event-log", "--no-progress"] + (["--metrics"] if metrics else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -88,21 +98,29 @@ def one_round(sig: str, workers: int = 2, metrics: bool = False, cases: int = 20
     deadline = time.monotonic() + start_timeout
     worker_pids: list[int] = []
     try:
-        while True:  # the workers exist, and each maps the counter block
+        seen: set[str] = set()
+        while True:  # the workers exist, each maps every block, and the demo has unlinked their names
             if proc.poll() is not None:
                 raise RuntimeError(f"the demo exited early ({proc.returncode}): "
                                    f"{proc.stderr.read().decode(errors='replace')[-2000:]}")  # type: ignore[union-attr]
-            segs = _segments(pid)
+            seen.update(_segments(pid))
+            if early and len(seen) >= want_segments:
+                worker_pids = [p for p in session_processes(pid) if p != pid]
+                break
             worker_pids = [p for p in session_processes(pid)
                            if p != pid and "spawn_main" in _cmdline(p) and "resource_tracker" not in _cmdline(p)]
-            if len(segs) >= want_segments and len(worker_pids) == workers and \
-                    all(_maps(w, f"/dev/shm/{segs[0]}") for w in worker_pids):
-                break
+            maps = [_mapped(w, pid) for w in worker_pids]
+            attached = len(worker_pids) == workers and all(len(m) == want_segments for m in maps)
+            if attached:
+                seen.update(*maps)
+                if not _segments(pid):
+                    break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the demo's {workers} workers and {want_segments} segments did not appear in "
-                                   f"{start_timeout} s: workers {worker_pids}, segments {segs}")
-            time.sleep(0.05)
-        seen = _segments(pid)
+                raise RuntimeError(f"the demo's {workers} workers mapping {want_segments} blocks, names unlinked, "
+                                   f"did not appear in {start_timeout} s: workers {worker_pids}, maps {maps}, "
+                                   f"names {_segments(pid)}")
+            time.sleep(0.02)
+        unlinked_before_signal = not _segments(pid)
         t0 = time.monotonic()
         if sig == "INT":
             os.killpg(pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
@@ -124,7 +142,7 @@ def one_round(sig: str, workers: int = 2, metrics: bool = False, cases: int = 20
                                  f"knhk_counters_{pid}_", "--json"], capture_output=True, text=True, timeout=60)
             removed = sorted(s["name"] for s in json.loads(gc.stdout)["removed"])
         return {"signal": sig, "demo_pid": pid, "returncode": rc, "workers": worker_pids,
-                "segments_seen": seen, "processes_left": [(p, _cmdline(p)) for p in left],
+                "segments_seen": sorted(seen), "unlinked_before_signal": unlinked_before_signal, "processes_left": [(p, _cmdline(p)) for p in left],
                 "seconds_to_exit": round(seconds, 3), "segments_left_after_signal": segs_left,
                 "removed_by_gc": removed, "segments_left_after_gc": _segments(pid),
                 "stderr_tail": proc.stderr.read().decode(errors="replace")[-600:] if rc is not None else ""}  # type: ignore[union-attr]
@@ -148,14 +166,17 @@ def main() -> None:
     ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--timeout", type=float, default=30.0)
     ap.add_argument("--verbose", action="store_true", help="print every round too")
+    ap.add_argument("--early", action="store_true", help="signal as soon as the blocks exist, before the workers "
+                    "attach (the window in which a SIGKILL leaves blocks for shm gc)")
     a = ap.parse_args()
     for sig in a.signals.split(","):
-        rounds = [one_round(sig, a.workers, a.metrics, timeout=a.timeout) for _ in range(a.rounds)]
+        rounds = [one_round(sig, a.workers, a.metrics, timeout=a.timeout, early=a.early) for _ in range(a.rounds)]
         if a.verbose:
             for r in rounds:
                 print(json.dumps(r))
         print(json.dumps({
-            "signal": sig, "rounds": len(rounds), "workers": a.workers, "metrics": a.metrics,
+            "signal": sig, "rounds": len(rounds), "workers": a.workers, "metrics": a.metrics, "early": a.early,
+            "rounds_unlinked_before_signal": sum(r["unlinked_before_signal"] for r in rounds),
             "rounds_with_processes_left": sum(bool(r["processes_left"]) for r in rounds),
             "processes_left": sum(len(r["processes_left"]) for r in rounds),
             "segments_seen": sum(len(r["segments_seen"]) for r in rounds),

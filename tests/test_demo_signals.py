@@ -27,16 +27,25 @@ def test_issue_input_kill_9_of_the_multi_worker_demo():
     r = demo_kill.one_round("KILL", workers=2, metrics=True)
     assert r["returncode"] == -signal.SIGKILL
     assert len(r["workers"]) == 2 and len(r["segments_seen"]) == 3  # counters, pattern stats, metrics
+    assert r["unlinked_before_signal"]  # every worker mapped the blocks, so the demo unlinked their names
     assert r["processes_left"] == []  # the workers die with their parent, by themselves
-    # A process killed with SIGKILL cannot remove its segments: `knhk-memory shm gc`
-    # removes exactly them (their creator is gone, no process maps them).
-    assert r["segments_left_after_signal"] == r["segments_seen"]
+    assert r["segments_left_after_signal"] == []
+
+
+def test_kill_9_before_the_workers_attach_leaves_blocks_that_shm_gc_removes():
+    # The demo is killed as soon as its blocks exist: the workers (still starting)
+    # exit by themselves; a SIGKILLed process cannot remove its blocks, so
+    # `knhk-memory shm gc` does: exactly them (their creator is gone, nothing maps them).
+    r = demo_kill.one_round("KILL", workers=2, metrics=True, early=True)
+    assert r["returncode"] == -signal.SIGKILL
+    assert r["processes_left"] == []
+    assert len(r["segments_seen"]) == 3 and r["segments_left_after_signal"] == r["segments_seen"]
     assert r["removed_by_gc"] == r["segments_seen"]
     assert r["segments_left_after_gc"] == []
 
 
-@pytest.mark.parametrize("sig,status", [("TERM", 128 + signal.SIGTERM), ("INT", 130)])
-def test_sigterm_and_ctrl_c_leave_nothing_behind(sig, status):
+@pytest.mark.parametrize("sig,status", [("TERM", 128 + signal.SIGTERM), ("INT", 130), ("HUP", 128 + signal.SIGHUP)])
+def test_sigterm_sighup_and_ctrl_c_leave_nothing_behind(sig, status):
     r = demo_kill.one_round(sig, workers=2)
     assert r["returncode"] == status, r["stderr_tail"]
     assert len(r["workers"]) == 2 and len(r["segments_seen"]) == 2

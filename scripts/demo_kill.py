@@ -142,7 +142,8 @@ def one_round(sig: str, workers: int = 2, metrics: bool = False, cases: int = 20
                                  f"knhk_counters_{pid}_", "--json"], capture_output=True, text=True, timeout=60)
             removed = sorted(s["name"] for s in json.loads(gc.stdout)["removed"])
         return {"signal": sig, "demo_pid": pid, "returncode": rc, "workers": worker_pids,
-                "segments_seen": sorted(seen), "unlinked_before_signal": unlinked_before_signal, "processes_left": [(p, _cmdline(p)) for p in left],
+                "segments_seen": sorted(seen), "unlinked_before_signal": unlinked_before_signal,
+                "processes_left": [(p, _cmdline(p)) for p in left],
                 "seconds_to_exit": round(seconds, 3), "segments_left_after_signal": segs_left,
                 "removed_by_gc": removed, "segments_left_after_gc": _segments(pid),
                 "stderr_tail": proc.stderr.read().decode(errors="replace")[-600:] if rc is not None else ""}  # type: ignore[union-attr]

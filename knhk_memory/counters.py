@@ -21,12 +21,15 @@ striped counter can, but a read is then only a bracket), or histograms.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import mmap
 import os
 import secrets
 import shlex
+import stat
+import weakref
 from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-from . import _fast
+from . import _fast, segments
 from ._core import check, check_as, ffi, last_error, lib
 from .errors import (
     CounterIncrementError,
@@ -62,7 +65,6 @@ __all__ = ["Counters", "CounterWriter", "PatternStats", "PATTERNS", "pattern_nam
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 #: The mode a new shared block gets (exactly: the umask does not apply): owner only.
 DEFAULT_MODE = 0o600
-_CREATOR_PID_AT = 92  # byte offset of block_header.creator_pid (native/counters.c asserts it)
 # The statuses with an exception of their own (_core.check_as), made once, not per call.
 _BAD_INDEX = {lib.KNHK_ERR_INVALID: CounterIndexError}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -117,6 +119,18 @@ def _where(name: str) -> str:
     return os.path.abspath(name) if _is_path(name) else f"/dev/shm/{name}"
 
 
+def _owner_of(name: str) -> str:
+    """Who owns the block ``name``, for a refused open."""
+    try:
+        st = os.stat(_where(name))
+    except OSError:
+        return "it belongs to another user or its mode does not let this one in"
+    if st.st_uid != os.geteuid():
+        return (f"it belongs to another user, {segments.owner_text(st.st_uid)}, with mode "
+                f"0o{stat.S_IMODE(st.st_mode):o}; this user is {segments.owner_text(os.geteuid())}")
+    return f"it is this user's, but its mode 0o{stat.S_IMODE(st.st_mode):o} does not let this user in"
+
+
 def _open_fd(name: str, flags: int, mode: int = DEFAULT_MODE) -> tuple[int, str]:
     if "\0" in name:
         raise SharedBlockError(f"shared block name {name!r} contains a NUL character")
@@ -130,32 +144,42 @@ def _open_fd(name: str, flags: int, mode: int = DEFAULT_MODE) -> tuple[int, str]
         return _posixshmem.shm_open("/" + name, flags, mode), "shm"
     except PermissionError as exc:
         raise SharedBlockPermissionError(
-            f"cannot open the shared block {name!r} ({_where(name)}): {exc.strerror}; it belongs to another "
-            f"user or its mode does not let this one in (blocks are created with mode 0o{DEFAULT_MODE:o}, "
-            "owner only, unless [counters] mode says otherwise)") from None
+            f"cannot open the shared block {name!r} ({_where(name)}): {exc.strerror}; {_owner_of(name)} "
+            f"(blocks are created with mode 0o{DEFAULT_MODE:o}, owner only, unless [counters] mode says "
+            "otherwise)") from None
     except IsADirectoryError:
         raise SharedBlockError(f"{name!r} is a directory, not a counter block") from None
 
 
-def _creator(name: str) -> str:
-    """Who made the existing block ``name``, for the "already exists" message."""
-    try:
-        with open(_where(name), "rb") as f:
-            head = f.read(_CREATOR_PID_AT + 4)
-    except OSError as exc:
-        return f"its creator is unknown ({exc.strerror})"
-    if len(head) < _CREATOR_PID_AT + 4 or head[:8] != b"KNHCNTR1":
-        return "it is not a knhk counter block (or its creator crashed while formatting it)"
-    pid = int.from_bytes(head[_CREATOR_PID_AT:_CREATOR_PID_AT + 4], "little")
-    if pid == 0:
-        return "its creator's pid is not recorded (an older block)"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return f"it was created by pid {pid}, which is no longer running: most likely a leftover of a crash"
-    except PermissionError:
-        pass  # it exists, under another user
-    return f"it was created by pid {pid}, which is still running"
+def _taken(name: str, where: str, seg: segments.Segment | None, error: str = "") -> str:
+    """Why a new block cannot have ``name``: who has it, and what to do (issue 22)."""
+    head = f"a shared block named {name!r} already exists at {where}"
+    if seg is None:
+        if error:
+            return f"{head}; it cannot be inspected ({error}). Choose another name, or remove it if it is unused"
+        return f"{head}: another process made or removed it at the same moment; start again"
+    if not seg.ours:
+        made = (f", created by pid {seg.creator_pid}, which is "
+                f"{'still running' if seg.creator_alive else 'no longer running'}") if seg.creator_pid else ""
+        return (f"{head} and belongs to another user, {segments.owner_text(seg.uid)}{made}: this user "
+                f"({segments.owner_text(os.geteuid())}) can neither use nor remove it. Choose another name "
+                f"([counters] shared_name / [metrics] shared_name), or ask {segments.user_name(seg.uid)} or root "
+                f"to remove it (rm {shlex.quote(where)})")
+    if seg.kind is None:
+        return (f"{head} and is not a knhk block ({seg.why}). Choose another name, or remove it if nothing uses "
+                f"it (rm {shlex.quote(where)})")
+    cls = {"metrics": "Metrics", "patterns": "PatternStats"}.get(seg.kind, "Counters")
+    if seg.creator_alive:
+        return (f"{head}; it was created by pid {seg.creator_pid}, which is still running: another engine (or "
+                f"this one) uses the name. If that engine is yours to share, attach to it with "
+                f"{cls}.attach({name!r}); otherwise choose another name")
+    if seg.mapped_by:
+        return (f"{head}; it was created by pid {seg.creator_pid}, which is no longer running, but pid(s) "
+                f"{', '.join(map(str, seg.mapped_by))} still map it (workers of that engine?); it is kept while "
+                f"they use it. Stop them, or choose another name")
+    return (f"{head}; its creator is not recorded (a block of an older build). If no process uses it, remove it "
+            f"(rm {shlex.quote(where)}, or knhk-memory shm gc) and start again; if one does, attach to it with "
+            f"{cls}.attach({name!r}) or choose another name")
 
 
 def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int = DEFAULT_MODE) -> _Mapping:
@@ -167,14 +191,21 @@ def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int 
         raise TypeError(f"shared must be False, True, a shared-memory name or a file path, got {shared!r}")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
         raise ValueError(f"mode must be a permission mode with owner read and write, 0o600..0o777, got {mode!r}")
-    try:
-        fd, kind = _open_fd(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
-    except FileExistsError:
-        where = _where(name)
-        raise SharedBlockExistsError(
-            f"a shared block named {name!r} already exists at {where}; {_creator(name)}. If no process uses it, "
-            f"remove it (rm {shlex.quote(where)}) and start again; if one does, attach to it with "
-            f"Counters.attach({name!r}) or choose another name") from None
+    for attempt in (1, 2):
+        try:
+            fd, kind = _open_fd(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
+            break
+        except FileExistsError:
+            # A leftover of a killed creator (own, knhk, creator gone, mapped by no
+            # process) is removed and the name taken again; anything else is refused.
+            where, error = _where(name), ""
+            try:
+                _removed, present = segments.reclaim_for_create(where)
+            except OSError as exc:
+                present, error = None, exc.strerror or str(exc)
+            if present is None and not error and attempt == 1:
+                continue
+            raise SharedBlockExistsError(_taken(name, where, present, error)) from None
     try:
         os.fchmod(fd, mode)  # exactly the mode asked for: the umask does not apply
         os.ftruncate(fd, size)
@@ -185,7 +216,24 @@ def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int 
             os.unlink(name) if kind == "file" else _posixshmem.shm_unlink("/" + name)
         raise
     os.close(fd)
-    return _Mapping(mm, name, kind, os.getpid())
+    made = _Mapping(mm, name, kind, os.getpid())
+    _CREATED.add(made)
+    return made
+
+
+#: Named blocks this process created and has not unlinked: their names are removed at
+#: exit even when the blocks were never closed (a handle kept by a cycle, a global, a
+#: traceback), so a normal exit leaves nothing in /dev/shm (issue 22).
+_CREATED: weakref.WeakSet[_Mapping] = weakref.WeakSet()
+
+
+@atexit.register
+def _unlink_at_exit() -> None:
+    pid = os.getpid()
+    for m in list(_CREATED):
+        if m.unlink_pid == pid:
+            with contextlib.suppress(OSError):
+                m.unlink()
 
 
 def _attach_mapping(name: str | os.PathLike[str]) -> _Mapping:
@@ -230,6 +278,8 @@ class _Block:
         try:
             check(lib.knhk_counters_format(mapping.buf, size, self._flavor, len(names), blob, len(blob)),
                   "formatting the counter block")
+            if mapping.name is not None:  # who made it, for gc and the next start (knhk_memory.segments)
+                segments.stamp(mapping.mm)
             self._open(mapping)
         except BaseException:
             ffi.release(mapping.buf)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
-from . import _fast
+from . import _fast, segments
 from ._core import check, ffi, last_error, lib
 from .counters import Counters, PatternStats, _attach_mapping, _create_mapping
 from .errors import (
@@ -191,6 +191,8 @@ class Metrics:
         inner = _create_mapping(size, shared)
         try:
             check(lib.knhk_metrics_format(inner.buf, size, max_label_sets, max_cells), "formatting the metrics block")
+            if inner.name is not None:  # the creator's start time, beside the pid in the embedded counter header
+                segments.stamp(inner.mm, int.from_bytes(inner.mm[64:72], "little"))
             self._open(inner)
         except BaseException:
             ffi.release(inner.buf)

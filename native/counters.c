@@ -57,6 +57,8 @@ typedef struct {
     uint64_t checksum; /* FNV-1a over the fields above and the names */
     _Atomic uint32_t ready;
     uint32_t creator_pid; /* informational, outside the checksum: for the "already exists" message */
+    /* Bytes 96..103 (padding before the names at 128) hold the creator's start time, written by
+       knhk_memory/segments.py: with the pid it tells a dead creator from a reused pid. */
 } block_header;
 _Static_assert(offsetof(block_header, creator_pid) == 92 && sizeof(block_header) == 96,
                "knhk_memory/counters.py reads creator_pid at byte 92");

@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .info import add_info_command
     from .metrics import add_metrics_command
     from .run import add_run_command
+    from .shm import add_shm_command
     from .store import add_store_commands
 
     for add in (add_info_command, add_budget_command, add_store_commands, add_demo_command, add_run_command,
-                add_metrics_command):
+                add_metrics_command, add_shm_command):
         add(sub, common)
     return parser
 

@@ -48,7 +48,34 @@ def _seconds(text: str) -> float:
     return v
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the
+    run unwinds: the worker pool is terminated and the shared blocks are closed and
+    unlinked (issue 22: a plain SIGTERM used to leave them in /dev/shm)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: Any) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # once: a second signal must not cut the cleanup
+        signal.signal(s, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise _Stopped(signum)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _stop)
+    try:
+        return _run(args)
+    except _Stopped as exc:
+        return 128 + exc.signum
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     config = load_config(args.config)
@@ -66,10 +93,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         server = make_server(sources, args.metrics_bind, args.metrics_serve)
         host, port = server.server_address[:2]
         print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C to stop)", flush=True)
-        signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             server.serve_forever()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (_stop): the end of serving, not an error
             pass
         finally:
             server.server_close()

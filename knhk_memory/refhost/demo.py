@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import segments
 from ..config import CACHE_ENV, Config, cache_dir, validate
 from ..errors import CheckFailedError, ClusterError, HostError
 from ..launcher import launched_environment
@@ -150,12 +151,15 @@ def _die_with_parent(parent: int) -> None:
     22). Two guards: the kernel's parent-death signal (Linux prctl
     PR_SET_PDEATHSIG, SIGKILL), and a daemon thread that checks the parent's
     pid every 0.2 s -- for platforms without prctl, and for the race where
-    the parent died before the prctl took effect.
+    the parent died before the prctl took effect. Ctrl-C (SIGINT to the whole
+    foreground process group) is ignored here: the parent decides, and
+    terminates the pool (SIGTERM) as it unwinds.
     """
     import ctypes
     import signal
     import threading
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
@@ -199,11 +203,13 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     # launcher's variables back (knhk_configure took them out of os.environ).
     with launched_environment():
         pool = ctx.Pool(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    unlink = _UnlinkWhenAttached(engine, workers)
     with pool:
         pending = pool.map_async(_worker, jobs)
         seen = 0
         while not pending.ready():
             pending.wait(0.1)
+            unlink.poll()
             now = engine.counters.get(done_idx) - start  # the workers' shared counter
             if progress is not None and now > seen:
                 progress(now - seen)
@@ -215,6 +221,41 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
         progress(tally.cases - seen)
     tally.seconds = time.perf_counter() - t0
     return tally
+
+
+class _UnlinkWhenAttached:
+    """Remove the names of the run's generated blocks once every worker maps them.
+
+    The blocks the demo makes for its workers have generated names
+    (``knhk_counters_<pid>_<hex>``) that nothing outside the run attaches to.
+    Once each of the ``workers`` pool processes maps all of them, their names are
+    unlinked: the mappings stay valid, and a SIGKILL of the demo from then on
+    leaves nothing in /dev/shm (the workers die with it; issue 22). Configured
+    names (``[counters]``/``[metrics] shared_name``) stay: other tools attach to
+    them. Until every worker has attached, a SIGKILL leaves the blocks, as
+    leftovers ``knhk-memory shm gc`` removes.
+    """
+
+    def __init__(self, engine: Engine, workers: int) -> None:
+        self.workers = workers
+        self.blocks = [b for b in (engine.counters, engine.pattern_stats, engine.metrics)
+                       if b is not None and (b.name or "").startswith(f"knhk_counters_{os.getpid()}_")]
+        self.files: list[os.stat_result] = []
+        for b in self.blocks:
+            try:
+                self.files.append(os.stat(f"/dev/shm/{b.name}"))
+            except OSError:
+                self.blocks = []  # not in /dev/shm: leave the names alone
+                break
+
+    def poll(self) -> None:
+        if not self.blocks:
+            return
+        pids = [p.pid for p in multiprocessing.active_children() if p.pid is not None]
+        if len(pids) >= self.workers and sum(segments.maps_all(p, self.files) for p in pids) >= self.workers:
+            for b in self.blocks:
+                b.unlink()
+            self.blocks = []
 
 
 # ---------------------------------------------------------------- the run

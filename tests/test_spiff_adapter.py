@@ -52,6 +52,7 @@ def store_path(source):
 @pytest.fixture(scope="module")
 def loader(store_path):
     with SpiffLoader(store_path, trust_pickle=True) as ld:
+        assert ld.load_all() == len(ld._specs)  # from the one pickle of every spec
         yield ld
 
 
@@ -75,10 +76,11 @@ def test_every_model_runs_the_same_from_the_store_as_from_the_xml(loader, parsed
     ids = loader.process_ids()
     assert ids == sorted(parsed.get_process_ids()) and len(ids) >= 100
     kinds = set()
+    one_by_one = SpiffLoader(loader.store, trust_pickle=True, cache_size=0)  # each spec from its own record
     for pid in ids:
         want = models.final_state(models.run_to_end(_from_xml(parsed, pid)))
-        got = models.final_state(models.run_to_end(loader.workflow(pid)))
-        again = models.final_state(models.run_to_end(loader.workflow(pid)))  # a cached spec, reused
+        got = models.final_state(models.run_to_end(loader.workflow(pid)))  # specs restored by load_all, cached
+        again = models.final_state(models.run_to_end(one_by_one.workflow(pid)))
         assert want[0] is True
         assert got == want, pid
         assert again == want, pid
@@ -435,6 +437,23 @@ def test_a_damaged_spec_record_is_a_corrupt_error_not_a_workflow(store_path, tmp
                                                     r"restore|pickle5 frame"):
             ld.workflow("order_0")
         assert ld.workflow("order_1") is not None  # the others are untouched
+
+
+def test_a_damaged_all_specs_record_is_a_corrupt_error(store_path, tmp_path):
+    from knhk_memory.records import encode
+    from knhk_memory.store import WorkflowStore, WorkflowStoreWriter
+
+    for bad, match in ((b"\x00" * 5, r"pickle5 frame of 5 bytes"),
+                       (encode({"order_0": 1}, "pickle5"), r"does not hold the \d+ specs the index names")):
+        out = tmp_path / "damaged.kst"
+        out.unlink(missing_ok=True)
+        with WorkflowStore(store_path) as src, WorkflowStoreWriter(out) as w:
+            for k, v in src.items():
+                w._add_plain(k, bad if k == spiff.BUNDLE_KEY.encode() else bytes(v))
+        with SpiffLoader(out, trust_pickle=True) as ld, pytest.raises(StoreCorruptError, match=match):
+            ld.load_all()
+        with SpiffLoader(out, trust_pickle=True, cache_size=10) as ld:  # too small a cache: spec by spec
+            assert ld.load_all() == len(ld._specs)
 
 
 def test_a_source_without_models_is_an_error(tmp_path):

@@ -324,7 +324,8 @@ def report(files: int = FILES) -> None:
                 floor = c["(floor: interpreter + import SpiffWorkflow.bpmn.workflow)"]
                 print(f"  to {when}: SpiffBpmnParser / store {c['SpiffBpmnParser'] / c['store']:.2f}x (goal >= 3); "
                       f"serializer / store {c['BpmnWorkflowSerializer JSON'] / c['store']:.2f}x; above the floor: "
-                      f"parser {(c['SpiffBpmnParser'] - floor) * 1e3:.1f} ms, store {(c['store'] - floor) * 1e3:.1f} ms")
+                      f"parser {(c['SpiffBpmnParser'] - floor) * 1e3:.1f} ms, "
+                      f"store {(c['store'] - floor) * 1e3:.1f} ms")
         w = warm(d, root)
         print(f"\none spec ({PID} + subprocesses) to a runnable BpmnWorkflow, warm (median of 9 x 200):")
         for k, v in w.items():

@@ -38,7 +38,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterBuildError, EngineVersionError, StoreCorruptError, UnknownProcessError, did_you_mean
@@ -121,6 +120,8 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
         serialized, each named with SpiffWorkflow's error (all listed in the
         message and in ``.problems``), unless ``skip_invalid``.
     """
+    from pathlib import Path  # not at the top: a loader's cold start does not need it
+
     from ..errors import StoreError, StoreNotFoundError
     from ..records import Encoded, check_template, decode, encode, template_fields
     from ..store import WorkflowStoreWriter

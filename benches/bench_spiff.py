@@ -303,7 +303,8 @@ def metric_cost(d: dict, repeats: int = 5) -> dict[str, float]:
             "whole_run_diff": statistics.median(metered) / statistics.median(plain) - 1}
 
 
-def report(files: int = FILES, *, repeats: int = 9, cold_only: bool = False) -> None:
+def report(files: int = FILES, *, repeats: int = 9, cold_only: bool = False,
+           cold_modes: tuple[str, ...] = ("installed", "nopyc", "editable")) -> None:
     global FILES
     FILES = files
     with tempfile.TemporaryDirectory(prefix="knhk-spiff-bench-") as tmp:
@@ -315,13 +316,15 @@ def report(files: int = FILES, *, repeats: int = 9, cold_only: bool = False) -> 
 
         print(f"SpiffWorkflow {spiff_version()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
               f"{len(d['needs'])} processes, {len(d['pickles'])} specs; store {d['store'].stat().st_size:,} bytes")
-        modes = [("installed, bytecode compiled (what a pip-installed user has)",
-                  installed_python(root, pyc=True), True),
-                 ("installed, no bytecode (PYTHONDONTWRITEBYTECODE=1, knhk_memory compiled from source each time)",
-                  installed_python(root, pyc=False), False),
-                 ("this checkout's editable install (its import hook on every start), bytecode cached",
-                  sys.executable, True)]
-        for title, python, pyc in modes:
+        modes = [("installed", "installed, bytecode compiled (what a pip-installed user has)", True),
+                 ("nopyc", ("installed, no bytecode (PYTHONDONTWRITEBYTECODE=1, knhk_memory compiled from source "
+                           "each time)"), False),
+                 ("editable", "this checkout's editable install (its import hook on every start), bytecode cached",
+                  True)]
+        for key, title, pyc in modes:
+            if key not in cold_modes:
+                continue
+            python = sys.executable if key == "editable" else installed_python(root, pyc=pyc)
             cold = cold_start(root, d, python=python, pyc=pyc, repeats=repeats)
             print(f"\ncold start, {title}; median of {repeats}, interleaved:")
             print(f"  {'':<66} {'to ready':>9} {'CPU':>9} {'to exit':>9}")
@@ -361,5 +364,7 @@ if __name__ == "__main__":
     ap.add_argument("--files", type=int, default=FILES, help="model files (2 processes each; default %(default)s)")
     ap.add_argument("--repeats", type=int, default=9, help="cold-start rounds (default %(default)s)")
     ap.add_argument("--cold-only", action="store_true", help="only the cold-start tables")
+    ap.add_argument("--cold-modes", default="installed,nopyc,editable",
+                    help="cold-start setups, comma-separated (default %(default)s)")
     a = ap.parse_args()
-    report(a.files, repeats=a.repeats, cold_only=a.cold_only)
+    report(a.files, repeats=a.repeats, cold_only=a.cold_only, cold_modes=tuple(a.cold_modes.split(",")))

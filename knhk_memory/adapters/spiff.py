@@ -517,8 +517,10 @@ class TaskMetrics:
     def __init__(self, metrics: Any = None, *, shared: bool | str = False, pattern_stats: Any = None,
                  prefix: str = "spiff_") -> None:
         from ..counters import PATTERNS
-        from ..metrics import Metrics
+        from ..metrics import Metrics, generate
         from . import spiff_patterns
+
+        self._generate = generate
 
         self._pnames = PATTERNS  # imported here, not in the callbacks: threads run those (fork hazard)
         self._sp = spiff_patterns
@@ -667,8 +669,6 @@ class TaskMetrics:
         tasks, "seconds": total latency, "buckets": {upper bound (s) or inf:
         cumulative count}, "patterns": {WCP id: tasks}}}`` for every type with a
         task."""
-        import math
-
         fams, _ = self.metrics.snapshot()
         rows = {d["name"]: r for d, r in fams}
         out: dict[str, dict[str, Any]] = {}
@@ -677,7 +677,7 @@ class TaskMetrics:
             if not n:
                 continue
             running, buckets = 0, {}
-            for b, c in zip((*BOUNDS_S, math.inf), cells[:-1]):
+            for b, c in zip((*BOUNDS_S, float("inf")), cells[:-1]):
                 running += c
                 buckets[b] = running
             out[t] = {"count": n, "seconds": cells[-1] / 1e9, "buckets": buckets, "patterns": {}}
@@ -688,9 +688,7 @@ class TaskMetrics:
 
     def exposition(self, *, openmetrics: bool = False) -> str:
         """The block in the Prometheus text format 0.0.4 (or OpenMetrics 1.0)."""
-        from ..metrics import generate
-
-        return generate(self.metrics, openmetrics=openmetrics)
+        return str(self._generate(self.metrics, openmetrics=openmetrics))
 
 
 def _attach_task_metrics(name: str, pattern_stats: Any, prefix: str) -> TaskMetrics:

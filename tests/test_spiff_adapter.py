@@ -142,6 +142,7 @@ def test_json_codec_store_runs_the_same(source, tmp_path, parsed):
     build_spiff_store(source, out, codec="json")
     with SpiffLoader(out) as ld:  # no pickle: no trust needed
         assert ld.store.meta("order_2").codec == "json"
+        assert "bundle" not in ld.index and ld.load_all() == len(ld._specs)  # spec by spec
         for pid in ("order_0", "order_1", "order_2", "refund_5", "lib_0"):
             want = models.final_state(models.run_to_end(_from_xml(parsed, pid)))
             assert models.final_state(models.run_to_end(ld.workflow(pid))) == want

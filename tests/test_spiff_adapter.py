@@ -100,6 +100,9 @@ def test_keys_aliases_and_metadata(loader, store_path):
     assert m.codec == "pickle5" and m.producer == f"SpiffWorkflow {spiff.spiff_version()}"
     assert m.meta["subprocesses"] == ["lib_3", "o3_sub_30"] or "lib_3" in m.meta["subprocesses"]
     assert m.meta["file"] == "orders/order_003.bpmn"
+    # the gateways' patterns (the rest are WCP-1 steps and are left out)
+    assert {tuple(v) for v in m.meta["patterns"].values()} >= {(2,), (3,), (4,), (5,), (11,)}
+    assert s.meta("pat_cycle").meta["patterns"]["pc_loopmerge_4"] == [5, 21]
 
 
 def test_unknown_process_names_the_id_and_the_nearest(loader):

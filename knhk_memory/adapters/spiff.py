@@ -125,6 +125,7 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
     from ..errors import StoreError, StoreNotFoundError
     from ..records import Encoded, check_template, decode, encode, template_fields
     from ..store import WorkflowStoreWriter
+    from .spiff_patterns import process_patterns
 
     if codec not in SPEC_CONTENT_TYPE:
         raise ValueError(f"codec must be one of {', '.join(SPEC_CONTENT_TYPE)}, got {codec!r}")
@@ -239,7 +240,9 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
             meta = {"engine": "SpiffWorkflow", "parser": "spiff", "process_id": name,
                     "executable": name in needs, "subprocesses": needs.get(name, []),
                     "file": rel(pp.filename) if pp is not None and pp.filename else None,
-                    "task_types": types}
+                    "task_types": types,
+                    # WCP ids of the task specs that are more than a step in sequence (WCP-1)
+                    "patterns": {n: list(ids) for n, ids in sorted(process_patterns(spec).items()) if ids != (1,)}}
             value = encoded[name]
             w.add(keys[name], value, codec=codec, content_type=SPEC_CONTENT_TYPE[codec], meta=meta,
                   aliases=[name], producer=producer)

@@ -360,7 +360,8 @@ def test_pattern_map_of_each_construct(loader):
     assert mapped("pat_arbitrary") == {"pa_pick_4": (4,), "pa_m1_5": (5, 10), "pa_m2_6": (5, 10), "pa_test_7": (4,),
                                        "pat_arbitrary.EndJoin": (11,)}
     assert mapped("pat_cancel") == {"pb_recv_2": (24,), "pb_boundary_4": (19,), "pb_boundary_12": (25,),
-                                    "pb_sp_recv_2": (24,), "pat_cancel.EndJoin": (11,), "pb_sub_5.EndJoin": (11,)}
+                                    "pb_sp_recv_2": (24,), "pat_cancel.EndJoin": (11,), "pb_sub_5.EndJoin": (11,),
+                                    "pb_sub_5.BoundaryEventSplit": (8,)}  # two flows into the region
     assert mapped("pat_terminate") == {"pt_and_1": (2,), "pt_end_6": (43,), "pt_recv_8": (24,),
                                        "pat_terminate.EndJoin": (11,)}
     assert mapped("pat_uncontrolled") == {"pu_and_1": (2,), "pu_script_10": (8,), "pat_uncontrolled.EndJoin": (11,)}

@@ -31,7 +31,9 @@ patterns (a gateway that merges and splits; a merge that a loop returns to):
 - ``_EndJoin`` (SpiffWorkflow's end of a (sub)process, reached when all its
   end events are): 11 Implicit Termination.
 - An activity (no gateway) with more than one incoming flow: 8 Multi-Merge
-  (each token runs it again); with more than one outgoing flow: 2 Parallel
+  (each token runs it again; for an activity with boundary events, counted
+  at SpiffWorkflow's ``BoundaryEventSplit`` before it, where the flows
+  meet); with more than one outgoing flow: 2 Parallel
   Split (BPMN's uncontrolled flow; SpiffWorkflow's parser refuses it today).
 - Anything else: 1 Sequence. Tasks, start and plain end events, subprocesses
   and call activities, timers, and SpiffWorkflow's internal start and
@@ -188,11 +190,14 @@ def task_spec_patterns(ts: Any, cycle: int | None = None) -> tuple[int, ...]:
             found.add(24)
         elif "Signal" in kind:
             found.add(23)
-    if gateway is None and not (names & _PLUMBING) and "EventBasedGateway" not in names:
-        if n_out > 1 and "BoundaryEvent" not in names:
+    if gateway is None and "EventBasedGateway" not in names:
+        plumbing = bool(names & _PLUMBING)
+        if n_out > 1 and not plumbing and "BoundaryEvent" not in names:
             found.add(2)  # BPMN uncontrolled flow: every outgoing flow gets a token
-        if n_in > 1 and "_EndJoin" not in names:
-            found.add(8)  # each incoming token runs the activity again
+        if n_in > 1 and "_EndJoin" not in names and (not plumbing or "BoundaryEventSplit" in names):
+            # each incoming token runs the activity again (for an activity with boundary events,
+            # SpiffWorkflow's split before it is where the flows meet)
+            found.add(8)
     if cycle is not None:
         found.add(cycle)
     return tuple(sorted(found)) or SEQUENCE

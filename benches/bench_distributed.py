@@ -10,7 +10,8 @@ Compared in the same run, on the demo's store (3,000 workflows), 40,000 cases, s
   cluster start and worker setup included;
 - the same cases on an already running LocalCluster(2), for batch sizes from 20,000 cases
   down to 50: the run time, Dask's overhead per batch and its share of a batch's work;
-- the same run with one worker SIGKILLed after half the batches, against none.
+- the same run with one worker SIGKILLed after half the batches, against none;
+- the store shipped by content to a fresh LocalCluster(2) (one node): bytes fetched per node.
 
 Dask's fixed cost per batch is measured apart, with batches of zero cases (the whole task
 path: submit, schedule, the worker's session and lock, the counter snapshots, the result
@@ -24,6 +25,7 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -214,6 +216,29 @@ def main() -> None:
     print(f"  none:   run {n['seconds']:.2f} s, total {n['_total']:.2f} s")
     print(f"  killed: run {k['seconds']:.2f} s, total {k['_total']:.2f} s; every check passed, counters "
           f"{'equal' if k['counters'] == n['counters'] else 'DIFFER'}")
+    for r in killed:
+        [node] = r["cluster"]["nodes"]
+        print(f"    node block: {node['block_counters']['cases_started']:,} cases started, "
+              f"{node['merged_counters']['cases_started']:,} in merged batches, "
+              f"{node['unreported_counters']['cases_started']:,} in runs whose results died with the worker")
+
+    saved = os.environ.get("KNHK_MEMORY_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["KNHK_MEMORY_CACHE"] = cache  # a fresh node cache: the workers must fetch the store
+        try:
+            r = timed(cluster="local:2", ship_store="content", cases=2000)
+            again = timed(cluster="local:2", ship_store="content", cases=2000)
+        finally:
+            if saved is None:
+                del os.environ["KNHK_MEMORY_CACHE"]
+            else:
+                os.environ["KNHK_MEMORY_CACHE"] = saved
+    x = r["cluster"]
+    per_node = [n["store_bytes_fetched"] for n in x["nodes"]]
+    print(f"store shipped by content to local:2 (one node, two workers): store {x['store_size']:,} bytes, "
+          f"fetched {per_node} bytes per node, worker setup {x['setup_seconds']:.2f} s; "
+          f"again with the node cache warm: {again['cluster']['store_bytes_fetched']:,} bytes fetched, setup "
+          f"{again['cluster']['setup_seconds']:.2f} s")
     sys.stdout.flush()
 
 

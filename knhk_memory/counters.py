@@ -333,6 +333,12 @@ class _Block:
         """Remove the block's name now (attached processes keep their mapping)."""
         self._mapping.unlink()
 
+    def keep_name(self) -> None:
+        """Leave the name in place when this handle closes, also in the process that
+        created the block: whoever decides that the last user is gone removes it
+        with :meth:`unlink` (knhk_memory.distributed's node-shared blocks)."""
+        self._mapping.unlink_pid = None
+
     def __enter__(self) -> Any:
         return self
 

@@ -3,7 +3,8 @@
 # machine or an old one. Every step checks before it acts, so it can run twice.
 #
 #   bash scripts/dev.sh run     # set up, then run the main job
-#   bash scripts/dev.sh test    # set up, run the static checks (scripts/check.sh), then the test suite
+#   bash scripts/dev.sh test    # set up, run the static checks (scripts/check.sh), the test suite,
+#                               # then the suite under ASan+UBSan (scripts/sanitize.sh)
 #   bash scripts/dev.sh bench   # set up, then run the benchmarks (benches/)
 #   bash scripts/dev.sh setup   # set up only
 #
@@ -87,7 +88,14 @@ case "$cmd" in
     VENV="$VENV" bash "$ROOT/scripts/check.sh"
     # -p no:cacheprovider: a read-only or fresh checkout needs no .pytest_cache
     # --knhk-budgets: the hot-path budgets are part of the run (see docs/budgets.md).
-    exec "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@" ;;
+    "$VENV/bin/python" -m pytest -p no:cacheprovider --knhk-budgets "$@"
+    # Then the suite again against a C core built with ASan and UBSan, in a copy
+    # of the tree (scripts/sanitize.sh). Only for the whole run: with pytest
+    # arguments (one file, -k ...) it is left out; KNHK_SANITIZE_TESTS=0 leaves
+    # it out too.
+    if [ $# -eq 0 ] && [ "${KNHK_SANITIZE_TESTS:-1}" != 0 ]; then
+      exec bash "$ROOT/scripts/sanitize.sh"
+    fi ;;
   bench)
     setup
     if ! "$VENV/bin/python" -c 'import matplotlib, pytest_benchmark, lmdb, cdblib, stringzilla, atomics' 2>/dev/null; then

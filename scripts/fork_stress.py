@@ -44,6 +44,7 @@ from typing import Any
 
 HANG, FAILED = 3, 4
 _STORE: str | None = None  # py mode: a store file the trials open
+_KEEP: list[Any] = []  # c mode: block memory that must stay mapped until the trial exits
 
 
 # ---------------------------------------------------------------- services
@@ -87,7 +88,13 @@ def c_services() -> tuple[list[tuple[str, Callable[[], Any]]], Callable[[], None
     assert lib.knhk_counters_open(buf, size, handle) == 0
     c = handle[0]
 
-    keep = (mem, buf)  # the block's memory lives as long as the closures using it
+    # The block's memory outlives the trial: the handle is never closed, and a worker
+    # thread's exit destructor (which gives its slot back in the block) can run after
+    # join() has returned and trial() has dropped its locals. Unmapping the block under
+    # an open handle is the caller's error in the C API (Counters closes the handle
+    # first); here it crashed 2 trials in 3,600 under load with SIGSEGV.
+    _KEEP.append((mem, buf))
+    keep = (mem, buf)
 
     def counters() -> int:
         assert keep and lib.knhk_counters_add(c, 0, 1) == 0
@@ -197,6 +204,9 @@ def wait_child(pid: int, timeout: float) -> int | None:
 
 def trial(mode: str, seed: int, timeout: float) -> int:
     """Runs in a fresh trial process; returns its exit code."""
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a crash names its thread and Python frame, on stderr
     rng = random.Random(seed)
     services, check = c_services() if mode == "c" else py_services()
     workers = rng.randint(1, 3)
@@ -220,6 +230,9 @@ def trial(mode: str, seed: int, timeout: float) -> int:
                 os._exit(FAILED)
             os._exit(0)
         code = wait_child(pid, timeout)
+        if code not in (None, 0):
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            print(f"forked child (seed {seed}) ended with {how}", file=sys.stderr, flush=True)
         result.append(HANG if code is None else (0 if code == 0 else FAILED))
 
     def worker(k: int) -> None:
@@ -280,6 +293,8 @@ def run(mode: str, tries: int, timeout: float, seed: int) -> dict[str, Any]:
             print(f"try {i} (seed {seed + i}) hung", file=sys.stderr)
         elif code != 0:
             failures += 1
+            how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            print(f"try {i} (seed {seed + i}) failed: the trial ended with {how}", file=sys.stderr)
     if mode == "py" and _STORE:
         import shutil
 

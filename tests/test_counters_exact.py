@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +98,14 @@ def test_sums_over_slots_beyond_one_slot_stay_exact():
     assert int(c.values()[0]) == -2 * LIMIT
 
 
+def _wait_thread_gone(native_id: int | None, timeout_s: float = 10.0) -> None:
+    task = Path(f"/proc/self/task/{native_id}")
+    end = time.monotonic() + timeout_s
+    while task.exists():
+        assert time.monotonic() < end, f"thread {native_id} still running {timeout_s}s after join()"
+        time.sleep(0.001)
+
+
 def test_a_slot_keeps_its_count_for_its_next_owner():
     # The limit is per slot, across the threads that owned it in turn: a
     # thread that exits leaves its count in its slot (nothing is lost), and
@@ -104,6 +114,11 @@ def test_a_slot_keeps_its_count_for_its_next_owner():
     t = threading.Thread(target=c.add, args=("a", LIMIT))
     t.start()
     t.join()
+    # join() returns when Python is done with the thread; the slot goes back in the
+    # thread's pthread-key destructor, which runs after that, just before the OS thread
+    # ends. Wait for the OS thread itself, or the next thread may find the slot still
+    # owned and take another (seen under ASan, which slows thread exit down).
+    _wait_thread_gone(t.native_id)
     errors: list[BaseException] = []
 
     def again() -> None:

@@ -9,19 +9,24 @@ Dask task, run by the worker's :class:`~knhk_memory.refhost.Engine` (made by
 verified store). A case's workflow and path depend only on the seed and its
 number, so the totals do not depend on where a batch runs.
 
-Each task returns its :class:`~.engine.RunTally`, the deltas of its
-worker's counters and pattern statistics over the batch, and its work time.
-The client merges by batch id (:class:`~knhk_memory.distributed.BatchResults`)
-and drops each result's future once it has it, so a worker killed mid-run
-costs only its unfinished batches, which Dask runs again elsewhere, and every
-case is counted exactly once.
+The workers of one node count into one shared counter block and one
+pattern-statistics block (:class:`~knhk_memory.distributed.NodeBlocks`).
+Each task returns its :class:`~.engine.RunTally`, what its engine added to
+those blocks during the batch (metered by the engine,
+:meth:`~.engine.Engine.metered`: exact however many workers share the
+blocks), and its work time. The client merges by batch id
+(:class:`~knhk_memory.distributed.BatchResults`) and drops each result's
+future once it has it, so a worker killed mid-run costs only its unfinished
+batches, which Dask runs again elsewhere, and every case is counted exactly
+once. At the end the client reads each node's blocks and compares them with
+the merged batches that ran on that node (:func:`node_rows`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -35,15 +40,17 @@ from ..distributed import (
     connect,
     register,
     session,
+    stage_store,
     sum_counters,
     unregister,
+    unstage_store,
     worker_addresses,
     worker_figures,
 )
 from ..errors import ClusterError, HostError, KnhkMemoryError
 from .engine import PATTERN_SLOTS, Engine, RunTally
 
-__all__ = ["DEFAULT_BATCH_CASES", "ClusterRun", "run_batch", "run_on_cluster", "batch_count"]
+__all__ = ["DEFAULT_BATCH_CASES", "ClusterRun", "run_batch", "run_on_cluster", "batch_count", "node_rows"]
 
 DEFAULT_BATCH_CASES = 5000
 
@@ -68,38 +75,28 @@ def split_batches(cases: int, seed: int, workflows: int, k: int) -> tuple[list[n
     return [np.ascontiguousarray(p) for p in np.split(numbers[order], bounds)], which
 
 
-def _pattern_arrays(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
-    rows = engine.pattern_stats.as_dict(all_patterns=True)
-    execs = np.zeros(PATTERN_SLOTS, dtype=np.int64)
-    ticks = np.zeros(PATTERN_SLOTS, dtype=np.int64)
-    for p, r in rows.items():
-        execs[p], ticks[p] = r["executions"], r["total_ticks"]
-    return execs, ticks
-
-
 def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: int,
               sample: list[int]) -> dict[str, Any]:
     """The task: run batch ``batch_id`` (the cases ``case_numbers``, int64) on this worker's engine.
 
-    Returns ``{"batch", "worker", "pid", "tally", "counters", "pattern_executions",
-    "pattern_ticks", "seconds"}``: counters and pattern figures are deltas of
-    this worker's own blocks over this batch (the worker's lock keeps other
-    batches out meanwhile); ``seconds`` is the batch's work time.
+    Returns ``{"batch", "worker", "pid", "node", "tally", "counters",
+    "pattern_executions", "pattern_ticks", "seconds"}``: counters and pattern
+    figures are what this batch added to its node's shared blocks (metered by
+    the engine; the node's other workers add to the same blocks meanwhile);
+    ``seconds`` is the batch's work time.
     """
     plugin = session(plugin_name)
     with plugin.lock:
         engine: Engine = plugin.session
         engine.bind_thread()
-        before = engine.counters.snapshot()
-        e0, t0 = _pattern_arrays(engine)
         start = time.perf_counter()
-        tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
+        with engine.metered() as meter:
+            tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
         seconds = time.perf_counter() - start
-        after = engine.counters.snapshot()
-        e1, t1 = _pattern_arrays(engine)
-    return {"batch": batch_id, "worker": plugin.address, "pid": os.getpid(), "tally": tally,
-            "counters": {k: v - before.get(k, 0) for k, v in after.items()},
-            "pattern_executions": e1 - e0, "pattern_ticks": t1 - t0, "seconds": seconds}
+    return {"batch": batch_id, "worker": plugin.address, "pid": os.getpid(),
+            "node": plugin.node.node if plugin.node is not None else None, "tally": tally,
+            "counters": meter.counter_dict(), "pattern_executions": meter.pattern_executions,
+            "pattern_ticks": meter.pattern_ticks, "seconds": seconds}
 
 
 class ClusterRun:
@@ -152,9 +149,12 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     client, local = connect(spec, timeout=timeout)
     start_seconds = time.perf_counter() - t_start
     plugin = KnhkWorkerPlugin(config, artifact, host=Engine)
-    registered = False
+    registered = staged = False
     try:
         t0 = time.perf_counter()
+        if artifact.shipping == "content":  # on the scheduler, for each node's first worker to fetch
+            stage_store(client, artifact)
+            staged = True
         register(client, plugin, timeout=timeout)
         registered = True
         setup_seconds = time.perf_counter() - t0
@@ -165,6 +165,7 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         for c in sorted(c for c in sample if 0 <= c < cases):
             sampled.setdefault(int(which[c]), []).append(c)
         results = BatchResults(range(k))
+        dropped: list[dict[str, Any]] = []  # repeated results: not merged, but their adds are in a node block
         t0 = time.perf_counter()
         futures = []
         for i, part in enumerate(parts):
@@ -187,6 +188,8 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
                         progress(int(r["tally"].cases))
                     if on_result is not None:
                         on_result(r, client)
+                else:
+                    dropped.append(r)
         except BaseException:
             client.cancel(futures)
             raise
@@ -198,16 +201,18 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     finally:
         if registered:
             unregister(client, plugin)
+        if staged:
+            unstage_store(client, artifact)
         client.close()
         if local is not None:
             local.close()
-    return _merge(results, k, wall, spec, artifact, batch_cases, start_seconds, setup_seconds,
+    return _merge(results, dropped, k, wall, spec, artifact, batch_cases, start_seconds, setup_seconds,
                   workers_at_start, workers_at_end, live)
 
 
-def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifact: StoreArtifact,
-           batch_cases: int, start_seconds: float, setup_seconds: float, at_start: list[str], at_end: list[str],
-           live: dict[str, dict[str, Any]]) -> ClusterRun:
+def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: float, spec: ClusterSpec,
+           artifact: StoreArtifact, batch_cases: int, start_seconds: float, setup_seconds: float, at_start: list[str],
+           at_end: list[str], live: dict[str, dict[str, Any]]) -> ClusterRun:
     tally = RunTally(arenas=0)
     execs = np.zeros(PATTERN_SLOTS, dtype=np.int64)
     ticks = np.zeros(PATTERN_SLOTS, dtype=np.int64)
@@ -217,8 +222,8 @@ def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifa
         tally.merge(r["tally"])
         execs += r["pattern_executions"]
         ticks += r["pattern_ticks"]
-        w = per.setdefault(r["worker"], {"address": r["worker"], "pid": r["pid"], "batches": 0, "cases": 0,
-                                         "busy_seconds": 0.0, "counters": {}})
+        w = per.setdefault(r["worker"], {"address": r["worker"], "pid": r["pid"], "node": r["node"], "batches": 0,
+                                         "cases": 0, "busy_seconds": 0.0, "counters": {}})
         w["batches"] += 1
         w["cases"] += int(r["tally"].cases)
         w["busy_seconds"] += r["seconds"]
@@ -229,12 +234,11 @@ def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifa
     lost = sorted(set(at_start) - set(at_end))
     rows = []
     for addr in sorted(set(per) | set(live)):
-        w = per.get(addr, {"address": addr, "pid": live.get(addr, {}).get("pid"), "batches": 0, "cases": 0,
-                           "busy_seconds": 0.0, "counters": {}})
-        fig = live.get(addr)
-        w["alive_at_end"] = fig is not None
-        # the worker's own counter block: the sum over the batches it ran, when it is still there to ask
-        w["block_counters"] = fig.get("counters") if fig else None
+        fig = live.get(addr, {})
+        w = per.get(addr, {"address": addr, "pid": fig.get("pid"), "node": fig.get("node"), "batches": 0,
+                           "cases": 0, "busy_seconds": 0.0, "counters": {}})
+        w["alive_at_end"] = bool(fig)
+        w["store_bytes_fetched"] = fig.get("store_bytes_fetched")
         w["cases_per_second"] = w["cases"] / w["busy_seconds"] if w["busy_seconds"] else 0.0
         rows.append(w)
     n_batches = len(results.results)
@@ -244,10 +248,78 @@ def _merge(results: BatchResults, k: int, wall: float, spec: ClusterSpec, artifa
         "batches": n_batches, "batches_expected": k, "batch_cases": batch_cases,
         "duplicates_dropped": results.duplicates,
         "store_shipping": artifact.shipping, "store_sha256": artifact.sha256, "store_size": artifact.size,
+        "store_bytes_fetched": sum(w["store_bytes_fetched"] or 0 for w in rows),
         "start_seconds": start_seconds, "setup_seconds": setup_seconds, "wall_seconds": wall,
         "busy_seconds": busy,
         # the cluster's time not spent running batches, per batch: scheduling, transfer, idle tails
         "overhead_per_batch_seconds": max(0.0, wall * nworkers - busy) / max(1, n_batches),
         "per_worker": rows,
+        "nodes": node_rows(results, dropped, live, lost, per),
     }
+    read = {n["node"] for n in report["nodes"]}
+    # nodes that ran merged batches but had no live worker at the end: their blocks could not be read
+    report["nodes_unread"] = sorted({r["node"] for r in results.results.values()} - read - {None})
     return ClusterRun(tally, counters, execs, ticks, report)
+
+
+def node_rows(results: BatchResults, dropped: list[dict[str, Any]], live: dict[str, dict[str, Any]],
+              lost: list[str], per: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per node: its shared blocks as read at the end, against the batches run there.
+
+    ``block_*``: the node's shared counters and pattern figures (every add
+    any of its workers made in this run); ``merged_*``: the sum of the merged
+    batch results that ran on the node; ``dropped_*``: repeated results the
+    client did not merge (their adds are in the block too); ``unreported_*`` =
+    block - merged - dropped: adds of runs whose results never reached the
+    client, i.e. the batches a killed worker had finished but whose results
+    died with it (Dask runs them again), and the batch it was running when
+    killed, as far as it got. ``exact`` says the block equals merged +
+    dropped for every counter and pattern; ``lost_workers`` names the
+    workers lost on this node (a lost worker that reported no batch is
+    counted on every node: its node is unknown). With no lost worker,
+    ``unreported`` must be zero; with one, it is what the lost runs added,
+    never negative. The client's totals never include it.
+    """
+    by_node: dict[str, dict[str, Any]] = {}
+    for addr, fig in sorted(live.items()):
+        if "node" not in fig:
+            continue
+        n = by_node.setdefault(fig["node"], {"node": fig["node"], "host": fig.get("host"), "blocks": fig["node_blocks"],
+                                             "workers": [], "block_counters": fig["counters"],
+                                             "block_pattern_executions": fig["pattern_executions"],
+                                             "block_pattern_ticks": fig["pattern_ticks"],
+                                             "store_bytes_fetched": 0})
+        n["workers"].append(addr)
+        n["store_bytes_fetched"] += int(fig.get("store_bytes_fetched") or 0)
+    out = []
+    for node, n in sorted(by_node.items()):
+        def total(rs: Iterable[dict[str, Any]], node: str = node) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+            mine = [r for r in rs if r["node"] == node]
+            e = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+            t = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+            for r in mine:
+                e += r["pattern_executions"]
+                t += r["pattern_ticks"]
+            return sum_counters(r["counters"] for r in mine), e, t
+
+        mc, me, mt = total(results.results.values())
+        dc, de, dt = total(dropped)
+        block = n["block_counters"]
+        names = list(block)
+        unreported = {k: block[k] - mc.get(k, 0) - dc.get(k, 0) for k in names}
+        ue = np.asarray(n["block_pattern_executions"], dtype=np.int64) - me - de
+        ut = np.asarray(n["block_pattern_ticks"], dtype=np.int64) - mt - dt
+        n.update(
+            lost_workers=[a for a in lost if per.get(a, {}).get("node") in (node, None)],
+            merged_counters={k: mc.get(k, 0) for k in names},
+            merged_batches=sum(1 for r in results.results.values() if r["node"] == node),
+            dropped_counters={k: dc.get(k, 0) for k in names},
+            unreported_counters=unreported,
+            unreported_pattern_executions=int(ue.sum()),
+            exact=not any(unreported.values()) and not ue.any() and not ut.any(),
+            never_negative=min(unreported.values(), default=0) >= 0 and int(ue.min()) >= 0 and int(ut.min()) >= 0,
+        )
+        for key in ("block_pattern_executions", "block_pattern_ticks"):
+            n[key] = [int(v) for v in n[key]]
+        out.append(n)
+    return out

@@ -449,12 +449,27 @@ def _cluster_checks(checks: list[dict[str, Any]], crun: Any) -> None:
            f"{r['batches']} of {r['batches_expected']} batches merged; {r['duplicates_dropped']} repeated results "
            "dropped; "
            f"workers lost mid-run: {', '.join(r['workers_lost']) or 'none'}")
-    differ = [w["address"] for w in r["per_worker"]
-              if w["block_counters"] is not None and w["cases"]
-              and any(w["block_counters"].get(k, 0) != v for k, v in w["counters"].items())]
-    asked = sum(1 for w in r["per_worker"] if w["block_counters"] is not None and w["cases"])
-    _check(checks, "each live worker's own counters equal the sum of its batches",
-           not differ, f"{asked} worker block(s) compared" + (f"; differ: {', '.join(differ)}" if differ else ""))
+    # A node's shared blocks hold every add its workers made: the merged batches, the repeats
+    # dropped, and (only on a node that lost a worker) the adds of runs whose results died with it.
+    bad, parts = [], []
+    for n in r["nodes"]:
+        un = n["unreported_counters"]
+        if n["lost_workers"]:
+            ok = n["never_negative"] and un.get("cases_completed", 0) <= un.get("cases_started", 0)
+            parts.append(f"node {n['node']} ({len(n['workers'])} live worker(s), lost "
+                         f"{', '.join(n['lost_workers'])}): block = merged + dropped + "
+                         f"{un.get('cases_started', 0):,} cases started by runs whose results were lost")
+        else:
+            ok = n["exact"]
+            repeats = " + dropped repeats" if any(n["dropped_counters"].values()) else ""
+            parts.append(f"node {n['node']} ({len(n['workers'])} worker(s)): block = merged "
+                         f"{n['merged_batches']} batch(es){repeats}" + (", exactly" if ok else ""))
+        if not ok:
+            bad.append(f"node {n['node']}: unreported {un}")
+    for node in r.get("nodes_unread", []):
+        parts.append(f"node {node}: not read (no live worker of it at the end; its blocks stay in /dev/shm)")
+    _check(checks, "each node's shared counters equal its merged batches (plus the lost runs on a node that "
+           "lost a worker)", not bad and bool(r["nodes"]), "; ".join(bad or parts or ["no node blocks were read"]))
 
 
 def _check_event_log(checks: list[dict[str, Any]], logs: list[str], tally: RunTally) -> dict[str, Any]:
@@ -602,9 +617,18 @@ def format_summary(r: dict[str, Any]) -> str:
             out.append(f"  worker {w['address']:<24} pid {w['pid']!s:>7}  {w['batches']:>5,} batches "
                        f"{w['cases']:>10,} cases  busy {w['busy_seconds']:>7.2f} s  "
                        f"{w['cases_per_second']:>10,.0f} cases/s{state}")
+        for n in cl["nodes"]:
+            un = n["unreported_counters"].get("cases_started", 0)
+            out.append(f"  node {n['node']} ({n['host']}): {len(n['workers'])} worker(s) sharing {n['blocks']}; "
+                       f"{n['block_counters'].get('cases_started', 0):,} cases started in the block, "
+                       f"{n['merged_counters'].get('cases_started', 0):,} in its merged batches"
+                       + (f", {un:,} in runs whose results were lost" if un else "")
+                       + f"; store fetched: {n['store_bytes_fetched']:,} bytes")
     out.append("pattern executions:")
+    width = max((len(p["name"]) for p in r["patterns"]), default=0)
     for p in r["patterns"]:
-        out.append(f"  WCP-{p['id']:<3} {p['name']:<40} {p['executions']:>12,}   mean {p['mean_ticks']:>8.1f} ticks")
+        out.append(f"  WCP-{p['id']:<3} {p['name']:<{width}} {p['executions']:>12,}   "
+                   f"mean {p['mean_ticks']:>8.1f} ticks")
     c = r["counters"]
     out.append("counters:   " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
     out.append("checks:")

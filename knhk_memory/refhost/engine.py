@@ -34,10 +34,11 @@ attaches to the parent's shared counter blocks (``counters_from``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,7 @@ from ..registry import start_registries
 from .executors import CASE_END, CASE_START, EVENT_KINDS, EXECUTORS, TASK, BlockEvents
 from .workflows import Workflow, case_seeds, decision, parse_workflow, workflow_choice
 
-__all__ = ["Engine", "HostPlugin", "RunTally", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE", "CASE_RECORD",
+__all__ = ["Engine", "HostPlugin", "RunTally", "CountMeter", "REQUIRED_COUNTERS", "DEFAULT_BATCH_SIZE", "CASE_RECORD",
            "EVENT_RECORD", "CASE_POOL", "tally_event_log"]
 
 REQUIRED_COUNTERS = ("cases_started", "cases_completed", "tasks_fired", "errors")
@@ -127,6 +128,29 @@ class RunTally:
                 "arena": {"allocations": self.arena_allocations, "backend_calls": self.arena_backend_calls,
                           "bytes": self.arena_bytes, "arenas": self.arenas},
                 "case_records": self.case_records}
+
+
+class CountMeter:
+    """What one engine added to its counters and pattern statistics while an
+    :meth:`Engine.metered` block ran, exact, whoever else counts into the same
+    blocks (a block shared by the workers of a Dask node, or by ``--workers``
+    processes).
+
+    ``counters``: int64, one per counter name (:attr:`names` order);
+    ``pattern_executions`` and ``pattern_ticks``: int64, index = WCP pattern id
+    (1..43), executions and their total ticks as recorded in the pattern
+    statistics block.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self.counters = np.zeros(len(self.names), dtype=np.int64)
+        self.pattern_executions = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+        self.pattern_ticks = np.zeros(PATTERN_SLOTS, dtype=np.int64)
+
+    def counter_dict(self) -> dict[str, int]:
+        """``{counter name: amount added}`` for every counter."""
+        return {n: int(v) for n, v in zip(self.names, self.counters)}
 
 
 class _CompiledWorkflows:
@@ -204,6 +228,7 @@ class Engine:
         self.pm.hook.knhk_configure(config=config)
         self._configured = True
         self._attached: list[Any] = []
+        self._meter: CountMeter | None = None
         self.event_log: MmapVec | None = None
         try:
             self.patterns, self.resources = start_registries(self.pm, config)
@@ -352,10 +377,33 @@ class Engine:
             with self.arena.scope():
                 self._batch(wf, wf_index, case_numbers, seed, tally, sample)
         except BaseException:
-            self.counters.add(self._idx["errors"])
+            self._count(self._idx["errors"], 1)
             raise
         finally:
             self._reset_arena()
+
+    def _count(self, index: int, n: int) -> None:
+        self.counters.add(index, n)
+        m = self._meter
+        if m is not None:  # after the add: what the block did not take is not metered
+            m.counters[index] += n
+
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[CountMeter]:
+        """``with engine.metered() as m: engine.run(...)``: ``m`` (a
+        :class:`CountMeter`) gets exactly what this engine adds to its counters
+        and pattern statistics inside the block. The blocks may be shared with
+        other processes (``counters_from``), so their own before/after values
+        would include the others' adds; the meter does not.
+
+        :raises HostError: a metered block is already open on this engine."""
+        if self._meter is not None:
+            raise HostError("this engine is already inside a metered() block; they do not nest")
+        m = self._meter = CountMeter(self.counters.names)
+        try:
+            yield m
+        finally:
+            self._meter = None
 
     def _reset_arena(self) -> None:
         # A batch array something still holds (a traceback, a caller's
@@ -395,7 +443,7 @@ class Engine:
         tasks[:rows] = wf_index
         where[:rows] = row
         pos = rows
-        self.counters.add(self._idx["cases_started"], rows)
+        self._count(self._idx["cases_started"], rows)
         position = np.zeros(rows, dtype=np.uint32)
         executions = tally.executions
         ticks = self.pattern_stats.ticks
@@ -432,7 +480,7 @@ class Engine:
             tasks_fired += ev.tasks
             position += 1
         self._record(recorded)
-        self.counters.add(self._idx["tasks_fired"], tasks_fired)
+        self._count(self._idx["tasks_fired"], tasks_fired)
         done = simd.count_eq(position, len(wf.blocks))
         kinds[pos:pos + rows] = CASE_END
         tasks[pos:pos + rows] = position
@@ -452,7 +500,7 @@ class Engine:
         if self.event_log is not None:
             self.event_log.extend_columns(kind=log, task=tasks[:pos], case=case_numbers[where[:pos]])
         tally.completed += done
-        self.counters.add(self._idx["cases_completed"], done)
+        self._count(self._idx["cases_completed"], done)
         if self._done_child is not None:
             self._done_child.add(done)
         tally.cases += rows
@@ -466,6 +514,10 @@ class Engine:
             return
         p, c, t = (np.array(col, dtype=np.int64) for col in zip(*recorded))
         self.pattern_stats.record_many(np.repeat(p, c), np.repeat(t, c).astype(np.uint64))
+        m = self._meter
+        if m is not None:
+            np.add.at(m.pattern_executions, p, c)
+            np.add.at(m.pattern_ticks, p, c * t)
         if self.metrics is not None:
             for pattern, count, ticks in recorded:
                 self._lat.record(pattern, ticks, count)

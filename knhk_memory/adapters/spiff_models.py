@@ -9,7 +9,10 @@ flows, exclusive gateways with conditions and defaults, parallel gateways
 (2-4 branches), embedded subprocesses, call activities across files (and a
 library process calling another), script tasks, user tasks (completed by the
 runner, no person needed), intermediate timer events of zero duration, and
-DMN business rule tasks.
+DMN business rule tasks; and a file of processes for the constructs those do
+not use (:func:`pattern_models`: inclusive and event-based gateways,
+multi-instance and loop tasks, cycles of sequence flows, interrupting
+boundary events, a terminate end event, an uncontrolled merge).
 
 An order process has 24-29 task specs of its own and 40-60 with the
 subprocesses it calls (a refund process 19), about what a hand-drawn business
@@ -28,7 +31,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-__all__ = ["generate", "run_to_end", "final_state", "LIBRARY_PROCESSES", "DECISIONS"]
+__all__ = ["generate", "pattern_models", "run_to_end", "final_state", "LIBRARY_PROCESSES", "DECISIONS",
+           "PATTERN_PROCESSES"]
 
 _BPMN_HEAD = ('<?xml version="1.0" encoding="UTF-8"?>\n'
               '<bpmn:definitions xmlns:bpmn="http://www.omg.org/spec/BPMN/20100524/MODEL" '
@@ -234,13 +238,190 @@ def _decision(d: int) -> str:
     return "".join(out)
 
 
-def generate(directory: str | os.PathLike[str], *, files: int = 50) -> list[str]:
+def _timer(duration: str) -> str:
+    return (f'<bpmn:timerEventDefinition><bpmn:timeDuration>"{duration}"</bpmn:timeDuration>'
+            "</bpmn:timerEventDefinition>")
+
+
+def _boundary(p: _Proc, attached: str, body: str, interrupting: bool = True) -> str:
+    eid = p._id("boundary")
+    cancel = "" if interrupting else ' cancelActivity="false"'
+    p.parts.append(f'<bpmn:boundaryEvent id="{eid}" attachedToRef="{attached}"{cancel}>{body}</bpmn:boundaryEvent>')
+    return eid
+
+
+def _pattern_processes() -> list[str]:
+    """Processes that use what the order models do not: inclusive and
+    event-based gateways, multi-instance and loop tasks, cycles of sequence
+    flows (structured and with two entries), interrupting boundary events on a
+    task and on a subprocess, a terminate end event, an uncontrolled merge. Each
+    runs to its end without a person (timers of zero duration win every race;
+    messages never arrive)."""
+    out = []
+    # Inclusive gateway: split (2 of 3 conditions hold) and join.
+    p = _Proc("pi_")
+    prev = p.chain(p.element("startEvent", "start"), [p.script("a = 5\nseen = []", "Set a")])
+    split, join = p._id("or"), p._id("orjoin")
+    p.parts.append(f'<bpmn:inclusiveGateway id="{split}"/>')
+    p.parts.append(f'<bpmn:inclusiveGateway id="{join}"/>')
+    p.flow(prev, split)
+    for cond, code in (("a > 1", "x = 1"), ("a > 3", "y = 1"), ("a > 9", "z = 1")):
+        t = p.script(code, f"When {cond}")
+        p.flow(split, t, cond)
+        p.flow(t, join)
+    p.flow(p.chain(join, [p.script("done = True", "After the join")]), p.element("endEvent", "end"))
+    out.append(_process("pat_inclusive", "Inclusive gateway", p))
+    # Event-based gateway: a zero-length timer against a message that never comes.
+    p = _Proc("pd_")
+    gw = p.element("eventBasedGateway", "evgw")
+    p.flow(p.element("startEvent", "start"), gw)
+    t = p.element("intermediateCatchEvent", "timer", _timer("PT0S"), name="Zero timer")
+    m = p.element("intermediateCatchEvent", "msg", '<bpmn:messageEventDefinition messageRef="knhk_nudge"/>',
+                  name="Nudge")
+    p.flow(gw, t)
+    p.flow(gw, m)
+    p.flow(p.chain(t, [p.script("path = 'timer'", "Timer path")]), p.element("endEvent", "end"))
+    p.flow(p.chain(m, [p.script("path = 'message'", "Message path")]), p.element("endEvent", "end"))
+    out.append(_process("pat_deferred", "Event-based gateway", p))
+    # Multiple instances and loops.
+    p = _Proc("pm_")
+    prev = p.chain(p.element("startEvent", "start"), [p.script("lines = [1, 2, 3]\nk = 0", "Lines")])
+    mi = [
+        (('<bpmn:multiInstanceLoopCharacteristics><bpmn:loopCardinality>3</bpmn:loopCardinality>'
+         "</bpmn:multiInstanceLoopCharacteristics>"), "n = 1", "Three copies"),
+        (('<bpmn:multiInstanceLoopCharacteristics><bpmn:loopDataInputRef>lines</bpmn:loopDataInputRef>'
+         '<bpmn:loopDataOutputRef>doubled</bpmn:loopDataOutputRef><bpmn:inputDataItem id="line" name="line"/>'
+         '<bpmn:outputDataItem id="twice" name="twice"/></bpmn:multiInstanceLoopCharacteristics>'),
+         "twice = line * 2", "Each line"),
+        (('<bpmn:multiInstanceLoopCharacteristics><bpmn:loopCardinality>len(lines) + 1</bpmn:loopCardinality>'
+         "<bpmn:completionCondition>True</bpmn:completionCondition></bpmn:multiInstanceLoopCharacteristics>"),
+         "m = 1", "First of several"),
+        (('<bpmn:multiInstanceLoopCharacteristics isSequential="true"><bpmn:loopDataInputRef>lines'
+         '</bpmn:loopDataInputRef><bpmn:loopDataOutputRef>squares</bpmn:loopDataOutputRef>'
+         '<bpmn:inputDataItem id="sline" name="sline"/><bpmn:outputDataItem id="sq" name="sq"/>'
+         "</bpmn:multiInstanceLoopCharacteristics>"), "sq = sline * sline", "One line at a time"),
+        ('<bpmn:standardLoopCharacteristics loopMaximum="3"/>', "k = k + 1", "Three times"),
+    ]
+    for loop, code, name in mi:
+        prev = p.chain(prev, [p.element("scriptTask", "mi", f"{loop}<bpmn:script>{escape(code)}</bpmn:script>",
+                                        name=name)])
+    p.flow(prev, p.element("endEvent", "end"))
+    out.append(_process("pat_multi", "Multiple instances and loops", p))
+    # A structured cycle of sequence flows: one entry, one exit.
+    p = _Proc("pc_")
+    prev = p.chain(p.element("startEvent", "start"), [p.script("i = 0", "Zero")])
+    merge, test = p._id("loopmerge"), p._id("looptest")
+    p.parts.append(f'<bpmn:exclusiveGateway id="{merge}"/>')
+    p.flow(prev, merge)
+    body = p.script("i = i + 1", "Once more")
+    p.flow(merge, body)
+    end = p.element("endEvent", "end")
+    back = p.flow(test, merge, "i < 3")
+    out_flow = p.flow(test, end)
+    p.parts.append(f'<bpmn:exclusiveGateway id="{test}" default="{out_flow}"/>')
+    p.flow(body, test)
+    del back
+    out.append(_process("pat_cycle", "Structured cycle", p))
+    # An arbitrary cycle: entered at two places.
+    p = _Proc("pa_")
+    prev = p.chain(p.element("startEvent", "start"), [p.script("i = 0\nvisits = []", "Zero")])
+    pick, m1, m2, test = p._id("pick"), p._id("m1"), p._id("m2"), p._id("test")
+    f_m2 = p.flow(pick, m2)
+    p.flow(pick, m1, "i == 0")
+    p.parts.append(f'<bpmn:exclusiveGateway id="{pick}" default="{f_m2}"/>')
+    p.parts.append(f'<bpmn:exclusiveGateway id="{m1}"/>')
+    p.parts.append(f'<bpmn:exclusiveGateway id="{m2}"/>')
+    p.flow(prev, pick)
+    t1 = p.script("i = i + 1\nvisits.append('a')", "Step A")
+    t2 = p.script("i = i + 1\nvisits.append('b')", "Step B")
+    p.flow(m1, t1)
+    p.flow(t1, m2)
+    p.flow(m2, t2)
+    p.flow(t2, test)
+    end = p.element("endEvent", "end")
+    p.flow(test, m1, "i < 4")
+    f_out = p.flow(test, end)
+    p.parts.append(f'<bpmn:exclusiveGateway id="{test}" default="{f_out}"/>')
+    out.append(_process("pat_arbitrary", "Cycle with two entries", p))
+    # Interrupting boundary timers: on a task (cancel task), on a subprocess (cancel region).
+    p = _Proc("pb_")
+    start = p.element("startEvent", "start")
+    wait = p.element("receiveTask", "recv", attrs=' messageRef="knhk_never"', name="Wait for a reply")
+    p.flow(start, wait)
+    b1 = _boundary(p, wait, _timer("PT0S"))
+    sp = _Proc("pb_sp_")
+    sp.flow(sp.chain(sp.element("startEvent", "start"),
+                     [sp.element("receiveTask", "recv", attrs=' messageRef="knhk_never"', name="Wait inside")]),
+            sp.element("endEvent", "end"))
+    sub = p.element("subProcess", "sub", sp.xml(), name="Region")
+    after = p.script("late = True", "Replied in time")
+    p.flow(wait, after)
+    p.flow(after, sub)
+    timed_out = p.script("timed_out = True", "Timed out")
+    p.flow(b1, timed_out)
+    p.flow(timed_out, sub)
+    b2 = _boundary(p, sub, _timer("PT0S"))
+    p.flow(sub, p.element("endEvent", "end"))
+    p.flow(p.chain(b2, [p.script("region_cancelled = True", "Region cancelled")]), p.element("endEvent", "end"))
+    out.append(_process("pat_cancel", "Boundary events", p))
+    # A terminate end event cancels the branch still waiting.
+    p = _Proc("pt_")
+    split = p._id("and")
+    p.parts.append(f'<bpmn:parallelGateway id="{split}"/>')
+    p.flow(p.element("startEvent", "start"), split)
+    a = p.script("finished = True", "Finish")
+    p.flow(split, a)
+    p.flow(a, p.element("endEvent", "end", "<bpmn:terminateEventDefinition/>", name="Terminate"))
+    w = p.element("receiveTask", "recv", attrs=' messageRef="knhk_never"', name="Wait forever")
+    p.flow(split, w)
+    p.flow(w, p.element("endEvent", "end"))
+    out.append(_process("pat_terminate", "Terminate end event", p))
+    # Uncontrolled merge: a task with two incoming flows and no gateway (SpiffWorkflow
+    # refuses a task with two outgoing flows, so the split is a parallel gateway).
+    p = _Proc("pu_")
+    fan = p._id("and")
+    p.parts.append(f'<bpmn:parallelGateway id="{fan}"/>')
+    p.flow(p.chain(p.element("startEvent", "start"), [p.script("hits = 0", "Zero")]), fan)
+    left, right = p.script("left = 1", "Left"), p.script("right = 1", "Right")
+    p.flow(fan, left)
+    p.flow(fan, right)
+    both = p.script("hits = hits + 1", "Both arrive")
+    p.flow(left, both)
+    p.flow(right, both)
+    p.flow(both, p.element("endEvent", "end"))
+    out.append(_process("pat_uncontrolled", "Uncontrolled flows", p))
+    return out
+
+
+PATTERN_PROCESSES = ("pat_arbitrary", "pat_cancel", "pat_cycle", "pat_deferred", "pat_inclusive", "pat_multi",
+                     "pat_terminate", "pat_uncontrolled")
+
+
+def pattern_models(directory: str | os.PathLike[str]) -> list[str]:
+    """Write ``patterns/patterns.bpmn`` under ``directory``: the processes of
+    :data:`PATTERN_PROCESSES`, one for each construct the order models do not
+    use (see :func:`_pattern_processes`). Returns their ids, sorted."""
+    root = Path(directory) / "patterns"
+    root.mkdir(parents=True, exist_ok=True)
+    messages = ('<bpmn:message id="knhk_nudge" name="nudge"/>\n'
+                '<bpmn:message id="knhk_never" name="never"/>\n')
+    text = _BPMN_HEAD.format(id="patterns") + messages + "".join(_pattern_processes()) + _BPMN_TAIL
+    (root / "patterns.bpmn").write_text(text, encoding="utf-8")
+    return sorted(PATTERN_PROCESSES)
+
+
+def generate(directory: str | os.PathLike[str], *, files: int = 50, patterns: bool = True) -> list[str]:
     """Write ``files`` model files (2 processes each), ``lib/library.bpmn``
     (:data:`LIBRARY_PROCESSES` processes) and ``rules/tier_<n>.dmn``
     (:data:`DECISIONS` decision tables, one a file) under ``directory``.
 
+    With ``patterns`` (the default), also :func:`pattern_models`
+    (``patterns/patterns.bpmn``: inclusive and event-based gateways,
+    multi-instance and loop tasks, cycles, boundary events, a terminate end
+    event, an uncontrolled merge).
+
     :returns: every executable process id written, sorted (``2 * files +
-        LIBRARY_PROCESSES`` of them).
+        LIBRARY_PROCESSES`` of them, plus ``len(PATTERN_PROCESSES)`` with ``patterns``).
     """
     if files < 1:
         raise ValueError(f"files must be >= 1, got {files}")
@@ -257,6 +438,8 @@ def generate(directory: str | os.PathLike[str], *, files: int = 50) -> list[str]
     for d in range(DECISIONS):
         (root / "rules" / f"tier_{d}.dmn").write_text(_decision(d), encoding="utf-8")
     ids += [f"lib_{k}" for k in range(LIBRARY_PROCESSES)]
+    if patterns:
+        ids += pattern_models(root)
     return sorted(ids)
 
 

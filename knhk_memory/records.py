@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - an interpreter without the C accelerat
     import pickle  # type: ignore[no-redef]
 import struct
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AmbiguousKeyError,
@@ -58,7 +57,10 @@ from .errors import (
     UntrustedPickleError,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of a reader's start)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .store import WorkflowStore, WorkflowStoreWriter
 
 __all__ = ["CODECS", "RESERVED_PREFIX", "LAYER_VERSION", "RecordMeta", "Encoded", "encode", "decode"]
@@ -86,7 +88,7 @@ def _kb(key: Any) -> bytes:
     return _key_bytes(key)
 
 
-class RecordMeta(dict[str, Any]):
+class RecordMeta(dict[str, object]):
     """A record's metadata: ``codec``, ``content_type``, ``producer`` and the
     free-form ``meta`` mapping given when it was written (a dict; ``meta`` is
     ``{}`` when none was given)."""
@@ -101,11 +103,13 @@ class RecordMeta(dict[str, Any]):
 
     @property
     def producer(self) -> str | None:
-        return self.get("producer")
+        producer = self.get("producer")
+        return None if producer is None else str(producer)
 
     @property
     def meta(self) -> dict[str, Any]:
-        return dict(self.get("meta") or {})
+        meta = self.get("meta")
+        return dict(meta) if isinstance(meta, dict) else {}
 
 
 # ---------------------------------------------------------------- codecs

@@ -166,6 +166,7 @@ class MmapVec:
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self._room = 0
+        self._ro: np.ndarray | None = None  # the read-only view readers use; None once closed
         self._busy = False  # the writer is inside append/extend/sync (close() waits for it)
         self._closing = False
         self._pid = os.getpid()
@@ -354,8 +355,9 @@ class MmapVec:
         if self.mode == "r":
             self._ro = self._data
         else:
-            self._ro = self._data.view()
-            self._ro.flags.writeable = False
+            ro = self._data.view()
+            ro.flags.writeable = False
+            self._ro = ro
 
     def _write_slot(self, length: int, crc: int, *, seq: int) -> None:
         slot = _encode_slot(seq, length, self._itemsize, crc, self._descr)
@@ -536,9 +538,10 @@ class MmapVec:
         return self._mm is None
 
     def _readable(self) -> np.ndarray:
-        if self._mm is None:
+        ro = self._ro  # read once: close() on another thread may clear it between two reads
+        if ro is None:
             raise StoreClosedError("cannot read: the vector is closed", path=self.path, problem="closed")
-        return self._ro
+        return ro
 
     def __getitem__(self, key: Any) -> Any:
         """``vec[i]``: record i (negative from the end); ``vec[a:b:c]``: a read-only zero-copy view."""
@@ -599,7 +602,8 @@ class MmapVec:
         finally:
             mm, self._mm = self._mm, None
             self._room = 0
-            self._data = self._ro = None  # type: ignore[assignment]
+            self._ro = None  # readers first: they check it
+            self._data = None  # type: ignore[assignment]
             try:
                 mm.close()
             except BufferError:

@@ -350,6 +350,8 @@ class MmapVec:
         # it keep it alive, and it maps the same (never shrinking) file bytes.
         self._mm = mm
         self._room = 0 if self.mode == "r" else self._cap  # append's one compare covers read-only too
+        if self._closing:  # checked after the store: a close() from another thread that zeroed the room
+            self._room = 0  # meanwhile must not see it come back (append's fast path would skip the check)
         self._fields = set(self.dtype.names or ())
         self._data = np.frombuffer(mm, dtype=self.dtype, count=self._cap, offset=HEADER_SIZE)
         if self.mode == "r":

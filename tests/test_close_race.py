@@ -307,6 +307,56 @@ def test_mmapvec_appends_race_close_lose_nothing(vec_path):
             assert int(r.array().sum()) == done[0]
 
 
+class _PausingVec(MmapVec):
+    """An MmapVec whose next growth stops before it maps the larger file, until released."""
+
+    pause: tuple[threading.Event, threading.Event] | None = None
+
+    def _map(self, size):
+        p, self.pause = self.pause, None
+        if p is not None:
+            entered, release = p
+            entered.set()
+            release.wait(10)
+        super()._map(size)
+
+
+def test_mmapvec_growth_during_a_close_gives_no_room_back(vec_path):
+    """An append that grows the file while close() waits for it must not leave room behind:
+    the writer's next append (fast path: one compare with the room) would otherwise write
+    past the close's sync and be lost. It raises StoreClosedError; the file has every
+    append that returned."""
+    v = _PausingVec(vec_path, "i8", mode="w", capacity=16)
+    v.extend(np.arange(16, dtype="i8"))  # full: the next append grows
+    entered, release = threading.Event(), threading.Event()
+    v.pause = (entered, release)
+    outcome: list[object] = []
+
+    def writer():
+        v.append(16)  # grows, pausing in _map
+        outcome.append("first")
+        try:
+            v.append(17)
+            outcome.append("second")
+        except StoreClosedError as exc:
+            outcome.append(exc)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert entered.wait(10)
+    closer = threading.Thread(target=v.close)
+    closer.start()
+    while not v._closing:  # close() has refused new writes and waits for the append
+        threading.Event().wait(1e-4)
+    release.set()
+    w.join(10)
+    closer.join(10)
+    assert outcome[0] == "first"
+    assert isinstance(outcome[1], StoreClosedError) and "closed" in str(outcome[1])
+    with MmapVec(vec_path, mode="r") as r:
+        assert r.array().tolist() == list(range(17))
+
+
 # ---------------------------------------------------------------- allocator blocks
 
 def _free(block):

@@ -593,7 +593,10 @@ class CounterWriter:
         self._w = w
         self._index = block._index
         self._count = block._count
-        self.add = _fast.counters_method(2, block._fast_state, self._add, int(ffi.cast("uintptr_t", w)))
+        state = block.__dict__.get("_fast_state")  # gone once close() (on any thread) has begun
+        if state is None:
+            raise CounterBlockClosedError("this Counters block is closed; its writers are dead")
+        self.add = _fast.counters_method(2, state, self._add, int(ffi.cast("uintptr_t", w)))
 
     def _add(self, key: str | int, n: int = 1) -> None:
         """Add ``n`` (an integer; negative subtracts) to one counter, as :meth:`Counters.add`."""

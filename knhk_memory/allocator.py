@@ -33,7 +33,7 @@ from typing import Any, Literal
 from . import _fast
 from ._core import check, check_as, ffi, lib
 from ._forksafe import renew_in_child
-from .errors import BackendUnavailableError, KnhkMemoryError
+from .errors import BackendUnavailableError, BlockFreedError
 
 __all__ = [
     "BackendName", "BackendSetting", "BACKENDS", "DEBIAN_PACKAGES", "STATIC_TLS_TUNABLE", "AllocStats",
@@ -268,6 +268,11 @@ class Block(_fast.BlockBase):
     while views are alive rather than invalidate them, so a view never dangles.
     ``free()`` (idempotent) is a C method of the base class
     (native/cpython/block_py.c).
+
+    ``free()`` is the block's close, and may come from another thread: every other
+    call then completes or raises :class:`~knhk_memory.errors.BlockFreedError` (the
+    checks and the memory accesses run in C under the GIL, as free() does), and a
+    free() while another thread holds a view is refused (issue 22).
     """
 
     __slots__ = ()
@@ -287,21 +292,29 @@ class Block(_fast.BlockBase):
 
     @property
     def address(self) -> int:
-        self._alive()
-        return self._address  # type: ignore[return-value]
+        addr = self._address  # read once: free() on another thread may come between two reads
+        if addr is None:
+            self._alive()
+        return addr  # type: ignore[return-value]
 
     @property
     def closed(self) -> bool:
         return self._address is None
 
     def usable_size(self) -> int:
-        self._alive()
-        return int(lib.knhk_usable_size(self.backend._ptr, ffi.cast("void *", self._address)))
+        n = self._usable_size()  # the freed check and the call together, in C
+        if n is None:
+            self._alive()
+        return n  # type: ignore[return-value]
 
     def view(self) -> memoryview:
-        """A writable, zero-copy view of the block's ``size`` bytes."""
-        self._alive()
-        return memoryview(self)
+        """A writable, zero-copy view of the block's ``size`` bytes; raises
+        :class:`~knhk_memory.errors.BlockFreedError` once the block is freed."""
+        try:
+            return memoryview(self)  # the buffer export refuses a freed block (in C, under the GIL)
+        except BufferError:
+            self._alive()
+            raise
 
     def realloc(self, nbytes: int, align: int | None = None) -> None:
         """Resize in place or move; contents up to the smaller size are kept.
@@ -310,7 +323,12 @@ class Block(_fast.BlockBase):
         n = _valid_size(nbytes)
         a = self._align if align is None else max(_valid_align(align), lib.KNHK_DEFAULT_ALIGN)
         self._no_views("realloc")
-        if not self._realloc(n, a if a > lib.KNHK_DEFAULT_ALIGN else 0, a):
+        try:
+            moved = self._realloc(n, a if a > lib.KNHK_DEFAULT_ALIGN else 0, a)
+        except BufferError:  # freed or viewed from another thread since the check above
+            self._no_views("realloc")
+            raise
+        if not moved:
             raise MemoryError(f"{self.backend.name}: realloc to {n} bytes failed; the block is unchanged")
 
     def __enter__(self) -> Block:
@@ -320,13 +338,14 @@ class Block(_fast.BlockBase):
         self.free()
 
     def __repr__(self) -> str:
-        if self._address is None:
+        addr = self._address
+        if addr is None:
             return f"<Block {self.backend.name} freed>"
-        return f"<Block {self.backend.name} {self._size} bytes at {self._address:#x}>"
+        return f"<Block {self.backend.name} {self._size} bytes at {addr:#x}>"
 
     def _alive(self) -> None:
         if self._address is None:
-            raise KnhkMemoryError(f"this {self.backend.name} block has been freed")
+            raise BlockFreedError(f"this {self.backend.name} block is closed: it has been freed; allocate a new one")
 
     def _no_views(self, what: str) -> None:
         self._alive()

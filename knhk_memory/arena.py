@@ -16,7 +16,15 @@ counted, and
   A straggler array pins its own chunk, not the arena (``stats()`` shows
   ``pinned_chunks`` and ``pinned_bytes``);
 - ``close()`` never fails for live blocks: the arena stops allocating and
-  returns its memory to the backend when the last block is freed.
+  returns its memory to the backend when the last block is freed. Memoryviews
+  and arrays already handed out stay valid (each holds its block, and so the
+  arena's memory) however the close and the owner's calls interleave.
+
+``close()`` may come from any thread (an engine shutting down). A call the
+owner is making meanwhile either completes or raises :class:`ArenaClosedError`,
+never touches freed memory: the owner marks each call into the core as in
+flight, and a close from another thread waits for that call to return before it
+drops the arena (issue 22; tests/test_close_race.py).
 
 An arena belongs to the thread that created it: allocation, ``reset()``,
 ``scope()`` and ``stats()`` from another thread raise :class:`ArenaThreadError`
@@ -35,7 +43,9 @@ import contextlib
 import functools
 import math
 import operator
+import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -147,12 +157,13 @@ class Arena(_fast.ArenaBase):
     """
 
     __slots__ = ("backend", "chunk_size", "max_chunk_size", "huge_pages", "placement", "_ptr", "_raw", "_free",
-                 "_owner", "_status", "_final", "__weakref__")
+                 "_owner", "_status", "_final", "_busy", "_pid", "__weakref__")
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, *, max_chunk_size: int | None = None,
                  huge_pages: bool = True, backend: Backend | BackendName | None = None,
                  numa: str | int | None = None, node: int | None = None) -> None:
         self._raw: Any = None
+        self._busy = False  # the owner is inside a call into the core (close() waits for it)
         cs = _chunk_arg(chunk_size, "chunk_size")
         mcs = max(DEFAULT_MAX_CHUNK_SIZE, cs) if max_chunk_size is None else _chunk_arg(max_chunk_size,
                                                                                         "max_chunk_size")
@@ -176,6 +187,7 @@ class Arena(_fast.ArenaBase):
         self._fast_bind(int(ffi.cast("uintptr_t", out[0])))
         self._free = functools.partial(lib.knhk_arena_block_free, self._raw)
         self._owner = threading.get_ident()
+        self._pid = os.getpid()
         self._status = ffi.new("int *")
         self._final: ArenaStats | None = None
         if self.placement is not None:
@@ -187,7 +199,12 @@ class Arena(_fast.ArenaBase):
     def numa_counts(self) -> tuple[int, int]:
         """``(placed, refused)``: chunks put under the NUMA placement, and chunks the kernel refused."""
         placed, refused = ffi.new("uint64_t *"), ffi.new("uint64_t *")
-        check(lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused), "arena NUMA counts")
+        self._busy = True
+        try:
+            status = lib.knhk_arena_numa_counts(self._usable("read NUMA counts"), placed, refused)
+        finally:
+            self._busy = False
+        check(status, "arena NUMA counts")
         return int(placed[0]), int(refused[0])
 
     # -- state checks
@@ -212,13 +229,18 @@ class Arena(_fast.ArenaBase):
     def _alloc_slow(self, nbytes: int, align: int = 16) -> memoryview:
         """``alloc`` for what the C method does not take: checks, converts
         (numpy integers), allocates through cffi, or raises."""
-        raw = self._raw
-        if raw is None or _get_ident() != self._owner:
-            raw = self._usable("allocate")
-        # Checked inline for the common case: this is the per-buffer path.
-        n = nbytes if type(nbytes) is int and 0 < nbytes <= MAX_REQUEST else _size_arg(nbytes)
-        a = 16 if type(align) is int and align == 16 else _align_arg(align)
-        ptr = lib.knhk_arena_block_alloc(raw, n, a, self._status)
+        # In flight from before the closed check until the core returns (see close()).
+        self._busy = True
+        try:
+            raw = self._raw
+            if raw is None or _get_ident() != self._owner:
+                raw = self._usable("allocate")
+            # Checked inline for the common case: this is the per-buffer path.
+            n = nbytes if type(nbytes) is int and 0 < nbytes <= MAX_REQUEST else _size_arg(nbytes)
+            a = 16 if type(align) is int and align == 16 else _align_arg(align)
+            ptr = lib.knhk_arena_block_alloc(raw, n, a, self._status)
+        finally:
+            self._busy = False
         if ptr == ffi.NULL:
             self._failed(f"arena allocation of {n} bytes aligned to {a}")
         return memoryview(ffi.buffer(ffi.gc(ptr, self._free), n))
@@ -257,8 +279,14 @@ class Arena(_fast.ArenaBase):
 
         Only the calling thread's context is affected; the previous handler is
         back afterwards. Arrays keep working after the scope (see the module)."""
-        raw = self._usable("open a numpy scope")
-        pushed = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
+        self._busy = True
+        try:
+            raw = self._usable("open a numpy scope")
+            # The scope takes its own reference on the arena: a close() from now on
+            # sends the scope's allocations to the previous handler (native/arena_scope.c).
+            pushed = _fast.numpy_arena_handler_push(int(ffi.cast("uintptr_t", raw)))
+        finally:
+            self._busy = False
         if isinstance(pushed, int):  # the core refused the arena: its status
             self._status[0] = pushed
             self._failed("installing the arena's numpy data handler")
@@ -283,28 +311,46 @@ class Arena(_fast.ArenaBase):
         block is freed, then reused; everything else is reused at once. Spare
         chunks beyond twice the batch's peak go back to the backend.
         Raises :class:`ArenaClosedError` and :class:`ArenaThreadError`."""
-        raw = self._usable("reset")
-        check(lib.knhk_arena_reset(raw), "resetting the arena")
+        self._busy = True
+        try:
+            status = lib.knhk_arena_reset(self._usable("reset"))
+        finally:
+            self._busy = False
+        check(status, "resetting the arena")
 
     def close(self) -> None:
-        """Stop allocating and give the owner's hold on the memory up. Idempotent.
+        """Stop allocating and give the owner's hold on the memory up. Idempotent; from any thread.
 
-        Memory goes back to the backend now, or when the last live block is freed."""
+        Memory goes back to the backend now, or when the last live block is freed:
+        memoryviews and arrays handed out stay valid. From another thread, close()
+        waits for the call the owner is making into the core (if any) to return;
+        the owner's next call raises :class:`ArenaClosedError`."""
         if self._raw is None:
             return
-        if threading.get_ident() == self._owner:
+        owner = threading.get_ident() == self._owner
+        if owner:
             self._final = self.stats()
+        # Unbind first (under the GIL): the C fast paths check it on every call.
         self._fast_bind(None)
         self._raw = None
+        # Then wait out a call the owner began before it could see the unbinding: it
+        # set _busy before reading _raw, so either it saw None or we see it busy.
+        # (A forked child has no such call: the thread making it stayed in the parent.)
+        while self._busy and not owner and os.getpid() == self._pid:
+            time.sleep(1e-5)
         ffi.release(self._ptr)
 
     def stats(self) -> ArenaStats:
         """The arena's figures; after close(), the figures as they were at close()."""
         if self._raw is None and self._final is not None:
             return replace(self._final, closed=True)
-        raw = self._usable("read statistics")
         out = ffi.new("knhk_arena_stats *")
-        check(lib.knhk_arena_stats_get(raw, out), "arena statistics")
+        self._busy = True
+        try:
+            status = lib.knhk_arena_stats_get(self._usable("read statistics"), out)
+        finally:
+            self._busy = False
+        check(status, "arena statistics")
         return ArenaStats(*(getattr(out, f) for f in _STAT_FIELDS))
 
     @property
@@ -378,9 +424,12 @@ class ThreadLocalArena:
     @property
     def arena(self) -> Arena:
         a = getattr(self._local, "arena", None)
-        if a is not None and not a.closed:
+        if a is not None and not a.closed and not self._closed:
             return a
         if self._closed:
+            if a is not None:  # closed from another thread: this thread's arena goes now, on its owner
+                del self._local.arena
+                a.close()
             raise ArenaClosedError("cannot use a closed ThreadLocalArena; create a new one")
         # The thread-local slot is the only strong reference: when the thread
         # ends, CPython drops it and the Arena closes (deferred while blocks live).
@@ -405,8 +454,9 @@ class ThreadLocalArena:
         return self.arena.stats()
 
     def close(self) -> None:
-        """Close the calling thread's arena and refuse new ones; other threads'
-        arenas close when those threads end (an arena is its thread's alone)."""
+        """Close the calling thread's arena and refuse every later use, from any thread: another
+        thread's arena closes at that thread's next use (which raises :class:`ArenaClosedError`)
+        or when the thread ends (an arena is its thread's alone). Arrays handed out stay valid."""
         self._closed = True
         a = getattr(self._local, "arena", None)
         if a is not None:

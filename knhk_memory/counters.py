@@ -41,12 +41,12 @@ if TYPE_CHECKING:
 from . import _fast, segments
 from ._core import check, check_as, ffi, last_error, lib
 from .errors import (
+    CounterBlockClosedError,
     CounterIncrementError,
     CounterIndexError,
     CounterNameError,
     CounterOverflowError,
     CounterWriterError,
-    KnhkMemoryError,
     SharedBlockError,
     SharedBlockExistsError,
     SharedBlockNotFoundError,
@@ -340,7 +340,7 @@ class _Block:
     def _handle(self) -> Any:
         h = self._h
         if h is None:
-            raise KnhkMemoryError(f"this {type(self).__name__} block is closed")
+            raise CounterBlockClosedError(f"this {type(self).__name__} block is closed")
         return h
 
     @property
@@ -373,7 +373,12 @@ class _Block:
     def close(self) -> None:
         """Drop this handle: its threads' slots go back to the block, and the mapping is
         unmapped once no call is using it. The creator of a named block also unlinks
-        the name (processes already attached keep counting)."""
+        the name (processes already attached keep counting).
+
+        From any thread: a call running meanwhile completes (it holds the handle; the C
+        builtins run under the GIL, which close() holds while it detaches them), and every
+        later call on the block, its writers and timers raises
+        :class:`~knhk_memory.errors.CounterBlockClosedError` (issue 22)."""
         state = self.__dict__.pop("_fast_state", None)
         if state is not None:  # before the handle goes: the builtins take their slow paths
             _fast.detach_counters(state)
@@ -532,7 +537,7 @@ class Counters(_Block):
             n = _as_int(n, "increment")
         h = self._h
         if h is None:
-            raise KnhkMemoryError("this Counters block is closed")
+            raise CounterBlockClosedError("this Counters block is closed")
         status = lib.knhk_counters_add(h, i, n)
         if status:
             _refused(status, "adding to a counter", self._names[i])
@@ -628,7 +633,7 @@ class CounterWriter:
       block and its slot goes back, and :meth:`add` raises
       :class:`CounterWriterError` from any thread;
     - in a forked child, the parent's writers are dead; the child makes its own;
-    - after the block is closed, :meth:`add` raises :class:`KnhkMemoryError`.
+    - after the block is closed (from any thread), :meth:`add` raises :class:`CounterBlockClosedError`.
     """
 
     __slots__ = ("_block", "_h", "_w", "_index", "_count", "add", "__weakref__")
@@ -644,7 +649,10 @@ class CounterWriter:
         self._w = w
         self._index = block._index
         self._count = block._count
-        self.add = _fast.counters_method(2, block._fast_state, self._add, int(ffi.cast("uintptr_t", w)))
+        state = block.__dict__.get("_fast_state")  # gone once close() (on any thread) has begun
+        if state is None:
+            raise CounterBlockClosedError("this Counters block is closed; its writers are dead")
+        self.add = _fast.counters_method(2, state, self._add, int(ffi.cast("uintptr_t", w)))
 
     def _add(self, key: str | int, n: int = 1) -> None:
         """Add ``n`` (an integer; negative subtracts) to one counter, as :meth:`Counters.add`."""
@@ -659,7 +667,7 @@ class CounterWriter:
         if n.__class__ is not int or not _I64_MIN <= n <= _I64_MAX:
             n = _as_int(n, "increment")
         if self._block._h is None:
-            raise KnhkMemoryError("this Counters block is closed; its writers are dead")
+            raise CounterBlockClosedError("this Counters block is closed; its writers are dead")
         status = lib.knhk_counters_writer_add(self._w, i, n)
         if status:
             _refused(status, "adding through a counter writer", self._block._names[i])

@@ -149,6 +149,11 @@ class SharedBlockExistsError(SharedBlockError, FileExistsError):
     whether that process is still running, and how to remove a leftover."""
 
 
+class CounterBlockClosedError(KnhkMemoryError, ValueError):
+    """A counter, pattern-statistics or metrics block (or a writer, timer or metric child of
+    one) was used after its close(), from this thread or another (issue 22)."""
+
+
 class CounterOverflowError(KnhkMemoryError, OverflowError):
     """An add would take a thread's slot of a counter past +-2^56 (the overflow rule,
     docs/counters.md); nothing was added."""
@@ -186,6 +191,10 @@ class LabelSetLimitError(KnhkMemoryError, RuntimeError):
 
 class ArenaClosedError(KnhkMemoryError, ValueError):
     """An arena (or a ThreadLocalArena) was used after close(), as with a closed file."""
+
+
+class BlockFreedError(KnhkMemoryError, ValueError):
+    """An allocator Block was used after free() (its close), from this thread or another."""
 
 
 class ArenaBusyError(KnhkMemoryError, RuntimeError):

@@ -53,6 +53,7 @@ from . import _fast, segments
 from ._core import check, ffi, last_error, lib
 from .counters import Counters, PatternStats, _attach_mapping, _create_mapping
 from .errors import (
+    CounterBlockClosedError,
     CounterIncrementError,
     HistogramBucketsError,
     KnhkMemoryError,
@@ -257,12 +258,17 @@ class Metrics:
     def _handle(self) -> Any:
         h = self._h
         if h is None:
-            raise KnhkMemoryError("this Metrics block is closed")
+            raise CounterBlockClosedError("this Metrics block is closed")
         return h
 
-    def _require_open(self) -> Any:
-        """The native handle; raises KnhkMemoryError once the block is closed."""
-        return self._handle
+    def _require_open(self) -> tuple[Any, Any]:
+        """``(handle, cells)``: the native handle and its counter cells' pointer; raises
+        :class:`CounterBlockClosedError` once the block is closed.
+
+        ``cells`` points into the mapping the handle owns: keep the handle in a local
+        for as long as ``cells`` is used, so a close() on another thread cannot unmap it
+        under the call (the mapping goes when the last reference to the handle does)."""
+        return self._handle, self._c
 
     @property
     def name(self) -> str | None:
@@ -293,17 +299,23 @@ class Metrics:
 
     def slots_owned(self) -> int:
         """Writer slots owned now (threads of every attached process that have written)."""
-        self._require_open()
-        return int(lib.knhk_counters_slots_owned(self._c))
+        _h, c = self._require_open()
+        return int(lib.knhk_counters_slots_owned(c))
 
     def reclaim_dead(self) -> int:
         """Free the writer slots of processes that died holding them (their counts stay)."""
-        self._require_open()
-        return int(lib.knhk_counters_reclaim_dead(self._c))
+        _h, c = self._require_open()
+        return int(lib.knhk_counters_reclaim_dead(c))
 
     def close(self) -> None:
         """Drop this handle: its threads' slots go back, builtins of its children take
-        their slow path (and raise). The creator of a named block also unlinks it."""
+        their slow path (and raise). The creator of a named block also unlinks it.
+
+        From any thread: a call running meanwhile completes (it holds the handle, and
+        the mapping is unmapped only when the last call using it returns); later calls
+        on the block, its families and children raise :class:`CounterBlockClosedError`
+        (issue 22). Nothing is handed out that points into the block: values and
+        snapshots are copies."""
         if self._h is not None:
             _fast.detach_metrics(self._state)
         self._h = None
@@ -416,10 +428,12 @@ class Metrics:
         if got is not None:
             return got
         info = ffi.new("knhk_metrics_entry_info *")
-        if lib.knhk_metrics_entry_get(self._handle, index, info) != lib.KNHK_OK:
+        h = self._handle  # info points into the mapping: held until the bytes are copied out
+        if lib.knhk_metrics_entry_get(h, index, info) != lib.KNHK_OK:
             return None
         key = ffi.buffer(info.key, info.key_len)[:]
         payload = ffi.buffer(info.payload, info.payload_len)[:]
+        del h
         try:
             if info.kind == lib.KNHK_METRICS_KIND_FAMILY:
                 value: Any = json.loads(payload)
@@ -633,8 +647,8 @@ class CounterChild:
         if v > _I64_MAX:
             raise CounterIncrementError(f"increment {v} does not fit a 64-bit counter (accepted: 0..{_I64_MAX})")
         block = self.family._block
-        block._require_open()
-        check(lib.knhk_counters_add(block._c, self._cell, v), "adding to a counter")
+        _h, c = block._require_open()
+        check(lib.knhk_counters_add(c, self._cell, v), "adding to a counter")
 
     def inc(self, n: int = 1) -> None:
         """prometheus_client's spelling of :attr:`add`."""
@@ -643,8 +657,8 @@ class CounterChild:
     def get(self) -> int:
         """The total over every thread and process."""
         block = self.family._block
-        block._require_open()
-        return int(lib.knhk_counters_get(block._c, self._cell))
+        _h, c = block._require_open()
+        return int(lib.knhk_counters_get(c, self._cell))
 
     def __repr__(self) -> str:
         return f"<CounterChild {self.family.name}{dict(zip(self.family.label_names, self.label_values))!r}>"
@@ -687,9 +701,9 @@ class HistogramChild:
                 f"observation {value!r} cannot be recorded: it must be finite and |value| / sum_resolution "
                 f"({self.family.sum_resolution!r}) below 9.2e18")
         block = self.family._block
-        block._require_open()
+        _h, c = block._require_open()
         b = self.family.buckets
-        check(lib.knhk_metrics_observe(block._c, self._cell, b, len(b), v, round(units)), "recording an observation")
+        check(lib.knhk_metrics_observe(c, self._cell, b, len(b), v, round(units)), "recording an observation")
 
     def observe_many(self, value: float, count: int) -> None:
         """Record ``count`` observations of ``value`` at once (one add to its bucket, one to
@@ -707,16 +721,16 @@ class HistogramChild:
         if count == 0:
             return
         block = self.family._block
-        block._require_open()
+        _h, c = block._require_open()
         b = self.family.buckets
-        check(lib.knhk_counters_add(block._c, self._cell + bisect.bisect_left(b, v), count), "recording observations")
-        check(lib.knhk_counters_add(block._c, self._cell + len(b) + 1, round(units)), "recording observations")
+        check(lib.knhk_counters_add(c, self._cell + bisect.bisect_left(b, v), count), "recording observations")
+        check(lib.knhk_counters_add(c, self._cell + len(b) + 1, round(units)), "recording observations")
 
     def get(self) -> dict[str, Any]:
         """``{"buckets": [(le, cumulative count), ...], "count": n, "sum": s}`` now."""
         block = self.family._block
-        block._require_open()
-        cells = [int(lib.knhk_counters_get(block._c, self._cell + i)) for i in range(self.family._ncells)]
+        _h, c = block._require_open()
+        cells = [int(lib.knhk_counters_get(c, self._cell + i)) for i in range(self.family._ncells)]
         cum, buckets = 0, []
         for b, c in zip([*self.family.buckets, math.inf], cells):
             cum += c

@@ -40,7 +40,13 @@ is full (:class:`StoreFullError`).
 
 Not thread-safe (one writer thread; readers in other processes open the file
 read-only and see the last synced length) and not fork-safe (open it again in
-the child).
+the child). One exception: ``close()`` may come from another thread (an engine
+shutting down) while the writer appends and other threads read. An append,
+extend or sync running then completes before the close syncs (so every call
+that returned is in the file), later ones raise :class:`StoreClosedError`;
+readers get :class:`StoreClosedError` on their next call, and arrays already
+handed out stay valid (each keeps the mapping; the file is unmapped when the
+last one goes). Issue 22; tests/test_close_race.py.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import operator
 import os
 import stat
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -159,6 +166,10 @@ class MmapVec:
         self._fd = -1
         self._mm: mmap.mmap | None = None
         self._room = 0
+        self._ro: np.ndarray | None = None  # the read-only view readers use; None once closed
+        self._busy = False  # the writer is inside append/extend/sync (close() waits for it)
+        self._closing = False
+        self._pid = os.getpid()
         self._fields: set[str] = set()
         self.dtype: np.dtype = np.dtype("u1")
         self.path = Path(path)
@@ -267,6 +278,7 @@ class MmapVec:
         self._seq = 0
         self._len = self._synced = 0
         self._crc = 0
+        self._sync_point = (0, 0)
         self._cap = 0
         self._write_slot(0, 0, seq=0)  # slot A
         self._write_slot(0, 0, seq=1)  # slot B, in force
@@ -327,6 +339,7 @@ class MmapVec:
         self._seq = s.seq
         self._len = self._synced = s.length
         self._crc = s.crc
+        self._sync_point = (s.length, s.crc)
         self._cap = data // s.itemsize
         self._map(size)
 
@@ -337,13 +350,16 @@ class MmapVec:
         # it keep it alive, and it maps the same (never shrinking) file bytes.
         self._mm = mm
         self._room = 0 if self.mode == "r" else self._cap  # append's one compare covers read-only too
+        if self._closing:  # checked after the store: a close() from another thread that zeroed the room
+            self._room = 0  # meanwhile must not see it come back (append's fast path would skip the check)
         self._fields = set(self.dtype.names or ())
         self._data = np.frombuffer(mm, dtype=self.dtype, count=self._cap, offset=HEADER_SIZE)
         if self.mode == "r":
             self._ro = self._data
         else:
-            self._ro = self._data.view()
-            self._ro.flags.writeable = False
+            ro = self._data.view()
+            ro.flags.writeable = False
+            self._ro = ro
 
     def _write_slot(self, length: int, crc: int, *, seq: int) -> None:
         slot = _encode_slot(seq, length, self._itemsize, crc, self._descr)
@@ -390,7 +406,7 @@ class MmapVec:
     # ---------------------------------------------------------------- writing
 
     def _writable(self, what: str) -> None:
-        if self._mm is None:
+        if self._mm is None or self._closing:
             raise StoreClosedError(f"cannot {what}: the vector is closed", path=self.path, problem="closed")
         if self.mode == "r":
             raise StoreReadOnlyError(f"cannot {what}: opened read-only (mode 'r')", path=self.path,
@@ -398,18 +414,30 @@ class MmapVec:
 
     def append(self, record: Any) -> None:
         """Add one record (a scalar, or a tuple for a structured dtype). Durable after :meth:`sync`."""
-        n = self._len
-        if n >= self._room:
-            self._writable("append")
-            self._grow_to(n + 1)
+        # In flight from before the room check (close() zeroes the room, then waits).
+        self._busy = True
         try:
-            self._data[n] = record
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise type(exc)(f"{self.path}: record {record!r} does not fit dtype {self.dtype}: {exc}") from None
-        self._len = n + 1
+            n = self._len
+            if n >= self._room:
+                self._writable("append")
+                self._grow_to(n + 1)
+            try:
+                self._data[n] = record
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise type(exc)(f"{self.path}: record {record!r} does not fit dtype {self.dtype}: {exc}") from None
+            self._len = n + 1
+        finally:
+            self._busy = False
 
     def extend(self, records: Any) -> None:
         """Add every record of ``records`` (an array or sequence convertible to ``dtype``, 1-D) at once."""
+        self._busy = True
+        try:
+            self._extend(records)
+        finally:
+            self._busy = False
+
+    def _extend(self, records: Any) -> None:
         self._writable("extend")
         try:
             arr = np.asarray(records, dtype=self.dtype)
@@ -428,6 +456,13 @@ class MmapVec:
         """Add records given field by field (a structured dtype): ``extend_columns(kind=k, task=t,
         case=c)``, one 1-D array per field, all of one length. Each column is copied straight into
         the mapping, with no structured array in between."""
+        self._busy = True
+        try:
+            self._extend_columns(columns)
+        finally:
+            self._busy = False
+
+    def _extend_columns(self, columns: dict[str, Any]) -> None:
         n = self._len
         if columns.keys() == self._fields and n < self._room:  # the common case, checked cheaply
             arrays = [np.asarray(c) for c in columns.values()]
@@ -464,7 +499,17 @@ class MmapVec:
     def sync(self) -> None:
         """Make every record appended so far durable: write the records back, then the next header
         slot (length, CRC-32), then sync again. After a crash the file reopens at this length."""
+        self._busy = True
+        try:
+            self._sync()
+        finally:
+            self._busy = False
+
+    def _sync(self) -> None:
         self._writable("sync")
+        self._sync_body()
+
+    def _sync_body(self) -> None:
         if self._len == self._synced and self._seq:
             return
         os.fdatasync(self._fd)
@@ -474,6 +519,7 @@ class MmapVec:
         self._write_slot(self._len, crc, seq=seq)
         os.fdatasync(self._fd)
         self._seq, self._synced, self._crc = seq, self._len, crc
+        self._sync_point = (self._synced, crc)  # one store: verify() on another thread reads a matching pair
 
     # ---------------------------------------------------------------- reading
 
@@ -494,9 +540,10 @@ class MmapVec:
         return self._mm is None
 
     def _readable(self) -> np.ndarray:
-        if self._mm is None:
+        ro = self._ro  # read once: close() on another thread may clear it between two reads
+        if ro is None:
             raise StoreClosedError("cannot read: the vector is closed", path=self.path, problem="closed")
-        return self._ro
+        return ro
 
     def __getitem__(self, key: Any) -> Any:
         """``vec[i]``: record i (negative from the end); ``vec[a:b:c]``: a read-only zero-copy view."""
@@ -522,12 +569,13 @@ class MmapVec:
         """Recompute the CRC-32 of the synced records against the header's; returns how many were
         checked. Raises :class:`StoreCorruptError` naming the file when they differ."""
         data = self._readable()
-        crc = zlib.crc32(data.view(np.uint8)[:self._synced * self._itemsize].data)
-        if crc != self._crc:
-            raise StoreCorruptError(f"the {self._synced} synced records fail their CRC-32 (stored {self._crc:#010x}, "
+        synced, stored = self._sync_point
+        crc = zlib.crc32(data.view(np.uint8)[:synced * self._itemsize].data)
+        if crc != stored:
+            raise StoreCorruptError(f"the {synced} synced records fail their CRC-32 (stored {stored:#010x}, "
                                     f"computed {crc:#010x}): the records were changed on disk", path=self.path,
                                     problem="corrupt")
-        return self._synced
+        return synced
 
     def stats(self) -> dict[str, Any]:
         return {"path": str(self.path), "dtype": str(self.dtype), "length": self._len,
@@ -537,17 +585,27 @@ class MmapVec:
     # ---------------------------------------------------------------- closing
 
     def close(self) -> None:
-        """Sync (unless read-only) and close. Idempotent. Views stay valid until dropped."""
+        """Sync (unless read-only) and close. Idempotent. Views stay valid until dropped.
+
+        From another thread than the writer's: an append, extend or sync the writer is
+        running completes first and is synced; its next call raises :class:`StoreClosedError`."""
         if self._mm is None:
             self._close_fd()
             return
+        # Refuse new writes, then wait out one that began before it could see that: it set
+        # _busy before reading _room, so either it saw the zero room or we see it busy.
+        self._closing = True
+        self._room = 0
+        while self._busy and os.getpid() == self._pid:
+            time.sleep(1e-5)
         try:
             if self.mode != "r":
-                self.sync()
+                self._sync_body()
         finally:
             mm, self._mm = self._mm, None
             self._room = 0
-            self._data = self._ro = None  # type: ignore[assignment]
+            self._ro = None  # readers first: they check it
+            self._data = None  # type: ignore[assignment]
             try:
                 mm.close()
             except BufferError:

@@ -210,10 +210,10 @@ class _Pool:
         self._mem = ffi.gc(ffi.cast("char *", base), _Region(raw, self._c["destroy"]))
         self._view = memoryview(ffi.buffer(self._mem, int(stats.region_bytes)))
         self._raw = raw
+        self._cpool = raw  # kept after close(): stats() reads the final figures from it
         self._problem = ffi.new("int *")
         self._alloc = self._c["alloc"]
         self._free = self._c["free"]
-        self._final: PoolStats | None = None
         # The per-call path: METH_FASTCALL builtins (native/cpython/pool_py.c), which keep
         # this object (and so the C pool) alive.
         self.alloc, self.free = _make_fast(  # type: ignore[method-assign,assignment]
@@ -327,20 +327,24 @@ class _Pool:
         return self._raw is None
 
     def close(self) -> None:
-        """Stop serving blocks. Idempotent. Views stay valid until they are dropped."""
+        """Stop serving blocks. Idempotent; from any thread.
+
+        Views and record arrays already handed out stay valid until they are dropped
+        (each keeps the pool's region mapped; the C pool is destroyed with the last of
+        them). A call another thread makes meanwhile completes or raises
+        :class:`PoolClosedError`: the closed flag is an atomic the C core checks on
+        every call, and the pool's memory outlives every call (issue 22)."""
         raw = self._raw
         if raw is None:
             return
-        self._final = self.stats()
         self._c["close"](raw)
         self._raw = None
 
     def stats(self) -> PoolStats:
-        """The pool's figures (after close(), as they were at close())."""
-        if self._raw is None and self._final is not None:
-            return PoolStats(**{**self._final.as_dict(), "closed": True})
+        """The pool's figures; after close(), the final ones (``closed`` True): a call that
+        was running when close() came is counted once it returns."""
         out = ffi.new("knhk_pool_stats *")
-        self._c["stats"](self._usable("read statistics"), out)
+        self._c["stats"](self._cpool, out)
         return PoolStats(self.kind, self.name, int(out.block_size), int(out.stride), int(out.align),
                          int(out.capacity), int(out.region_bytes), int(out.in_use), int(out.high_water),
                          int(out.allocations), int(out.frees), int(out.failed), int(out.bad_frees),

@@ -113,7 +113,12 @@ static void *fallback_alloc(knhk_arena_scope *s, size_t size, bool zero) {
 
 void *knhk_arena_scope_alloc(knhk_arena_scope *s, size_t size, int zero) {
     if (!use_arena(s)) return fallback_alloc(s, size, zero != 0);
-    void *p = knhk_arena_block_alloc(s->arena, size, 16, NULL);
+    int status = KNHK_OK;
+    void *p = knhk_arena_block_alloc(s->arena, size, 16, &status);
+    /* Closed since use_arena looked (a close() from another thread, issue 22): the
+       scope's reference keeps the arena's memory, and the block goes to the fallback,
+       as every later one will. Only a real shortage is a NULL. */
+    if (p == NULL && status == KNHK_ERR_STATE) return fallback_alloc(s, size, zero != 0);
     /* Bumped memory may hold an earlier batch's bytes: zero it. */
     if (p != NULL && zero) memset(p, 0, size);
     return p;

@@ -232,8 +232,12 @@ int knhk_pool_create(size_t block_size, uint64_t capacity, size_t align, const k
 
 void knhk_pool_close(knhk_pool *p) {
     if (p == NULL) return;
-    p->closed = 1;
-    p->generation = 0; /* the fast path's one compare now fails; the slow path says why */
+    /* close() may come from another thread than the owner's (issue 22): relaxed
+       atomic stores and loads, which cost the owner's fast path nothing on x86
+       and aarch64. An owner call that read the old values completes; the next
+       one fails the compare and the slow path says why. */
+    __atomic_store_n(&p->closed, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->generation, 0, __ATOMIC_RELAXED); /* the fast path's one compare now fails */
 }
 
 void knhk_pool_destroy(knhk_pool *p) {
@@ -245,9 +249,10 @@ void knhk_pool_destroy(knhk_pool *p) {
 
 /* Two compares on the fast path: closed is folded into the generation. */
 static inline int fixed_usable(const knhk_pool *p) {
-    if (_knhk_likely(p->generation == current_generation() && p->owner == thread_token())) return KNHK_POOL_OK;
-    if (p->closed) return KNHK_POOL_CLOSED;
-    if (p->generation != current_generation()) return KNHK_POOL_FORKED;
+    uint64_t gen = __atomic_load_n(&p->generation, __ATOMIC_RELAXED);
+    if (_knhk_likely(gen == current_generation() && p->owner == thread_token())) return KNHK_POOL_OK;
+    if (__atomic_load_n(&p->closed, __ATOMIC_RELAXED)) return KNHK_POOL_CLOSED;
+    if (gen != current_generation()) return KNHK_POOL_FORKED;
     return KNHK_POOL_WRONG_THREAD;
 }
 
@@ -416,7 +421,7 @@ void knhk_pool_stats_get(const knhk_pool *p, knhk_pool_stats *out) {
     out->frees = p->frees;
     out->failed = p->failed;
     out->bad_frees = p->bad_frees;
-    out->closed = p->closed;
+    out->closed = __atomic_load_n(&p->closed, __ATOMIC_RELAXED);
 }
 
 void knhk_pool_hotop_alloc_free(void *ctx, uint64_t iterations) {

@@ -501,11 +501,14 @@ def test_realloc_after_close_moves_the_block_out():
 
 
 def test_scope_on_an_arena_closed_inside_it():
+    """Allocations after the arena closes go to the handler the scope was opened over, as a
+    growing block's copy does: never a MemoryError (a close from another thread can land
+    between the scope's checks and the allocation; issue 22)."""
     a = Arena()
     with a.scope():
         a.close()
-        with pytest.raises(MemoryError):
-            np.empty(100)
+        x = np.ones(100)
+    assert float(x.sum()) == 100.0
     assert handler_name() != "knhk_memory.arena"
 
 

@@ -95,6 +95,13 @@ static PyObject *block_realloc(BlockBase *self, PyObject *const *args, Py_ssize_
     Py_RETURN_TRUE;
 }
 
+/* _usable_size() -> int | None: knhk_usable_size under the GIL, so free() (a C
+   method, GIL held too) cannot run between the freed check and the call (issue 22). */
+static PyObject *block_usable_size(BlockBase *self, PyObject *unused) {
+    if (self->ptr == NULL) Py_RETURN_NONE;
+    return PyLong_FromSize_t(knhk_usable_size(self->b, self->ptr));
+}
+
 static PyObject *block_address(BlockBase *self, void *closure) {
     if (self->ptr == NULL) Py_RETURN_NONE;
     return PyLong_FromVoidPtr(self->ptr);
@@ -120,6 +127,7 @@ static PyMethodDef block_methods[] = {
      "free(): free now (otherwise the block is freed when it is collected). Idempotent. Raises BufferError "
      "while views of the block are alive."},
     {"_realloc", (PyCFunction)(void (*)(void))block_realloc, METH_FASTCALL, "knhk_realloc of the block."},
+    {"_usable_size", (PyCFunction)block_usable_size, METH_NOARGS, "knhk_usable_size of the block, or None once freed."},
     {NULL, NULL, 0, NULL},
 };
 

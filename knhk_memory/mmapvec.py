@@ -59,6 +59,7 @@ import operator
 import os
 import stat
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -169,6 +170,7 @@ class MmapVec:
         self._ro: np.ndarray | None = None  # the read-only view readers use; None once closed
         self._busy = False  # the writer is inside append/extend/sync (close() waits for it)
         self._closing = False
+        self._close_lock = threading.Lock()  # one close at a time: the second waits, then finds it done
         self._pid = os.getpid()
         self._fields: set[str] = set()
         self.dtype: np.dtype = np.dtype("u1")
@@ -588,7 +590,12 @@ class MmapVec:
         """Sync (unless read-only) and close. Idempotent. Views stay valid until dropped.
 
         From another thread than the writer's: an append, extend or sync the writer is
-        running completes first and is synced; its next call raises :class:`StoreClosedError`."""
+        running completes first and is synced; its next call raises :class:`StoreClosedError`.
+        Two threads closing at once: one syncs and closes, the other returns after it."""
+        with self._close_lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._mm is None:
             self._close_fd()
             return

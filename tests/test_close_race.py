@@ -307,6 +307,34 @@ def test_mmapvec_appends_race_close_lose_nothing(vec_path):
             assert int(r.array().sum()) == done[0]
 
 
+def test_mmapvec_closed_by_several_threads_at_once(vec_path):
+    """Threads closing one vector at the same moment: every close returns, the records are
+    synced once, and the file lock is released once (the next writer opens it). Before the
+    close lock, the second close found the mapping gone mid-way (AttributeError) and two
+    closes could close one descriptor twice."""
+    for rnd in range(40):
+        v = MmapVec(vec_path, "i8", mode="w", capacity=16)
+        v.extend(np.arange(rnd + 1, dtype="i8"))
+        gate = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def closer() -> None:
+            gate.wait()
+            try:
+                v.close()
+            except BaseException as exc:  # the test reports every kind
+                errors.append(exc)
+
+        threads = [threading.Thread(target=closer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not errors and v.closed, (rnd, errors)
+        with MmapVec(vec_path, mode="r") as r:
+            assert len(r) == r.synced_length == rnd + 1
+
+
 class _PausingVec(MmapVec):
     """An MmapVec whose next growth stops before it maps the larger file, until released."""
 

@@ -318,14 +318,14 @@ def test_mmapvec_closed_by_several_threads_at_once(vec_path):
         gate = threading.Barrier(4)
         errors: list[BaseException] = []
 
-        def closer() -> None:
+        def closer(v: MmapVec, gate: threading.Barrier, errors: list[BaseException]) -> None:
             gate.wait()
             try:
                 v.close()
             except BaseException as exc:  # the test reports every kind
                 errors.append(exc)
 
-        threads = [threading.Thread(target=closer) for _ in range(4)]
+        threads = [threading.Thread(target=closer, args=(v, gate, errors)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:

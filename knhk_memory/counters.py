@@ -29,6 +29,7 @@ import os
 import secrets
 import shlex
 import stat
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from numbers import Integral
@@ -481,7 +482,9 @@ class Counters(_Block):
 
     def _open(self, mapping: _Mapping) -> None:
         super()._open(mapping)
-        self._index = {n: i for i, n in enumerate(self._names)}
+        # Interned: a caller's literal name is then the very key object, and the lookup in
+        # the fast path ends on the identity check instead of a string compare.
+        self._index = {sys.intern(n): i for i, n in enumerate(self._names)}
         self._count = len(self._names)
         # add and get as METH_FASTCALL builtins (native/cpython/counters_py.c):
         # a known name or an in-range int index and an int increment are one

@@ -90,6 +90,44 @@ def test_counter_fast_and_slow_adds_agree_on_every_accepted_form(block):
     assert block.get(0) == block._get("alpha") == block["alpha"]
 
 
+def test_counter_name_cache_answers_like_the_index():
+    """The fast path's name cache (8 ways by the name object's address): more names than
+    ways, names equal but not identical to the index's, ints and big increments mixed in;
+    every count equals a dict's. The cache holds its names: a name dropped by the caller
+    is never confused with a new object at its address."""
+    import random
+    import sys
+
+    names = [f"n{i}" for i in range(40)]
+    c = Counters(names)
+    expect = dict.fromkeys(names, 0)
+    rng = random.Random(14)
+    for _ in range(20_000):
+        name = rng.choice(names)
+        key = name if rng.random() < 0.5 else "".join(list(name))  # an equal, separate object
+        n = rng.choice([1, 2, -1, 1 << 31, -(1 << 40)])  # one digit and several
+        c.add(key, n)
+        expect[name] += n
+        if rng.random() < 0.05:
+            c.add(names.index(name), 1)
+            expect[name] += 1
+    assert {k: c.get(k) for k in names} == expect
+    # A fresh object each time (the cache keeps the last one per way alive).
+    for i in range(1000):
+        c.add("".join(["n", str(i % 40)]), 1)
+    assert sum(c.get(k) for k in names) == sum(expect.values()) + 1000
+    key = "".join(["n", "7"])
+    before = sys.getrefcount(key)
+    c.add(key, 1)
+    assert sys.getrefcount(key) == before + 1  # cached
+    c.close()
+    del c
+    import gc
+
+    gc.collect()
+    assert sys.getrefcount(key) == before  # released with the block's state
+
+
 def test_closed_block_refuses_through_both_paths(block):
     w = block.writer()
     add, get = block.add, block.get  # builtins held across the close

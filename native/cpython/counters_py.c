@@ -23,11 +23,33 @@
 #define STATE_CAPSULE "knhk_memory._fast.counters"
 #define WRITER_CAPSULE "knhk_memory._fast.counter_writer"
 
+/* A direct-mapped cache of name objects the index resolved, by address: a
+   caller's name is usually one interned literal, so a hit is one pointer
+   compare instead of a dict probe (the largest cost left in Counters.add).
+   Entries hold a reference, so an address is never reused while cached. */
+#define NAME_WAYS 8
+
 typedef struct {
     knhk_counters *h; /* NULL once detached */
-    PyObject *index;  /* dict: name -> index */
+    PyObject *index;  /* dict: name -> index (never changes) */
     Py_ssize_t count; /* counters in the block */
+    PyObject *names[NAME_WAYS];
+    Py_ssize_t indices[NAME_WAYS];
 } counters_state;
+
+static inline size_t name_way(PyObject *key) { return ((uintptr_t)key >> 4) & (NAME_WAYS - 1); }
+
+/* The pointer a capsule made here holds. PyCapsule_GetPointer compares the
+   name with strcmp on every call (7% of a Counters.add loop under perf); the
+   capsules here are made with these very literals and carry the pointer as
+   their context too, so the name's address is the check on the hot path. */
+static inline void *capsule_ptr(PyObject *capsule, const char *name) {
+    if (fast_likely(PyCapsule_CheckExact(capsule) && PyCapsule_GetName(capsule) == name)) {
+        void *p = PyCapsule_GetContext(capsule);
+        if (fast_likely(p != NULL)) return p;
+    }
+    return PyCapsule_GetPointer(capsule, name);
+}
 
 static void state_free(PyObject *capsule) {
     counters_state *st = PyCapsule_GetPointer(capsule, STATE_CAPSULE);
@@ -36,6 +58,7 @@ static void state_free(PyObject *capsule) {
         return;
     }
     Py_XDECREF(st->index);
+    for (int w = 0; w < NAME_WAYS; w++) Py_XDECREF(st->names[w]);
     PyMem_Free(st);
 }
 
@@ -62,6 +85,11 @@ PyObject *fast_counters_state(PyObject *mod, PyObject *const *args, Py_ssize_t n
     if (capsule == NULL) {
         Py_DECREF(st->index);
         PyMem_Free(st);
+        return NULL;
+    }
+    if (PyCapsule_SetContext(capsule, st) != 0) {
+        Py_DECREF(capsule);
+        return NULL;
     }
     return capsule;
 }
@@ -79,14 +107,29 @@ PyObject *fast_counters_detach(PyObject *mod, PyObject *const *args, Py_ssize_t 
 }
 
 /* The counter a key names, or -1 for the slow path. No exception is left set. */
-static inline Py_ssize_t index_of(const counters_state *st, PyObject *key) {
+static inline Py_ssize_t index_of(counters_state *st, PyObject *key) {
     if (fast_likely(PyUnicode_CheckExact(key))) {
+        size_t way = name_way(key);
+        if (fast_likely(st->names[way] == key)) return st->indices[way];
         PyObject *i = PyDict_GetItemWithError(st->index, key); /* borrowed */
         if (fast_unlikely(i == NULL)) {
             PyErr_Clear();
             return -1;
         }
-        return PyLong_AsSsize_t(i); /* the block's own index: small, exact ints */
+        long long v;
+        Py_ssize_t found;
+        if (fast_likely(fast_small_long(i, &v))) {
+            found = (Py_ssize_t)v; /* the block's own index: small, exact */
+        } else if ((found = PyLong_AsSsize_t(i)) < 0) {
+            PyErr_Clear();
+            return -1;
+        }
+        PyObject *old = st->names[way];
+        Py_INCREF(key);
+        st->names[way] = key;
+        st->indices[way] = found;
+        Py_XDECREF(old); /* a str: its deallocation runs no Python code */
+        return found;
     }
     if (PyLong_CheckExact(key)) {
         int overflow;
@@ -100,6 +143,11 @@ static inline Py_ssize_t index_of(const counters_state *st, PyObject *key) {
 /* An exact int that fits int64 into *n, else 0 (slow path). */
 static inline int increment_of(PyObject *obj, int64_t *n) {
     if (fast_unlikely(!PyLong_CheckExact(obj))) return 0;
+    long long small;
+    if (fast_likely(fast_small_long(obj, &small))) {
+        *n = (int64_t)small;
+        return 1;
+    }
     int overflow;
     long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
     if (fast_unlikely(overflow || (v == -1 && PyErr_Occurred()))) {
@@ -118,7 +166,7 @@ static PyObject *call_slow(PyObject *slow, PyObject *const *args, Py_ssize_t nar
 static PyObject *counters_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 1);
     if (fast_unlikely(kwnames != NULL || nargs < 1 || nargs > 2)) return call_slow(slow, args, nargs, kwnames);
-    counters_state *st = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
+    counters_state *st = capsule_ptr(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
     if (fast_unlikely(st == NULL)) return NULL;
     int64_t n = 1;
     Py_ssize_t i = index_of(st, args[0]);
@@ -133,7 +181,7 @@ static PyObject *counters_add(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyObject *counters_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 1);
     if (fast_unlikely(kwnames != NULL || nargs != 1)) return call_slow(slow, args, nargs, kwnames);
-    counters_state *st = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
+    counters_state *st = capsule_ptr(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
     if (fast_unlikely(st == NULL)) return NULL;
     Py_ssize_t i = index_of(st, args[0]);
     if (fast_unlikely(i < 0 || st->h == NULL)) return call_slow(slow, args, nargs, NULL);
@@ -145,8 +193,8 @@ static PyObject *counters_get(PyObject *self, PyObject *const *args, Py_ssize_t 
 static PyObject *writer_add(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *slow = PyTuple_GET_ITEM(self, 2);
     if (fast_unlikely(kwnames != NULL || nargs < 1 || nargs > 2)) return call_slow(slow, args, nargs, kwnames);
-    counters_state *st = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
-    knhk_counters_writer *w = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 1), WRITER_CAPSULE);
+    counters_state *st = capsule_ptr(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
+    knhk_counters_writer *w = capsule_ptr(PyTuple_GET_ITEM(self, 1), WRITER_CAPSULE);
     if (fast_unlikely(st == NULL || w == NULL)) return NULL;
     int64_t n = 1;
     Py_ssize_t i = index_of(st, args[0]);
@@ -163,7 +211,7 @@ static PyObject *pattern_record(PyObject *self, PyObject *const *args, Py_ssize_
     PyObject *slow = PyTuple_GET_ITEM(self, 1);
     if (fast_unlikely(kwnames != NULL || nargs != 2 || !PyLong_CheckExact(args[0]) || !PyLong_CheckExact(args[1])))
         return call_slow(slow, args, nargs, kwnames);
-    counters_state *st = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
+    counters_state *st = capsule_ptr(PyTuple_GET_ITEM(self, 0), STATE_CAPSULE);
     if (fast_unlikely(st == NULL)) return NULL;
     int overflow, overflow2;
     long long pattern = PyLong_AsLongLongAndOverflow(args[0], &overflow);
@@ -207,6 +255,10 @@ PyObject *fast_counters_method(PyObject *mod, PyObject *const *args, Py_ssize_t 
         if (w == NULL) return NULL;
         PyObject *wc = PyCapsule_New(w, WRITER_CAPSULE, NULL);
         if (wc == NULL) return NULL;
+        if (PyCapsule_SetContext(wc, w) != 0) {
+            Py_DECREF(wc);
+            return NULL;
+        }
         self = PyTuple_Pack(3, args[1], wc, args[2]);
         Py_DECREF(wc);
     } else {

@@ -15,6 +15,27 @@
 #define fast_likely(x) __builtin_expect(!!(x), 1)
 #define fast_unlikely(x) __builtin_expect(!!(x), 0)
 
+/* An exact int's value when it is one digit long (|v| < 2**30): the common
+   increment or index, read without PyLong_AsLongLongAndOverflow (8% of a
+   Counters.add loop under perf). 1 and *v set, or 0: use the general
+   conversion. The caller has checked PyLong_CheckExact. */
+static inline int fast_small_long(PyObject *o, long long *v) {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o)) return 0;
+    *v = (long long)PyUnstable_Long_CompactValue((PyLongObject *)o);
+    return 1;
+#else
+    Py_ssize_t size = Py_SIZE(o);
+    if (size == 0) {
+        *v = 0;
+        return 1;
+    }
+    if (size != 1 && size != -1) return 0;
+    *v = (long long)size * (long long)((PyLongObject *)o)->ob_digit[0];
+    return 1;
+#endif
+}
+
 /* numpy_handler.c: import numpy's C API table (fast_numpy_api) on first use,
    so importing the module does not import numpy. 0, or -1 with a Python
    exception set. GIL held. */

@@ -139,6 +139,10 @@ def render(doc: dict[str, Any], results: Path, out: Path, charts: Path) -> str:
     cost = ROOT / "benches" / "results" / "python_cost.md"
     if cost.exists():
         lines += [cost.read_text().rstrip(), ""]
+        # What the figures mean and what was measured around them, written by hand.
+        notes = cost.with_name("python_cost_notes.md")
+        if notes.exists():
+            lines += [notes.read_text().rstrip(), ""]
     for group, benches in comparisons(doc).items():
         peer, rows, note = analyse(benches)
         lines += [f"## {group}", ""]

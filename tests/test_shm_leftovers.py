@@ -362,3 +362,28 @@ def test_a_creator_that_exits_without_closing_leaves_no_segment():
     pid, after_child = out.stdout.split()
     assert after_child == "True"
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"knhk_counters_{pid}_")] == []
+
+
+def test_the_demo_start_reclaims_generated_name_leftovers_only():
+    """A process SIGKILLed with a generated-name block (what an early-killed demo leaves)
+    leaves a leftover no later start would reuse; the demo's start removes it and names it.
+    A leftover under another name, and a live process's generated-name block, stay."""
+    from knhk_memory.refhost.demo import reclaim_generated_leftovers
+
+    pid, _ = _in_child(lambda: Counters(["a"], shared=True).name, kill=True)
+    mine = segments.list_segments(f"knhk_counters_{pid}_")
+    assert len(mine) == 1 and mine[0].leftover
+    other = f"knhk_t22_{os.getpid()}_{secrets.token_hex(3)}_named"
+    _in_child(lambda: Counters(["a"], shared=other).name, kill=True)
+    live = Counters(["a"], shared=True)
+    try:
+        removed = reclaim_generated_leftovers()
+        assert mine[0].name in removed and live.name not in removed and other not in removed
+        assert not os.path.exists(mine[0].path)
+        assert os.path.exists(f"/dev/shm/{other}") and os.path.exists(f"/dev/shm/{live.name}")
+    finally:
+        live.close()
+        if os.path.exists(f"/dev/shm/{live.name}"):
+            live.unlink()
+        if os.path.exists(f"/dev/shm/{other}"):
+            os.unlink(f"/dev/shm/{other}")

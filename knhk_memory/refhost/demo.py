@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
@@ -223,6 +224,25 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
     return tally
 
 
+#: The names Counters, PatternStats and Metrics generate for a shared block with no
+#: configured name: ``knhk_counters_<creator pid>_<12 hex digits>``.
+_GENERATED_NAME = re.compile(r"knhk_counters_[0-9]+_[0-9a-f]{12}")
+
+
+def reclaim_generated_leftovers() -> list[str]:
+    """Remove the leftover blocks with generated names: a demo (or any process) SIGKILLed
+    before its workers attached leaves its blocks, and no later start reuses their
+    names. Only what :attr:`~knhk_memory.segments.Segment.leftover` allows: knhk
+    blocks of this user whose creator (pid and start time) is gone and which no
+    process maps; configured names are left to their next start or ``knhk-memory shm
+    gc``. Returns the names removed (the report lists them)."""
+    removed = []
+    for seg in segments.list_segments("knhk_counters_"):
+        if seg.leftover and _GENERATED_NAME.fullmatch(seg.name) and segments.reclaim(seg):
+            removed.append(seg.name)
+    return removed
+
+
 class _UnlinkWhenAttached:
     """Remove the names of the run's generated blocks once every worker maps them.
 
@@ -233,7 +253,8 @@ class _UnlinkWhenAttached:
     leaves nothing in /dev/shm (the workers die with it; issue 22). Configured
     names (``[counters]``/``[metrics] shared_name``) stay: other tools attach to
     them. Until every worker has attached, a SIGKILL leaves the blocks, as
-    leftovers ``knhk-memory shm gc`` removes.
+    leftovers the next demo start (:func:`reclaim_generated_leftovers`) or
+    ``knhk-memory shm gc`` removes.
     """
 
     def __init__(self, engine: Engine, workers: int) -> None:
@@ -312,6 +333,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     if cluster is None and (batch_cases is not None or ship_store is not None):
         raise HostError("--batch-cases and --ship-store apply to --cluster runs only; add --cluster local:N "
                         "or --cluster tcp://HOST:PORT")
+    leftovers = reclaim_generated_leftovers()
     spec = None
     if cluster is not None:
         try:
@@ -404,6 +426,7 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         result = {
             "ok": all(c["ok"] for c in checks),
             "checks": checks,
+            "leftovers_reclaimed": leftovers,
             "cases": cases, "workers": workers if crun is None else crun.report["workers"], "seed": seed,
             "cluster": crun.report if crun is not None else None,
             "seconds": tally.seconds, "cases_per_second": cases / tally.seconds if tally.seconds else 0.0,
@@ -672,6 +695,9 @@ def format_summary(r: dict[str, Any]) -> str:
                    f"mean {p['mean_ticks']:>8.1f} ticks")
     c = r["counters"]
     out.append("counters:   " + ", ".join(f"{k} {v:,}" for k, v in c.items()))
+    if r.get("leftovers_reclaimed"):
+        out.append(f"reclaimed at start: {len(r['leftovers_reclaimed'])} leftover shared block(s) of killed "
+                   f"processes ({', '.join(r['leftovers_reclaimed'])})")
     out.append("checks:")
     for ch in r["checks"]:
         out.append(f"  [{'ok' if ch['ok'] else 'FAILED'}] {ch['check']}: {ch['detail']}")

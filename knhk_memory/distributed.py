@@ -65,6 +65,7 @@ from typing import Any
 try:
     import distributed
     from distributed import Client, LocalCluster, WorkerPlugin, get_worker
+    from distributed.core import rpc
 except ImportError as _exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("knhk_memory.distributed needs Dask's distributed scheduler, which is not installed: "
                       "pip install 'knhk-memory[dask]'") from _exc
@@ -815,11 +816,54 @@ def connect(spec: ClusterSpec | str, *, timeout: float = DEFAULT_TIMEOUT) -> tup
         except BaseException:
             cluster.close()
             raise
+    _probe_scheduler(spec.address, timeout)
     try:
         return Client(spec.address, timeout=timeout), None
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Dask scheduler at {spec.address} within {timeout:g} s ({exc}); "
                            "start one there (`dask scheduler`), check the address, or use --cluster local:N") from None
+
+
+def _probe_scheduler(address: str, timeout: float) -> None:
+    """Ask ``address`` who it is (Dask's ``identity`` call) under one overall deadline.
+
+    ``Client(address, timeout=...)`` bounds the TCP connect, not what follows: a port
+    that accepts and never answers as a Dask scheduler (a silent listener, the
+    dashboard's HTTP port, a worker) kept it waiting forever. The probe runs in a
+    thread with its own event loop (the caller may be inside one), so the deadline
+    holds whatever the other end does.
+
+    :raises ClusterError: no answer within ``timeout`` seconds, or the answer is not
+        a scheduler's; the message names the address.
+    """
+    out: list[Any] = []
+
+    async def ask() -> Any:
+        async with rpc(address, timeout=timeout) as r:
+            return await r.identity()
+
+    def run() -> None:
+        try:
+            out.append(asyncio.run(asyncio.wait_for(ask(), timeout)))
+        except BaseException as exc:  # reported below, in the caller's thread
+            out.append(exc)
+
+    t = threading.Thread(target=run, name="knhk-dask-probe", daemon=True)
+    t.start()
+    t.join(timeout + 5)  # wait_for ends it at `timeout`; the margin covers the loop's own teardown
+    answer = out[0] if out else TimeoutError()
+    hint = "start one there (`dask scheduler`), check the address, or use --cluster local:N"
+    if isinstance(answer, (TimeoutError, asyncio.TimeoutError)):
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s (no Dask "
+                           f"scheduler answered there: nothing listens, or something that is not one accepted "
+                           f"the connection and stayed silent); {hint}")
+    if isinstance(answer, BaseException):
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} within {timeout:g} s "
+                           f"({type(answer).__name__}: {answer}); {hint}")
+    kind = answer.get("type") if isinstance(answer, dict) else None
+    if kind != "Scheduler":
+        raise ClusterError(f"{address} answered as a Dask {kind or type(answer).__name__}, not a scheduler; "
+                           f"give the scheduler's address (`dask scheduler` prints it), {hint.split(', ', 1)[1]}")
 
 
 def register(client: Client, plugin: KnhkWorkerPlugin, *, timeout: float = DEFAULT_TIMEOUT) -> None:

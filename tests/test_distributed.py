@@ -11,6 +11,7 @@ error type and message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -152,6 +153,60 @@ def test_a_scheduler_that_does_not_answer_is_an_error_within_the_timeout(capsys,
     assert elapsed < 30  # bounded by the timeout, not hung
     with pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:\d+ within 0\.5 s"):
         connect(address, timeout=0.5)
+
+
+@pytest.fixture
+def silent_listener():
+    """A port that accepts connections and never says a word (what the trial pointed
+    --cluster at: a dashboard port, any other service)."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(srv.accept()[0])
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def test_issue_input_a_port_that_accepts_but_is_no_scheduler_is_an_error_not_a_hang(capsys, store,
+                                                                                     silent_listener):
+    # Before: the Client waited forever (its timeout bounds only the TCP connect).
+    t0 = time.monotonic()
+    code = main(["demo", "--no-budgets", "--no-progress", "--store", str(store), "--cases", "100",
+                 "--cluster", silent_listener, "--cluster-timeout", "1"])
+    assert code == 2 and time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    assert (f"knhk-memory: error: cannot reach the Dask scheduler at {silent_listener} within 1 s (no Dask "
+            "scheduler answered there") in err
+    with pytest.raises(ClusterError, match=r"within 0\.5 s \(no Dask scheduler answered"):
+        connect(silent_listener, timeout=0.5)
+
+
+def test_a_worker_address_is_refused_as_not_a_scheduler(store):
+    client, cluster = connect("local:1")
+    try:
+        worker = next(iter(client.scheduler_info()["workers"]))
+        with pytest.raises(ClusterError, match=r"answered as a Dask Worker, not a scheduler; give the scheduler's"):
+            connect(worker, timeout=5)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def test_cluster_options_that_do_not_fit_together(capsys, store):

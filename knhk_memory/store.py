@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import mmap
+import operator
 import os
 import re
 import stat
@@ -43,6 +44,7 @@ from .errors import (
     StoreEmptyError,
     StoreError,
     StoreIsADirectoryError,
+    StoreKeyEncodingError,
     StoreKeyError,
     StoreMagicError,
     StoreNotFoundError,
@@ -113,12 +115,74 @@ HUGE_PAGE_THRESHOLD = 1 << 30
 MAX_VALUE_BYTES = 64 * 1024 * 1024
 
 
-def _key_bytes(key: Any) -> bytes:
+# What a key may be, said the same way by every method that takes one.
+KEY_TYPES = "str (stored as its UTF-8 bytes) or bytes-like (bytes, bytearray, memoryview)"
+
+
+def _key_bytes(key: Any, path: Any = None) -> bytes:
+    """The bytes of a key: a str's UTF-8 form, a bytes-like object's bytes. Raises TypeError for
+    any other type and :class:`~knhk_memory.errors.StoreKeyEncodingError` for a str that has no
+    UTF-8 form (a lone surrogate such as ``"\\ud800"``)."""
     if isinstance(key, str):
-        return key.encode("utf-8")
+        try:
+            return key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StoreKeyEncodingError(
+                f"key {key!r} is not valid UTF-8 text ({exc.reason} at index {exc.start}); keys must be valid "
+                "UTF-8: give a str without lone surrogates, or the key's bytes", path=path,
+                problem="bad-key") from None
     if isinstance(key, (bytes, bytearray, memoryview)):
         return bytes(key)
-    raise TypeError(f"a store key must be str or bytes, got {type(key).__name__} {key!r}")
+    raise TypeError(f"a store key must be {KEY_TYPES}, got {type(key).__name__} {key!r}")
+
+
+def _shown_key(key: Any) -> str:
+    """A key as messages quote it, whichever method was called: a str as its repr, a
+    bytes-like key as the repr of its bytes."""
+    return repr(key) if isinstance(key, (str, bytes)) else repr(bytes(key))
+
+
+# ---------------------------------------------------------------- argument checks
+#
+# The constructors check every argument up front: a wrong type is a TypeError, a value out of
+# range a ValueError, each naming the class, the parameter, the value given and what is accepted.
+
+
+def _int_arg(owner: str, name: str, value: Any, lo: int, hi: int | None, what: str) -> int:
+    """``value`` as an int in [lo, hi] (hi None: no upper bound); bool is not a count."""
+    accepted = f"an int from {lo:,} to {hi:,} ({what})" if hi is not None else f"an int >= {lo:,} ({what})"
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, float):
+        raise TypeError(f"{owner}: {name} must be {accepted}, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {name} must be {accepted}, got {type(value).__name__} {value!r}") from None
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{owner}: {name} must be {accepted}, got {v!r}")
+    return v
+
+
+def _bool_arg(owner: str, name: str, value: Any, what: str = "") -> bool:
+    """``value`` if it is exactly True or False: a truthy string ("no") must not switch a guard on."""
+    if value is True or value is False:
+        return value
+    raise TypeError(f"{owner}: {name} must be True or False{what}, got {type(value).__name__} {value!r}")
+
+
+def _path_arg(owner: str, value: Any) -> Path:
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{owner}: path must be a str or os.PathLike file path, got {type(value).__name__} "
+                        f"{value!r}")
+    if isinstance(value, str) and not value:
+        raise ValueError(f"{owner}: path is empty ('' names no file); give the path of a store file")
+    return Path(value)
+
+
+U64_MAX = (1 << 64) - 1
+MAX_CACHE_SIZE = 10_000_000    # [store] cache_size's bound, and the constructor's
+MAX_VALUE_BYTES_CAP = 1 << 40  # [store] max_value_bytes's bound (1 TiB)
 
 
 def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
@@ -239,17 +303,15 @@ class WorkflowStore(_fast.StoreBase):
                  cache_size: int = 1024, prefetch: bool = False,
                  huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False,
                  max_value_bytes: int = MAX_VALUE_BYTES) -> None:
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or max_value_bytes < 1:
-            raise ValueError(f"max_value_bytes must be a positive number of bytes, got {max_value_bytes!r}")
+        who = "WorkflowStore"
+        self.path = _path_arg(who, path)
+        self.mmap_threshold = _int_arg(who, "mmap_threshold", mmap_threshold, 0, None, "bytes")
+        self.cache_size = _int_arg(who, "cache_size", cache_size, 0, MAX_CACHE_SIZE, "entries; 0: no cache")
+        prefetch = _bool_arg(who, "prefetch", prefetch)
+        self.huge_page_threshold = _int_arg(who, "huge_page_threshold", huge_page_threshold, 0, None, "bytes")
+        self.trust_pickle = trust_pickle  # checked by the property: get_object unpickles only on True
         # The decompression cap (issue 22): a compressed value may not grow past this.
-        self.max_value_bytes = max_value_bytes
-        self.path = Path(path)
-        self.mmap_threshold = mmap_threshold
-        self.huge_page_threshold = huge_page_threshold
-        self.cache_size = cache_size
-        self.trust_pickle = trust_pickle  # get_object: unpickle records (a store holding pickles is code)
+        self.max_value_bytes = _int_arg(who, "max_value_bytes", max_value_bytes, 1, MAX_VALUE_BYTES_CAP, "bytes")
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         renew_in_child(self, "_cache_lock")
@@ -257,6 +319,16 @@ class WorkflowStore(_fast.StoreBase):
         self._attach_gen(self._open_file())
         if prefetch:
             self.prefetch()
+
+    @property
+    def trust_pickle(self) -> bool:
+        """Whether :meth:`get_object` unpickles ``pickle5`` records (True or False only: a
+        pickle runs code chosen by whoever wrote the file)."""
+        return self._trust_pickle
+
+    @trust_pickle.setter
+    def trust_pickle(self, value: bool) -> None:
+        self._trust_pickle = records.check_trust_pickle(value, "WorkflowStore")
 
     # -- opening
 
@@ -427,7 +499,7 @@ class WorkflowStore(_fast.StoreBase):
         """get() for what the C path does not do: a compressed store, a key that is
         neither str nor bytes, a closed store, a changed or damaged file."""
         g = self._open()
-        kb = key if key.__class__ is bytes else _key_bytes(key)
+        kb = key if key.__class__ is bytes else _key_bytes(key, self.path)
         if g.compressed:
             value = self._bytes(g, kb, _MISSING)
             return default if value is _MISSING else memoryview(value)
@@ -480,7 +552,7 @@ class WorkflowStore(_fast.StoreBase):
         and comes here for everything else.
         """
         g = self._open()
-        return self._bytes(g, _key_bytes(key), default)
+        return self._bytes(g, _key_bytes(key, self.path), default)
 
     def _bytes(self, g: _Open, kb: bytes, default: Any) -> bytes | Any:
         span = ffi.new("uint64_t[2]")
@@ -503,7 +575,7 @@ class WorkflowStore(_fast.StoreBase):
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
         """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
         g = self._open()
-        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), default)
+        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key, self.path), default)
 
     def _copy(self, g: _Open, offset: int, length: int) -> bytes:
         """bytes of generation ``g``'s file at [offset, offset + length), copied under the SIGBUS guard."""
@@ -552,36 +624,56 @@ class WorkflowStore(_fast.StoreBase):
     def _getitem_slow(self, key: Any) -> memoryview:
         value = self._get_slow(key, _MISSING)
         if value is _MISSING:
-            raise StoreKeyError(f"key {key!r} is not in the store ({len(self)} keys)", path=self.path,
-                                problem="missing-key")
+            raise self._absent(key)
         return value
 
+    def _absent(self, key: Any) -> StoreKeyError:
+        """The error for a key that is not in the store, the key quoted as the caller gave it."""
+        return StoreKeyError(f"key {_shown_key(key)} is not in the store ({len(self)} keys)", path=self.path,
+                             problem="missing-key")
+
     def _contains_slow(self, key: object) -> bool:
-        if not isinstance(key, (str, bytes, bytearray, memoryview)):
-            return False
+        # The same rule, in the same order, as get and []: closed first, then an unsupported key
+        # type is a TypeError (not False), a str with no UTF-8 form a StoreKeyEncodingError.
         g = self._open()
+        kb = key if key.__class__ is bytes else _key_bytes(key, self.path)
         # The raw frame is enough to know in a compressed store: no decompression.
-        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), _MISSING) is not _MISSING
+        return self._raw(g, kb, _MISSING) is not _MISSING
 
-    def get_decoded(self, key: str | bytes, decoder: Callable[[bytes], Any] = json.loads) -> Any:
-        """``decoder(value)``, cached in a bounded LRU keyed by (key, decoder).
+    def get_decoded(self, key: str | bytes | bytearray | memoryview,
+                    decoder: Callable[[bytes], Any] = json.loads) -> Any:
+        """``decoder(value)``: the value of ``key`` as ``bytes``, decoded, cached in a bounded
+        LRU keyed by (key, decoder) (``cache_size`` entries; a hit hands out the same
+        object again, so treat it as read-only). The default decoder is ``json.loads``.
 
-        Raises :class:`~knhk_memory.errors.StoreKeyError` for a missing key,
-        :class:`~knhk_memory.errors.StoreClosedError` once the store is closed.
+        :param key: a str (its UTF-8 bytes) or bytes-like key.
+        :param decoder: any callable taking the value's ``bytes``.
+        :raises TypeError: ``decoder`` is not callable (checked before anything is read), or
+            ``key`` is not an accepted type.
+        :raises StoreKeyEncodingError: ``key`` is a str with no UTF-8 form.
+        :raises StoreKeyError: ``key`` is not in the store.
+        :raises StoreDecodeError: ``decoder`` raised; ``__cause__`` is its exception.
+        :raises StoreClosedError: the store is closed.
         """
+        if not callable(decoder):
+            raise TypeError(f"get_decoded: decoder must be a callable taking the value's bytes (e.g. json.loads), "
+                            f"got {type(decoder).__name__} {decoder!r}")
         self._open()
-        kb = _key_bytes(key)
+        kb = _key_bytes(key, self.path)
         ck = (kb, decoder)
         hit = self._cached(ck)
         if hit is not _MISSING:
             return hit
-        raw = bytes(self[kb])
+        value = self.get(kb, _MISSING)
+        if value is _MISSING:
+            raise self._absent(key)
+        raw = bytes(value)
         try:
             obj = decoder(raw)
         except Exception as exc:
             name = getattr(decoder, "__qualname__", type(decoder).__name__)
-            raise StoreDecodeError(f"the value of key {kb!r} ({len(raw)} bytes) cannot be decoded by {name}: "
-                                   f"{type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
+            raise StoreDecodeError(f"the value of key {_shown_key(key)} ({len(raw)} bytes) cannot be decoded by "
+                                   f"{name}: {type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
         return self._remember(ck, obj)
 
     def _cached(self, ck: Any) -> Any:
@@ -640,7 +732,7 @@ class WorkflowStore(_fast.StoreBase):
         once the store is closed (cached objects included).
         """
         self._open()
-        ck = (_key_bytes(name), records.get_object)
+        ck = (_key_bytes(name, self.path), records.get_object)
         hit = self._cached(ck)
         if hit is not _MISSING:
             return hit
@@ -849,24 +941,35 @@ class WorkflowStoreWriter:
                  seed: int = DEFAULT_SEED, hash_key: int | None = None) -> None:
         import numpy as np
 
-        if not 0 < load_factor <= 0.95:
-            raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
-        if zstd_dict is not None and compress is None:
-            raise ValueError("zstd_dict needs compress=<level>")
-        self.path = Path(path)
-        self.last_wins = last_wins
-        self.load_factor = load_factor
-        self.seed = seed & 0xFFFFFFFFFFFFFFFF
+        who = "WorkflowStoreWriter"
+        self.path = _path_arg(who, path)
+        self.last_wins = _bool_arg(who, "last_wins", last_wins)
+        if compress is not None:
+            compress = _int_arg(who, "compress", compress, 1, 22, "a zstd level; or None: no compression")
+        if zstd_dict is not None:
+            if not isinstance(zstd_dict, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{who}: zstd_dict must be bytes-like (bytes, bytearray, memoryview: a zstd "
+                                f"dictionary's raw bytes) or None, got {type(zstd_dict).__name__} {zstd_dict!r}")
+            if compress is None:
+                raise ValueError(f"{who}: zstd_dict needs compress=<level> (a zstd level from 1 to 22); got "
+                                 "compress=None")
+        accepted = "a float in (0, 0.95]: keys per index slot"
+        if isinstance(load_factor, bool) or not isinstance(load_factor, (int, float)):
+            raise TypeError(f"{who}: load_factor must be {accepted}, got {type(load_factor).__name__} "
+                            f"{load_factor!r}")
+        if not 0 < load_factor <= 0.95:  # NaN fails this too
+            raise ValueError(f"{who}: load_factor must be {accepted}, got {load_factor!r}")
+        self.load_factor = float(load_factor)
+        self.seed = _int_arg(who, "seed", seed, 0, U64_MAX, "a 64-bit checksum seed")
         self._fixed_key = hash_key is not None
-        self.hash_key = (hash_key if hash_key is not None else _random_key()) & 0xFFFFFFFFFFFFFFFF
+        self.hash_key = (_int_arg(who, "hash_key", hash_key, 0, U64_MAX, "the 64-bit SipHash key k0; or None: "
+                                  "random per build") if hash_key is not None else _random_key())
         self.reseeds = 0
         self._cctx: Any = None
         self._zstd_dict = bytes(zstd_dict) if zstd_dict is not None else b""
         if compress is not None:
             import zstandard
 
-            if not 1 <= compress <= 22:
-                raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
             params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
@@ -875,6 +978,8 @@ class WorkflowStoreWriter:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
+        except NotADirectoryError:
+            raise _not_a_directory(self.path) from None
         except OSError as exc:
             raise _os_error(exc, self.path, "checking the output path") from None
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -887,6 +992,12 @@ class WorkflowStoreWriter:
         _remove_stale_temporaries(directory, self.path.name)
         try:
             fd, tmp = _create_temporary(directory, f".{self.path.name}.{os.getpid()}.")
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"the directory {str(directory)!r} does not exist, so the store cannot be "
+                                     "written there; create the directory first", path=self.path,
+                                     problem="missing-directory") from None
+        except NotADirectoryError:
+            raise _not_a_directory(self.path) from None
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
         # The temporary is made 0600; a store gets the mode of the file it
@@ -931,10 +1042,11 @@ class WorkflowStoreWriter:
         if self._file is None:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if key.__class__ is not bytes:
-            key = _key_bytes(key)
+            key = _key_bytes(key, self.path)
         if value.__class__ is not bytes:
             if not isinstance(value, (bytearray, memoryview)):
-                raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
+                raise TypeError(f"a store value must be bytes-like (bytes, bytearray, memoryview; or give codec= "
+                                f"to encode an object), got {type(value).__name__} for key {key!r}")
             value = bytes(value)
         if self._cctx is not None:
             value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
@@ -958,7 +1070,7 @@ class WorkflowStoreWriter:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if self._layer is None:
             self._layer = records.LayerWriter()
-        key = _key_bytes(key)
+        key = _key_bytes(key, self.path)
         value, note = self._layer.prepare(self, key, value, codec, content_type, meta, aliases, producer)
         WorkflowStoreWriter.add(self, key, value)
         note()
@@ -1138,6 +1250,11 @@ class WorkflowStoreWriter:
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             self.discard()
+
+
+def _not_a_directory(path: Path) -> StoreError:
+    return StoreError(f"{str(path.parent)!r} (or a directory above it) is not a directory, so the store cannot "
+                      "be written there; give a path inside a directory", path=path, problem="not-a-directory")
 
 
 def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import _fast, records
+from . import _fast, records, store_options
 from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
 from ._forksafe import renew_in_child
@@ -148,8 +148,13 @@ def _shown_key(key: Any) -> str:
 # range a ValueError, each naming the class, the parameter, the value given and what is accepted.
 
 
-def _int_arg(owner: str, name: str, value: Any, lo: int, hi: int | None, what: str) -> int:
-    """``value`` as an int in [lo, hi] (hi None: no upper bound); bool is not a count."""
+def _int_arg(owner: str, name: str, value: Any, lo: int = 0, hi: int | None = None, what: str = "") -> int:
+    """``value`` as an int in [lo, hi] (hi None: no upper bound); bool is not a count. The
+    reader's options (store_options.INT_OPTIONS) take their range and message from there, as
+    the ``[store]`` configuration section does."""
+    shared = name in store_options.INT_OPTIONS and owner == "WorkflowStore"
+    if shared:
+        lo, hi, what = store_options.INT_OPTIONS[name]
     accepted = f"an int from {lo:,} to {hi:,} ({what})" if hi is not None else f"an int >= {lo:,} ({what})"
     if isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, float):
         raise TypeError(f"{owner}: {name} must be {accepted}, got {type(value).__name__} {value!r}")
@@ -181,8 +186,6 @@ def _path_arg(owner: str, value: Any) -> Path:
 
 
 U64_MAX = (1 << 64) - 1
-MAX_CACHE_SIZE = 10_000_000    # [store] cache_size's bound, and the constructor's
-MAX_VALUE_BYTES_CAP = 1 << 40  # [store] max_value_bytes's bound (1 TiB)
 
 
 def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
@@ -305,13 +308,13 @@ class WorkflowStore(_fast.StoreBase):
                  max_value_bytes: int = MAX_VALUE_BYTES) -> None:
         who = "WorkflowStore"
         self.path = _path_arg(who, path)
-        self.mmap_threshold = _int_arg(who, "mmap_threshold", mmap_threshold, 0, None, "bytes")
-        self.cache_size = _int_arg(who, "cache_size", cache_size, 0, MAX_CACHE_SIZE, "entries; 0: no cache")
+        self.mmap_threshold = _int_arg(who, "mmap_threshold", mmap_threshold)
+        self.cache_size = _int_arg(who, "cache_size", cache_size)
         prefetch = _bool_arg(who, "prefetch", prefetch)
-        self.huge_page_threshold = _int_arg(who, "huge_page_threshold", huge_page_threshold, 0, None, "bytes")
+        self.huge_page_threshold = _int_arg(who, "huge_page_threshold", huge_page_threshold)
         self.trust_pickle = trust_pickle  # checked by the property: get_object unpickles only on True
         # The decompression cap (issue 22): a compressed value may not grow past this.
-        self.max_value_bytes = _int_arg(who, "max_value_bytes", max_value_bytes, 1, MAX_VALUE_BYTES_CAP, "bytes")
+        self.max_value_bytes = _int_arg(who, "max_value_bytes", max_value_bytes)
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         renew_in_child(self, "_cache_lock")

@@ -582,7 +582,8 @@ def test_cli_errors(tmp_path, capsys):
 def test_config_section_is_checked():
     cfg = knhk_memory.load_config(mapping={"store": {"path": "x.kst", "cache_size": 8}})
     assert cfg.store.path == "x.kst" and cfg.store.cache_size == 8 and cfg.store.mmap_threshold == 65536
-    with pytest.raises(ConfigError, match=r"store.cache_size: must be in 0..10000000, got -1"):
+    with pytest.raises(ConfigError, match=r"store.cache_size: must be an int from 0 to 10,000,000 \(entries; 0: no "
+                                          r"cache\), got -1"):
         knhk_memory.load_config(mapping={"store": {"cache_size": -1}})
     with pytest.raises(ConfigError, match=r"unknown key 'pth' in \[store\].*did you mean 'path'"):
         knhk_memory.load_config(mapping={"store": {"pth": "x"}})

@@ -268,3 +268,17 @@ def test_the_absent_key_message_quotes_the_key_the_same_way(typed, key):
             assert str(info.value).startswith(f"{typed}: key {shown} is not in the store (neither a key nor an "
                                               "alias)")
         assert key not in s and s.get(key) is None and s.get_bytes(key, 7) == 7
+
+
+@pytest.mark.parametrize(("name", "value"), [("cache_size", -1), ("cache_size", 10_000_001), ("mmap_threshold", -1),
+                                             ("max_value_bytes", 0), ("max_value_bytes", 2**40 + 1)])
+def test_the_config_section_and_the_constructor_say_the_same(typed, name, value):
+    from knhk_memory.config import load_config
+    from knhk_memory.errors import ConfigError
+
+    with pytest.raises(ConfigError) as from_config:
+        load_config(mapping={"store": {name: value}})
+    with pytest.raises(ValueError) as from_constructor:
+        WorkflowStore(typed, **{name: value})
+    said = str(from_constructor.value).removeprefix(f"WorkflowStore: {name} ")
+    assert str(from_config.value).endswith(f"store.{name}: {said}") and said.startswith("must be an int ")

@@ -277,18 +277,48 @@ _CLOSED_VIEW = memoryview(b"")
 class WorkflowStore(_fast.StoreBase):
     """A read-only workflow store file.
 
-    :param path: The store file.
+    :param path: The store file (str or os.PathLike; not empty).
     :param mmap_threshold: Files smaller than this many bytes are read into
         memory instead of mapped (a mapping costs more than reading a few pages).
-    :param cache_size: Entries of :meth:`get_decoded`'s LRU cache (0: no cache).
-    :param prefetch: Advise the kernel to read the whole file ahead (``MADV_WILLNEED``).
-    :param huge_page_threshold: Mapped files at least this large are advised
-        ``MADV_HUGEPAGE`` where the kernel offers it.
+        An int >= 0; default 65,536 bytes.
+    :param cache_size: Entries of :meth:`get_decoded`'s and :meth:`get_object`'s
+        LRU cache, an int from 0 (no cache) to 10,000,000; default 1,024.
+    :param prefetch: True: advise the kernel to read the whole file ahead
+        (``MADV_WILLNEED``) at open. True or False; default False.
+    :param huge_page_threshold: Mapped files of at least this many bytes are
+        advised ``MADV_HUGEPAGE`` where the kernel offers it. An int >= 0;
+        default 2**30 bytes (1 GiB).
     :param trust_pickle: Let :meth:`get_object` unpickle ``pickle5`` records.
         Unpickling runs code chosen by whoever wrote the file: pass True only
-        for a store your own engine built (see knhk_memory.records).
+        for a store your own engine built (see knhk_memory.records). Exactly
+        True or False (a truthy ``"no"`` is a TypeError, never a yes); default False.
     :param max_value_bytes: The largest size a compressed value may decompress
-        to, in bytes (a decompression bomb is refused, issue 22).
+        to, in bytes (a decompression bomb is refused, issue 22). An int from
+        1 to 2**40; default 64 MiB.
+    :raises TypeError: an argument of the wrong type (bool is not a count); the
+        message names the parameter, the value and what is accepted.
+    :raises ValueError: an argument out of range, or an empty ``path``.
+    :raises StoreNotFoundError: no file at ``path``.
+    :raises StorePermissionError: the file is not readable.
+    :raises StoreIsADirectoryError: ``path`` is a directory.
+    :raises StoreError: a FIFO, device or socket (refused before it is opened).
+    :raises StoreFormatError: not a valid store: :class:`~knhk_memory.errors.StoreEmptyError`,
+        ``StoreTruncatedError``, ``StoreMagicError``, ``StoreVersionError``, ``StoreCorruptError``.
+    :raises StoreChangedError: the file changed while it was being opened.
+
+    Keys, on every method that takes one (``get``, ``store[key]``, ``key in
+    store``, ``get_bytes``, ``get_raw``, ``get_decoded``, ``get_object``,
+    ``meta``, ``resolve``): a ``str`` (looked up as its UTF-8 bytes) or
+    bytes-like (``bytes``, ``bytearray``, ``memoryview``). Another type is a
+    TypeError, ``in`` included; a str with no UTF-8 form (a lone surrogate) is
+    a :class:`~knhk_memory.errors.StoreKeyEncodingError` (a ValueError).
+
+    ``store[key]``: the value as :meth:`get` returns it (a read-only memoryview
+    into the file, zero-copy; decompressed into memory in a compressed store);
+    an absent key raises :class:`~knhk_memory.errors.StoreKeyError` (a KeyError)
+    quoting the key as given. ``key in store``: True when ``key`` is a key
+    (aliases are not keys; nothing is decompressed). Both raise
+    :class:`~knhk_memory.errors.StoreClosedError` after :meth:`close`.
 
     Every method is thread-safe, :meth:`close` and :meth:`reopen` included: a
     read running on another thread while the store closes finishes on the file
@@ -439,7 +469,13 @@ class WorkflowStore(_fast.StoreBase):
         """Open the file at :attr:`path` again, picking up an atomic replacement.
 
         On failure the store keeps its current file. Reads racing the reopen answer
-        from the old file or the new one.
+        from the old file or the new one. The decode cache is cleared. A closed
+        store is opened again.
+
+        Raises what the constructor raises for the file: StoreNotFoundError,
+        StorePermissionError, StoreIsADirectoryError, StoreError (not a regular
+        file), a StoreFormatError (StoreEmptyError, StoreTruncatedError,
+        StoreMagicError, StoreVersionError, StoreCorruptError), StoreChangedError.
         """
         g = self._open_file()
         self._attach_gen(g)  # the old generation goes with its last reader
@@ -460,6 +496,7 @@ class WorkflowStore(_fast.StoreBase):
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (until a :meth:`reopen`): reads raise StoreClosedError."""
         return self._gen is None
 
     # The open generation's parts, for code that does not race close() (records, tests).
@@ -576,7 +613,13 @@ class WorkflowStore(_fast.StoreBase):
         return self._decompress(g, kb, raw) if g.compressed else raw
 
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
-        """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
+        """The stored bytes of ``key`` as a read-only memoryview into the file, zero-copy
+        (the zstd frame in a compressed store: nothing is decompressed), or ``default``
+        (None unless given) when ``key`` is absent. Aliases are not resolved.
+
+        Raises TypeError for a key of another type, StoreKeyEncodingError for a str
+        with no UTF-8 form, StoreClosedError after close(), StoreChangedError once the
+        mapped file was rewritten in place, StoreCorruptError for a damaged record."""
         g = self._open()
         return self._raw(g, key if key.__class__ is bytes else _key_bytes(key, self.path), default)
 
@@ -713,9 +756,14 @@ class WorkflowStore(_fast.StoreBase):
         return records.resolve(self, name)
 
     def meta(self, name: str | bytes) -> Any:
-        """The :class:`~knhk_memory.records.RecordMeta` of a key or alias
-        (``codec``, ``content_type``, ``producer``, ``meta``); ``raw`` for a
-        record written without metadata."""
+        """The :class:`~knhk_memory.records.RecordMeta` (a dict) of a key or alias:
+        ``codec``, ``content_type``, ``producer``, ``meta``; ``{"codec": "raw"}`` for a
+        record written without metadata.
+
+        Raises as :meth:`resolve` (StoreKeyError with the nearest names,
+        AmbiguousKeyError), TypeError / StoreKeyEncodingError for a bad key,
+        StoreCorruptError for metadata that is not a JSON object with a codec,
+        StoreClosedError after close()."""
         return records.meta_of(self, records.resolve(self, name))
 
     def aliases(self) -> dict[str, list[str]]:
@@ -746,11 +794,16 @@ class WorkflowStore(_fast.StoreBase):
 
     def changed(self) -> bool:
         """True when the file under this (mapped) reader no longer reads as it did
-        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
+        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read.
+        Always False for a file read into memory (below ``mmap_threshold``). Raises
+        StoreClosedError after close()."""
         g = self._open()
         return lib.knhk_store_check_changed(g.handle) != lib.KNHK_OK
 
     def __len__(self) -> int:
+        """The number of keys in the file: a key replaced under ``last_wins`` counts
+        once, and the record layer's metadata and alias records (``\\0knhk/...``)
+        are keys too. Raises StoreClosedError after close()."""
         return self._open().info["count"]
 
     def _record_offsets(self, g: _Open) -> list[int]:
@@ -781,7 +834,10 @@ class WorkflowStore(_fast.StoreBase):
 
     def keys(self) -> Iterator[bytes]:
         """Every key, as bytes, in the order they were added (copied under the
-        SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
+        SIGBUS guard: a file truncated meanwhile raises StoreChangedError). Also
+        ``iter(store)``. The record layer's own keys (``\\0knhk/...``) are keys too.
+        Raises StoreClosedError when the store is closed (before, or at the next
+        step after a close); StoreCorruptError for a damaged record."""
         g = self._open()
         return self._keys(g)
 
@@ -836,7 +892,9 @@ class WorkflowStore(_fast.StoreBase):
         return int(checked[0])
 
     def prefetch(self) -> None:
-        """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``)."""
+        """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``); returns at
+        once (the kernel reads in the background). Nothing to do for a file read into
+        memory or a kernel without the advice. Raises StoreClosedError after close()."""
         g = self._open()
         if g.map is not None:
             try:
@@ -845,7 +903,20 @@ class WorkflowStore(_fast.StoreBase):
                 pass
 
     def stats(self, *, deep: bool = False) -> dict[str, Any]:
-        """Figures about the file; ``deep=True`` also sums key and value bytes (reads every record)."""
+        """Figures about the file, as a dict:
+
+        ``path`` (str), ``file_size`` (bytes), ``format_version``, ``access``
+        (``"mmap"`` or ``"read"``: read into memory), ``compression`` (``"none"``,
+        ``"zstd"``, ``"zstd+dict"``), ``keys``, ``records`` (all records written,
+        superseded ones included), ``superseded_records``, ``index_slots``,
+        ``load_factor`` (keys per slot), ``max_displacement`` (the longest probe, in
+        slots), ``index_bytes``, ``records_bytes``, ``dictionary_bytes`` (bytes).
+        ``deep=True`` reads every record and adds ``key_bytes`` and ``value_bytes``
+        (bytes, as stored: compressed in a compressed store) and ``overhead``
+        (file bytes per key-and-value byte, less 1; None for an empty store).
+
+        Raises StoreClosedError after close(); with ``deep``, StoreChangedError /
+        StoreCorruptError as :meth:`keys`."""
         g = self._open()
         d = g.info
         out: dict[str, Any] = {
@@ -918,16 +989,29 @@ class WorkflowStoreWriter:
         either the old file or the new one, never a half-written one.
     :param last_wins: A repeated key replaces the earlier value instead of
         raising :class:`~knhk_memory.errors.DuplicateKeyError`.
-    :param compress: zstd level (1-22) to compress values with, or None.
-    :param zstd_dict: A zstd dictionary (raw bytes, e.g. from
+    :param last_wins: True or False; default False.
+    :param compress: zstd level to compress values with, an int from 1 to 22
+        (not a bool), or None (the default): no compression.
+    :param zstd_dict: A zstd dictionary (bytes-like raw bytes, e.g. from
         ``zstandard.train_dictionary(...).as_bytes()``) stored in the file and
         used for every value; only with ``compress``.
-    :param load_factor: Keys per index slot, in (0, 0.95].
-    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash; by
-        default drawn from ``os.urandom`` for every build, so nobody outside
-        can choose keys that pile up in one slot (hash flooding). Give a fixed
-        value only for byte-identical rebuilds of trusted keys.
-    :param seed: The checksum seed (and the key hash's k1).
+    :param load_factor: Keys per index slot, a float in (0, 0.95]; default 0.875.
+    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash, an int
+        from 0 to 2**64 - 1; by default (None) drawn from ``os.urandom`` for every
+        build, so nobody outside can choose keys that pile up in one slot (hash
+        flooding). Give a fixed value only for byte-identical rebuilds of trusted keys.
+    :param seed: The checksum seed (and the key hash's k1), an int from 0 to
+        2**64 - 1; default :data:`DEFAULT_SEED` (``b"knhkwfs1"`` as a little-endian
+        u64). Written in the header, so readers need not know it.
+    :raises TypeError: an argument of the wrong type; the message names the
+        parameter, the value and what is accepted.
+    :raises ValueError: an argument out of range, an empty ``path``, or
+        ``zstd_dict`` without ``compress``.
+    :raises StoreNotFoundError: the directory of ``path`` does not exist (named).
+    :raises StoreIsADirectoryError: ``path`` is a directory.
+    :raises StoreError: ``path`` exists and is not a regular file, or its parent
+        is not a directory.
+    :raises StorePermissionError: the directory is not writable.
 
     The file is created with mode ``0666 & ~umask``, or with the mode of the
     file it replaces. Temporaries are named ``.NAME.PID.XXXX.tmp``; the next
@@ -1030,7 +1114,9 @@ class WorkflowStoreWriter:
 
     def add(self, key: str | bytes, value: Any, *, codec: str | None = None, content_type: str | None = None,
             meta: Any = None, aliases: Any = None, producer: str | None = None) -> None:
-        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like.
+        """Add one record. ``key``: str (stored as its UTF-8 bytes) or bytes-like;
+        ``value``: bytes-like (bytes, bytearray, memoryview), copied; compressed when
+        the writer compresses.
 
         With any keyword, the record gets metadata (knhk_memory.records):
         ``codec`` (``"raw"``, ``"json"`` or ``"pickle5"``: ``value`` is encoded
@@ -1038,6 +1124,15 @@ class WorkflowStoreWriter:
         ``"SpiffWorkflow 3.2.0"``), ``meta`` (a JSON-serialisable mapping) and
         ``aliases`` (other names of this record; see
         :meth:`WorkflowStore.resolve` for the rule when one names several).
+
+        :raises DuplicateKeyError: ``key`` was added before and ``last_wins`` is False.
+        :raises TypeError: a key or value of another type (a value needs ``codec=``
+            to be encoded from an object).
+        :raises StoreKeyEncodingError: a str key with no UTF-8 form (a lone surrogate).
+        :raises ValueError: an unknown ``codec`` or bad metadata (knhk_memory.records).
+        :raises StoreClosedError: the writer was committed or discarded.
+        :raises StoreDiskFullError: the disk filled while a batch was written (the
+            temporary file is removed; the writer is discarded).
         """
         if codec is not None or content_type is not None or meta is not None or aliases or producer is not None:
             self._add_with_meta(key, value, codec, content_type, meta, aliases, producer)
@@ -1135,13 +1230,24 @@ class WorkflowStoreWriter:
             raise _os_error(exc, self.path, "writing the store") from None
 
     def update(self, pairs: Any) -> None:
-        """Add every (key, value) of a mapping or an iterable of pairs."""
+        """Add every (key, value) of a mapping or an iterable of pairs, in order, as
+        :meth:`add` without keywords; raises as :meth:`add`. Records added before a
+        failing one stay added."""
         items = pairs.items() if hasattr(pairs, "items") else pairs
         for k, v in items:
             self.add(k, v)
 
     def commit(self) -> Path:
-        """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        """Write the index and header, then make the file appear atomically at :attr:`path`
+        (flush, fsync, rename over ``path``, fsync of the directory). Returns the path.
+
+        :raises StoreClosedError: already committed or discarded.
+        :raises StoreDiskFullError: the disk filled (the bytes needed and free named).
+        :raises StoreError: the index's longest probe stayed above the bound after 8
+            random hash keys, or once with a caller's fixed ``hash_key``; or an OS error
+            writing or renaming (named).
+
+        On any failure the temporary file is removed and ``path`` is untouched."""
         import numpy as np
 
         if self._file is None:
@@ -1226,7 +1332,9 @@ class WorkflowStoreWriter:
         return self.path
 
     def discard(self) -> None:
-        """Drop everything added; the temporary file is removed and ``path`` is untouched."""
+        """Drop everything added; the temporary file is removed and ``path`` is untouched.
+        Also spelled :meth:`abort` (the same method). Safe to call again, or after
+        :meth:`commit` (then it does nothing to ``path``)."""
         f, self._file = self._file, None
         if f is not None:
             try:
@@ -1238,7 +1346,7 @@ class WorkflowStoreWriter:
         except FileNotFoundError:
             pass
 
-    abort = discard
+    abort = discard  # the same method, under the name other writers use
 
     def __enter__(self) -> WorkflowStoreWriter:
         return self

@@ -244,7 +244,8 @@ static PyMethodDef sb_methods[] = {
      "memoryview into the file (zero-copy; decompressed into memory in a compressed store), or default "
      "when key is absent. Raises StoreChangedError once the mapped file was rewritten or truncated in "
      "place, StoreCorruptError for a damaged record, StoreClosedError after close(), TypeError for a key "
-     "of another type."},
+     "of another type (accepted: str, or bytes-like: bytes, bytearray, memoryview), StoreKeyEncodingError "
+     "(a ValueError) for a str with no UTF-8 form (a lone surrogate)."},
     {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL | METH_KEYWORDS,
      "get_bytes($self, key, default=None)\n--\n\nThe value of key -- or of the record an alias names (typed records) "
      "-- as a bytes copy (decompressed in a compressed store), or default when it is neither. The copy is "

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import store_options
 from .errors import ConfigError, did_you_mean
 
 ENV_VAR = "KNHK_MEMORY_CONFIG"
@@ -330,18 +331,17 @@ SCHEMA: dict[str, Mapping[str, Field]] = {
         "path": Field(str, "", "Workflow store file the plugin opens and hands to the engine through "
                       "knhk_workflow_store (relative paths are relative to the working directory); "
                       "empty: no store."),
+        # The ranges and messages are the WorkflowStore constructor's (knhk_memory.store_options).
         "cache_size": Field(int, 1024, "Entries of get_decoded's LRU cache of decoded definitions (0: off).",
-                            check=lambda v: None if 0 <= v <= 10_000_000 else
-                            f"must be in 0..10000000, got {v}"),
+                            check=lambda v: store_options.range_problem("cache_size", v)),
         "mmap_threshold": Field(int, 65536, "Files smaller than this many bytes are read into memory "
-                                "instead of mapped.", check=lambda v: None if v >= 0 else
-                                f"must be >= 0, got {v}"),
+                                "instead of mapped.", check=lambda v: store_options.range_problem("mmap_threshold", v)),
         "prefetch": Field(bool, False, "Advise the kernel to read the whole file ahead at open "
                           "(MADV_WILLNEED)."),
         "max_value_bytes": Field(int, 64 * 1024 * 1024, "Largest size in bytes a compressed value may "
                                  "decompress to: a frame claiming more is a store error, checked before "
-                                 "anything is allocated.", check=lambda v: None if 1 <= v <= 1 << 40 else
-                                 f"must be in 1..{1 << 40}, got {v}"),
+                                 "anything is allocated.",
+                                 check=lambda v: store_options.range_problem("max_value_bytes", v)),
     },
     "metrics": {
         "shared": Field(bool, False, "Put the metrics block (labelled counter families and histograms, "

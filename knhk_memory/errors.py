@@ -263,6 +263,10 @@ class StoreKeyError(StoreError, KeyError):
     """A key is not in the store."""
 
 
+class StoreKeyEncodingError(StoreError, ValueError):
+    """A key is a str with no UTF-8 form (a lone surrogate such as ``"\\ud800"``): keys are UTF-8."""
+
+
 class DuplicateKeyError(StoreError, ValueError):
     """A writer was given the same key twice without ``last_wins=True``."""
 

@@ -78,14 +78,17 @@ _P5_HEAD = struct.Struct("<IQ")
 _U64 = struct.Struct("<Q")
 
 
-def _kb(key: Any) -> bytes:
+def _kb(key: Any, path: Any = None) -> bytes:
     if key.__class__ is bytes:
         return key
-    if isinstance(key, str):
-        return key.encode("utf-8")
-    from .store import _key_bytes
+    if key.__class__ is str:
+        try:
+            return key.encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # the store's rule below says what is wrong
+    from .store import _key_bytes  # not at import: store imports this module
 
-    return _key_bytes(key)
+    return _key_bytes(key, path)  # the one rule for keys, and its messages
 
 
 class RecordMeta(dict[str, object]):
@@ -339,7 +342,7 @@ def resolve(store: WorkflowStore, name: Any) -> bytes:
     if store.__dict__.get("_layer_checked") is not store._view:  # once per opened file (reopen maps a new one)
         manifest(store)
         store.__dict__["_layer_checked"] = store._view
-    kb = _kb(name)
+    kb = _kb(name, store.path)
     if not kb.startswith(RESERVED_PREFIX) and store.get_raw(kb) is not None:
         return kb
     raw = store.get_raw(ALIAS_PREFIX + kb)
@@ -354,8 +357,10 @@ def resolve(store: WorkflowStore, name: Any) -> bytes:
                 f"{', '.join(map(repr, targets))}; ask for one of them by its key",
                 path=store.path, problem="ambiguous-alias")
         return targets[0].encode("utf-8", "surrogateescape")
-    raise StoreKeyError(f"{kb.decode('utf-8', 'backslashreplace')!r} is neither a key nor an alias in the "
-                        f"store{_nearest(store, kb)}", path=store.path, problem="missing-key")
+    from .store import _shown_key
+
+    raise StoreKeyError(f"key {_shown_key(name)} is not in the store (neither a key nor an alias){_nearest(store, kb)}",
+                        path=store.path, problem="missing-key")
 
 
 def _nearest(store: WorkflowStore, kb: bytes) -> str:
@@ -393,7 +398,19 @@ def aliases_of(store: WorkflowStore) -> dict[str, list[str]]:
     return out
 
 
+def check_trust_pickle(value: Any, owner: str) -> bool:
+    """``trust_pickle`` if it is exactly True or False, else a TypeError naming ``owner``: unpickling
+    runs code from the file, so a truthy stand-in (``"no"``, ``1``) must not switch the guard off."""
+    if value is True or value is False:
+        return value
+    raise TypeError(f"{owner}: trust_pickle must be True or False (True lets pickled records be unpickled, "
+                    f"which runs code from the file), got {type(value).__name__} {value!r}")
+
+
 def get_object(store: WorkflowStore, name: Any, *, trust_pickle: bool) -> Any:
+    """The decoded object of a key or alias (see :meth:`WorkflowStore.get_object`);
+    ``trust_pickle`` must be True or False (TypeError otherwise)."""
+    trust_pickle = check_trust_pickle(trust_pickle, "get_object")
     key = resolve(store, name)
     m = meta_of(store, key)
     if m.codec == "pickle5" and not trust_pickle:

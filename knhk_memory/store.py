@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import mmap
+import operator
 import os
 import re
 import stat
@@ -28,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import _fast, records
+from . import _fast, records, store_options
 from ._core import check_as, ffi, lib
 from ._core import last_error as _last_error
 from ._forksafe import renew_in_child
@@ -43,6 +44,7 @@ from .errors import (
     StoreEmptyError,
     StoreError,
     StoreIsADirectoryError,
+    StoreKeyEncodingError,
     StoreKeyError,
     StoreMagicError,
     StoreNotFoundError,
@@ -113,12 +115,77 @@ HUGE_PAGE_THRESHOLD = 1 << 30
 MAX_VALUE_BYTES = 64 * 1024 * 1024
 
 
-def _key_bytes(key: Any) -> bytes:
+# What a key may be, said the same way by every method that takes one.
+KEY_TYPES = "str (stored as its UTF-8 bytes) or bytes-like (bytes, bytearray, memoryview)"
+
+
+def _key_bytes(key: Any, path: Any = None) -> bytes:
+    """The bytes of a key: a str's UTF-8 form, a bytes-like object's bytes. Raises TypeError for
+    any other type and :class:`~knhk_memory.errors.StoreKeyEncodingError` for a str that has no
+    UTF-8 form (a lone surrogate such as ``"\\ud800"``)."""
     if isinstance(key, str):
-        return key.encode("utf-8")
+        try:
+            return key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise StoreKeyEncodingError(
+                f"key {key!r} is not valid UTF-8 text ({exc.reason} at index {exc.start}); keys must be valid "
+                "UTF-8: give a str without lone surrogates, or the key's bytes", path=path,
+                problem="bad-key") from None
     if isinstance(key, (bytes, bytearray, memoryview)):
         return bytes(key)
-    raise TypeError(f"a store key must be str or bytes, got {type(key).__name__} {key!r}")
+    raise TypeError(f"a store key must be {KEY_TYPES}, got {type(key).__name__} {key!r}")
+
+
+def _shown_key(key: Any) -> str:
+    """A key as messages quote it, whichever method was called: a str as its repr, a
+    bytes-like key as the repr of its bytes."""
+    return repr(key) if isinstance(key, (str, bytes)) else repr(bytes(key))
+
+
+# ---------------------------------------------------------------- argument checks
+#
+# The constructors check every argument up front: a wrong type is a TypeError, a value out of
+# range a ValueError, each naming the class, the parameter, the value given and what is accepted.
+
+
+def _int_arg(owner: str, name: str, value: Any, lo: int = 0, hi: int | None = None, what: str = "") -> int:
+    """``value`` as an int in [lo, hi] (hi None: no upper bound); bool is not a count. The
+    reader's options (store_options.INT_OPTIONS) take their range and message from there, as
+    the ``[store]`` configuration section does."""
+    shared = name in store_options.INT_OPTIONS and owner == "WorkflowStore"
+    if shared:
+        lo, hi, what = store_options.INT_OPTIONS[name]
+    accepted = f"an int from {lo:,} to {hi:,} ({what})" if hi is not None else f"an int >= {lo:,} ({what})"
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or isinstance(value, float):
+        raise TypeError(f"{owner}: {name} must be {accepted}, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {name} must be {accepted}, got {type(value).__name__} {value!r}") from None
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{owner}: {name} must be {accepted}, got {v!r}")
+    return v
+
+
+def _bool_arg(owner: str, name: str, value: Any, what: str = "") -> bool:
+    """``value`` if it is exactly True or False: a truthy string ("no") must not switch a guard on."""
+    if value is True or value is False:
+        return value
+    raise TypeError(f"{owner}: {name} must be True or False{what}, got {type(value).__name__} {value!r}")
+
+
+def _path_arg(owner: str, value: Any) -> Path:
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{owner}: path must be a str or os.PathLike file path, got {type(value).__name__} "
+                        f"{value!r}")
+    if isinstance(value, str) and not value:
+        raise ValueError(f"{owner}: path is empty ('' names no file); give the path of a store file")
+    return Path(value)
+
+
+U64_MAX = (1 << 64) - 1
 
 
 def _os_error(exc: OSError, path: Path, doing: str) -> StoreError:
@@ -210,18 +277,48 @@ _CLOSED_VIEW = memoryview(b"")
 class WorkflowStore(_fast.StoreBase):
     """A read-only workflow store file.
 
-    :param path: The store file.
+    :param path: The store file (str or os.PathLike; not empty).
     :param mmap_threshold: Files smaller than this many bytes are read into
         memory instead of mapped (a mapping costs more than reading a few pages).
-    :param cache_size: Entries of :meth:`get_decoded`'s LRU cache (0: no cache).
-    :param prefetch: Advise the kernel to read the whole file ahead (``MADV_WILLNEED``).
-    :param huge_page_threshold: Mapped files at least this large are advised
-        ``MADV_HUGEPAGE`` where the kernel offers it.
+        An int >= 0; default 65,536 bytes.
+    :param cache_size: Entries of :meth:`get_decoded`'s and :meth:`get_object`'s
+        LRU cache, an int from 0 (no cache) to 10,000,000; default 1,024.
+    :param prefetch: True: advise the kernel to read the whole file ahead
+        (``MADV_WILLNEED``) at open. True or False; default False.
+    :param huge_page_threshold: Mapped files of at least this many bytes are
+        advised ``MADV_HUGEPAGE`` where the kernel offers it. An int >= 0;
+        default 2**30 bytes (1 GiB).
     :param trust_pickle: Let :meth:`get_object` unpickle ``pickle5`` records.
         Unpickling runs code chosen by whoever wrote the file: pass True only
-        for a store your own engine built (see knhk_memory.records).
+        for a store your own engine built (see knhk_memory.records). Exactly
+        True or False (a truthy ``"no"`` is a TypeError, never a yes); default False.
     :param max_value_bytes: The largest size a compressed value may decompress
-        to, in bytes (a decompression bomb is refused, issue 22).
+        to, in bytes (a decompression bomb is refused, issue 22). An int from
+        1 to 2**40; default 64 MiB.
+    :raises TypeError: an argument of the wrong type (bool is not a count); the
+        message names the parameter, the value and what is accepted.
+    :raises ValueError: an argument out of range, or an empty ``path``.
+    :raises StoreNotFoundError: no file at ``path``.
+    :raises StorePermissionError: the file is not readable.
+    :raises StoreIsADirectoryError: ``path`` is a directory.
+    :raises StoreError: a FIFO, device or socket (refused before it is opened).
+    :raises StoreFormatError: not a valid store: :class:`~knhk_memory.errors.StoreEmptyError`,
+        ``StoreTruncatedError``, ``StoreMagicError``, ``StoreVersionError``, ``StoreCorruptError``.
+    :raises StoreChangedError: the file changed while it was being opened.
+
+    Keys, on every method that takes one (``get``, ``store[key]``, ``key in
+    store``, ``get_bytes``, ``get_raw``, ``get_decoded``, ``get_object``,
+    ``meta``, ``resolve``): a ``str`` (looked up as its UTF-8 bytes) or
+    bytes-like (``bytes``, ``bytearray``, ``memoryview``). Another type is a
+    TypeError, ``in`` included; a str with no UTF-8 form (a lone surrogate) is
+    a :class:`~knhk_memory.errors.StoreKeyEncodingError` (a ValueError).
+
+    ``store[key]``: the value as :meth:`get` returns it (a read-only memoryview
+    into the file, zero-copy; decompressed into memory in a compressed store);
+    an absent key raises :class:`~knhk_memory.errors.StoreKeyError` (a KeyError)
+    quoting the key as given. ``key in store``: True when ``key`` is a key
+    (aliases are not keys; nothing is decompressed). Both raise
+    :class:`~knhk_memory.errors.StoreClosedError` after :meth:`close`.
 
     Every method is thread-safe, :meth:`close` and :meth:`reopen` included: a
     read running on another thread while the store closes finishes on the file
@@ -239,17 +336,15 @@ class WorkflowStore(_fast.StoreBase):
                  cache_size: int = 1024, prefetch: bool = False,
                  huge_page_threshold: int = HUGE_PAGE_THRESHOLD, trust_pickle: bool = False,
                  max_value_bytes: int = MAX_VALUE_BYTES) -> None:
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int) or max_value_bytes < 1:
-            raise ValueError(f"max_value_bytes must be a positive number of bytes, got {max_value_bytes!r}")
+        who = "WorkflowStore"
+        self.path = _path_arg(who, path)
+        self.mmap_threshold = _int_arg(who, "mmap_threshold", mmap_threshold)
+        self.cache_size = _int_arg(who, "cache_size", cache_size)
+        prefetch = _bool_arg(who, "prefetch", prefetch)
+        self.huge_page_threshold = _int_arg(who, "huge_page_threshold", huge_page_threshold)
+        self.trust_pickle = trust_pickle  # checked by the property: get_object unpickles only on True
         # The decompression cap (issue 22): a compressed value may not grow past this.
-        self.max_value_bytes = max_value_bytes
-        self.path = Path(path)
-        self.mmap_threshold = mmap_threshold
-        self.huge_page_threshold = huge_page_threshold
-        self.cache_size = cache_size
-        self.trust_pickle = trust_pickle  # get_object: unpickle records (a store holding pickles is code)
+        self.max_value_bytes = _int_arg(who, "max_value_bytes", max_value_bytes)
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         renew_in_child(self, "_cache_lock")
@@ -257,6 +352,16 @@ class WorkflowStore(_fast.StoreBase):
         self._attach_gen(self._open_file())
         if prefetch:
             self.prefetch()
+
+    @property
+    def trust_pickle(self) -> bool:
+        """Whether :meth:`get_object` unpickles ``pickle5`` records (True or False only: a
+        pickle runs code chosen by whoever wrote the file)."""
+        return self._trust_pickle
+
+    @trust_pickle.setter
+    def trust_pickle(self, value: bool) -> None:
+        self._trust_pickle = records.check_trust_pickle(value, "WorkflowStore")
 
     # -- opening
 
@@ -364,7 +469,13 @@ class WorkflowStore(_fast.StoreBase):
         """Open the file at :attr:`path` again, picking up an atomic replacement.
 
         On failure the store keeps its current file. Reads racing the reopen answer
-        from the old file or the new one.
+        from the old file or the new one. The decode cache is cleared. A closed
+        store is opened again.
+
+        Raises what the constructor raises for the file: StoreNotFoundError,
+        StorePermissionError, StoreIsADirectoryError, StoreError (not a regular
+        file), a StoreFormatError (StoreEmptyError, StoreTruncatedError,
+        StoreMagicError, StoreVersionError, StoreCorruptError), StoreChangedError.
         """
         g = self._open_file()
         self._attach_gen(g)  # the old generation goes with its last reader
@@ -385,6 +496,7 @@ class WorkflowStore(_fast.StoreBase):
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (until a :meth:`reopen`): reads raise StoreClosedError."""
         return self._gen is None
 
     # The open generation's parts, for code that does not race close() (records, tests).
@@ -427,7 +539,7 @@ class WorkflowStore(_fast.StoreBase):
         """get() for what the C path does not do: a compressed store, a key that is
         neither str nor bytes, a closed store, a changed or damaged file."""
         g = self._open()
-        kb = key if key.__class__ is bytes else _key_bytes(key)
+        kb = key if key.__class__ is bytes else _key_bytes(key, self.path)
         if g.compressed:
             value = self._bytes(g, kb, _MISSING)
             return default if value is _MISSING else memoryview(value)
@@ -480,7 +592,7 @@ class WorkflowStore(_fast.StoreBase):
         and comes here for everything else.
         """
         g = self._open()
-        return self._bytes(g, _key_bytes(key), default)
+        return self._bytes(g, _key_bytes(key, self.path), default)
 
     def _bytes(self, g: _Open, kb: bytes, default: Any) -> bytes | Any:
         span = ffi.new("uint64_t[2]")
@@ -501,9 +613,15 @@ class WorkflowStore(_fast.StoreBase):
         return self._decompress(g, kb, raw) if g.compressed else raw
 
     def get_raw(self, key: str | bytes | bytearray | memoryview, default: Any = None) -> memoryview | Any:
-        """The stored bytes of ``key`` (zstd frames in a compressed store), zero-copy."""
+        """The stored bytes of ``key`` as a read-only memoryview into the file, zero-copy
+        (the zstd frame in a compressed store: nothing is decompressed), or ``default``
+        (None unless given) when ``key`` is absent. Aliases are not resolved.
+
+        Raises TypeError for a key of another type, StoreKeyEncodingError for a str
+        with no UTF-8 form, StoreClosedError after close(), StoreChangedError once the
+        mapped file was rewritten in place, StoreCorruptError for a damaged record."""
         g = self._open()
-        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), default)
+        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key, self.path), default)
 
     def _copy(self, g: _Open, offset: int, length: int) -> bytes:
         """bytes of generation ``g``'s file at [offset, offset + length), copied under the SIGBUS guard."""
@@ -552,36 +670,56 @@ class WorkflowStore(_fast.StoreBase):
     def _getitem_slow(self, key: Any) -> memoryview:
         value = self._get_slow(key, _MISSING)
         if value is _MISSING:
-            raise StoreKeyError(f"key {key!r} is not in the store ({len(self)} keys)", path=self.path,
-                                problem="missing-key")
+            raise self._absent(key)
         return value
 
+    def _absent(self, key: Any) -> StoreKeyError:
+        """The error for a key that is not in the store, the key quoted as the caller gave it."""
+        return StoreKeyError(f"key {_shown_key(key)} is not in the store ({len(self)} keys)", path=self.path,
+                             problem="missing-key")
+
     def _contains_slow(self, key: object) -> bool:
-        if not isinstance(key, (str, bytes, bytearray, memoryview)):
-            return False
+        # The same rule, in the same order, as get and []: closed first, then an unsupported key
+        # type is a TypeError (not False), a str with no UTF-8 form a StoreKeyEncodingError.
         g = self._open()
+        kb = key if key.__class__ is bytes else _key_bytes(key, self.path)
         # The raw frame is enough to know in a compressed store: no decompression.
-        return self._raw(g, key if key.__class__ is bytes else _key_bytes(key), _MISSING) is not _MISSING
+        return self._raw(g, kb, _MISSING) is not _MISSING
 
-    def get_decoded(self, key: str | bytes, decoder: Callable[[bytes], Any] = json.loads) -> Any:
-        """``decoder(value)``, cached in a bounded LRU keyed by (key, decoder).
+    def get_decoded(self, key: str | bytes | bytearray | memoryview,
+                    decoder: Callable[[bytes], Any] = json.loads) -> Any:
+        """``decoder(value)``: the value of ``key`` as ``bytes``, decoded, cached in a bounded
+        LRU keyed by (key, decoder) (``cache_size`` entries; a hit hands out the same
+        object again, so treat it as read-only). The default decoder is ``json.loads``.
 
-        Raises :class:`~knhk_memory.errors.StoreKeyError` for a missing key,
-        :class:`~knhk_memory.errors.StoreClosedError` once the store is closed.
+        :param key: a str (its UTF-8 bytes) or bytes-like key.
+        :param decoder: any callable taking the value's ``bytes``.
+        :raises TypeError: ``decoder`` is not callable (checked before anything is read), or
+            ``key`` is not an accepted type.
+        :raises StoreKeyEncodingError: ``key`` is a str with no UTF-8 form.
+        :raises StoreKeyError: ``key`` is not in the store.
+        :raises StoreDecodeError: ``decoder`` raised; ``__cause__`` is its exception.
+        :raises StoreClosedError: the store is closed.
         """
+        if not callable(decoder):
+            raise TypeError(f"get_decoded: decoder must be a callable taking the value's bytes (e.g. json.loads), "
+                            f"got {type(decoder).__name__} {decoder!r}")
         self._open()
-        kb = _key_bytes(key)
+        kb = _key_bytes(key, self.path)
         ck = (kb, decoder)
         hit = self._cached(ck)
         if hit is not _MISSING:
             return hit
-        raw = bytes(self[kb])
+        value = self.get(kb, _MISSING)
+        if value is _MISSING:
+            raise self._absent(key)
+        raw = bytes(value)
         try:
             obj = decoder(raw)
         except Exception as exc:
             name = getattr(decoder, "__qualname__", type(decoder).__name__)
-            raise StoreDecodeError(f"the value of key {kb!r} ({len(raw)} bytes) cannot be decoded by {name}: "
-                                   f"{type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
+            raise StoreDecodeError(f"the value of key {_shown_key(key)} ({len(raw)} bytes) cannot be decoded by "
+                                   f"{name}: {type(exc).__name__}: {exc}", path=self.path, problem="decode") from exc
         return self._remember(ck, obj)
 
     def _cached(self, ck: Any) -> Any:
@@ -618,9 +756,14 @@ class WorkflowStore(_fast.StoreBase):
         return records.resolve(self, name)
 
     def meta(self, name: str | bytes) -> Any:
-        """The :class:`~knhk_memory.records.RecordMeta` of a key or alias
-        (``codec``, ``content_type``, ``producer``, ``meta``); ``raw`` for a
-        record written without metadata."""
+        """The :class:`~knhk_memory.records.RecordMeta` (a dict) of a key or alias:
+        ``codec``, ``content_type``, ``producer``, ``meta``; ``{"codec": "raw"}`` for a
+        record written without metadata.
+
+        Raises as :meth:`resolve` (StoreKeyError with the nearest names,
+        AmbiguousKeyError), TypeError / StoreKeyEncodingError for a bad key,
+        StoreCorruptError for metadata that is not a JSON object with a codec,
+        StoreClosedError after close()."""
         return records.meta_of(self, records.resolve(self, name))
 
     def aliases(self) -> dict[str, list[str]]:
@@ -640,7 +783,7 @@ class WorkflowStore(_fast.StoreBase):
         once the store is closed (cached objects included).
         """
         self._open()
-        ck = (_key_bytes(name), records.get_object)
+        ck = (_key_bytes(name, self.path), records.get_object)
         hit = self._cached(ck)
         if hit is not _MISSING:
             return hit
@@ -651,11 +794,16 @@ class WorkflowStore(_fast.StoreBase):
 
     def changed(self) -> bool:
         """True when the file under this (mapped) reader no longer reads as it did
-        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read."""
+        at open: rewritten in place or truncated. Cheap: one guarded 8-byte read.
+        Always False for a file read into memory (below ``mmap_threshold``). Raises
+        StoreClosedError after close()."""
         g = self._open()
         return lib.knhk_store_check_changed(g.handle) != lib.KNHK_OK
 
     def __len__(self) -> int:
+        """The number of keys in the file: a key replaced under ``last_wins`` counts
+        once, and the record layer's metadata and alias records (``\\0knhk/...``)
+        are keys too. Raises StoreClosedError after close()."""
         return self._open().info["count"]
 
     def _record_offsets(self, g: _Open) -> list[int]:
@@ -686,7 +834,10 @@ class WorkflowStore(_fast.StoreBase):
 
     def keys(self) -> Iterator[bytes]:
         """Every key, as bytes, in the order they were added (copied under the
-        SIGBUS guard: a file truncated meanwhile raises StoreChangedError)."""
+        SIGBUS guard: a file truncated meanwhile raises StoreChangedError). Also
+        ``iter(store)``. The record layer's own keys (``\\0knhk/...``) are keys too.
+        Raises StoreClosedError when the store is closed (before, or at the next
+        step after a close); StoreCorruptError for a damaged record."""
         g = self._open()
         return self._keys(g)
 
@@ -741,7 +892,9 @@ class WorkflowStore(_fast.StoreBase):
         return int(checked[0])
 
     def prefetch(self) -> None:
-        """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``)."""
+        """Ask the kernel to read the whole file ahead (``MADV_WILLNEED``); returns at
+        once (the kernel reads in the background). Nothing to do for a file read into
+        memory or a kernel without the advice. Raises StoreClosedError after close()."""
         g = self._open()
         if g.map is not None:
             try:
@@ -750,7 +903,20 @@ class WorkflowStore(_fast.StoreBase):
                 pass
 
     def stats(self, *, deep: bool = False) -> dict[str, Any]:
-        """Figures about the file; ``deep=True`` also sums key and value bytes (reads every record)."""
+        """Figures about the file, as a dict:
+
+        ``path`` (str), ``file_size`` (bytes), ``format_version``, ``access``
+        (``"mmap"`` or ``"read"``: read into memory), ``compression`` (``"none"``,
+        ``"zstd"``, ``"zstd+dict"``), ``keys``, ``records`` (all records written,
+        superseded ones included), ``superseded_records``, ``index_slots``,
+        ``load_factor`` (keys per slot), ``max_displacement`` (the longest probe, in
+        slots), ``index_bytes``, ``records_bytes``, ``dictionary_bytes`` (bytes).
+        ``deep=True`` reads every record and adds ``key_bytes`` and ``value_bytes``
+        (bytes, as stored: compressed in a compressed store) and ``overhead``
+        (file bytes per key-and-value byte, less 1; None for an empty store).
+
+        Raises StoreClosedError after close(); with ``deep``, StoreChangedError /
+        StoreCorruptError as :meth:`keys`."""
         g = self._open()
         d = g.info
         out: dict[str, Any] = {
@@ -823,16 +989,29 @@ class WorkflowStoreWriter:
         either the old file or the new one, never a half-written one.
     :param last_wins: A repeated key replaces the earlier value instead of
         raising :class:`~knhk_memory.errors.DuplicateKeyError`.
-    :param compress: zstd level (1-22) to compress values with, or None.
-    :param zstd_dict: A zstd dictionary (raw bytes, e.g. from
+    :param last_wins: True or False; default False.
+    :param compress: zstd level to compress values with, an int from 1 to 22
+        (not a bool), or None (the default): no compression.
+    :param zstd_dict: A zstd dictionary (bytes-like raw bytes, e.g. from
         ``zstandard.train_dictionary(...).as_bytes()``) stored in the file and
         used for every value; only with ``compress``.
-    :param load_factor: Keys per index slot, in (0, 0.95].
-    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash; by
-        default drawn from ``os.urandom`` for every build, so nobody outside
-        can choose keys that pile up in one slot (hash flooding). Give a fixed
-        value only for byte-identical rebuilds of trusted keys.
-    :param seed: The checksum seed (and the key hash's k1).
+    :param load_factor: Keys per index slot, a float in (0, 0.95]; default 0.875.
+    :param hash_key: The 64-bit k0 of the index's SipHash-1-3 key hash, an int
+        from 0 to 2**64 - 1; by default (None) drawn from ``os.urandom`` for every
+        build, so nobody outside can choose keys that pile up in one slot (hash
+        flooding). Give a fixed value only for byte-identical rebuilds of trusted keys.
+    :param seed: The checksum seed (and the key hash's k1), an int from 0 to
+        2**64 - 1; default :data:`DEFAULT_SEED` (``b"knhkwfs1"`` as a little-endian
+        u64). Written in the header, so readers need not know it.
+    :raises TypeError: an argument of the wrong type; the message names the
+        parameter, the value and what is accepted.
+    :raises ValueError: an argument out of range, an empty ``path``, or
+        ``zstd_dict`` without ``compress``.
+    :raises StoreNotFoundError: the directory of ``path`` does not exist (named).
+    :raises StoreIsADirectoryError: ``path`` is a directory.
+    :raises StoreError: ``path`` exists and is not a regular file, or its parent
+        is not a directory.
+    :raises StorePermissionError: the directory is not writable.
 
     The file is created with mode ``0666 & ~umask``, or with the mode of the
     file it replaces. Temporaries are named ``.NAME.PID.XXXX.tmp``; the next
@@ -849,24 +1028,35 @@ class WorkflowStoreWriter:
                  seed: int = DEFAULT_SEED, hash_key: int | None = None) -> None:
         import numpy as np
 
-        if not 0 < load_factor <= 0.95:
-            raise ValueError(f"load_factor must be in (0, 0.95], got {load_factor}")
-        if zstd_dict is not None and compress is None:
-            raise ValueError("zstd_dict needs compress=<level>")
-        self.path = Path(path)
-        self.last_wins = last_wins
-        self.load_factor = load_factor
-        self.seed = seed & 0xFFFFFFFFFFFFFFFF
+        who = "WorkflowStoreWriter"
+        self.path = _path_arg(who, path)
+        self.last_wins = _bool_arg(who, "last_wins", last_wins)
+        if compress is not None:
+            compress = _int_arg(who, "compress", compress, 1, 22, "a zstd level; or None: no compression")
+        if zstd_dict is not None:
+            if not isinstance(zstd_dict, (bytes, bytearray, memoryview)):
+                raise TypeError(f"{who}: zstd_dict must be bytes-like (bytes, bytearray, memoryview: a zstd "
+                                f"dictionary's raw bytes) or None, got {type(zstd_dict).__name__} {zstd_dict!r}")
+            if compress is None:
+                raise ValueError(f"{who}: zstd_dict needs compress=<level> (a zstd level from 1 to 22); got "
+                                 "compress=None")
+        accepted = "a float in (0, 0.95]: keys per index slot"
+        if isinstance(load_factor, bool) or not isinstance(load_factor, (int, float)):
+            raise TypeError(f"{who}: load_factor must be {accepted}, got {type(load_factor).__name__} "
+                            f"{load_factor!r}")
+        if not 0 < load_factor <= 0.95:  # NaN fails this too
+            raise ValueError(f"{who}: load_factor must be {accepted}, got {load_factor!r}")
+        self.load_factor = float(load_factor)
+        self.seed = _int_arg(who, "seed", seed, 0, U64_MAX, "a 64-bit checksum seed")
         self._fixed_key = hash_key is not None
-        self.hash_key = (hash_key if hash_key is not None else _random_key()) & 0xFFFFFFFFFFFFFFFF
+        self.hash_key = (_int_arg(who, "hash_key", hash_key, 0, U64_MAX, "the 64-bit SipHash key k0; or None: "
+                                  "random per build") if hash_key is not None else _random_key())
         self.reseeds = 0
         self._cctx: Any = None
         self._zstd_dict = bytes(zstd_dict) if zstd_dict is not None else b""
         if compress is not None:
             import zstandard
 
-            if not 1 <= compress <= 22:
-                raise ValueError(f"compress must be a zstd level in 1..22, got {compress}")
             params: dict[str, Any] = {"level": compress, "write_content_size": True, "write_checksum": False}
             if zstd_dict is not None:
                 params["dict_data"] = zstandard.ZstdCompressionDict(self._zstd_dict)
@@ -875,6 +1065,8 @@ class WorkflowStoreWriter:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
+        except NotADirectoryError:
+            raise _not_a_directory(self.path) from None
         except OSError as exc:
             raise _os_error(exc, self.path, "checking the output path") from None
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -887,6 +1079,12 @@ class WorkflowStoreWriter:
         _remove_stale_temporaries(directory, self.path.name)
         try:
             fd, tmp = _create_temporary(directory, f".{self.path.name}.{os.getpid()}.")
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"the directory {str(directory)!r} does not exist, so the store cannot be "
+                                     "written there; create the directory first", path=self.path,
+                                     problem="missing-directory") from None
+        except NotADirectoryError:
+            raise _not_a_directory(self.path) from None
         except OSError as exc:
             raise _os_error(exc, directory, "creating a temporary file for the store") from None
         # The temporary is made 0600; a store gets the mode of the file it
@@ -916,7 +1114,9 @@ class WorkflowStoreWriter:
 
     def add(self, key: str | bytes, value: Any, *, codec: str | None = None, content_type: str | None = None,
             meta: Any = None, aliases: Any = None, producer: str | None = None) -> None:
-        """Add one record. ``key``: str (UTF-8) or bytes; ``value``: bytes-like.
+        """Add one record. ``key``: str (stored as its UTF-8 bytes) or bytes-like;
+        ``value``: bytes-like (bytes, bytearray, memoryview), copied; compressed when
+        the writer compresses.
 
         With any keyword, the record gets metadata (knhk_memory.records):
         ``codec`` (``"raw"``, ``"json"`` or ``"pickle5"``: ``value`` is encoded
@@ -924,6 +1124,15 @@ class WorkflowStoreWriter:
         ``"SpiffWorkflow 3.2.0"``), ``meta`` (a JSON-serialisable mapping) and
         ``aliases`` (other names of this record; see
         :meth:`WorkflowStore.resolve` for the rule when one names several).
+
+        :raises DuplicateKeyError: ``key`` was added before and ``last_wins`` is False.
+        :raises TypeError: a key or value of another type (a value needs ``codec=``
+            to be encoded from an object).
+        :raises StoreKeyEncodingError: a str key with no UTF-8 form (a lone surrogate).
+        :raises ValueError: an unknown ``codec`` or bad metadata (knhk_memory.records).
+        :raises StoreClosedError: the writer was committed or discarded.
+        :raises StoreDiskFullError: the disk filled while a batch was written (the
+            temporary file is removed; the writer is discarded).
         """
         if codec is not None or content_type is not None or meta is not None or aliases or producer is not None:
             self._add_with_meta(key, value, codec, content_type, meta, aliases, producer)
@@ -931,10 +1140,11 @@ class WorkflowStoreWriter:
         if self._file is None:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if key.__class__ is not bytes:
-            key = _key_bytes(key)
+            key = _key_bytes(key, self.path)
         if value.__class__ is not bytes:
             if not isinstance(value, (bytearray, memoryview)):
-                raise TypeError(f"a store value must be bytes-like, got {type(value).__name__}")
+                raise TypeError(f"a store value must be bytes-like (bytes, bytearray, memoryview; or give codec= "
+                                f"to encode an object), got {type(value).__name__} for key {key!r}")
             value = bytes(value)
         if self._cctx is not None:
             value = bytes(self._cctx.compress(value))  # bytes(b) is b: a name for mypy, no copy
@@ -958,7 +1168,7 @@ class WorkflowStoreWriter:
             raise StoreClosedError("the writer is committed or discarded", path=self.path, problem="closed")
         if self._layer is None:
             self._layer = records.LayerWriter()
-        key = _key_bytes(key)
+        key = _key_bytes(key, self.path)
         value, note = self._layer.prepare(self, key, value, codec, content_type, meta, aliases, producer)
         WorkflowStoreWriter.add(self, key, value)
         note()
@@ -1020,13 +1230,24 @@ class WorkflowStoreWriter:
             raise _os_error(exc, self.path, "writing the store") from None
 
     def update(self, pairs: Any) -> None:
-        """Add every (key, value) of a mapping or an iterable of pairs."""
+        """Add every (key, value) of a mapping or an iterable of pairs, in order, as
+        :meth:`add` without keywords; raises as :meth:`add`. Records added before a
+        failing one stay added."""
         items = pairs.items() if hasattr(pairs, "items") else pairs
         for k, v in items:
             self.add(k, v)
 
     def commit(self) -> Path:
-        """Write the index and header, then make the file appear atomically at :attr:`path`."""
+        """Write the index and header, then make the file appear atomically at :attr:`path`
+        (flush, fsync, rename over ``path``, fsync of the directory). Returns the path.
+
+        :raises StoreClosedError: already committed or discarded.
+        :raises StoreDiskFullError: the disk filled (the bytes needed and free named).
+        :raises StoreError: the index's longest probe stayed above the bound after 8
+            random hash keys, or once with a caller's fixed ``hash_key``; or an OS error
+            writing or renaming (named).
+
+        On any failure the temporary file is removed and ``path`` is untouched."""
         import numpy as np
 
         if self._file is None:
@@ -1111,7 +1332,9 @@ class WorkflowStoreWriter:
         return self.path
 
     def discard(self) -> None:
-        """Drop everything added; the temporary file is removed and ``path`` is untouched."""
+        """Drop everything added; the temporary file is removed and ``path`` is untouched.
+        Also spelled :meth:`abort` (the same method). Safe to call again, or after
+        :meth:`commit` (then it does nothing to ``path``)."""
         f, self._file = self._file, None
         if f is not None:
             try:
@@ -1123,7 +1346,7 @@ class WorkflowStoreWriter:
         except FileNotFoundError:
             pass
 
-    abort = discard
+    abort = discard  # the same method, under the name other writers use
 
     def __enter__(self) -> WorkflowStoreWriter:
         return self
@@ -1138,6 +1361,11 @@ class WorkflowStoreWriter:
     def __del__(self) -> None:
         if getattr(self, "_file", None) is not None:
             self.discard()
+
+
+def _not_a_directory(path: Path) -> StoreError:
+    return StoreError(f"{str(path.parent)!r} (or a directory above it) is not a directory, so the store cannot "
+                      "be written there; give a path inside a directory", path=path, problem="not-a-directory")
 
 
 def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:

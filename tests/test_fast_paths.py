@@ -5,6 +5,7 @@ both paths")."""
 
 from __future__ import annotations
 
+import array
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from knhk_memory import _fast
 from knhk_memory._core import lib
 from knhk_memory.counters import Counters
-from knhk_memory.errors import KnhkMemoryError, StoreClosedError, StoreKeyError
+from knhk_memory.errors import KnhkMemoryError, StoreClosedError, StoreKeyEncodingError, StoreKeyError
 
 BAD_ADDS = [
     (("nope",), {}),                      # unknown name: CounterNameError with nearest names
@@ -379,7 +380,11 @@ def test_store_membership_takes_the_c_getter_and_keeps_its_answers(tmp_path, com
         w.add("present", b'{"a": 1}')
     s = WorkflowStore(path)
     assert "present" in s and b"present" in s and bytearray(b"present") in s and memoryview(b"present") in s
-    assert "absent" not in s and 3 not in s and None not in s and "" not in s
+    assert "absent" not in s and "" not in s
+    for bad in (3, None, ["present"]):  # what get and [] refuse, `in` refuses too (trial finding 6)
+        with pytest.raises(TypeError, match=r"a store key must be str \(stored as its UTF-8 bytes\) or bytes-like "
+                                            r"\(bytes, bytearray, memoryview\), got "):
+            bad in s  # noqa: B015 - the check raises
     s.close()
     with pytest.raises(StoreClosedError, match="the store is closed"):
         "present" in s  # noqa: B015 - the check raises
@@ -388,8 +393,9 @@ def test_store_membership_takes_the_c_getter_and_keeps_its_answers(tmp_path, com
 # ---------------------------------------------------------------- the store's get, get_bytes, [] and in
 
 STORE_KEYS = ["present", b"present", bytearray(b"present"), memoryview(b"present"), "absent", b"absent", "",
-              "pr\x00esent", "\u00e9t\u00e9", "\u00e9t\u00e9".encode(), "\ud800", 3, None, 1.5, True, ("present",),
-              ["present"], object]
+              "pr\x00esent", "\u00e9t\u00e9", "\u00e9t\u00e9".encode(), "\ud800", "pr\udcffesent",
+              "\u00e9\ud800", np.bytes_(b"present"), np.bytes_(b"absent"), 3, None, 1.5, True, ("present",),
+              ["present"], object, np.str_("present"), array.array("B", b"present")]
 
 
 @pytest.fixture(params=[None, 3], ids=["plain", "zstd"])
@@ -423,10 +429,18 @@ def test_store_reads_match_the_python_paths(store, key):
     has = both(store.__contains__, store._contains_slow, key)
     if got[0] == "ok" or got[0] is StoreKeyError:
         assert has == ("ok", got[0] == "ok")
-    elif got[0] is UnicodeEncodeError:  # a str with a lone surrogate has no UTF-8 form: refused, never a miss
-        assert has[0] is UnicodeEncodeError
-    else:  # not a key type at all: `in` says no, as a dict does for a key it cannot hold
-        assert got[0] is TypeError and has == ("ok", False)
+        if got[0] is StoreKeyError:  # the key quoted as given: a str as a str, bytes-like as bytes
+            shown = repr(key) if isinstance(key, (str, bytes)) else repr(bytes(key))
+            assert f"key {shown} is not in the store (3 keys)" in got[1]
+    elif got[0] is StoreKeyEncodingError:  # a str with a lone surrogate has no UTF-8 form: refused, never a miss
+        first = next(i for i, c in enumerate(key) if 0xD800 <= ord(c) <= 0xDFFF)
+        assert has == got and got[1] == (
+            f"{store.path}: key {key!r} is not valid UTF-8 text (surrogates not allowed at index {first}); "
+            "keys must be valid UTF-8: give a str without lone surrogates, or the key's bytes")
+    else:  # not a key type at all: `in` refuses it as get and [] do (trial finding 6), never a quiet False
+        assert got[0] is TypeError and has == got
+        assert got[1] == ("a store key must be str (stored as its UTF-8 bytes) or bytes-like (bytes, bytearray, "
+                          f"memoryview), got {type(key).__name__} {key!r}")
 
 
 def test_store_read_answers(store):
@@ -458,7 +472,8 @@ def test_store_closed_refuses_through_both_paths(store):
             assert kind is StoreClosedError and "the store is closed" in message
     with pytest.raises(StoreClosedError, match="the store is closed"):
         "present" in store  # noqa: B015 - the check raises
-    assert 3 not in store  # not a key type: False, as before, open or closed
+    with pytest.raises(StoreClosedError, match="the store is closed"):
+        3 in store  # noqa: B015 - closed first, as get and [] say
 
 
 def test_store_get_bytes_of_a_large_value_takes_the_released_gil_path(tmp_path):

@@ -65,7 +65,8 @@ def test_ambiguous_alias_lists_every_record_and_unknown_names_nearest(typed):
         with pytest.raises(AmbiguousKeyError, match=r"'both' is an alias of 2 records: 'a.bpmn#p', 'b.bpmn#q'"):
             s.get_object("both")
         assert isinstance(AmbiguousKeyError("x"), KeyError)
-        with pytest.raises(StoreKeyError, match=r"'pp' is neither a key nor an alias.*nearest: 'p'"):
+        with pytest.raises(StoreKeyError, match=r"key 'pp' is not in the store \(neither a key nor an alias\); "
+                                                 r"nearest: 'p'"):
             s.resolve("pp")
         with pytest.raises(StoreKeyError):
             s.get_object(RESERVED_PREFIX + b"manifest")  # reserved records are not objects

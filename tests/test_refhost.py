@@ -315,7 +315,8 @@ def test_engine_refuses_an_empty_store_and_bad_parameters(tmp_path):
 def test_config_replace_checks_like_a_file():
     config = load_config()
     assert config.replace(store={"path": "x.knhk"}).store.path == "x.knhk"
-    with pytest.raises(ConfigError, match=r"store.cache_size: must be in 0..10000000, got -1"):
+    with pytest.raises(ConfigError, match=r"store.cache_size: must be an int from 0 to 10,000,000 \(entries; 0: no "
+                                          r"cache\), got -1"):
         config.replace(store={"cache_size": -1})
     with pytest.raises(ConfigError, match=r"unknown section \[stores\]"):
         config.replace(stores={"path": "x"})

@@ -45,10 +45,14 @@ def test_a_frame_without_a_recorded_size_stops_at_the_cap(tmp_path):
         assert s._decompress(s._gen, b"k", small) == b"abc"
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "64"])
-def test_a_bad_cap_is_refused(tmp_path, bad):
+@pytest.mark.parametrize(("bad", "kind"), [(0, ValueError), (-1, ValueError), (2**40 + 1, ValueError),
+                                           (1.5, TypeError), (True, TypeError), ("64", TypeError)])
+def test_a_bad_cap_is_refused(tmp_path, bad, kind):
     path = tmp_path / "s.kst"
     with WorkflowStoreWriter(path) as w:
         w.add("v", b"x")
-    with pytest.raises(ValueError, match=r"max_value_bytes must be a positive number of bytes, got"):
+    with pytest.raises(kind) as info:
         WorkflowStore(path, max_value_bytes=bad)
+    shown = repr(bad) if kind is ValueError else f"{type(bad).__name__} {bad!r}"
+    assert str(info.value) == ("WorkflowStore: max_value_bytes must be an int from 1 to 1,099,511,627,776 (bytes), "
+                               f"got {shown}")

@@ -203,7 +203,7 @@ def test_decoder_errors_name_key_and_file(tmp_path):
     with WorkflowStoreWriter(p) as w:
         w.add("bad", b"{not json")
     with WorkflowStore(p) as s:
-        with pytest.raises(StoreDecodeError, match=r"d.kst: the value of key b'bad' \(9 bytes\) cannot be decoded by "
+        with pytest.raises(StoreDecodeError, match=r"d.kst: the value of key 'bad' \(9 bytes\) cannot be decoded by "
                                                    r"loads: JSONDecodeError") as info:
             s.get_decoded("bad")
         assert isinstance(info.value.__cause__, ValueError)

@@ -285,9 +285,10 @@ class SpiffLoader:
 
     def __init__(self, store: Any, *, trust_pickle: bool = False, cache_size: int = 4096,
                  script_engine: Any = None) -> None:
-        from ..records import decode, get_object
+        from ..records import check_trust_pickle, decode, get_object
         from ..store import WorkflowStore
 
+        trust_pickle = check_trust_pickle(trust_pickle, "SpiffLoader")
         self._owns = not isinstance(store, WorkflowStore)
         self.store = WorkflowStore(store) if self._owns else store
         self.trust_pickle = trust_pickle

@@ -67,8 +67,9 @@ static void sb_dealloc(StoreBase *self) {
 
 /* The key's bytes without a copy: exact bytes, or exact str (its UTF-8 form,
    which CPython keeps on the str; ASCII strs are their own UTF-8). 1, 0 for
-   any other type (the slow path converts or refuses it), -1 with an error (a
-   str with lone surrogates). */
+   any other type and for a str with no UTF-8 form (a lone surrogate: the slow
+   path converts or refuses it, with the store's message), -1 with another
+   error set (no memory). */
 static inline int key_span(PyObject *key, const char **kp, Py_ssize_t *kl) {
     if (fast_likely(PyUnicode_CheckExact(key))) {
         if (fast_likely(PyUnicode_IS_COMPACT_ASCII(key))) { /* its characters are its UTF-8 */
@@ -77,7 +78,10 @@ static inline int key_span(PyObject *key, const char **kp, Py_ssize_t *kl) {
             return 1;
         }
         *kp = PyUnicode_AsUTF8AndSize(key, kl);
-        return *kp == NULL ? -1 : 1;
+        if (fast_likely(*kp != NULL)) return 1;
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) return -1;
+        PyErr_Clear();
+        return 0;
     }
     if (PyBytes_CheckExact(key)) {
         *kp = PyBytes_AS_STRING(key);
@@ -240,7 +244,8 @@ static PyMethodDef sb_methods[] = {
      "memoryview into the file (zero-copy; decompressed into memory in a compressed store), or default "
      "when key is absent. Raises StoreChangedError once the mapped file was rewritten or truncated in "
      "place, StoreCorruptError for a damaged record, StoreClosedError after close(), TypeError for a key "
-     "of another type."},
+     "of another type (accepted: str, or bytes-like: bytes, bytearray, memoryview), StoreKeyEncodingError "
+     "(a ValueError) for a str with no UTF-8 form (a lone surrogate)."},
     {"get_bytes", (PyCFunction)(void (*)(void))sb_get_bytes, METH_FASTCALL | METH_KEYWORDS,
      "get_bytes($self, key, default=None)\n--\n\nThe value of key -- or of the record an alias names (typed records) "
      "-- as a bytes copy (decompressed in a compressed store), or default when it is neither. The copy is "

@@ -491,6 +491,9 @@ def test_cluster_run_equals_one_local_worker_and_reports_per_worker(cluster, sto
     wp = r["case_records"]["worker_pools"]
     assert wp["pools"] == 2 and wp["in_use"] == 0 and wp["failed"] == 0 and wp["high_water"] >= 1
     assert wp["allocations"] == wp["frees"] >= int(CASES)
+    assert c["arena_live_blocks"] == 0 and all(w["arena_live_blocks"] == 0 for w in rows)
+    arena_check = next(ch for ch in r["checks"] if ch["check"] == "batch memory all returned to the arena")
+    assert arena_check["ok"] and "live blocks 0 (the Dask workers' arenas, after each batch)" in arena_check["detail"]
     assert "a --cluster run writes no event log and its check does not apply" in r["event_log_note"]
     text = demo_mod.format_summary(r)
     assert f"cases pool: {int(CASES):,} case records through the Dask workers' 2 FixedPool(s)" in text

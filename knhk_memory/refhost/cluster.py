@@ -96,7 +96,8 @@ def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: i
     figures are what this batch added to its node's shared blocks (metered by
     the engine; the node's other workers add to the same blocks meanwhile);
     ``seconds`` is the batch's work time; ``pool`` the worker's case-record
-    pool figures after the batch (``PoolStats.as_dict()``).
+    pool figures after the batch (``PoolStats.as_dict()``); ``arena_live_blocks``
+    the blocks its batch arena still holds after the batch (0: all returned).
     """
     plugin = session(plugin_name)
     with plugin.lock:
@@ -107,10 +108,12 @@ def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: i
             tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
         seconds = time.perf_counter() - start
         pool = engine.case_pool.stats().as_dict()
+        arena_live = engine.arena.stats().live_blocks
     return {"batch": batch_id, "worker": plugin.address, "pid": os.getpid(),
             "node": plugin.node.node if plugin.node is not None else None, "tally": tally,
             "counters": meter.counter_dict(), "pattern_executions": meter.pattern_executions,
-            "pattern_ticks": meter.pattern_ticks, "seconds": seconds, "pool": pool}
+            "pattern_ticks": meter.pattern_ticks, "seconds": seconds, "pool": pool,
+            "arena_live_blocks": arena_live}
 
 
 class ClusterRun:
@@ -243,6 +246,7 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
         w = per.setdefault(r["worker"], {"address": r["worker"], "pid": r["pid"], "node": r["node"], "batches": 0,
                                          "cases": 0, "busy_seconds": 0.0, "counters": {}, "pool": None})
         w["pool"] = _later_pool(w["pool"], r.get("pool"))
+        w["arena_live_blocks"] = max(w.get("arena_live_blocks", 0), r.get("arena_live_blocks", 0))
         w["batches"] += 1
         w["cases"] += int(r["tally"].cases)
         w["busy_seconds"] += r["seconds"]
@@ -274,6 +278,8 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
         "overhead_per_batch_seconds": max(0.0, wall * nworkers - busy) / max(1, n_batches),
         "per_worker": rows,
         "case_pools": _pool_totals(rows),
+        # the most blocks any batch left in its worker's arena, summed over the workers (0: all returned)
+        "arena_live_blocks": sum(w.get("arena_live_blocks", 0) for w in rows),
         "nodes": node_rows(results, dropped, live, lost, per),
     }
     read = {n["node"] for n in report["nodes"]}

@@ -411,7 +411,8 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int | None 
         # The case records' pools: this process's, or (--cluster) the Dask workers' own, one per
         # worker, as their batches reported them (the client's pool takes no record in a cluster run).
         checks = _checks(engine, tally, counters, patterns, cases, seed,
-                         pools=None if crun is None else crun.report["case_pools"])
+                         pools=None if crun is None else crun.report["case_pools"],
+                         arena_live_blocks=None if crun is None else crun.report["arena_live_blocks"])
         if crun is not None:
             _cluster_checks(checks, crun)
         if engine.metrics is not None:
@@ -573,9 +574,12 @@ def _arena_figures(t: RunTally) -> dict[str, Any]:
 
 
 def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns: dict[int, int], cases: int,
-            seed: int, pools: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+            seed: int, pools: dict[str, Any] | None = None,
+            arena_live_blocks: int | None = None) -> list[dict[str, Any]]:
     """The checks of every run. ``pools``: a cluster run's case-record pools, the Dask
-    workers' together (``cluster.report["case_pools"]``); None: this process's pool."""
+    workers' together (``cluster.report["case_pools"]``); ``arena_live_blocks``: the
+    blocks the workers' batch arenas held after their batches (``cluster.report``);
+    None: this process's pool and arena."""
     checks: list[dict[str, Any]] = []
     ev = tally.events
     _check(checks, "every case reached its end state",
@@ -616,11 +620,12 @@ def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns:
            tally.case_records == cases and tally.record_mismatches == 0 and in_use == 0,
            f"{tally.case_records} records taken, {tally.record_mismatches} batches disagreed, "
            f"{in_use} still in use{where}")
-    arena = engine.arena.stats()
+    live = engine.arena.stats().live_blocks if arena_live_blocks is None else arena_live_blocks
+    whose = "" if arena_live_blocks is None else " (the Dask workers' arenas, after each batch)"
     _check(checks, "batch memory all returned to the arena",
-           arena.live_blocks == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
-           f"live blocks {arena.live_blocks}; {tally.arena_allocations} arena allocations took "
-           f"{tally.arena_backend_calls} backend calls")
+           live == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
+           f"live blocks {live}{whose}; "
+           f"{tally.arena_allocations} arena allocations took {tally.arena_backend_calls} backend calls")
     return checks
 
 

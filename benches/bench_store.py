@@ -165,6 +165,9 @@ PRE_IMPORT = {"store": "import knhk_memory.store", "lmdb": "import lmdb", "sqlit
               "cdb": "import cdblib", "json": "import json"}
 
 
+OPEN_ROUNDS = 3  # the open-time-by-size section (docs/store.md)
+
+
 def open_time(name: str, path: Path, key: bytes, repeats: int = 5) -> float:
     """Median seconds to open and read one key, in a fresh process (imports done before timing)."""
     code = OPEN_SNIPPET.format(bench_dir=str(Path(__file__).parent), imports=PRE_IMPORT[name], name=name,
@@ -337,14 +340,20 @@ def report() -> None:
         flood_report(d)
         if os.environ.get("BENCH_STORE_QUICK"):
             return
-        for n in (1_000, 1_000_000):
+        for n in (1_000, 100_000, 1_000_000):
             recs = make_records(n, value_size=600 if n <= 100_000 else 64)
-            print(f"\n## open time, {n:,} records (values {len(recs[0][1])} B)")
-            times = {}
+            print(f"\n## open time, {n:,} records (values {len(recs[0][1])} B): {OPEN_ROUNDS} interleaved rounds "
+                  "of the median of 7 fresh processes, median of the rounds")
+            paths = {}
             for name in ("store", "lmdb", "cdb", "sqlite3"):
-                p = d / f"open{n}.{name}"
-                BUILDERS[name](p, recs)
-                times[name] = open_time(name, p, recs[n // 2][0]) * 1e3
+                paths[name] = d / f"open{n}.{name}"
+                BUILDERS[name](paths[name], recs)
+            rounds: dict[str, list[float]] = {name: [] for name in paths}
+            for _ in range(OPEN_ROUNDS):  # interleaved: a load change hits every peer alike
+                for name, p in paths.items():
+                    rounds[name].append(open_time(name, p, recs[n // 2][0], repeats=7) * 1e3)
+            times = {k: statistics.median(v) for k, v in rounds.items()}
+            for p in paths.values():
                 p.unlink()
             print(" | ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
             print("ratios store / peer: " + ", ".join(f"{k} {times['store'] / v:.3f}" for k, v in times.items()

@@ -212,6 +212,12 @@ def test_a_worker_address_is_refused_as_not_a_scheduler(store):
 def test_cluster_options_that_do_not_fit_together(capsys, store):
     assert main(["demo", "--no-budgets", "--store", str(store), "--workers", "2", "--cluster", "local:2"]) == 2
     assert "--cluster and --workers are exclusive" in capsys.readouterr().err
+    # an explicit --workers 1 too (trial item 10): the default is "not given", not 1
+    assert main(["demo", "--no-budgets", "--store", str(store), "--cluster", "local:2", "--workers", "1"]) == 2
+    assert ("knhk-memory: error: --cluster and --workers are exclusive: --workers 1 runs local processes"
+            in capsys.readouterr().err)
+    with pytest.raises(HostError, match="--cluster and --workers are exclusive: --workers 1 "):
+        demo_mod.run_demo(load_config(mapping={}), cases=10, store=str(store), cluster="local:1", workers=1)
     assert main(["demo", "--no-budgets", "--store", str(store), "--batch-cases", "10"]) == 2
     assert "--batch-cases and --ship-store apply to --cluster runs only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -535,6 +541,18 @@ def test_cluster_run_equals_one_local_worker_and_reports_per_worker(cluster, sto
     assert node["merged_batches"] == 8 and not any(node["unreported_counters"].values())
     assert all(node["block_pattern_executions"][p["id"]] == p["executions"] for p in r["patterns"])
     assert node["store_bytes_fetched"] == 0 and c["store_bytes_fetched"] == 0  # shipped by path
+    # the case records' pools are the workers' (trial item 9), not the client's unused one
+    assert r["case_records"]["pool"] is None
+    wp = r["case_records"]["worker_pools"]
+    assert wp["pools"] == 2 and wp["in_use"] == 0 and wp["failed"] == 0 and wp["high_water"] >= 1
+    assert wp["allocations"] == wp["frees"] >= int(CASES)
+    assert c["arena_live_blocks"] == 0 and all(w["arena_live_blocks"] == 0 for w in rows)
+    arena_check = next(ch for ch in r["checks"] if ch["check"] == "batch memory all returned to the arena")
+    assert arena_check["ok"] and "live blocks 0 (the Dask workers' arenas, after each batch)" in arena_check["detail"]
+    assert "a --cluster run writes no event log and its check does not apply" in r["event_log_note"]
+    text = demo_mod.format_summary(r)
+    assert f"cases pool: {int(CASES):,} case records through the Dask workers' 2 FixedPool(s)" in text
+    assert "event log:  none: the Dask workers may be on other machines" in text
     assert [ch["check"] for ch in r["checks"]][-2:] == [
         "every batch merged exactly once, by id",
         "each node's shared counters equal its merged batches (plus the lost runs on a node that lost a worker)"]
@@ -551,6 +569,8 @@ def test_store_shipped_by_content_lands_once_in_the_node_cache(cluster, store, o
                         "--cluster", client.scheduler.address, "--ship-store", "content")
     assert code == 0
     same_totals(r, one_worker)
+    # no --batch-cases: two batches per worker (trial item 9: one batch left a worker idle)
+    assert r["cluster"]["batch_cases"] == int(CASES) // 4 and r["cluster"]["batches"] == 4
     sha, size = r["cluster"]["store_sha256"], r["cluster"]["store_size"]
     assert sorted(p.name for p in (worker_cache / "stores").glob("*.knhk")) == [f"{sha}.knhk"]
     after = client.run(worker_state)
@@ -571,6 +591,14 @@ def test_store_shipped_by_content_lands_once_in_the_node_cache(cluster, store, o
     assert code == 0 and r["ok"]
     after = client.run(worker_state)
     assert (delta("store_fetches"), delta("stores_written"), delta("stores_reused")) == (0, 0, 2)
+
+
+@pytest.mark.parametrize("cases, workers, per_batch", [
+    (5000, 2, 1250), (100, 2, 25), (1, 8, 1), (3, 2, 1), (1_000_000, 2, 5000), (40_000, 0, 5000)])
+def test_default_batch_size_gives_every_worker_work(cases, workers, per_batch):
+    from knhk_memory.refhost.cluster import default_batch_cases
+
+    assert default_batch_cases(cases, workers) == per_batch
 
 
 def test_batches_never_split_a_workflow_and_tiny_batches_still_add_up(cluster, tmp_path, capsys):

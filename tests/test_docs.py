@@ -60,7 +60,9 @@ def _commands() -> list[tuple[str, list[str]]]:
         for line in body.splitlines():
             line = line.strip().removeprefix("$ ")
             if line.startswith("knhk-memory "):
-                out.append((doc, shlex.split(line.split("#")[0])[1:]))
+                argv = shlex.split(line.split("#")[0])[1:]
+                shell = [i for i, a in enumerate(argv) if a in (">", ">>", "<", "|", "2>")]  # the shell's part
+                out.append((doc, argv[:shell[0]] if shell else argv))
     return out
 
 

@@ -43,6 +43,24 @@ def _ensure_static_tls() -> None:
 
 # ---------------------------------------------------------------- entry
 
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: arguments it does not know are its own usage error.
+
+    argparse hands a subcommand's unknown arguments back to the top-level parser,
+    which then prints the top-level usage and ``knhk-memory: error: unrecognized
+    arguments``. This one refuses them itself, as the README says: that
+    subcommand's usage and ``knhk-memory demo: error: unrecognized arguments:
+    ...``, exit 2. The innermost subcommand (``store get``) refuses first.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="knhk-memory", description="knhk-memory: the memory subsystem "
                                      "of a knhk-style workflow engine.")
@@ -52,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --config is accepted after the command too; there it overrides.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=SubcommandParser)
     # Imported here, not at the top: console_main may re-execute the process
     # before any of them is needed.
     from .budget import add_budget_command

@@ -129,13 +129,15 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "configuration error.")
     p.add_argument("--cases", type=_positive("--cases", MAX_CASES), default=DEFAULT_CASES, metavar="N",
                    help=f"cases to run (default {DEFAULT_CASES:,})")
-    p.add_argument("--workers", type=_positive("--workers"), default=1, metavar="N",
-                   help="worker processes sharing the store and the counters (default 1: this process)")
+    p.add_argument("--workers", type=_positive("--workers"), default=None, metavar="N",
+                   help="worker processes sharing the store and the counters (default 1: this process); not with "
+                        "--cluster")
     p.add_argument("--cluster", metavar="SPEC", help="run the cases as Dask tasks: local[:N] (a LocalCluster of N "
                    "one-thread worker processes on 127.0.0.1; default N: one per CPU) or tcp://HOST:PORT (a running "
                    "scheduler). Needs the [dask] extra; see docs/distributed.md")
     p.add_argument("--batch-cases", type=_positive("--batch-cases"), default=None, metavar="N",
-                   help="with --cluster: cases per Dask task (default 5,000)")
+                   help="with --cluster: cases per Dask task (default: two tasks per worker, at most 5,000 "
+                        "cases each)")
     p.add_argument("--ship-store", choices=("path", "content"), default=None,
                    help="with --cluster: workers open the store by path (a shared filesystem; default for local) "
                         "or get its bytes and keep them in their cache (default for tcp://)")

@@ -8,6 +8,7 @@ import re
 import sys
 from typing import Any
 
+from ..errors import AmbiguousKeyError, StoreError, StoreKeyError
 from ..store import WorkflowStore, build_from_directory
 from . import write_all
 
@@ -37,6 +38,51 @@ def _key_regex(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} has no group; the key is the first group, e.g. "
                                          "'\"id\":\\s*\"([^\"]+)\"'")
     return text
+
+
+MAX_VALUE_BYTES_LIMIT = 1 << 40  # the [store] max_value_bytes range (knhk_memory.config)
+CAP_HINT = ("raise the cap with --max-value-bytes N after the subcommand, or [store] max_value_bytes in the "
+            "config file (--config PATH, ./knhk.toml or $KNHK_MEMORY_CONFIG)")
+
+
+def _max_value_bytes(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes from 1 to {MAX_VALUE_BYTES_LIMIT:,}, "
+                                         f"got {text!r}") from None
+    if not 1 <= v <= MAX_VALUE_BYTES_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be a number of bytes from 1 to {MAX_VALUE_BYTES_LIMIT:,}, got {v:,}")
+    return v
+
+
+def _open(args: Any) -> WorkflowStore:
+    """The store FILE opened with the decompression cap of --max-value-bytes, else of the
+    config's [store] max_value_bytes (top-level or subcommand --config, $KNHK_MEMORY_CONFIG,
+    ./knhk.toml, ...; knhk_memory.config.load_config)."""
+    cap = args.max_value_bytes
+    if cap is None:
+        from ..config import load_config
+
+        cap = load_config(args.config).store.max_value_bytes
+    return WorkflowStore(args.file, max_value_bytes=cap)
+
+
+def _with_cap_hint(exc: StoreError) -> StoreError:
+    """A value past the cap: the message says how to raise the cap from the command line."""
+    if exc.problem == "too-large":
+        return type(exc)(f"{exc}; {CAP_HINT}", problem=exc.problem)
+    return exc
+
+
+def _printable(key: bytes) -> str:
+    """A key as one line of text: UTF-8 as is; other bytes and control characters
+    (the NUL of the \\0knhk/ metadata keys, a newline, a tab) escaped, \\xNN."""
+    text = key.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else (f"\\x{ord(c):02x}" if ord(c) < 0x100 else c.encode(
+        "unicode_escape").decode("ascii")) for c in text)
 
 
 def add_store_commands(sub: Any, common: Any) -> None:
@@ -71,22 +117,30 @@ def add_store_commands(sub: Any, common: Any) -> None:
     pg.add_argument("--no-progress", dest="progress", action="store_false")
     b.set_defaults(func=_cmd_build)
 
-    g = ssub.add_parser("get", help="write the value of KEY to standard output")
+    reader = argparse.ArgumentParser(add_help=False, parents=[common])
+    reader.add_argument("--max-value-bytes", type=_max_value_bytes, metavar="N", default=None,
+                        help="largest size in bytes a compressed value may decompress to (default: [store] "
+                             "max_value_bytes of the config, 67108864)")
+
+    g = ssub.add_parser("get", parents=[reader], help="write the value of KEY (or of the record the alias KEY "
+                        "names) to standard output")
     g.add_argument("file", metavar="FILE")
     g.add_argument("key", metavar="KEY")
     g.set_defaults(func=_cmd_get)
 
-    ls = ssub.add_parser("list", help="list the keys")
+    ls = ssub.add_parser("list", parents=[reader], help="list the keys")
     ls.add_argument("file", metavar="FILE")
-    ls.add_argument("-l", "--long", action="store_true", help="also the value size in bytes")
-    ls.add_argument("-a", "--all", action="store_true", help="also the metadata records (keys starting \\0knhk/)")
+    ls.add_argument("-l", "--long", action="store_true", help="also the value size in bytes (from the record and "
+                    "the zstd frame header; nothing is decompressed)")
+    ls.add_argument("-a", "--all", action="store_true", help="also the metadata records (keys starting \\0knhk/, "
+                    "printed \\x00knhk/)")
     ls.set_defaults(func=_cmd_list)
 
-    v = ssub.add_parser("verify", help="check every checksum and index entry")
+    v = ssub.add_parser("verify", parents=[reader], help="check every checksum and index entry")
     v.add_argument("file", metavar="FILE")
     v.set_defaults(func=_cmd_verify)
 
-    s = ssub.add_parser("stats", help="file size, keys, index load and overhead")
+    s = ssub.add_parser("stats", parents=[reader], help="file size, keys, index load and overhead")
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=_cmd_stats)
@@ -102,40 +156,90 @@ def _cmd_build(args: Any) -> int:
                                    progress=args.progress, allow_empty=args.allow_empty)
     for key, earlier, later in summary["replaced"]:
         print(f"knhk-memory: --last-wins: key {key!r}: {later!r} replaced {earlier!r}", file=sys.stderr)
-    print(f"wrote {summary['output']}: {summary['keys']} keys from {summary['files']} files, "
-          f"{summary['file_size']} bytes")
+    print(f"wrote {summary['output']}: {_plural(summary['keys'], 'key')} from {_plural(summary['files'], 'file')}, "
+          f"{_plural(summary['file_size'], 'byte')}")
     return 0
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _cmd_get(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        value = s.get(args.key)
+    with _open(args) as s:
+        try:
+            value = s.get_bytes(args.key)  # a key, or the one record an alias names
+        except StoreError as exc:
+            if isinstance(exc, AmbiguousKeyError):
+                raise
+            raise _with_cap_hint(exc) from None
         if value is None:
+            try:
+                s.resolve(args.key)
+            except AmbiguousKeyError:
+                raise
+            except StoreKeyError as exc:  # the message lists the nearest names
+                nearest = str(exc).partition("; nearest: ")[2]
+                print(f"knhk-memory: {args.file}: key {args.key!r} not found (neither a key nor an alias"
+                      + (f"; nearest: {nearest})" if nearest else ")"), file=sys.stderr)
+                return 1
             print(f"knhk-memory: {args.file}: key {args.key!r} not found", file=sys.stderr)
             return 1
         write_all(value)
     return 0
 
 
+def _value_size(s: WorkflowStore, compressed: bool, key: bytes) -> int | None:
+    """The size of ``key``'s value in bytes from the record (uncompressed) or the zstd frame
+    header (compressed): nothing is decompressed, so a value past the cap still lists.
+    None: the value is not a zstd frame with a recorded size."""
+    raw = s.get_raw(key)
+    if not compressed:
+        return len(raw)
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(raw)
+    except zstandard.ZstdError:
+        return None
+    return size if size >= 0 else None
+
+
 def _cmd_list(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
-        for k, v in s.items():
+    bad = 0
+    with _open(args) as s:
+        compressed = s.stats()["compression"] != "none"
+        for k in s:
             if k.startswith(b"\0knhk/") and not args.all:  # the record layer's metadata (docs/store.md)
                 continue
-            key = k.decode("utf-8", "backslashreplace")
-            print(f"{len(v)}\t{key}" if args.long else key)
+            key = _printable(k)
+            if not args.long:
+                print(key)
+                continue
+            size = _value_size(s, compressed, k)
+            if size is None:
+                bad += 1
+                sys.stdout.flush()
+                print(f"knhk-memory: error: {args.file}: the value of key {k!r} is not a zstd frame with a "
+                      "recorded size (the header says values are compressed); listed with size ?",
+                      file=sys.stderr)
+            print(f"{'?' if size is None else size}\t{key}")
+    if bad:
+        print(f"knhk-memory: error: {args.file}: {bad} of the values listed have no readable size; "
+              "`knhk-memory store verify` checks every record", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_verify(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
+    with _open(args) as s:
         n = s.verify()
         print(f"{args.file}: ok, {n} records checked ({len(s)} keys)")
     return 0
 
 
 def _cmd_stats(args: Any) -> int:
-    with WorkflowStore(args.file) as s:
+    with _open(args) as s:
         st = s.stats(deep=True)
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))

@@ -1,7 +1,9 @@
 """The reference host on a Dask cluster: ``knhk-memory demo --cluster``.
 
 The cases ``0..cases-1`` are cut into ``K = ceil(cases / batch_cases)``
-batches (at most one per workflow) the way ``--workers`` cuts them: batch ``i`` holds the cases whose
+batches (at most one per workflow; by default ``batch_cases`` is
+:func:`default_batch_cases`, two batches per worker, at most 5,000 cases each)
+the way ``--workers`` cuts them: batch ``i`` holds the cases whose
 workflow's index is ``i`` modulo ``K``, so no workflow's cases are split and
 the engine runs exactly the batches a one-process run does. Batch ``i`` is one
 Dask task, run by the worker's :class:`~knhk_memory.refhost.Engine` (made by
@@ -50,9 +52,19 @@ from ..distributed import (
 from ..errors import ClusterError, HostError, KnhkMemoryError
 from .engine import PATTERN_SLOTS, Engine, RunTally
 
-__all__ = ["DEFAULT_BATCH_CASES", "ClusterRun", "run_batch", "run_on_cluster", "batch_count", "node_rows"]
+__all__ = ["DEFAULT_BATCH_CASES", "BATCHES_PER_WORKER", "ClusterRun", "run_batch", "run_on_cluster", "batch_count",
+           "default_batch_cases", "node_rows"]
 
-DEFAULT_BATCH_CASES = 5000
+DEFAULT_BATCH_CASES = 5000  # the most cases a default batch holds
+BATCHES_PER_WORKER = 2  # the default split: every worker gets work, and a fast one can take a slow one's second
+
+
+def default_batch_cases(cases: int, workers: int) -> int:
+    """Cases per batch when ``--batch-cases`` is not given: ``cases`` cut into
+    ``BATCHES_PER_WORKER`` batches per worker (so none of ``workers`` is left
+    idle), at most ``DEFAULT_BATCH_CASES`` each (so a long run still makes
+    batches small enough to lose cheaply), at least 1."""
+    return max(1, min(DEFAULT_BATCH_CASES, -(-cases // (BATCHES_PER_WORKER * max(1, workers)))))
 
 
 def batch_count(cases: int, batch_cases: int) -> int:
@@ -80,10 +92,12 @@ def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: i
     """The task: run batch ``batch_id`` (the cases ``case_numbers``, int64) on this worker's engine.
 
     Returns ``{"batch", "worker", "pid", "node", "tally", "counters",
-    "pattern_executions", "pattern_ticks", "seconds"}``: counters and pattern
+    "pattern_executions", "pattern_ticks", "seconds", "pool"}``: counters and pattern
     figures are what this batch added to its node's shared blocks (metered by
     the engine; the node's other workers add to the same blocks meanwhile);
-    ``seconds`` is the batch's work time.
+    ``seconds`` is the batch's work time; ``pool`` the worker's case-record
+    pool figures after the batch (``PoolStats.as_dict()``); ``arena_live_blocks``
+    the blocks its batch arena still holds after the batch (0: all returned).
     """
     plugin = session(plugin_name)
     with plugin.lock:
@@ -93,10 +107,13 @@ def run_batch(plugin_name: str, batch_id: int, case_numbers: np.ndarray, seed: i
         with engine.metered() as meter:
             tally = engine.run(case_numbers, seed=seed, sample=frozenset(sample))
         seconds = time.perf_counter() - start
+        pool = engine.case_pool.stats().as_dict()
+        arena_live = engine.arena.stats().live_blocks
     return {"batch": batch_id, "worker": plugin.address, "pid": os.getpid(),
             "node": plugin.node.node if plugin.node is not None else None, "tally": tally,
             "counters": meter.counter_dict(), "pattern_executions": meter.pattern_executions,
-            "pattern_ticks": meter.pattern_ticks, "seconds": seconds}
+            "pattern_ticks": meter.pattern_ticks, "seconds": seconds, "pool": pool,
+            "arena_live_blocks": arena_live}
 
 
 class ClusterRun:
@@ -112,7 +129,7 @@ class ClusterRun:
 
 
 def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases: int, seed: int,
-                   sample: frozenset[int], cluster: ClusterSpec | str, batch_cases: int = DEFAULT_BATCH_CASES,
+                   sample: frozenset[int], cluster: ClusterSpec | str, batch_cases: int | None = None,
                    ship_store: str | None = None, timeout: float = 10.0,
                    progress: Callable[[int], None] | None = None,
                    on_result: Callable[[dict[str, Any], Any], None] | None = None) -> ClusterRun:
@@ -122,7 +139,8 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     :param store_path: The store on the client; shipped by ``ship_store``
         (``"path"`` or ``"content"``; default ``"path"`` for ``local:N``,
         ``"content"`` for ``tcp://``).
-    :param batch_cases: Cases per task.
+    :param batch_cases: Cases per task; None: :func:`default_batch_cases` of the
+        workers the cluster has once the plugin is registered.
     :param timeout: Seconds to wait for the scheduler.
     :param progress: Called with each merged batch's case count.
     :param on_result: Called with ``(result, client)`` after each merged batch
@@ -133,7 +151,8 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
     """
     from ..distributed import parse_cluster
 
-    if isinstance(batch_cases, bool) or not isinstance(batch_cases, int) or batch_cases < 1:
+    if batch_cases is not None and (isinstance(batch_cases, bool) or not isinstance(batch_cases, int)
+                                    or batch_cases < 1):
         raise HostError(f"--batch-cases must be a positive integer, got {batch_cases!r}")
     spec = parse_cluster(cluster) if isinstance(cluster, str) else cluster
     if ship_store is None:
@@ -159,6 +178,8 @@ def run_on_cluster(config: Config, store_path: str | os.PathLike[str], *, cases:
         registered = True
         setup_seconds = time.perf_counter() - t0
         workers_at_start = sorted(worker_addresses(client))
+        if batch_cases is None:
+            batch_cases = default_batch_cases(cases, len(workers_at_start))
         k = min(batch_count(cases, batch_cases), workflows)  # a workflow's cases are never split
         parts, which = split_batches(cases, seed, workflows, k)
         sampled: dict[int, list[int]] = {}
@@ -223,7 +244,9 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
         execs += r["pattern_executions"]
         ticks += r["pattern_ticks"]
         w = per.setdefault(r["worker"], {"address": r["worker"], "pid": r["pid"], "node": r["node"], "batches": 0,
-                                         "cases": 0, "busy_seconds": 0.0, "counters": {}})
+                                         "cases": 0, "busy_seconds": 0.0, "counters": {}, "pool": None})
+        w["pool"] = _later_pool(w["pool"], r.get("pool"))
+        w["arena_live_blocks"] = max(w.get("arena_live_blocks", 0), r.get("arena_live_blocks", 0))
         w["batches"] += 1
         w["cases"] += int(r["tally"].cases)
         w["busy_seconds"] += r["seconds"]
@@ -236,7 +259,7 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
     for addr in sorted(set(per) | set(live)):
         fig = live.get(addr, {})
         w = per.get(addr, {"address": addr, "pid": fig.get("pid"), "node": fig.get("node"), "batches": 0,
-                           "cases": 0, "busy_seconds": 0.0, "counters": {}})
+                           "cases": 0, "busy_seconds": 0.0, "counters": {}, "pool": None})
         w["alive_at_end"] = bool(fig)
         w["store_bytes_fetched"] = fig.get("store_bytes_fetched")
         w["cases_per_second"] = w["cases"] / w["busy_seconds"] if w["busy_seconds"] else 0.0
@@ -254,12 +277,36 @@ def _merge(results: BatchResults, dropped: list[dict[str, Any]], k: int, wall: f
         # the cluster's time not spent running batches, per batch: scheduling, transfer, idle tails
         "overhead_per_batch_seconds": max(0.0, wall * nworkers - busy) / max(1, n_batches),
         "per_worker": rows,
+        "case_pools": _pool_totals(rows),
+        # the most blocks any batch left in its worker's arena, summed over the workers (0: all returned)
+        "arena_live_blocks": sum(w.get("arena_live_blocks", 0) for w in rows),
         "nodes": node_rows(results, dropped, live, lost, per),
     }
     read = {n["node"] for n in report["nodes"]}
     # nodes that ran merged batches but had no live worker at the end: their blocks could not be read
     report["nodes_unread"] = sorted({r["node"] for r in results.results.values()} - read - {None})
     return ClusterRun(tally, counters, execs, ticks, report)
+
+
+def _later_pool(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A worker's pool figures after its last batch (the figures only grow: the one with more allocations)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return b if b["allocations"] >= a["allocations"] else a
+
+
+def _pool_totals(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The workers' case-record pools together: one pool per worker, so allocations, frees,
+    failed and in_use (at each worker's last batch) add up; high_water is the largest; None
+    when no worker reported one."""
+    pools = [w["pool"] for w in rows if w.get("pool")]
+    if not pools:
+        return None
+    first = pools[0]
+    return {"pools": len(pools), "capacity": first["capacity"], "stride": first["stride"],
+            "allocations": sum(p["allocations"] for p in pools), "frees": sum(p["frees"] for p in pools),
+            "in_use": sum(p["in_use"] for p in pools), "high_water": max(p["high_water"] for p in pools),
+            "failed": sum(p["failed"] for p in pools)}
 
 
 def node_rows(results: BatchResults, dropped: list[dict[str, Any]], live: dict[str, dict[str, Any]],

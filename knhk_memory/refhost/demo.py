@@ -290,7 +290,7 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
     checks.append({"check": name, "ok": bool(ok), "detail": detail})
 
 
-def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, store: str | None = None,
+def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int | None = None, store: str | None = None,
              seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
              build: bool = False, cluster: str | None = None, batch_cases: int | None = None,
              ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None,
@@ -320,13 +320,15 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
     if isinstance(cases, bool) or not isinstance(cases, int) or not 1 <= cases <= MAX_CASES:
         raise HostError(f"--cases must be an integer from 1 to {MAX_CASES:,}, got {cases!r}")
     cpus = os.cpu_count() or 1
+    if cluster is not None and workers is not None:
+        raise HostError(f"--cluster and --workers are exclusive: --workers {workers} runs local processes that "
+                        f"share memory, --cluster {cluster} runs Dask workers (local:N sets how many); give one")
+    if workers is None:  # not given: this process alone (or, with --cluster, the Dask workers)
+        workers = 1
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 8 * cpus:
         raise HostError(f"--workers must be an integer from 1 to {8 * cpus} (8 per CPU), got {workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise HostError(f"--seed must be an integer in 0..2**64-1, got {seed!r}")
-    if cluster is not None and workers != 1:
-        raise HostError(f"--cluster and --workers are exclusive: --workers {workers} runs local processes that "
-                        f"share memory, --cluster {cluster} runs Dask workers; give one")
     if cluster is not None and metrics_hook is not None:
         raise HostError(f"--metrics records into a shared-memory block the workers of this machine attach to; "
                         f"the --cluster {cluster} workers may run elsewhere: use --workers N with --metrics")
@@ -381,10 +383,10 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
         try:
             crun = None
             if spec is not None:
-                from .cluster import DEFAULT_BATCH_CASES, run_on_cluster
+                from .cluster import run_on_cluster
 
                 crun = run_on_cluster(config, store_path, cases=cases, seed=seed, sample=sample, cluster=spec,
-                                      batch_cases=DEFAULT_BATCH_CASES if batch_cases is None else batch_cases,
+                                      batch_cases=batch_cases,
                                       ship_store=ship_store, timeout=cluster_timeout, progress=step,
                                       on_result=on_result)
                 tally = crun.tally
@@ -406,7 +408,11 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
             patterns = {p: int(pe[p]) for p in range(1, 44)}
             pattern_rows = {p: {"mean_ticks": int(pt[p]) / int(pe[p])} for p in range(1, 44) if pe[p]}
         names = {p.number: p.name for p in (engine.patterns.by_number(n) for n in SUPPORTED_PATTERNS)}
-        checks = _checks(engine, tally, counters, patterns, cases, seed)
+        # The case records' pools: this process's, or (--cluster) the Dask workers' own, one per
+        # worker, as their batches reported them (the client's pool takes no record in a cluster run).
+        checks = _checks(engine, tally, counters, patterns, cases, seed,
+                         pools=None if crun is None else crun.report["case_pools"],
+                         arena_live_blocks=None if crun is None else crun.report["arena_live_blocks"])
         if crun is not None:
             _cluster_checks(checks, crun)
         if engine.metrics is not None:
@@ -436,8 +442,11 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int = 1, st
             "counters": counters,
             "arena": _arena_figures(tally),
             "case_records": {"records": tally.case_records,
-                             "pool": stats.get("pools", {}).get("cases", {}).get("stats")},
+                             "pool": stats.get("pools", {}).get("cases", {}).get("stats") if crun is None else None,
+                             "worker_pools": crun.report["case_pools"] if crun is not None else None},
             "event_log": log_figures,
+            "event_log_note": ("none: the Dask workers may be on other machines, so a --cluster run writes no "
+                               "event log and its check does not apply") if crun is not None else None,
             "store": {**built, "from": store_from, **store_figures},
             "allocator": {"backend": backend.name, "configured": config.allocator.backend,
                           "numpy_routed": bool(config.allocator.numpy),
@@ -565,7 +574,12 @@ def _arena_figures(t: RunTally) -> dict[str, Any]:
 
 
 def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns: dict[int, int], cases: int,
-            seed: int) -> list[dict[str, Any]]:
+            seed: int, pools: dict[str, Any] | None = None,
+            arena_live_blocks: int | None = None) -> list[dict[str, Any]]:
+    """The checks of every run. ``pools``: a cluster run's case-record pools, the Dask
+    workers' together (``cluster.report["case_pools"]``); ``arena_live_blocks``: the
+    blocks the workers' batch arenas held after their batches (``cluster.report``);
+    None: this process's pool and arena."""
     checks: list[dict[str, Any]] = []
     ev = tally.events
     _check(checks, "every case reached its end state",
@@ -600,15 +614,18 @@ def _checks(engine: Engine, tally: RunTally, counters: dict[str, int], patterns:
     _check(checks, "sampled cases match the one-case reference interpreter, event for event",
            not mismatched and len(tally.samples) == len(_sample(cases)),
            f"{len(tally.samples)} cases compared" + (f"; differ: {mismatched[:10]}" if mismatched else ""))
+    in_use = engine.case_pool.stats().in_use if pools is None else pools["in_use"]
+    where = "" if pools is None else f" (in the {pools['pools']} Dask workers' pools)"
     _check(checks, "every case had a record in the cases pool, agreeing with the log, and all were returned",
-           tally.case_records == cases and tally.record_mismatches == 0 and engine.case_pool.stats().in_use == 0,
+           tally.case_records == cases and tally.record_mismatches == 0 and in_use == 0,
            f"{tally.case_records} records taken, {tally.record_mismatches} batches disagreed, "
-           f"{engine.case_pool.stats().in_use} still in use")
-    arena = engine.arena.stats()
+           f"{in_use} still in use{where}")
+    live = engine.arena.stats().live_blocks if arena_live_blocks is None else arena_live_blocks
+    whose = "" if arena_live_blocks is None else " (the Dask workers' arenas, after each batch)"
     _check(checks, "batch memory all returned to the arena",
-           arena.live_blocks == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
-           f"live blocks {arena.live_blocks}; {tally.arena_allocations} arena allocations took "
-           f"{tally.arena_backend_calls} backend calls")
+           live == 0 and tally.arena_backend_calls < max(1, tally.arena_allocations),
+           f"live blocks {live}{whose}; "
+           f"{tally.arena_allocations} arena allocations took {tally.arena_backend_calls} backend calls")
     return checks
 
 
@@ -660,13 +677,20 @@ def format_summary(r: dict[str, Any]) -> str:
                f"(without the arena: {a['backend_calls_without_arena']:,}; saved {a['saved']:,})")
     cr = r.get("case_records") or {}
     pool = cr.get("pool") or {}
+    wp = cr.get("worker_pools") or {}
     if pool:
         out.append(f"cases pool: {cr['records']:,} case records through a FixedPool of {pool['capacity']:,} x "
                    f"{pool['stride']} bytes (high-water {pool['high_water']:,}, failed {pool['failed']})")
+    elif wp:
+        out.append(f"cases pool: {cr['records']:,} case records through the Dask workers' {wp['pools']} FixedPool(s) "
+                   f"of {wp['capacity']:,} x {wp['stride']} bytes (high-water {wp['high_water']:,} in one worker, "
+                   f"failed {wp['failed']}, {wp['in_use']} in use after the last batches)")
     el = r.get("event_log")
     if el:
         out.append(f"event log:  {', '.join(el['paths'])} ({el['events']:,} events, {el['bytes']:,} bytes, synced; "
                    f"reopened in {el['reopen_seconds'] * 1000:.0f} ms)")
+    elif r.get("event_log_note"):
+        out.append(f"event log:  {r['event_log_note']}")
     cl = r.get("cluster")
     if cl:
         out.append(f"cluster:    {cl['cluster']}: {cl['workers']} worker(s), {cl['batches']:,} batches of up to "

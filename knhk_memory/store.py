@@ -1254,6 +1254,7 @@ class WorkflowStoreWriter:
             raise StoreClosedError("the writer is already committed or discarded", path=self.path,
                                    problem="closed")
         f = self._file
+        total = None  # the file's final size, once known (a full disk names what was missing)
         try:
             if self._layer is not None:
                 layer, self._layer = self._layer, None
@@ -1303,7 +1304,7 @@ class WorkflowStoreWriter:
             sums_bytes = blocksums.tobytes()
             self._write(table_bytes)
             self._write(sums_bytes)
-            file_size = index_offset + len(table_bytes) + len(sums_bytes)
+            file_size = total = index_offset + len(table_bytes) + len(sums_bytes)
             flags = lib.KNHK_STORE_FLAG_ZSTD if self._cctx is not None else 0
             dict_sum = lib.knhk_store_hash(self._zstd_dict, len(self._zstd_dict), self.seed) if self._zstd_dict else 0
             index_sum = lib.knhk_store_hash(sums_bytes, len(sums_bytes), self.seed)
@@ -1322,7 +1323,20 @@ class WorkflowStoreWriter:
             self.discard()
             raise
         except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            written = _size_or_none(self._tmp) if full else None
             self.discard()
+            if full:
+                # Buffered writes fail at the flush or fsync: say how much of the file the disk took.
+                size = total if total is not None else max(self._pos, written or 0)
+                short = written is not None and written < size
+                got = f"the temporary file held {written:,} of its {size:,} bytes" if short else \
+                    f"the file needs {size:,} bytes"
+                missing = f"; {size - written:,} bytes more were needed" if short and written is not None else ""
+                raise StoreDiskFullError(
+                    f"no space left on the device while committing the store ({got}{missing}, the file system "
+                    f"has {_free_bytes(self.path):,} bytes free for this user); the temporary file was removed",
+                    path=self.path, problem="disk-full") from None
             raise _os_error(exc, self.path, "writing the store") from None
         except BaseException:
             self.discard()
@@ -1384,6 +1398,13 @@ def _create_temporary(directory: Path, prefix: str) -> tuple[int, str]:
 
 def _random_key() -> int:
     return int.from_bytes(os.urandom(8), "little")
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def _free_bytes(path: Path) -> int:

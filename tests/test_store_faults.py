@@ -269,12 +269,37 @@ def test_disk_full_at_commit(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(StoreDiskFullError, match=r"full.kst: no space left on the device \(writing the store; the "
-                                                 r"file system has [\d,]+ bytes free"):
+    with pytest.raises(StoreDiskFullError, match=r"full.kst: no space left on the device while committing the store "
+                                                 r"\(the file needs [\d,]+ bytes, the file system has [\d,]+ bytes "
+                                                 r"free for this user\); the temporary file was removed"):
         w.commit()
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert p.read_bytes() == before
     assert [e for e in os.listdir(tmp_path) if e.endswith(".tmp")] == []
+
+
+def test_disk_full_on_a_real_small_file_system_names_the_bytes_missing(tmp_path):
+    """A 64 KiB tmpfs (root only; skipped where mounting is not allowed): the build's
+    buffered writes fail at commit's flush, which names what the disk took and what was
+    missing (found by a new-user trial: the CLI's message had no byte count)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount")
+    try:
+        w = WorkflowStoreWriter(mnt / "z.kst")
+        with pytest.raises(StoreDiskFullError, match=r"no space left on the device while (writing|committing) "
+                                                     r"the store \(.*[\d,]+ bytes.*bytes free for this user\)") as info:
+            for i in range(400):
+                w.add(f"k{i}", os.urandom(400))
+            w.commit()
+        assert "needed" in str(info.value) or "needs" in str(info.value)
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # ---------------------------------------------------------------- killed builds (#6)

@@ -836,6 +836,12 @@ def _probe_scheduler(address: str, timeout: float) -> None:
     :raises ClusterError: no answer within ``timeout`` seconds, or the answer is not
         a scheduler's; the message names the address.
     """
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: the host name {host!r} does not "
+                           f"resolve ({exc}); check the address, or use --cluster local:N") from None
     out: list[Any] = []
 
     async def ask() -> Any:

@@ -197,6 +197,12 @@ def test_issue_input_a_port_that_accepts_but_is_no_scheduler_is_an_error_not_a_h
         connect(silent_listener, timeout=0.5)
 
 
+def test_a_host_name_that_does_not_resolve_is_named():
+    with pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://nohost\.invalid:8786: the "
+                                           r"host name 'nohost\.invalid' does not resolve"):
+        connect("tcp://nohost.invalid:8786", timeout=2)
+
+
 def test_a_worker_address_is_refused_as_not_a_scheduler(store):
     client, cluster = connect("local:1")
     try:
@@ -219,7 +225,13 @@ def test_cluster_options_that_do_not_fit_together(capsys, store):
     with pytest.raises(HostError, match="--cluster and --workers are exclusive: --workers 1 "):
         demo_mod.run_demo(load_config(mapping={}), cases=10, store=str(store), cluster="local:1", workers=1)
     assert main(["demo", "--no-budgets", "--store", str(store), "--batch-cases", "10"]) == 2
-    assert "--batch-cases and --ship-store apply to --cluster runs only" in capsys.readouterr().err
+    assert "knhk-memory: error: --batch-cases applies to --cluster runs only" in capsys.readouterr().err
+    # each option named as given (a second trial: --ship-store alone was reported as --batch-cases,
+    # and --cluster-timeout without --cluster was silently ignored)
+    assert main(["demo", "--no-budgets", "--store", str(store), "--ship-store", "content"]) == 2
+    assert "knhk-memory: error: --ship-store applies to --cluster runs only" in capsys.readouterr().err
+    assert main(["demo", "--no-budgets", "--store", str(store), "--cluster-timeout", "2"]) == 2
+    assert "knhk-memory: error: --cluster-timeout applies to --cluster runs only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--cluster-timeout", "0"])
     assert "--cluster-timeout must be in (0, 3600] seconds, got 0" in capsys.readouterr().err

@@ -375,10 +375,13 @@ def test_the_demo_start_reclaims_generated_name_leftovers_only():
     assert len(mine) == 1 and mine[0].leftover
     other = f"knhk_t22_{os.getpid()}_{secrets.token_hex(3)}_named"
     _in_child(lambda: Counters(["a"], shared=other).name, kill=True)
+    node = f"knhk_dask_{secrets.token_hex(6)}_{secrets.token_hex(6)}_c"  # a killed cluster run's node block
+    _in_child(lambda: Counters(["a"], shared=node).name, kill=True)
     live = Counters(["a"], shared=True)
     try:
         removed = reclaim_generated_leftovers()
-        assert mine[0].name in removed and live.name not in removed and other not in removed
+        assert mine[0].name in removed and node in removed
+        assert live.name not in removed and other not in removed
         assert not os.path.exists(mine[0].path)
         assert os.path.exists(f"/dev/shm/{other}") and os.path.exists(f"/dev/shm/{live.name}")
     finally:

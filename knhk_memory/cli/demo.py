@@ -141,7 +141,7 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--ship-store", choices=("path", "content"), default=None,
                    help="with --cluster: workers open the store by path (a shared filesystem; default for local) "
                         "or get its bytes and keep them in their cache (default for tcp://)")
-    p.add_argument("--cluster-timeout", type=_seconds, default=10.0, metavar="S",
+    p.add_argument("--cluster-timeout", type=_seconds, default=None, metavar="S",
                    help="with --cluster: seconds to wait for the scheduler (default 10)")
     p.add_argument("--store", metavar="PATH", help="an existing workflow store to run (default: [store] path, "
                    "else a store of generated definitions built once in the cache directory)")

@@ -225,19 +225,21 @@ def _run_workers(engine: Engine, config: Config, cases: int, workers: int, seed:
 
 
 #: The names Counters, PatternStats and Metrics generate for a shared block with no
-#: configured name: ``knhk_counters_<creator pid>_<12 hex digits>``.
-_GENERATED_NAME = re.compile(r"knhk_counters_[0-9]+_[0-9a-f]{12}")
+#: configured name (``knhk_counters_<creator pid>_<12 hex digits>``), and the node blocks
+#: of a Dask run (``knhk_dask_<run>_<node>_c`` / ``_p``, knhk_memory.distributed).
+_GENERATED_NAME = re.compile(r"knhk_counters_[0-9]+_[0-9a-f]{12}|knhk_dask_[0-9a-f]+_[0-9a-f]+_[cp]")
 
 
 def reclaim_generated_leftovers() -> list[str]:
     """Remove the leftover blocks with generated names: a demo (or any process) SIGKILLed
-    before its workers attached leaves its blocks, and no later start reuses their
-    names. Only what :attr:`~knhk_memory.segments.Segment.leftover` allows: knhk
-    blocks of this user whose creator (pid and start time) is gone and which no
+    before its workers attached leaves its blocks, as does a cluster run whose client was
+    SIGKILLed (its Dask workers die with it), and no later start reuses their names.
+    Only what :attr:`~knhk_memory.segments.Segment.leftover` allows: knhk blocks of
+    this user whose creator (pid and start time) is gone and which no
     process maps; configured names are left to their next start or ``knhk-memory shm
     gc``. Returns the names removed (the report lists them)."""
     removed = []
-    for seg in segments.list_segments("knhk_counters_"):
+    for seg in segments.list_segments("knhk_"):
         if seg.leftover and _GENERATED_NAME.fullmatch(seg.name) and segments.reclaim(seg):
             removed.append(seg.name)
     return removed
@@ -293,7 +295,7 @@ def _check(checks: list[dict[str, Any]], name: str, ok: bool, detail: str) -> No
 def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int | None = None, store: str | None = None,
              seed: int = DEFAULT_SEED, progress: bool | None = None, budgets: bool = True,
              build: bool = False, cluster: str | None = None, batch_cases: int | None = None,
-             ship_store: str | None = None, cluster_timeout: float = 10.0, on_result: Any = None,
+             ship_store: str | None = None, cluster_timeout: float | None = None, on_result: Any = None,
              metrics_hook: Callable[[list[Any], dict[str, Any]], None] | None = None,
              event_log: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the demo and return its results (what ``--json`` prints). Raises
@@ -332,9 +334,14 @@ def run_demo(config: Config, *, cases: int = DEFAULT_CASES, workers: int | None 
     if cluster is not None and metrics_hook is not None:
         raise HostError(f"--metrics records into a shared-memory block the workers of this machine attach to; "
                         f"the --cluster {cluster} workers may run elsewhere: use --workers N with --metrics")
-    if cluster is None and (batch_cases is not None or ship_store is not None):
-        raise HostError("--batch-cases and --ship-store apply to --cluster runs only; add --cluster local:N "
+    given = [opt for opt, value in (("--batch-cases", batch_cases), ("--ship-store", ship_store),
+                                    ("--cluster-timeout", cluster_timeout)) if value is not None]
+    if cluster is None and given:
+        raise HostError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --cluster runs "
+                        "only; add --cluster local:N "
                         "or --cluster tcp://HOST:PORT")
+    if cluster_timeout is None:
+        cluster_timeout = 10.0
     leftovers = reclaim_generated_leftovers()
     spec = None
     if cluster is not None:

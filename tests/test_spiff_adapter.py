@@ -211,8 +211,34 @@ def test_a_spec_that_cannot_be_serialized_is_named(small, tmp_path, monkeypatch)
 
 
 def test_cli_refuses_options_that_do_not_apply(small, tmp_path, capsys):
-    assert main(["store", "build", "--spiff", "--zstd", "3", str(small), "-o", str(tmp_path / "s.kst")]) == 2
-    assert "--zstd does not apply to --spiff" in capsys.readouterr().err
+    # each with its own reason (a second trial: --zstd was given --last-wins's)
+    out = str(tmp_path / "s.kst")
+    assert main(["store", "build", "--spiff", "--zstd", "3", str(small), "-o", out]) == 2
+    assert ("knhk-memory store build: error: --zstd does not apply to --spiff (specs are stored uncompressed"
+            in capsys.readouterr().err)
+    assert main(["store", "build", "--spiff", "--last-wins", str(small), "-o", out]) == 2
+    assert "--last-wins does not apply to --spiff (a process id defined twice" in capsys.readouterr().err
+    assert main(["store", "build", "--spiff", "--key-regex", "(x)", str(small), "-o", out]) == 2
+    assert "--key-regex does not apply to --spiff (keys come from --key" in capsys.readouterr().err
+
+
+def test_skip_invalid_that_skips_everything_writes_nothing_without_allow_empty(tmp_path, capsys):
+    # A second trial: a folder where nothing parsed wrote an empty store, exit 0, over any old file.
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "a.bpmn").write_text("<bpmn:definitions")
+    (src / "b.bpmn").write_text("not xml")
+    out = tmp_path / "s.kst"
+    out.write_bytes(b"the old file")
+    with pytest.raises(AdapterBuildError, match=r"every process under .*bad was skipped \(2 problem\(s\) with "
+                                                r"SpiffWorkflow .*\); nothing was written \(.*s.kst is left as it was; "
+                                                r"--allow-empty writes an empty store\)"):
+        build_spiff_store(src, out, skip_invalid=True)
+    assert out.read_bytes() == b"the old file"
+    assert main(["store", "build", "--spiff", "--skip-invalid", str(src), "-o", str(out)]) == 1
+    assert "nothing was written" in capsys.readouterr().err and out.read_bytes() == b"the old file"
+    assert main(["store", "build", "--spiff", "--skip-invalid", "--allow-empty", str(src), "-o", str(out)]) == 0
+    assert "0 processes" in capsys.readouterr().out
 
 
 def test_key_template_collision_names_both(small, tmp_path):

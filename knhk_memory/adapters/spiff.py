@@ -101,7 +101,7 @@ def _error_text(exc: BaseException) -> str:
 
 def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                       key_template: str = DEFAULT_KEY, skip_invalid: bool = False,
-                      codec: str = "pickle5") -> dict[str, Any]:
+                      codec: str = "pickle5", allow_empty: bool = False) -> dict[str, Any]:
     """Parse every ``.bpmn`` and ``.dmn`` file under ``source`` (hidden entries
     skipped) with SpiffWorkflow's ``SpiffBpmnParser`` and write ``output``.
 
@@ -111,6 +111,9 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
         bare process id is always an alias.
     :param skip_invalid: build from what parses; the summary's ``skipped``
         lists ``(input, error)``. Without it, any problem builds nothing.
+    :param allow_empty: write a store with no process when everything was
+        skipped; without it that is an :class:`AdapterBuildError` and ``output``
+        is left as it was.
     :param codec: ``"pickle5"`` (fastest to restore; the store is code) or
         ``"json"`` (SpiffWorkflow's ``BpmnWorkflowSerializer`` dict).
     :returns: ``{"processes", "specs", "files", "skipped", "output", "file_size",
@@ -213,6 +216,11 @@ def build_spiff_store(source: str | os.PathLike[str], output: str | os.PathLike[
                                 problems)
     keep = {n for n in specs if n not in bad}
     executable = sorted(p for p in needs if p in keep)
+    if not executable and not allow_empty:
+        lines = "\n".join(f"  {where}: {err}" for where, err in problems)
+        raise AdapterBuildError(f"every process under {src} was skipped ({len(problems)} problem(s) with "
+                                f"SpiffWorkflow {version}); nothing was written ({output} is left as it was; "
+                                f"--allow-empty writes an empty store):\n{lines}", problems)
     used = set(executable)
     for p in executable:
         used.update(needs[p])
@@ -706,15 +714,20 @@ def build_spiff_main(args: Any) -> int:
     """``knhk-memory store build --spiff``: the command over :func:`build_spiff_store`."""
     import sys
 
+    keys = f"keys come from --key, default {DEFAULT_KEY!r}"
+    why = {"--key-regex": keys, "--key-field": keys,
+           "--zstd": "specs are stored uncompressed: restoring them is the cold start the adapter is for, and "
+                     "decompressing would add to it",
+           "--last-wins": "a process id defined twice is an error in SpiffWorkflow itself"}
     for flag, value in (("--key-regex", args.key_regex), ("--key-field", args.key_field),
                         ("--zstd", args.zstd), ("--last-wins", args.last_wins or None)):
         if value is not None:
-            print(f"knhk-memory: {flag} does not apply to --spiff (keys come from --key, default "
-                  f"{DEFAULT_KEY!r}; a repeated process id is an error in SpiffWorkflow itself)", file=sys.stderr)
+            print(f"knhk-memory store build: error: {flag} does not apply to --spiff ({why[flag]})", file=sys.stderr)
             return 2
     try:
         summary = build_spiff_store(args.source, args.output, key_template=args.key or DEFAULT_KEY,
-                                    skip_invalid=args.skip_invalid, codec=args.codec)
+                                    skip_invalid=args.skip_invalid, codec=args.codec,
+                                    allow_empty=bool(getattr(args, "allow_empty", False)))
     except AdapterBuildError as exc:
         print(f"knhk-memory: {exc}", file=sys.stderr)
         return 1

@@ -136,6 +136,15 @@ def _key_bytes(key: Any, path: Any = None) -> bytes:
     raise TypeError(f"a store key must be {KEY_TYPES}, got {type(key).__name__} {key!r}")
 
 
+def _stored_key_text(key: bytes) -> str:
+    """A key the store holds (bytes), as messages show it: the str it encodes when it is
+    UTF-8 (what a caller of get('name') gave), else its bytes."""
+    try:
+        return repr(key.decode())
+    except UnicodeDecodeError:
+        return repr(key)
+
+
 def _shown_key(key: Any) -> str:
     """A key as messages quote it, whichever method was called: a str as its repr, a
     bytes-like key as the repr of its bytes."""
@@ -647,25 +656,26 @@ class WorkflowStore(_fast.StoreBase):
         except Exception:  # not even a frame header: the decompressor below says so
             size = -1
         if size > cap:
-            raise StoreCorruptError(f"the value of key {key!r} would decompress to {size:,} bytes, past the "
-                                    f"cap of {cap:,} (max_value_bytes, [store] max_value_bytes); a store that "
-                                    "holds such a value needs a larger cap", path=self.path, problem="too-large")
+            raise StoreCorruptError(f"the value of key {_stored_key_text(key)} would decompress to {size:,} "
+                                    f"bytes, past the cap of {cap:,} (max_value_bytes, [store] max_value_bytes); a "
+                                    "store that holds such a value needs a larger cap", path=self.path,
+                                    problem="too-large")
         try:
             if size < 0:  # no recorded size: stream it, never reading past the cap
                 with g.dctx().stream_reader(frame) as reader:
                     data = reader.read(cap + 1)
                 if len(data) > cap:
-                    raise StoreCorruptError(f"the value of key {key!r} decompresses to more than the cap of "
-                                            f"{cap:,} bytes (max_value_bytes, [store] max_value_bytes)",
+                    raise StoreCorruptError(f"the value of key {_stored_key_text(key)} decompresses to more than "
+                                            f"the cap of {cap:,} bytes (max_value_bytes, [store] max_value_bytes)",
                                             path=self.path, problem="too-large")
                 return data
             return g.dctx().decompress(frame)
         except StoreCorruptError:
             raise
         except Exception as exc:  # zstandard.ZstdError, and anything else the codec raises
-            raise StoreCorruptError(f"the value of key {key!r} is not a valid zstd frame ({type(exc).__name__}: "
-                                    f"{exc}); the header says values are compressed", path=self.path,
-                                    problem="corrupt") from None
+            raise StoreCorruptError(f"the value of key {_stored_key_text(key)} is not a valid zstd frame "
+                                    f"({type(exc).__name__}: {exc}); the header says values are compressed",
+                                    path=self.path, problem="corrupt") from None
 
     def _getitem_slow(self, key: Any) -> memoryview:
         value = self._get_slow(key, _MISSING)
@@ -884,8 +894,8 @@ class WorkflowStore(_fast.StoreBase):
                     g.dctx().decompress(self._copy(g, v, vl))
                 except Exception as exc:
                     raise StoreCorruptError(f"verify: the header says values are zstd frames, but the value of key "
-                                            f"{key!r} is not one ({type(exc).__name__}: {exc})", path=self.path,
-                                            problem="corrupt") from None
+                                            f"{_stored_key_text(key)} is not one ({type(exc).__name__}: {exc})",
+                                            path=self.path, problem="corrupt") from None
         r = lib.knhk_store_check_changed(g.handle)
         if r != lib.KNHK_OK:
             self._raise(r, "verify")

@@ -37,6 +37,8 @@ def test_store_get_past_the_cap_names_the_option_and_the_config_key(huge, capsys
     err = err_of(capsys)
     assert f"would decompress to {BIG:,} bytes, past the cap of 1,048,576" in err
     assert "--max-value-bytes N" in err and "[store] max_value_bytes" in err and "--config PATH" in err
+    # where this run's cap came from, and the key as given (a second trial: b'big', and the config named)
+    assert "the value of key 'big' would decompress" in err and "the cap here is --max-value-bytes 1048576" in err
 
 
 @pytest.mark.parametrize("where", ["top", "sub", "env", "cwd"])

@@ -22,7 +22,7 @@ def test_the_default_cap_refuses_a_gigabyte_from_a_small_file(tmp_path):
     with WorkflowStore(path) as s:
         assert bytes(s.get("small")) == b'{"ok": true}'
         for read in (lambda: s.get("bomb"), lambda: s.get_bytes("bomb"), lambda: s["bomb"]):
-            with pytest.raises(StoreCorruptError, match=rf"the value of key b'bomb' would decompress to "
+            with pytest.raises(StoreCorruptError, match=rf"the value of key 'bomb' would decompress to "
                                                         rf"83,886,080 bytes, past the cap of {MAX_VALUE_BYTES:,} "
                                                         r"\(max_value_bytes, \[store\] max_value_bytes\)"):
                 read()

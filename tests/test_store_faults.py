@@ -186,22 +186,22 @@ def test_codec_errors_are_store_errors_naming_key_and_file(tmp_path, capsys):
     reseal(b)
     p.write_bytes(bytes(b))
     with WorkflowStore(p) as s:
-        with pytest.raises(StoreCorruptError, match=r"z.kst: the value of key b'good' is not a valid zstd frame"):
+        with pytest.raises(StoreCorruptError, match=r"z.kst: the value of key 'good' is not a valid zstd frame"):
             list(s.items())
-        with pytest.raises(StoreCorruptError, match=r"z.kst: the value of key b'good' is not a valid zstd frame"):
+        with pytest.raises(StoreCorruptError, match=r"z.kst: the value of key 'good' is not a valid zstd frame"):
             s.get("good")
         with pytest.raises(StoreCorruptError, match=r"z.kst: verify: the header says values are zstd frames, but the "
-                                                    r"value of key b'good' is not one"):
+                                                    r"value of key 'good' is not one"):
             s.verify()
     assert main(["store", "get", str(p), "good"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "the value of key b'good' is not a valid zstd frame" in err
+    assert "Traceback" not in err and "the value of key 'good' is not a valid zstd frame" in err
     assert main(["store", "list", str(p)]) == 0  # the keys: nothing is decompressed
     assert capsys.readouterr().out == "good\n"
     assert main(["store", "list", "-l", str(p)]) == 2  # that record's size is unknown: said, and the rest listed
     out, err = capsys.readouterr()
     assert out == "?\tgood\n"
-    assert "Traceback" not in err and "the value of key b'good' is not a zstd frame with a recorded size" in err
+    assert "Traceback" not in err and "the value of key 'good' is not a zstd frame with a recorded size" in err
     assert "1 of the values listed have no readable size" in err
 
 

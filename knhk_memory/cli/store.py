@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..errors import AmbiguousKeyError, StoreError, StoreKeyError
-from ..store import WorkflowStore, build_from_directory
+from ..store import WorkflowStore, _stored_key_text, build_from_directory
 from . import write_all
 
 __all__ = ["add_store_commands"]
@@ -64,14 +64,20 @@ def _open(args: Any) -> WorkflowStore:
     if cap is None:
         from ..config import load_config
 
-        cap = load_config(args.config).store.max_value_bytes
+        config = load_config(args.config)
+        cap = config.store.max_value_bytes
+        args.cap_source = f"[store] max_value_bytes = {cap} (from {config.source})"
+    else:
+        args.cap_source = f"--max-value-bytes {cap}"
     return WorkflowStore(args.file, max_value_bytes=cap)
 
 
-def _with_cap_hint(exc: StoreError) -> StoreError:
-    """A value past the cap: the message says how to raise the cap from the command line."""
+def _with_cap_hint(exc: StoreError, args: Any) -> StoreError:
+    """A value past the cap: the message says where this run's cap came from and how to
+    raise it from the command line."""
     if exc.problem == "too-large":
-        return type(exc)(f"{exc}; {CAP_HINT}", problem=exc.problem)
+        return type(exc)(f"{exc}; the cap here is {getattr(args, 'cap_source', 'the default')}; {CAP_HINT}",
+                         problem=exc.problem)
     return exc
 
 
@@ -172,7 +178,7 @@ def _cmd_get(args: Any) -> int:
         except StoreError as exc:
             if isinstance(exc, AmbiguousKeyError):
                 raise
-            raise _with_cap_hint(exc) from None
+            raise _with_cap_hint(exc, args) from None
         if value is None:
             try:
                 s.resolve(args.key)
@@ -220,7 +226,8 @@ def _cmd_list(args: Any) -> int:
             if size is None:
                 bad += 1
                 sys.stdout.flush()
-                print(f"knhk-memory: error: {args.file}: the value of key {k!r} is not a zstd frame with a "
+                print(f"knhk-memory: error: {args.file}: the value of key {_stored_key_text(k)} is not a zstd "
+                      "frame with a "
                       "recorded size (the header says values are compressed); listed with size ?",
                       file=sys.stderr)
             print(f"{'?' if size is None else size}\t{key}")

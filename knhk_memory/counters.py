@@ -187,9 +187,19 @@ def _create_mapping(size: int, shared: bool | str | os.PathLike[str], mode: int 
     if shared is False or shared is None:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return _Mapping(mm, None, "private", None)
+    if shared is not True and not isinstance(shared, (str, os.PathLike)):
+        raise TypeError(f"shared must be False, True, a shared-memory name (str) or a file path, got {shared!r}")
     name = f"knhk_counters_{os.getpid()}_{secrets.token_hex(6)}" if shared is True else os.fspath(shared)
-    if not isinstance(name, str):
-        raise TypeError(f"shared must be False, True, a shared-memory name or a file path, got {shared!r}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"shared must be False, True, a shared-memory name (str) or a file path, got {shared!r}")
+    if _is_path(name):
+        if os.path.isdir(name):
+            raise SharedBlockError(f"{name!r} is a directory: a file-backed counter block needs a file path "
+                                   f"in it (e.g. {os.path.join(name, 'counters.knhk')!r}) or a shared-memory name")
+        parent = os.path.dirname(os.path.abspath(name))
+        if not os.path.isdir(parent):
+            raise SharedBlockNotFoundError(f"cannot create the counter block {name!r}: the directory {parent!r} "
+                                           "does not exist")
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
         raise ValueError(f"mode must be a permission mode with owner read and write, 0o600..0o777, got {mode!r}")
     for attempt in (1, 2):
@@ -238,9 +248,9 @@ def _unlink_at_exit() -> None:
 
 
 def _attach_mapping(name: str | os.PathLike[str]) -> _Mapping:
-    name = os.fspath(name)
-    if not isinstance(name, str):
-        raise TypeError(f"attach needs a shared-memory name or a file path, got {name!r}")
+    given = name
+    if not isinstance(name, (str, os.PathLike)) or not isinstance(name := os.fspath(name), str) or not name:
+        raise TypeError(f"attach needs a shared-memory name (str) or a file path, got {given!r}")
     try:
         fd, kind = _open_fd(name, os.O_RDWR)
     except FileNotFoundError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import re
 import threading
 import time
 
@@ -471,3 +472,29 @@ def test_config_rejects_bad_counter_settings(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ConfigError, match=r"counters.shared_name: a shared block named .* already exists"):
         _engine({"counters": {"shared": True, "shared_name": str(path)}})
+
+
+@pytest.mark.parametrize("bad", [5, 1.5, b"x", ""])
+def test_shared_of_a_wrong_type_names_what_is_accepted(bad):
+    # A second new-user trial: os.fspath's bare "expected str, bytes or os.PathLike object".
+    with pytest.raises(TypeError, match=r"shared must be False, True, a shared-memory name \(str\) or a file path, "
+                                        rf"got {re.escape(repr(bad))}"):
+        Counters(["a"], shared=bad)
+    with pytest.raises(TypeError, match=rf"attach needs a shared-memory name \(str\) or a file path, got "
+                                        rf"{re.escape(repr(bad))}"):
+        Counters.attach(bad)
+
+
+def test_shared_path_in_a_missing_directory_or_a_directory_is_named(tmp_path):
+    from knhk_memory.errors import SharedBlockError, SharedBlockNotFoundError
+
+    missing = tmp_path / "nope" / "c.knhk"
+    want = (f"cannot create the counter block {re.escape(repr(str(missing)))}: the directory "
+            f"{re.escape(repr(str(missing.parent)))} does not exist")
+    with pytest.raises(SharedBlockNotFoundError, match=want):
+        Counters(["a"], shared=str(missing))
+    # a directory: named, and never "rm" suggested for it (the trial got "remove it (rm /tmp)")
+    with pytest.raises(SharedBlockError, match=rf"{re.escape(repr(str(tmp_path)))} is a directory: a file-backed "
+                                               r"counter block needs a file path in it") as info:
+        Counters(["a"], shared=str(tmp_path))
+    assert "rm " not in str(info.value)

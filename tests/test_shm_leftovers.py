@@ -390,3 +390,15 @@ def test_the_demo_start_reclaims_generated_name_leftovers_only():
             live.unlink()
         if os.path.exists(f"/dev/shm/{other}"):
             os.unlink(f"/dev/shm/{other}")
+
+
+@pytest.mark.parametrize("action", ["list", "gc"])
+def test_shm_dir_that_is_missing_or_not_a_directory_is_a_user_error(action, tmp_path, capsys):
+    # A second trial: `shm list --dir /nonexist` printed "0 knhk block(s)" with exit 0.
+    from knhk_memory.cli import main
+
+    assert main(["shm", action, "--dir", str(tmp_path / "nope")]) == 2
+    assert f"knhk-memory: error: --dir {tmp_path / 'nope'}: does not exist" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(["shm", action, "--dir", str(tmp_path / "f")]) == 2
+    assert f"--dir {tmp_path / 'f'}: is not a directory" in capsys.readouterr().err

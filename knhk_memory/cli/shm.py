@@ -22,8 +22,22 @@ def _row(seg: Any) -> str:
     return f"{seg.path}  {seg.kind:<8} {seg.size:>12,} B  {seg.user:<10} {seg.state}"
 
 
+def _check_dir(args: argparse.Namespace) -> None:
+    """--dir must be a directory: a missing one is a user error, never "0 blocks"."""
+    import os
+
+    from ..errors import KnhkMemoryError
+
+    if not os.path.isdir(args.dir):
+        what = "does not exist" if not os.path.exists(args.dir) else "is not a directory"
+        raise KnhkMemoryError(f"--dir {args.dir}: {what}; give the directory shared-memory blocks live in "
+                              "(default /dev/shm)")
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from ..segments import list_segments
+
+    _check_dir(args)
 
     segs = list_segments(args.prefix, args.dir)
     if args.json:
@@ -39,6 +53,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_gc(args: argparse.Namespace) -> int:
     from ..segments import list_segments, reclaim
+
+    _check_dir(args)
 
     removed: list[Any] = []
     kept: list[Any] = []

@@ -110,8 +110,10 @@ def test_unknown_process_names_the_id_and_the_nearest(loader):
                                                   r"nearest: 'order_7'") as e:
         loader.workflow("order_x7")
     assert isinstance(e.value, KeyError)
-    with pytest.raises(UnknownProcessError, match="no process"):
+    with pytest.raises(TypeError, match=r"a process id is a str \(e\.g\. '.+'\), got list \['not', 'hashable'\]"):
         loader.workflow(["not", "hashable"])
+    with pytest.raises(TypeError, match="a process id is a str"):
+        loader.spec(["not", "hashable"])
 
 
 def test_pickled_specs_need_trust(store_path):
@@ -493,3 +495,15 @@ def test_a_source_without_models_is_an_error(tmp_path):
     with pytest.raises(AdapterBuildError, match=r"no .bpmn or .dmn files under .*empty"):
         build_spiff_store(tmp_path / "empty", tmp_path / "s.kst")
     assert not (tmp_path / "s.kst").exists()
+
+
+@pytest.mark.parametrize("bad", [None, 5, b"order_0"])
+def test_a_process_id_that_is_not_a_str_is_a_type_error(small, tmp_path, bad):
+    # A second trial: workflow(None) said "no process None in the store" with no hint.
+    out = tmp_path / "s.kst"
+    build_spiff_store(small, out)
+    with SpiffLoader(out, trust_pickle=True) as ld:
+        with pytest.raises(TypeError, match=rf"a process id is a str \(e\.g\. '.+'\), got {type(bad).__name__} "):
+            ld.workflow(bad)
+        with pytest.raises(TypeError, match="a process id is a str"):
+            ld.spec(bad)

@@ -355,10 +355,17 @@ class SpiffLoader:
         """The store key of a process (``{relpath}#{id}`` by default)."""
         return self._key(process_id, self._processes)
 
+    @staticmethod
+    def _check_id(name: Any, table: dict[str, str]) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"a process id is a str (e.g. {min(table) if table else 'order_1'!r}), got "
+                            f"{type(name).__name__} {name!r}")
+
     def _key(self, name: str, table: dict[str, str]) -> str:
+        self._check_id(name, table)
         try:
             return table[name]
-        except (KeyError, TypeError):
+        except KeyError:
             hint = did_you_mean(str(name), table, cutoff=0.5, template="; nearest: {}", sep=", ")
             raise UnknownProcessError(f"no process {name!r} in the store ({len(table)} processes){hint}",
                                       path=self.store.path, problem="unknown-process") from None
@@ -366,7 +373,11 @@ class SpiffLoader:
     # -- specs and workflows
 
     def spec(self, name: str) -> Any:
-        """The ``BpmnProcessSpec`` of a process or subprocess id (restored once, then cached)."""
+        """The ``BpmnProcessSpec`` of a process or subprocess id (restored once, then cached).
+
+        :raises TypeError: ``name`` is not a str.
+        :raises UnknownProcessError: no such id (the nearest ids named)."""
+        self._check_id(name, self._specs)
         with self._lock:
             hit = self._cache.get(name)
             if hit is not None:
@@ -395,7 +406,11 @@ class SpiffLoader:
         return obj
 
     def subprocess_specs(self, process_id: str) -> dict[str, Any]:
-        """``{id: spec}`` of every call activity and subprocess ``process_id`` needs (transitively)."""
+        """``{id: spec}`` of every call activity and subprocess ``process_id`` needs (transitively).
+
+        :raises TypeError: ``process_id`` is not a str.
+        :raises UnknownProcessError: no such process (the nearest ids named)."""
+        self._check_id(process_id, self._processes)
         needs = self._needs.get(process_id)
         if needs is None:
             meta = self.store.meta(self.key(process_id)).meta
@@ -405,6 +420,7 @@ class SpiffLoader:
     def workflow(self, process_id: str, **kwargs: Any) -> Any:
         """A new ``BpmnWorkflow`` of ``process_id``, ready to run.
 
+        :raises TypeError: ``process_id`` is not a str.
         :raises UnknownProcessError: (a KeyError) no such process; the message
             names the nearest ids.
         """

@@ -564,13 +564,18 @@ class Counters(_Block):
         return CounterWriter(self, out[0])
 
     def add_many(self, keys: Any, n: int = 1) -> None:
-        """Add ``n`` to the counter of every index in ``keys`` (an integer array, or a
-        sequence of names), in one C call. Every index is checked before anything is
-        added: a bad one raises and changes nothing."""
+        """Add ``n`` to the counter of every index in ``keys`` (an integer array of shape
+        ``(k,)``, or a sequence of names), in one C call. Every index is checked before
+        anything is added: a bad one raises and changes nothing.
+
+        :raises ValueError: ``keys`` has more than one dimension (it is never flattened).
+        :raises CounterIndexError: an index out of range."""
         import numpy as np
 
         step = _as_int(n, "increment")
         arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
+        if arr.ndim > 1:
+            raise ValueError(f"counter indices must be one-dimensional, shape (k,); got shape {arr.shape}")
         if arr.dtype.kind in "UO" and arr.size:
             arr = np.fromiter((self.index(k) for k in arr.reshape(-1)), dtype=np.int64, count=arr.size)
         idx = _int_array(arr, "counter indices")

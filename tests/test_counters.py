@@ -498,3 +498,13 @@ def test_shared_path_in_a_missing_directory_or_a_directory_is_named(tmp_path):
                                                r"counter block needs a file path in it") as info:
         Counters(["a"], shared=str(tmp_path))
     assert "rm " not in str(info.value)
+
+
+def test_add_many_refuses_more_than_one_dimension_and_adds_nothing():
+    # A second trial: a 2-D array was silently flattened.
+    c = Counters(["a", "b"])
+    with pytest.raises(ValueError, match=r"counter indices must be one-dimensional, shape \(k,\); got shape \(1, 2\)"):
+        c.add_many(np.array([[0, 1]]))
+    assert c.get("a") == c.get("b") == 0
+    c.add_many(np.array([0, 1, 1]))
+    assert (c.get("a"), c.get("b")) == (1, 2)

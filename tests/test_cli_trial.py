@@ -142,3 +142,44 @@ def test_unknown_option_gets_the_subcommands_usage(capsys, args, prog, extra):
 def test_run_passes_everything_after_the_double_dash(capsys):
     assert main(["run", "--dry-run", "--", "true", "--bogus", "-x"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "true --bogus -x"
+
+
+def test_store_get_does_not_write_binary_to_a_terminal(tmp_path):
+    """A second trial: a spec pickle went raw to the terminal. With a terminal on stdout a
+    binary value is refused (exit 2, the way out named); text still shows; a pipe gets
+    the bytes."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from knhk_memory.store import WorkflowStoreWriter
+
+    p = tmp_path / "b.kst"
+    with WorkflowStoreWriter(p) as w:
+        w.add("bin", b"\x80\x05\x95\x00binary")
+        w.add("txt", "plain text ✓\n".encode())
+
+    def on_a_terminal(key: str) -> tuple[int, bytes]:
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "knhk_memory", "store", "get", str(p), key],
+                                  stdout=follower, stderr=subprocess.PIPE, timeout=60)
+            os.close(follower)
+            out = b""
+            try:
+                while chunk := os.read(leader, 4096):
+                    out += chunk
+            except OSError:  # EIO: the terminal's other end is closed
+                pass
+            return proc.returncode, out + proc.stderr
+        finally:
+            os.close(leader)
+
+    code, out = on_a_terminal("bin")
+    assert code == 2 and b"is binary (10 bytes" in out and b"redirect it (> FILE) or pipe it" in out
+    code, out = on_a_terminal("txt")
+    assert code == 0 and "plain text ✓".encode() in out
+    piped = subprocess.run([sys.executable, "-m", "knhk_memory", "store", "get", str(p), "bin"],
+                           capture_output=True, timeout=60)
+    assert piped.returncode == 0 and piped.stdout == b"\x80\x05\x95\x00binary"

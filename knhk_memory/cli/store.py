@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import Any
@@ -191,8 +192,36 @@ def _cmd_get(args: Any) -> int:
                 return 1
             print(f"knhk-memory: {args.file}: key {args.key!r} not found", file=sys.stderr)
             return 1
+        if _stdout_is_a_terminal() and _is_binary(value):
+            # As curl does: control bytes would drive the terminal, not show the value.
+            print(f"knhk-memory store get: error: the value of {args.key!r} is binary ({len(value):,} bytes: "
+                  "not UTF-8 text, or control bytes in it) and standard output is a terminal; redirect it "
+                  "(> FILE) or pipe it (| xxd)", file=sys.stderr)
+            return 2
         write_all(value)
     return 0
+
+
+def _is_binary(value: bytes) -> bool:
+    """Bytes that would not show as text: not UTF-8, or a control byte other than tab/newline/CR."""
+    data = bytes(value)
+    if _CONTROL.search(data):
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _stdout_is_a_terminal() -> bool:
+    try:
+        return os.isatty(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a replaced sys.stdout (tests)
+        return False
 
 
 def _value_size(s: WorkflowStore, compressed: bool, key: bytes) -> int | None:

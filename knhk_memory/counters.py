@@ -879,3 +879,12 @@ def hot_ops() -> list[Any]:
             setup=setup,
         ),
     ]
+
+
+# The C fast paths (native/cpython/counters_py.c) hand every unusual call to these
+# methods, so Python's own argument errors name them: they should name what the caller
+# called ("Counters.add() got an unexpected keyword argument 'name'", not "_add()").
+for _cls, _slow, _public in ((Counters, "_add", "add"), (Counters, "_get", "get"),
+                             (CounterWriter, "_add", "add"), (PatternStats, "_record", "record")):
+    getattr(_cls, _slow).__qualname__ = f"{_cls.__name__}.{_public}"
+del _cls, _slow, _public

@@ -484,3 +484,18 @@ def test_store_get_bytes_of_a_large_value_takes_the_released_gil_path(tmp_path):
         w.add("big", big)
     with WorkflowStore(tmp_path / "s.kst", mmap_threshold=0) as s:
         assert s.get_bytes("big") == big and s["big"] == big
+
+
+def test_argument_errors_name_the_public_method_not_its_slow_path():
+    # A second trial: c.add(name="a") said "Counters._add() got an unexpected keyword argument".
+    from knhk_memory.counters import PatternStats
+
+    c = Counters(["a"])
+    cases = [(lambda: c.add(name="a"), r"^Counters\.add\(\) got an unexpected keyword argument 'name'$"),
+             (lambda: c.add(), r"^Counters\.add\(\) missing 1 required positional argument: 'key'$"),
+             (lambda: c.get(), r"^Counters\.get\(\) missing 1 required positional argument: 'key'$"),
+             (lambda: c.writer().add(x=1), r"^CounterWriter\.add\(\) got an unexpected keyword argument 'x'$"),
+             (lambda: PatternStats().record(1), r"^PatternStats\.record\(\) missing 1 required positional")]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=message):
+            call()

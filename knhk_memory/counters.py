@@ -272,7 +272,48 @@ def _attach_mapping(name: str | os.PathLike[str]) -> _Mapping:
 # ---------------------------------------------------------------- the block
 
 
-class _Block:
+class _SharedHandle:
+    """What every block over a :class:`_Mapping` (counters, pattern statistics, metrics)
+    says of its memory, and its lifecycle: the subclass sets ``_mapping`` and ``_h``
+    (None once closed) and defines ``close()`` and the classmethod ``attach(name)``."""
+
+    _mapping: _Mapping
+    _h: Any = None
+
+    @property
+    def name(self) -> str | None:
+        """The shared-memory name or file path other processes attach with (None if private)."""
+        return self._mapping.name
+
+    @property
+    def shared(self) -> bool:
+        return self._mapping.kind != "private"
+
+    @property
+    def closed(self) -> bool:
+        return self._h is None
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def unlink(self) -> None:
+        """Remove the block's name now (attached processes keep their mapping)."""
+        self._mapping.unlink()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        if not self.shared:
+            raise TypeError(f"a private {type(self).__name__} block cannot be sent to another process; "
+                            f"create it with shared=True")
+        return (type(self).attach, (self.name,))  # type: ignore[attr-defined]
+
+
+class _Block(_SharedHandle):
     """A formatted counter block and its native handle."""
 
     _flavor: int
@@ -354,19 +395,6 @@ class _Block:
             raise CounterBlockClosedError(f"this {type(self).__name__} block is closed")
         return h
 
-    @property
-    def name(self) -> str | None:
-        """The shared-memory name or file path other processes attach with (None if private)."""
-        return self._mapping.name
-
-    @property
-    def shared(self) -> bool:
-        return self._mapping.kind != "private"
-
-    @property
-    def closed(self) -> bool:
-        return self._h is None
-
     def slots_owned(self) -> int:
         """Writer slots owned now, by threads of every attached process."""
         return int(lib.knhk_counters_slots_owned(self._handle))
@@ -395,27 +423,12 @@ class _Block:
             _fast.detach_counters(state)
         self._h = None
 
-    def unlink(self) -> None:
-        """Remove the block's name now (attached processes keep their mapping)."""
-        self._mapping.unlink()
-
     def keep_name(self) -> None:
         """Leave the name in place when this handle closes, also in the process that
         created the block: whoever decides that the last user is gone removes it
         with :meth:`unlink` (knhk_memory.distributed's node-shared blocks)."""
         self._mapping.unlink_pid = None
 
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        if not self.shared:
-            raise TypeError(f"a private {type(self).__name__} block cannot be sent to another process; "
-                            f"create it with shared=True")
-        return (type(self).attach, (self.name,))
 
 
 def _as_int(value: object, what: str) -> int:

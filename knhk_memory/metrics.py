@@ -51,7 +51,7 @@ from typing import Any
 
 from . import _fast, segments
 from ._core import check, ffi, last_error, lib
-from .counters import Counters, PatternStats, _attach_mapping, _create_mapping
+from .counters import Counters, PatternStats, _attach_mapping, _create_mapping, _SharedHandle
 from .errors import (
     CounterBlockClosedError,
     CounterIncrementError,
@@ -164,7 +164,7 @@ class _MetricsMapping:
             self.inner.unlink()
 
 
-class Metrics:
+class Metrics(_SharedHandle):
     """A block of labelled counter families and histograms, exact across threads and
     processes.
 
@@ -271,19 +271,6 @@ class Metrics:
         return self._handle, self._c
 
     @property
-    def name(self) -> str | None:
-        """The shared-memory name or file path other processes attach with (None if private)."""
-        return self._mapping.name
-
-    @property
-    def shared(self) -> bool:
-        return self._mapping.kind != "private"
-
-    @property
-    def closed(self) -> bool:
-        return self._h is None
-
-    @property
     def max_label_sets(self) -> int:
         return self._max_sets
 
@@ -319,21 +306,6 @@ class Metrics:
         if self._h is not None:
             _fast.detach_metrics(self._state)
         self._h = None
-
-    def unlink(self) -> None:
-        """Remove the block's name now (attached processes keep their mapping)."""
-        self._mapping.unlink()
-
-    def __enter__(self) -> Metrics:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        if not self.shared:
-            raise TypeError("a private Metrics block cannot be sent to another process; create it with shared=True")
-        return (type(self).attach, (self.name,))
 
     # -- the table
 
